@@ -1,0 +1,105 @@
+// The handle a user of the graph holds on a node: an NBD export, a device attached
+// through the library API, a test. A named backend is a "block backend" in the sense of the
+// replication spec (decision 12). Jobs and the monitor's qemu-io use unnamed, internal
+// backends that do not count.
+//
+// The edge to the node can be re-pointed by graph edits (a filter inserted above the node,
+// a commit that replaces it), so a backend always reads `edge.child` at request time.
+
+import { BlockError } from '../errors.js';
+import type { BlockStatus, WriteFlags, ZeroFlags } from './driver.js';
+import { Edge, type BlockNode } from './node.js';
+
+export interface BackendOptions {
+  /** user-visible name (device id, export id); absent for internal users */
+  name?: string;
+  /** refuse writes through this backend */
+  readOnly?: boolean;
+  /** counts as a block backend for replication's checks (exports, devices) */
+  user?: boolean;
+}
+
+export class Backend {
+  readonly edge: Edge;
+  readonly name: string | undefined;
+  readonly readOnly: boolean;
+  readonly user: boolean;
+  /**
+   * Writes fail with EIO while fenced (replication decision 6: the secondary disk's
+   * exports refuse primary writes from the moment failover begins). Reads keep working.
+   */
+  fenced = false;
+  closed = false;
+
+  constructor(node: BlockNode, opts: BackendOptions = {}) {
+    this.name = opts.name;
+    this.readOnly = opts.readOnly ?? false;
+    this.user = opts.user ?? opts.name !== undefined;
+    this.edge = new Edge(this, 'root', node);
+    node.parents.add(this.edge);
+  }
+
+  get node(): BlockNode {
+    return this.edge.child;
+  }
+
+  getLength(): number {
+    return this.node.getLength();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new BlockError('ENOMEDIUM', 'backend is closed');
+  }
+
+  /** Users never reach past the end, even of a growable node. */
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new BlockError('EINVAL', `invalid request: offset ${offset}, length ${length}`);
+    }
+    if (offset + length > this.getLength()) {
+      throw new BlockError('EIO', `request [${offset}, +${length}) past the end of the device (${this.getLength()} bytes)`);
+    }
+  }
+
+  private checkWrite(offset: number, length: number): void {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    if (this.readOnly) throw new BlockError('EPERM', 'backend is read-only');
+    if (this.fenced) throw new BlockError('EIO', 'writes are fenced: the secondary has failed over');
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    return this.node.read(offset, length);
+  }
+  async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    this.checkWrite(offset, data.length);
+    return this.node.write(offset, data, flags);
+  }
+  async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    this.checkWrite(offset, length);
+    return this.node.writeZeroes(offset, length, flags);
+  }
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWrite(offset, length);
+    return this.node.discard(offset, length);
+  }
+  flush(): Promise<void> {
+    this.checkOpen();
+    return this.node.flush();
+  }
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    this.checkOpen();
+    this.checkRange(offset, length);
+    return this.node.blockStatus(offset, length);
+  }
+
+  /** Detaches from the node (the graph may then close nodes nothing references). */
+  release(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.node.parents.delete(this.edge);
+    this.node.graph.collect(this.node);
+  }
+}

@@ -1,0 +1,144 @@
+// The driver contract. A driver is a plain object; `open()` returns the node's
+// implementation (NodeImpl) and declares its capabilities once, in `caps`.
+//
+// Guarantees the core (block/node.ts) gives every NodeImpl:
+// - offset and length of read/write/writeZeroes/discard are multiples of
+//   caps.requestAlignment, and length <= caps.maxTransfer for read/write;
+// - requests never extend past getLength(), unless caps.growable;
+// - write's `data` is only valid until the returned promise settles: copy it to keep it;
+// - writeZeroes is called only when caps.writeZeroes is true (the core emulates it
+//   otherwise), discard only when caps.discard is true, and `fua` only when caps.fua.
+// A read resolves with a Buffer the caller owns, fully written (zero-filled holes).
+
+import type { BlockNode } from './node.js';
+import type { BlockGraph } from './graph.js';
+import type { OptionReader } from './options.js';
+
+export type DriverKind = 'protocol' | 'format' | 'filter' | 'multi';
+
+export interface WriteFlags {
+  /** force unit access: the data is stable when the write completes */
+  fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** the range may be deallocated (a hole) as long as it reads back as zeroes */
+  mayUnmap?: boolean;
+  /** fail with ENOTSUP instead of writing zero buffers when no fast path exists */
+  noFallback?: boolean;
+}
+
+/** One run of same-status bytes, starting at the queried offset. */
+export interface BlockStatus {
+  /** > 0: bytes from the queried offset that share this status */
+  length: number;
+  /**
+   * This layer defines these bytes. For a format with backing, false means the read falls
+   * through to the backing chain. Protocol layers are always allocated.
+   */
+  allocated: boolean;
+  /** the bytes read as zeroes */
+  zero: boolean;
+  /** the bytes are stored as data (not a hole) */
+  data: boolean;
+  /** where the bytes live in `file` (qemu-img map's "offset"), if known */
+  hostOffset?: number;
+  /** the node holding the data at hostOffset */
+  file?: BlockNode;
+}
+
+export interface NodeCaps {
+  /** power of two; every request is aligned to it */
+  requestAlignment: number;
+  /** upper bound of one read/write request, a multiple of requestAlignment */
+  maxTransfer: number;
+  /** native FUA writes; otherwise the core flushes after a FUA write */
+  fua: boolean;
+  /** native writeZeroes */
+  writeZeroes: boolean;
+  /** native discard (a no-op discard is fine: discard is advisory) */
+  discard: boolean;
+  /** the driver answers blockStatus; otherwise everything is allocated data */
+  blockStatus: boolean;
+  /** the driver implements truncate */
+  truncate: boolean;
+  /** the node is a filter whose data is its `file` child's (block status passes through) */
+  filter?: boolean;
+  /**
+   * Writes past the end grow the node, and reads past the end return zeroes (protocol
+   * nodes under a format: qcow2 appends clusters to its file this way).
+   */
+  growable?: boolean;
+}
+
+export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
+
+export function makeCaps(partial: Partial<NodeCaps>): NodeCaps {
+  return {
+    requestAlignment: 1,
+    maxTransfer: DEFAULT_MAX_TRANSFER,
+    fua: false,
+    writeZeroes: false,
+    discard: false,
+    blockStatus: false,
+    truncate: false,
+    ...partial,
+  };
+}
+
+export interface NodeImpl {
+  readonly caps: NodeCaps;
+  /** current virtual length in bytes */
+  getLength(): number;
+  read(offset: number, length: number): Promise<Buffer>;
+  write?(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
+  writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
+  flush?(): Promise<void>;
+  blockStatus?(offset: number, length: number): Promise<BlockStatus>;
+  truncate?(length: number): Promise<void>;
+  /** make every range unallocated so the backing chain shows through (qcow2) */
+  makeEmpty?(): Promise<void>;
+  /** switch between read-only and read-write (replication's start reopens RW) */
+  reopen?(readOnly: boolean): Promise<void>;
+  close(): Promise<void>;
+  /** a filename for messages and query output */
+  readonly filename?: string;
+  /** driver-specific fields for query-named-block-nodes / lockstep io info */
+  info?(): Record<string, unknown>;
+}
+
+export interface OpenChildOptions {
+  required?: boolean;
+  /** open the child read-only even if the parent is writable (backing files) */
+  readOnly?: boolean;
+}
+
+export interface OpenContext {
+  readonly graph: BlockGraph;
+  /** the node being opened; children are attached to it */
+  readonly node: BlockNode;
+  readonly readOnly: boolean;
+  /**
+   * Opens an inline child definition (an object), resolves a reference to an existing
+   * node-name (a string), or returns null for an absent/null value when not required.
+   * The child is attached to `node` under `role`.
+   */
+  openChild(role: string, value: unknown, opts?: OpenChildOptions): Promise<BlockNode | null>;
+}
+
+export interface BlockDriver {
+  readonly name: string;
+  readonly kind: DriverKind;
+  /** has a `backing` child (formats with COW) */
+  readonly supportsBacking?: boolean;
+  /** supports make_empty (replication refuses active/hidden images without it) */
+  readonly supportsMakeEmpty?: boolean;
+  /**
+   * Opens the node. `opts` holds every option but `driver`, `node-name`, `read-only`,
+   * `auto-read-only`, `discard`, `detect-zeroes`, `cache.*` that the graph consumes
+   * itself... except those a driver reads explicitly. The driver must take every option it
+   * understands and leave the rest for `opts.done()`, which reports the unexpected ones.
+   */
+  open(ctx: OpenContext, opts: OptionReader): Promise<NodeImpl>;
+}

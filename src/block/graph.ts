@@ -1,0 +1,327 @@
+// The block graph: nodes by node-name, named backends, opening nodes from options, and the
+// graph edits every feature plugs into (attach, detach, replace a node under its parents,
+// insert and drop filters). An instance is created by main and passed down; two graphs in
+// one process never see each other.
+//
+// Edits validate everything first and then apply pointer swaps synchronously, so an edit
+// that fails leaves the graph as it was (prepare -> commit | abort without a half state).
+
+import { EventEmitter } from 'node:events';
+import { InvalidArgumentError, NotFoundError, StateError, assert, errorMessage } from '../errors.js';
+import type { BlockDriver, OpenChildOptions, OpenContext } from './driver.js';
+import { BlockNode, Edge } from './node.js';
+import { Backend, type BackendOptions } from './backend.js';
+import { OptionReader, isDict, type OptionDict } from './options.js';
+import type { DriverRegistry } from './registry.js';
+
+export interface OpenOptions {
+  /** leaves are keyval strings (command line, drive_add) rather than typed JSON */
+  keyval?: boolean;
+  /** blockdev-add / --blockdev: the node lives until blockdev-del */
+  monitorOwned?: boolean;
+  /** default for read-only when the options do not say */
+  readOnly?: boolean;
+}
+
+export interface CacheOptions {
+  direct: boolean;
+  noFlush: boolean;
+}
+
+export interface GraphOpenContext extends OpenContext {
+  readonly cache: CacheOptions;
+}
+
+const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
+
+export class BlockGraph extends EventEmitter {
+  readonly nodes = new Map<string, BlockNode>();
+  readonly backends = new Map<string, Backend>();
+  private autoCounter = 0;
+  private readonly pendingCloses = new Set<Promise<void>>();
+
+  constructor(readonly drivers: DriverRegistry) {
+    super();
+  }
+
+  // ---- lookup -------------------------------------------------------------------------
+
+  /** A node by node-name, or the root node of a named backend (QEMU's bdrv_lookup_bs). */
+  lookup(name: string): BlockNode | null {
+    return this.nodes.get(name) ?? this.backends.get(name)?.node ?? null;
+  }
+
+  /** Like lookup, with QEMU's message when nothing matches. */
+  find(name: string): BlockNode {
+    const n = this.lookup(name);
+    if (!n) throw new NotFoundError(`Cannot find device='${name}' nor node-name='${name}'`);
+    return n;
+  }
+
+  /** A node by node-name only. */
+  getNode(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new NotFoundError(`Cannot find node-name='${name}'`);
+    return n;
+  }
+
+  // ---- opening --------------------------------------------------------------------------
+
+  /** Opens a node (and its inline children) from QEMU-style options. */
+  async open(options: OptionDict, opts: OpenOptions = {}): Promise<BlockNode> {
+    const node = await this.openNode(options, '', opts.keyval ?? false, opts.readOnly ?? false);
+    if (opts.monitorOwned) node.monitorOwned = true;
+    return node;
+  }
+
+  private newAutoName(): string {
+    for (;;) {
+      const name = `#block${String(++this.autoCounter).padStart(3, '0')}`;
+      if (!this.nodes.has(name)) return name;
+    }
+  }
+
+  private async openNode(options: OptionDict, prefix: string, keyval: boolean, parentReadOnly: boolean): Promise<BlockNode> {
+    const r = new OptionReader(options, prefix, keyval);
+    const driverName = r.string('driver', true);
+    const driver: BlockDriver | undefined = this.drivers.get(driverName);
+    if (!driver) throw new InvalidArgumentError(`Parameter '${r.path('driver')}' does not accept value '${driverName}'`);
+    const given = r.string('node-name');
+    if (given !== undefined) {
+      if (!NODE_NAME_RE.test(given)) throw new InvalidArgumentError(`Invalid node-name: '${given}'`);
+      if (this.nodes.has(given)) throw new InvalidArgumentError(`Duplicate nodes with node-name='${given}'`);
+      if (this.backends.has(given)) throw new InvalidArgumentError(`node-name=${given} is conflicting with a device id`);
+    }
+    const readOnly = r.bool('read-only') ?? parentReadOnly;
+    r.bool('auto-read-only');
+    r.bool('force-share');
+    r.enumOf('discard', ['ignore', 'unmap', 'off', 'on']);
+    r.enumOf('detect-zeroes', ['off', 'on', 'unmap']);
+    const cacheR = r.sub('cache');
+    const cache: CacheOptions = {
+      direct: cacheR?.bool('direct') ?? false,
+      noFlush: cacheR?.bool('no-flush') ?? false,
+    };
+    cacheR?.done();
+
+    const name = given ?? this.newAutoName();
+    const recorded: OptionDict = {};
+    for (const [k, v] of Object.entries(options)) if (!isDict(v)) recorded[k] = v;
+    const node = new BlockNode(this, name, driver, recorded, readOnly, given === undefined);
+    // Reserve the name now so that children cannot take it.
+    this.nodes.set(name, node);
+    const ctx: GraphOpenContext = {
+      graph: this,
+      node,
+      readOnly,
+      cache,
+      openChild: (role: string, value: unknown, copts?: OpenChildOptions) =>
+        this.openChild(node, role, value, r.path(role), keyval, copts ?? {}),
+    };
+    try {
+      const impl = await driver.open(ctx, r);
+      node.setImpl(impl);
+      try {
+        r.done();
+      } catch (e) {
+        await impl.close().catch(() => {});
+        throw e;
+      }
+    } catch (e) {
+      this.nodes.delete(name);
+      for (const edge of [...node.children.values()]) this.detachEdge(edge);
+      await this.settle();
+      throw e;
+    }
+    this.emit('node-added', node);
+    return node;
+  }
+
+  private async openChild(
+    parent: BlockNode,
+    role: string,
+    value: unknown,
+    path: string,
+    keyval: boolean,
+    copts: OpenChildOptions,
+  ): Promise<BlockNode | null> {
+    if (value === undefined || value === null || (keyval && value === '')) {
+      if (copts.required) throw new InvalidArgumentError(`Parameter '${path}' is missing`);
+      return null;
+    }
+    let child: BlockNode;
+    if (typeof value === 'string') {
+      const found = this.lookup(value);
+      if (!found) throw new InvalidArgumentError(`Cannot find device='${value}' nor node-name='${value}'`);
+      child = found;
+    } else if (isDict(value)) {
+      const prefix = path;
+      child = await this.openNode(value, prefix, keyval, copts.readOnly ?? parent.readOnly);
+    } else {
+      throw new InvalidArgumentError(`Invalid parameter type for '${path}', expected: BlockdevRef`);
+    }
+    this.attach(parent, role, child);
+    return child;
+  }
+
+  // ---- edges --------------------------------------------------------------------------
+
+  attach(parent: BlockNode, role: string, child: BlockNode): Edge {
+    if (parent.children.has(role)) throw new StateError(`Node '${parent.name}' already has a child '${role}'`);
+    if (child === parent || this.reaches(child, parent)) {
+      throw new StateError(`Making '${child.name}' a child of '${parent.name}' would create a cycle`);
+    }
+    const edge = new Edge(parent, role, child);
+    parent.children.set(role, edge);
+    child.parents.add(edge);
+    return edge;
+  }
+
+  /** Removes a child edge; a child nothing references any more is closed. */
+  detach(parent: BlockNode, role: string): void {
+    const edge = parent.children.get(role);
+    if (edge) this.detachEdge(edge);
+  }
+
+  private detachEdge(edge: Edge): void {
+    const parent = edge.parent;
+    assert(parent instanceof BlockNode);
+    parent.children.delete(edge.role);
+    edge.child.parents.delete(edge);
+    this.collect(edge.child);
+  }
+
+  /** true if `to` is reachable from `from` through child edges */
+  reaches(from: BlockNode, to: BlockNode): boolean {
+    if (from === to) return true;
+    for (const e of from.children.values()) if (this.reaches(e.child, to)) return true;
+    return false;
+  }
+
+  /**
+   * Re-points every parent edge of `from` to `to`, except the edges in `except` (for
+   * instance a filter's own edge to the node it filters). Validated first, then applied.
+   */
+  replaceNode(from: BlockNode, to: BlockNode, except: Edge[] = []): void {
+    const edges = [...from.parents].filter((e) => !except.includes(e));
+    for (const e of edges) {
+      if (e.parent instanceof BlockNode && this.reaches(to, e.parent)) {
+        throw new StateError(`Replacing '${from.name}' by '${to.name}' would create a cycle`);
+      }
+    }
+    for (const e of edges) e.setChild(to);
+    this.collect(from);
+  }
+
+  /** Re-points one child edge of `parent` to `to` (replication's file switch at failover). */
+  replaceChild(parent: BlockNode, role: string, to: BlockNode): void {
+    const edge = parent.children.get(role);
+    if (!edge) throw new StateError(`Node '${parent.name}' does not have child '${role}'`);
+    if (this.reaches(to, parent)) throw new StateError(`Replacing child '${role}' of '${parent.name}' would create a cycle`);
+    const old = edge.child;
+    edge.setChild(to);
+    this.collect(old);
+  }
+
+  /**
+   * Inserts an opened filter node (whose `file` child is already `below`) above `below`:
+   * every other parent of `below` now points to the filter.
+   */
+  insertFilter(filter: BlockNode, below: BlockNode): void {
+    const own = filter.children.get('file');
+    if (!own || own.child !== below) throw new StateError(`Filter '${filter.name}' does not filter '${below.name}'`);
+    this.replaceNode(below, filter, [own]);
+  }
+
+  /** Drops a filter: its parents point to its file child again; the filter is closed. */
+  dropFilter(filter: BlockNode): void {
+    const below = filter.file;
+    if (!below) throw new StateError(`Node '${filter.name}' is not a filter`);
+    const wasOwned = filter.monitorOwned;
+    filter.monitorOwned = false;
+    try {
+      this.replaceNode(filter, below);
+    } catch (e) {
+      filter.monitorOwned = wasOwned;
+      throw e;
+    }
+  }
+
+  // ---- backends -------------------------------------------------------------------------
+
+  createBackend(node: BlockNode, opts: BackendOptions = {}): Backend {
+    if (opts.name !== undefined) {
+      if (this.backends.has(opts.name)) throw new InvalidArgumentError(`Device with id '${opts.name}' already exists`);
+      if (this.nodes.has(opts.name)) throw new InvalidArgumentError(`Device name '${opts.name}' conflicts with an existing node name`);
+    }
+    const b = new Backend(node, opts);
+    if (opts.name !== undefined) this.backends.set(opts.name, b);
+    return b;
+  }
+
+  releaseBackend(b: Backend): void {
+    if (b.name !== undefined && this.backends.get(b.name) === b) this.backends.delete(b.name);
+    b.release();
+  }
+
+  // ---- closing --------------------------------------------------------------------------
+
+  /** Closes `node` if nothing references it and the monitor does not own it. */
+  collect(node: BlockNode): void {
+    if (node.parents.size > 0 || node.monitorOwned || node.closed) return;
+    const p = this.closeNode(node).catch((e: unknown) => {
+      this.emit('error-log', `closing ${node.name}: ${errorMessage(e)}`);
+    });
+    this.pendingCloses.add(p);
+    void p.finally(() => this.pendingCloses.delete(p));
+  }
+
+  private async closeNode(node: BlockNode): Promise<void> {
+    node.closed = true;
+    if (this.nodes.get(node.name) === node) this.nodes.delete(node.name);
+    this.emit('node-removed', node);
+    try {
+      await node.tracker.drain();
+      await node.impl.close();
+    } finally {
+      for (const edge of [...node.children.values()]) {
+        node.children.delete(edge.role);
+        edge.child.parents.delete(edge);
+        this.collect(edge.child);
+      }
+    }
+  }
+
+  /** Waits for closes in progress. */
+  async settle(): Promise<void> {
+    while (this.pendingCloses.size > 0) await Promise.all([...this.pendingCloses]);
+  }
+
+  /** blockdev-del: the node must be monitor-owned and unused. */
+  async deleteNode(name: string): Promise<void> {
+    const node = this.nodes.get(name);
+    if (!node) throw new NotFoundError(`Failed to find node with node-name='${name}'`);
+    if (!node.monitorOwned) throw new StateError(`Node ${name} is not owned by the monitor`);
+    node.checkNotBlocked();
+    if (node.parents.size > 0) throw new StateError(`Block device ${name} is in use`);
+    node.monitorOwned = false;
+    this.collect(node);
+    await this.settle();
+  }
+
+  /** Closes everything: backends first, then every node (shutdown). */
+  async closeAll(): Promise<void> {
+    for (const b of [...this.backends.values()]) this.releaseBackend(b);
+    for (const n of [...this.nodes.values()]) {
+      n.monitorOwned = false;
+      if (n.parents.size === 0) this.collect(n);
+    }
+    await this.settle();
+    // Anything left is held by an internal user; close it regardless.
+    for (const n of [...this.nodes.values()]) {
+      for (const e of [...n.parents]) n.parents.delete(e);
+      this.collect(n);
+    }
+    await this.settle();
+  }
+}

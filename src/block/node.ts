@@ -1,0 +1,317 @@
+// A node of the block graph and its request path. Parents (nodes, backends) call the
+// public I/O methods here, never the driver directly: this is where requests are checked,
+// aligned (read-modify-write under a serialising tracked request), split at maxTransfer,
+// emulated (write-zeroes, FUA) and tracked.
+
+import { BlockError, StateError, assert } from '../errors.js';
+import type { BlockDriver, BlockStatus, NodeImpl, WriteFlags, ZeroFlags } from './driver.js';
+import type { BlockGraph } from './graph.js';
+import type { Backend } from './backend.js';
+import type { OptionDict } from './options.js';
+import { RequestTracker } from './tracker.js';
+
+/** An edge from a parent (node or backend) to a child node, under a role. */
+export class Edge {
+  constructor(
+    readonly parent: BlockNode | Backend,
+    readonly role: string,
+    private _child: BlockNode,
+  ) {}
+  get child(): BlockNode {
+    return this._child;
+  }
+  /** Re-points the edge; only BlockGraph calls this, after validating the whole edit. */
+  setChild(node: BlockNode): void {
+    this._child.parents.delete(this);
+    this._child = node;
+    node.parents.add(this);
+  }
+}
+
+const ZERO_CHUNK = 1024 * 1024;
+let sharedZeroes: Buffer | null = null;
+/** A read-only zero buffer shared by write-zeroes emulation; nothing ever writes to it. */
+function zeroBuffer(length: number): Buffer {
+  if (!sharedZeroes) sharedZeroes = Buffer.alloc(ZERO_CHUNK);
+  return length <= ZERO_CHUNK ? sharedZeroes.subarray(0, length) : Buffer.alloc(length);
+}
+
+export class BlockNode {
+  readonly children = new Map<string, Edge>();
+  readonly parents = new Set<Edge>();
+  readonly tracker = new RequestTracker();
+  /** operation blockers: reason strings (replication's "Block device is in use by ...") */
+  readonly blockers = new Set<string>();
+  /** created by blockdev-add / --blockdev: lives until blockdev-del */
+  monitorOwned = false;
+  closed = false;
+  private _impl: NodeImpl | null = null;
+
+  constructor(
+    readonly graph: BlockGraph,
+    readonly name: string,
+    readonly driver: BlockDriver,
+    /** the options the node was opened with (for query output), minus children */
+    readonly options: OptionDict,
+    public readOnly: boolean,
+    /** the name was generated (#blockNNN) */
+    readonly autoName: boolean,
+  ) {}
+
+  get impl(): NodeImpl {
+    assert(this._impl, `node ${this.name} is not open`);
+    return this._impl;
+  }
+  setImpl(impl: NodeImpl): void {
+    this._impl = impl;
+  }
+  get isOpen(): boolean {
+    return this._impl !== null && !this.closed;
+  }
+
+  get caps() {
+    return this.impl.caps;
+  }
+
+  get filename(): string {
+    return this._impl?.filename ?? this.children.get('file')?.child.filename ?? this.name;
+  }
+
+  child(role: string): BlockNode | null {
+    return this.children.get(role)?.child ?? null;
+  }
+  get file(): BlockNode | null {
+    return this.child('file');
+  }
+  get backing(): BlockNode | null {
+    return this.child('backing');
+  }
+  /** For a filter: the node whose data it shows. */
+  get filtered(): BlockNode | null {
+    return this.caps.filter ? this.file : null;
+  }
+
+  /** Backends (exports, devices) attached directly to this node. */
+  backends(): Backend[] {
+    const out: Backend[] = [];
+    for (const e of this.parents) if (!(e.parent instanceof BlockNode)) out.push(e.parent);
+    return out;
+  }
+  parentNodes(): BlockNode[] {
+    const out: BlockNode[] = [];
+    for (const e of this.parents) if (e.parent instanceof BlockNode) out.push(e.parent);
+    return out;
+  }
+
+  getLength(): number {
+    return this.impl.getLength();
+  }
+
+  /** Throws StateError if an operation blocker is set (QEMU's "Node 'x' is busy: ..."). */
+  checkNotBlocked(): void {
+    for (const reason of this.blockers) throw new StateError(`Node '${this.name}' is busy: ${reason}`);
+  }
+
+  // ---- request path -------------------------------------------------------------------
+
+  private checkRange(offset: number, length: number, grow = false): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new BlockError('EINVAL', `invalid request: offset ${offset}, length ${length}`);
+    }
+    if (this.closed) throw new BlockError('ENOMEDIUM', `node '${this.name}' is closed`);
+    if (offset + length > this.getLength() && !(grow && this.impl.caps.growable)) {
+      throw new BlockError('EIO', `request [${offset}, +${length}) past the end of '${this.name}' (${this.getLength()} bytes)`);
+    }
+  }
+
+  private checkWritable(): void {
+    if (this.readOnly) throw new BlockError('EPERM', `node '${this.name}' is read-only`);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.checkRange(offset, length, true);
+    if (length === 0) return Buffer.alloc(0);
+    const req = await this.tracker.begin(offset, length);
+    try {
+      return await this.alignedRead(offset, length);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  private async alignedRead(offset: number, length: number): Promise<Buffer> {
+    const impl = this.impl;
+    const align = impl.caps.requestAlignment;
+    const start = offset - (offset % align);
+    const end = roundUp(offset + length, align);
+    const maxT = impl.caps.maxTransfer;
+    if (start === offset && end === offset + length && length <= maxT) return impl.read(offset, length);
+    const out = Buffer.allocUnsafe(length);
+    for (let pos = start; pos < end; ) {
+      const n = Math.min(maxT, end - pos);
+      const chunk = await impl.read(pos, n);
+      // copy the part of [pos, pos+n) that overlaps [offset, offset+length)
+      const from = Math.max(pos, offset);
+      const to = Math.min(pos + n, offset + length);
+      if (to > from) chunk.copy(out, from - offset, from - pos, to - pos);
+      pos += n;
+    }
+    return out;
+  }
+
+  async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    const length = data.length;
+    this.checkRange(offset, length, true);
+    this.checkWritable();
+    if (length === 0) return;
+    const impl = this.impl;
+    if (!impl.write) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' does not support writes`);
+    const align = impl.caps.requestAlignment;
+    const aligned = offset % align === 0 && length % align === 0;
+    const start = offset - (offset % align);
+    const end = roundUp(offset + length, align);
+    const req = await this.tracker.begin(start, end - start, !aligned);
+    try {
+      if (aligned) {
+        await this.splitWrite(offset, data, flags);
+      } else {
+        // read-modify-write of the partial head and tail blocks
+        const buf = Buffer.allocUnsafe(end - start);
+        const headLen = offset - start;
+        if (headLen > 0) (await impl.read(start, align)).copy(buf, 0, 0, align);
+        const tailStart = end - align;
+        const tailPartial = end > offset + length;
+        if (tailPartial && !(headLen > 0 && tailStart === start)) {
+          (await impl.read(tailStart, align)).copy(buf, tailStart - start, 0, align);
+        }
+        data.copy(buf, headLen);
+        await this.splitWrite(start, buf, flags);
+      }
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  private async splitWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    const impl = this.impl;
+    const write = impl.write!.bind(impl);
+    const maxT = impl.caps.maxTransfer;
+    const nativeFua = impl.caps.fua;
+    const f: WriteFlags = nativeFua && flags.fua ? { fua: true } : {};
+    if (data.length <= maxT) await write(offset, data, f);
+    else for (let pos = 0; pos < data.length; pos += maxT) await write(offset + pos, data.subarray(pos, pos + maxT), f);
+    if (flags.fua && !nativeFua) await this.flush();
+  }
+
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    this.checkRange(offset, length, true);
+    this.checkWritable();
+    if (length === 0) return;
+    const impl = this.impl;
+    const align = impl.caps.requestAlignment;
+    if (impl.caps.writeZeroes && impl.writeZeroes) {
+      const start = roundUp(offset, align);
+      const end = Math.max(start, offset + length - ((offset + length) % align));
+      // unaligned head/tail are written as zero buffers through the RMW path
+      if (start > offset) await this.write(offset, zeroBuffer(Math.min(start, offset + length) - offset), { fua: flags.fua ?? false });
+      if (end > start) {
+        const req = await this.tracker.begin(start, end - start);
+        try {
+          await impl.writeZeroes(start, end - start, nativeZeroFlags(flags, impl.caps.fua));
+          if (flags.fua && !impl.caps.fua) await this.flush();
+        } finally {
+          this.tracker.end(req);
+        }
+      }
+      if (offset + length > end && end >= start) await this.write(end, zeroBuffer(offset + length - end), { fua: flags.fua ?? false });
+      return;
+    }
+    if (flags.noFallback) throw new BlockError('ENOTSUP', `node '${this.name}' has no fast zeroing`);
+    for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, offset + length - pos);
+      await this.write(pos, zeroBuffer(n), { fua: flags.fua ?? false });
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    this.checkWritable();
+    const impl = this.impl;
+    if (!impl.caps.discard || !impl.discard || length === 0) return; // advisory
+    const align = impl.caps.requestAlignment;
+    const start = roundUp(offset, align);
+    const end = offset + length - ((offset + length) % align);
+    if (end <= start) return;
+    const req = await this.tracker.begin(start, end - start);
+    try {
+      await impl.discard(start, end - start);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.closed) throw new BlockError('ENOMEDIUM', `node '${this.name}' is closed`);
+    const impl = this.impl;
+    if (impl.flush) await impl.flush();
+    else for (const e of this.children.values()) if (!e.child.readOnly) await e.child.flush();
+  }
+
+  /**
+   * This node's own status at `offset` (at most `length` bytes). Filters without their own
+   * answer pass it through to `file`. Drivers without block status report allocated data.
+   */
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    this.checkRange(offset, length);
+    const impl = this.impl;
+    if (length === 0) return { length: 0, allocated: true, data: true, zero: false };
+    if (impl.caps.blockStatus && impl.blockStatus) {
+      const s = await impl.blockStatus(offset, length);
+      assert(s.length > 0, `${this.driver.name}: block status of length 0`);
+      if (s.length > length) return { ...s, length };
+      return s;
+    }
+    const f = this.filtered;
+    if (f) return f.blockStatus(offset, length);
+    return { length, allocated: true, data: true, zero: false };
+  }
+
+  async truncate(length: number): Promise<void> {
+    this.checkWritable();
+    const impl = this.impl;
+    if (!impl.caps.truncate || !impl.truncate) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' cannot resize images`);
+    await this.tracker.drain();
+    await impl.truncate(length);
+  }
+
+  async makeEmpty(): Promise<void> {
+    const impl = this.impl;
+    if (!impl.makeEmpty) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' does not support make_empty`);
+    const release = await this.tracker.hold();
+    try {
+      await impl.makeEmpty();
+    } finally {
+      release();
+    }
+  }
+
+  /** Reopens read-only or read-write (no-op when unchanged). */
+  async setReadOnly(readOnly: boolean): Promise<void> {
+    if (readOnly === this.readOnly) return;
+    if (this._impl?.reopen) await this._impl.reopen(readOnly);
+    this.readOnly = readOnly;
+  }
+}
+
+function nativeZeroFlags(flags: ZeroFlags, nativeFua: boolean): ZeroFlags {
+  const f: ZeroFlags = {};
+  if (flags.mayUnmap) f.mayUnmap = true;
+  if (flags.noFallback) f.noFallback = true;
+  if (flags.fua && nativeFua) f.fua = true;
+  return f;
+}
+
+export function roundUp(n: number, align: number): number {
+  const r = n % align;
+  return r === 0 ? n : n + align - r;
+}
