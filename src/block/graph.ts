@@ -37,6 +37,11 @@ const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
 export class BlockGraph extends EventEmitter {
   readonly nodes = new Map<string, BlockNode>();
   readonly backends = new Map<string, Backend>();
+  /**
+   * User-creatable objects by id (QEMU's object-add / --object: tls-creds-x509, ...).
+   * Drivers that reference an object by id (nbd's tls-creds) look it up here.
+   */
+  readonly objects = new Map<string, unknown>();
   private autoCounter = 0;
   private readonly pendingCloses = new Set<Promise<void>>();
 
