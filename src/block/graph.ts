@@ -42,6 +42,12 @@ export class BlockGraph extends EventEmitter {
    * Drivers that reference an object by id (nbd's tls-creds) look it up here.
    */
   readonly objects = new Map<string, unknown>();
+  /**
+   * Per-graph services that drivers reach through their graph (the job manager, the
+   * replication registry), keyed by the owning module's name. Kept here rather than in
+   * module globals so that two graphs never share them.
+   */
+  readonly services = new Map<string, unknown>();
   private autoCounter = 0;
   private readonly pendingCloses = new Set<Promise<void>>();
 

@@ -6,10 +6,12 @@ import { fileDriver } from './drivers/file.js';
 import { memoryDriver } from './drivers/memory.js';
 import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
+import { quorumDriver } from './drivers/quorum.js';
+import { replicationDriver } from '../replication/filter.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 
 export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
-  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, ...extra];
+  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, quorumDriver, replicationDriver, ...extra];
   return new Map(all.map((d) => [d.name, d]));
 }

@@ -1,0 +1,209 @@
+// Multi-child driver "quorum": every write goes to all children, reads come from the first
+// child that answers (read-pattern=fifo) or are voted on (read-pattern=quorum).
+// Options: children (list or children.N), vote-threshold (required), read-pattern
+// (quorum|fifo), rewrite-corrupted, blkverify.
+//
+// Voting differs from QEMU in one deliberate way (replication spec, decision 4): a child
+// that is a replication filter never votes. QEMU counts the primary replication filter's
+// recorded-but-hidden failure as a success, so with vote-threshold 1 a failed write to the
+// local disk was reported done. Here a write succeeds only if enough *voting* children
+// succeeded; failures of non-voting children are reported (QUORUM_REPORT_BAD) and left to
+// the replication filter's get_error.
+//
+// Discards (decision 10) are applied to every child as write-zeroes that may unmap, so both
+// sides of a replication pair reclaim space and read zeroes there.
+//
+// Children are added and removed at run time (x-blockdev-change): adding names the next
+// index, removing the highest-numbered child frees its index (stable names, QEMU 5.2+).
+
+import { createHash } from 'node:crypto';
+import { makeCaps, type BlockDriver, type NodeImpl, type WriteFlags, type ZeroFlags } from '../driver.js';
+import { BlockError, InvalidArgumentError, StateError, errorMessage } from '../../errors.js';
+import { isDict } from '../options.js';
+import type { BlockNode } from '../node.js';
+
+export interface QuorumControl {
+  /** x-blockdev-change node=...: attaches an existing parentless node as children.<next> */
+  addChild(child: BlockNode): string;
+  /** x-blockdev-change child=...: detaches a child by its role name */
+  removeChild(role: string): void;
+}
+
+export type QuorumImpl = NodeImpl & QuorumControl;
+
+function childList(value: unknown): unknown[] {
+  if (Array.isArray(value)) return value;
+  if (isDict(value)) {
+    const keys = Object.keys(value);
+    for (const k of keys) if (!/^\d+$/.test(k)) throw new InvalidArgumentError(`Parameter 'children.${k}' is unexpected`);
+    return keys.sort((a, b) => Number(a) - Number(b)).map((k) => value[k]);
+  }
+  if (value === undefined) return [];
+  throw new InvalidArgumentError(`Invalid parameter type for 'children', expected: array`);
+}
+
+const SECTOR = 512;
+
+export const quorumDriver: BlockDriver = {
+  name: 'quorum',
+  kind: 'multi',
+  async open(ctx, o): Promise<NodeImpl> {
+    const threshold = o.int('vote-threshold', true);
+    const readPattern = o.enumOf('read-pattern', ['quorum', 'fifo']) ?? 'quorum';
+    const rewriteCorrupted = o.bool('rewrite-corrupted', false);
+    const blkverify = o.bool('blkverify', false);
+    const childValues = childList(o.raw('children'));
+    o.done();
+    if (childValues.length < 1) throw new InvalidArgumentError('Number of provided children must be 1 or more');
+    if (threshold < 1) throw new InvalidArgumentError(`Parameter 'vote-threshold' expects a value >= 1`);
+    if (threshold > childValues.length) throw new InvalidArgumentError('threshold may not exceed children count');
+    if (blkverify && (childValues.length !== 2 || threshold !== 2)) {
+      throw new InvalidArgumentError('blkverify=on can only be set if there are exactly two files and vote-threshold is 2');
+    }
+    if (rewriteCorrupted && readPattern === 'fifo') {
+      throw new InvalidArgumentError('rewrite-corrupted=on cannot be used with read-pattern=fifo');
+    }
+
+    const node = ctx.node;
+    const graph = ctx.graph;
+    for (let i = 0; i < childValues.length; i++) {
+      await ctx.openChild(`children.${i}`, childValues[i], { required: true });
+    }
+    let nextIndex = childValues.length;
+
+    const children = (): Array<{ role: string; node: BlockNode }> =>
+      [...node.children.values()]
+        .filter((e) => e.role.startsWith('children.'))
+        .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
+        .map((e) => ({ role: e.role, node: e.child }));
+    const votes = (n: BlockNode): boolean => n.driver.name !== 'replication';
+
+    const reportBad = (type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void => {
+      const data: Record<string, unknown> = {
+        type,
+        'node-name': child.name,
+        'sector-num': Math.floor(offset / SECTOR),
+        'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
+      };
+      if (err !== undefined) data.error = errorMessage(err);
+      graph.emit('event', 'QUORUM_REPORT_BAD', data);
+    };
+    const reportFailure = (offset: number, length: number): void => {
+      graph.emit('event', 'QUORUM_FAILURE', {
+        reference: node.name,
+        'sector-num': Math.floor(offset / SECTOR),
+        'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
+      });
+    };
+
+    /** Runs op on every child; succeeds when enough voting children succeed. */
+    async function broadcast(
+      type: 'write' | 'flush',
+      offset: number,
+      length: number,
+      op: (child: BlockNode) => Promise<void>,
+    ): Promise<void> {
+      const list = children();
+      const results = await Promise.allSettled(list.map((c) => op(c.node)));
+      let ok = 0;
+      let firstErr: unknown = null;
+      results.forEach((r, i) => {
+        const c = list[i]!;
+        if (r.status === 'fulfilled') {
+          if (votes(c.node)) ok++;
+        } else {
+          reportBad(type, c.node, offset, length, r.reason);
+          if (votes(c.node) && firstErr === null) firstErr = r.reason;
+        }
+      });
+      if (ok >= threshold) return;
+      if (firstErr instanceof BlockError) throw firstErr;
+      throw new BlockError('EIO', `quorum: only ${ok} of ${threshold} required children succeeded`, { cause: firstErr });
+    }
+
+    async function readFifo(offset: number, length: number): Promise<Buffer> {
+      let lastErr: unknown = null;
+      for (const c of children()) {
+        try {
+          return await c.node.read(offset, length);
+        } catch (e) {
+          reportBad('read', c.node, offset, length, e);
+          lastErr = e;
+        }
+      }
+      if (lastErr instanceof BlockError) throw lastErr;
+      throw new BlockError('EIO', 'quorum: no child could be read', { cause: lastErr });
+    }
+
+    async function readVote(offset: number, length: number): Promise<Buffer> {
+      const list = children();
+      const results = await Promise.allSettled(list.map((c) => c.node.read(offset, length)));
+      const groups = new Map<string, { buf: Buffer; members: BlockNode[] }>();
+      results.forEach((r, i) => {
+        const c = list[i]!;
+        if (r.status === 'rejected') {
+          reportBad('read', c.node, offset, length, r.reason);
+          return;
+        }
+        const h = createHash('sha256').update(r.value).digest('hex');
+        const g = groups.get(h);
+        if (g) g.members.push(c.node);
+        else groups.set(h, { buf: r.value, members: [c.node] });
+      });
+      let winner: { buf: Buffer; members: BlockNode[] } | null = null;
+      for (const g of groups.values()) if (!winner || g.members.length > winner.members.length) winner = g;
+      if (!winner || winner.members.length < threshold) {
+        reportFailure(offset, length);
+        throw new BlockError('EIO', 'quorum: the children disagree and no version reached the vote threshold');
+      }
+      for (const g of groups.values()) {
+        if (g === winner) continue;
+        for (const n of g.members) {
+          reportBad('read', n, offset, length);
+          if (rewriteCorrupted) await n.write(offset, winner.buf).catch(() => {});
+        }
+      }
+      return winner.buf;
+    }
+
+    const first = children()[0]!.node;
+    const impl: QuorumImpl = {
+      caps: makeCaps({ writeZeroes: true, discard: true, fua: true }),
+      get filename() {
+        return `quorum:${node.name}`;
+      },
+      getLength: () => {
+        const list = children();
+        return list.length ? list[0]!.node.getLength() : first.getLength();
+      },
+      read: (offset, length) => (readPattern === 'fifo' ? readFifo(offset, length) : readVote(offset, length)),
+      write: (offset, data, flags: WriteFlags) => broadcast('write', offset, data.length, (c) => c.write(offset, data, flags)),
+      writeZeroes: (offset, length, flags: ZeroFlags) =>
+        broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, flags)),
+      discard: (offset, length) =>
+        broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, { mayUnmap: true })),
+      flush: () => broadcast('flush', 0, 0, (c) => c.flush()),
+      close: async () => {},
+      info: () => ({ 'vote-threshold': threshold, 'read-pattern': readPattern, children: children().map((c) => c.role) }),
+      addChild(child: BlockNode): string {
+        if (blkverify) throw new StateError('Cannot add a child to a quorum in blkverify mode');
+        if (child.parents.size > 0) throw new StateError(`Node '${child.name}' already has a parent`);
+        const role = `children.${nextIndex}`;
+        graph.attach(node, role, child);
+        nextIndex++;
+        return role;
+      },
+      removeChild(role: string): void {
+        const edge = node.children.get(role);
+        if (!edge || !role.startsWith('children.')) throw new StateError(`Node '${node.name}' does not have child '${role}'`);
+        if (children().length <= threshold) {
+          throw new StateError(`The number of children cannot be lower than the vote threshold ${threshold}`);
+        }
+        if (blkverify) throw new StateError('Cannot remove a child from a quorum in blkverify mode');
+        graph.detach(node, role);
+        if (Number(role.slice(9)) === nextIndex - 1) nextIndex--;
+      },
+    };
+    return impl;
+  },
+};

@@ -1,0 +1,77 @@
+// The replication registry of one graph and the four *_all operations (spec 1.5 with
+// decision 7). Entries are kept newest first, as in QEMU. Unlike QEMU:
+// - startAll is all-or-nothing: when a node fails to start, every node this call started
+//   (and the failing one) goes back to stage NONE, and the first error is returned;
+// - stopAll, doCheckpointAll and getErrorAll visit every node and return the first error.
+
+import type { BlockGraph } from '../block/graph.js';
+import type { ReplicationMode } from './state.js';
+import type { ReplicationState, ReplicationStatus } from './filter.js';
+
+export class ReplicationRegistry {
+  private entries: ReplicationState[] = [];
+
+  register(s: ReplicationState): void {
+    this.entries.unshift(s);
+  }
+
+  unregister(s: ReplicationState): void {
+    this.entries = this.entries.filter((e) => e !== s);
+  }
+
+  /** Newest first. */
+  list(): readonly ReplicationState[] {
+    return this.entries;
+  }
+
+  async startAll(mode: ReplicationMode): Promise<void> {
+    const started: ReplicationState[] = [];
+    for (const s of [...this.entries]) {
+      const wasNone = s.stage === 'none';
+      try {
+        await s.start(mode);
+      } catch (e) {
+        for (const x of started.reverse()) await x.rollbackStart().catch(() => {});
+        throw e;
+      }
+      if (wasNone && s.stage === 'running') started.push(s);
+    }
+  }
+
+  private async visitAll(op: (s: ReplicationState) => Promise<void> | void): Promise<void> {
+    let first: unknown = null;
+    for (const s of [...this.entries]) {
+      try {
+        await op(s);
+      } catch (e) {
+        first ??= e;
+      }
+    }
+    if (first !== null) throw first;
+  }
+
+  doCheckpointAll(): Promise<void> {
+    return this.visitAll((s) => s.doCheckpoint());
+  }
+
+  getErrorAll(): Promise<void> {
+    return this.visitAll((s) => s.getError());
+  }
+
+  stopAll(failover: boolean): Promise<void> {
+    return this.visitAll((s) => s.stop(failover));
+  }
+
+  query(): ReplicationStatus[] {
+    return this.entries.map((s) => s.status());
+  }
+}
+
+const KEY = 'replication';
+
+/** The graph's registry (created on first use, stored on the graph, never global). */
+export function replicationRegistry(graph: BlockGraph): ReplicationRegistry {
+  let r = graph.services.get(KEY) as ReplicationRegistry | undefined;
+  if (!r) graph.services.set(KEY, (r = new ReplicationRegistry()));
+  return r;
+}
