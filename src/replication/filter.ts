@@ -274,8 +274,7 @@ export class ReplicationState {
 
   /** Resets the copy bitmap and empties active then hidden; the caller holds I/O. */
   private async emptyOverlays(job: CopyJobHandle): Promise<void> {
-    this.bytesCopiedBefore += job.bytesCopied;
-    job.resetBitmap();
+    await job.resetBitmap();
     const active = this.node.file;
     const hidden = active?.backing ?? null;
     if (!active || !active.isOpen) throw new StateError(MSG.activeEjected(active?.name ?? ''));

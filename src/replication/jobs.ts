@@ -21,10 +21,10 @@ export interface CopyJobHandle {
   readonly done: Promise<JobEnd>;
   /** clusters copied since the last reset */
   readonly copiedClusters: number;
-  /** bytes copied since the last reset */
+  /** bytes copied since the job started */
   readonly bytesCopied: number;
-  /** every cluster "not yet copied"; the caller holds I/O */
-  resetBitmap(): void;
+  /** every cluster "not yet copied", with no write or copy in flight */
+  resetBitmap(): Promise<void>;
   /** ends the job and removes the filter */
   cancel(): Promise<void>;
 }
@@ -40,32 +40,42 @@ export interface ReplicationJobs {
   startActiveCommit(top: BlockNode, base: BlockNode): Promise<CommitJobHandle>;
 }
 
+/** The graph's job manager (the daemon puts its own into graph.services first). */
+export function jobManagerOf(graph: BlockGraph): JobManager {
+  let m = graph.services.get('jobs') as JobManager | undefined;
+  if (!m) graph.services.set('jobs', (m = new JobManager(graph)));
+  return m;
+}
+
 export function jobsFor(graph: BlockGraph): ReplicationJobs {
-  const mgr = JobManager.of(graph);
   return {
     async startCopyBeforeWrite(source, target) {
-      const job = startBackup(mgr, { source, target, sync: 'none', internal: true });
+      const job = await startBackup(jobManagerOf(graph), { source, target, sync: 'none', internal: true });
       return {
         get filter() {
-          return job.filterNode;
+          return job.filter;
         },
         done: job.done,
         get copiedClusters() {
           return job.copiedClusters;
         },
         get bytesCopied() {
-          return job.copiedClusters * job.clusterSize;
+          return job.bytesCopied;
         },
-        resetBitmap: () => job.resetBitmap(),
-        cancel: () => job.cancel(true),
+        resetBitmap: () => job.checkpoint(),
+        cancel: async () => {
+          await job.cancel(true);
+        },
       };
     },
     async startActiveCommit(top, base) {
-      const job = startCommit(mgr, { top, base, active: true, autoComplete: true, internal: true });
+      const job = await startCommit(jobManagerOf(graph), { top, base, active: true, autoComplete: true, internal: true });
       return {
         done: job.done,
-        cancel: () => job.cancel(),
-        progress: () => job.progress(),
+        cancel: async () => {
+          await job.cancel();
+        },
+        progress: () => ({ current: job.progressCurrent, total: job.progressTotal }),
       };
     },
   };

@@ -11,7 +11,7 @@ import type { BlockNode } from '../../src/block/node.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { replicationRegistry, type ReplicationRegistry } from '../../src/replication/registry.js';
 import { replicationStateOf, type ReplicationState } from '../../src/replication/filter.js';
-import { JobManager } from '../../src/jobs/job.js';
+import { jobManagerOf } from '../../src/replication/jobs.js';
 import { tempDir } from '../helpers/graph.js';
 import { faultDriver, faultControl } from '../helpers/fault-driver.js';
 
@@ -327,7 +327,7 @@ test('decision 7: start_all rolls back every node it started when one fails, and
   assert.equal(newer.repl.children.has('hidden disk'), false);
   assert.equal(older.repl.children.has('hidden disk'), false);
   newer.repl.checkNotBlocked();
-  assert.equal(JobManager.of(graph).queryJobs().length, 0);
+  assert.equal(jobManagerOf(graph).queryJobs().length, 0);
   // a copy made before the failure would be gone: writes now land directly
   await newer.local.write(0, filled(512, 0x22));
   assert.deepEqual(await allocation(newer.hidden), []);
@@ -563,7 +563,7 @@ test('decision 10: a discard on the primary quorum zeroes both the local disk an
 
 test('decision 11: the copy and commit jobs are not listed and the overlays leave the graph', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
-  const mgr = JobManager.of(s.graph);
+  const mgr = jobManagerOf(s.graph);
   const events: string[] = [];
   mgr.on('event', (name: string) => events.push(name));
   await s.reg.startAll('secondary');
