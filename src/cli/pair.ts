@@ -1,0 +1,190 @@
+// `lockstep pair`: run and supervise a primary/secondary replication pair, or talk to a
+// running supervisor (`status`, `checkpoint`, `failover`).
+
+import { parseArgs } from 'node:util';
+import { createServer } from 'node:http';
+import { resolve, join } from 'node:path';
+import { parseSize } from '../block/options.js';
+import { errorMessage } from '../errors.js';
+import { PAIR_DEFAULTS, PairSupervisor, type PairOptions } from '../pair/supervisor.js';
+import { controlRequest, serveControl } from '../pair/control.js';
+import type { QmpClientAddress } from '../qmp/client.js';
+
+const HELP = `Usage: lockstep pair [run] [options]
+       lockstep pair status|checkpoint|failover [--data-dir DIR | --control PATH]
+
+Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
+copies the disk once, starts replication, serves the primary's disk over NBD, takes a
+consistent checkpoint every interval and fails over to the secondary when the primary dies.
+
+Options:
+  --data-dir DIR             images, sockets and logs (default ./lockstep-data)
+  --size SIZE                disk size when the images are created (default 1G)
+  --checkpoint-interval T    time between checkpoints, e.g. 1s, 250ms, 0 = on demand (default 1s)
+  --heartbeat-interval T     (default 100ms)
+  --heartbeat-timeout T      the primary is dead after this long without an answer (default 500ms)
+  --failover auto|manual     fail over by itself or wait for 'lockstep pair failover' (default auto)
+  --nbd-socket PATH          serve the disk on this Unix socket (default DATA/disk.sock)
+  --nbd-port N               and on 127.0.0.1:N (default 10809; 0 = no TCP)
+  --metrics HOST:PORT        Prometheus endpoint (/metrics)
+  --primary-qmp ADDR         attach to a running primary daemon (PATH or HOST:PORT)
+  --secondary-qmp ADDR       attach to a running secondary daemon
+  --control PATH             the supervisor's control socket (default DATA/pair.sock)
+`;
+
+function parseDuration(text: string, name: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s)?$/.exec(text.trim());
+  if (!m) throw new Error(`--${name}: expected a duration like 500ms or 1s, got '${text}'`);
+  if (m[2] === undefined && Number(m[1]) !== 0) throw new Error(`--${name}: give a unit (ms or s), got '${text}'`);
+  return Number(m[1]) * (m[2] === 's' ? 1000 : 1);
+}
+
+function parseAddress(text: string, name: string): QmpClientAddress {
+  const m = /^([^:/]+):(\d+)$/.exec(text);
+  if (m) return { host: m[1]!, port: Number(m[2]) };
+  if (text.includes('/') || text.endsWith('.sock') || text.endsWith('.qmp')) return { path: text };
+  throw new Error(`--${name}: expected a socket path or HOST:PORT, got '${text}'`);
+}
+
+function log(level: string, msg: string, fields: Record<string, unknown> = {}): void {
+  process.stderr.write(JSON.stringify({ time: new Date().toISOString(), level, component: 'pair', msg, ...fields }) + '\n');
+}
+
+export async function run(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        'data-dir': { type: 'string' },
+        size: { type: 'string' },
+        'checkpoint-interval': { type: 'string' },
+        'heartbeat-interval': { type: 'string' },
+        'heartbeat-timeout': { type: 'string' },
+        failover: { type: 'string' },
+        'nbd-socket': { type: 'string' },
+        'nbd-port': { type: 'string' },
+        metrics: { type: 'string' },
+        'primary-qmp': { type: 'string' },
+        'secondary-qmp': { type: 'string' },
+        control: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (e) {
+    process.stderr.write(`lockstep pair: ${errorMessage(e)}\n`);
+    return 1;
+  }
+  const v = parsed.values;
+  if (v.help) {
+    process.stdout.write(HELP);
+    return 0;
+  }
+  const dataDir = resolve(v['data-dir'] ?? 'lockstep-data');
+  const control = v.control ?? join(dataDir, 'pair.sock');
+  const sub = parsed.positionals[0] ?? 'run';
+
+  if (sub === 'status' || sub === 'checkpoint' || sub === 'failover') {
+    try {
+      const r = await controlRequest(control, sub);
+      if (!r.ok) {
+        process.stderr.write(`lockstep pair ${sub}: ${r.error}\n`);
+        return 1;
+      }
+      process.stdout.write(JSON.stringify(r.result, null, 2) + '\n');
+      return 0;
+    } catch (e) {
+      process.stderr.write(`lockstep pair ${sub}: ${errorMessage(e)}\n`);
+      return 1;
+    }
+  }
+  if (sub !== 'run') {
+    process.stderr.write(`lockstep pair: unknown command '${sub}'\n${HELP}`);
+    return 1;
+  }
+
+  let opts: PairOptions;
+  try {
+    const size = v.size !== undefined ? parseSize(v.size) : PAIR_DEFAULTS.size;
+    if (size === null || size <= 0) throw new Error(`--size: invalid size '${v.size}'`);
+    const failover = v.failover ?? PAIR_DEFAULTS.failover;
+    if (failover !== 'auto' && failover !== 'manual') throw new Error(`--failover: expected auto or manual, got '${failover}'`);
+    const nbdPort = v['nbd-port'] !== undefined ? Number(v['nbd-port']) : PAIR_DEFAULTS.nbdPort;
+    if (!Number.isInteger(nbdPort) || nbdPort < 0 || nbdPort > 65535) throw new Error(`--nbd-port: invalid port '${v['nbd-port']}'`);
+    opts = {
+      dataDir,
+      size,
+      checkpointIntervalMs: v['checkpoint-interval'] ? parseDuration(v['checkpoint-interval'], 'checkpoint-interval') : PAIR_DEFAULTS.checkpointIntervalMs,
+      heartbeatIntervalMs: v['heartbeat-interval'] ? parseDuration(v['heartbeat-interval'], 'heartbeat-interval') : PAIR_DEFAULTS.heartbeatIntervalMs,
+      heartbeatTimeoutMs: v['heartbeat-timeout'] ? parseDuration(v['heartbeat-timeout'], 'heartbeat-timeout') : PAIR_DEFAULTS.heartbeatTimeoutMs,
+      failover,
+      nbdSocket: v['nbd-socket'] ?? join(dataDir, 'disk.sock'),
+      ...(nbdPort > 0 ? { nbdHost: PAIR_DEFAULTS.nbdHost, nbdPort } : {}),
+      ...(v['primary-qmp'] ? { primaryQmp: parseAddress(v['primary-qmp'], 'primary-qmp') } : {}),
+      ...(v['secondary-qmp'] ? { secondaryQmp: parseAddress(v['secondary-qmp'], 'secondary-qmp') } : {}),
+      log,
+      onProgress: (done, total, eta) => {
+        const pct = total ? ((100 * done) / total).toFixed(1) : '100';
+        const line = `initial sync: ${pct}% (${(done / 2 ** 20).toFixed(0)}/${(total / 2 ** 20).toFixed(0)} MiB)${eta !== null ? `, ETA ${eta.toFixed(1)} s` : ''}`;
+        if (process.stdout.isTTY) process.stdout.write(`\r${line}\x1b[K`);
+        else log('info', line);
+      },
+    };
+  } catch (e) {
+    process.stderr.write(`lockstep pair: ${errorMessage(e)}\n`);
+    return 1;
+  }
+
+  const sup = new PairSupervisor(opts);
+  const shutdown = async (): Promise<void> => {
+    await sup.stop();
+    process.exit(0);
+  };
+  process.once('SIGINT', () => void shutdown());
+  process.once('SIGTERM', () => void shutdown());
+  try {
+    await sup.start();
+  } catch (e) {
+    log('error', `the pair could not start: ${errorMessage(e)}`);
+    await sup.stop();
+    return 1;
+  }
+  const ctl = await serveControl(sup, control);
+  if (v.metrics) {
+    const m = /^(.+):(\d+)$/.exec(v.metrics);
+    if (!m) {
+      log('error', `--metrics: expected HOST:PORT, got '${v.metrics}'`);
+    } else {
+      createServer((req, res) => {
+        if (req.url !== '/metrics') {
+          res.writeHead(404).end();
+          return;
+        }
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(sup.metrics.render(sup.status().role, sup.stage));
+      }).listen(Number(m[2]), m[1]);
+    }
+  }
+  const serving = sup.status().serving;
+  process.stdout.write(
+    `\nlockstep pair is running (data in ${dataDir}).\nThe replicated disk is served at:\n${serving.map((s) => `  ${s}`).join('\n')}\n` +
+      `Attach with, for example:\n` +
+      `  qemu-io -f raw '${serving[0]}' -c 'write -P 0x5a 0 1M'\n` +
+      `  nbdcopy ./some-image.raw '${serving[0]}'\n` +
+      `  qemu-system-x86_64 -drive file=${serving[0]},format=raw,if=virtio ...\n` +
+      `Status: lockstep pair status --control ${control}\n`,
+  );
+  if (process.stdout.isTTY) {
+    setInterval(() => {
+      const s = sup.status();
+      process.stdout.write(
+        `\r${s.stage} | checkpoints ${s.checkpoints} | last pause ${s['last-pause-ms']?.toFixed(2) ?? '-'} ms | forwarded ${(s['bytes-forwarded'] / 2 ** 20).toFixed(1)} MiB | dirty ${s['dirty-clusters']} | heartbeat ${s['heartbeat-age-ms'] ?? '-'} ms\x1b[K`,
+      );
+    }, 1000).unref();
+  }
+  sup.on('failed-over', (e: { ms: number; serving: string[] }) => {
+    process.stdout.write(`\nFAILED OVER in ${e.ms} ms: the recovered disk is served at ${e.serving.join(', ')}\n`);
+  });
+  await new Promise<void>((resolveRun) => ctl.once('close', () => resolveRun()));
+  return 0;
+}

@@ -1,0 +1,90 @@
+// The supervisor's control socket: JSON lines over a Unix socket.
+//   -> {"cmd": "status" | "checkpoint" | "failover"}
+//   <- {"ok": true, "result": ...} | {"ok": false, "error": "..."}
+// `lockstep pair status|checkpoint|failover` are its clients.
+
+import { createServer, connect, type Server } from 'node:net';
+import { rmSync } from 'node:fs';
+import { errorMessage } from '../errors.js';
+import type { PairSupervisor } from './supervisor.js';
+
+const MAX_LINE = 64 * 1024;
+
+export function serveControl(sup: PairSupervisor, path: string): Promise<Server> {
+  rmSync(path, { force: true });
+  const server = createServer((sock) => {
+    let buf = '';
+    sock.setEncoding('utf8');
+    sock.on('error', () => sock.destroy());
+    sock.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > MAX_LINE) {
+        sock.end(JSON.stringify({ ok: false, error: 'request too long' }) + '\n');
+        return;
+      }
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        void handle(line).then((reply) => sock.write(JSON.stringify(reply) + '\n'));
+      }
+    });
+  });
+  const handle = async (line: string): Promise<Record<string, unknown>> => {
+    let cmd: unknown;
+    try {
+      cmd = (JSON.parse(line) as { cmd?: unknown }).cmd;
+    } catch {
+      return { ok: false, error: 'malformed JSON' };
+    }
+    try {
+      switch (cmd) {
+        case 'status':
+          return { ok: true, result: sup.status() };
+        case 'checkpoint':
+          return { ok: true, result: await sup.checkpoint() };
+        case 'failover':
+          await sup.failover('requested by the operator');
+          return { ok: true, result: sup.status() };
+        default:
+          return { ok: false, error: `unknown command '${String(cmd)}' (status, checkpoint, failover)` };
+      }
+    } catch (e) {
+      return { ok: false, error: errorMessage(e) };
+    }
+  };
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => resolve(server));
+  });
+}
+
+export function controlRequest(path: string, cmd: string, timeoutMs = 60_000): Promise<{ ok: boolean; result?: unknown; error?: string }> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(path);
+    let buf = '';
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new Error(`no answer from ${path}`));
+    }, timeoutMs);
+    sock.setEncoding('utf8');
+    sock.on('connect', () => sock.write(JSON.stringify({ cmd }) + '\n'));
+    sock.on('data', (d: string) => {
+      buf += d;
+      const nl = buf.indexOf('\n');
+      if (nl >= 0) {
+        clearTimeout(timer);
+        sock.end();
+        try {
+          resolve(JSON.parse(buf.slice(0, nl)) as { ok: boolean });
+        } catch (e) {
+          reject(e as Error);
+        }
+      }
+    });
+    sock.on('error', (e) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot reach the pair supervisor at ${path}: ${e.message}`));
+    });
+  });
+}
