@@ -6,10 +6,11 @@ import { fileDriver } from './drivers/file.js';
 import { memoryDriver } from './drivers/memory.js';
 import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
+import { qcow2Driver } from './drivers/qcow2/index.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 
 export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
-  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, ...extra];
+  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, qcow2Driver, ...extra];
   return new Map(all.map((d) => [d.name, d]));
 }
