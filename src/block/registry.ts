@@ -8,10 +8,20 @@ import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
 import { quorumDriver } from './drivers/quorum.js';
 import { replicationDriver } from '../replication/filter.js';
+import { qcow2Driver } from './drivers/qcow2/index.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 
 export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
-  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, quorumDriver, replicationDriver, ...extra];
+  const all: BlockDriver[] = [
+    fileDriver,
+    memoryDriver,
+    nullDriver,
+    rawDriver,
+    qcow2Driver,
+    quorumDriver,
+    replicationDriver,
+    ...extra,
+  ];
   return new Map(all.map((d) => [d.name, d]));
 }

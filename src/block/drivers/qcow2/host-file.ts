@@ -1,0 +1,88 @@
+// The byte store under a qcow2 image: the node's `file` child when the driver runs in a
+// graph, or a host file handle for create/check (which work without a graph).
+
+import { open as fsOpen, type FileHandle } from 'node:fs/promises';
+import { BlockError } from '../../../errors.js';
+import type { BlockNode } from '../../node.js';
+
+export interface HostFile {
+  /** reads past the end return zeroes */
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer): Promise<void>;
+  flush(): Promise<void>;
+  length(): number;
+  truncate(length: number): Promise<void>;
+}
+
+export function nodeHostFile(node: BlockNode): HostFile {
+  return {
+    read: (offset, length) => node.read(offset, length),
+    write: (offset, data) => node.write(offset, data),
+    flush: () => node.flush(),
+    length: () => node.getLength(),
+    truncate: (length) => node.truncate(length),
+  };
+}
+
+export class FsHostFile implements HostFile {
+  private constructor(
+    private readonly fh: FileHandle,
+    private size: number,
+    readonly filename: string,
+  ) {}
+
+  static async open(filename: string, writable: boolean, create = false): Promise<FsHostFile> {
+    const fh = await fsOpen(filename, create ? 'w+' : writable ? 'r+' : 'r');
+    const size = (await fh.stat()).size;
+    return new FsHostFile(fh, size, filename);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.alloc(length);
+    let done = 0;
+    try {
+      while (done < length) {
+        const { bytesRead } = await this.fh.read(buf, done, length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw BlockError.fromSystem(e, `read from ${this.filename}`);
+    }
+    return buf;
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    let done = 0;
+    try {
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+        done += bytesWritten;
+      }
+    } catch (e) {
+      throw BlockError.fromSystem(e, `write to ${this.filename}`);
+    }
+    this.size = Math.max(this.size, offset + data.length);
+  }
+
+  async flush(): Promise<void> {
+    try {
+      await this.fh.datasync();
+    } catch (e) {
+      throw BlockError.fromSystem(e, `flush of ${this.filename}`);
+    }
+  }
+
+  length(): number {
+    return this.size;
+  }
+
+  async truncate(length: number): Promise<void> {
+    await this.fh.truncate(length);
+    this.size = length;
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}

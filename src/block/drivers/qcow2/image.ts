@@ -1,0 +1,386 @@
+// An open qcow2 image: header, L1 table (in memory), L2 and refcount caches, allocation,
+// and the ordered metadata writeback. The data path (io.ts) and the driver (index.ts) are
+// built on this; create.ts uses it to lay out new images the way QEMU does.
+//
+// Ordering (crash safety): new metadata is only referenced once what it references is in
+// the file. Writeback writes, with a file flush between steps that have something to write:
+//   1. refcount blocks (increments of new allocations),
+//   2. refcount table entries for new refcount blocks,
+//   3. L2 tables,
+//   4. L1 entries,
+//   5. then applies the deferred frees (refcount decrements of clusters no longer
+//      referenced by what was written in 3-4) and writes those refcount blocks.
+// A crash between steps leaves at worst leaked clusters (refcount > references).
+// Freed clusters are not reused before step 5, so data written into a cluster always
+// belongs to exactly one guest cluster.
+
+import { BlockError, assert } from '../../../errors.js';
+import { TableCache } from './cache.js';
+import { Mutex } from './mutex.js';
+import { Refcounts } from './refcount.js';
+import { decodeL1, encodeL1 } from './l2-entry.js';
+import {
+  INCOMPAT_DIRTY,
+  serializeHeader,
+  type Qcow2Header,
+} from './header.js';
+import type { HostFile } from './host-file.js';
+
+export interface BackingView {
+  length(): number;
+  read(offset: number, length: number): Promise<Buffer>;
+}
+
+export interface ImageOptions {
+  readOnly: boolean;
+  l2CacheSize?: number;
+  refcountCacheSize?: number;
+  lazyRefcounts?: boolean;
+}
+
+const MAX_L1_BYTES = 32 * 1024 * 1024;
+const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
+
+export class Qcow2Image {
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  /** entries per L2 table */
+  readonly l2Entries: number;
+  readonly v3: boolean;
+  readonly mutex = new Mutex();
+  readonly l2Cache: TableCache;
+  readonly refcounts: Refcounts;
+  l1: number[] = [];
+  l1Copied: boolean[] = [];
+  readonly dirtyL1 = new Set<number>();
+  /** cluster ranges whose refcount drops at the next writeback (step 5) */
+  pendingFrees: Array<{ first: number; count: number }> = [];
+  backing: BackingView | null = null;
+  readOnly: boolean;
+  lazyRefcounts: boolean;
+  /** set when a structural problem was found: no more writes */
+  corruptReason: string | null = null;
+  /** data I/O in flight outside the mutex (frees wait for it) */
+  private inflight = 0;
+  private idleWaiters: Array<() => void> = [];
+  private dirtyBitWritten = false;
+
+  constructor(
+    readonly file: HostFile,
+    public header: Qcow2Header,
+    opts: ImageOptions,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.l2Entries = this.clusterSize / 8;
+    this.v3 = header.version === 3;
+    this.readOnly = opts.readOnly;
+    this.lazyRefcounts = opts.lazyRefcounts ?? false;
+    const cs = this.clusterSize;
+    // Default L2 cache: enough to map the whole disk, capped at 32 MiB (QEMU's default).
+    const l2Bytes = opts.l2CacheSize ?? Math.min(DEFAULT_L2_CACHE_MAX, Math.ceil(header.size / this.l2Entries / cs) * cs + cs);
+    const rcBytes = opts.refcountCacheSize ?? Math.max(4 * cs, Math.min(l2Bytes / 4, 1024 * 1024));
+    this.l2Cache = new TableCache(file, cs, Math.max(2, Math.floor(l2Bytes / cs)));
+    const rcCache = new TableCache(file, cs, Math.max(2, Math.floor(rcBytes / cs)));
+    this.refcounts = new Refcounts(
+      file,
+      {
+        clusterBits: header.clusterBits,
+        refcountOrder: header.refcountOrder,
+        tableOffset: header.refcountTableOffset,
+        tableClusters: header.refcountTableClusters,
+      },
+      rcCache,
+      async (offset, clusters) => {
+        this.header.refcountTableOffset = offset;
+        this.header.refcountTableClusters = clusters;
+        await this.writeHeader();
+      },
+    );
+  }
+
+  /** Loads the L1 and refcount tables, checking they lie inside the file and do not overlap. */
+  async load(): Promise<void> {
+    const h = this.header;
+    const cs = this.clusterSize;
+    const fileLen = this.file.length();
+    const l1Bytes = h.l1Size * 8;
+    if (l1Bytes > MAX_L1_BYTES) throw new BlockError('EFBIG', `qcow2: active L1 table too large (${h.l1Size} entries)`);
+    if (h.l1Size < this.l1SizeFor(h.size)) {
+      throw new BlockError('EIO', `qcow2: L1 table is too small (${h.l1Size} entries for a ${h.size}-byte disk)`);
+    }
+    if (h.l1Size > 0 && (h.l1TableOffset === 0 || h.l1TableOffset + l1Bytes > fileLen)) {
+      throw new BlockError('EIO', `qcow2: L1 table [0x${h.l1TableOffset.toString(16)}, +${l1Bytes}) is outside the file (${fileLen} bytes)`);
+    }
+    const rtStart = h.refcountTableOffset;
+    const rtEnd = rtStart + h.refcountTableClusters * cs;
+    if (h.refcountTableClusters * cs > 8 * 1024 * 1024) throw new BlockError('EFBIG', 'qcow2: reference count table too large');
+    if (rtStart < cs) throw new BlockError('EIO', 'qcow2: refcount table overlaps the image header');
+    if (h.l1Size > 0 && h.l1TableOffset < rtEnd && rtStart < h.l1TableOffset + l1Bytes) {
+      throw new BlockError('EIO', `qcow2: refcount table [0x${rtStart.toString(16)}, 0x${rtEnd.toString(16)}) overlaps the L1 table at 0x${h.l1TableOffset.toString(16)}`);
+    }
+    if (h.l1Size > 0 && h.l1TableOffset < cs) throw new BlockError('EIO', 'qcow2: L1 table overlaps the image header');
+    await this.refcounts.load();
+    for (let i = 0; i < this.refcounts.table.length; i++) {
+      const off = this.refcounts.table[i]!;
+      if (off !== 0 && this.overlapsFixedMetadata(off, cs)) {
+        throw new BlockError('EIO', `qcow2: refcount block ${i} at 0x${off.toString(16)} overlaps other metadata (header, L1 or refcount table)`);
+      }
+    }
+    this.l1 = new Array<number>(h.l1Size).fill(0);
+    this.l1Copied = new Array<boolean>(h.l1Size).fill(false);
+    if (h.l1Size > 0) {
+      const buf = await this.file.read(h.l1TableOffset, l1Bytes);
+      for (let i = 0; i < h.l1Size; i++) {
+        const hi = buf.readUInt32BE(i * 8);
+        const lo = buf.readUInt32BE(i * 8 + 4);
+        const e = decodeL1(hi, lo);
+        if (e.offset % cs !== 0) throw new BlockError('EIO', `qcow2: L2 table offset 0x${e.offset.toString(16)} (L1 entry ${i}) is not cluster aligned`);
+        this.l1[i] = e.offset;
+        this.l1Copied[i] = e.copied;
+      }
+    }
+  }
+
+  l1SizeFor(size: number): number {
+    return Math.ceil(size / (this.clusterSize * this.l2Entries));
+  }
+
+  /** true if [off, off+len) touches the header, the L1 table or the refcount table */
+  overlapsFixedMetadata(off: number, len: number): boolean {
+    const h = this.header;
+    const cs = this.clusterSize;
+    if (off < cs) return true;
+    const rt = this.refcounts.tableOffset;
+    if (off < rt + this.refcounts.tableClusters * cs && rt < off + len) return true;
+    const l1Bytes = this.l1.length * 8;
+    if (l1Bytes > 0 && off < h.l1TableOffset + roundUpTo(l1Bytes, cs) && h.l1TableOffset < off + len) return true;
+    if (h.nbSnapshots > 0 && off < h.snapshotsOffset + cs && h.snapshotsOffset < off + len) return true;
+    return false;
+  }
+
+  markCorrupt(reason: string): BlockError {
+    this.corruptReason ??= reason;
+    return new BlockError('EIO', `qcow2: ${reason}; the image is not written to any more`);
+  }
+
+  checkWritable(): void {
+    if (this.readOnly) throw new BlockError('EPERM', 'qcow2 image is read-only');
+    if (this.corruptReason) throw new BlockError('EIO', `qcow2: image is corrupt (${this.corruptReason}); refusing to write`);
+  }
+
+  // ---- tables -------------------------------------------------------------------------
+
+  /** The L2 table of L1 index i (null when unallocated). Validates the offset. */
+  async getL2(i: number): Promise<Buffer | null> {
+    const off = this.l1[i] ?? 0;
+    if (off === 0) return null;
+    if (off + this.clusterSize > this.file.length() && !this.l2Cache.has(off)) {
+      throw this.markCorrupt(`L2 table at 0x${off.toString(16)} (L1 entry ${i}) lies past the end of the file`);
+    }
+    return this.l2Cache.get(off);
+  }
+
+  /**
+   * The L2 table of L1 index i, ready to be changed: allocated when missing, copied when
+   * shared with a snapshot (L1 entry without the COPIED flag). Marks it dirty.
+   */
+  async getL2ForWrite(i: number): Promise<Buffer> {
+    assert(i < this.l1.length, 'L1 index in range');
+    const off = this.l1[i]!;
+    if (off !== 0 && this.l1Copied[i]) {
+      const t = await this.getL2(i);
+      this.l2Cache.markDirty(off);
+      return t!;
+    }
+    await this.markDirtyBit();
+    const old = off !== 0 ? await this.getL2(i) : null;
+    const oldCopy = old ? Buffer.from(old) : undefined;
+    const nc = await this.refcounts.alloc(1);
+    const noff = nc * this.clusterSize;
+    if (this.overlapsFixedMetadata(noff, this.clusterSize)) throw this.markCorrupt(`allocated L2 table at 0x${noff.toString(16)} overlaps metadata (refcounts are corrupt)`);
+    const t = this.l2Cache.create(noff, oldCopy);
+    if (off !== 0) this.pendingFrees.push({ first: off / this.clusterSize, count: 1 });
+    this.l1[i] = noff;
+    this.l1Copied[i] = true;
+    this.dirtyL1.add(i);
+    return t;
+  }
+
+  /** Allocates n contiguous data clusters; returns the host byte offset. */
+  async allocData(n: number): Promise<number> {
+    await this.markDirtyBit();
+    const c = await this.refcounts.alloc(n);
+    const off = c * this.clusterSize;
+    if (this.overlapsFixedMetadata(off, n * this.clusterSize)) {
+      throw this.markCorrupt(`allocated clusters at 0x${off.toString(16)} overlap metadata (refcounts are corrupt)`);
+    }
+    return off;
+  }
+
+  free(first: number, count: number): void {
+    this.pendingFrees.push({ first, count });
+  }
+
+  // ---- in-flight data I/O -----------------------------------------------------------------
+
+  async trackData<T>(fn: () => Promise<T>): Promise<T> {
+    this.inflight++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.inflight === 0) {
+        const w = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const f of w) f();
+      }
+    }
+  }
+
+  beginData(): () => void {
+    this.inflight++;
+    return () => {
+      if (--this.inflight === 0) {
+        const w = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const f of w) f();
+      }
+    };
+  }
+
+  private async dataIdle(): Promise<void> {
+    while (this.inflight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  }
+
+  // ---- writeback --------------------------------------------------------------------------
+
+  /** Writes all metadata back in crash-safe order (module comment). Caller holds the mutex. */
+  async writeback(): Promise<void> {
+    const rc = this.refcounts;
+    let wrote = (await rc.cache.writeDirty()) > 0;
+    const later = rc.dirtyTable.size > 0 || this.l2Cache.hasDirty() || this.dirtyL1.size > 0 || this.pendingFrees.length > 0;
+    if (wrote && later) await this.file.flush();
+    if (await rc.writeTable()) await this.file.flush();
+    wrote = (await this.l2Cache.writeDirty()) > 0;
+    if (wrote && (this.dirtyL1.size > 0 || this.pendingFrees.length > 0)) await this.file.flush();
+    if (this.dirtyL1.size > 0) {
+      await this.writeL1Entries([...this.dirtyL1]);
+      this.dirtyL1.clear();
+      if (this.pendingFrees.length > 0) await this.file.flush();
+    }
+    if (this.pendingFrees.length > 0) {
+      await this.dataIdle();
+      const frees = this.pendingFrees;
+      this.pendingFrees = [];
+      for (const f of frees) {
+        while (!(await rc.update(f.first, f.count, -1))) {
+          /* decrements never allocate */
+        }
+        for (let k = 0; k < f.count; k++) this.l2Cache.drop((f.first + k) * this.clusterSize);
+      }
+      await rc.cache.writeDirty();
+    }
+    this.l2Cache.evict();
+    rc.cache.evict();
+  }
+
+  /** Called at the end of each metadata operation: keeps the caches within bounds. */
+  async maybeWriteback(): Promise<void> {
+    if (this.l2Cache.needsWriteback() || this.refcounts.cache.needsWriteback() || this.pendingFrees.length > 4096) {
+      await this.writeback();
+    } else {
+      this.l2Cache.evict();
+      this.refcounts.cache.evict();
+    }
+  }
+
+  private async writeL1Entries(idxs: number[]): Promise<void> {
+    // whole 512-byte sectors of the table (QEMU writes L1 entries the same way)
+    const sectors = new Set(idxs.map((i) => Math.floor(i / 64)));
+    for (const s of [...sectors].sort((a, b) => a - b)) {
+      const first = s * 64;
+      const count = Math.min(64, this.l1.length - first);
+      const buf = Buffer.alloc(count * 8);
+      for (let k = 0; k < count; k++) encodeL1(buf, k, this.l1[first + k]!, this.l1Copied[first + k]!);
+      await this.file.write(this.header.l1TableOffset + first * 8, buf);
+    }
+  }
+
+  l1Buffer(): Buffer {
+    const buf = Buffer.alloc(this.l1.length * 8);
+    for (let i = 0; i < this.l1.length; i++) encodeL1(buf, i, this.l1[i]!, this.l1Copied[i]!);
+    return buf;
+  }
+
+  /** Rewrites the whole first cluster from `header`. */
+  async writeHeader(): Promise<void> {
+    const bytes = serializeHeader(this.header);
+    const buf = Buffer.alloc(this.clusterSize);
+    bytes.copy(buf);
+    await this.file.write(0, buf);
+  }
+
+  /** lazy_refcounts: mark the image dirty before the first metadata change (QEMU). */
+  async markDirtyBit(): Promise<void> {
+    if (!this.lazyRefcounts || this.dirtyBitWritten || !this.v3) return;
+    this.header.incompatible |= INCOMPAT_DIRTY;
+    await this.writeHeader();
+    await this.file.flush();
+    this.dirtyBitWritten = true;
+  }
+
+  /** Flushes metadata and clears the dirty bit (clean close). */
+  async markClean(): Promise<void> {
+    if (!(this.header.incompatible & INCOMPAT_DIRTY) || this.readOnly) return;
+    await this.writeback();
+    await this.file.flush();
+    this.header.incompatible &= ~INCOMPAT_DIRTY;
+    await this.writeHeader();
+    await this.file.flush();
+    this.dirtyBitWritten = false;
+  }
+
+  // ---- resize -------------------------------------------------------------------------
+
+  /** Grows the L1 table to at least `entries` (exactly that many), moving it. Holds mutex. */
+  async growL1(entries: number): Promise<void> {
+    if (entries <= this.l1.length) return;
+    if (entries * 8 > MAX_L1_BYTES) throw new BlockError('EFBIG', `qcow2: L1 table would exceed ${MAX_L1_BYTES} bytes`);
+    // the new table is written from memory: what it points to must be in the file first
+    await this.writeback();
+    const bytes = entries * 8;
+    const clusters = Math.ceil(bytes / this.clusterSize);
+    const oldOffset = this.header.l1TableOffset;
+    const oldClusters = Math.ceil((this.l1.length * 8) / this.clusterSize);
+    const c = await this.refcounts.alloc(clusters);
+    const off = c * this.clusterSize;
+    this.l1.length = entries;
+    this.l1Copied.length = entries;
+    for (let i = 0; i < entries; i++) {
+      this.l1[i] ??= 0;
+      this.l1Copied[i] ??= false;
+    }
+    // the new table's refcounts must be in the file before the header points at it
+    await this.refcounts.cache.writeDirty();
+    await this.refcounts.writeTable();
+    await this.file.write(off, this.l1Buffer());
+    await this.file.flush();
+    this.header.l1TableOffset = off;
+    this.header.l1Size = entries;
+    await this.writeHeader();
+    await this.file.flush();
+    this.dirtyL1.clear();
+    if (oldClusters > 0 && oldOffset !== 0) this.free(oldOffset / this.clusterSize, oldClusters);
+  }
+
+  async setSize(size: number): Promise<void> {
+    await this.growL1(this.l1SizeFor(size));
+    this.header.size = size;
+    await this.writeHeader();
+    await this.file.flush();
+  }
+}
+
+export function roundUpTo(n: number, align: number): number {
+  return Math.ceil(n / align) * align;
+}

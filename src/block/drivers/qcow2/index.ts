@@ -1,0 +1,230 @@
+// Format driver "qcow2": QEMU's qcow2 (v2 = compat 0.10, v3 = compat 1.1) over a `file`
+// child, with an optional `backing` child.
+//
+// Options (QEMU's names): file (required), backing (node-name, inline dict, or null for
+// none; absent: the file named in the header, opened read-only), lazy-refcounts,
+// cache-size, l2-cache-size, l2-cache-entry-size, refcount-cache-size,
+// cache-clean-interval, pass-discard-request, pass-discard-snapshot, pass-discard-other,
+// discard-no-unref, overlap-check (accepted; lockstep always checks allocations against the
+// header, L1 and refcount tables), data-file and encrypt (refused).
+//
+// Not supported (refused at open, naming the feature): encryption, external data files,
+// extended L2 entries, non-zlib compression, unknown incompatible features. Images with
+// internal snapshots open, and make_empty takes the slow path on them.
+//
+// info(): compat, compression-type, lazy-refcounts, refcount-bits, corrupt, extended-l2,
+// cluster-size, backing-filename, backing-filename-format, dirty-flag (qemu-img info's
+// format-specific data plus the fields QMP shows for the node).
+
+import { open as fsOpen } from 'node:fs/promises';
+import { dirname, isAbsolute, join } from 'node:path';
+import { makeCaps, type BlockDriver, type NodeImpl, type OpenContext } from '../../driver.js';
+import { BlockError, InvalidArgumentError, errorMessage } from '../../../errors.js';
+import type { BlockNode } from '../../node.js';
+import type { OptionReader } from '../../options.js';
+import {
+  COMPAT_LAZY_REFCOUNTS,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  QCOW2_MAGIC,
+  checkSupported,
+  readHeader,
+  type Qcow2Header,
+} from './header.js';
+import { nodeHostFile } from './host-file.js';
+import { Qcow2Image } from './image.js';
+import { blockStatusAt, discardRange, readRange, writeRange, zeroRange } from './io.js';
+import { makeEmpty } from './make-empty.js';
+import { repairImage } from './check.js';
+
+async function probeFormat(filename: string): Promise<'qcow2' | 'raw'> {
+  let fh;
+  try {
+    fh = await fsOpen(filename, 'r');
+  } catch (e) {
+    throw new InvalidArgumentError(`Could not open backing file '${filename}': ${errorMessage(e)}`);
+  }
+  try {
+    const b = Buffer.alloc(4);
+    const { bytesRead } = await fh.read(b, 0, 4, 0);
+    return bytesRead === 4 && b.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+  } finally {
+    await fh.close();
+  }
+}
+
+async function openHeaderBacking(ctx: OpenContext, h: Qcow2Header, file: BlockNode): Promise<BlockNode | null> {
+  const name = h.backingFile;
+  if (name === null) return null;
+  if (/^[a-z0-9+]+:/i.test(name)) {
+    throw new InvalidArgumentError(`Backing file '${name}' uses a protocol prefix lockstep does not support; pass 'backing' explicitly`);
+  }
+  const path = isAbsolute(name) ? name : join(dirname(file.filename), name);
+  const fmt = h.backingFormat ?? (await probeFormat(path));
+  if (fmt !== 'raw' && fmt !== 'qcow2') throw new InvalidArgumentError(`Unsupported backing file format '${fmt}' for '${path}'`);
+  return ctx.openChild('backing', { driver: fmt, file: { driver: 'file', filename: path } }, { readOnly: true });
+}
+
+function readCacheOptions(o: OptionReader, clusterSize: number): { l2?: number; rc?: number } {
+  const total = o.size('cache-size');
+  let l2 = o.size('l2-cache-size');
+  let rc = o.size('refcount-cache-size');
+  const entry = o.size('l2-cache-entry-size');
+  if (entry !== undefined && (entry < 512 || entry > clusterSize || (entry & (entry - 1)) !== 0)) {
+    throw new InvalidArgumentError(`L2 cache entry size must be a power of two between 512 and the cluster size (${clusterSize})`);
+  }
+  if (total !== undefined) {
+    if (l2 !== undefined && rc !== undefined && l2 + rc !== total) {
+      throw new InvalidArgumentError(`l2-cache-size (${l2}) + refcount-cache-size (${rc}) may not exceed cache-size (${total})`);
+    }
+    if (l2 === undefined && rc === undefined) {
+      rc = Math.max(4 * clusterSize, Math.floor(total / 4));
+      l2 = Math.max(2 * clusterSize, total - rc);
+    } else if (l2 === undefined) l2 = Math.max(2 * clusterSize, total - rc!);
+    else if (rc === undefined) rc = Math.max(4 * clusterSize, total - l2);
+  }
+  const out: { l2?: number; rc?: number } = {};
+  if (l2 !== undefined) out.l2 = l2;
+  if (rc !== undefined) out.rc = rc;
+  return out;
+}
+
+export const qcow2Driver: BlockDriver = {
+  name: 'qcow2',
+  kind: 'format',
+  supportsBacking: true,
+  supportsMakeEmpty: true,
+  async open(ctx, o): Promise<NodeImpl> {
+    const fileOpt = o.raw('file');
+    const hasBacking = o.has('backing');
+    const backingOpt = o.raw('backing');
+    const lazyOpt = o.bool('lazy-refcounts');
+    o.bool('pass-discard-request');
+    o.bool('pass-discard-snapshot');
+    o.bool('pass-discard-other');
+    o.bool('discard-no-unref');
+    o.uint('cache-clean-interval');
+    o.raw('overlap-check');
+    if (o.has('data-file')) throw new InvalidArgumentError(`Parameter 'data-file': external data files are not supported by lockstep`);
+    if (o.has('encrypt')) throw new InvalidArgumentError(`Parameter 'encrypt': encrypted qcow2 images are not supported by lockstep`);
+    const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
+    let readOnly = ctx.readOnly;
+    const host = nodeHostFile(file);
+    let h: Qcow2Header;
+    try {
+      h = await readHeader(host);
+    } catch (e) {
+      throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
+    }
+    checkSupported(h, readOnly, file.filename);
+    const cacheOpts = readCacheOptions(o, 2 ** h.clusterBits);
+    if (lazyOpt && h.version < 3) {
+      throw new InvalidArgumentError('Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level');
+    }
+    if (!readOnly && h.incompatible & INCOMPAT_DIRTY) {
+      // refcounts may be stale after a crash with lazy_refcounts: rebuild them (QEMU does)
+      await repairImage(host, h);
+      h = await readHeader(host);
+    }
+    const img = new Qcow2Image(host, h, {
+      readOnly,
+      lazyRefcounts: lazyOpt ?? (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+      ...(cacheOpts.l2 !== undefined ? { l2CacheSize: cacheOpts.l2 } : {}),
+      ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
+    });
+    try {
+      await img.load();
+    } catch (e) {
+      throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
+    }
+    if (!readOnly && h.autoclear !== 0n) {
+      // lockstep keeps no bitmaps: their data is inconsistent from the first write on
+      img.header.autoclear = 0n;
+      await img.writeHeader();
+      await host.flush();
+    }
+
+    let backing: BlockNode | null;
+    if (!hasBacking) backing = await openHeaderBacking(ctx, h, file);
+    else backing = await ctx.openChild('backing', backingOpt, { readOnly: true });
+    if (backing) {
+      const b = backing;
+      img.backing = { length: () => b.getLength(), read: (off, len) => b.read(off, len) };
+    }
+
+    const v3 = h.version === 3;
+    const impl: NodeImpl = {
+      caps: makeCaps({
+        requestAlignment: 1,
+        fua: false,
+        writeZeroes: v3,
+        discard: true,
+        blockStatus: true,
+        truncate: true,
+      }),
+      get filename() {
+        return file.filename;
+      },
+      getLength: () => img.header.size,
+      read: (offset, length) => readRange(img, offset, length),
+      write: (offset, data) => writeRange(img, offset, data),
+      writeZeroes: (offset, length) => zeroRange(img, offset, length),
+      discard: (offset, length) => discardRange(img, offset, length, false),
+      flush: async () => {
+        if (img.readOnly) return;
+        await img.mutex.run(() => img.writeback());
+        await host.flush();
+      },
+      blockStatus: (offset, length) => blockStatusAt(img, offset, length, file),
+      truncate: async (length) => {
+        img.checkWritable();
+        if (length < img.header.size) throw new BlockError('ENOTSUP', 'qcow2: shrinking images is not supported by lockstep');
+        if (length % 512 !== 0) throw new BlockError('EINVAL', 'qcow2: the image size must be a multiple of 512 bytes');
+        await img.mutex.run(() => img.setSize(length));
+      },
+      makeEmpty: async () => {
+        await makeEmpty(img);
+      },
+      reopen: async (ro) => {
+        if (ro === readOnly) return;
+        if (ro) {
+          await img.mutex.run(async () => {
+            await img.writeback();
+            await host.flush();
+            await img.markClean();
+          });
+          await file.setReadOnly(true);
+        } else {
+          checkSupported(img.header, false, file.filename);
+          await file.setReadOnly(false);
+        }
+        readOnly = ro;
+        img.readOnly = ro;
+      },
+      close: async () => {
+        if (img.readOnly) return;
+        await img.mutex.run(async () => {
+          await img.writeback();
+          await host.flush();
+          await img.markClean();
+        });
+      },
+      info: () => {
+        const hh = img.header;
+        return {
+          compat: hh.version === 3 ? '1.1' : '0.10',
+          'compression-type': 'zlib',
+          'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+          'refcount-bits': 2 ** hh.refcountOrder,
+          corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
+          'extended-l2': false,
+          'cluster-size': img.clusterSize,
+          'backing-filename': hh.backingFile,
+          'backing-filename-format': hh.backingFormat,
+          'dirty-flag': (hh.incompatible & INCOMPAT_DIRTY) !== 0n,
+        };
+      },
+    };
+    return impl;
+  },
+};

@@ -1,0 +1,378 @@
+// The qcow2 data path: read, write (with copy-on-write from the backing view), write
+// zeroes, discard and block status, over an open Qcow2Image.
+//
+// Locking: the guest-cluster -> host-cluster mapping is looked up and changed under the
+// image mutex. Writes that need allocation (unallocated, zero, compressed or shared
+// clusters) write their data under the mutex too, so two writes to the same unallocated
+// cluster can never allocate it twice; writes to clusters already owned by this image
+// (COPIED) and all reads do their data I/O after the mutex is released, counted as in-flight
+// so that no cluster they touch is freed and reused meanwhile (image.ts step 5).
+
+import { inflateRawSync, constants as zc } from 'node:zlib';
+import { BlockError } from '../../../errors.js';
+import type { BlockStatus } from '../../driver.js';
+import type { BlockNode } from '../../node.js';
+import type { Qcow2Image } from './image.js';
+import {
+  ClusterKind,
+  compressedClusters,
+  readCompressed,
+  readL2,
+  writeL2Normal,
+  writeL2Unallocated,
+  writeL2Zero,
+  type L2Entry,
+} from './l2-entry.js';
+
+type Segment =
+  | { kind: 'host'; host: number; dst: number; len: number }
+  | { kind: 'backing'; guest: number; dst: number; len: number }
+  | { kind: 'compressed'; table: Buffer; index: number; inOff: number; dst: number; len: number };
+
+const UNALLOCATED: L2Entry = { kind: ClusterKind.Unallocated, offset: 0, copied: false };
+
+async function entryAt(img: Qcow2Image, cluster: number): Promise<{ entry: L2Entry; table: Buffer | null; index: number }> {
+  const l1i = Math.floor(cluster / img.l2Entries);
+  const index = cluster % img.l2Entries;
+  const table = await img.getL2(l1i);
+  if (!table) return { entry: UNALLOCATED, table: null, index };
+  return { entry: readL2(table, index, img.v3), table, index };
+}
+
+function checkDataOffset(img: Qcow2Image, e: L2Entry, cluster: number): void {
+  if (e.kind !== ClusterKind.Normal) return;
+  if (e.offset % img.clusterSize !== 0) {
+    throw img.markCorrupt(`L2 entry of guest cluster ${cluster} has an unaligned host offset 0x${e.offset.toString(16)}`);
+  }
+  if (e.offset >= img.file.length()) {
+    throw img.markCorrupt(`L2 entry of guest cluster ${cluster} points past the end of the file (0x${e.offset.toString(16)} >= ${img.file.length()})`);
+  }
+  if (img.overlapsFixedMetadata(e.offset, img.clusterSize)) {
+    throw img.markCorrupt(`L2 entry of guest cluster ${cluster} points into metadata (0x${e.offset.toString(16)})`);
+  }
+}
+
+async function readBacking(img: Qcow2Image, guest: number, len: number): Promise<Buffer> {
+  const b = img.backing;
+  if (!b) return Buffer.alloc(len);
+  const blen = b.length();
+  if (guest >= blen) return Buffer.alloc(len);
+  if (guest + len <= blen) return b.read(guest, len);
+  const out = Buffer.alloc(len);
+  (await b.read(guest, blen - guest)).copy(out);
+  return out;
+}
+
+async function readCompressedCluster(img: Qcow2Image, table: Buffer, index: number): Promise<Buffer> {
+  const c = readCompressed(table, index, img.clusterBits);
+  const fileLen = img.file.length();
+  if (c.offset >= fileLen || img.overlapsFixedMetadata(c.offset, c.length)) {
+    throw img.markCorrupt(`compressed cluster at 0x${c.offset.toString(16)} lies outside the data area`);
+  }
+  const raw = await img.file.read(c.offset, Math.min(c.length, fileLen - c.offset));
+  let out: Buffer;
+  try {
+    out = inflateRawSync(raw, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: img.clusterSize });
+  } catch (e) {
+    if ((e as { code?: string }).code === 'ERR_BUFFER_TOO_LARGE') {
+      out = inflateRawSync(raw, { finishFlush: zc.Z_SYNC_FLUSH }).subarray(0, img.clusterSize);
+    } else {
+      throw new BlockError('EIO', `qcow2: compressed cluster at 0x${c.offset.toString(16)} cannot be decompressed: ${(e as Error).message}`);
+    }
+  }
+  if (out.length < img.clusterSize) {
+    throw new BlockError('EIO', `qcow2: compressed cluster at 0x${c.offset.toString(16)} decompresses to ${out.length} bytes, not ${img.clusterSize}`);
+  }
+  return out.length === img.clusterSize ? out : out.subarray(0, img.clusterSize);
+}
+
+export async function readRange(img: Qcow2Image, offset: number, length: number): Promise<Buffer> {
+  const cs = img.clusterSize;
+  const segs: Segment[] = [];
+  const release = await img.mutex.lock();
+  let done: (() => void) | null = null;
+  try {
+    for (let pos = offset; pos < offset + length; ) {
+      const cluster = Math.floor(pos / cs);
+      const inOff = pos - cluster * cs;
+      const len = Math.min(cs - inOff, offset + length - pos);
+      const dst = pos - offset;
+      const { entry, table, index } = await entryAt(img, cluster);
+      switch (entry.kind) {
+        case ClusterKind.Normal: {
+          checkDataOffset(img, entry, cluster);
+          const host = entry.offset + inOff;
+          const last = segs[segs.length - 1];
+          if (last?.kind === 'host' && last.host + last.len === host) last.len += len;
+          else segs.push({ kind: 'host', host, dst, len });
+          break;
+        }
+        case ClusterKind.Unallocated: {
+          if (img.backing) {
+            const last = segs[segs.length - 1];
+            if (last?.kind === 'backing' && last.guest + last.len === pos) last.len += len;
+            else segs.push({ kind: 'backing', guest: pos, dst, len });
+          }
+          break;
+        }
+        case ClusterKind.Compressed:
+          segs.push({ kind: 'compressed', table: Buffer.from(table!.subarray(index * 8, index * 8 + 8)), index: 0, inOff, dst, len });
+          break;
+        case ClusterKind.Zero:
+          break;
+      }
+      pos += len;
+    }
+    await img.maybeWriteback();
+    done = img.beginData();
+  } finally {
+    release();
+  }
+  try {
+    const only = segs[0];
+    if (segs.length === 1 && only!.kind === 'host' && only!.len === length) return await img.file.read(only!.host, length);
+    const out = Buffer.alloc(length);
+    for (const s of segs) {
+      if (s.kind === 'host') (await img.file.read(s.host, s.len)).copy(out, s.dst);
+      else if (s.kind === 'backing') (await readBacking(img, s.guest, s.len)).copy(out, s.dst);
+      else (await readCompressedCluster(img, s.table, s.index)).copy(out, s.dst, s.inOff, s.inOff + s.len);
+    }
+    return out;
+  } finally {
+    done();
+  }
+}
+
+/** What a guest cluster reads as before this write (the copy-on-write source). */
+async function oldContent(img: Qcow2Image, cluster: number, entry: L2Entry, table: Buffer | null, index: number): Promise<Buffer> {
+  switch (entry.kind) {
+    case ClusterKind.Normal:
+      checkDataOffset(img, entry, cluster);
+      return img.file.read(entry.offset, img.clusterSize);
+    case ClusterKind.Compressed:
+      return Buffer.from(await readCompressedCluster(img, table!, index));
+    case ClusterKind.Zero:
+      return Buffer.alloc(img.clusterSize);
+    default:
+      return readBacking(img, cluster * img.clusterSize, img.clusterSize);
+  }
+}
+
+/** Queues the release of whatever host clusters an L2 entry being replaced held. */
+function releaseEntry(img: Qcow2Image, entry: L2Entry, table: Buffer, index: number): void {
+  if (entry.kind === ClusterKind.Compressed) {
+    const r = compressedClusters(readCompressed(table, index, img.clusterBits), img.clusterSize);
+    img.free(r.first, r.count);
+  } else if (entry.offset !== 0 && (entry.kind === ClusterKind.Normal || entry.kind === ClusterKind.Zero)) {
+    img.free(entry.offset / img.clusterSize, 1);
+  }
+}
+
+export async function writeRange(img: Qcow2Image, offset: number, data: Buffer): Promise<void> {
+  const cs = img.clusterSize;
+  const end = offset + data.length;
+  const inPlace: Array<{ host: number; src: number; len: number }> = [];
+  const release = await img.mutex.lock();
+  let done: (() => void) | null = null;
+  try {
+    img.checkWritable();
+    for (let pos = offset; pos < end; ) {
+      const cluster = Math.floor(pos / cs);
+      const l1i = Math.floor(cluster / img.l2Entries);
+      const first = await entryAt(img, cluster);
+      if (first.entry.kind === ClusterKind.Normal && first.entry.copied) {
+        checkDataOffset(img, first.entry, cluster);
+        const inOff = pos - cluster * cs;
+        const len = Math.min(cs - inOff, end - pos);
+        const host = first.entry.offset + inOff;
+        const last = inPlace[inPlace.length - 1];
+        if (last && last.host + last.len === host && last.src + last.len === pos - offset) last.len += len;
+        else inPlace.push({ host, src: pos - offset, len });
+        pos += len;
+        continue;
+      }
+      // a run of clusters needing allocation, within one L2 table
+      const tableEnd = (l1i + 1) * img.l2Entries;
+      let n = 1;
+      while (cluster + n < tableEnd && (cluster + n) * cs < end) {
+        const e = first.table ? readL2(first.table, (cluster + n) % img.l2Entries, img.v3) : UNALLOCATED;
+        if (e.kind === ClusterKind.Normal && e.copied) break;
+        n++;
+      }
+      const runEnd = Math.min(end, (cluster + n) * cs);
+      const head = pos - cluster * cs;
+      const tailStart = runEnd - (cluster + n - 1) * cs; // bytes of the last cluster covered
+      let buf: Buffer;
+      if (head === 0 && tailStart === cs) {
+        buf = data.subarray(pos - offset, runEnd - offset);
+      } else {
+        buf = Buffer.allocUnsafe(n * cs);
+        if (head > 0) {
+          const old = await oldContent(img, cluster, first.entry, first.table, first.index);
+          old.copy(buf, 0, 0, head);
+          if (n === 1 && tailStart < cs) old.copy(buf, tailStart, tailStart, cs);
+        }
+        if (tailStart < cs && !(n === 1 && head > 0)) {
+          const lc = cluster + n - 1;
+          const le = first.table ? readL2(first.table, lc % img.l2Entries, img.v3) : UNALLOCATED;
+          const old = await oldContent(img, lc, le, first.table, lc % img.l2Entries);
+          old.copy(buf, (n - 1) * cs + tailStart, tailStart, cs);
+        }
+        data.copy(buf, head, pos - offset, runEnd - offset);
+      }
+      // QEMU's order: the L2 table first, then the data clusters
+      const table = await img.getL2ForWrite(l1i);
+      const host = await img.allocData(n);
+      await img.file.write(host, buf);
+      for (let k = 0; k < n; k++) {
+        const idx = (cluster + k) % img.l2Entries;
+        const old = readL2(table, idx, img.v3);
+        releaseEntry(img, old, table, idx);
+        writeL2Normal(table, idx, host + k * cs);
+      }
+      pos = runEnd;
+    }
+    await img.maybeWriteback();
+    done = img.beginData();
+  } finally {
+    release();
+  }
+  try {
+    for (const w of inPlace) await img.file.write(w.host, data.subarray(w.src, w.src + w.len));
+  } finally {
+    done?.();
+  }
+}
+
+/**
+ * Write zeroes (v3): whole clusters become zero clusters (their host clusters are freed),
+ * partial clusters are written with zero bytes unless they already read as zeroes.
+ */
+export async function zeroRange(img: Qcow2Image, offset: number, length: number): Promise<void> {
+  const cs = img.clusterSize;
+  const end = offset + length;
+  const firstFull = Math.ceil(offset / cs) * cs;
+  const lastFull = Math.floor(end / cs) * cs;
+  if (firstFull >= lastFull) {
+    await zeroPartial(img, offset, length);
+    return;
+  }
+  if (offset < firstFull) await zeroPartial(img, offset, firstFull - offset);
+  await img.mutex.run(async () => {
+    img.checkWritable();
+    for (let c = firstFull / cs; c < lastFull / cs; c++) {
+      const l1i = Math.floor(c / img.l2Entries);
+      if (img.l1[l1i] === 0 && !backingCovers(img, c)) {
+        c = (l1i + 1) * img.l2Entries - 1; // a whole unallocated table that reads as zeroes
+        continue;
+      }
+      const { entry } = await entryAt(img, c);
+      if (entry.kind === ClusterKind.Zero && entry.offset === 0) continue;
+      if (entry.kind === ClusterKind.Unallocated && !backingCovers(img, c)) continue;
+      const table = await img.getL2ForWrite(l1i);
+      const idx = c % img.l2Entries;
+      releaseEntry(img, readL2(table, idx, img.v3), table, idx);
+      writeL2Zero(table, idx);
+    }
+    await img.maybeWriteback();
+  });
+  if (end > lastFull) await zeroPartial(img, lastFull, end - lastFull);
+}
+
+function backingCovers(img: Qcow2Image, cluster: number): boolean {
+  return img.backing !== null && cluster * img.clusterSize < img.backing.length();
+}
+
+async function zeroPartial(img: Qcow2Image, offset: number, length: number): Promise<void> {
+  const cluster = Math.floor(offset / img.clusterSize);
+  const skip = await img.mutex.run(async () => {
+    const { entry } = await entryAt(img, cluster);
+    return entry.kind === ClusterKind.Zero || (entry.kind === ClusterKind.Unallocated && !backingCovers(img, cluster));
+  });
+  if (!skip) await writeRange(img, offset, Buffer.alloc(length));
+}
+
+/**
+ * Discard whole clusters. A guest discard (full=false) leaves v3 clusters reading as
+ * zeroes where the backing file or data would otherwise show (QEMU); full=true (make_empty's
+ * slow path) makes them unallocated. Partial clusters are left alone (discard is advisory).
+ */
+export async function discardRange(img: Qcow2Image, offset: number, length: number, full: boolean): Promise<void> {
+  const cs = img.clusterSize;
+  const first = Math.ceil(offset / cs);
+  const last = Math.floor((offset + length) / cs);
+  if (first >= last) return;
+  await img.mutex.run(async () => {
+    img.checkWritable();
+    for (let c = first; c < last; c++) {
+      const l1i = Math.floor(c / img.l2Entries);
+      if (img.l1[l1i] === 0) {
+        if (full || !img.v3 || !backingCovers(img, c)) {
+          c = (l1i + 1) * img.l2Entries - 1;
+          continue;
+        }
+      }
+      const { entry } = await entryAt(img, c);
+      const allocated = entry.kind !== ClusterKind.Unallocated;
+      let zero = false;
+      if (!full && img.v3 && (allocated || backingCovers(img, c))) zero = true;
+      if (zero && entry.kind === ClusterKind.Zero && entry.offset === 0) continue;
+      if (!zero && entry.kind === ClusterKind.Unallocated) continue;
+      const table = await img.getL2ForWrite(l1i);
+      const idx = c % img.l2Entries;
+      releaseEntry(img, readL2(table, idx, img.v3), table, idx);
+      if (zero) writeL2Zero(table, idx);
+      else writeL2Unallocated(table, idx);
+    }
+    await img.maybeWriteback();
+  });
+}
+
+/** This layer's status at `offset`, extended over clusters with the same answer. */
+export async function blockStatusAt(img: Qcow2Image, offset: number, length: number, file: BlockNode | null): Promise<BlockStatus> {
+  const cs = img.clusterSize;
+  return img.mutex.run(async () => {
+    const c0 = Math.floor(offset / cs);
+    const first = await entryAt(img, c0);
+    const kind = first.entry.kind;
+    if (kind === ClusterKind.Normal) checkDataOffset(img, first.entry, c0);
+    const inOff = offset - c0 * cs;
+    let len = Math.min(cs - inOff, length);
+    let c = c0 + 1;
+    let expectHost = first.entry.offset + cs;
+    while (len < length) {
+      const l1i = Math.floor(c / img.l2Entries);
+      let e: L2Entry;
+      if (img.l1[l1i] === 0) {
+        if (kind !== ClusterKind.Unallocated) break;
+        // skip a whole unallocated L2 range at once
+        const n = (l1i + 1) * img.l2Entries - c;
+        len = Math.min(length, len + n * cs);
+        c += n;
+        continue;
+      }
+      e = (await entryAt(img, c)).entry;
+      if (e.kind !== kind) break;
+      if (kind === ClusterKind.Normal && e.offset !== expectHost) break;
+      expectHost += cs;
+      len = Math.min(length, len + cs);
+      c++;
+    }
+    await img.maybeWriteback();
+    switch (kind) {
+      case ClusterKind.Normal: {
+        const s: BlockStatus = { length: len, allocated: true, zero: false, data: true, hostOffset: first.entry.offset + inOff };
+        if (file) s.file = file;
+        return s;
+      }
+      case ClusterKind.Compressed:
+        return { length: len, allocated: true, zero: false, data: true };
+      case ClusterKind.Zero:
+        return { length: len, allocated: true, zero: true, data: false };
+      default: {
+        const zero = !img.backing || offset >= img.backing.length();
+        return { length: len, allocated: false, zero, data: false };
+      }
+    }
+  });
+}
