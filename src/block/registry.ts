@@ -6,10 +6,23 @@ import { fileDriver } from './drivers/file.js';
 import { memoryDriver } from './drivers/memory.js';
 import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
+import { copyBeforeWriteDriver } from './filters/copy-before-write.js';
+import { blkdebugDriver } from './filters/blkdebug.js';
+import { commitTopDriver, mirrorTopDriver } from './filters/job-top.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 
 export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
-  const all: BlockDriver[] = [fileDriver, memoryDriver, nullDriver, rawDriver, ...extra];
+  const all: BlockDriver[] = [
+    fileDriver,
+    memoryDriver,
+    nullDriver,
+    rawDriver,
+    copyBeforeWriteDriver,
+    blkdebugDriver,
+    mirrorTopDriver,
+    commitTopDriver,
+    ...extra,
+  ];
   return new Map(all.map((d) => [d.name, d]));
 }
