@@ -9,6 +9,9 @@ import { rawDriver } from './drivers/raw.js';
 import { quorumDriver } from './drivers/quorum.js';
 import { replicationDriver } from '../replication/filter.js';
 import { qcow2Driver } from './drivers/qcow2/index.js';
+import { copyBeforeWriteDriver } from './filters/copy-before-write.js';
+import { blkdebugDriver } from './filters/blkdebug.js';
+import { commitTopDriver, mirrorTopDriver } from './filters/job-top.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 
@@ -21,6 +24,10 @@ export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
     qcow2Driver,
     quorumDriver,
     replicationDriver,
+    copyBeforeWriteDriver,
+    blkdebugDriver,
+    mirrorTopDriver,
+    commitTopDriver,
     ...extra,
   ];
   return new Map(all.map((d) => [d.name, d]));

@@ -1,0 +1,332 @@
+// The copy engine shared by backup, mirror and commit: copies the ranges whose bit is set in
+// a bitmap from `source` to `target` at the same offsets, with bounded workers, the job's
+// speed limit and its error policy.
+//
+// Two modes:
+// - 'snapshot' (backup, copy-before-write): a set bit means "old data not copied yet". The
+//   bit is cleared after the copy landed, so a writer that finds the bit set (or the
+//   cluster in flight) waits for the copy before it overwrites the source. Zero content is
+//   written as allocated zeroes (write-zeroes without may-unmap) so that it shadows what
+//   lies below the target.
+// - 'sync' (mirror, commit): a set bit means "dirty, copy again". The bit is cleared before
+//   the source is read, so a write that lands during the copy sets it again (its filter
+//   marks dirty after the write completes) and the range is copied once more. Zero runs
+//   (by the source's block status) become write-zeroes that may unmap, skipped when the
+//   target already reads zeroes there.
+// Copies of overlapping clusters never run concurrently (the in-flight map), which keeps
+// the target's writes in order.
+
+import { BlockError } from '../errors.js';
+import type { BlockNode } from '../block/node.js';
+import type { Bitmap } from '../util/bitmap.js';
+import type { ErrorAction } from './job.js';
+
+export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
+/** Largest single copy request. */
+export const MAX_CHUNK = 4 * 1024 * 1024;
+export const DEFAULT_WORKERS = 4;
+
+/** A failed copy, with the side that failed (for on-source-error / on-target-error). */
+export class CopyFailure extends Error {
+  override name = 'CopyFailure';
+  constructor(
+    readonly error: BlockError,
+    readonly isRead: boolean,
+  ) {
+    super(error.message, { cause: error });
+  }
+}
+
+function asBlockError(e: unknown): BlockError {
+  return e instanceof BlockError ? e : BlockError.fromSystem(e);
+}
+
+const ZEROES = Buffer.alloc(64 * 1024);
+export function isZeroBuffer(b: Buffer): boolean {
+  for (let pos = 0; pos < b.length; pos += ZEROES.length) {
+    const n = Math.min(ZEROES.length, b.length - pos);
+    if (!b.subarray(pos, pos + n).equals(ZEROES.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+/** What the background loop needs from its job (Job implements it). */
+export interface CopyJobHooks {
+  readonly shouldStop: boolean;
+  pausePoint(beforePause?: () => Promise<void>): Promise<void>;
+  rateLimit(bytes: number): Promise<void>;
+  errorAction(err: BlockError, isRead: boolean): ErrorAction;
+  progressAdd(bytes: number): void;
+  progressSetRemaining(bytes: number): void;
+}
+
+export interface BlockCopyOptions {
+  source: BlockNode;
+  target: BlockNode;
+  bitmap: Bitmap;
+  mode: 'snapshot' | 'sync';
+  /**
+   * snapshot mode: after a copy lands in the target, wait for the target's overlapping
+   * in-flight requests (readers that may have looked below the target before the copy
+   * landed) before the source may change. Needed when the source is in the target's
+   * backing chain (fleecing, replication's hidden disk).
+   */
+  fleecing?: boolean;
+  workers?: number;
+}
+
+export type IdleDecision = 'continue' | 'stop';
+
+export class BlockCopy {
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly bitmap: Bitmap;
+  readonly mode: 'snapshot' | 'sync';
+  private readonly fleecing: boolean;
+  workers: number;
+  /** bit index -> the copy in flight for it */
+  private readonly inflight = new Map<number, Promise<void>>();
+  private inflightBytes = 0;
+  /** bytes copied so far (both the background loop and copy-before-write) */
+  copiedBytes = 0;
+  /** called after each successful copy with its length */
+  onCopied: ((bytes: number) => void) | null = null;
+
+  constructor(opts: BlockCopyOptions) {
+    this.source = opts.source;
+    this.target = opts.target;
+    this.bitmap = opts.bitmap;
+    this.mode = opts.mode;
+    this.fleecing = opts.fleecing ?? false;
+    this.workers = opts.workers ?? DEFAULT_WORKERS;
+  }
+
+  get clusterSize(): number {
+    return this.bitmap.granularity;
+  }
+
+  get inFlight(): number {
+    return this.inflight.size;
+  }
+
+  /** Bytes still to copy: set bits plus copies in flight. */
+  get remainingBytes(): number {
+    return this.bitmap.dirtyBytes + this.inflightBytes;
+  }
+
+  /** Waits for every copy in flight (their failures are the copier's business). */
+  async drain(): Promise<void> {
+    while (this.inflight.size > 0) await Promise.allSettled([...new Set(this.inflight.values())]);
+  }
+
+  // ---- copy-before-write -------------------------------------------------------------------
+
+  /**
+   * Snapshot mode: makes sure every cluster overlapping [offset, offset+length) holds its
+   * old content in the target. Copies the clusters whose bit is set, waits for copies of
+   * them already in flight, and throws the copy's BlockError when it fails (the caller
+   * then fails the incoming write and leaves the source unchanged).
+   */
+  async copyBeforeWrite(offset: number, length: number): Promise<void> {
+    const [first, end] = this.bitmap.bitSpan(offset, length);
+    for (;;) {
+      const others: Promise<void>[] = [];
+      const mine: Promise<void>[] = [];
+      for (let i = first; i < end; ) {
+        const p = this.inflight.get(i);
+        if (p) {
+          others.push(p);
+          i++;
+          continue;
+        }
+        if (!this.bitmap.get(i)) {
+          i++;
+          continue;
+        }
+        let j = i + 1;
+        const maxBits = Math.max(1, Math.floor(MAX_CHUNK / this.clusterSize));
+        while (j < end && j - i < maxBits && this.bitmap.get(j) && !this.inflight.has(j)) j++;
+        mine.push(this.copyBits(i, j));
+        i = j;
+      }
+      if (others.length === 0 && mine.length === 0) return;
+      const results = await Promise.allSettled([...mine]);
+      await Promise.allSettled(others);
+      for (const r of results) {
+        if (r.status === 'rejected') throw r.reason instanceof CopyFailure ? r.reason.error : asBlockError(r.reason);
+      }
+      // A copy someone else started may have failed: its bits are still set; look again.
+    }
+  }
+
+  // ---- one copy -----------------------------------------------------------------------------
+
+  /** Copies bits [first, end) now; registers them in flight synchronously. */
+  copyBits(first: number, end: number): Promise<void> {
+    const { offset, length } = this.bitmap.byteRange(first, end);
+    if (this.mode === 'sync') this.bitmap.setBits(first, end, false);
+    this.inflightBytes += length;
+    const run = async (): Promise<void> => {
+      try {
+        if (this.mode === 'snapshot') await this.copySnapshot(offset, length);
+        else await this.copySync(offset, length);
+      } catch (e) {
+        // sync mode: the range is still dirty
+        if (this.mode === 'sync') this.bitmap.setBits(first, end, true);
+        throw e;
+      } finally {
+        this.inflightBytes -= length;
+      }
+      if (this.mode === 'snapshot') this.bitmap.setBits(first, end, false);
+      this.copiedBytes += length;
+      this.onCopied?.(length);
+    };
+    const p: Promise<void> = run().finally(() => {
+      for (let i = first; i < end; i++) if (this.inflight.get(i) === p) this.inflight.delete(i);
+    });
+    for (let i = first; i < end; i++) this.inflight.set(i, p);
+    return p;
+  }
+
+  private async readSource(offset: number, length: number): Promise<Buffer> {
+    try {
+      return await this.source.read(offset, length);
+    } catch (e) {
+      throw new CopyFailure(asBlockError(e), true);
+    }
+  }
+
+  private async targetOp(op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+    } catch (e) {
+      throw new CopyFailure(asBlockError(e), false);
+    }
+  }
+
+  private async copySnapshot(offset: number, length: number): Promise<void> {
+    const data = await this.readSource(offset, length);
+    // Zeroes are still copied, as allocated zeroes: they must shadow what is below.
+    if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(offset, length));
+    else await this.targetOp(() => this.target.write(offset, data));
+    if (this.fleecing) {
+      const r = await this.target.tracker.begin(offset, length, true);
+      this.target.tracker.end(r);
+    }
+  }
+
+  private async zeroStatus(node: BlockNode, offset: number, length: number): Promise<{ zero: boolean; length: number }> {
+    if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
+    const s = await node.blockStatus(offset, length);
+    // An unallocated range of a node with a backing file reads what the backing holds.
+    const zero = s.zero && (s.allocated || node.backing === null);
+    return { zero, length: Math.min(s.length, length) };
+  }
+
+  private async copySync(offset: number, length: number): Promise<void> {
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      let st: { zero: boolean; length: number };
+      try {
+        st = await this.zeroStatus(this.source, pos, end - pos);
+      } catch (e) {
+        throw new CopyFailure(asBlockError(e), true);
+      }
+      const n = st.length;
+      if (st.zero) {
+        let targetZero = false;
+        try {
+          const t = await this.zeroStatus(this.target, pos, n);
+          targetZero = t.zero && t.length >= n;
+        } catch {
+          targetZero = false; // unknown: write the zeroes
+        }
+        if (!targetZero) await this.targetOp(() => this.target.writeZeroes(pos, n, { mayUnmap: true }));
+      } else {
+        const data = await this.readSource(pos, n);
+        await this.targetOp(() => this.target.write(pos, data));
+      }
+      pos += n;
+    }
+  }
+
+  // ---- the background loop ------------------------------------------------------------------
+
+  /**
+   * Copies every set bit with at most `workers` copies in flight, under the job's pause
+   * points, speed limit and error policy. When nothing is left (no set bit, nothing in
+   * flight) it asks `onIdle` whether to stop or wait for more (mirror after READY).
+   * Returns normally when done or cancelled; throws the BlockError of a copy whose error
+   * policy says 'report'.
+   */
+  async run(job: CopyJobHooks, onIdle: () => Promise<IdleDecision>): Promise<void> {
+    const active = new Set<Promise<void>>();
+    let fatal: BlockError | null = null;
+    let scanFrom = 0;
+    const waitAll = async (): Promise<void> => {
+      await Promise.allSettled([...active]);
+    };
+    const maxBits = Math.max(1, Math.floor(MAX_CHUNK / this.clusterSize));
+    try {
+      for (;;) {
+        if (fatal) throw fatal;
+        await job.pausePoint(waitAll);
+        if (job.shouldStop) break;
+        if (fatal) throw fatal;
+        let i = this.bitmap.nextSet(scanFrom);
+        while (i !== -1 && this.inflight.has(i)) i = this.bitmap.nextSet(i + 1);
+        if (i === -1) {
+          if (scanFrom > 0) {
+            scanFrom = 0;
+            continue;
+          }
+          if (active.size > 0) {
+            await Promise.race(active);
+            continue;
+          }
+          if (this.inflight.size > 0) {
+            // copies started by copy-before-write
+            await Promise.allSettled([...new Set(this.inflight.values())]);
+            continue;
+          }
+          job.progressSetRemaining(this.remainingBytes);
+          if ((await onIdle()) === 'stop') break;
+          continue;
+        }
+        let j = i + 1;
+        while (j < this.bitmap.bits && j - i < maxBits && this.bitmap.get(j) && !this.inflight.has(j)) j++;
+        const { length } = this.bitmap.byteRange(i, j);
+        await job.rateLimit(length);
+        if (job.shouldStop) break;
+        // the bits may have changed while we slept
+        if (!this.bitmap.get(i) || this.inflight.has(i)) continue;
+        for (let k = i + 1; k < j; k++) {
+          if (!this.bitmap.get(k) || this.inflight.has(k)) {
+            j = k;
+            break;
+          }
+        }
+        const p = this.copyBits(i, j).then(
+          () => {
+            job.progressAdd(this.bitmap.byteRange(i, j).length);
+            job.progressSetRemaining(this.remainingBytes);
+          },
+          (e: unknown) => {
+            const f = e instanceof CopyFailure ? e : new CopyFailure(asBlockError(e), false);
+            // snapshot mode keeps the bits set on failure; sync mode set them again
+            const action = job.errorAction(f.error, f.isRead);
+            if (action === 'report' && !fatal) fatal = f.error;
+          },
+        );
+        const tracked: Promise<void> = p.finally(() => active.delete(tracked));
+        active.add(tracked);
+        scanFrom = j;
+        job.progressSetRemaining(this.remainingBytes);
+        while (active.size >= this.workers) await Promise.race(active);
+      }
+    } finally {
+      await waitAll();
+    }
+    if (fatal) throw fatal;
+  }
+}

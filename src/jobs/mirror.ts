@@ -1,0 +1,244 @@
+// The mirror job, and the engine of active commit (in QEMU active commit is a mirror too).
+//
+// A filter (mirror_top / commit_top) goes above the source and marks every write dirty in
+// the job's bitmap; the copy engine ('sync' mode) copies dirty ranges from the source to the
+// target until nothing is dirty, then the job is READY and keeps copying new writes.
+//   complete  - the job converges once more with the source's writers held, then pivots:
+//               every parent of the source (through the filter) points at the target
+//   cancel    - before READY, or with force: the job ends cancelled, the graph as it was;
+//               after READY without force: the job converges with writers held and ends
+//               successfully without pivoting (the target equals the source at that moment)
+// Initial dirty ranges: sync=full everything, sync=top what the source's own layer has
+// allocated, sync=none nothing; active commit: what any layer above the base allocated.
+// Zero runs are written as write-zeroes that may unmap, skipped where the target already
+// reads zeroes.
+
+import { InvalidArgumentError, StateError } from '../errors.js';
+import type { BlockNode } from '../block/node.js';
+import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
+import { Bitmap } from '../util/bitmap.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from './block-copy.js';
+import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
+import { checkOnError, insertFilterAbove } from './backup.js';
+
+export type MirrorSync = 'full' | 'top' | 'none';
+
+export interface MirrorOptions extends JobOptions {
+  source: BlockNode;
+  target: BlockNode;
+  sync: MirrorSync;
+  /** only 'existing' (the target node is given); QEMU's default 'absolute-paths' creates an image */
+  mode?: 'existing' | 'absolute-paths';
+  /** dirty bitmap granularity: a power of two in [512, 64 MiB]; default 64 KiB */
+  granularity?: number;
+  /** complete by itself once converged (replication's failover commit) */
+  autoComplete?: boolean;
+}
+
+/** How the initial dirty ranges are found and what the pivot does; set by mirror and commit. */
+interface MirrorFlavour {
+  type: JobType;
+  filterDriver: 'mirror_top' | 'commit_top';
+  markInitial(job: MirrorJob): Promise<void>;
+}
+
+export class MirrorJob extends Job {
+  readonly type: JobType;
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly bitmap: Bitmap;
+  readonly copy: BlockCopy;
+  readonly autoComplete: boolean;
+  filter!: BlockNode;
+  private top!: JobTopState;
+  private filterInserted = false;
+  private pivoted = false;
+  private readyReached = false;
+  private shouldComplete = false;
+  private releaseHold: (() => void) | null = null;
+  /** restore target read-only on failure (commit reopens a read-only base) */
+  restoreTargetReadOnly = false;
+
+  constructor(
+    mgr: JobManager,
+    opts: MirrorOptions,
+    private readonly flavour: MirrorFlavour,
+  ) {
+    super(mgr, opts, opts.source);
+    this.type = flavour.type;
+    this.source = opts.source;
+    this.target = opts.target;
+    this.autoComplete = opts.autoComplete ?? false;
+    this.bitmap = new Bitmap(opts.source.getLength(), opts.granularity ?? DEFAULT_CLUSTER_SIZE);
+    this.copy = new BlockCopy({ source: opts.source, target: opts.target, bitmap: this.bitmap, mode: 'sync' });
+  }
+
+  override get shouldStop(): boolean {
+    return this.isCancelled;
+  }
+
+  protected override get completable(): boolean {
+    return true;
+  }
+
+  protected override cancelIsForced(force: boolean): boolean {
+    return force || !this.isReady;
+  }
+
+  protected override doComplete(): void {
+    this.shouldComplete = true;
+  }
+
+  async start(): Promise<void> {
+    if (!this.internal) {
+      this.source.checkNotBlocked();
+      this.target.checkNotBlocked();
+    }
+    const graph = this.graph;
+    this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
+    try {
+      this.top = getJobTop(this.filter);
+      insertFilterAbove(this.filter, this.source);
+      this.filterInserted = true;
+    } catch (e) {
+      graph.collect(this.filter);
+      await graph.settle();
+      throw e;
+    }
+    this.top.bitmap = this.bitmap;
+    this.top.onDirty = () => this.kick();
+    if (!this.internal) {
+      this.block(this.source);
+      this.block(this.target);
+    }
+    this.created();
+    this.startRunning();
+  }
+
+  protected async run(): Promise<void> {
+    await this.flavour.markInitial(this);
+    this.progressSetRemaining(this.copy.remainingBytes);
+    await this.copy.run(this, () => this.onIdle());
+  }
+
+  private async onIdle(): Promise<IdleDecision> {
+    if (!this.readyReached) {
+      this.readyReached = true;
+      this.transitionToReady();
+    }
+    if (this.shouldComplete || this.autoComplete || this.cancelRequested) {
+      // Hold the source's writers: whatever they wrote is dirty once they drained.
+      const release = await this.filter.tracker.hold();
+      if (this.bitmap.count === 0 && this.copy.inFlight === 0) {
+        try {
+          await this.target.flush();
+        } catch (e) {
+          release();
+          throw e;
+        }
+        this.releaseHold = release;
+        return 'stop';
+      }
+      release();
+      return 'continue';
+    }
+    await this.sleep(Infinity);
+    return 'continue';
+  }
+
+  /** Marks [offset, offset+length) of every allocated run of `node`'s own layer dirty. */
+  async markAllocated(node: BlockNode): Promise<void> {
+    const len = Math.min(node.getLength(), this.bitmap.size);
+    for (let pos = 0; pos < len; ) {
+      const s = await node.blockStatus(pos, len - pos);
+      if (s.allocated) this.bitmap.setRange(pos, s.length);
+      pos += s.length;
+    }
+  }
+
+  protected override prepare(): void {
+    const pivot = (this.shouldComplete || this.autoComplete) && !this.cancelRequested;
+    if (!pivot) return;
+    // Validated first by replaceNode: a failure leaves the graph unchanged.
+    this.graph.replaceNode(this.filter, this.target);
+    this.pivoted = true;
+    this.filterInserted = false;
+    this.top.redirect = this.target;
+  }
+
+  protected override async clean(): Promise<void> {
+    this.top.bitmap = null;
+    this.top.onDirty = null;
+    if (this.filterInserted) {
+      this.filterInserted = false;
+      this.graph.dropFilter(this.filter);
+    }
+    if (!this.pivoted && this.restoreTargetReadOnly) {
+      await this.target.setReadOnly(true).catch(() => {});
+    }
+    const r = this.releaseHold;
+    this.releaseHold = null;
+    r?.();
+    await this.graph.settle();
+  }
+}
+
+export function checkGranularity(g: number | undefined): void {
+  if (g === undefined) return;
+  if (!Number.isSafeInteger(g) || g < 512 || g > 64 * 1024 * 1024) {
+    throw new InvalidArgumentError(`Parameter 'granularity' expects a value in range [512B, 64MB]`);
+  }
+  if ((g & (g - 1)) !== 0) throw new InvalidArgumentError('Granularity must be a power of 2');
+}
+
+/**
+ * Starts a mirror from `source` to the existing `target` node (any node: a file, qcow2,
+ * an NBD client). Resolves once the filter is in the graph and the job runs.
+ */
+export async function startMirror(mgr: JobManager, opts: MirrorOptions): Promise<MirrorJob> {
+  if (!['full', 'top', 'none'].includes(opts.sync)) throw new InvalidArgumentError(`Parameter 'sync' does not accept value '${String(opts.sync)}'`);
+  if (opts.mode !== undefined && opts.mode !== 'existing') {
+    throw new InvalidArgumentError(`mirror mode '${opts.mode}' is not supported: create the target and use mode=existing`);
+  }
+  checkOnError('on-source-error', opts.onSourceError);
+  checkOnError('on-target-error', opts.onTargetError);
+  checkGranularity(opts.granularity);
+  if (opts.source === opts.target) throw new InvalidArgumentError(`Can't mirror node into itself`);
+  if (opts.target.readOnly) throw new InvalidArgumentError(`Node '${opts.target.name}' is read-only`);
+  if (opts.source.graph.reaches(opts.target, opts.source)) throw new StateError(`Making '${opts.target.name}' the mirror target of '${opts.source.name}' would create a cycle`);
+  if (opts.target.getLength() < opts.source.getLength()) {
+    throw new InvalidArgumentError(
+      `Source and target image have different sizes (${opts.source.getLength()} and ${opts.target.getLength()} bytes)`,
+    );
+  }
+  const sync = opts.sync;
+  const job = new MirrorJob(mgr, opts, {
+    type: 'mirror',
+    filterDriver: 'mirror_top',
+    async markInitial(j) {
+      if (sync === 'full') j.bitmap.setAll();
+      else if (sync === 'top') await j.markAllocated(j.source);
+    },
+  });
+  await job.start();
+  return job;
+}
+
+/** Active commit: a mirror from `top` (the active layer) into `base` below it. */
+export async function startActiveCommit(
+  mgr: JobManager,
+  opts: JobOptions & { top: BlockNode; base: BlockNode; layers: BlockNode[]; autoComplete?: boolean; restoreBaseReadOnly: boolean },
+): Promise<MirrorJob> {
+  const layers = opts.layers;
+  const mopts: MirrorOptions = { ...opts, source: opts.top, target: opts.base, sync: 'none' };
+  const job = new MirrorJob(mgr, mopts, {
+    type: 'commit',
+    filterDriver: 'commit_top',
+    async markInitial(j) {
+      for (const l of layers) await j.markAllocated(l);
+    },
+  });
+  job.restoreTargetReadOnly = opts.restoreBaseReadOnly;
+  await job.start();
+  return job;
+}
