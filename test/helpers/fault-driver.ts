@@ -20,7 +20,15 @@ export const faultDriver: BlockDriver = {
     const control: FaultControl = { failWrites: null, failReads: null, writes: 0 };
     const impl: NodeImpl & { control: FaultControl } = {
       control,
-      caps: makeCaps({ filter: true, writeZeroes: true, discard: true, requestAlignment: file.caps.requestAlignment }),
+      caps: makeCaps({
+        filter: true,
+        writeZeroes: true,
+        discard: true,
+        truncate: file.caps.truncate,
+        requestAlignment: file.caps.requestAlignment,
+        growable: file.caps.growable ?? false,
+      }),
+      truncate: (length) => file.truncate(length),
       get filename() {
         return file.filename;
       },

@@ -64,9 +64,7 @@ async function secondary(
     },
   });
   const top = graph.createBackend(repl, { name: `${p}-top` });
-  t.after(() => {
-    void graph.closeAll();
-  });
+  t.after(() => graph.closeAll());
   return {
     graph,
     dir,
@@ -190,7 +188,7 @@ test('a primary write into a never-written area makes the secondary read zeroes 
 
 // ---- 6.6 item 6: sticky primary errors ------------------------------------------------------
 
-async function primary(t: { after(fn: () => void): void }): Promise<{ graph: BlockGraph; top: Backend; reg: ReplicationRegistry; fault: ReturnType<typeof faultControl>; dir: string }> {
+async function primary(t: { after(fn: () => unknown): void }): Promise<{ graph: BlockGraph; top: Backend; reg: ReplicationRegistry; fault: ReturnType<typeof faultControl>; dir: string }> {
   const dir = tempDir(t);
   const file = join(dir, 'forward.qcow2');
   await createQcow2(file, { size: SIZE });
@@ -202,9 +200,7 @@ async function primary(t: { after(fn: () => void): void }): Promise<{ graph: Blo
     file: { driver: 'test-fault', 'node-name': 'p-fault', file: { driver: 'qcow2', file: { driver: 'file', filename: file } } },
   });
   const top = graph.createBackend(node, { name: 'p-top' });
-  t.after(() => {
-    void graph.closeAll();
-  });
+  t.after(() => graph.closeAll());
   return { graph, top, reg: replicationRegistry(graph), fault: faultControl(graph.getNode('p-fault')), dir };
 }
 
@@ -368,9 +364,7 @@ test('decision 7: stop_all and get_error_all visit every node', async (t) => {
 test('secondary start preconditions give QEMU messages and leave nothing behind', async (t) => {
   const dir = tempDir(t);
   const graph = new BlockGraph(createRegistry([faultDriver]));
-  t.after(() => {
-    void graph.closeAll();
-  });
+  t.after(() => graph.closeAll());
   const img = async (name: string, size = SIZE) => {
     await createQcow2(join(dir, name), { size });
     return { driver: 'file', filename: join(dir, name) };
@@ -440,9 +434,7 @@ test('decision 4: a local disk write error on the primary fails the guest write'
   await createQcow2(join(dir, 'local.qcow2'), { size: SIZE });
   await createQcow2(join(dir, 'forward.qcow2'), { size: SIZE });
   const graph = new BlockGraph(createRegistry([faultDriver]));
-  t.after(() => {
-    void graph.closeAll();
-  });
+  t.after(() => graph.closeAll());
   const local = await graph.open({
     driver: 'test-fault',
     'node-name': 'local-fault',
@@ -548,7 +540,6 @@ test('decision 10: a discard on the primary quorum zeroes both the local disk an
   const localFile = join(p.dir, 'local.qcow2');
   await createQcow2(localFile, { size: SIZE });
   await p.graph.open({ driver: 'qcow2', 'node-name': 'local', file: { driver: 'file', filename: localFile } });
-  p.graph.releaseBackend(p.top);
   const quorum = await p.graph.open({ driver: 'quorum', 'read-pattern': 'fifo', 'vote-threshold': 1, children: ['local', 'p-repl'] });
   const guest = p.graph.createBackend(quorum, { name: 'guest' });
   await replicationRegistry(p.graph).startAll('primary');

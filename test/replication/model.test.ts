@@ -85,7 +85,7 @@ function describeDiff(a: Buffer, b: Buffer): string {
   return `first difference at byte ${at}: got 0x${a[at]?.toString(16)}, model 0x${b[at]?.toString(16)}`;
 }
 
-async function runSequence(seed: number, dir: string, run: number): Promise<void> {
+export async function runSequence(seed: number, dir: string, run: number): Promise<void> {
   const rand = rng(seed);
   const int = (n: number) => Math.floor(rand() * n);
   const p = await makePair(dir, run);
@@ -95,10 +95,20 @@ async function runSequence(seed: number, dir: string, run: number): Promise<void
   let stopped = false;
   const log: string[] = [];
   const check = async (what: string): Promise<void> => {
+    const trace = (m: string) => process.env.LOCKSTEP_MODEL_TRACE && console.error(`  ${what}: ${m}`);
+    trace(`read primary; nodes ${[...p.secondaryGraph.nodes.keys()].join(' ')}`);
     const pv = await p.guest.read(0, SIZE);
+    trace('read secondary');
+    const dump = process.env.LOCKSTEP_MODEL_TRACE
+      ? setTimeout(() => {
+          for (const n of p.secondaryGraph.nodes.values()) console.error(`    ${n.name} ${n.driver.name} inflight=${n.tracker.inFlight} held=${n.tracker.held}`);
+        }, 1000)
+      : null;
     if (!pv.equals(primaryDisk)) throw new Error(`${what}: primary view: ${describeDiff(pv, primaryDisk)}`);
     const sv = await p.top.read(0, SIZE);
+    if (dump) clearTimeout(dump);
     if (!sv.equals(secondaryView)) throw new Error(`${what}: secondary view: ${describeDiff(sv, secondaryView)}`);
+    trace('read disk');
     if (!failedOver && !stopped) {
       const sd = await p.secondaryDisk.read(0, SIZE);
       if (!sd.equals(primaryDisk)) throw new Error(`${what}: secondary disk: ${describeDiff(sd, primaryDisk)}`);
@@ -118,6 +128,7 @@ async function runSequence(seed: number, dir: string, run: number): Promise<void
   try {
     for (let step = 0; step < STEPS; step++) {
       const r = rand();
+      if (process.env.LOCKSTEP_MODEL_TRACE) console.error(`seed ${seed} step ${step} r=${r.toFixed(3)}`);
       if (failedOver || stopped) {
         // after failover or stop the secondary carries on alone
         const ws = burst();
@@ -138,7 +149,7 @@ async function runSequence(seed: number, dir: string, run: number): Promise<void
         // both sides at once (different nodes, so their order does not matter)
         const pw = burst();
         const sw = burst();
-        log.push(`both`);
+        log.push(`both pvm ${pw.map((w) => `${w.offset}+${w.data.length}`).join(',')} svm ${sw.map((w) => `${w.offset}+${w.data.length}`).join(',')}`);
         await Promise.all([...pw.map((w) => p.guest.write(w.offset, w.data)), ...sw.map((w) => p.top.write(w.offset, w.data))]);
         for (const w of pw) w.data.copy(primaryDisk, w.offset);
         for (const w of sw) w.data.copy(secondaryView, w.offset);
@@ -160,9 +171,11 @@ async function runSequence(seed: number, dir: string, run: number): Promise<void
         primaryDisk.copy(secondaryView);
         stopped = true;
       }
+      if (process.env.LOCKSTEP_MODEL_TRACE) console.error(`seed ${seed} step ${step}: ${log[log.length - 1]}`);
       await check(`step ${step}`);
     }
   } catch (e) {
+    if (process.env.LOCKSTEP_MODEL_TRACE) console.error(e);
     throw new Error(`seed ${seed}: ${(e as Error).message}\nsteps: ${log.join(' | ')}`);
   } finally {
     await p.primaryGraph.closeAll();
