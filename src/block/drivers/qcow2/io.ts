@@ -103,7 +103,7 @@ export async function readRange(img: Qcow2Image, offset: number, length: number)
           checkDataOffset(img, entry, cluster);
           const host = entry.offset + inOff;
           const last = segs[segs.length - 1];
-          if (last?.kind === 'host' && last.host + last.len === host) last.len += len;
+          if (last?.kind === 'host' && last.host + last.len === host && last.dst + last.len === dst) last.len += len;
           else segs.push({ kind: 'host', host, dst, len });
           break;
         }
