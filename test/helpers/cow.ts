@@ -2,7 +2,7 @@
 // child, cluster-granular allocation, zero clusters and make_empty. It lets job tests build
 // backing chains without the qcow2 driver; the qcow2 variants of the tests use real files.
 // Options: size (default: the backing's length), backing (BlockdevRef or null),
-// cluster-size (default 65536).
+// cluster-size (default 65536), backing-read-delay-ms (a test knob, default 0).
 
 import { makeCaps, type BlockDriver, type BlockStatus, type NodeImpl } from '../../src/block/driver.js';
 import type { BlockNode } from '../../src/block/node.js';
@@ -18,6 +18,8 @@ export const cowDriver: BlockDriver = {
     const sizeOpt = o.size('size');
     const cluster = o.uint('cluster-size') ?? 65536;
     const backingOpt = o.raw('backing');
+    // test knob: wait this long before reading the backing file (widens race windows)
+    const delayMs = o.uint('backing-read-delay-ms') ?? 0;
     o.done();
     const backing: BlockNode | null = await ctx.openChild('backing', backingOpt, { readOnly: true });
     let size = sizeOpt ?? backing?.getLength() ?? 0;
@@ -31,6 +33,7 @@ export const cowDriver: BlockDriver = {
       const out = Buffer.alloc(cluster);
       if (backing && off < backing.getLength()) {
         const m = Math.min(n, backing.getLength() - off);
+        if (delayMs > 0) await new Promise((r) => setTimeout(r, delayMs));
         (await backing.read(off, m)).copy(out);
       }
       return out;
