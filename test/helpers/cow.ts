@@ -21,11 +21,14 @@ export const cowDriver: BlockDriver = {
     // test knob: wait this long before reading the backing file (widens race windows)
     const delayMs = o.uint('backing-read-delay-ms') ?? 0;
     o.done();
-    const backing: BlockNode | null = await ctx.openChild('backing', backingOpt, { readOnly: true });
-    let size = sizeOpt ?? backing?.getLength() ?? 0;
+    const opened: BlockNode | null = await ctx.openChild('backing', backingOpt, { readOnly: true });
+    let size = sizeOpt ?? opened?.getLength() ?? 0;
+    // the backing edge can be re-pointed (intermediate commit): read it at request time
+    const node = ctx.node;
     /** cluster index -> data (a zero cluster is an all-zero buffer) */
     const map = new Map<number, Buffer>();
     const readCluster = async (idx: number): Promise<Buffer> => {
+      const backing = node.backing;
       const own = map.get(idx);
       if (own) return Buffer.from(own);
       const off = idx * cluster;
@@ -77,7 +80,7 @@ export const cowDriver: BlockDriver = {
         const first = Math.floor(offset / cluster);
         const alloc = map.has(first);
         const isZero = (b: Buffer | undefined): boolean => !!b && b.every((x) => x === 0);
-        const zero = alloc ? isZero(map.get(first)) : backing === null;
+        const zero = alloc ? isZero(map.get(first)) : node.backing === null;
         let idx = first + 1;
         while (idx * cluster < offset + length && map.has(idx) === alloc && (alloc ? isZero(map.get(idx)) === zero : true)) idx++;
         const n = Math.min(idx * cluster, offset + length) - offset;
