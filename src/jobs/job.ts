@@ -154,6 +154,21 @@ function toBlockError(e: unknown): BlockError {
   return new BlockError('EIO', errorMessage(e), { cause: e });
 }
 
+/** The name of the device (named backend) on `node` or on the nearest node above it. */
+function deviceName(node: BlockNode): string | undefined {
+  const seen = new Set<BlockNode>();
+  const queue = [node];
+  while (queue.length > 0) {
+    const n = queue.shift()!;
+    if (seen.has(n)) continue;
+    seen.add(n);
+    const b = n.backends().find((x) => x.name !== undefined);
+    if (b) return b.name;
+    queue.push(...n.parentNodes());
+  }
+  return undefined;
+}
+
 export abstract class Job {
   abstract readonly type: JobType;
   readonly id: string;
@@ -200,7 +215,7 @@ export abstract class Job {
       if (!this.internal && mgr.get(id)) throw new InvalidArgumentError(`Job ID '${id}' already in use`);
     } else if (!this.internal) {
       // QEMU defaults a block job's id to the device (backend) name of its node.
-      const named = defaultIdNode?.backends().find((b) => b.name !== undefined)?.name;
+      const named = defaultIdNode ? deviceName(defaultIdNode) : undefined;
       if (named === undefined) throw new InvalidArgumentError('An explicit job ID is required');
       if (mgr.get(named)) throw new InvalidArgumentError(`Job ID '${named}' already in use`);
       id = named;

@@ -26,8 +26,9 @@ export class RateLimit {
   private refill(now: number): void {
     if (this.bytesPerSecond === 0) return;
     const burst = (this.bytesPerSecond * SLICE_MS) / 1000;
-    this.tokens = Math.min(burst, this.tokens + ((now - this.lastMs) * this.bytesPerSecond) / 1000);
-    this.lastMs = now;
+    const elapsed = Math.max(0, now - this.lastMs);
+    this.tokens = Math.min(burst, this.tokens + (elapsed * this.bytesPerSecond) / 1000);
+    this.lastMs = Math.max(this.lastMs, now);
   }
 
   /** Milliseconds to wait before dispatching more work (0: go now). */

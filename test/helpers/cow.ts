@@ -2,7 +2,7 @@
 // child, cluster-granular allocation, zero clusters and make_empty. It lets job tests build
 // backing chains without the qcow2 driver; the qcow2 variants of the tests use real files.
 // Options: size (default: the backing's length), backing (BlockdevRef or null),
-// cluster-size (default 65536).
+// cluster-size (default 65536), backing-read-delay-ms (a test knob, default 0).
 
 import { makeCaps, type BlockDriver, type BlockStatus, type NodeImpl } from '../../src/block/driver.js';
 import type { BlockNode } from '../../src/block/node.js';
@@ -18,12 +18,17 @@ export const cowDriver: BlockDriver = {
     const sizeOpt = o.size('size');
     const cluster = o.uint('cluster-size') ?? 65536;
     const backingOpt = o.raw('backing');
+    // test knob: wait this long before reading the backing file (widens race windows)
+    const delayMs = o.uint('backing-read-delay-ms') ?? 0;
     o.done();
-    const backing: BlockNode | null = await ctx.openChild('backing', backingOpt, { readOnly: true });
-    let size = sizeOpt ?? backing?.getLength() ?? 0;
+    const opened: BlockNode | null = await ctx.openChild('backing', backingOpt, { readOnly: true });
+    let size = sizeOpt ?? opened?.getLength() ?? 0;
+    // the backing edge can be re-pointed (intermediate commit): read it at request time
+    const node = ctx.node;
     /** cluster index -> data (a zero cluster is an all-zero buffer) */
     const map = new Map<number, Buffer>();
     const readCluster = async (idx: number): Promise<Buffer> => {
+      const backing = node.backing;
       const own = map.get(idx);
       if (own) return Buffer.from(own);
       const off = idx * cluster;
@@ -31,6 +36,7 @@ export const cowDriver: BlockDriver = {
       const out = Buffer.alloc(cluster);
       if (backing && off < backing.getLength()) {
         const m = Math.min(n, backing.getLength() - off);
+        if (delayMs > 0) await new Promise((r) => setTimeout(r, delayMs));
         (await backing.read(off, m)).copy(out);
       }
       return out;
@@ -74,7 +80,7 @@ export const cowDriver: BlockDriver = {
         const first = Math.floor(offset / cluster);
         const alloc = map.has(first);
         const isZero = (b: Buffer | undefined): boolean => !!b && b.every((x) => x === 0);
-        const zero = alloc ? isZero(map.get(first)) : backing === null;
+        const zero = alloc ? isZero(map.get(first)) : node.backing === null;
         let idx = first + 1;
         while (idx * cluster < offset + length && map.has(idx) === alloc && (alloc ? isZero(map.get(idx)) === zero : true)) idx++;
         const n = Math.min(idx * cluster, offset + length) - offset;

@@ -66,3 +66,24 @@ import type { OptionDict } from '../../src/block/options.js';
 export function addNode(g: BlockGraph, opts: OptionDict): Promise<BlockNode> {
   return g.open(opts, { monitorOwned: true });
 }
+
+import { spawnSync } from 'node:child_process';
+
+/**
+ * True if `tool` runs. When it does not: fails under CI (process.env.CI), else skips the
+ * test with a reason.
+ */
+export function haveTool(t: { skip(msg: string): void }, tool: string): boolean {
+  const r = spawnSync(tool, ['--version'], { encoding: 'utf8' });
+  if (r.status === 0) return true;
+  if (process.env['CI']) throw new Error(`${tool} is required (CI is set) but could not run`);
+  t.skip(`${tool} is not installed`);
+  return false;
+}
+
+/** Runs a command; throws with its stderr when it fails. */
+export function run(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr || r.error?.message}`);
+  return r.stdout;
+}
