@@ -50,6 +50,7 @@ export class BlockGraph extends EventEmitter {
   readonly services = new Map<string, unknown>();
   private autoCounter = 0;
   private readonly pendingCloses = new Set<Promise<void>>();
+  private readonly closing = new Map<BlockNode, Promise<void>>();
 
   constructor(readonly drivers: DriverRegistry) {
     super();
@@ -284,7 +285,11 @@ export class BlockGraph extends EventEmitter {
       this.emit('error-log', `closing ${node.name}: ${errorMessage(e)}`);
     });
     this.pendingCloses.add(p);
-    void p.finally(() => this.pendingCloses.delete(p));
+    this.closing.set(node, p);
+    void p.finally(() => {
+      this.pendingCloses.delete(p);
+      this.closing.delete(node);
+    });
   }
 
   private async closeNode(node: BlockNode): Promise<void> {
@@ -301,6 +306,15 @@ export class BlockGraph extends EventEmitter {
         this.collect(edge.child);
       }
     }
+  }
+
+  /**
+   * Waits until `node` is closed, if its close has begun. Code that may itself run inside
+   * a close (a job cancelled by a closing replication node) must wait for its own nodes
+   * this way: settle() would wait for the close that is waiting for it.
+   */
+  async whenClosed(node: BlockNode): Promise<void> {
+    await this.closing.get(node);
   }
 
   /** Waits for closes in progress. */

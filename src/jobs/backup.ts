@@ -160,7 +160,8 @@ export class BackupJob extends Job {
       this.cbw.active = false;
       this.graph.dropFilter(this.filter);
     });
-    await this.graph.settle();
+    // not graph.settle(): this may run inside the close of a node above (replication)
+    await this.graph.whenClosed(this.filter);
   }
 }
 

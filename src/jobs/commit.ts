@@ -109,7 +109,6 @@ export class IntermediateCommitJob extends Job {
 
   protected override async clean(): Promise<void> {
     if (this.restoreBaseReadOnly) await this.base.setReadOnly(true).catch(() => {});
-    await this.graph.settle();
   }
 }
 

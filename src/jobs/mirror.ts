@@ -179,7 +179,8 @@ export class MirrorJob extends Job {
     const r = this.releaseHold;
     this.releaseHold = null;
     r?.();
-    await this.graph.settle();
+    // not graph.settle(): this may run inside the close of a node above (replication)
+    await this.graph.whenClosed(this.filter);
   }
 }
 

@@ -115,6 +115,7 @@ test('failover: the secondary disk holds active, else hidden, else its own bytes
   await expectBytes(s.top, 0, HALF, 0x33);
   await expectBytes(s.top, HALF, HALF, 0x11); // during the commit already
   await s.state.waitFailover();
+  await s.graph.settle();
   assert.equal(s.state.stage, 'done');
   await expectBytes(s.localNode, 0, HALF, 0x33);
   await expectBytes(s.localNode, HALF, HALF, 0x11);
@@ -564,6 +565,7 @@ test('decision 11: the copy and commit jobs are not listed and the overlays leav
   await s.reg.stopAll(true);
   assert.deepEqual(mgr.queryJobs(), []);
   await s.state.waitFailover();
+  await s.graph.settle();
   assert.deepEqual(events, []);
   assert.equal(s.graph.nodes.has('s-active'), false);
   assert.equal(s.graph.nodes.has('s-hidden'), false);
