@@ -141,7 +141,7 @@ async function check(io: Io, argv: string[]): Promise<number> {
   if (o.has('h')) return help(io);
   const json = outputJson(o);
   const r = o.get('r');
-  if (r !== undefined && r !== 'leaks' && r !== 'all') throw new ImgError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`);
+  if (r !== undefined && r !== 'leaks' && r !== 'all') throw new ArgumentError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`);
   if (o.has('image-opts')) throw new ImgError('check with --image-opts is not supported by lockstep: pass a filename');
   return runCheck(io, oneFile(o), o.get('f'), r as 'leaks' | 'all' | undefined, json, o.has('q'));
 }

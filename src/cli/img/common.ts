@@ -54,7 +54,7 @@ export function newGraph(): BlockGraph {
 /** Opens an image; errors come back as qemu-img words them ("Could not open 'x': ..."). */
 export async function openImage(graph: BlockGraph, spec: OpenSpec): Promise<OpenedImage> {
   if (spec.format !== undefined && !graph.drivers.has(spec.format)) {
-    throw new ImgError(`Unknown file format '${spec.format}'`);
+    throw new ImgError(`Could not open '${spec.filename}': Unknown driver '${spec.format}'`);
   }
   let dict: OptionDict;
   let keyval: boolean;
