@@ -1,0 +1,149 @@
+// `lockstep img convert` and `lockstep img commit`: copying guest data between images.
+// convert creates the target (raw or qcow2) and copies everything that does not read as
+// zeroes (the new target already reads as zeroes there); commit writes what the top image
+// defines into its backing file and then empties the top (unless -d).
+
+import type { Backend } from '../../block/backend.js';
+import type { BlockNode } from '../../block/node.js';
+import { errorMessage } from '../../errors.js';
+import { ImgError, Progress, newGraph, openImage, type Io, type OpenSpec } from './common.js';
+import { runCreate } from './create.js';
+
+const CHUNK = 2 * 1024 * 1024;
+/** qemu-img convert's default sparse granularity (-S 4k) */
+const SPARSE = 4096;
+
+function isZero(buf: Buffer): boolean {
+  for (let i = 0; i < buf.length; i += SPARSE) {
+    const end = Math.min(buf.length, i + SPARSE);
+    for (let j = i; j < end; j++) if (buf[j] !== 0) return false;
+  }
+  return true;
+}
+
+/** Whether the chain under `node` reads as zeroes over [offset, +length) without reading it. */
+async function knownZero(node: BlockNode, offset: number, length: number): Promise<number> {
+  const s = await node.blockStatus(offset, length);
+  if (s.allocated) return s.zero ? s.length : 0;
+  const b = node.backing;
+  if (!b || offset >= b.getLength()) return s.length;
+  return knownZero(b, offset, Math.min(s.length, b.getLength() - offset));
+}
+
+/**
+ * Copies [0, length) of `src` to `dst`, skipping ranges that read as zeroes (the target
+ * is fresh). Writes only the non-zero 4 KiB-granular runs of each chunk.
+ */
+async function copyData(src: Backend, dst: Backend, length: number, progress: Progress): Promise<void> {
+  for (let pos = 0; pos < length; ) {
+    const n = Math.min(CHUNK, length - pos);
+    const zeroRun = await knownZero(src.node, pos, n);
+    if (zeroRun > 0) {
+      pos += zeroRun;
+      progress.update(pos / length);
+      continue;
+    }
+    const buf = await src.read(pos, n);
+    let runStart = -1;
+    for (let i = 0; i <= n; i += SPARSE) {
+      const zero = i >= n || isZero(buf.subarray(i, Math.min(n, i + SPARSE)));
+      if (!zero && runStart < 0) runStart = i;
+      if (zero && runStart >= 0) {
+        await dst.write(pos + runStart, buf.subarray(runStart, Math.min(n, i)));
+        runStart = -1;
+      }
+    }
+    pos += n;
+    progress.update(pos / length);
+  }
+}
+
+export interface ConvertSpec {
+  source: OpenSpec;
+  target: string;
+  targetFormat: string;
+  createOptions: Array<[string, string]>;
+  progress: boolean;
+  quiet: boolean;
+  /** -n: the target exists; do not create it */
+  noCreate: boolean;
+  targetCache?: string;
+}
+
+export async function runConvert(io: Io, spec: ConvertSpec): Promise<number> {
+  const graph = newGraph();
+  try {
+    const src = await openImage(graph, { ...spec.source, readOnly: true });
+    const size = src.node.getLength();
+    if (!spec.noCreate) {
+      // creation prints nothing in convert
+      await runCreate({ filename: spec.target, format: spec.targetFormat, size, options: spec.createOptions }, () => {}, true);
+    }
+    const dstSpec: OpenSpec = { filename: spec.target, format: spec.targetFormat, noBacking: true };
+    if (spec.targetCache !== undefined) dstSpec.cache = spec.targetCache;
+    const dst = await openImage(graph, dstSpec);
+    if (dst.node.getLength() < size) throw new ImgError(`Target image is smaller than the source (${dst.node.getLength()} < ${size} bytes)`);
+    const progress = new Progress(io, spec.progress && !spec.quiet);
+    progress.update(0);
+    try {
+      await copyData(src.backend, dst.backend, size, progress);
+      await dst.backend.flush();
+    } catch (e) {
+      throw new ImgError(`error while converting ${spec.targetFormat}: ${errorMessage(e)}`);
+    }
+    progress.finish();
+    return 0;
+  } finally {
+    await graph.closeAll();
+  }
+}
+
+export interface CommitSpec {
+  image: OpenSpec;
+  /** -d: keep the top image's data (do not empty it) */
+  keep: boolean;
+  progress: boolean;
+  quiet: boolean;
+  /** -b: only the immediate backing file is supported */
+  base?: string;
+}
+
+export async function runCommit(io: Io, spec: CommitSpec): Promise<number> {
+  const graph = newGraph();
+  try {
+    const top = await openImage(graph, { ...spec.image, readOnly: false });
+    const base = top.node.backing;
+    if (!base) throw new ImgError(`Image does not have a backing file`);
+    if (spec.base !== undefined && spec.base !== base.filename && !base.filename.endsWith(`/${spec.base}`)) {
+      throw new ImgError(`'${spec.base}' is not the immediate backing file of '${spec.image.filename}': lockstep commits into the immediate backing file only`);
+    }
+    await base.setReadOnly(false);
+    const length = top.node.getLength();
+    if (base.getLength() < length) await base.truncate(length);
+    const progress = new Progress(io, spec.progress && !spec.quiet);
+    progress.update(0);
+    for (let pos = 0; pos < length; ) {
+      const s = await top.node.blockStatus(pos, Math.min(CHUNK, length - pos));
+      if (s.allocated) {
+        const data = await top.node.read(pos, s.length);
+        await base.write(pos, data);
+      }
+      pos += s.length;
+      progress.update(pos / length);
+    }
+    await base.flush();
+    if (!spec.keep) {
+      try {
+        await top.node.makeEmpty();
+      } catch (e) {
+        throw new ImgError(`Could not empty ${spec.image.filename}: ${errorMessage(e)}`);
+      }
+      await top.node.flush();
+    }
+    progress.finish();
+    if (!spec.quiet) io.out('Image committed.\n');
+    return 0;
+  } finally {
+    await graph.closeAll();
+  }
+}
