@@ -1,0 +1,378 @@
+// Server transmission phase: parse requests, validate each one, run them concurrently on the
+// export's Backend, and write every reply as one whole message through a single writer.
+//
+// Backpressure: at most `maxInFlight` requests (and about `maxInFlightBytes` of payload) per
+// connection; the socket is paused at the cap and resumed below it. A reply counts as in
+// flight until the socket has taken it (drain), so a slow reader also stops the intake.
+
+import type { Duplex } from 'node:stream';
+import type { Backend } from '../../block/backend.js';
+import type { BlockStatus } from '../../block/driver.js';
+import { BlockError, errorMessage } from '../../errors.js';
+import { ByteQueue, RequestParser, encodeChunkHeader, encodeErrorPayload, encodeSimpleReply, type NbdRequest } from '../codec.js';
+import { nbdErrorOf } from '../errno.js';
+import { CMD, CMD_FLAG, MAX_PAYLOAD, NBD_ERR, REPLY_FLAG_DONE, REPLY_TYPE, STATE_HOLE, STATE_ZERO, commandName } from '../protocol.js';
+import type { NbdExport } from './export.js';
+import { BASE_ALLOCATION_ID } from './handshake.js';
+
+export interface TransmissionOptions {
+  structured: boolean;
+  extended: boolean;
+  baseAllocation: boolean;
+  maxInFlight: number;
+  maxInFlightBytes: number;
+}
+
+/** Holes and data runs of one read, at most this many chunks (the rest is sent as data). */
+const MAX_READ_RUNS = 64;
+/** Extents per BLOCK_STATUS reply. */
+const MAX_EXTENTS = 1024;
+
+const VALID_FLAGS: Record<number, number> = {
+  [CMD.READ]: CMD_FLAG.FUA | CMD_FLAG.DF,
+  [CMD.WRITE]: CMD_FLAG.FUA,
+  [CMD.DISC]: CMD_FLAG.FUA,
+  [CMD.FLUSH]: CMD_FLAG.FUA,
+  [CMD.TRIM]: CMD_FLAG.FUA,
+  [CMD.CACHE]: CMD_FLAG.FUA,
+  [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.FAST_ZERO,
+  [CMD.BLOCK_STATUS]: CMD_FLAG.FUA | CMD_FLAG.REQ_ONE,
+};
+
+class RequestFailure extends Error {
+  constructor(
+    readonly nbdError: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class Transmission {
+  private readonly parser: RequestParser;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private disconnecting = false;
+  private closed = false;
+  private readonly backend: Backend;
+  private idle: (() => void) | null = null;
+  /** settles once the connection is closed and every request has finished */
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+
+  constructor(
+    private readonly stream: Duplex,
+    readonly exp: NbdExport,
+    leftover: ByteQueue,
+    private readonly opts: TransmissionOptions,
+    private readonly log: (msg: string) => void,
+  ) {
+    this.backend = exp.backend;
+    this.parser = new RequestParser(opts.extended, leftover);
+    this.done = new Promise((r) => (this.resolveDone = r));
+    stream.on('data', (chunk: Buffer) => {
+      this.parser.feed(chunk);
+      this.pump();
+    });
+    stream.on('error', () => this.close());
+    stream.on('close', () => this.close());
+    stream.on('end', () => this.close());
+    stream.resume();
+    this.pump();
+  }
+
+  /** Ends the connection at once; requests in progress still finish (their replies are dropped). */
+  abort(): void {
+    this.close();
+  }
+
+  /** Stops taking requests, lets the in-flight ones reply, then closes (server shutdown). */
+  async drainAndClose(): Promise<void> {
+    this.disconnecting = true;
+    this.stream.pause();
+    await this.waitIdle();
+    this.close();
+  }
+
+  private waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((r) => (this.idle = r));
+  }
+
+  private close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.disconnecting = true;
+    this.stream.destroy();
+    void this.waitIdle().then(() => this.resolveDone());
+  }
+
+  private pump(): void {
+    while (!this.disconnecting) {
+      if (this.inFlight >= this.opts.maxInFlight || (this.inFlight > 0 && this.inFlightBytes >= this.opts.maxInFlightBytes)) {
+        if (!this.paused) {
+          this.paused = true;
+          this.stream.pause();
+        }
+        return;
+      }
+      let req: NbdRequest | null;
+      try {
+        req = this.parser.next();
+      } catch (e) {
+        this.log(`dropping connection: ${errorMessage(e)}`);
+        this.close();
+        return;
+      }
+      if (!req) break;
+      this.start(req);
+    }
+    if (this.paused && !this.disconnecting) {
+      this.paused = false;
+      this.stream.resume();
+    }
+  }
+
+  private start(req: NbdRequest): void {
+    if (req.type === CMD.DISC) {
+      // Soft disconnect: the in-flight requests still get their replies.
+      this.disconnecting = true;
+      this.stream.pause();
+      void this.waitIdle().then(() => this.close());
+      return;
+    }
+    const bytes = req.type === CMD.READ && req.length !== null ? Math.min(req.length, MAX_PAYLOAD) : (req.data?.length ?? 0);
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    void this.run(req).then(
+      () => this.finished(bytes),
+      (e: unknown) => {
+        this.log(`internal error on ${commandName(req.type)}: ${errorMessage(e)}`);
+        this.close();
+        this.finished(bytes);
+      },
+    );
+  }
+
+  private finished(bytes: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    if (this.inFlight === 0 && this.idle) {
+      const w = this.idle;
+      this.idle = null;
+      w();
+    }
+    if (!this.closed) this.pump();
+  }
+
+  // ---- the single writer ----------------------------------------------------------------
+
+  /** Writes one whole message (synchronously, so messages never interleave); waits for drain. */
+  private async send(parts: Buffer[]): Promise<void> {
+    if (this.closed) return;
+    const s = this.stream;
+    let ok = true;
+    if (parts.length === 1) ok = s.write(parts[0]!);
+    else {
+      s.cork();
+      for (const p of parts) ok = s.write(p);
+      s.uncork();
+    }
+    if (!ok && !this.closed) {
+      await new Promise<void>((r) => {
+        const done = (): void => {
+          s.off('drain', done);
+          s.off('close', done);
+          r();
+        };
+        s.on('drain', done);
+        s.on('close', done);
+      });
+    }
+  }
+
+  private sendOk(req: NbdRequest): Promise<void> {
+    if (this.opts.extended) {
+      return this.send([encodeChunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.NONE, req.cookie, 0, true, req.offset ?? 0)]);
+    }
+    return this.send([encodeSimpleReply(0, req.cookie)]);
+  }
+
+  private sendError(req: NbdRequest, error: number, message: string): Promise<void> {
+    if (this.opts.structured) {
+      const payload = encodeErrorPayload(error, message);
+      return this.send([
+        encodeChunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.ERROR, req.cookie, payload.length, this.opts.extended, req.offset ?? 0),
+        payload,
+      ]);
+    }
+    return this.send([encodeSimpleReply(error, req.cookie)]);
+  }
+
+  // ---- requests -------------------------------------------------------------------------
+
+  private async run(req: NbdRequest): Promise<void> {
+    try {
+      this.validate(req);
+      await this.execute(req);
+    } catch (e) {
+      if (e instanceof RequestFailure) return this.sendError(req, e.nbdError, e.message);
+      const err = nbdErrorOf(e);
+      return this.sendError(req, err, errorMessage(e));
+    }
+  }
+
+  private validate(req: NbdRequest): void {
+    const valid = VALID_FLAGS[req.type];
+    if (valid === undefined) throw new RequestFailure(NBD_ERR.EINVAL, `unknown command ${req.type}`);
+    if (req.flags & ~valid) throw new RequestFailure(NBD_ERR.EINVAL, `invalid flags 0x${req.flags.toString(16)} for ${commandName(req.type)}`);
+    if ((req.flags & CMD_FLAG.DF) && !this.opts.structured) throw new RequestFailure(NBD_ERR.EINVAL, 'NBD_CMD_FLAG_DF needs structured replies');
+    if (req.type === CMD.FLUSH) {
+      if (req.offset !== 0 || req.length !== 0) throw new RequestFailure(NBD_ERR.EINVAL, 'NBD_CMD_FLUSH with an offset or length');
+      return;
+    }
+    if (req.offset === null || req.length === null) throw new RequestFailure(NBD_ERR.EINVAL, 'offset or length out of range');
+    const size = this.exp.size;
+    if (req.offset > size || req.length > size - req.offset) {
+      throw new RequestFailure(NBD_ERR.EINVAL, `request [${req.offset}, +${req.length}) past the end of the export (${size} bytes)`);
+    }
+    if (req.type === CMD.READ && req.length > MAX_PAYLOAD) {
+      throw new RequestFailure(NBD_ERR.EINVAL, `read of ${req.length} bytes exceeds the maximum of ${MAX_PAYLOAD}`);
+    }
+    const writes = req.type === CMD.WRITE || req.type === CMD.TRIM || req.type === CMD.WRITE_ZEROES;
+    if (writes && !this.exp.writable) throw new RequestFailure(NBD_ERR.EPERM, 'export is read-only');
+    if (req.type === CMD.BLOCK_STATUS) {
+      if (!this.opts.baseAllocation) throw new RequestFailure(NBD_ERR.EINVAL, 'no metadata context was negotiated');
+      if (req.length === 0) throw new RequestFailure(NBD_ERR.EINVAL, 'NBD_CMD_BLOCK_STATUS of length 0');
+    }
+  }
+
+  private async execute(req: NbdRequest): Promise<void> {
+    const be = this.backend;
+    const offset = req.offset!;
+    const length = req.length!;
+    const fua = (req.flags & CMD_FLAG.FUA) !== 0;
+    switch (req.type) {
+      case CMD.READ:
+        return this.read(req, offset, length);
+      case CMD.WRITE:
+        await be.write(offset, req.data!, { fua });
+        return this.sendOk(req);
+      case CMD.FLUSH:
+        await be.flush();
+        return this.sendOk(req);
+      case CMD.TRIM:
+        await be.discard(offset, length);
+        if (fua) await be.flush();
+        return this.sendOk(req);
+      case CMD.WRITE_ZEROES:
+        await be.writeZeroes(offset, length, {
+          fua,
+          mayUnmap: (req.flags & CMD_FLAG.NO_HOLE) === 0,
+          noFallback: (req.flags & CMD_FLAG.FAST_ZERO) !== 0,
+        });
+        return this.sendOk(req);
+      case CMD.CACHE:
+        // Advisory; every node reads straight through, so there is nothing to prefetch into.
+        return this.sendOk(req);
+      case CMD.BLOCK_STATUS:
+        return this.blockStatus(req, offset, length);
+      default:
+        throw new RequestFailure(NBD_ERR.EINVAL, `unknown command ${req.type}`);
+    }
+  }
+
+  private async read(req: NbdRequest, offset: number, length: number): Promise<void> {
+    if (!this.opts.structured) {
+      const data = await this.backend.read(offset, length);
+      return this.send([encodeSimpleReply(0, req.cookie), data]);
+    }
+    const ext = this.opts.extended;
+    const runs = length > 0 && !(req.flags & CMD_FLAG.DF) ? await this.readRuns(offset, length) : [{ offset, length, zero: false }];
+    const chunks: Buffer[] = [];
+    for (let i = 0; i < runs.length; i++) {
+      const r = runs[i]!;
+      const flags = i === runs.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (r.zero) {
+        const p = Buffer.allocUnsafe(12);
+        p.writeBigUInt64BE(BigInt(r.offset), 0);
+        p.writeUInt32BE(r.length, 8);
+        chunks.push(encodeChunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12, ext, offset), p);
+      } else {
+        const data = await this.backend.read(r.offset, r.length);
+        const p = Buffer.allocUnsafe(8);
+        p.writeBigUInt64BE(BigInt(r.offset), 0);
+        chunks.push(encodeChunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length, ext, offset), p, data);
+      }
+    }
+    // All chunks are known to succeed before the first is sent (DONE only on the last).
+    return this.send(chunks);
+  }
+
+  /** Splits a read into zero runs (sent as holes) and data runs, from the node's block status. */
+  private async readRuns(offset: number, length: number): Promise<Array<{ offset: number; length: number; zero: boolean }>> {
+    const runs: Array<{ offset: number; length: number; zero: boolean }> = [];
+    const end = offset + length;
+    let pos = offset;
+    try {
+      while (pos < end && runs.length < MAX_READ_RUNS - 1) {
+        const s = await this.backend.blockStatus(pos, end - pos);
+        const n = Math.min(s.length, end - pos);
+        const last = runs[runs.length - 1];
+        if (last && last.zero === s.zero) last.length += n;
+        else runs.push({ offset: pos, length: n, zero: s.zero });
+        pos += n;
+      }
+    } catch {
+      return [{ offset, length, zero: false }];
+    }
+    if (pos < end) {
+      const last = runs[runs.length - 1]!;
+      if (!last.zero) last.length += end - pos;
+      else runs.push({ offset: pos, length: end - pos, zero: false });
+    }
+    return runs;
+  }
+
+  private async blockStatus(req: NbdRequest, offset: number, length: number): Promise<void> {
+    const extents: Array<{ length: number; flags: number }> = [];
+    const end = offset + length;
+    const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
+    let pos = offset;
+    while (pos < end && extents.length < MAX_EXTENTS) {
+      const s: BlockStatus = await this.backend.blockStatus(pos, end - pos);
+      const n = Math.min(s.length, end - pos);
+      if (n <= 0) throw new BlockError('EIO', 'block status made no progress');
+      const flags = (s.data ? 0 : STATE_HOLE) | (s.zero ? STATE_ZERO : 0);
+      const last = extents[extents.length - 1];
+      if (last && last.flags === flags) last.length += n;
+      else {
+        if (one && last) break;
+        extents.push({ length: n, flags });
+      }
+      pos += n;
+    }
+    const ext = this.opts.extended;
+    let payload: Buffer;
+    if (ext) {
+      payload = Buffer.allocUnsafe(8 + 16 * extents.length);
+      payload.writeUInt32BE(BASE_ALLOCATION_ID, 0);
+      payload.writeUInt32BE(extents.length, 4);
+      extents.forEach((e, i) => {
+        payload.writeBigUInt64BE(BigInt(e.length), 8 + 16 * i);
+        payload.writeBigUInt64BE(BigInt(e.flags), 16 + 16 * i);
+      });
+    } else {
+      payload = Buffer.allocUnsafe(4 + 8 * extents.length);
+      payload.writeUInt32BE(BASE_ALLOCATION_ID, 0);
+      extents.forEach((e, i) => {
+        payload.writeUInt32BE(e.length, 4 + 8 * i);
+        payload.writeUInt32BE(e.flags, 8 + 8 * i);
+      });
+    }
+    const type = ext ? REPLY_TYPE.BLOCK_STATUS_EXT : REPLY_TYPE.BLOCK_STATUS;
+    return this.send([encodeChunkHeader(REPLY_FLAG_DONE, type, req.cookie, payload.length, ext, offset), payload]);
+  }
+}
+
