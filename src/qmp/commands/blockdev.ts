@@ -90,8 +90,8 @@ function truthy(v: unknown): boolean {
 }
 
 async function blockdevAdd(ctx: QmpContext, args: OptionDict): Promise<void> {
-  if (typeof args['node-name'] !== 'string') throw new InvalidArgumentError("'node-name' must be specified for the root node");
   if (args.driver === undefined) throw new InvalidArgumentError(`Parameter 'driver' is missing`);
+  if (typeof args['node-name'] !== 'string') throw new InvalidArgumentError("'node-name' must be specified for the root node");
   const node = await ctx.graph.open(args, { keyval: false, monitorOwned: true });
   ctx.log.info('node added', { node: node.name, driver: node.driver.name });
 }

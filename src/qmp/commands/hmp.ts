@@ -67,7 +67,7 @@ async function qemuIo(ctx: QmpContext, args: string[]): Promise<string> {
     if (!node) return `Error: Device '${device}' not found\n`;
   } else {
     node = ctx.graph.lookup(device);
-    if (!node) return `Error: Cannot find device='${device}' nor node-name='${device}'\n`;
+    if (!node) return `Error: Cannot find device='' nor node-name='${device}'\n`;
   }
   const runner = ctx.services.runIoCommand;
   if (!runner) return 'Error: qemu-io is not available in this build\n';
