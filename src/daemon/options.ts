@@ -98,15 +98,15 @@ const CHARDEV: Fields = {
 const MONITOR: Fields = { chardev: 'str', '*mode': enumOf('control', 'readline'), '*pretty': 'bool', '*id': 'str' };
 
 function parseItem(option: string, text: string, implied: string | undefined, schema: Fields | Parameters<typeof checkValue>[0]): Record<string, unknown> {
-  const raw = parseKeyval(text, implied);
-  const isJson = /^\s*(\{|json:)/.test(text);
-  const typed = (isJson ? raw : coerceStrings(schema, raw)) as Record<string, unknown>;
   try {
+    const raw = parseKeyval(text, implied);
+    const isJson = /^\s*(\{|json:)/.test(text);
+    const typed = (isJson ? raw : coerceStrings(schema, raw)) as Record<string, unknown>;
     validateArguments(schema, typed);
+    return typed;
   } catch (e) {
     throw new InvalidArgumentError(`${option}: ${(e as Error).message}`);
   }
-  return typed;
 }
 
 /** Parses the daemon's argv (without the subcommand). Throws InvalidArgumentError. */
