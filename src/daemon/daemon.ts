@@ -54,6 +54,7 @@ export class Daemon {
   readonly done: Promise<number>;
   private resolveDone!: (code: number) => void;
   private shuttingDown: Promise<void> | null = null;
+  private shutdownRequested = false;
   private monitorAddrs: MonitorAddress[] = [];
   private pidfileWritten = false;
 
@@ -80,8 +81,11 @@ export class Daemon {
       version: LOCKSTEP_QMP_VERSION,
       insecure: opts.insecure,
       requestShutdown: (reason) => {
-        // after the current reply has been queued on its socket
-        setImmediate(() => void this.shutdown(reason));
+        // QEMU sends SHUTDOWN before the reply to quit; the monitors close after the reply
+        if (this.shuttingDown || this.shutdownRequested) return;
+        this.shutdownRequested = true;
+        this.events.emitEvent('SHUTDOWN', { guest: false, reason });
+        setImmediate(() => void this.shutdown(reason, false));
       },
     };
     this.qmp = new QmpServer(this.ctx);
@@ -189,7 +193,7 @@ export class Daemon {
     if (this.shuttingDown) return this.shuttingDown;
     this.shuttingDown = (async () => {
       this.log.info('shutting down', { reason });
-      if (emitEvent) this.events.emitEvent('SHUTDOWN', { guest: false, reason });
+      if (emitEvent && !this.shutdownRequested) this.events.emitEvent('SHUTDOWN', { guest: false, reason });
       await this.qmp.close().catch((e: unknown) => this.log.error('closing monitors', { error: errorMessage(e) }));
       if (this.deps.beforeClose) await this.deps.beforeClose(this).catch((e: unknown) => this.log.error('stopping jobs', { error: errorMessage(e) }));
       await this.exports.close().catch((e: unknown) => this.log.error('closing the NBD server', { error: errorMessage(e) }));
