@@ -2,14 +2,12 @@
 // query-named-block-nodes, x-blockdev-change.
 
 import type { BlockNode } from '../../block/node.js';
-import { isDict, type OptionDict } from '../../block/options.js';
-import { InvalidArgumentError, NotFoundError, StateError } from '../../errors.js';
+import type { OptionDict } from '../../block/options.js';
+import { InvalidArgumentError, StateError } from '../../errors.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { QmpError } from '../errors.js';
-import { BLOCKDEV_ADD, BLOCKDEV_DEL, BLOCKDEV_REOPEN, QUERY_NAMED_BLOCK_NODES, X_BLOCKDEV_CHANGE } from '../schema/block.js';
+import { BLOCKDEV_DEL, BLOCKDEV_REOPEN, QUERY_NAMED_BLOCK_NODES, X_BLOCKDEV_CHANGE } from '../schema/block.js';
 import { ANY_DICT } from '../schema/types.js';
-
-void BLOCKDEV_ADD;
 
 /** QEMU's "json:{...}" filename for nodes without a plain file name. */
 function jsonFilename(node: BlockNode): string {
@@ -123,7 +121,7 @@ async function blockdevReopen(ctx: QmpContext, list: OptionDict[]): Promise<void
       const child = node.children.get(k);
       if (child) {
         if (v === child.child.name) continue;
-        throw new InvalidArgumentError(isDict(v) ? `Cannot change the option '${k}'` : `Cannot change the option '${k}'`);
+        throw new InvalidArgumentError(`Cannot change the option '${k}'`);
       }
       const cur = node.options[k];
       if (cur === undefined || JSON.stringify(cur) !== JSON.stringify(v)) throw new InvalidArgumentError(`Cannot change the option '${k}'`);
@@ -141,13 +139,8 @@ async function blockdevReopen(ctx: QmpContext, list: OptionDict[]): Promise<void
     const ro = opts['read-only'];
     if (ro !== undefined && typeof ro !== 'boolean') throw new InvalidArgumentError(`Invalid parameter type for 'read-only', expected: boolean`);
     const readOnly = ro ?? false;
-    if (!readOnly && node.readOnly && node.parentNodes().some((p) => p.readOnly)) {
-      // a writable child under a read-only parent is fine; the reverse is checked by the parent
-    }
-    if (readOnly && !node.readOnly) {
-      for (const b of node.backends()) {
-        if (!b.readOnly) throw new StateError(`Block node is read-only`);
-      }
+    if (readOnly && !node.readOnly && node.backends().some((b) => !b.readOnly)) {
+      throw new StateError(`Cannot make node '${name}' read-only: it has a writable user`);
     }
     plan.push({ node, readOnly });
   }
@@ -203,5 +196,3 @@ export function findDevice(ctx: QmpContext, name: string): BlockNode {
   if (!n) throw new QmpError('DeviceNotFound', `Device '${name}' not found`);
   return n;
 }
-
-export { NotFoundError };

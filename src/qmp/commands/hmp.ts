@@ -106,10 +106,11 @@ async function driveDel(ctx: QmpContext, args: string[]): Promise<string> {
 
 function describeNode(node: BlockNode, label: string, verbose: boolean): string {
   let s = `${label}: ${filenameOf(node)} (${node.driver.name}${node.readOnly ? ', read-only' : ''})\n`;
-  if (verbose || true) s += `    Cache mode:       writeback\n`;
+  s += `    Cache mode:       writeback\n`;
   let depth = 0;
   for (let b = node.backing; b; b = b.backing) depth++;
   if (node.backing) s += `    Backing file:     ${filenameOf(node.backing)} (chain depth: ${depth})\n`;
+  if (verbose) s += `    Node:             ${node.name}, ${node.getLength()} bytes\n`;
   return s;
 }
 

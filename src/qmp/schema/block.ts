@@ -2,8 +2,6 @@
 
 import { ANY_DICT, enumOf, listOf, type Fields } from './types.js';
 
-export const BLOCKDEV_ADD: Fields = {}; // free-form: graph.open validates (see commands/blockdev.ts)
-
 export const BLOCKDEV_DEL: Fields = { 'node-name': 'str' };
 
 export const BLOCKDEV_REOPEN: Fields = { options: listOf(ANY_DICT) };
