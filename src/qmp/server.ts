@@ -51,7 +51,8 @@ export class QmpServer {
   /** Starts listening; resolves with the bound address (the real port when port 0 was asked). */
   async listen(address: MonitorAddress, lopts: MonitorListenOptions = {}): Promise<MonitorAddress> {
     const onConn = (socket: Socket) => this.accept(socket, lopts.id);
-    const server = lopts.tls ? createTlsServer(lopts.tls, onConn) : createNetServer(onConn);
+    // a TLS client must finish its handshake in time; plain clients may idle
+    const server = lopts.tls ? createTlsServer({ handshakeTimeout: 10_000, ...lopts.tls }, onConn) : createNetServer(onConn);
     server.on('tlsClientError', (err: Error) => this.ctx.log.warn('monitor TLS handshake failed', { monitor: lopts.id, error: err.message }));
     if (address.type === 'unix') {
       try {
