@@ -1,0 +1,216 @@
+// `lockstep qmp`: send one QMP command to a daemon, or talk to it interactively.
+//   lockstep qmp [--socket PATH | --host H --port P] [--tls-dir DIR] COMMAND [key=value ... | JSON]
+// key=value arguments are typed by the command's schema (enable=true is a boolean, speed=10 a
+// number) and dotted keys nest (addr.data.port=10809). Prints `return` as JSON and exits 0, or
+// prints "Class: desc" on stderr and exits 1. Without COMMAND: an interactive prompt with
+// history that also prints events.
+
+import { readFileSync, appendFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { ConnectionOptions } from 'node:tls';
+import { builtinCommandGroups } from '../daemon/daemon.js';
+import { wire } from '../daemon/wiring.js';
+import { Logger } from '../daemon/log.js';
+import { errorMessage } from '../errors.js';
+import { QmpClient, QmpCommandError, type QmpClientAddress } from '../qmp/client.js';
+import type { QmpCommand } from '../qmp/dispatch.js';
+import { coerceStrings, nestDotted, type Fields, type TypeSpec } from '../qmp/schema/types.js';
+
+const USAGE = `Usage: lockstep qmp [--socket PATH | --host H --port P] [--tls-dir DIR] [COMMAND [key=value ... | JSON]]
+Send a QMP command to a lockstep (or QEMU) monitor and print its return value as JSON.
+
+  --socket PATH    Unix socket of the monitor (default ./lockstep-data/qmp.sock)
+  --host H --port P  TCP monitor
+  --tls-dir DIR    connect with TLS using DIR/ca-cert.pem (and client-cert.pem,
+                   client-key.pem when present)
+  --pretty         indent the output (default when writing to a terminal)
+  -h, --help       this help
+
+Arguments: key=value pairs typed by the command's schema (flat=true, speed=1048576),
+dotted keys for nested members (addr.type=unix addr.data.path=/tmp/nbd.sock), or one JSON
+object. Without COMMAND, an interactive prompt (history, events printed as they arrive).
+Exit status: 0 on success, 1 when the command fails or the monitor cannot be reached.
+`;
+
+function schemaTable(): Map<string, Fields | TypeSpec> {
+  const groups: Array<readonly QmpCommand[]> = [...builtinCommandGroups(), ...(wire(new Logger('silent')).deps.commands ?? [])];
+  const m = new Map<string, Fields | TypeSpec>();
+  for (const g of groups) for (const c of g) m.set(c.name, c.args);
+  return m;
+}
+
+/** Builds the arguments object from the words after the command name. */
+export function buildArguments(schema: Fields | TypeSpec | undefined, words: string[]): Record<string, unknown> | undefined {
+  if (words.length === 0) return undefined;
+  if (words.length === 1 && words[0]!.trim().startsWith('{')) {
+    const v = JSON.parse(words[0]!) as unknown;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('the JSON arguments must be an object');
+    return v as Record<string, unknown>;
+  }
+  const pairs: Array<[string, string]> = words.map((w) => {
+    const eq = w.indexOf('=');
+    if (eq <= 0) throw new Error(`expected key=value, got '${w}'`);
+    return [w.slice(0, eq), w.slice(eq + 1)];
+  });
+  const nested = nestDotted(pairs);
+  return coerceStrings(schema ?? { dict: true }, nested) as Record<string, unknown>;
+}
+
+function tlsFromDir(dir: string): ConnectionOptions {
+  const read = (f: string) => {
+    try {
+      return readFileSync(join(dir, f));
+    } catch {
+      return undefined;
+    }
+  };
+  const ca = read('ca-cert.pem');
+  if (!ca) throw new Error(`cannot read ${join(dir, 'ca-cert.pem')}`);
+  const cert = read('client-cert.pem');
+  const key = read('client-key.pem');
+  return { ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}), checkServerIdentity: () => undefined };
+}
+
+export async function run(argv: string[]): Promise<number> {
+  let socketPath: string | undefined;
+  let host: string | undefined;
+  let port: number | undefined;
+  let tlsDir: string | undefined;
+  let pretty = process.stdout.isTTY === true;
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (rest.length > 0) {
+      rest.push(a);
+      continue;
+    }
+    const next = () => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`option '${a}' needs an argument`);
+      return v;
+    };
+    try {
+      if (a === '--socket') socketPath = next();
+      else if (a === '--host') host = next();
+      else if (a === '--port') port = Number(next());
+      else if (a === '--tls-dir') tlsDir = next();
+      else if (a === '--pretty') pretty = true;
+      else if (a === '-h' || a === '--help') {
+        process.stdout.write(USAGE);
+        return 0;
+      } else if (a.startsWith('-')) throw new Error(`unrecognized option '${a}'`);
+      else rest.push(a);
+    } catch (e) {
+      process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
+      return 1;
+    }
+  }
+  if ((host === undefined) !== (port === undefined) || (port !== undefined && !(Number.isInteger(port) && port > 0 && port < 65536))) {
+    process.stderr.write('lockstep qmp: --host and --port go together (port 1..65535)\n');
+    return 1;
+  }
+  if (socketPath !== undefined && host !== undefined) {
+    process.stderr.write('lockstep qmp: give either --socket or --host/--port\n');
+    return 1;
+  }
+  const addr: QmpClientAddress = host !== undefined ? { host, port: port! } : { path: socketPath ?? join('lockstep-data', 'qmp.sock') };
+  let client: QmpClient;
+  try {
+    client = await QmpClient.open(addr, tlsDir ? { tls: tlsFromDir(tlsDir) } : {});
+  } catch (e) {
+    const where = 'path' in addr ? addr.path : `${addr.host}:${addr.port}`;
+    process.stderr.write(`lockstep qmp: cannot talk to the monitor at ${where}: ${errorMessage(e)}\n`);
+    return 1;
+  }
+  const schemas = schemaTable();
+  const fmt = (v: unknown) => (pretty ? JSON.stringify(v, null, 2) : JSON.stringify(v));
+  try {
+    if (rest.length === 0) return await interactive(client, schemas, fmt);
+    const [name, ...words] = rest as [string, ...string[]];
+    let args: Record<string, unknown> | undefined;
+    try {
+      args = buildArguments(schemas.get(name), words);
+    } catch (e) {
+      process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
+      return 1;
+    }
+    try {
+      const ret = await client.execute(name, args);
+      process.stdout.write(fmt(ret) + '\n');
+      return 0;
+    } catch (e) {
+      if (e instanceof QmpCommandError) process.stderr.write(`${e.errorClass}: ${e.desc}\n`);
+      else process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
+      return 1;
+    }
+  } finally {
+    client.close();
+  }
+}
+
+async function interactive(client: QmpClient, schemas: Map<string, Fields | TypeSpec>, fmt: (v: unknown) => string): Promise<number> {
+  const historyFile = join(homedir(), '.lockstep_qmp_history');
+  let history: string[] = [];
+  try {
+    history = readFileSync(historyFile, 'utf8').split('\n').filter(Boolean).reverse().slice(0, 500);
+  } catch {
+    /* no history yet */
+  }
+  const rl = createInterface({
+    input: process.stdin,
+    output: process.stdout,
+    prompt: '(QMP) ',
+    history,
+    historySize: 500,
+    completer: (line: string) => {
+      const names = [...schemas.keys()].filter((n) => n.startsWith(line));
+      return [names, line];
+    },
+  } as Parameters<typeof createInterface>[0]);
+  const v = client.greeting?.QMP.version;
+  process.stdout.write(`Connected to ${v?.package ?? 'QMP'} (QEMU ${v?.qemu.major}.${v?.qemu.minor}.${v?.qemu.micro}). Type 'help' for the command list, Ctrl-D to leave.\n`);
+  client.on('event', (ev: unknown) => {
+    process.stdout.write(`\nevent: ${JSON.stringify(ev)}\n`);
+    rl.prompt(true);
+  });
+  client.on('close', () => {
+    process.stdout.write('\nconnection closed\n');
+    rl.close();
+  });
+  rl.prompt();
+  for await (const line of rl) {
+    const text = line.trim();
+    if (text === '') {
+      rl.prompt();
+      continue;
+    }
+    try {
+      appendFileSync(historyFile, text + '\n');
+    } catch {
+      /* history is best effort */
+    }
+    if (text === 'help') {
+      process.stdout.write([...schemas.keys()].sort().join('\n') + '\n');
+      rl.prompt();
+      continue;
+    }
+    if (text === 'quit-shell' || text === 'exit') break;
+    const sp = text.search(/\s/);
+    const name = sp < 0 ? text : text.slice(0, sp);
+    const argText = sp < 0 ? '' : text.slice(sp + 1).trim();
+    try {
+      const words = argText === '' ? [] : argText.startsWith('{') ? [argText] : argText.split(/\s+/);
+      const ret = await client.execute(name, buildArguments(schemas.get(name), words));
+      process.stdout.write(fmt(ret) + '\n');
+    } catch (e) {
+      if (e instanceof QmpCommandError) process.stdout.write(`error: ${e.errorClass}: ${e.desc}\n`);
+      else process.stdout.write(`error: ${errorMessage(e)}\n`);
+      if (client.closed) break;
+    }
+    rl.prompt();
+  }
+  rl.close();
+  return 0;
+}

@@ -1,0 +1,193 @@
+// Block exports and the daemon's one NBD server (--nbd-server, --export, nbd-server-start,
+// nbd-server-add, block-export-add and friends share this table, as in QEMU). The NBD server
+// itself comes from src/nbd; the table only needs the small interface below, so that it can
+// be driven by a fake in unit tests and wired by the daemon.
+//
+// Safety rule: without TLS, an NBD server that listens on a non-loopback address serves no
+// writable export unless the daemon runs with --insecure.
+
+import { isIP } from 'node:net';
+import type { BlockGraph } from '../block/graph.js';
+import type { BlockNode } from '../block/node.js';
+import { InvalidArgumentError, NotFoundError, StateError } from '../errors.js';
+import type { EventBus } from '../qmp/events.js';
+import type { Logger } from './log.js';
+import type { ObjectTable, TlsCredsX509 } from './objects.js';
+
+export type ListenAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
+
+/** What the daemon needs from src/nbd's NbdServer. */
+export interface NbdServerApi {
+  listen(addr: ListenAddress): Promise<unknown>;
+  addExport(e: { name: string; node: BlockNode; writable: boolean; description?: string }): unknown;
+  removeExport(name: string, mode: 'safe' | 'hard'): unknown;
+  close(): Promise<void>;
+}
+
+export interface NbdServerConfig {
+  graph: BlockGraph;
+  maxConnections?: number;
+  tls?: TlsCredsX509;
+}
+
+export type NbdServerFactory = (cfg: NbdServerConfig) => NbdServerApi;
+
+export interface ExportInfo {
+  readonly type: 'nbd';
+  readonly id: string;
+  readonly name: string;
+  readonly node: BlockNode;
+  readonly nodeName: string;
+  readonly writable: boolean;
+  readonly description?: string;
+}
+
+export interface NbdStartOptions {
+  addrs: ListenAddress[];
+  tlsCreds?: string;
+  maxConnections?: number;
+}
+
+/** true for 127.0.0.0/8, ::1, ::ffff:127.x and 'localhost' */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, '').toLowerCase();
+  if (h === 'localhost' || h === 'ip6-localhost') return true;
+  if (isIP(h) === 4) return h.startsWith('127.');
+  if (isIP(h) === 6) return h === '::1' || h.startsWith('::ffff:127.');
+  return false;
+}
+
+export function describeAddress(a: ListenAddress): string {
+  return a.type === 'unix' ? `unix:${a.path}` : `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
+export class ExportTable {
+  private server: NbdServerApi | null = null;
+  /** the server listens on a non-loopback address without TLS */
+  private exposedPlain = false;
+  private serverAddresses: ListenAddress[] = [];
+  private releaseCreds: (() => void) | null = null;
+  private readonly exportsById = new Map<string, ExportInfo>();
+
+  constructor(
+    private readonly graph: BlockGraph,
+    private readonly objects: ObjectTable,
+    private readonly events: EventBus,
+    private readonly log: Logger,
+    private readonly factory: NbdServerFactory | null,
+    private readonly insecure: boolean,
+  ) {}
+
+  get nbdRunning(): boolean {
+    return this.server !== null;
+  }
+
+  get nbdAddresses(): readonly ListenAddress[] {
+    return this.serverAddresses;
+  }
+
+  async startNbd(o: NbdStartOptions): Promise<void> {
+    if (this.server) throw new StateError('NBD server already running');
+    if (!this.factory) throw new StateError('NBD server is not available in this build');
+    const tls = o.tlsCreds !== undefined ? this.objects.tlsCreds(o.tlsCreds, 'server') : undefined;
+    const server = this.factory({ graph: this.graph, ...(o.maxConnections ? { maxConnections: o.maxConnections } : {}), ...(tls ? { tls } : {}) });
+    const bound: ListenAddress[] = [];
+    for (const addr of o.addrs) {
+      try {
+        const b = await server.listen(addr);
+        bound.push(addr.type === 'inet' && isInet(b) ? { type: 'inet', host: addr.host, port: b.port } : addr);
+      } catch (e) {
+        await server.close().catch(() => {});
+        throw new InvalidArgumentError(`Failed to listen on ${describeAddress(addr)}: ${(e as Error).message}`);
+      }
+    }
+    this.server = server;
+    this.serverAddresses = bound;
+    this.exposedPlain = !tls && bound.some((a) => a.type === 'inet' && !isLoopbackHost(a.host));
+    this.releaseCreds = o.tlsCreds !== undefined ? this.objects.use(o.tlsCreds) : null;
+    if (this.exposedPlain) {
+      this.log.warn(
+        this.insecure
+          ? 'NBD server listens on a non-loopback address without TLS (--insecure): writable exports are reachable by anyone on the network'
+          : 'NBD server listens on a non-loopback address without TLS: only read-only exports are allowed (use TLS, or --insecure)',
+        { addresses: bound.map(describeAddress) },
+      );
+    }
+    this.log.info('NBD server listening', { addresses: bound.map(describeAddress), tls: tls ? tls.id : null });
+  }
+
+  async stopNbd(): Promise<void> {
+    const server = this.server;
+    if (!server) throw new StateError('NBD server not running');
+    for (const e of [...this.exportsById.values()]) this.forget(e);
+    this.server = null;
+    this.serverAddresses = [];
+    this.releaseCreds?.();
+    this.releaseCreds = null;
+    await server.close();
+    this.log.info('NBD server stopped');
+  }
+
+  add(o: { id: string; nodeName: string; name?: string; writable: boolean; description?: string }): ExportInfo {
+    const server = this.server;
+    if (!server) throw new StateError('NBD server not running');
+    if (this.exportsById.has(o.id)) throw new InvalidArgumentError(`Block export id '${o.id}' is already in use`);
+    const name = o.name ?? o.nodeName;
+    if (name.length > 4096) throw new InvalidArgumentError(`export name '${name.slice(0, 64)}...' too long`);
+    for (const e of this.exportsById.values()) {
+      if (e.name === name) throw new InvalidArgumentError(`NBD server already has export named '${name}'`);
+    }
+    const node = this.graph.find(o.nodeName);
+    if (o.writable && this.exposedPlain && !this.insecure) {
+      throw new InvalidArgumentError(
+        `Refusing writable export '${name}': the NBD server listens on a non-loopback address without TLS (use tls-creds, a loopback address, or --insecure)`,
+      );
+    }
+    if (o.writable && node.readOnly) throw new InvalidArgumentError(`Cannot export read-only node '${node.name}' as writable`);
+    server.addExport({ name, node, writable: o.writable, ...(o.description !== undefined ? { description: o.description } : {}) });
+    const info: ExportInfo = {
+      type: 'nbd',
+      id: o.id,
+      name,
+      node,
+      nodeName: node.name,
+      writable: o.writable,
+      ...(o.description !== undefined ? { description: o.description } : {}),
+    };
+    this.exportsById.set(o.id, info);
+    this.log.info('export added', { id: o.id, name, node: node.name, writable: o.writable });
+    return info;
+  }
+
+  async del(id: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    const e = this.exportsById.get(id);
+    if (!e) throw new NotFoundError(`Export '${id}' is not found`);
+    const server = this.server;
+    if (server) await server.removeExport(e.name, mode);
+    this.forget(e);
+  }
+
+  private forget(e: ExportInfo): void {
+    this.exportsById.delete(e.id);
+    this.events.emitEvent('BLOCK_EXPORT_DELETED', { id: e.id });
+    this.log.info('export removed', { id: e.id });
+  }
+
+  list(): ExportInfo[] {
+    return [...this.exportsById.values()];
+  }
+
+  /** query-block-exports */
+  query(): Array<Record<string, unknown>> {
+    return this.list().map((e) => ({ type: e.type, id: e.id, 'node-name': e.node.name, 'shutting-down': false }));
+  }
+
+  /** Shutdown: closes the server (it drains its connections); exports go with it. */
+  async close(): Promise<void> {
+    if (this.server) await this.stopNbd();
+  }
+}
+
+function isInet(v: unknown): v is { type: 'inet'; host: string; port: number } {
+  return typeof v === 'object' && v !== null && (v as { type?: unknown }).type === 'inet' && typeof (v as { port?: unknown }).port === 'number';
+}

@@ -1,0 +1,198 @@
+// Block graph commands: blockdev-add, blockdev-del, blockdev-reopen,
+// query-named-block-nodes, x-blockdev-change.
+
+import type { BlockNode } from '../../block/node.js';
+import type { OptionDict } from '../../block/options.js';
+import { InvalidArgumentError, StateError } from '../../errors.js';
+import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
+import { QmpError } from '../errors.js';
+import { BLOCKDEV_DEL, BLOCKDEV_REOPEN, QUERY_NAMED_BLOCK_NODES, X_BLOCKDEV_CHANGE } from '../schema/block.js';
+import { ANY_DICT } from '../schema/types.js';
+
+/** QEMU's "json:{...}" filename for nodes without a plain file name. */
+function jsonFilename(node: BlockNode): string {
+  const opts: Record<string, unknown> = { driver: node.driver.name };
+  for (const [k, v] of Object.entries(node.options)) {
+    if (k === 'driver' || k === 'node-name' || k === 'read-only' || k === 'auto-read-only' || k === 'discard' || k === 'detect-zeroes') continue;
+    opts[k] = v;
+  }
+  for (const [role, edge] of node.children) opts[role] = edge.child.autoName ? JSON.parse(filenameOf(edge.child).replace(/^json:/, '') || '{}') : edge.child.name;
+  return 'json:' + JSON.stringify(opts);
+}
+
+export function filenameOf(node: BlockNode): string {
+  const own = node.isOpen ? node.impl.filename : undefined;
+  if (own) return own;
+  const file = node.file;
+  if (file && node.driver.kind !== 'filter') {
+    const f = filenameOf(file);
+    if (!f.startsWith('json:')) return f;
+  }
+  return jsonFilename(node);
+}
+
+function backingDepth(node: BlockNode): number {
+  let depth = 0;
+  for (let b = node.backing; b; b = b.backing) depth++;
+  return depth;
+}
+
+function imageInfo(node: BlockNode, flat: boolean): Record<string, unknown> {
+  const info = node.isOpen ? (node.impl.info?.() ?? {}) : {};
+  const img: Record<string, unknown> = {
+    'virtual-size': node.isOpen ? node.getLength() : 0,
+    filename: filenameOf(node),
+    format: node.driver.name,
+  };
+  for (const key of ['cluster-size', 'actual-size', 'dirty-flag', 'encrypted', 'format-specific']) {
+    if (info[key] !== undefined) img[key] = info[key];
+  }
+  const backing = node.backing;
+  if (backing) {
+    img['backing-filename'] = filenameOf(backing);
+    img['full-backing-filename'] = filenameOf(backing);
+    img['backing-filename-format'] = backing.driver.name;
+    if (!flat) img['backing-image'] = imageInfo(backing, false);
+  }
+  return img;
+}
+
+/** QEMU's BlockDeviceInfo for one node. */
+export function blockDeviceInfo(node: BlockNode, flat = false): Record<string, unknown> {
+  const o = node.options;
+  const detect = typeof o['detect-zeroes'] === 'string' ? o['detect-zeroes'] : 'off';
+  const info: Record<string, unknown> = {
+    file: filenameOf(node),
+    'node-name': node.name,
+    ro: node.readOnly,
+    drv: node.driver.name,
+    backing_file_depth: backingDepth(node),
+    encrypted: false,
+    detect_zeroes: detect,
+    bps: 0,
+    bps_rd: 0,
+    bps_wr: 0,
+    iops: 0,
+    iops_rd: 0,
+    iops_wr: 0,
+    image: imageInfo(node, flat),
+    cache: { writeback: true, direct: truthy(o['cache.direct']), 'no-flush': truthy(o['cache.no-flush']) },
+    write_threshold: 0,
+  };
+  if (node.backing) info.backing_file = filenameOf(node.backing);
+  return info;
+}
+
+function truthy(v: unknown): boolean {
+  return v === true || v === 'on' || v === 'true' || v === 'yes';
+}
+
+async function blockdevAdd(ctx: QmpContext, args: OptionDict): Promise<void> {
+  if (args.driver === undefined) throw new InvalidArgumentError(`Parameter 'driver' is missing`);
+  if (typeof args['node-name'] !== 'string') throw new InvalidArgumentError("'node-name' must be specified for the root node");
+  const node = await ctx.graph.open(args, { keyval: false, monitorOwned: true });
+  ctx.log.info('node added', { node: node.name, driver: node.driver.name });
+}
+
+async function blockdevDel(ctx: QmpContext, name: string): Promise<void> {
+  const node = ctx.graph.nodes.get(name);
+  if (node && node.monitorOwned && node.backends().length > 0) throw new StateError(`Node ${name} is in use`);
+  await ctx.graph.deleteNode(name);
+  ctx.log.info('node deleted', { node: name });
+}
+
+/**
+ * blockdev-reopen: every node's new options are checked before any is applied. lockstep can
+ * change `read-only`; any other option must keep its value.
+ */
+async function blockdevReopen(ctx: QmpContext, list: OptionDict[]): Promise<void> {
+  const plan: Array<{ node: BlockNode; readOnly: boolean }> = [];
+  for (const opts of list) {
+    const name = opts['node-name'];
+    if (typeof name !== 'string') throw new InvalidArgumentError('node-name not specified');
+    const node = ctx.graph.nodes.get(name);
+    if (!node) throw new InvalidArgumentError(`Failed to find node with node-name='${name}'`);
+    if (opts.driver !== node.driver.name) {
+      if (opts.driver === undefined) throw new InvalidArgumentError(`Parameter 'driver' is missing`);
+      throw new InvalidArgumentError(`Cannot change the option 'driver'`);
+    }
+    for (const [k, v] of Object.entries(opts)) {
+      if (k === 'driver' || k === 'node-name' || k === 'read-only' || k === 'auto-read-only') continue;
+      const child = node.children.get(k);
+      if (child) {
+        if (v === child.child.name) continue;
+        throw new InvalidArgumentError(`Cannot change the option '${k}'`);
+      }
+      const cur = node.options[k];
+      if (cur === undefined || JSON.stringify(cur) !== JSON.stringify(v)) throw new InvalidArgumentError(`Cannot change the option '${k}'`);
+    }
+    for (const k of Object.keys(node.options)) {
+      if (k === 'read-only' || k === 'auto-read-only' || k === 'node-name' || k === 'driver') continue;
+      if (opts[k] === undefined && !node.children.has(k)) throw new InvalidArgumentError(`Option '${k}' cannot be reset to its default value`);
+    }
+    for (const role of node.children.keys()) {
+      if (opts[role] === undefined && (role === 'file' || role === 'backing') && !node.children.get(role)!.child.autoName) {
+        // QEMU requires references to existing children to be repeated
+        throw new InvalidArgumentError(`Option '${role}' cannot be reset to its default value`);
+      }
+    }
+    const ro = opts['read-only'];
+    if (ro !== undefined && typeof ro !== 'boolean') throw new InvalidArgumentError(`Invalid parameter type for 'read-only', expected: boolean`);
+    const readOnly = ro ?? false;
+    if (readOnly && !node.readOnly && node.backends().some((b) => !b.readOnly)) {
+      throw new StateError(`Cannot make node '${name}' read-only: it has a writable user`);
+    }
+    plan.push({ node, readOnly });
+  }
+  for (const { node, readOnly } of plan) {
+    await node.setReadOnly(readOnly);
+    ctx.log.info('node reopened', { node: node.name, readOnly });
+  }
+}
+
+interface ChildEditable {
+  addChild?(node: BlockNode): unknown;
+  removeChild?(name: string): unknown;
+}
+
+async function xBlockdevChange(ctx: QmpContext, parentName: string, childName?: string, nodeName?: string): Promise<void> {
+  const parent = ctx.graph.find(parentName);
+  if (childName !== undefined && nodeName !== undefined) throw new InvalidArgumentError('The parameters child and node are in conflict');
+  if (childName === undefined && nodeName === undefined) throw new InvalidArgumentError('Either child or node must be specified');
+  const impl = parent.impl as unknown as ChildEditable;
+  if (nodeName !== undefined) {
+    const node = ctx.graph.nodes.get(nodeName);
+    if (!node) throw new InvalidArgumentError(`Node '${nodeName}' not found`);
+    if (typeof impl.addChild !== 'function') throw new InvalidArgumentError(`The node ${parent.name} does not support adding a child`);
+    if (node.parents.size > 0 && node.parentNodes().length > 0) {
+      throw new InvalidArgumentError(`The node ${nodeName} already has a parent`);
+    }
+    await impl.addChild(node);
+    ctx.log.info('child added', { parent: parent.name, node: nodeName });
+    return;
+  }
+  if (!parent.children.has(childName!)) throw new InvalidArgumentError(`Node '${parent.name}' does not have child '${childName}'`);
+  if (typeof impl.removeChild !== 'function') throw new InvalidArgumentError(`The node ${parent.name} does not support removing a child`);
+  await impl.removeChild(childName!);
+  ctx.log.info('child removed', { parent: parent.name, child: childName });
+}
+
+export const blockdevCommands: readonly QmpCommand[] = [
+  command('blockdev-add', ANY_DICT, (ctx, args) => blockdevAdd(ctx, args)),
+  command('blockdev-del', BLOCKDEV_DEL, (ctx, args) => blockdevDel(ctx, args['node-name'] as string)),
+  command('blockdev-reopen', BLOCKDEV_REOPEN, (ctx, args) => blockdevReopen(ctx, args.options as OptionDict[])),
+  command('query-named-block-nodes', QUERY_NAMED_BLOCK_NODES, (ctx, args) => {
+    const flat = (args.flat as boolean | undefined) ?? false;
+    return [...ctx.graph.nodes.values()].reverse().map((n) => blockDeviceInfo(n, flat));
+  }),
+  command('x-blockdev-change', X_BLOCKDEV_CHANGE, (ctx, args) =>
+    xBlockdevChange(ctx, args.parent as string, args.child as string | undefined, args.node as string | undefined),
+  ),
+];
+
+/** For commands that name a device the QEMU way ("Device 'x' not found", DeviceNotFound). */
+export function findDevice(ctx: QmpContext, name: string): BlockNode {
+  const n = ctx.graph.lookup(name);
+  if (!n) throw new QmpError('DeviceNotFound', `Device '${name}' not found`);
+  return n;
+}
