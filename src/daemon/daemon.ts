@@ -65,6 +65,8 @@ export class Daemon {
     this.log = deps.log;
     this.graph = new BlockGraph(deps.registry ?? createRegistry());
     this.graph.on('error-log', (msg: string) => this.log.error(msg));
+    // events raised by drivers (QUORUM_REPORT_BAD, QUORUM_FAILURE) reach every monitor
+    this.graph.on('event', (name: string, data?: Record<string, unknown>) => this.events.emitEvent(name, data));
     this.objects = new ObjectTable(this.graph);
     this.exports = new ExportTable(this.graph, this.objects, this.events, this.log, deps.nbdFactory, opts.insecure);
     this.services = { jobs: null, replication: null, runIoCommand: null, ...deps.services };

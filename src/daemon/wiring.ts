@@ -3,6 +3,7 @@
 
 import type { DaemonDeps } from './daemon.js';
 import type { Logger } from './log.js';
+import { replicationCommands } from '../qmp/commands/replication.js';
 
 export interface Wiring {
   deps: DaemonDeps;
@@ -11,7 +12,7 @@ export interface Wiring {
 
 export function wire(log: Logger): Wiring {
   return {
-    deps: { log, nbdFactory: null },
+    deps: { log, nbdFactory: null, commands: [replicationCommands] },
     createQcow2: null,
   };
 }

@@ -1,0 +1,94 @@
+// Replication commands: QEMU's xen-set-replication, query-xen-replication-status,
+// xen-colo-do-checkpoint and x-colo-lost-heartbeat, plus lockstep's own query-replication
+// (every node, not just the first error) and block-io-hold / block-io-release (the barrier
+// the pair supervisor takes around a checkpoint).
+
+import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
+import { replicationRegistry } from '../../replication/registry.js';
+import { InvalidArgumentError, StateError, errorMessage } from '../../errors.js';
+
+/** The I/O holds in force, by node-name, kept with the graph they belong to. */
+function holdTable(ctx: QmpContext): Map<string, () => void> {
+  let t = ctx.graph.services.get('io-holds') as Map<string, () => void> | undefined;
+  if (!t) ctx.graph.services.set('io-holds', (t = new Map()));
+  return t;
+}
+
+export const replicationCommands: readonly QmpCommand[] = [
+  command('xen-set-replication', { enable: 'bool', primary: 'bool', '*failover': 'bool' }, async (ctx, args) => {
+    const reg = replicationRegistry(ctx.graph);
+    if (args.enable) {
+      if (args.failover !== undefined) throw new InvalidArgumentError("Parameter 'failover' is only for stopping replication");
+      await reg.startAll(args.primary ? 'primary' : 'secondary');
+      ctx.log.info('replication started', { mode: args.primary ? 'primary' : 'secondary' });
+      return {};
+    }
+    const failover = args.failover === true;
+    try {
+      await reg.stopAll(failover);
+    } catch (e) {
+      // QEMU discards every error of a failover stop; a plain stop reports the first
+      if (!failover) throw e;
+      ctx.log.warn('replication stop with failover reported an error', { error: errorMessage(e) });
+    }
+    ctx.log.info('replication stopped', { failover });
+    return {};
+  }),
+
+  command('query-xen-replication-status', {}, async (ctx) => {
+    try {
+      await replicationRegistry(ctx.graph).getErrorAll();
+      return { error: false };
+    } catch (e) {
+      return { error: true, desc: errorMessage(e) };
+    }
+  }),
+
+  command('xen-colo-do-checkpoint', {}, async (ctx) => {
+    await replicationRegistry(ctx.graph).doCheckpointAll();
+    return {};
+  }),
+
+  // Without a COLO migration, "lost heartbeat" means: fail over this daemon's secondary
+  // replication nodes. Errors are logged, as QEMU does.
+  command('x-colo-lost-heartbeat', {}, async (ctx) => {
+    const secondaries = replicationRegistry(ctx.graph)
+      .list()
+      .filter((s) => s.mode === 'secondary');
+    if (secondaries.length === 0) throw new StateError('VM is not in COLO mode');
+    for (const s of secondaries) {
+      await s.stop(true).catch((e: unknown) => ctx.log.warn('failover reported an error', { node: s.node.name, error: errorMessage(e) }));
+    }
+    ctx.log.warn('failover requested (x-colo-lost-heartbeat)');
+    return {};
+  }),
+
+  command('query-replication', {}, (ctx) => replicationRegistry(ctx.graph).query()),
+
+  command('block-io-hold', { 'node-name': 'str' }, async (ctx, args) => {
+    const name = args['node-name'] as string;
+    const node = ctx.graph.getNode(name);
+    const table = holdTable(ctx);
+    if (table.has(name)) throw new StateError(`I/O on node '${name}' is already held`);
+    // Reserve the entry first so that a second hold racing this one fails cleanly.
+    table.set(name, () => {});
+    try {
+      table.set(name, await node.tracker.hold());
+    } catch (e) {
+      table.delete(name);
+      throw e;
+    }
+    return {};
+  }),
+
+  command('block-io-release', { 'node-name': 'str' }, (ctx, args) => {
+    const name = args['node-name'] as string;
+    ctx.graph.getNode(name);
+    const table = holdTable(ctx);
+    const release = table.get(name);
+    if (!release) throw new StateError(`I/O on node '${name}' is not held`);
+    table.delete(name);
+    release();
+    return {};
+  }),
+];
