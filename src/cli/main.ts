@@ -7,6 +7,7 @@ const SUBCOMMANDS: Record<string, { module: string; summary: string }> = {
   daemon: { module: './daemon.js', summary: 'serve block nodes over NBD with a QMP monitor (qemu-storage-daemon)' },
   qmp: { module: './qmp.js', summary: 'send QMP commands to a daemon' },
   pair: { module: './pair.js', summary: 'run and supervise a primary/secondary replication pair' },
+  demo: { module: './demo.js', summary: 'a scripted pair run: load, checkpoints, primary killed, failover, verification' },
 };
 
 function usage(): string {

@@ -353,6 +353,13 @@ export class PairSupervisor extends EventEmitter {
     return run;
   }
 
+  /** Kills the primary daemon with SIGKILL (the demo's and tests' simulated crash). */
+  crashPrimary(): void {
+    const c = this.primary?.child;
+    if (!c) throw new Error('the primary daemon was not started by this supervisor');
+    c.kill('SIGKILL');
+  }
+
   // ---- status and shutdown ----------------------------------------------------------
 
   status(): PairStatus {
