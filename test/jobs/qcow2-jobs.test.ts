@@ -195,3 +195,40 @@ test('qcow2: mirror of a half-zero image into a qcow2 target, then qemu-img comp
   writeFileSync(modelPath, model);
   run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', dstPath, modelPath]);
 });
+
+// Known gap: the qcow2 driver (branch qcow2) keeps the backing node it opened with, so after
+// the backing edge is re-pointed it still reads the dropped middle layer. It needs to read
+// its `backing` edge at request time; until then this is a todo.
+test('qcow2: intermediate commit re-points the overlay at the base', { todo: 'qcow2 must read its backing edge at request time' }, async (t) => {
+  const g = newGraph();
+  if (!ready(t, g)) return;
+  const dir = tempDir(t);
+  const size = 4 * MiB;
+  const basePath = qcow2(dir, 'base.qcow2', size);
+  qcow2(dir, 'mid.qcow2', size, 'base.qcow2');
+  const topPath = qcow2(dir, 'top.qcow2', size, 'mid.qcow2');
+  const mgr = new JobManager(g);
+  const base = await g.open({ driver: 'qcow2', 'node-name': 'base', 'read-only': true, file: fileOpts(basePath) }, { monitorOwned: true });
+  const top = await g.open({
+    driver: 'qcow2',
+    'node-name': 'top',
+    file: fileOpts(topPath),
+    backing: { driver: 'qcow2', 'node-name': 'mid', file: fileOpts(join(dir, 'mid.qcow2')), backing: 'base' },
+  });
+  const mid = g.getNode('mid');
+  await mid.setReadOnly(false);
+  await mid.write(MiB, pattern(0x22, MiB));
+  await mid.setReadOnly(true);
+  await top.write(0, pattern(0x33, 4096));
+  const view = await top.read(0, size);
+  const be = g.createBackend(top, { name: 'd' });
+  const job = await startCommit(mgr, { top: mid, base, active: false });
+  assert.equal((await job.done).ret, 0);
+  await g.settle();
+  assert.equal(top.backing, base);
+  assert.ok(!g.nodes.has('mid'));
+  assert.ok((await be.read(0, size)).equals(view), 'the overlay reads the same through the new backing');
+  assert.equal(base.readOnly, true);
+  await g.closeAll();
+  run('qemu-img', ['check', '-q', basePath]);
+});
