@@ -467,17 +467,21 @@ export abstract class Job {
 
   private async finalizeSingle(): Promise<void> {
     this.finishing = true;
+    // commit/abort/clean must not fail; if one does anyway (a bug), the job still ends
+    // and the failure is logged where the graph logs close errors
     try {
       if (this.error) this.abort();
       else this.commit();
-    } finally {
-      try {
-        await this.clean();
-      } finally {
-        for (const n of this.blocked) n.blockers.delete(this.blockerReason);
-        this.blocked.length = 0;
-      }
+    } catch (e) {
+      this.graph.emit('error-log', `job ${this.id}: ${errorMessage(e)}`);
     }
+    try {
+      await this.clean();
+    } catch (e) {
+      this.graph.emit('error-log', `job ${this.id}: cleaning up: ${errorMessage(e)}`);
+    }
+    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    this.blocked.length = 0;
     if (this.started) {
       if (this.isCancelled) this.emitEvent('BLOCK_JOB_CANCELLED', this.blockEventData());
       else {
@@ -506,8 +510,9 @@ export abstract class Job {
   }
 
   /**
-   * Cancels the job (verb `cancel`). With force=false a READY mirror completes without
-   * pivoting. Resolves when the job has ended.
+   * Cancels the job and resolves with its result once it has ended (filters removed). For
+   * the job's creator: a job that already ended just yields its result. With force=false a
+   * READY mirror completes without pivoting. The monitor uses userCancel (verb checked).
    */
   async cancel(force = false): Promise<JobResult> {
     if (this.isCompleted && this.status !== 'pending') return this.done;
