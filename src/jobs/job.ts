@@ -36,7 +36,8 @@ export type JobStatus =
   | 'concluded'
   | 'null';
 
-export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss' | 'change';
+/** QEMU 7.2's verbs ('change' arrived in 8.2 and is not here). */
+export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create' | 'amend' | 'snapshot-load' | 'snapshot-save' | 'snapshot-delete';
 
@@ -61,7 +62,7 @@ export const JOB_STATUSES: readonly JobStatus[] = [
   'null',
 ];
 
-export const JOB_VERBS: readonly JobVerb[] = ['cancel', 'pause', 'resume', 'set-speed', 'complete', 'finalize', 'dismiss', 'change'];
+export const JOB_VERBS: readonly JobVerb[] = ['cancel', 'pause', 'resume', 'set-speed', 'complete', 'finalize', 'dismiss'];
 
 /** Allowed status transitions (QEMU's JobSTT). */
 export const JOB_TRANSITIONS: Readonly<Record<JobStatus, readonly JobStatus[]>> = {
@@ -87,7 +88,6 @@ export const JOB_VERB_TABLE: Readonly<Record<JobVerb, readonly JobStatus[]>> = {
   complete: ['ready'],
   finalize: ['pending'],
   dismiss: ['concluded'],
-  change: ['created', 'running', 'paused', 'ready', 'standby'],
 };
 
 export function canTransition(from: JobStatus, to: JobStatus): boolean {

@@ -38,7 +38,6 @@ const QEMU_VERBS: Record<string, string> = {
   complete: '00001000000',
   finalize: '00000001000',
   dismiss: '00000000010',
-  change: '01111100000',
 };
 
 test('the status transition table is exactly QEMU 7.2', () => {
