@@ -144,12 +144,14 @@ export class BackupJob extends Job {
 
   /**
    * Replication's checkpoint (sync=none): waits for in-flight writes and copies, holds
-   * new writes, resets the copy bitmap to all-set, releases.
+   * new writes, resets the copy bitmap to all-set, runs `during` (replication empties the
+   * active and hidden disks there: spec decision 5), releases. A failure of `during` is
+   * thrown after the release; the bitmap is reset by then.
    */
-  async checkpoint(): Promise<void> {
+  async checkpoint(during?: () => Promise<void>): Promise<void> {
     if (this.sync !== 'none') throw new StateError('The backup job only supports block checkpoint in sync=none mode');
     if (this.isCompleted) throw new StateError('Backup job was cancelled unexpectedly');
-    await this.cbw.checkpoint();
+    await this.cbw.checkpoint(during);
   }
 
   protected override async clean(): Promise<void> {

@@ -237,3 +237,31 @@ test('a failing target with on-target-error=report ends a sync=full backup with 
   assert.equal(done?.[1]['error'], 'Input/output error');
   assert.deepEqual([...g.nodes.keys()].sort(), ['dst', 'mem', 'src']);
 });
+
+test('checkpoint(during) empties the overlays while new writes are held', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const size = MiB;
+  const sec = await addNode(g, { driver: 'memory', size, 'node-name': 'secondary' });
+  await sec.write(0, pattern(0x11, size));
+  const hidden = await addNode(g, { driver: 'test-cow', 'node-name': 'hidden', backing: 'secondary' });
+  const active = await addNode(g, { driver: 'test-cow', 'node-name': 'active', backing: 'hidden' });
+  const exp = g.createBackend(sec, { name: 'parent0' });
+  const job = await startBackup(mgr, { internal: true, source: sec, target: hidden, sync: 'none' });
+  await exp.write(0, pattern(0x22, 4096)); // before the checkpoint: hidden holds 0x11 there
+  const order: string[] = [];
+  const cp = job.checkpoint(async () => {
+    order.push('empty');
+    await hidden.makeEmpty();
+    await active.makeEmpty();
+  });
+  // a write issued once the checkpoint began belongs to the next epoch: its copy must
+  // survive the emptying
+  await new Promise((r) => setImmediate(r));
+  const w = exp.write(2 * CLUSTER, pattern(0x33, 100)).then(() => order.push('write'));
+  await Promise.all([cp, w]);
+  assert.deepEqual(order, ['empty', 'write']);
+  const expected = pattern(0x11, size).fill(0x22, 0, 4096);
+  assert.ok((await active.read(0, size)).equals(expected), 'the SVM sees the checkpoint state, not the new write');
+  await job.cancel();
+});
