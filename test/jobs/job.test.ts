@@ -166,3 +166,23 @@ test('internal jobs are never listed and emit no events', async () => {
   assert.equal(lastProgress, 256 << 10);
   assert.deepEqual(events, []);
 });
+
+test('cancelAll ends every job, internal ones included, and restores the graph', async () => {
+  const g = newGraph();
+  const mgr = new JobManager(g);
+  const a = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'a' });
+  const b = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'b' });
+  const c = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'c' });
+  const d = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'd' });
+  const ea = g.createBackend(a, { name: 'ea' });
+  const ec = g.createBackend(c, { name: 'ec' });
+  const j1 = await startBackup(mgr, { internal: true, source: a, target: b, sync: 'none' });
+  const j2 = await startMirror(mgr, { jobId: 'm', source: c, target: d, sync: 'none', autoDismiss: false });
+  await mgr.cancelAll();
+  assert.equal(j1.status, 'null');
+  assert.equal(j2.status, 'null');
+  assert.deepEqual(mgr.queryJobs(), []);
+  assert.equal(ea.node, a);
+  assert.equal(ec.node, c);
+  assert.deepEqual([...g.nodes.keys()].sort(), ['a', 'b', 'c', 'd']);
+});
