@@ -97,11 +97,16 @@ export class BackupJob extends Job {
   }
 
   async start(): Promise<void> {
-    if (!this.internal) {
-      this.source.checkNotBlocked();
-      this.target.checkNotBlocked();
+    try {
+      if (!this.internal) {
+        this.source.checkNotBlocked();
+        this.target.checkNotBlocked();
+      }
+      await this.setUp();
+    } catch (e) {
+      this.abandon();
+      throw e;
     }
-    await this.setUp();
     if (!this.internal) {
       this.block(this.source);
       this.block(this.target);

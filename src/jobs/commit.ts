@@ -78,8 +78,13 @@ export class IntermediateCommitJob extends Job {
 
   start(): void {
     if (!this.internal) {
-      this.top.checkNotBlocked();
-      this.base.checkNotBlocked();
+      try {
+        this.top.checkNotBlocked();
+        this.base.checkNotBlocked();
+      } catch (e) {
+        this.abandon();
+        throw e;
+      }
       this.block(this.top);
       this.block(this.base);
     }

@@ -145,6 +145,8 @@ export abstract class Job {
     this.onTargetError = opts.onTargetError ?? 'report';
     this.onProgress = opts.onProgress;
     this.done = new Promise<JobResult>((r) => (this.resolveDone = r));
+    // The id is taken from now on, so that a concurrent start cannot take it too.
+    mgr.register(this);
   }
 
   get speed(): number {
@@ -323,10 +325,16 @@ export abstract class Job {
     return { type: this.type, device: this.id, len: this.progressTotal, offset: this.progressCurrent, speed: this.speed };
   }
 
-  /** Registers the job (status created). Called by the job's start function. */
+  /** The job is set up (status created). Called by the job's start function. */
   protected created(): void {
-    this.mgr.register(this);
     this.transition('created');
+  }
+
+  /** Setting up failed before `created()`: frees the id and the blockers. */
+  protected abandon(): void {
+    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    this.blocked.length = 0;
+    this.mgr.unregister(this);
   }
 
   /** Starts run() in the background (status running). */
@@ -558,6 +566,7 @@ export class JobManager extends EventEmitter {
     return `#job${++this.internalCounter}`;
   }
 
+  /** A job by id, including one still being set up (its id is taken). */
   get(id: string): Job | undefined {
     return this.jobs.get(id);
   }
@@ -578,20 +587,20 @@ export class JobManager extends EventEmitter {
   /** For job-* commands: QEMU's "Job not found". */
   find(id: string): Job {
     const j = this.jobs.get(id);
-    if (!j) throw new NotFoundError(`Job not found`);
+    if (!j || j.status === 'undefined') throw new NotFoundError(`Job not found`);
     return j;
   }
 
   /** For block-job-* commands: QEMU's "Block job 'x' not found". */
   findBlockJob(id: string): Job {
     const j = this.jobs.get(id);
-    if (!j) throw new NotFoundError(`Block job '${id}' not found`);
+    if (!j || j.status === 'undefined') throw new NotFoundError(`Block job '${id}' not found`);
     return j;
   }
 
-  /** All listed jobs, oldest first. */
+  /** All listed jobs, oldest first (not those still being set up). */
   list(): Job[] {
-    return [...this.jobs.values()];
+    return [...this.jobs.values()].filter((j) => j.status !== 'undefined');
   }
 
   queryBlockJobs(): BlockJobInfo[] {
@@ -604,7 +613,7 @@ export class JobManager extends EventEmitter {
 
   /** Shutdown: force-cancels every job, internal ones included, and waits for them. */
   async cancelAll(): Promise<void> {
-    const all = [...this.jobs.values(), ...this.internalJobs];
+    const all = [...this.jobs.values(), ...this.internalJobs].filter((j) => j.status !== 'undefined');
     await Promise.all(all.map((j) => (j.isCompleted && j.status !== 'pending' ? j.done : j.cancel(true))));
     for (const j of [...this.jobs.values()]) if (j.status === 'concluded') j.dismiss();
   }

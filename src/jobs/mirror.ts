@@ -90,19 +90,24 @@ export class MirrorJob extends Job {
   }
 
   async start(): Promise<void> {
-    if (!this.internal) {
-      this.source.checkNotBlocked();
-      this.target.checkNotBlocked();
-    }
     const graph = this.graph;
-    this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
     try {
-      this.top = getJobTop(this.filter);
-      insertFilterAbove(this.filter, this.source);
-      this.filterInserted = true;
+      if (!this.internal) {
+        this.source.checkNotBlocked();
+        this.target.checkNotBlocked();
+      }
+      this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
+      try {
+        this.top = getJobTop(this.filter);
+        insertFilterAbove(this.filter, this.source);
+        this.filterInserted = true;
+      } catch (e) {
+        graph.collect(this.filter);
+        await graph.settle();
+        throw e;
+      }
     } catch (e) {
-      graph.collect(this.filter);
-      await graph.settle();
+      this.abandon();
       throw e;
     }
     this.top.bitmap = this.bitmap;

@@ -92,6 +92,19 @@ test('verbs in the wrong state fail with QEMU messages; ids are checked', async 
   await assert.rejects(startBackup(mgr, { jobId: 'k', source: src, target: dst2, sync: 'none' }), {
     message: "Node 'src' is busy: block device is in use by block job: backup",
   });
+  // two starts racing for one id: exactly one gets it; a failed start frees its id
+  const e1 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e1' });
+  const e2 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e2' });
+  const e3 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e3' });
+  const race = await Promise.allSettled([
+    startBackup(mgr, { jobId: 'r', source: e1, target: e2, sync: 'none' }),
+    startBackup(mgr, { jobId: 'r', source: e3, target: dst2, sync: 'none' }),
+  ]);
+  assert.deepEqual(race.map((x) => x.status), ['fulfilled', 'rejected']);
+  assert.equal(race[1]?.status === 'rejected' && (race[1].reason as Error).message, "Job ID 'r' already in use");
+  const k = await startBackup(mgr, { jobId: 'k', source: e3, target: dst2, sync: 'none' });
+  await k.cancel();
+  if (race[0]?.status === 'fulfilled') await race[0].value.cancel();
   assert.throws(() => job.complete(), { message: "Job 'j' in state 'running' cannot accept command verb 'complete'" });
   await assert.rejects(job.finalize(), { message: "Job 'j' in state 'running' cannot accept command verb 'finalize'" });
   assert.throws(() => job.dismiss(), { message: "Job 'j' in state 'running' cannot accept command verb 'dismiss'" });
