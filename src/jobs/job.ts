@@ -233,6 +233,8 @@ export abstract class Job {
       let timer: NodeJS.Timeout | null = null;
       const wake = (): void => {
         if (timer) clearTimeout(timer);
+        const i = this.kickers.indexOf(wake);
+        if (i >= 0) this.kickers.splice(i, 1);
         resolve();
       };
       this.kickers.push(wake);
