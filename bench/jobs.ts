@@ -7,8 +7,8 @@
 // Run: npx tsc -p . && node dist/bench/jobs.js [--size-commit MiB] [--size-mirror MiB]
 // Prints one line per row with both times and the ratio (lockstep / QEMU; < 1 is faster).
 
-import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, openSync, closeSync, writeSync, ftruncateSync, rmSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { copyFileSync, existsSync, mkdtempSync, openSync, closeSync, writeSync, ftruncateSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockGraph } from '../src/block/graph.js';
@@ -98,6 +98,8 @@ async function mirrorRows(dir: string, sizeMiB: number): Promise<void> {
   const graph = new BlockGraph(createRegistry());
   if (!graph.drivers.has('nbd')) {
     console.log(`mirror ${sizeMiB} MiB into an NBD export: skipped (the nbd client driver is not in the registry)`);
+  } else {
+    await nbdRow(dir, src, sizeMiB);
   }
   // local stand-in: raw file -> existing raw file
   const dst = join(dir, 'mdst.raw');
@@ -120,6 +122,52 @@ async function mirrorRows(dir: string, sizeMiB: number): Promise<void> {
   const qemu = timed('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, qdst]);
   run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', dst, src]);
   row(`mirror ${sizeMiB} MiB half zeroes, raw file -> raw file`, ours, qemu);
+}
+
+function sparseFile(path: string, size: number): void {
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, size);
+  closeSync(fd);
+}
+
+/** Starts qemu-nbd on a unix socket; resolves once it listens. */
+async function qemuNbd(img: string, sock: string): Promise<ChildProcess> {
+  const p = spawn('qemu-nbd', ['-f', 'raw', '-t', '-k', sock, '-x', 'exp', img], { stdio: 'ignore' });
+  for (let i = 0; i < 500 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10));
+  if (!existsSync(sock)) throw new Error('qemu-nbd did not start');
+  return p;
+}
+
+async function nbdRow(dir: string, src: string, sizeMiB: number): Promise<void> {
+  const size = sizeMiB * MiB;
+  const ours = join(dir, 'nbd-ours.raw');
+  const theirs = join(dir, 'nbd-qemu.raw');
+  sparseFile(ours, size);
+  sparseFile(theirs, size);
+  const s1 = join(dir, 'ours.sock');
+  const s2 = join(dir, 'qemu.sock');
+  const p1 = await qemuNbd(ours, s1);
+  const p2 = await qemuNbd(theirs, s2);
+  try {
+    const graph = new BlockGraph(createRegistry());
+    const mgr = new JobManager(graph);
+    const t0 = performance.now();
+    const s = await graph.open({ driver: 'raw', 'node-name': 'src', file: { driver: 'file', filename: src } }, { monitorOwned: true });
+    const d = await graph.open({ driver: 'nbd', 'node-name': 'dst', server: { type: 'unix', path: s1 }, export: 'exp' }, { monitorOwned: true });
+    const job = await startMirror(mgr, { jobId: 'm', source: s, target: d, sync: 'full', autoComplete: true });
+    const r = await job.done;
+    if (r.ret !== 0) throw r.ret;
+    await d.flush();
+    await graph.closeAll();
+    const oursMs = performance.now() - t0;
+    const qemuMs = timed('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, `nbd+unix:///exp?socket=${s2}`]);
+    row(`mirror ${sizeMiB} MiB half zeroes into an NBD export (qemu-nbd)`, oursMs, qemuMs);
+  } finally {
+    p1.kill('SIGTERM');
+    p2.kill('SIGTERM');
+  }
+  run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', ours, src]);
+  run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', theirs, src]);
 }
 
 async function main(): Promise<void> {
