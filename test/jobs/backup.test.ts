@@ -265,3 +265,23 @@ test('checkpoint(during) empties the overlays while new writes are held', async 
   assert.ok((await active.read(0, size)).equals(expected), 'the SVM sees the checkpoint state, not the new write');
   await job.cancel();
 });
+
+test('concurrent writers of one cluster: the old content is copied exactly once, before any of them lands', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const sec = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'secondary' });
+  const old = fill(21, MiB);
+  await sec.write(0, old);
+  const hidden = await addNode(g, { driver: 'test-cow', 'node-name': 'hidden', backing: 'secondary', 'backing-read-delay-ms': 1 });
+  const exp = g.createBackend(sec, { name: 'parent0' });
+  const job = await startBackup(mgr, { internal: true, source: sec, target: hidden, sync: 'none' });
+  const writes: Promise<void>[] = [];
+  for (let i = 0; i < 32; i++) writes.push(exp.write(CLUSTER + ((i * 2003) % (CLUSTER - 100)), fill(100 + i, 100)));
+  // a write spanning two clusters, one of them being copied by the others
+  writes.push(exp.write(2 * CLUSTER - 50, fill(7, 100)));
+  await Promise.all(writes);
+  assert.ok((await hidden.read(CLUSTER, 2 * CLUSTER)).equals(old.subarray(CLUSTER, 3 * CLUSTER)));
+  assert.equal(job.copiedClusters, 2);
+  assert.equal(job.bytesCopied, 2 * CLUSTER);
+  await job.cancel();
+});
