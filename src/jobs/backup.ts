@@ -40,6 +40,18 @@ export function insertFilterAbove(filter: BlockNode, below: BlockNode): void {
   graph.replaceNode(below, filter, except);
 }
 
+/**
+ * Inserts the filter, then waits for the requests already in flight on `below` (they were
+ * issued before the filter existed, so nothing copied or tracked them) before anything else
+ * reaches `below`: new requests arrive through the filter, and the hold is taken in the same
+ * turn as the insertion.
+ */
+export function insertFilterDrained(filter: BlockNode, below: BlockNode): Promise<void> {
+  insertFilterAbove(filter, below);
+  const held = below.tracker.hold(); // takes the hold now, in this turn
+  return held.then((release) => release());
+}
+
 export class BackupJob extends Job {
   readonly type: JobType = 'backup';
   readonly source: BlockNode;
@@ -83,10 +95,13 @@ export class BackupJob extends Job {
     this.filter = await graph.open({ driver: 'copy-before-write', file: this.source.name, target: this.target.name });
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
-      insertFilterAbove(this.filter, this.source);
+      const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
       this.filterInserted = true;
+      await inserted;
     } catch (e) {
-      graph.collect(this.filter);
+      if (this.filterInserted) graph.dropFilter(this.filter);
+      else graph.collect(this.filter);
+      this.filterInserted = false;
       await graph.settle();
       throw e;
     }

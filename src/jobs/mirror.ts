@@ -19,7 +19,7 @@ import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
 import { Bitmap } from '../util/bitmap.js';
 import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from './block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
-import { checkOnError, insertFilterAbove } from './backup.js';
+import { checkOnError, insertFilterDrained } from './backup.js';
 
 export type MirrorSync = 'full' | 'top' | 'none';
 
@@ -99,10 +99,14 @@ export class MirrorJob extends Job {
       this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
       try {
         this.top = getJobTop(this.filter);
-        insertFilterAbove(this.filter, this.source);
+        const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
         this.filterInserted = true;
+        this.top.bitmap = this.bitmap;
+        await inserted;
       } catch (e) {
-        graph.collect(this.filter);
+        if (this.filterInserted) graph.dropFilter(this.filter);
+        else graph.collect(this.filter);
+        this.filterInserted = false;
         await graph.settle();
         throw e;
       }

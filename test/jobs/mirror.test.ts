@@ -264,3 +264,19 @@ test('a source read error with on-source-error=ignore is reported and retried', 
   assert.deepEqual(events.find((e) => e.name === 'BLOCK_JOB_ERROR')?.data, { device: 'i', operation: 'read', action: 'ignore' });
   assert.ok((await dst.read(0, size)).equals(fill(8, size)));
 });
+
+test('a write in flight on the source when the mirror starts is not lost', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const base = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'base' });
+  await base.write(0, pattern(0x11, MiB));
+  // a partial-cluster write to this overlay first reads the backing, slowly
+  const src = await addNode(g, { driver: 'test-cow', 'node-name': 'src', backing: 'base', 'backing-read-delay-ms': 20 });
+  const dst = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'dst' });
+  const be = g.createBackend(src, { name: 'd' });
+  const w = be.write(100, pattern(0x22, 100));
+  const job = await startMirror(mgr, { source: src, target: dst, sync: 'full', autoComplete: true });
+  await w;
+  assert.equal((await job.done).ret, 0);
+  assert.ok((await dst.read(0, MiB)).equals(pattern(0x11, MiB).fill(0x22, 100, 200)));
+});
