@@ -9,10 +9,11 @@
 // no write or copy in flight (replication's do_checkpoint, spec section 4, decision 5).
 
 import { InvalidArgumentError, StateError } from '../errors.js';
-import { BlockNode, type Edge } from '../block/node.js';
+import type { BlockNode } from '../block/node.js';
 import { getCopyBeforeWrite, type CopyBeforeWrite } from '../block/filters/copy-before-write.js';
 import type { Bitmap } from '../util/bitmap.js';
-import { Job, type JobManager, type JobOptions, type JobType, type OnError, ON_ERROR_VALUES } from './job.js';
+import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
+import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
 export type BackupSync = 'none' | 'full' | 'top';
 
@@ -20,36 +21,6 @@ export interface BackupOptions extends JobOptions {
   source: BlockNode;
   target: BlockNode;
   sync: BackupSync;
-}
-
-export function checkOnError(name: string, v: OnError | undefined): void {
-  if (v !== undefined && !ON_ERROR_VALUES.includes(v)) throw new InvalidArgumentError(`Parameter '${name}' does not accept value '${String(v)}'`);
-}
-
-/**
- * Inserts `filter` (whose file child is `below`) above `below`. Parents that the filter
- * itself reaches (a fleecing target whose backing is `below`) keep pointing at `below`:
- * re-pointing them would make a cycle.
- */
-export function insertFilterAbove(filter: BlockNode, below: BlockNode): void {
-  const graph = filter.graph;
-  const except: Edge[] = [];
-  for (const e of below.parents) {
-    if (e.parent === filter || (e.parent instanceof BlockNode && graph.reaches(filter, e.parent))) except.push(e);
-  }
-  graph.replaceNode(below, filter, except);
-}
-
-/**
- * Inserts the filter, then waits for the requests already in flight on `below` (they were
- * issued before the filter existed, so nothing copied or tracked them) before anything else
- * reaches `below`: new requests arrive through the filter, and the hold is taken in the same
- * turn as the insertion.
- */
-export function insertFilterDrained(filter: BlockNode, below: BlockNode): Promise<void> {
-  insertFilterAbove(filter, below);
-  const held = below.tracker.hold(); // takes the hold now, in this turn
-  return held.then((release) => release());
 }
 
 export class BackupJob extends Job {
@@ -105,10 +76,13 @@ export class BackupJob extends Job {
       await graph.settle();
       throw e;
     }
-    this.cbw.copy.onCopied = (n) => {
-      if (this.sync === 'none') this.progressAddRemaining(n);
-      if (this.sync === 'none') this.progressAdd(n);
-    };
+    // sync=none has no planned work: each copy a write triggers is both new work and done
+    if (this.sync === 'none') {
+      this.cbw.copy.onCopied = (n) => {
+        this.progressAddRemaining(n);
+        this.progressAdd(n);
+      };
+    }
   }
 
   async start(): Promise<void> {
@@ -147,8 +121,7 @@ export class BackupJob extends Job {
   /** sync=top: only clusters allocated in the source's own layer are copied. */
   private async markAllocatedOnly(): Promise<void> {
     const bm = this.bitmap;
-    const mark = bm.count === bm.bits ? new Uint8Array(bm.bits) : null;
-    if (!mark) return;
+    const mark = new Uint8Array(bm.bits);
     const len = this.source.getLength();
     for (let pos = 0; pos < len; ) {
       const s = await this.source.blockStatus(pos, len - pos);

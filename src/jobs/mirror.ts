@@ -19,7 +19,7 @@ import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
 import { Bitmap } from '../util/bitmap.js';
 import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from './block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
-import { checkOnError, insertFilterDrained } from './backup.js';
+import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
 export type MirrorSync = 'full' | 'top' | 'none';
 
