@@ -127,7 +127,7 @@ test('zero runs are written as zeroes, and skipped where the target reads zeroes
     driver: 'blkdebug',
     'node-name': 'dst',
     image: 'mem',
-    'inject-error': [{ event: 'none', iotype: ['write-zeroes'], errno: 5 }],
+    'inject-error': [{ event: 'none', iotype: 'write-zeroes', errno: 5 }],
   });
   const job = await startMirror(mgr, { jobId: 'z', source: src, target: dst, sync: 'full', autoComplete: true });
   const r = await job.done;
@@ -256,7 +256,7 @@ test('a source read error with on-source-error=ignore is reported and retried', 
   const events = recordEvents(mgr);
   const size = MiB;
   await addNode(g, { driver: 'memory', size, 'node-name': 'mem' });
-  const src = await addNode(g, { driver: 'blkdebug', 'node-name': 'src', image: 'mem', 'inject-error': [{ event: 'read_aio', errno: 5, once: true, iotype: ['read'] }] });
+  const src = await addNode(g, { driver: 'blkdebug', 'node-name': 'src', image: 'mem', 'inject-error': [{ event: 'read_aio', errno: 5, once: true, iotype: 'read' }] });
   await src.write(0, fill(8, size));
   const dst = await addNode(g, { driver: 'memory', size, 'node-name': 'dst' });
   const job = await startMirror(mgr, { jobId: 'i', source: src, target: dst, sync: 'full', onSourceError: 'ignore', autoComplete: true });

@@ -115,7 +115,7 @@ test('qcow2: a commit whose base fails to write ends with EIO and the chain unch
     {
       driver: 'qcow2',
       'node-name': 'base',
-      file: { driver: 'blkdebug', image: fileOpts(basePath), 'inject-error': [{ event: 'none', iotype: ['write'], errno: 5, state: 2 }], 'set-state': [{ event: 'flush_to_disk', new_state: 2 }] },
+      file: { driver: 'blkdebug', image: fileOpts(basePath), 'inject-error': [{ event: 'write_aio', iotype: 'write', errno: 5, state: 2 }], 'set-state': [{ event: 'flush_to_disk', new_state: 2 }] },
     },
     { monitorOwned: true },
   );
@@ -128,6 +128,7 @@ test('qcow2: a commit whose base fails to write ends with EIO and the chain unch
   const job = await startCommit(mgr, { jobId: 'c', top: active, base, active: true, autoComplete: true });
   const r = await job.done;
   assert.ok(r.ret instanceof BlockError && r.ret.code === 'EIO', `ret ${String(r.ret)}`);
+  assert.equal(r.ret.message, 'Input/output error', 'the injected error, not another one');
   assert.equal(be.node, active);
   assert.equal(active.backing, base);
   assert.ok((await be.read(0, size)).equals(view));

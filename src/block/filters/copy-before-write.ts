@@ -160,6 +160,7 @@ export const copyBeforeWriteDriver: BlockDriver = {
         writeZeroes: true,
         discard: true,
         filter: true,
+        growable: file.caps.growable ?? false,
       }),
       get filename() {
         return file.filename;
