@@ -526,7 +526,7 @@ export abstract class Job {
       len: this.progressTotal,
       offset: this.progressCurrent,
       busy: this.busy,
-      paused: this.userPaused,
+      paused: this.pauseCount > 0,
       speed: this.speed,
       'io-status': this.ioStatus,
       ready: this.isReady,
