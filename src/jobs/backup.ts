@@ -90,15 +90,14 @@ export class BackupJob extends Job {
       if (!this.internal) {
         this.source.checkNotBlocked();
         this.target.checkNotBlocked();
+        // blocked before the first await: a concurrent start sees the nodes busy
+        this.block(this.source);
+        this.block(this.target);
       }
       await this.setUp();
     } catch (e) {
       this.abandon();
       throw e;
-    }
-    if (!this.internal) {
-      this.block(this.source);
-      this.block(this.target);
     }
     this.created();
     this.startRunning();

@@ -95,6 +95,9 @@ export class MirrorJob extends Job {
       if (!this.internal) {
         this.source.checkNotBlocked();
         this.target.checkNotBlocked();
+        // blocked before the first await: a concurrent start sees the nodes busy
+        this.block(this.source);
+        this.block(this.target);
       }
       this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
       try {
@@ -114,12 +117,7 @@ export class MirrorJob extends Job {
       this.abandon();
       throw e;
     }
-    this.top.bitmap = this.bitmap;
     this.top.onDirty = () => this.kick();
-    if (!this.internal) {
-      this.block(this.source);
-      this.block(this.target);
-    }
     this.created();
     this.startRunning();
   }

@@ -102,6 +102,17 @@ test('verbs in the wrong state fail with QEMU messages; ids are checked', async 
   ]);
   assert.deepEqual(race.map((x) => x.status), ['fulfilled', 'rejected']);
   assert.equal(race[1]?.status === 'rejected' && (race[1].reason as Error).message, "Job ID 'r' already in use");
+  // two jobs racing for one node: the second finds it busy
+  const e4 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e4' });
+  const e5 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e5' });
+  const race2 = await Promise.allSettled([
+    startMirror(mgr, { jobId: 'x1', source: e4, target: e5, sync: 'none' }),
+    startBackup(mgr, { jobId: 'x2', source: e4, target: e5, sync: 'none' }),
+  ]);
+  assert.deepEqual(race2.map((x) => x.status), ['fulfilled', 'rejected']);
+  assert.equal(race2[1]?.status === 'rejected' && (race2[1].reason as Error).message, "Node 'e4' is busy: block device is in use by block job: mirror");
+  if (race2[0]?.status === 'fulfilled') await race2[0].value.cancel(true);
+  assert.equal(e4.blockers.size, 0);
   const k = await startBackup(mgr, { jobId: 'k', source: e3, target: dst2, sync: 'none' });
   await k.cancel();
   if (race[0]?.status === 'fulfilled') await race[0].value.cancel();
