@@ -198,7 +198,13 @@ function load(): LoadResult {
       const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
       loaded = { helper: wrap(addon), reason: null };
     } catch (e) {
-      loaded = { helper: null, reason: `cannot load ${ADDON_PATH}: ${(e as Error).message.split('\n')[0]}` };
+      const notBuilt = (e as { code?: string }).code === 'MODULE_NOT_FOUND';
+      loaded = {
+        helper: null,
+        reason: notBuilt
+          ? 'not built (npm install builds it; or run npm run build:native)'
+          : `cannot load ${ADDON_PATH}: ${(e as Error).message.split('\n')[0]}`,
+      };
     }
   }
   return loaded;
