@@ -153,7 +153,9 @@ export const fileDriver: BlockDriver = {
       } catch {
         // the filesystem cannot tell: everything is data, as QEMU reports it
       }
-      return { length: runEnd - offset, allocated: true, data, zero: !data, hostOffset: offset, file: ctx.node };
+      // no `file`: a protocol node holds its own bytes, and naming itself would invite callers
+      // that descend into `file` to loop
+      return { length: runEnd - offset, allocated: true, data, zero: !data, hostOffset: offset };
     }
 
     return {
