@@ -290,11 +290,11 @@ test('without the helper (LOCKSTEP_NATIVE=off) the file driver works as before a
   const dir = tempDir(t);
   const path = join(dir, 'plain.raw');
   sparseFile(path, 1 * MiB, [[0, pattern(3, 4 * KiB)]]);
-  const base = new URL('../../../src/', import.meta.url).href;
+  const src = (rel: string): string => JSON.stringify(new URL(`../../../src/${rel}`, import.meta.url).href);
   const code = `
-    const { BlockGraph } = await import('${base}block/graph.js');
-    const { createRegistry } = await import('${base}block/registry.js');
-    const { loadNative } = await import('${base}util/native.js');
+    const { BlockGraph } = await import(${src('block/graph.js')});
+    const { createRegistry } = await import(${src('block/registry.js')});
+    const { loadNative } = await import(${src('util/native.js')});
     const g = new BlockGraph(createRegistry());
     const n = await g.open({ driver: 'file', filename: ${JSON.stringify(path)} });
     await n.writeZeroes(0, 1024, { mayUnmap: true });
@@ -474,4 +474,7 @@ test('two nodes of one process on the same file exclude each other like two proc
   await assert.rejects(openFile(g2, path), { message: lockMessage('write', path) });
   await g2.closeAll();
   await openFile(g1, path);
+  await assert.rejects(g2.open({ driver: 'file', filename: path, 'force-share': true }), {
+    message: 'force-share=on can only be used with read-only images',
+  });
 });
