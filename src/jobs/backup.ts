@@ -9,10 +9,11 @@
 // no write or copy in flight (replication's do_checkpoint, spec section 4, decision 5).
 
 import { InvalidArgumentError, StateError } from '../errors.js';
-import { BlockNode, type Edge } from '../block/node.js';
+import type { BlockNode } from '../block/node.js';
 import { getCopyBeforeWrite, type CopyBeforeWrite } from '../block/filters/copy-before-write.js';
 import type { Bitmap } from '../util/bitmap.js';
-import { Job, type JobManager, type JobOptions, type JobType, type OnError, ON_ERROR_VALUES } from './job.js';
+import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
+import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
 export type BackupSync = 'none' | 'full' | 'top';
 
@@ -20,24 +21,6 @@ export interface BackupOptions extends JobOptions {
   source: BlockNode;
   target: BlockNode;
   sync: BackupSync;
-}
-
-export function checkOnError(name: string, v: OnError | undefined): void {
-  if (v !== undefined && !ON_ERROR_VALUES.includes(v)) throw new InvalidArgumentError(`Parameter '${name}' does not accept value '${String(v)}'`);
-}
-
-/**
- * Inserts `filter` (whose file child is `below`) above `below`. Parents that the filter
- * itself reaches (a fleecing target whose backing is `below`) keep pointing at `below`:
- * re-pointing them would make a cycle.
- */
-export function insertFilterAbove(filter: BlockNode, below: BlockNode): void {
-  const graph = filter.graph;
-  const except: Edge[] = [];
-  for (const e of below.parents) {
-    if (e.parent === filter || (e.parent instanceof BlockNode && graph.reaches(filter, e.parent))) except.push(e);
-  }
-  graph.replaceNode(below, filter, except);
 }
 
 export class BackupJob extends Job {
@@ -83,28 +66,38 @@ export class BackupJob extends Job {
     this.filter = await graph.open({ driver: 'copy-before-write', file: this.source.name, target: this.target.name });
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
-      insertFilterAbove(this.filter, this.source);
+      const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
       this.filterInserted = true;
+      await inserted;
     } catch (e) {
-      graph.collect(this.filter);
+      if (this.filterInserted) graph.dropFilter(this.filter);
+      else graph.collect(this.filter);
+      this.filterInserted = false;
       await graph.settle();
       throw e;
     }
-    this.cbw.copy.onCopied = (n) => {
-      if (this.sync === 'none') this.progressAddRemaining(n);
-      if (this.sync === 'none') this.progressAdd(n);
-    };
+    // sync=none has no planned work: each copy a write triggers is both new work and done
+    if (this.sync === 'none') {
+      this.cbw.copy.onCopied = (n) => {
+        this.progressAddRemaining(n);
+        this.progressAdd(n);
+      };
+    }
   }
 
   async start(): Promise<void> {
-    if (!this.internal) {
-      this.source.checkNotBlocked();
-      this.target.checkNotBlocked();
-    }
-    await this.setUp();
-    if (!this.internal) {
-      this.block(this.source);
-      this.block(this.target);
+    try {
+      if (!this.internal) {
+        this.source.checkNotBlocked();
+        this.target.checkNotBlocked();
+        // blocked before the first await: a concurrent start sees the nodes busy
+        this.block(this.source);
+        this.block(this.target);
+      }
+      await this.setUp();
+    } catch (e) {
+      this.abandon();
+      throw e;
     }
     this.created();
     this.startRunning();
@@ -127,8 +120,7 @@ export class BackupJob extends Job {
   /** sync=top: only clusters allocated in the source's own layer are copied. */
   private async markAllocatedOnly(): Promise<void> {
     const bm = this.bitmap;
-    const mark = bm.count === bm.bits ? new Uint8Array(bm.bits) : null;
-    if (!mark) return;
+    const mark = new Uint8Array(bm.bits);
     const len = this.source.getLength();
     for (let pos = 0; pos < len; ) {
       const s = await this.source.blockStatus(pos, len - pos);
@@ -144,12 +136,14 @@ export class BackupJob extends Job {
 
   /**
    * Replication's checkpoint (sync=none): waits for in-flight writes and copies, holds
-   * new writes, resets the copy bitmap to all-set, releases.
+   * new writes, resets the copy bitmap to all-set, runs `during` (replication empties the
+   * active and hidden disks there: spec decision 5), releases. A failure of `during` is
+   * thrown after the release; the bitmap is reset by then.
    */
-  async checkpoint(): Promise<void> {
+  async checkpoint(during?: () => Promise<void>): Promise<void> {
     if (this.sync !== 'none') throw new StateError('The backup job only supports block checkpoint in sync=none mode');
     if (this.isCompleted) throw new StateError('Backup job was cancelled unexpectedly');
-    await this.cbw.checkpoint();
+    await this.cbw.checkpoint(during);
   }
 
   protected override async clean(): Promise<void> {

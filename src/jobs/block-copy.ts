@@ -223,6 +223,18 @@ export class BlockCopy {
     return { zero, length: Math.min(s.length, length) };
   }
 
+  /** Zeroes into the target, skipped where it reads zeroes already. */
+  private async copyZeroes(pos: number, n: number): Promise<void> {
+    let targetZero = false;
+    try {
+      const t = await this.zeroStatus(this.target, pos, n);
+      targetZero = t.zero && t.length >= n;
+    } catch {
+      targetZero = false; // unknown: write the zeroes
+    }
+    if (!targetZero) await this.targetOp(() => this.target.writeZeroes(pos, n, { mayUnmap: true }));
+  }
+
   private async copySync(offset: number, length: number): Promise<void> {
     const end = offset + length;
     for (let pos = offset; pos < end; ) {
@@ -233,19 +245,10 @@ export class BlockCopy {
         throw new CopyFailure(asBlockError(e), true);
       }
       const n = st.length;
-      if (st.zero) {
-        let targetZero = false;
-        try {
-          const t = await this.zeroStatus(this.target, pos, n);
-          targetZero = t.zero && t.length >= n;
-        } catch {
-          targetZero = false; // unknown: write the zeroes
-        }
-        if (!targetZero) await this.targetOp(() => this.target.writeZeroes(pos, n, { mayUnmap: true }));
-      } else {
-        const data = await this.readSource(pos, n);
-        await this.targetOp(() => this.target.write(pos, data));
-      }
+      // Without block status a hole reads as data: zero buffers still become zero writes.
+      const data = st.zero ? null : await this.readSource(pos, n);
+      if (data === null || isZeroBuffer(data)) await this.copyZeroes(pos, n);
+      else await this.targetOp(() => this.target.write(pos, data));
       pos += n;
     }
   }

@@ -15,7 +15,7 @@ import { Bitmap } from '../util/bitmap.js';
 import { BlockCopy, DEFAULT_CLUSTER_SIZE } from './block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType, type OnError } from './job.js';
 import { MirrorJob, startActiveCommit } from './mirror.js';
-import { checkOnError } from './backup.js';
+import { checkOnError } from './filter-insert.js';
 
 export interface CommitOptions {
   jobId?: string;
@@ -78,8 +78,13 @@ export class IntermediateCommitJob extends Job {
 
   start(): void {
     if (!this.internal) {
-      this.top.checkNotBlocked();
-      this.base.checkNotBlocked();
+      try {
+        this.top.checkNotBlocked();
+        this.base.checkNotBlocked();
+      } catch (e) {
+        this.abandon();
+        throw e;
+      }
       this.block(this.top);
       this.block(this.base);
     }

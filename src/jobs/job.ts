@@ -22,132 +22,47 @@ import { BlockError, InvalidArgumentError, NotFoundError, StateError, assert, er
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { RateLimit } from '../util/rate-limit.js';
+import {
+  canTransition,
+  verbAllowed,
+  type BlockJobInfo,
+  type ErrorAction,
+  type IoStatus,
+  type JobInfo,
+  type JobOptions,
+  type JobResult,
+  type JobStatus,
+  type JobType,
+  type JobVerb,
+  type OnError,
+} from './job-status.js';
 
-export type JobStatus =
-  | 'undefined'
-  | 'created'
-  | 'running'
-  | 'paused'
-  | 'ready'
-  | 'standby'
-  | 'waiting'
-  | 'pending'
-  | 'aborting'
-  | 'concluded'
-  | 'null';
-
-export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss' | 'change';
-
-export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create' | 'amend' | 'snapshot-load' | 'snapshot-save' | 'snapshot-delete';
-
-/** QAPI BlockdevOnError. `auto` behaves as `report` for jobs. */
-export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
-export const ON_ERROR_VALUES: readonly OnError[] = ['report', 'ignore', 'enospc', 'stop', 'auto'];
-
-export type ErrorAction = 'report' | 'ignore' | 'stop';
-export type IoStatus = 'ok' | 'failed' | 'nospace';
-
-export const JOB_STATUSES: readonly JobStatus[] = [
-  'undefined',
-  'created',
-  'running',
-  'paused',
-  'ready',
-  'standby',
-  'waiting',
-  'pending',
-  'aborting',
-  'concluded',
-  'null',
-];
-
-export const JOB_VERBS: readonly JobVerb[] = ['cancel', 'pause', 'resume', 'set-speed', 'complete', 'finalize', 'dismiss', 'change'];
-
-/** Allowed status transitions (QEMU's JobSTT). */
-export const JOB_TRANSITIONS: Readonly<Record<JobStatus, readonly JobStatus[]>> = {
-  undefined: ['created'],
-  created: ['running', 'aborting', 'null'],
-  running: ['paused', 'ready', 'waiting', 'aborting'],
-  paused: ['running'],
-  ready: ['standby', 'waiting', 'aborting'],
-  standby: ['ready'],
-  waiting: ['pending', 'aborting'],
-  pending: ['aborting', 'concluded'],
-  aborting: ['aborting', 'concluded'],
-  concluded: ['null'],
-  null: [],
-};
-
-/** The statuses in which each verb is accepted (QEMU's JobVerbTable). */
-export const JOB_VERB_TABLE: Readonly<Record<JobVerb, readonly JobStatus[]>> = {
-  cancel: ['created', 'running', 'paused', 'ready', 'standby', 'waiting', 'pending'],
-  pause: ['created', 'running', 'paused', 'ready', 'standby'],
-  resume: ['created', 'running', 'paused', 'ready', 'standby'],
-  'set-speed': ['created', 'running', 'paused', 'ready', 'standby'],
-  complete: ['ready'],
-  finalize: ['pending'],
-  dismiss: ['concluded'],
-  change: ['created', 'running', 'paused', 'ready', 'standby'],
-};
-
-export function canTransition(from: JobStatus, to: JobStatus): boolean {
-  return JOB_TRANSITIONS[from].includes(to);
-}
-
-export function verbAllowed(verb: JobVerb, status: JobStatus): boolean {
-  return JOB_VERB_TABLE[verb].includes(status);
-}
+// Re-exported so that users of jobs import from one module.
+export {
+  JOB_STATUSES,
+  JOB_TRANSITIONS,
+  JOB_VERBS,
+  JOB_VERB_TABLE,
+  ON_ERROR_VALUES,
+  canTransition,
+  verbAllowed,
+} from './job-status.js';
+export type {
+  BlockJobInfo,
+  ErrorAction,
+  IoStatus,
+  JobInfo,
+  JobOptions,
+  JobResult,
+  JobStatus,
+  JobType,
+  JobVerb,
+  OnError,
+} from './job-status.js';
 
 /** QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'. */
 const ID_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
-export interface JobResult {
-  /** 0 on success, else the job's error (ECANCELED when cancelled) */
-  ret: 0 | BlockError;
-  /** the job was cancelled (a soft cancel of a READY mirror counts as completion) */
-  cancelled: boolean;
-}
-
-export interface JobOptions {
-  jobId?: string;
-  /** replication's own jobs: never listed, no events (spec decision 11) */
-  internal?: boolean;
-  /** bytes per second, 0 = unlimited */
-  speed?: number;
-  autoFinalize?: boolean;
-  autoDismiss?: boolean;
-  onSourceError?: OnError;
-  onTargetError?: OnError;
-  /** progress callback (for internal jobs, whose creator reports progress itself) */
-  onProgress?: (current: number, total: number) => void;
-}
-
-/** QAPI BlockJobInfo (query-block-jobs). */
-export interface BlockJobInfo {
-  type: JobType;
-  device: string;
-  len: number;
-  offset: number;
-  busy: boolean;
-  paused: boolean;
-  speed: number;
-  'io-status': IoStatus;
-  ready: boolean;
-  status: JobStatus;
-  'auto-finalize': boolean;
-  'auto-dismiss': boolean;
-  error?: string;
-}
-
-/** QAPI JobInfo (query-jobs). */
-export interface JobInfo {
-  id: string;
-  type: JobType;
-  status: JobStatus;
-  'current-progress': number;
-  'total-progress': number;
-  error?: string;
-}
 
 function toBlockError(e: unknown): BlockError {
   if (e instanceof BlockError) return e;
@@ -230,6 +145,8 @@ export abstract class Job {
     this.onTargetError = opts.onTargetError ?? 'report';
     this.onProgress = opts.onProgress;
     this.done = new Promise<JobResult>((r) => (this.resolveDone = r));
+    // The id is taken from now on, so that a concurrent start cannot take it too.
+    mgr.register(this);
   }
 
   get speed(): number {
@@ -316,6 +233,8 @@ export abstract class Job {
       let timer: NodeJS.Timeout | null = null;
       const wake = (): void => {
         if (timer) clearTimeout(timer);
+        const i = this.kickers.indexOf(wake);
+        if (i >= 0) this.kickers.splice(i, 1);
         resolve();
       };
       this.kickers.push(wake);
@@ -408,10 +327,16 @@ export abstract class Job {
     return { type: this.type, device: this.id, len: this.progressTotal, offset: this.progressCurrent, speed: this.speed };
   }
 
-  /** Registers the job (status created). Called by the job's start function. */
+  /** The job is set up (status created). Called by the job's start function. */
   protected created(): void {
-    this.mgr.register(this);
     this.transition('created');
+  }
+
+  /** Setting up failed before `created()`: frees the id and the blockers. */
+  protected abandon(): void {
+    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    this.blocked.length = 0;
+    this.mgr.unregister(this);
   }
 
   /** Starts run() in the background (status running). */
@@ -467,17 +392,21 @@ export abstract class Job {
 
   private async finalizeSingle(): Promise<void> {
     this.finishing = true;
+    // commit/abort/clean must not fail; if one does anyway (a bug), the job still ends
+    // and the failure is logged where the graph logs close errors
     try {
       if (this.error) this.abort();
       else this.commit();
-    } finally {
-      try {
-        await this.clean();
-      } finally {
-        for (const n of this.blocked) n.blockers.delete(this.blockerReason);
-        this.blocked.length = 0;
-      }
+    } catch (e) {
+      this.graph.emit('error-log', `job ${this.id}: ${errorMessage(e)}`);
     }
+    try {
+      await this.clean();
+    } catch (e) {
+      this.graph.emit('error-log', `job ${this.id}: cleaning up: ${errorMessage(e)}`);
+    }
+    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    this.blocked.length = 0;
     if (this.started) {
       if (this.isCancelled) this.emitEvent('BLOCK_JOB_CANCELLED', this.blockEventData());
       else {
@@ -506,8 +435,9 @@ export abstract class Job {
   }
 
   /**
-   * Cancels the job (verb `cancel`). With force=false a READY mirror completes without
-   * pivoting. Resolves when the job has ended.
+   * Cancels the job and resolves with its result once it has ended (filters removed). For
+   * the job's creator: a job that already ended just yields its result. With force=false a
+   * READY mirror completes without pivoting. The monitor uses userCancel (verb checked).
    */
   async cancel(force = false): Promise<JobResult> {
     if (this.isCompleted && this.status !== 'pending') return this.done;
@@ -596,7 +526,7 @@ export abstract class Job {
       len: this.progressTotal,
       offset: this.progressCurrent,
       busy: this.busy,
-      paused: this.userPaused,
+      paused: this.pauseCount > 0,
       speed: this.speed,
       'io-status': this.ioStatus,
       ready: this.isReady,
@@ -638,6 +568,7 @@ export class JobManager extends EventEmitter {
     return `#job${++this.internalCounter}`;
   }
 
+  /** A job by id, including one still being set up (its id is taken). */
   get(id: string): Job | undefined {
     return this.jobs.get(id);
   }
@@ -658,20 +589,20 @@ export class JobManager extends EventEmitter {
   /** For job-* commands: QEMU's "Job not found". */
   find(id: string): Job {
     const j = this.jobs.get(id);
-    if (!j) throw new NotFoundError(`Job not found`);
+    if (!j || j.status === 'undefined') throw new NotFoundError(`Job not found`);
     return j;
   }
 
   /** For block-job-* commands: QEMU's "Block job 'x' not found". */
   findBlockJob(id: string): Job {
     const j = this.jobs.get(id);
-    if (!j) throw new NotFoundError(`Block job '${id}' not found`);
+    if (!j || j.status === 'undefined') throw new NotFoundError(`Block job '${id}' not found`);
     return j;
   }
 
-  /** All listed jobs, oldest first. */
+  /** All listed jobs, oldest first (not those still being set up). */
   list(): Job[] {
-    return [...this.jobs.values()];
+    return [...this.jobs.values()].filter((j) => j.status !== 'undefined');
   }
 
   queryBlockJobs(): BlockJobInfo[] {
@@ -684,7 +615,7 @@ export class JobManager extends EventEmitter {
 
   /** Shutdown: force-cancels every job, internal ones included, and waits for them. */
   async cancelAll(): Promise<void> {
-    const all = [...this.jobs.values(), ...this.internalJobs];
+    const all = [...this.jobs.values(), ...this.internalJobs].filter((j) => j.status !== 'undefined');
     await Promise.all(all.map((j) => (j.isCompleted && j.status !== 'pending' ? j.done : j.cancel(true))));
     for (const j of [...this.jobs.values()]) if (j.status === 'concluded') j.dismiss();
   }

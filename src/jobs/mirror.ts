@@ -19,7 +19,7 @@ import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
 import { Bitmap } from '../util/bitmap.js';
 import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from './block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
-import { checkOnError, insertFilterAbove } from './backup.js';
+import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
 export type MirrorSync = 'full' | 'top' | 'none';
 
@@ -90,27 +90,34 @@ export class MirrorJob extends Job {
   }
 
   async start(): Promise<void> {
-    if (!this.internal) {
-      this.source.checkNotBlocked();
-      this.target.checkNotBlocked();
-    }
     const graph = this.graph;
-    this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
     try {
-      this.top = getJobTop(this.filter);
-      insertFilterAbove(this.filter, this.source);
-      this.filterInserted = true;
+      if (!this.internal) {
+        this.source.checkNotBlocked();
+        this.target.checkNotBlocked();
+        // blocked before the first await: a concurrent start sees the nodes busy
+        this.block(this.source);
+        this.block(this.target);
+      }
+      this.filter = await graph.open({ driver: this.flavour.filterDriver, file: this.source.name });
+      try {
+        this.top = getJobTop(this.filter);
+        const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
+        this.filterInserted = true;
+        this.top.bitmap = this.bitmap;
+        await inserted;
+      } catch (e) {
+        if (this.filterInserted) graph.dropFilter(this.filter);
+        else graph.collect(this.filter);
+        this.filterInserted = false;
+        await graph.settle();
+        throw e;
+      }
     } catch (e) {
-      graph.collect(this.filter);
-      await graph.settle();
+      this.abandon();
       throw e;
     }
-    this.top.bitmap = this.bitmap;
     this.top.onDirty = () => this.kick();
-    if (!this.internal) {
-      this.block(this.source);
-      this.block(this.target);
-    }
     this.created();
     this.startRunning();
   }

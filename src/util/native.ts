@@ -1,12 +1,221 @@
-// Optional native helper (fcntl OFD locks, SEEK_DATA/SEEK_HOLE, fallocate). lockstep works
-// without it; when it is built, the file driver uses it for QEMU-compatible locking and
-// sparse-file block status.
+// Optional native helper (native/lockstep_native.c): fcntl OFD locks, lseek SEEK_DATA/
+// SEEK_HOLE and fallocate, which Node.js does not expose. lockstep works without it; when it
+// is built, the file driver uses it for QEMU-compatible image locking, sparse-file block
+// status and fast discard/write-zeroes. LOCKSTEP_NATIVE=off in the environment disables it.
+//
+// Image locking follows QEMU's file-posix protocol, so QEMU and lockstep see each other's
+// locks: one shared (F_RDLCK) Open File Description lock on byte 100 + i for each permission
+// i the opener holds, and on byte 200 + i for each permission it does not share with others.
+// Before keeping its locks an opener tests (F_OFD_GETLK, exclusive) byte 200 + i for every
+// permission it wants and byte 100 + i for every permission it refuses to share. OFD locks
+// belong to the open file description, so two opens in one process exclude each other too.
 
-export interface NativeHelper {
-  /** takes QEMU's image locks on fd; throws InvalidArgumentError on conflict */
-  lockImage(fd: number, readOnly: boolean, filename: string): void;
+import { createRequire } from 'node:module';
+import { constants as osConstants } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { BlockError, InvalidArgumentError, STRERROR, type ErrorCode } from '../errors.js';
+
+/** QEMU's permission bits (BLK_PERM_*), in lock-byte order. */
+export const PERM = { CONSISTENT_READ: 1, WRITE: 2, WRITE_UNCHANGED: 4, RESIZE: 8 } as const;
+const PERM_COUNT = 4;
+const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'] as const;
+const ALL_PERMS = (1 << PERM_COUNT) - 1;
+const LOCK_PERM_BASE = 100;
+const LOCK_SHARED_BASE = 200;
+
+export interface ImagePerms {
+  /** permissions this open holds */
+  perm: number;
+  /** permissions this open lets others hold */
+  shared: number;
 }
 
-export function loadNative(): NativeHelper | null {
+/**
+ * What a lockstep open of an image file holds and shares: the same as QEMU's qcow2 (or a
+ * guest device) on its file node, because a format on top may rewrite metadata and grow the
+ * file. Writers exclude writers and readers; readers coexist with readers. force-share
+ * (read-only only) shares everything, like qemu-img -U.
+ */
+export function imagePerms(readOnly: boolean, forceShare = false): ImagePerms {
+  const perm = readOnly ? PERM.CONSISTENT_READ : PERM.CONSISTENT_READ | PERM.WRITE | PERM.RESIZE;
+  const shared = forceShare ? ALL_PERMS : PERM.CONSISTENT_READ | PERM.WRITE_UNCHANGED;
+  return { perm, shared };
+}
+
+/** QEMU's refusal, word for word: `held` is true when the other side holds `bit`. */
+export function lockConflict(filename: string, bit: number, held: boolean): InvalidArgumentError {
+  const name = PERM_NAMES[Math.log2(bit)] ?? 'unknown';
+  return new InvalidArgumentError(
+    `Failed to get ${held ? 'shared ' : ''}"${name}" lock\nIs another process using the image [${filename}]?`,
+  );
+}
+
+/**
+ * The first conflict between `mine` and another opener's permissions, checked in QEMU's order
+ * (the permissions I want, then the ones I refuse to share), or null.
+ */
+export function findConflict(mine: ImagePerms, other: ImagePerms, filename: string): InvalidArgumentError | null {
+  for (let i = 0; i < PERM_COUNT; i++) {
+    const bit = 1 << i;
+    if (mine.perm & bit && !(other.shared & bit)) return lockConflict(filename, bit, false);
+  }
+  for (let i = 0; i < PERM_COUNT; i++) {
+    const bit = 1 << i;
+    if (!(mine.shared & bit) && other.perm & bit) return lockConflict(filename, bit, true);
+  }
   return null;
+}
+
+export interface NativeHelper {
+  /**
+   * Takes QEMU's image locks on fd (a freshly opened descriptor). Throws InvalidArgumentError
+   * with QEMU's message on conflict; on any failure fd is left without locks.
+   */
+  lockImage(fd: number, readOnly: boolean, filename: string, forceShare?: boolean): void;
+  /** Drops every image lock fd holds (closing the descriptor drops them too). */
+  unlockImage(fd: number): void;
+  /** lseek(SEEK_DATA): the first data byte at or after offset, or -1 when none (ENXIO) */
+  seekData(fd: number, offset: number): number;
+  /** lseek(SEEK_HOLE): the first hole byte at or after offset (EOF counts as a hole) */
+  seekHole(fd: number, offset: number): number;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE); BlockError ENOTSUP where the filesystem refuses */
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
+  /** fallocate(ZERO_RANGE), growing the file if the range ends past EOF; ENOTSUP as above */
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+}
+
+/** The addon's raw exports (native/lockstep_native.c). Calls return a negative errno. */
+interface Addon {
+  ofdLock(fd: number, byte: number, type: 0 | 1): number;
+  ofdTest(fd: number, byte: number): number;
+  seek(fd: number, offset: number, hole: boolean): number;
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
+  FALLOC_FL_KEEP_SIZE: number;
+  FALLOC_FL_PUNCH_HOLE: number;
+  FALLOC_FL_ZERO_RANGE: number;
+}
+
+const ERRNO_NAMES = new Map<number, string>();
+for (const [name, n] of Object.entries(osConstants.errno)) {
+  // EOPNOTSUPP and ENOTSUP share a number on Linux; lockstep's code is ENOTSUP
+  if (!ERRNO_NAMES.has(n) || name === 'ENOTSUP') ERRNO_NAMES.set(n, name);
+}
+const ENXIO = osConstants.errno.ENXIO;
+
+// QEMU's translate_err: "this call is not supported here" comes in several spellings
+const NOT_SUPPORTED = new Set(['ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ENODEV', 'ENOTTY']);
+
+function errnoText(negErrno: number): { code: ErrorCode; text: string } {
+  let name = ERRNO_NAMES.get(-negErrno) ?? `errno ${-negErrno}`;
+  if (NOT_SUPPORTED.has(name)) name = 'ENOTSUP';
+  return name in STRERROR ? { code: name as ErrorCode, text: STRERROR[name as ErrorCode] } : { code: 'EIO', text: name };
+}
+
+function errnoError(negErrno: number, context: string): BlockError {
+  const { code, text } = errnoText(negErrno);
+  return new BlockError(code, `${context}: ${text}`);
+}
+
+function wrap(addon: Addon): NativeHelper {
+  const unlockAll = (fd: number): void => {
+    for (let i = 0; i < PERM_COUNT; i++) {
+      addon.ofdLock(fd, LOCK_PERM_BASE + i, 0);
+      addon.ofdLock(fd, LOCK_SHARED_BASE + i, 0);
+    }
+  };
+  const fail = (fd: number, e: Error): never => {
+    unlockAll(fd);
+    throw e;
+  };
+  const hint = (filename: string): string => `\nIs another process using the image [${filename}]?`;
+
+  return {
+    lockImage(fd, readOnly, filename, forceShare = false) {
+      const { perm, shared } = imagePerms(readOnly, forceShare);
+      const want: number[] = [];
+      for (let i = 0; i < PERM_COUNT; i++) if (perm & (1 << i)) want.push(LOCK_PERM_BASE + i);
+      for (let i = 0; i < PERM_COUNT; i++) if (!(shared & (1 << i))) want.push(LOCK_SHARED_BASE + i);
+      for (const byte of want) {
+        const r = addon.ofdLock(fd, byte, 1);
+        if (r < 0) fail(fd, new InvalidArgumentError(`Failed to lock byte ${byte}: ${errnoText(r).text}${hint(filename)}`));
+      }
+      const test = (byte: number): boolean => {
+        const r = addon.ofdTest(fd, byte);
+        if (r < 0) fail(fd, new InvalidArgumentError(`Failed to check byte ${byte}: ${errnoText(r).text}${hint(filename)}`));
+        return r === 1;
+      };
+      for (let i = 0; i < PERM_COUNT; i++) {
+        const bit = 1 << i;
+        if (perm & bit && test(LOCK_SHARED_BASE + i)) fail(fd, lockConflict(filename, bit, false));
+      }
+      for (let i = 0; i < PERM_COUNT; i++) {
+        const bit = 1 << i;
+        if (!(shared & bit) && test(LOCK_PERM_BASE + i)) fail(fd, lockConflict(filename, bit, true));
+      }
+    },
+    unlockImage: unlockAll,
+    seekData(fd, offset) {
+      const r = addon.seek(fd, offset, false);
+      if (r === -ENXIO) return -1;
+      if (r < 0) throw errnoError(r, `lseek(SEEK_DATA) at ${offset}`);
+      return r;
+    },
+    seekHole(fd, offset) {
+      const r = addon.seek(fd, offset, true);
+      if (r < 0) throw errnoError(r, `lseek(SEEK_HOLE) at ${offset}`);
+      return r;
+    },
+    async punchHole(fd, offset, length) {
+      const mode = addon.FALLOC_FL_PUNCH_HOLE | addon.FALLOC_FL_KEEP_SIZE;
+      const r = await addon.fallocate(fd, mode, offset, length);
+      if (r < 0) throw errnoError(r, `punching a hole at ${offset}+${length}`);
+    },
+    async zeroRange(fd, offset, length) {
+      const r = await addon.fallocate(fd, addon.FALLOC_FL_ZERO_RANGE, offset, length);
+      if (r < 0) throw errnoError(r, `zeroing ${offset}+${length}`);
+    },
+  };
+}
+
+export const ADDON_PATH = fileURLToPath(new URL('../../../native/build/Release/lockstep_native.node', import.meta.url));
+
+interface LoadResult {
+  helper: NativeHelper | null;
+  reason: string | null;
+}
+// A read-only capability of this process (the addon file and the environment), cached once.
+let loaded: LoadResult | undefined;
+
+function load(): LoadResult {
+  if (loaded) return loaded;
+  const setting = process.env.LOCKSTEP_NATIVE;
+  if (setting === 'off' || setting === '0') {
+    loaded = { helper: null, reason: `disabled by LOCKSTEP_NATIVE=${setting}` };
+  } else if (process.platform !== 'linux') {
+    loaded = { helper: null, reason: `not available on ${process.platform}` };
+  } else {
+    try {
+      const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
+      loaded = { helper: wrap(addon), reason: null };
+    } catch (e) {
+      const notBuilt = (e as { code?: string }).code === 'MODULE_NOT_FOUND';
+      loaded = {
+        helper: null,
+        reason: notBuilt
+          ? 'not built (npm install builds it; or run npm run build:native)'
+          : `cannot load ${ADDON_PATH}: ${(e as Error).message.split('\n')[0]}`,
+      };
+    }
+  }
+  return loaded;
+}
+
+/** The native helper, or null when it is not built (or disabled). */
+export function loadNative(): NativeHelper | null {
+  return load().helper;
+}
+
+/** Why loadNative() returns null (for messages and tests), or null when it is loaded. */
+export function nativeUnavailableReason(): string | null {
+  return load().reason;
 }

@@ -237,3 +237,51 @@ test('a failing target with on-target-error=report ends a sync=full backup with 
   assert.equal(done?.[1]['error'], 'Input/output error');
   assert.deepEqual([...g.nodes.keys()].sort(), ['dst', 'mem', 'src']);
 });
+
+test('checkpoint(during) empties the overlays while new writes are held', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const size = MiB;
+  const sec = await addNode(g, { driver: 'memory', size, 'node-name': 'secondary' });
+  await sec.write(0, pattern(0x11, size));
+  const hidden = await addNode(g, { driver: 'test-cow', 'node-name': 'hidden', backing: 'secondary' });
+  const active = await addNode(g, { driver: 'test-cow', 'node-name': 'active', backing: 'hidden' });
+  const exp = g.createBackend(sec, { name: 'parent0' });
+  const job = await startBackup(mgr, { internal: true, source: sec, target: hidden, sync: 'none' });
+  await exp.write(0, pattern(0x22, 4096)); // before the checkpoint: hidden holds 0x11 there
+  const order: string[] = [];
+  const cp = job.checkpoint(async () => {
+    order.push('empty');
+    await hidden.makeEmpty();
+    await active.makeEmpty();
+  });
+  // a write issued once the checkpoint began belongs to the next epoch: its copy must
+  // survive the emptying
+  await new Promise((r) => setImmediate(r));
+  const w = exp.write(2 * CLUSTER, pattern(0x33, 100)).then(() => order.push('write'));
+  await Promise.all([cp, w]);
+  assert.deepEqual(order, ['empty', 'write']);
+  const expected = pattern(0x11, size).fill(0x22, 0, 4096);
+  assert.ok((await active.read(0, size)).equals(expected), 'the SVM sees the checkpoint state, not the new write');
+  await job.cancel();
+});
+
+test('concurrent writers of one cluster: the old content is copied exactly once, before any of them lands', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const sec = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'secondary' });
+  const old = fill(21, MiB);
+  await sec.write(0, old);
+  const hidden = await addNode(g, { driver: 'test-cow', 'node-name': 'hidden', backing: 'secondary', 'backing-read-delay-ms': 1 });
+  const exp = g.createBackend(sec, { name: 'parent0' });
+  const job = await startBackup(mgr, { internal: true, source: sec, target: hidden, sync: 'none' });
+  const writes: Promise<void>[] = [];
+  for (let i = 0; i < 32; i++) writes.push(exp.write(CLUSTER + ((i * 2003) % (CLUSTER - 100)), fill(100 + i, 100)));
+  // a write spanning two clusters, one of them being copied by the others
+  writes.push(exp.write(2 * CLUSTER - 50, fill(7, 100)));
+  await Promise.all(writes);
+  assert.ok((await hidden.read(CLUSTER, 2 * CLUSTER)).equals(old.subarray(CLUSTER, 3 * CLUSTER)));
+  assert.equal(job.copiedClusters, 2);
+  assert.equal(job.bytesCopied, 2 * CLUSTER);
+  await job.cancel();
+});

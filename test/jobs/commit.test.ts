@@ -87,7 +87,7 @@ test('a failing commit ends with its error and leaves the graph as it was', asyn
   const events = recordEvents(mgr);
   const size = MiB;
   await addNode(g, { driver: 'memory', size, 'node-name': 'mem' });
-  const base = await addNode(g, { driver: 'blkdebug', 'node-name': 'secondary', image: 'mem', 'inject-error': [{ event: 'write_aio', iotype: ['write', 'write-zeroes'], errno: 5 }] });
+  const base = await addNode(g, { driver: 'blkdebug', 'node-name': 'secondary', image: 'mem', 'inject-error': [{ event: 'write_aio', iotype: 'write', errno: 5 }] });
   const active = await g.open({ driver: 'test-cow', 'node-name': 'active', backing: { driver: 'test-cow', 'node-name': 'hidden', 'read-only': false, backing: 'secondary' } });
   const hidden = g.getNode('hidden');
   const be = g.createBackend(active, { name: 'd' });
@@ -96,6 +96,7 @@ test('a failing commit ends with its error and leaves the graph as it was', asyn
   const job = await startCommit(mgr, { jobId: 'c', top: active, base, active: true, autoComplete: true });
   const r = await job.done;
   assert.ok(r.ret instanceof BlockError && r.ret.code === 'EIO');
+  assert.equal(r.ret.message, 'Input/output error', 'the injected error, not another one');
   assert.ok(events.some((e) => e.name === 'BLOCK_JOB_ERROR' && e.data['operation'] === 'write' && e.data['action'] === 'report'));
   assert.ok(events.some((e) => e.name === 'BLOCK_JOB_COMPLETED' && e.data['error'] === 'Input/output error'));
   assert.equal(be.node, active);

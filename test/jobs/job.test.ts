@@ -38,7 +38,6 @@ const QEMU_VERBS: Record<string, string> = {
   complete: '00001000000',
   finalize: '00000001000',
   dismiss: '00000000010',
-  change: '01111100000',
 };
 
 test('the status transition table is exactly QEMU 7.2', () => {
@@ -93,6 +92,30 @@ test('verbs in the wrong state fail with QEMU messages; ids are checked', async 
   await assert.rejects(startBackup(mgr, { jobId: 'k', source: src, target: dst2, sync: 'none' }), {
     message: "Node 'src' is busy: block device is in use by block job: backup",
   });
+  // two starts racing for one id: exactly one gets it; a failed start frees its id
+  const e1 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e1' });
+  const e2 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e2' });
+  const e3 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e3' });
+  const race = await Promise.allSettled([
+    startBackup(mgr, { jobId: 'r', source: e1, target: e2, sync: 'none' }),
+    startBackup(mgr, { jobId: 'r', source: e3, target: dst2, sync: 'none' }),
+  ]);
+  assert.deepEqual(race.map((x) => x.status), ['fulfilled', 'rejected']);
+  assert.equal(race[1]?.status === 'rejected' && (race[1].reason as Error).message, "Job ID 'r' already in use");
+  // two jobs racing for one node: the second finds it busy
+  const e4 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e4' });
+  const e5 = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'e5' });
+  const race2 = await Promise.allSettled([
+    startMirror(mgr, { jobId: 'x1', source: e4, target: e5, sync: 'none' }),
+    startBackup(mgr, { jobId: 'x2', source: e4, target: e5, sync: 'none' }),
+  ]);
+  assert.deepEqual(race2.map((x) => x.status), ['fulfilled', 'rejected']);
+  assert.equal(race2[1]?.status === 'rejected' && (race2[1].reason as Error).message, "Node 'e4' is busy: block device is in use by block job: mirror");
+  if (race2[0]?.status === 'fulfilled') await race2[0].value.cancel(true);
+  assert.equal(e4.blockers.size, 0);
+  const k = await startBackup(mgr, { jobId: 'k', source: e3, target: dst2, sync: 'none' });
+  await k.cancel();
+  if (race[0]?.status === 'fulfilled') await race[0].value.cancel();
   assert.throws(() => job.complete(), { message: "Job 'j' in state 'running' cannot accept command verb 'complete'" });
   await assert.rejects(job.finalize(), { message: "Job 'j' in state 'running' cannot accept command verb 'finalize'" });
   assert.throws(() => job.dismiss(), { message: "Job 'j' in state 'running' cannot accept command verb 'dismiss'" });
@@ -166,4 +189,24 @@ test('internal jobs are never listed and emit no events', async () => {
   assert.equal(r.ret, 0);
   assert.equal(lastProgress, 256 << 10);
   assert.deepEqual(events, []);
+});
+
+test('cancelAll ends every job, internal ones included, and restores the graph', async () => {
+  const g = newGraph();
+  const mgr = new JobManager(g);
+  const a = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'a' });
+  const b = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'b' });
+  const c = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'c' });
+  const d = await addNode(g, { driver: 'memory', size: 1 << 20, 'node-name': 'd' });
+  const ea = g.createBackend(a, { name: 'ea' });
+  const ec = g.createBackend(c, { name: 'ec' });
+  const j1 = await startBackup(mgr, { internal: true, source: a, target: b, sync: 'none' });
+  const j2 = await startMirror(mgr, { jobId: 'm', source: c, target: d, sync: 'none', autoDismiss: false });
+  await mgr.cancelAll();
+  assert.equal(j1.status, 'null');
+  assert.equal(j2.status, 'null');
+  assert.deepEqual(mgr.queryJobs(), []);
+  assert.equal(ea.node, a);
+  assert.equal(ec.node, c);
+  assert.deepEqual([...g.nodes.keys()].sort(), ['a', 'b', 'c', 'd']);
 });

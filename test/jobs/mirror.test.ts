@@ -127,7 +127,7 @@ test('zero runs are written as zeroes, and skipped where the target reads zeroes
     driver: 'blkdebug',
     'node-name': 'dst',
     image: 'mem',
-    'inject-error': [{ event: 'none', iotype: ['write-zeroes'], errno: 5 }],
+    'inject-error': [{ event: 'none', iotype: 'write-zeroes', errno: 5 }],
   });
   const job = await startMirror(mgr, { jobId: 'z', source: src, target: dst, sync: 'full', autoComplete: true });
   const r = await job.done;
@@ -217,4 +217,66 @@ test('mirror argument errors', async () => {
     message: "Parameter 'sync' does not accept value 'bogus'",
   });
   assert.deepEqual([...g.nodes.keys()].sort(), ['small', 'src']);
+});
+
+test('pause and resume: paused before READY, standby after; speed can change at run time', async () => {
+  const g = newGraph();
+  const mgr = new JobManager(g);
+  const events = recordEvents(mgr);
+  const size = 16 * MiB;
+  const src = await addNode(g, { driver: 'memory', size, 'node-name': 'src' });
+  const dst = await addNode(g, { driver: 'memory', size, 'node-name': 'dst' });
+  await src.write(0, fill(6, size));
+  // 1 byte per second: after the first chunk the job waits for the limit
+  const job = await startMirror(mgr, { jobId: 'p', source: src, target: dst, sync: 'full', speed: 1 });
+  await until(() => job.progressCurrent > 0, 'first chunk');
+  const first = job.progressCurrent;
+  for (let i = 0; i < 50; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(job.progressCurrent, first, 'the speed limit holds the job');
+  job.pause();
+  await until(() => job.status === 'paused', 'paused');
+  job.setSpeed(0);
+  for (let i = 0; i < 50; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(job.progressCurrent, first, 'a paused job does not copy');
+  job.resume();
+  await nextEvent(mgr, 'BLOCK_JOB_READY');
+  job.pause();
+  await until(() => job.status === 'standby', 'standby');
+  job.resume();
+  await until(() => job.status === 'ready', 'ready again');
+  job.complete();
+  assert.equal((await job.done).ret, 0);
+  assert.deepEqual(statuses(events, 'p'), ['created', 'running', 'paused', 'running', 'ready', 'standby', 'ready', 'waiting', 'pending', 'concluded', 'null']);
+  assert.ok((await dst.read(0, size)).equals(fill(6, size)));
+});
+
+test('a source read error with on-source-error=ignore is reported and retried', async () => {
+  const g = newGraph();
+  const mgr = new JobManager(g);
+  const events = recordEvents(mgr);
+  const size = MiB;
+  await addNode(g, { driver: 'memory', size, 'node-name': 'mem' });
+  const src = await addNode(g, { driver: 'blkdebug', 'node-name': 'src', image: 'mem', 'inject-error': [{ event: 'read_aio', errno: 5, once: true, iotype: 'read' }] });
+  await src.write(0, fill(8, size));
+  const dst = await addNode(g, { driver: 'memory', size, 'node-name': 'dst' });
+  const job = await startMirror(mgr, { jobId: 'i', source: src, target: dst, sync: 'full', onSourceError: 'ignore', autoComplete: true });
+  assert.equal((await job.done).ret, 0);
+  assert.deepEqual(events.find((e) => e.name === 'BLOCK_JOB_ERROR')?.data, { device: 'i', operation: 'read', action: 'ignore' });
+  assert.ok((await dst.read(0, size)).equals(fill(8, size)));
+});
+
+test('a write in flight on the source when the mirror starts is not lost', async () => {
+  const g = newCowGraph();
+  const mgr = new JobManager(g);
+  const base = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'base' });
+  await base.write(0, pattern(0x11, MiB));
+  // a partial-cluster write to this overlay first reads the backing, slowly
+  const src = await addNode(g, { driver: 'test-cow', 'node-name': 'src', backing: 'base', 'backing-read-delay-ms': 20 });
+  const dst = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'dst' });
+  const be = g.createBackend(src, { name: 'd' });
+  const w = be.write(100, pattern(0x22, 100));
+  const job = await startMirror(mgr, { source: src, target: dst, sync: 'full', autoComplete: true });
+  await w;
+  assert.equal((await job.done).ret, 0);
+  assert.ok((await dst.read(0, MiB)).equals(pattern(0x11, MiB).fill(0x22, 100, 200)));
 });

@@ -115,7 +115,7 @@ test('qcow2: a commit whose base fails to write ends with EIO and the chain unch
     {
       driver: 'qcow2',
       'node-name': 'base',
-      file: { driver: 'blkdebug', image: fileOpts(basePath), 'inject-error': [{ event: 'none', iotype: ['write'], errno: 5, state: 2 }], 'set-state': [{ event: 'flush_to_disk', new_state: 2 }] },
+      file: { driver: 'blkdebug', image: fileOpts(basePath), 'inject-error': [{ event: 'write_aio', iotype: 'write', errno: 5, state: 2 }], 'set-state': [{ event: 'flush_to_disk', new_state: 2 }] },
     },
     { monitorOwned: true },
   );
@@ -128,6 +128,7 @@ test('qcow2: a commit whose base fails to write ends with EIO and the chain unch
   const job = await startCommit(mgr, { jobId: 'c', top: active, base, active: true, autoComplete: true });
   const r = await job.done;
   assert.ok(r.ret instanceof BlockError && r.ret.code === 'EIO', `ret ${String(r.ret)}`);
+  assert.equal(r.ret.message, 'Input/output error', 'the injected error, not another one');
   assert.equal(be.node, active);
   assert.equal(active.backing, base);
   assert.ok((await be.read(0, size)).equals(view));
@@ -194,4 +195,41 @@ test('qcow2: mirror of a half-zero image into a qcow2 target, then qemu-img comp
   const modelPath = join(dir, 'model.raw');
   writeFileSync(modelPath, model);
   run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', dstPath, modelPath]);
+});
+
+// Known gap: the qcow2 driver (branch qcow2) keeps the backing node it opened with, so after
+// the backing edge is re-pointed it still reads the dropped middle layer. It needs to read
+// its `backing` edge at request time; until then this is a todo.
+test('qcow2: intermediate commit re-points the overlay at the base', { todo: 'qcow2 must read its backing edge at request time' }, async (t) => {
+  const g = newGraph();
+  if (!ready(t, g)) return;
+  const dir = tempDir(t);
+  const size = 4 * MiB;
+  const basePath = qcow2(dir, 'base.qcow2', size);
+  qcow2(dir, 'mid.qcow2', size, 'base.qcow2');
+  const topPath = qcow2(dir, 'top.qcow2', size, 'mid.qcow2');
+  const mgr = new JobManager(g);
+  const base = await g.open({ driver: 'qcow2', 'node-name': 'base', 'read-only': true, file: fileOpts(basePath) }, { monitorOwned: true });
+  const top = await g.open({
+    driver: 'qcow2',
+    'node-name': 'top',
+    file: fileOpts(topPath),
+    backing: { driver: 'qcow2', 'node-name': 'mid', file: fileOpts(join(dir, 'mid.qcow2')), backing: 'base' },
+  });
+  const mid = g.getNode('mid');
+  await mid.setReadOnly(false);
+  await mid.write(MiB, pattern(0x22, MiB));
+  await mid.setReadOnly(true);
+  await top.write(0, pattern(0x33, 4096));
+  const view = await top.read(0, size);
+  const be = g.createBackend(top, { name: 'd' });
+  const job = await startCommit(mgr, { top: mid, base, active: false });
+  assert.equal((await job.done).ret, 0);
+  await g.settle();
+  assert.equal(top.backing, base);
+  assert.ok(!g.nodes.has('mid'));
+  assert.ok((await be.read(0, size)).equals(view), 'the overlay reads the same through the new backing');
+  assert.equal(base.readOnly, true);
+  await g.closeAll();
+  run('qemu-img', ['check', '-q', basePath]);
 });

@@ -1,18 +1,28 @@
 // Protocol driver "file": a host file through a Node FileHandle.
 // Options: filename (required), cache.direct (refused: Node cannot guarantee the aligned
 // buffers O_DIRECT needs), cache.no-flush, aio (threads|native|io_uring, accepted: Node
-// always uses its thread pool), locking (auto|on|off), aio-max-batch, pr-manager (refused).
+// always uses its thread pool), locking (auto|on|off), aio-max-batch, pr-manager (refused),
+// force-share (read-only only: share every permission).
 //
-// Locking: with locking on, the image is locked with the same byte-range OFD locks QEMU
-// takes, when the native helper is available (src/util/native.ts); otherwise lockstep
-// writers exclude each other through an advisory lock on the file's inode kept in-process
-// and in a lock table shared by lockstep processes (see file-lock.ts).
+// Locking (locking=auto|on): the image is locked with the same byte-range OFD locks QEMU
+// takes when the native helper is built (src/util/native.ts), so QEMU and other lockstep
+// processes are refused as QEMU would refuse them; within one process the same rules hold
+// without the helper (see file-lock.ts).
+//
+// With the native helper the node also answers block status from SEEK_DATA/SEEK_HOLE (holes
+// are data:false, zero:true), discards by punching holes, and writes zeroes by punching a
+// hole (mayUnmap) or with fallocate(ZERO_RANGE), writing zero buffers where the filesystem
+// refuses. Without it, everything is allocated data and the core emulates zeroing.
 
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
-import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus } from '../driver.js';
-import { BlockError, InvalidArgumentError, STRERROR, type ErrorCode } from '../../errors.js';
+import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type ZeroFlags } from '../driver.js';
+import { BlockError, InvalidArgumentError, STRERROR, isBlockError, type ErrorCode } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
+import { loadNative } from '../../util/native.js';
 import { acquireImageLock, type ImageLock } from './file-lock.js';
+
+/** Largest zero buffer written at once where the filesystem cannot zero a range itself. */
+const ZERO_CHUNK = 1024 * 1024;
 
 async function openHandle(filename: string, readOnly: boolean): Promise<FileHandle> {
   try {
@@ -35,6 +45,7 @@ export const fileDriver: BlockDriver = {
     o.bool('drop-cache');
     o.bool('x-check-cache-dropped');
     if (o.has('pr-manager')) throw new InvalidArgumentError(`Parameter 'pr-manager' is not supported by lockstep`);
+    const forceShare = o.bool('force-share') ?? false;
     o.done();
     const cache = (ctx as GraphOpenContext).cache ?? { direct: false, noFlush: false };
     if (cache.direct) {
@@ -43,11 +54,13 @@ export const fileDriver: BlockDriver = {
       );
     }
     let readOnly = ctx.readOnly;
+    if (forceShare && !readOnly) throw new InvalidArgumentError('force-share=on can only be used with read-only images');
+    const native = loadNative();
     let fh = await openHandle(filename, readOnly);
     let size = (await fh.stat()).size;
     let lock: ImageLock | null = null;
     try {
-      if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly);
+      if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly, forceShare);
     } catch (e) {
       await fh.close();
       throw e;
@@ -77,8 +90,83 @@ export const fileDriver: BlockDriver = {
       if (offset + data.length > size) size = offset + data.length;
     }
 
+    async function writeZeroBuffers(offset: number, length: number): Promise<void> {
+      const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+      for (let pos = offset; pos < offset + length; pos += zeroes.length) {
+        await write(pos, zeroes.subarray(0, Math.min(zeroes.length, offset + length - pos)));
+      }
+    }
+
+    // Learned once per node, like QEMU's has_write_zeroes/has_discard: a filesystem that
+    // refused a fallocate mode refuses it for good.
+    let canPunch = true;
+    let canZeroRange = true;
+
+    async function punch(offset: number, length: number): Promise<boolean> {
+      if (!native || !canPunch) return false;
+      try {
+        await native.punchHole(fh.fd, offset, length);
+        return true;
+      } catch (e) {
+        if (!isBlockError(e, 'ENOTSUP')) throw e;
+        canPunch = false;
+        return false;
+      }
+    }
+
+    async function writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+      const end = offset + length;
+      // a punched hole never grows the file: the part past EOF is zeroed below
+      const inside = Math.min(end, size);
+      let from = offset;
+      if (flags.mayUnmap && inside > offset && (await punch(offset, inside - offset))) from = inside;
+      if (from >= end) return;
+      if (native && canZeroRange) {
+        try {
+          await native.zeroRange(fh.fd, from, end - from);
+          if (end > size) size = end;
+          return;
+        } catch (e) {
+          if (!isBlockError(e, 'ENOTSUP')) throw e;
+          canZeroRange = false;
+        }
+      }
+      if (flags.noFallback) throw new BlockError('ENOTSUP', `${filename}: the filesystem cannot zero a range`);
+      await writeZeroBuffers(from, end - from);
+    }
+
+    // QEMU's find_allocation: one lseek(SEEK_DATA), and lseek(SEEK_HOLE) when in data.
+    function sparseStatus(offset: number, length: number): BlockStatus {
+      const end = offset + length;
+      let data = true;
+      let runEnd = end;
+      try {
+        const d = native!.seekData(fh.fd, offset);
+        if (d === -1 || d > offset) {
+          data = false; // a hole up to the next data, or to EOF
+          if (d !== -1) runEnd = Math.min(d, end);
+        } else if (d === offset) {
+          const h = native!.seekHole(fh.fd, offset);
+          if (h > offset) runEnd = Math.min(h, end);
+          // h <= offset: the file changed between the two calls; report data, which is safe
+        }
+      } catch {
+        // the filesystem cannot tell: everything is data, as QEMU reports it
+      }
+      // no `file`: a protocol node holds its own bytes, and naming itself would invite callers
+      // that descend into `file` to loop
+      return { length: runEnd - offset, allocated: true, data, zero: !data, hostOffset: offset };
+    }
+
     return {
-      caps: makeCaps({ fua: false, writeZeroes: false, discard: false, blockStatus: false, truncate: true, growable: true }),
+      caps: makeCaps({
+        fua: false,
+        writeZeroes: native !== null,
+        discard: native !== null,
+        blockStatus: native !== null,
+        truncate: true,
+        growable: true,
+      }),
       filename,
       getLength: () => size,
       read: async (offset, length) => {
@@ -89,6 +177,11 @@ export const fileDriver: BlockDriver = {
         }
       },
       write: (offset, data) => write(offset, data),
+      writeZeroes: (offset, length, flags) => writeZeroes(offset, length, flags),
+      discard: async (offset, length) => {
+        const end = Math.min(offset + length, size);
+        if (end > offset) await punch(offset, end - offset); // advisory: a refusal is fine
+      },
       flush: async () => {
         if (cache.noFlush) return;
         try {
@@ -97,7 +190,8 @@ export const fileDriver: BlockDriver = {
           throw BlockError.fromSystem(e, `flush of ${filename}`);
         }
       },
-      blockStatus: async (_offset, length): Promise<BlockStatus> => ({ length, allocated: true, data: true, zero: false }),
+      blockStatus: async (offset, length): Promise<BlockStatus> =>
+        native ? sparseStatus(offset, length) : { length, allocated: true, data: true, zero: false },
       truncate: async (length) => {
         try {
           await fh.truncate(length);
@@ -109,10 +203,15 @@ export const fileDriver: BlockDriver = {
       reopen: async (ro) => {
         if (ro === readOnly) return;
         const nfh = await openHandle(filename, ro);
+        try {
+          if (lock) await lock.reopen(nfh, ro);
+        } catch (e) {
+          await nfh.close();
+          throw e;
+        }
         const old = fh;
         fh = nfh;
         readOnly = ro;
-        if (lock) await lock.reopen(nfh, ro);
         await old.close();
       },
       close: async () => {

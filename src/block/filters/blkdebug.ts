@@ -2,8 +2,11 @@
 //
 // Options:
 //   image          BlockdevRef, the filtered node (attached under the role `file`)
-//   inject-error   list of { event, state?, iotype?, errno? (default 5 = EIO), sector?
-//                  (512-byte units, default: any), once? (default false), immediately? }
+//   inject-error   list of { event, state?, iotype? (one of read, write, write-zeroes,
+//                  discard, flush, block-status; default: all but block-status),
+//                  errno? (default 5 = EIO; 0 injects nothing), sector? (512-byte units,
+//                  default: any), once? (default false), immediately? (accepted: the error
+//                  always comes back through the request's promise) }
 //   set-state      list of { event, state?, new_state }
 //   align          request alignment (power of two; default: the image's)
 //   max-transfer   largest request (a multiple of align; default: the image's)
@@ -16,9 +19,9 @@
 // its own requests - read_aio before a read, write_aio before a data or zero write,
 // flush_to_disk before a flush - and `none` once when it is opened. (QEMU raises most events
 // from the format driver above; lockstep's drivers raise none, so blkdebug raises these.)
-// A fired inject-error rule becomes active: every later request whose type is in the
-// rule's iotype list (default: all) and whose range covers `sector` (if given) fails with
-// errno; a `once` rule is removed after its first failure. set-state rules switch the state.
+// A fired inject-error rule becomes active: every later request of the rule's iotype whose
+// range covers `sector` (if given) fails with errno; a `once` rule is removed after its first
+// failure. set-state rules switch the state.
 //
 // query output: info() gives { state, 'active-rules' }.
 
@@ -101,18 +104,11 @@ function parseRules(o: OptionReader): Rule[] {
     const r = elementReader(v, `${injPath}.${i}`, o.keyval);
     const event = r.enumOf('event', BLKDEBUG_EVENTS, true);
     const state = r.int('state') ?? 0;
-    const ioPath = r.path('iotype');
-    const iolist = listOption(r.raw('iotype'), ioPath);
-    const iotypes = new Set<BlkdebugIoType>();
-    iolist.forEach((t, k) => {
-      if (typeof t !== 'string' || !(BLKDEBUG_IO_TYPES as readonly string[]).includes(t)) {
-        throw new InvalidArgumentError(`Parameter '${ioPath}.${k}' does not accept value '${String(t)}'`);
-      }
-      iotypes.add(t as BlkdebugIoType);
-    });
-    if (iotypes.size === 0) for (const t of BLKDEBUG_IO_TYPES) iotypes.add(t);
+    // one I/O type, as in QEMU; by default every type but block-status
+    const iotype = r.enumOf('iotype', BLKDEBUG_IO_TYPES);
+    const iotypes = new Set<BlkdebugIoType>(iotype ? [iotype] : BLKDEBUG_IO_TYPES.filter((t) => t !== 'block-status'));
     const errno = r.int('errno') ?? ERRNO.EIO;
-    if (errno <= 0) throw new InvalidArgumentError(`Parameter '${r.path('errno')}' must be a positive errno number`);
+    if (errno < 0) throw new InvalidArgumentError(`Parameter '${r.path('errno')}' must be an errno number (0 injects nothing)`);
     const sector = r.int('sector') ?? -1;
     const once = r.bool('once', false);
     const immediately = r.bool('immediately', false);
@@ -154,7 +150,7 @@ class BlkdebugState {
     const rule = this.active.find(
       (r) => r.iotypes.has(type) && (r.offset === -1 || (length > 0 && r.offset >= offset && r.offset < offset + length)),
     );
-    if (!rule) return;
+    if (!rule || rule.errno === 0) return;
     if (rule.once) {
       this.active.splice(this.active.indexOf(rule), 1);
       const i = this.rules.indexOf(rule);
@@ -198,6 +194,7 @@ export const blkdebugDriver: BlockDriver = {
         discard: true,
         blockStatus: true,
         filter: true,
+        growable: file.caps.growable ?? false,
       }),
       get filename() {
         return file.filename;

@@ -105,9 +105,16 @@ export class CopyBeforeWrite {
     }
   }
 
-  /** Replication's checkpoint: "nothing copied since now", with nothing in flight. */
-  async checkpoint(): Promise<void> {
-    await this.quiesce(() => this.bitmap.setAll());
+  /**
+   * Replication's checkpoint: "nothing copied since now", with nothing in flight. `during`
+   * runs after the reset with new writes still held (emptying the overlays there keeps a
+   * new write's copy from landing before the hidden disk is emptied).
+   */
+  async checkpoint(during?: () => Promise<void>): Promise<void> {
+    await this.quiesce(async () => {
+      this.bitmap.setAll();
+      if (during) await during();
+    });
   }
 }
 
@@ -153,6 +160,7 @@ export const copyBeforeWriteDriver: BlockDriver = {
         writeZeroes: true,
         discard: true,
         filter: true,
+        growable: file.caps.growable ?? false,
       }),
       get filename() {
         return file.filename;

@@ -62,7 +62,7 @@ function makeDriver(name: string): BlockDriver {
       const top = new JobTopState(file);
       const impl: JobTopImpl = {
         top,
-        caps: makeCaps({ requestAlignment: 1, fua: true, writeZeroes: true, discard: true, filter: true }),
+        caps: makeCaps({ requestAlignment: 1, fua: true, writeZeroes: true, discard: true, filter: true, growable: file.caps.growable ?? false }),
         get filename() {
           return file.filename;
         },

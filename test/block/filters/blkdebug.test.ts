@@ -8,12 +8,12 @@ const isCode = (code: string) => (e: unknown) => e instanceof BlockError && e.co
 test('keyval form: inject-error.0.event=write_aio,inject-error.0.errno=5 fails writes with EIO', async () => {
   const g = newGraph();
   // what keyval parsing of "driver=blkdebug,image.driver=memory,image.size=1M,
-  // inject-error.0.event=write_aio,inject-error.0.errno=5,inject-error.0.iotype.0=write" gives
+  // inject-error.0.event=write_aio,inject-error.0.errno=5,inject-error.0.iotype=write" gives
   const n = await g.open(
     {
       driver: 'blkdebug',
       image: { driver: 'memory', size: '1M' },
-      'inject-error': { '0': { event: 'write_aio', errno: '5', iotype: { '0': 'write' } } },
+      'inject-error': { '0': { event: 'write_aio', errno: '5', iotype: 'write' } },
     },
     { keyval: true },
   );
@@ -30,8 +30,8 @@ test('JSON form: once, sector and errno numbers as QEMU', async () => {
     driver: 'blkdebug',
     image: { driver: 'memory', size: 1 << 20 },
     'inject-error': [
-      { event: 'write_aio', errno: 28, sector: 8, once: true, iotype: ['write'] },
-      { event: 'read_aio', errno: 1, once: true, immediately: true, iotype: ['read'] },
+      { event: 'write_aio', errno: 28, sector: 8, once: true, iotype: 'write' },
+      { event: 'read_aio', errno: 1, once: true, immediately: true, iotype: 'read' },
     ],
   });
   await n.write(0, pattern(1, 4096)); // sector 8 = byte 4096: not covered
@@ -46,7 +46,7 @@ test('state and set-state: a rule fires only in its state', async () => {
   const n = await g.open({
     driver: 'blkdebug',
     image: { driver: 'memory', size: 1 << 20 },
-    'inject-error': [{ event: 'write_aio', state: 2, errno: 5, iotype: ['write'] }],
+    'inject-error': [{ event: 'write_aio', state: 2, errno: 5, iotype: 'write' }],
     'set-state': [{ event: 'flush_to_disk', state: 1, new_state: 2 }],
   });
   await n.write(0, pattern(1, 512)); // state 1: no error
@@ -62,10 +62,11 @@ test('event none activates at open; align and max-transfer shape requests', asyn
     image: { driver: 'memory', size: 1 << 20 },
     align: 4096,
     'max-transfer': 65536,
-    'inject-error': [{ event: 'none', iotype: ['discard'], errno: 95 }],
+    'inject-error': [{ event: 'none', iotype: 'discard', errno: 95 }],
   });
   assert.equal(n.caps.requestAlignment, 4096);
   assert.equal(n.caps.maxTransfer, 65536);
+  assert.equal(n.caps.growable, true, 'growable like its image, so a format above can append');
   await assert.rejects(n.discard(0, 65536), isCode('ENOTSUP'));
   await n.write(100, pattern(3, 200_000)); // unaligned and larger than max-transfer
   assert.ok((await n.read(100, 200_000)).equals(pattern(3, 200_000)));
