@@ -2,7 +2,8 @@
 // syntax and output lines, so that scripts written for qemu-io work unchanged. Used by
 // `lockstep io` (src/cli/io.ts) and by QMP's `human-monitor-command "qemu-io ..."`.
 //
-// Commands: read, write, discard, flush, length, info, map, alloc, help. Numbers take
+// Commands: read, write, discard, flush, length, info, map, alloc, help. Like qemu-io, map
+// and alloc report the allocation of the image's own layer, not of its backing chain. Numbers take
 // qemu's size suffixes (b, k, M, G, T, P, E; "1.5k"; "0x100"). Options are parsed like
 // getopt(3) with argument permutation ("read 0 4k -q" works, "read 0 -1" does not).
 // Messages go where qemu-io sends them: results, usage and I/O failures to `out`
@@ -501,10 +502,10 @@ const mapCmd: CommandDef = {
     try {
       while (offset < total) {
         // one line per run of equal allocation state
-        const first = await isAllocatedAbove(node, offset, total - offset);
+        const first = await node.blockStatus(offset, total - offset);
         let runLength = first.length;
         while (offset + runLength < total) {
-          const next = await isAllocatedAbove(node, offset + runLength, total - offset - runLength);
+          const next = await node.blockStatus(offset + runLength, total - offset - runLength);
           if (next.allocated !== first.allocated) break;
           runLength += next.length;
         }
@@ -542,7 +543,7 @@ const allocCmd: CommandDef = {
     let allocated = 0;
     try {
       for (let pos = offset; pos < offset + count; ) {
-        const s = await isAllocatedAbove(node, pos, offset + count - pos);
+        const s = await node.blockStatus(pos, offset + count - pos);
         if (s.allocated) allocated += s.length;
         pos += s.length;
       }

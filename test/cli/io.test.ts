@@ -8,6 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { createRegistry } from '../../src/block/registry.js';
 import { tempDir } from '../helpers/graph.js';
 
 const LOCKSTEP = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
@@ -241,4 +242,27 @@ test('without -c, commands are read from stdin until quit', (t) => {
   const data = readFileSync(img);
   assert.ok(data.subarray(0, 512).equals(Buffer.alloc(512, 0x33)));
   assert.ok(data.subarray(512).equals(Buffer.alloc(65536 - 512)));
+});
+
+test('qcow2 overlay: map, alloc and info match qemu-io (the image layer only, as qemu-io reports)', (t) => {
+  const haveQcow2 = createRegistry().has('qcow2');
+  if (!haveQemuIo && !process.env.CI) return t.skip('qemu-io is not installed');
+  if (!haveQcow2) return t.skip('the qcow2 driver is not in this build yet');
+  const dir = tempDir(t);
+  const run = (cmd: string, args: string[]): void => {
+    const r = spawnSync(cmd, args, { cwd: dir, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+  };
+  run('qemu-img', ['create', '-f', 'qcow2', 'b.qcow2', '1M']);
+  run('qemu-img', ['create', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 't.qcow2']);
+  run('qemu-io', ['-c', 'write -P 3 512k 64k', 'b.qcow2']);
+  const w = lockstepIo(['-c', 'write -P 5 0 100k', join(dir, 't.qcow2')]);
+  assert.equal(w.status, 0, w.stderr);
+  const cmds = ['map', 'alloc 0 1M', 'alloc 512k 64k', 'info', 'length', 'read -P 5 0 100k', 'read -P 0 100k 412k', 'read -P 3 512k 64k'];
+  const args = cmds.flatMap((c) => ['-c', c]);
+  const q = qemuIo([...args, join(dir, 't.qcow2')])!;
+  const l = lockstepIo([...args, join(dir, 't.qcow2')]);
+  assert.equal(normalise(l.stdout), normalise(q.stdout));
+  assert.equal(l.status, 0, l.stderr);
+  assert.equal(q.status, 0, q.stderr);
 });
