@@ -30,8 +30,8 @@ function exec(tool: Tool, args: string[]): string {
   return r.stdout;
 }
 
-function benchSeconds(tool: Tool, image: string, write: boolean): number {
-  const args = ['bench', '-f', 'qcow2', '-t', CACHE, '-d', String(DEPTH), '-s', String(REQUEST), '-c', String(COUNT)];
+function benchSeconds(tool: Tool, image: string, format: string, write: boolean): number {
+  const args = ['bench', '-f', format, '-t', CACHE, '-d', String(DEPTH), '-s', String(REQUEST), '-c', String(COUNT)];
   if (write) args.push('-w');
   const out = exec(tool, [...args, image]);
   const m = /Run completed in (\d+\.\d+) seconds\./.exec(out);
@@ -47,29 +47,33 @@ function median(xs: number[]): number {
 function main(): void {
   const dir = process.argv[2] ?? mkdtempSync(join(tmpdir(), 'lockstep-bench-qcow2-'));
   const runs = Number(process.argv[3] ?? 3);
-  const results: Record<string, Record<Tool, number[]>> = {
-    'seq write 64k': { qemu: [], lockstep: [] },
-    'seq read 64k': { qemu: [], lockstep: [] },
+  const results: Record<string, Record<Tool, number[]>> = {};
+  const record = (name: string, tool: Tool, seconds: number): void => {
+    (results[name] ??= { qemu: [], lockstep: [] })[tool].push(seconds);
   };
   try {
     for (let i = 0; i < runs; i++) {
-      for (const tool of ['qemu', 'lockstep'] as Tool[]) {
-        const image = join(dir, `${tool}.qcow2`);
-        rmSync(image, { force: true });
-        // each tool creates its own image, as a user would
-        exec(tool, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k', image, SIZE]);
-        results['seq write 64k']![tool].push(benchSeconds(tool, image, true));
-        results['seq read 64k']![tool].push(benchSeconds(tool, image, false));
+      for (const format of ['qcow2', 'raw']) {
+        for (const tool of ['qemu', 'lockstep'] as Tool[]) {
+          const image = join(dir, `${tool}.${format}`);
+          rmSync(image, { force: true });
+          // each tool creates its own image, as a user would
+          const opts = format === 'qcow2' ? ['-o', 'cluster_size=64k'] : [];
+          exec(tool, ['create', '-q', '-f', format, ...opts, image, SIZE]);
+          record(`${format} seq write`, tool, benchSeconds(tool, image, format, true));
+          record(`${format} seq read`, tool, benchSeconds(tool, image, format, false));
+          rmSync(image, { force: true });
+        }
       }
     }
   } finally {
     if (process.argv[2] === undefined) rmSync(dir, { recursive: true, force: true });
   }
-  console.log(`qcow2, ${SIZE} image, 64 KiB clusters, ${REQUEST / 1024} KiB requests x ${COUNT}, depth ${DEPTH}, cache ${CACHE}; median of ${runs}`);
+  console.log(`${SIZE} images (qcow2: 64 KiB clusters), ${REQUEST / 1024} KiB requests x ${COUNT}, depth ${DEPTH}, cache ${CACHE}; median of ${runs}`);
   for (const [name, r] of Object.entries(results)) {
     const q = median(r.qemu);
     const l = median(r.lockstep);
-    console.log(`${name.padEnd(14)} qemu-img ${q.toFixed(3)} s (${(1024 / q).toFixed(0)} MiB/s)  lockstep ${l.toFixed(3)} s (${(1024 / l).toFixed(0)} MiB/s)  ratio ${(q / l).toFixed(2)}`);
+    console.log(`${name.padEnd(16)} qemu-img ${q.toFixed(3)} s (${(1024 / q).toFixed(0)} MiB/s)  lockstep ${l.toFixed(3)} s (${(1024 / l).toFixed(0)} MiB/s)  ratio ${(q / l).toFixed(2)}`);
   }
 }
 
