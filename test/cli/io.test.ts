@@ -4,11 +4,12 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRegistry } from '../../src/block/registry.js';
+import { loadNative } from '../../src/util/native.js';
 import { tempDir } from '../helpers/graph.js';
 
 const LOCKSTEP = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
@@ -265,4 +266,29 @@ test('qcow2 overlay: map, alloc and info match qemu-io (the image layer only, as
   assert.equal(normalise(l.stdout), normalise(q.stdout));
   assert.equal(l.status, 0, l.stderr);
   assert.equal(q.status, 0, q.stderr);
+});
+
+test('a locked image: the second writer gets one clear error line', async (t) => {
+  if (!loadNative() && !process.env.CI) return t.skip('cross-process image locks need the native helper (src/util/native.ts)');
+  const dir = tempDir(t);
+  const img = rawImage(dir, 'a.img', 65536);
+  // the first lockstep io holds the image open for writing, waiting for commands on stdin
+  const holder = spawn(process.execPath, [LOCKSTEP, 'io', '-f', 'raw', img], { stdio: ['pipe', 'pipe', 'pipe'] });
+  t.after(() => {
+    if (holder.exitCode === null) holder.kill();
+  });
+  await new Promise<void>((resolve, reject) => {
+    let seen = '';
+    holder.stdout.on('data', (b: Buffer) => {
+      seen += b.toString();
+      if (seen.includes('qemu-io> ')) resolve();
+    });
+    holder.on('exit', (code) => reject(new Error(`holder exited early (${code})`)));
+  });
+  const r = lockstepIo(['-f', 'raw', '-c', 'write 0 1', img]);
+  assert.equal(r.status, 1);
+  assert.equal(r.stderr, `lockstep io: can't open device ${img}: Failed to get "write" lock\nIs another process using the image [${img}]?\n`);
+  const exited = new Promise((resolve) => holder.on('exit', resolve));
+  holder.stdin.end('quit\n');
+  assert.equal(await exited, 0);
 });
