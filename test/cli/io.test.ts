@@ -127,6 +127,21 @@ const SAME_AS_QEMU: string[][] = [
   ['read -b 0 512'],
   ['write -c 0 64k'],
   ['help read'],
+  ['writev -P 5 0 512 1k', 'readv -P 5 0 512 1k', 'readv -P 6 0 512', 'readv -v 0 512 16', 'writev -f 0 100', 'readv -q 0 4'],
+  ['readv 0 abc'],
+  ['readv 0 3G'],
+  ['readv 0 1G 1G 1G'],
+  ['readv 2M 512'],
+  ['readv -x 0 1'],
+  ['readv 0'],
+  ['writev -P 300 0 1'],
+  ['truncate 2M', 'length', 'write -P 9 1536k 4k', 'truncate 1M', 'length', 't 1536k', 'read -P 0 1M 512k'],
+  ['truncate -m bogus 2M'],
+  ['truncate -1'],
+  ['truncate'],
+  ['sleep 10', 'sleep 0x5'],
+  ['sleep x'],
+  ['sleep 1 2'],
 ];
 
 /** Discard frees space and reads back zeroes when the file driver can punch holes. */
