@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRegistry } from '../../src/block/registry.js';
@@ -309,4 +309,25 @@ test('a locked image: the second writer gets one clear error line', async (t) =>
   const exited = new Promise((resolve) => holder.on('exit', resolve));
   holder.stdin.end('quit\n');
   assert.equal(await exited, 0);
+});
+
+test('an NBD URI: lockstep io reads and writes an export served by qemu-nbd', async (t) => {
+  if (!createRegistry().has('nbd')) return t.skip('the nbd driver is not in this build yet');
+  const haveQemuNbd = spawnSync('qemu-nbd', ['--version']).error === undefined;
+  if (!haveQemuNbd && !process.env.CI) return t.skip('qemu-nbd is not installed');
+  const dir = tempDir(t);
+  const img = rawImage(dir, 'a.img', 1 << 20, 0x21);
+  const sock = join(dir, 'nbd.sock');
+  const server = spawn('qemu-nbd', ['-f', 'raw', '-t', '-x', 'disk', '-k', sock, img], { stdio: 'ignore' });
+  t.after(() => {
+    if (server.exitCode === null) server.kill();
+  });
+  for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(existsSync(sock), 'qemu-nbd did not create its socket');
+  const uri = `nbd+unix:///disk?socket=${sock}`;
+  const r = lockstepIo(['-f', 'raw', '-c', 'read -P 0x21 0 64k', '-c', 'write -P 0x42 4k 4k', '-c', 'length', uri]);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^1 MiB$/m);
+  const check = qemuIo(['-f', 'raw', '-c', 'read -P 0x42 4k 4k', '-c', 'read -P 0x21 8k 4k', uri])!;
+  assert.equal(check.status, 0, check.stdout + check.stderr);
 });
