@@ -146,12 +146,13 @@ function checkArrays(cur: Node, path: string): Node {
 
 /**
  * Parses QEMU's KEY=VALUE,... syntax into a nested dict of string leaves. Throws
- * InvalidArgumentError with QEMU's wording on malformed input.
+ * InvalidArgumentError with QEMU's wording on malformed input. The second argument is the
+ * options, or the implied key itself (`parseKeyval('nbd,id=e0', 'type')`).
  */
-export function parseKeyval(text: string, opts: KeyvalParseOptions = {}): OptionDict {
+export function parseKeyval(text: string, opts: KeyvalParseOptions | string = {}): OptionDict {
   const root: Node = {};
   let pos = 0;
-  let implied = opts.impliedKey;
+  let implied = typeof opts === 'string' ? opts : opts.impliedKey;
   while (pos < text.length) {
     pos = parseOne(text, pos, root, implied);
     implied = undefined;

@@ -61,6 +61,7 @@ test('an implied first key', () => {
   assert.deepEqual(parseKeyval('nbd,id=e0,node-name=n0', { impliedKey: 'type' }), { type: 'nbd', id: 'e0', 'node-name': 'n0' });
   // an explicit first key still works, and the implied key applies to the first element only
   assert.deepEqual(parseKeyval('type=nbd,id=e0', { impliedKey: 'type' }), { type: 'nbd', id: 'e0' });
+  assert.deepEqual(parseKeyval('nbd,id=e0', 'type'), { type: 'nbd', id: 'e0' });
   rejects(() => parseKeyval('nbd,x', { impliedKey: 'type' }), "Expected '=' after parameter 'x'");
 });
 
