@@ -64,9 +64,6 @@ function findCommand(name: string): CommandDef | undefined {
   return COMMANDS.find((c) => c.name === name || c.altname === name);
 }
 
-/** Names of the commands the engine knows (for the CLI's interactive `quit`). */
-export const IO_COMMAND_NAMES: readonly string[] = COMMANDS.map((c) => c.name);
-
 /**
  * Runs one qemu-io command line against `backend`, writing its output through `out`
  * (and stderr-type messages through `opts.err`, by default `out` too). Resolves true on
