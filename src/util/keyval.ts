@@ -146,12 +146,13 @@ function checkArrays(cur: Node, path: string): Node {
 
 /**
  * Parses QEMU's KEY=VALUE,... syntax into a nested dict of string leaves. Throws
- * InvalidArgumentError with QEMU's wording on malformed input.
+ * InvalidArgumentError with QEMU's wording on malformed input. The second argument is the
+ * options, or the implied key itself (`parseKeyval('nbd,id=e0', 'type')`).
  */
-export function parseKeyval(text: string, opts: KeyvalParseOptions = {}): OptionDict {
+export function parseKeyval(text: string, opts: KeyvalParseOptions | string = {}): OptionDict {
   const root: Node = {};
   let pos = 0;
-  let implied = opts.impliedKey;
+  let implied = typeof opts === 'string' ? opts : opts.impliedKey;
   while (pos < text.length) {
     pos = parseOne(text, pos, root, implied);
     implied = undefined;
@@ -276,6 +277,51 @@ function systemText(e: unknown): string {
   return (code && texts[code]) ?? (e as Error).message;
 }
 
+/** The default NBD port (IANA). */
+const NBD_DEFAULT_PORT = '10809';
+
+/**
+ * The nbd protocol options for QEMU's NBD filenames, or null when `filename` is not one:
+ * `nbd://host[:port][/export]`, `nbd+tcp://...`, `nbd+unix:///export?socket=PATH`, and the
+ * legacy `nbd:host:port[:exportname=NAME]` / `nbd:unix:PATH[:exportname=NAME]`. The port
+ * is a string, as in QEMU's SocketAddress. TLS URIs (nbds://) need a tls-creds object and
+ * are refused here.
+ */
+export function nbdFilenameOptions(filename: string): OptionDict | null {
+  const scheme = /^([a-z+]+):/.exec(filename)?.[1];
+  if (scheme === undefined || !scheme.startsWith('nbd')) return null;
+  if (scheme === 'nbds' || scheme.startsWith('nbds+')) {
+    throw new InvalidArgumentError(`NBD over TLS (${scheme}://) needs --image-opts with tls-creds`);
+  }
+  if (filename.startsWith('nbd:') && !filename.startsWith('nbd://')) {
+    // legacy syntax
+    const rest = filename.slice(4);
+    const m = /^(?:unix:(?<path>[^:]+)|(?<host>\[[^\]]+\]|[^:]+):(?<port>\d+))(?::exportname=(?<name>.*))?$/.exec(rest);
+    if (!m?.groups) throw new InvalidArgumentError(`Invalid NBD filename '${filename}'`);
+    const g = m.groups;
+    const server: OptionDict = g.path !== undefined ? { type: 'unix', path: g.path } : { type: 'inet', host: g.host!.replace(/^\[|\]$/g, ''), port: g.port! };
+    return { driver: 'nbd', server, export: g.name ?? '' };
+  }
+  let url: URL;
+  try {
+    url = new URL(filename);
+  } catch {
+    throw new InvalidArgumentError(`Invalid NBD URI '${filename}'`);
+  }
+  const exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
+  if (scheme === 'nbd+unix') {
+    const socket = url.searchParams.get('socket');
+    if (!socket) throw new InvalidArgumentError(`NBD URI '${filename}': nbd+unix needs ?socket=PATH`);
+    if (url.host !== '') throw new InvalidArgumentError(`NBD URI '${filename}': nbd+unix takes no host`);
+    return { driver: 'nbd', server: { type: 'unix', path: socket }, export: exportName };
+  }
+  if (scheme !== 'nbd' && scheme !== 'nbd+tcp') throw new InvalidArgumentError(`Unknown NBD URI scheme '${scheme}'`);
+  if (url.hostname === '') throw new InvalidArgumentError(`NBD URI '${filename}' names no host`);
+  if ([...url.searchParams.keys()].length > 0) throw new InvalidArgumentError(`NBD URI '${filename}': unexpected query`);
+  const host = url.hostname.replace(/^\[|\]$/g, '');
+  return { driver: 'nbd', server: { type: 'inet', host, port: url.port || NBD_DEFAULT_PORT }, export: exportName };
+}
+
 /** The dict for a plain filename with a known format (qemu-img -f FMT FILE). */
 export function filenameOptions(filename: string, format: string): OptionDict {
   if (format === 'file') return { driver: 'file', filename };
@@ -318,12 +364,18 @@ export async function completeImageOptions(dict: OptionDict, format?: string): P
 
 /**
  * What qemu-img / qemu-io open for a FILE argument: `json:{...}` (with `-f` overriding its
- * driver, as in QEMU), or a host file with the format from `-f` or, without it, probed.
+ * driver, as in QEMU), an NBD URI (format -f, else raw), or a host file with the format
+ * from `-f` or, without it, probed.
  */
 export async function imageOptions(filename: string, format?: string): Promise<ImageSpec> {
   if (isJsonFilename(filename)) {
     const done = await completeImageOptions(parseJsonOptions(filename.slice(5)), format);
     return { dict: done.dict, keyval: false, probed: done.probed };
+  }
+  const nbd = nbdFilenameOptions(filename);
+  if (nbd) {
+    // no probing through the network: the format is -f, else raw
+    return { dict: { driver: format ?? 'raw', file: nbd }, keyval: false, probed: false };
   }
   if (format !== undefined) return { dict: filenameOptions(filename, format), keyval: false, probed: false };
   const probed = await probeFormat(filename);

@@ -4,10 +4,12 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { createRegistry } from '../../src/block/registry.js';
+import { loadNative } from '../../src/util/native.js';
 import { tempDir } from '../helpers/graph.js';
 
 const LOCKSTEP = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
@@ -125,12 +127,30 @@ const SAME_AS_QEMU: string[][] = [
   ['read -b 0 512'],
   ['write -c 0 64k'],
   ['help read'],
+  ['writev -P 5 0 512 1k', 'readv -P 5 0 512 1k', 'readv -P 6 0 512', 'readv -v 0 512 16', 'writev -f 0 100', 'readv -q 0 4'],
+  ['readv 0 abc'],
+  ['readv 0 3G'],
+  ['readv 0 1G 1G 1G'],
+  ['readv 2M 512'],
+  ['readv -x 0 1'],
+  ['readv 0'],
+  ['writev -P 300 0 1'],
+  ['truncate 2M', 'length', 'write -P 9 1536k 4k', 'truncate 1M', 'length', 't 1536k', 'read -P 0 1M 512k'],
+  ['truncate -m bogus 2M'],
+  ['truncate -1'],
+  ['truncate'],
+  ['sleep 10', 'sleep 0x5'],
+  ['sleep x'],
+  ['sleep 1 2'],
 ];
+
+/** Discard frees space and reads back zeroes when the file driver can punch holes. */
+const SAME_WITH_NATIVE: string[][] = [['discard 64k 64k', 'read -P 0 64k 64k', 'read -P 0xcd 0 64k'], ['discard -q 4k 8k', 'map']];
 
 test('output lines and exit codes match qemu-io 7.2 command by command', needQemuIo, (t) => {
   const dir = tempDir(t);
   const base = rawImage(dir, 'base.img', 1 << 20, 0xcd);
-  for (const cmds of SAME_AS_QEMU) {
+  for (const cmds of [...SAME_AS_QEMU, ...(loadNative() ? SAME_WITH_NATIVE : [])]) {
     const a = join(dir, 'q.img');
     const b = join(dir, 'l.img');
     copyFileSync(base, a);
@@ -241,4 +261,73 @@ test('without -c, commands are read from stdin until quit', (t) => {
   const data = readFileSync(img);
   assert.ok(data.subarray(0, 512).equals(Buffer.alloc(512, 0x33)));
   assert.ok(data.subarray(512).equals(Buffer.alloc(65536 - 512)));
+});
+
+test('qcow2 overlay: map, alloc and info match qemu-io (the image layer only, as qemu-io reports)', (t) => {
+  const haveQcow2 = createRegistry().has('qcow2');
+  if (!haveQemuIo && !process.env.CI) return t.skip('qemu-io is not installed');
+  if (!haveQcow2) return t.skip('the qcow2 driver is not in this build yet');
+  const dir = tempDir(t);
+  const run = (cmd: string, args: string[]): void => {
+    const r = spawnSync(cmd, args, { cwd: dir, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+  };
+  run('qemu-img', ['create', '-f', 'qcow2', 'b.qcow2', '1M']);
+  run('qemu-img', ['create', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 't.qcow2']);
+  run('qemu-io', ['-c', 'write -P 3 512k 64k', 'b.qcow2']);
+  const w = lockstepIo(['-c', 'write -P 5 0 100k', join(dir, 't.qcow2')]);
+  assert.equal(w.status, 0, w.stderr);
+  const cmds = ['map', 'alloc 0 1M', 'alloc 512k 64k', 'info', 'length', 'read -P 5 0 100k', 'read -P 0 100k 412k', 'read -P 3 512k 64k'];
+  const args = cmds.flatMap((c) => ['-c', c]);
+  const q = qemuIo([...args, join(dir, 't.qcow2')])!;
+  const l = lockstepIo([...args, join(dir, 't.qcow2')]);
+  assert.equal(normalise(l.stdout), normalise(q.stdout));
+  assert.equal(l.status, 0, l.stderr);
+  assert.equal(q.status, 0, q.stderr);
+});
+
+test('a locked image: the second writer gets one clear error line', async (t) => {
+  if (!loadNative() && !process.env.CI) return t.skip('cross-process image locks need the native helper (src/util/native.ts)');
+  const dir = tempDir(t);
+  const img = rawImage(dir, 'a.img', 65536);
+  // the first lockstep io holds the image open for writing, waiting for commands on stdin
+  const holder = spawn(process.execPath, [LOCKSTEP, 'io', '-f', 'raw', img], { stdio: ['pipe', 'pipe', 'pipe'] });
+  t.after(() => {
+    if (holder.exitCode === null) holder.kill();
+  });
+  await new Promise<void>((resolve, reject) => {
+    let seen = '';
+    holder.stdout.on('data', (b: Buffer) => {
+      seen += b.toString();
+      if (seen.includes('qemu-io> ')) resolve();
+    });
+    holder.on('exit', (code) => reject(new Error(`holder exited early (${code})`)));
+  });
+  const r = lockstepIo(['-f', 'raw', '-c', 'write 0 1', img]);
+  assert.equal(r.status, 1);
+  assert.equal(r.stderr, `lockstep io: can't open device ${img}: Failed to get "write" lock\nIs another process using the image [${img}]?\n`);
+  const exited = new Promise((resolve) => holder.on('exit', resolve));
+  holder.stdin.end('quit\n');
+  assert.equal(await exited, 0);
+});
+
+test('an NBD URI: lockstep io reads and writes an export served by qemu-nbd', async (t) => {
+  if (!createRegistry().has('nbd')) return t.skip('the nbd driver is not in this build yet');
+  const haveQemuNbd = spawnSync('qemu-nbd', ['--version']).error === undefined;
+  if (!haveQemuNbd && !process.env.CI) return t.skip('qemu-nbd is not installed');
+  const dir = tempDir(t);
+  const img = rawImage(dir, 'a.img', 1 << 20, 0x21);
+  const sock = join(dir, 'nbd.sock');
+  const server = spawn('qemu-nbd', ['-f', 'raw', '-t', '-x', 'disk', '-k', sock, img], { stdio: 'ignore' });
+  t.after(() => {
+    if (server.exitCode === null) server.kill();
+  });
+  for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(existsSync(sock), 'qemu-nbd did not create its socket');
+  const uri = `nbd+unix:///disk?socket=${sock}`;
+  const r = lockstepIo(['-f', 'raw', '-c', 'read -P 0x21 0 64k', '-c', 'write -P 0x42 4k 4k', '-c', 'length', uri]);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^1 MiB$/m);
+  const check = qemuIo(['-f', 'raw', '-c', 'read -P 0x42 4k 4k', '-c', 'read -P 0x21 8k 4k', uri])!;
+  assert.equal(check.status, 0, check.stdout + check.stderr);
 });

@@ -8,6 +8,7 @@ import {
   expandDottedKeys,
   filenameOptions,
   imageOptions,
+  nbdFilenameOptions,
   parseJsonOptions,
   parseKeyval,
   parseOptionString,
@@ -60,6 +61,7 @@ test('an implied first key', () => {
   assert.deepEqual(parseKeyval('nbd,id=e0,node-name=n0', { impliedKey: 'type' }), { type: 'nbd', id: 'e0', 'node-name': 'n0' });
   // an explicit first key still works, and the implied key applies to the first element only
   assert.deepEqual(parseKeyval('type=nbd,id=e0', { impliedKey: 'type' }), { type: 'nbd', id: 'e0' });
+  assert.deepEqual(parseKeyval('nbd,id=e0', 'type'), { type: 'nbd', id: 'e0' });
   rejects(() => parseKeyval('nbd,x', { impliedKey: 'type' }), "Expected '=' after parameter 'x'");
 });
 
@@ -201,4 +203,49 @@ test('json: filenames and incomplete image options', async (t) => {
   assert.equal(spec.dict.driver, 'raw');
   await assert.rejects(completeImageOptions({}), { message: 'Must specify either driver or file' });
   assert.deepEqual((await completeImageOptions({ filename: r })).dict, { driver: 'raw', file: { driver: 'file', filename: r } });
+});
+
+test('NBD filenames: URIs and the legacy syntax become nbd protocol options', async () => {
+  assert.deepEqual(nbdFilenameOptions('nbd://localhost/disk0'), {
+    driver: 'nbd',
+    server: { type: 'inet', host: 'localhost', port: '10809' },
+    export: 'disk0',
+  });
+  assert.deepEqual(nbdFilenameOptions('nbd+tcp://127.0.0.1:10810'), {
+    driver: 'nbd',
+    server: { type: 'inet', host: '127.0.0.1', port: '10810' },
+    export: '',
+  });
+  assert.deepEqual(nbdFilenameOptions('nbd://[::1]:10811/a%20b'), {
+    driver: 'nbd',
+    server: { type: 'inet', host: '::1', port: '10811' },
+    export: 'a b',
+  });
+  assert.deepEqual(nbdFilenameOptions('nbd+unix:///exp?socket=/tmp/s.sock'), {
+    driver: 'nbd',
+    server: { type: 'unix', path: '/tmp/s.sock' },
+    export: 'exp',
+  });
+  assert.deepEqual(nbdFilenameOptions('nbd:unix:/tmp/s.sock:exportname=e1'), {
+    driver: 'nbd',
+    server: { type: 'unix', path: '/tmp/s.sock' },
+    export: 'e1',
+  });
+  assert.deepEqual(nbdFilenameOptions('nbd:localhost:10809'), {
+    driver: 'nbd',
+    server: { type: 'inet', host: 'localhost', port: '10809' },
+    export: '',
+  });
+  assert.equal(nbdFilenameOptions('a.img'), null);
+  assert.equal(nbdFilenameOptions('/tmp/nbd.img'), null);
+  rejects(() => nbdFilenameOptions('nbd+unix:///exp'), "NBD URI 'nbd+unix:///exp': nbd+unix needs ?socket=PATH");
+  rejects(() => nbdFilenameOptions('nbds://localhost/x'), 'NBD over TLS (nbds://) needs --image-opts with tls-creds');
+  rejects(() => nbdFilenameOptions('nbd:nonsense'), "Invalid NBD filename 'nbd:nonsense'");
+  rejects(() => nbdFilenameOptions('nbd+ssh://h/x'), "Unknown NBD URI scheme 'nbd+ssh'");
+  assert.deepEqual(await imageOptions('nbd://h/e'), {
+    dict: { driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: 'h', port: '10809' }, export: 'e' } },
+    keyval: false,
+    probed: false,
+  });
+  assert.equal((await imageOptions('nbd://h/e', 'qcow2')).dict.driver, 'qcow2');
 });

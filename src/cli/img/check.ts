@@ -13,15 +13,15 @@ function num(r: Record<string, unknown>, key: string): number {
   return typeof v === 'number' ? v : 0;
 }
 
-/** JSON keys in qemu-img 7.2's order. */
+/** JSON keys in qemu-img 7.2's order (observed on its output). */
 const JSON_ORDER = [
   'image-end-offset',
   'total-clusters',
+  'corruptions',
+  'corruptions-fixed',
   'check-errors',
   'leaks',
   'leaks-fixed',
-  'corruptions',
-  'corruptions-fixed',
   'allocated-clusters',
   'fragmented-clusters',
   'compressed-clusters',
@@ -90,8 +90,10 @@ export async function runCheck(
   const full: Record<string, unknown> = { ...result, filename, format: 'qcow2' };
   if (json) {
     const ordered: Record<string, unknown> = {};
-    for (const k of JSON_ORDER) if (full[k] !== undefined) ordered[k] = full[k];
-    for (const [k, v] of Object.entries(full)) if (!(k in ordered) && v !== undefined) ordered[k] = v;
+    // like qemu-img, optional counters appear only when non-zero
+    const always = new Set(['check-errors', 'filename', 'format']);
+    for (const k of JSON_ORDER) if (full[k] !== undefined && (always.has(k) || full[k] !== 0)) ordered[k] = full[k];
+    for (const [k, v] of Object.entries(full)) if (!JSON_ORDER.includes(k) && v !== undefined) ordered[k] = v;
     io.out(JSON.stringify(ordered, null, 4) + '\n');
   } else if (!quiet) {
     io.out(checkHuman(full));

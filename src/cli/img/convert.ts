@@ -30,32 +30,52 @@ async function knownZero(node: BlockNode, offset: number, length: number): Promi
   return knownZero(b, offset, Math.min(s.length, b.getLength() - offset));
 }
 
-/**
- * Copies [0, length) of `src` to `dst`, skipping ranges that read as zeroes (the target
- * is fresh). Writes only the non-zero 4 KiB-granular runs of each chunk.
- */
-async function copyData(src: Backend, dst: Backend, length: number, progress: Progress): Promise<void> {
-  for (let pos = 0; pos < length; ) {
-    const n = Math.min(CHUNK, length - pos);
-    const zeroRun = await knownZero(src.node, pos, n);
+/** Chunks in flight at once, like qemu-img convert's default of 8 coroutines (-m). */
+const WORKERS = 8;
+
+/** Copies one chunk: skips what reads as zeroes, writes the non-zero 4 KiB-granular runs. */
+async function copyChunk(src: Backend, dst: Backend, pos: number, n: number): Promise<void> {
+  const end = pos + n;
+  while (pos < end) {
+    const zeroRun = await knownZero(src.node, pos, end - pos);
     if (zeroRun > 0) {
       pos += zeroRun;
-      progress.update(pos / length);
       continue;
     }
-    const buf = await src.read(pos, n);
+    // read up to the end of the chunk (block status may have ended a data run early)
+    const len = end - pos;
+    const buf = await src.read(pos, len);
     let runStart = -1;
-    for (let i = 0; i <= n; i += SPARSE) {
-      const zero = i >= n || isZero(buf.subarray(i, Math.min(n, i + SPARSE)));
+    for (let i = 0; i <= len; i += SPARSE) {
+      const zero = i >= len || isZero(buf.subarray(i, Math.min(len, i + SPARSE)));
       if (!zero && runStart < 0) runStart = i;
       if (zero && runStart >= 0) {
-        await dst.write(pos + runStart, buf.subarray(runStart, Math.min(n, i)));
+        await dst.write(pos + runStart, buf.subarray(runStart, Math.min(len, i)));
         runStart = -1;
       }
     }
-    pos += n;
-    progress.update(pos / length);
+    pos = end;
   }
+}
+
+/**
+ * Copies [0, length) of `src` to `dst` (a fresh target that reads as zeroes), CHUNK bytes
+ * at a time with up to WORKERS chunks in flight; chunks may complete out of order.
+ */
+async function copyData(src: Backend, dst: Backend, length: number, progress: Progress): Promise<void> {
+  let next = 0;
+  let copied = 0;
+  const worker = async (): Promise<void> => {
+    while (next < length) {
+      const pos = next;
+      const n = Math.min(CHUNK, length - pos);
+      next += n;
+      await copyChunk(src, dst, pos, n);
+      copied += n;
+      progress.update(copied / length);
+    }
+  };
+  await Promise.all(Array.from({ length: WORKERS }, worker));
 }
 
 export interface ConvertSpec {

@@ -119,6 +119,7 @@ export async function runCreate(spec: CreateSpec, out: (s: string) => void, quie
   if (backingFile !== undefined && preallocation !== 'off') {
     throw new ImgError(`${spec.filename}: Backing file and preallocation can only be used at the same time if extended_l2 is on`);
   }
+  const lib = await loadQcow2();
   if (!quiet) {
     let line = `Formatting '${spec.filename}', fmt=qcow2 cluster_size=${clusterSize} extended_l2=off`;
     if (opts.has('preallocation')) line += ` preallocation=${preallocation}`;
@@ -128,7 +129,6 @@ export async function runCreate(spec: CreateSpec, out: (s: string) => void, quie
     line += ` lazy_refcounts=${lazyRefcounts ? 'on' : 'off'} refcount_bits=${refcountBits}`;
     out(line + '\n');
   }
-  const lib = await loadQcow2();
   const createOpts: Parameters<typeof lib.createQcow2>[1] = { size, clusterSize, lazyRefcounts, refcountBits, compat: compatValue, preallocation };
   if (backingFile !== undefined) createOpts.backingFile = backingFile;
   if (backingFormat !== undefined) createOpts.backingFormat = backingFormat;
