@@ -1,0 +1,193 @@
+// Driver behaviour: info(), options, lazy refcounts and the dirty bit, concurrent writes to
+// one unallocated cluster, growing the image, and reopening read-only/read-write.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { newGraph, tempDir } from '../../../helpers/graph.js';
+import { createQcow2 } from '../../../../src/block/drivers/qcow2/create.js';
+import { checkQcow2 } from '../../../../src/block/drivers/qcow2/check.js';
+import { needTools, qemuCheck, run } from './tools.js';
+
+const MiB = 1024 * 1024;
+
+function dirtyBit(path: string): boolean {
+  return (readFileSync(path).readBigUInt64BE(72) & 1n) === 1n;
+}
+
+test('info() reports what qemu-img info shows for the format, plus cluster size and backing', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'i.qcow2');
+  await createQcow2(p, { size: MiB, clusterSize: 4096, refcountBits: 8, lazyRefcounts: true, backingFile: 'b.raw', backingFormat: 'raw' });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', backing: null, file: { driver: 'file', filename: p } });
+  assert.deepEqual(n.impl.info!(), {
+    compat: '1.1',
+    'compression-type': 'zlib',
+    'lazy-refcounts': true,
+    'refcount-bits': 8,
+    corrupt: false,
+    'extended-l2': false,
+    'cluster-size': 4096,
+    'backing-filename': 'b.raw',
+    'backing-filename-format': 'raw',
+    'dirty-flag': false,
+  });
+  assert.equal(g.drivers.get('qcow2')?.supportsBacking, true);
+  assert.equal(g.drivers.get('qcow2')?.supportsMakeEmpty, true);
+  const caps = n.caps;
+  assert.deepEqual([caps.writeZeroes, caps.discard, caps.blockStatus, caps.truncate], [true, true, true, true]);
+  await g.closeAll();
+});
+
+test('QEMU option names are accepted, unknown ones and bad values refused', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'o.qcow2');
+  await createQcow2(p, { size: MiB });
+  const g = newGraph();
+  const n = await g.open(
+    {
+      driver: 'qcow2',
+      file: { driver: 'file', filename: p },
+      'l2-cache-size': '1M',
+      'refcount-cache-size': '256k',
+      'lazy-refcounts': 'on',
+      'pass-discard-request': 'on',
+      'pass-discard-other': 'off',
+      'pass-discard-snapshot': 'on',
+      'cache-clean-interval': '0',
+      'overlap-check': 'all',
+    },
+    { keyval: true },
+  );
+  await n.write(0, Buffer.alloc(512, 1));
+  await g.closeAll();
+  await assert.rejects(g.open({ driver: 'qcow2', file: { driver: 'file', filename: p }, 'l2-cache-sizes': 1 }), /Parameter 'l2-cache-sizes' is unexpected/);
+  await assert.rejects(g.open({ driver: 'qcow2', file: { driver: 'file', filename: p }, 'lazy-refcounts': 'maybe' }), /expected: boolean/);
+  await assert.rejects(g.open({ driver: 'qcow2' }), /Parameter 'file' is missing/);
+  const v2 = join(dir, 'v2.qcow2');
+  await createQcow2(v2, { size: MiB, compat: '0.10' });
+  await assert.rejects(g.open({ driver: 'qcow2', file: { driver: 'file', filename: v2 }, 'lazy-refcounts': true }), /Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level/);
+  await g.closeAll();
+});
+
+test('lazy refcounts: the dirty bit is set while writing and cleared on close', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const p = join(dir, 'lazy.qcow2');
+  await createQcow2(p, { size: 4 * MiB, lazyRefcounts: true });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  assert.equal(dirtyBit(p), false);
+  await n.write(0, Buffer.alloc(MiB, 3));
+  await n.flush();
+  assert.equal(dirtyBit(p), true);
+  assert.equal(n.impl.info!()['dirty-flag'], true);
+  await g.closeAll();
+  assert.equal(dirtyBit(p), false);
+  const chk = qemuCheck(p);
+  assert.equal(chk.corruptions ?? 0, 0);
+  assert.equal(chk.leaks ?? 0, 0);
+  // without lazy refcounts the dirty bit is never touched
+  const q = join(dir, 'eager.qcow2');
+  await createQcow2(q, { size: 4 * MiB });
+  const m = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: q } });
+  await m.write(0, Buffer.alloc(MiB, 3));
+  await m.flush();
+  assert.equal(dirtyBit(q), false);
+  await g.closeAll();
+});
+
+test('a dirty lazy-refcounts image killed mid-write is repaired when opened read-write', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const p = join(dir, 'lazycrash.qcow2');
+  await createQcow2(p, { size: 16 * MiB, clusterSize: 4096, lazyRefcounts: true });
+  const writer = join(dirname(fileURLToPath(import.meta.url)), 'crash-writer.js');
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn(process.execPath, [writer, p, '1', '4'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let timer: NodeJS.Timeout | null = null;
+    child.stdout.on('data', () => (timer ??= setTimeout(() => child.kill('SIGKILL'), 150)));
+    child.on('error', reject);
+    child.on('exit', () => resolve());
+  });
+  assert.equal(dirtyBit(p), true, 'the killed writer left the image dirty');
+  const g = newGraph();
+  await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  await g.closeAll();
+  assert.equal(dirtyBit(p), false);
+  const chk = qemuCheck(p);
+  assert.equal(chk.corruptions ?? 0, 0, JSON.stringify(chk));
+  assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+});
+
+test('concurrent writes into one unallocated cluster allocate it once and keep every byte', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const base = Buffer.alloc(MiB);
+  for (let i = 0; i < base.length; i++) base[i] = i & 0xff;
+  const p = join(dir, 'conc.qcow2');
+  run('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'base.raw'), '1M']);
+  const g0 = newGraph();
+  const raw = await g0.open({ driver: 'raw', file: { driver: 'file', filename: join(dir, 'base.raw') } });
+  await raw.write(0, base);
+  await g0.closeAll();
+  await createQcow2(p, { size: MiB, backingFile: 'base.raw', backingFormat: 'raw' });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  const expected = Buffer.from(base);
+  const writes: Promise<void>[] = [];
+  for (let k = 0; k < 32; k++) {
+    const off = 65536 + k * 1000;
+    writes.push(n.write(off, Buffer.alloc(100, 0x80 + k)));
+    expected.fill(0x80 + k, off, off + 100);
+  }
+  await Promise.all(writes);
+  assert.ok((await n.read(0, MiB)).equals(expected));
+  await g.closeAll();
+  const chk = qemuCheck(p);
+  assert.equal(chk['allocated-clusters'], 1, JSON.stringify(chk));
+  assert.equal(chk.corruptions ?? 0, 0);
+  assert.equal(chk.leaks ?? 0, 0);
+});
+
+test('truncate grows the image (and its L1 table); shrinking is refused', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const p = join(dir, 'grow.qcow2');
+  await createQcow2(p, { size: MiB, clusterSize: 512 });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  await n.write(0, Buffer.alloc(MiB, 1));
+  await n.truncate(64 * MiB);
+  assert.equal(n.getLength(), 64 * MiB);
+  await n.write(63 * MiB, Buffer.alloc(MiB, 2));
+  assert.ok((await n.read(MiB - 512, 1024)).equals(Buffer.concat([Buffer.alloc(512, 1), Buffer.alloc(512)])));
+  await assert.rejects(n.truncate(MiB), /shrinking/);
+  await g.closeAll();
+  const chk = qemuCheck(p);
+  assert.equal(chk.corruptions ?? 0, 0, JSON.stringify(chk));
+  assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+  const info = JSON.parse(run('qemu-img', ['info', '--output=json', p]).stdout) as { 'virtual-size': number };
+  assert.equal(info['virtual-size'], 64 * MiB);
+  const r = run('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 2 63M 1M', '-c', 'read -P 1 0 1M', p]);
+  assert.match(r.stdout, /read 1048576\/1048576 bytes at offset 66060288/);
+  assert.equal((await checkQcow2(p)).corruptions, undefined);
+});
+
+test('reopen read-only flushes and refuses writes; read-write again works', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'ro.qcow2');
+  await createQcow2(p, { size: MiB });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  await n.write(0, Buffer.alloc(4096, 7));
+  await n.setReadOnly(true);
+  await assert.rejects(n.write(0, Buffer.alloc(1)), /read-only/);
+  await n.setReadOnly(false);
+  await n.write(4096, Buffer.alloc(4096, 8));
+  assert.ok((await n.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])));
+  await g.closeAll();
+});
