@@ -64,6 +64,12 @@ export class Qcow2Image {
   private inflight = 0;
   private idleWaiters: Array<() => void> = [];
   private dirtyBitWritten = false;
+  /**
+   * make_empty's truncation of the file, still running: nothing is allocated (and so
+   * nothing is written past the metadata) until it has completed.
+   */
+  private pendingTruncate: Promise<void> | null = null;
+  private truncateError: unknown = null;
 
   constructor(
     readonly file: HostFile,
@@ -193,6 +199,7 @@ export class Qcow2Image {
       this.l2Cache.markDirty(off);
       return t!;
     }
+    await this.settleTruncate();
     await this.markDirtyBit();
     const old = off !== 0 ? await this.getL2(i) : null;
     const oldCopy = old ? Buffer.from(old) : undefined;
@@ -207,8 +214,33 @@ export class Qcow2Image {
     return t;
   }
 
+  /** Starts truncating the file in the background (make_empty); see pendingTruncate. */
+  startTruncate(length: number): void {
+    const prev = this.pendingTruncate;
+    this.pendingTruncate = (async () => {
+      if (prev) await prev;
+      await this.file.truncate(length);
+    })().catch((e: unknown) => {
+      this.truncateError = e;
+    });
+  }
+
+  /** Waits for a background truncation; called before any cluster is allocated. */
+  async settleTruncate(): Promise<void> {
+    if (this.pendingTruncate) {
+      await this.pendingTruncate;
+      this.pendingTruncate = null;
+    }
+    if (this.truncateError) {
+      const e = this.truncateError;
+      this.truncateError = null;
+      throw BlockError.fromSystem(e, 'qcow2: truncating the image file after make_empty');
+    }
+  }
+
   /** Allocates n contiguous data clusters; returns the host byte offset. */
   async allocData(n: number): Promise<number> {
+    await this.settleTruncate();
     await this.markDirtyBit();
     const c = await this.refcounts.alloc(n);
     const off = c * this.clusterSize;
@@ -346,6 +378,7 @@ export class Qcow2Image {
   async growL1(entries: number): Promise<void> {
     if (entries <= this.l1.length) return;
     if (entries * 8 > MAX_L1_BYTES) throw new BlockError('EFBIG', `qcow2: L1 table would exceed ${MAX_L1_BYTES} bytes`);
+    await this.settleTruncate();
     // the new table is written from memory: what it points to must be in the file first
     await this.writeback();
     const bytes = entries * 8;

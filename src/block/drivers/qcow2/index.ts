@@ -189,6 +189,7 @@ export const qcow2Driver: BlockDriver = {
         if (ro === readOnly) return;
         if (ro) {
           await img.mutex.run(async () => {
+            await img.settleTruncate();
             await img.writeback();
             await host.flush();
             await img.markClean();
@@ -204,6 +205,7 @@ export const qcow2Driver: BlockDriver = {
       close: async () => {
         if (img.readOnly) return;
         await img.mutex.run(async () => {
+          await img.settleTruncate();
           await img.writeback();
           await host.flush();
           await img.markClean();
