@@ -191,3 +191,35 @@ test('reopen read-only flushes and refuses writes; read-write again works', asyn
   assert.ok((await n.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])));
   await g.closeAll();
 });
+
+test('the refcount table grows when the file outgrows it (512-byte clusters, 16- and 64-bit refcounts)', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  for (const refcountBits of [16, 64]) {
+    const p = join(dir, `grow${refcountBits}.qcow2`);
+    await createQcow2(p, { size: 16 * MiB, clusterSize: 512, refcountBits });
+    const before = readFileSync(p).readUInt32BE(56);
+    const g = newGraph();
+    const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p }, 'refcount-cache-size': 65536, 'l2-cache-size': 65536 });
+    const expected = Buffer.alloc(16 * MiB);
+    for (let off = 0, k = 0; off < 12 * MiB; off += 96 * 1024, k++) {
+      const b = Buffer.alloc(64 * 1024 + 100, k & 0xff);
+      await n.write(off + 37, b);
+      b.copy(expected, off + 37);
+      if (k % 64 === 0) await n.flush();
+    }
+    await n.discard(MiB, MiB);
+    expected.fill(0, MiB, 2 * MiB);
+    assert.ok((await n.read(0, 16 * MiB)).equals(expected));
+    await g.closeAll();
+    const header = readFileSync(p);
+    assert.ok(header.readUInt32BE(56) > before, `the refcount table grew (${refcountBits} bits)`);
+    const chk = qemuCheck(p);
+    assert.equal(chk.corruptions ?? 0, 0, JSON.stringify(chk));
+    assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+    const model = join(dir, `model${refcountBits}.raw`);
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(model, expected);
+    assert.equal(run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', p, model], { allowFail: true }).status, 0);
+  }
+});
