@@ -223,3 +223,45 @@ test('the refcount table grows when the file outgrows it (512-byte clusters, 16-
     assert.equal(run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', p, model], { allowFail: true }).status, 0);
   }
 });
+
+test('unknown header extensions and header fields survive a header rewrite', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const p = join(dir, 'ext.qcow2');
+  await createQcow2(p, { size: MiB, backingFile: 'base.raw', backingFormat: 'raw' });
+  const { writeFileSync } = await import('node:fs');
+  // rebuild the first cluster by hand: header (with 8 unknown header bytes), backing format,
+  // an unknown extension, the end marker, the backing name
+  const img = readFileSync(p);
+  const header = Buffer.from(img.subarray(0, 112));
+  header.writeUInt32BE(120, 100);
+  const unknownField = Buffer.from('8bytes!!');
+  const ext = (type: number, data: Buffer): Buffer => {
+    const b = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+    b.writeUInt32BE(type, 0);
+    b.writeUInt32BE(data.length, 4);
+    data.copy(b, 8);
+    return b;
+  };
+  const unknownExt = ext(0x12345678, Buffer.from('keep me around'));
+  const parts = [header, unknownField, ext(0xe2792aca, Buffer.from('raw')), unknownExt, Buffer.alloc(8)];
+  const backingOffset = parts.reduce((n, b) => n + b.length, 0);
+  header.writeBigUInt64BE(BigInt(backingOffset), 8);
+  const first = Buffer.concat([...parts, Buffer.from('base.raw')]);
+  first.copy(img, 0);
+  img.fill(0, first.length, 65536);
+  writeFileSync(p, img);
+  writeFileSync(join(dir, 'base.raw'), Buffer.alloc(MiB, 1));
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  assert.ok((await n.read(0, 10)).equals(Buffer.alloc(10, 1)));
+  await n.truncate(2 * MiB); // rewrites the header
+  await g.closeAll();
+  const after = readFileSync(p).subarray(0, 65536);
+  assert.ok(after.includes(Buffer.from('keep me around')), 'the unknown extension is kept');
+  assert.ok(after.subarray(112, 120).equals(unknownField), 'the unknown header field is kept');
+  const info = JSON.parse(run('qemu-img', ['info', '--output=json', p]).stdout) as { 'virtual-size': number; 'backing-filename': string };
+  assert.equal(info['virtual-size'], 2 * MiB);
+  assert.equal(info['backing-filename'], 'base.raw');
+  assert.equal(qemuCheck(p).corruptions ?? 0, 0);
+});
