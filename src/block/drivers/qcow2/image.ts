@@ -254,6 +254,43 @@ export class Qcow2Image {
     this.pendingFrees.push({ first, count });
   }
 
+  // ---- clusters being allocated ---------------------------------------------------------
+
+  /** guest cluster runs whose allocating write is between phase 1 and 3 (io.ts) */
+  private readonly allocating = new Map<number, { n: number; done: Promise<void> }>();
+
+  /** A promise for an allocation in flight touching guest clusters [first, last], or null. */
+  allocationInFlight(first: number, last: number): Promise<void> | null {
+    for (const [c, a] of this.allocating) if (c <= last && first < c + a.n) return a.done;
+    return null;
+  }
+
+  /** Marks runs as in flight (caller holds the mutex); returns the function clearing them. */
+  markInFlight(runs: ReadonlyArray<readonly [number, number]>): () => void {
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => (resolve = r));
+    for (const [c, n] of runs) this.allocating.set(c, { n, done });
+    return () => {
+      for (const [c] of runs) this.allocating.delete(c);
+      resolve();
+    };
+  }
+
+  /** Runs fn under the mutex once no allocation touching [first, last] is in flight. */
+  async whenIdle<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      const release = await this.mutex.lock();
+      let busy: Promise<void> | null = null;
+      try {
+        busy = this.allocationInFlight(first, last);
+        if (!busy) return await fn();
+      } finally {
+        release();
+      }
+      await busy;
+    }
+  }
+
   // ---- in-flight data I/O -----------------------------------------------------------------
 
   async trackData<T>(fn: () => Promise<T>): Promise<T> {

@@ -20,7 +20,7 @@ import { discardRange } from './io.js';
 
 export async function makeEmpty(img: Qcow2Image): Promise<'fast' | 'slow'> {
   img.checkWritable();
-  const fast = await img.mutex.run(async () => {
+  const fast = await img.whenIdle(0, Number.MAX_SAFE_INTEGER, async () => {
     await img.settleTruncate();
     if (!canUseFastPath(img)) return false;
     await fastPath(img);

@@ -265,3 +265,51 @@ test('unknown header extensions and header fields survive a header rewrite', asy
   assert.equal(info['backing-filename'], 'base.raw');
   assert.equal(qemuCheck(p).corruptions ?? 0, 0);
 });
+
+test('hundreds of concurrent writes (disjoint bytes, shared clusters) with zeroes and discards elsewhere', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const size = 4 * MiB;
+  const base = Buffer.alloc(size);
+  for (let i = 0; i < size; i++) base[i] = (i * 11 + (i >> 9)) & 0xff;
+  const { writeFileSync } = await import('node:fs');
+  writeFileSync(join(dir, 'base.raw'), base);
+  const p = join(dir, 'stress.qcow2');
+  await createQcow2(p, { size, clusterSize: 4096, backingFile: 'base.raw', backingFormat: 'raw' });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  const expected = Buffer.from(base);
+  // the first 3 MiB cut into random disjoint pieces, written all at once in random order
+  let x = 12345;
+  const rnd = (m: number): number => ((x = (x * 1103515245 + 12345) >>> 0) % m);
+  const pieces: Array<[number, number]> = [];
+  for (let pos = 0; pos < 3 * MiB; ) {
+    const len = 1 + rnd(9000);
+    pieces.push([pos, Math.min(len, 3 * MiB - pos)]);
+    pos += len;
+  }
+  for (let i = pieces.length - 1; i > 0; i--) {
+    const j = rnd(i + 1);
+    [pieces[i], pieces[j]] = [pieces[j]!, pieces[i]!];
+  }
+  const ops: Promise<void>[] = [];
+  for (const [off, len] of pieces) {
+    const fill = (off >> 3) & 0xff;
+    ops.push(n.write(off, Buffer.alloc(len, fill)));
+    expected.fill(fill, off, off + len);
+  }
+  ops.push(n.writeZeroes(3 * MiB, 256 * 1024));
+  expected.fill(0, 3 * MiB, 3 * MiB + 256 * 1024);
+  ops.push(n.discard(3 * MiB + 512 * 1024, 256 * 1024));
+  expected.fill(0, 3 * MiB + 512 * 1024, 3 * MiB + 768 * 1024);
+  await Promise.all(ops);
+  assert.ok((await n.read(0, size)).equals(expected));
+  await g.closeAll();
+  const chk = qemuCheck(p);
+  assert.equal(chk.corruptions ?? 0, 0, JSON.stringify(chk));
+  assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+  // zero clusters without a host cluster do not count as allocated
+  assert.equal(chk['allocated-clusters'], 3 * 256, JSON.stringify(chk));
+  writeFileSync(join(dir, 'model.raw'), expected);
+  assert.equal(run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', p, join(dir, 'model.raw')], { allowFail: true }).status, 0);
+});
