@@ -349,13 +349,19 @@ function backingCovers(img: Qcow2Image, cluster: number): boolean {
   return img.backing !== null && cluster * img.clusterSize < img.backing.length();
 }
 
+/** Zeroes parts of clusters (the range may touch two clusters), skipping those reading as zero. */
 async function zeroPartial(img: Qcow2Image, offset: number, length: number): Promise<void> {
-  const cluster = Math.floor(offset / img.clusterSize);
-  const skip = await img.mutex.run(async () => {
-    const { entry } = await entryAt(img, cluster);
-    return entry.kind === ClusterKind.Zero || (entry.kind === ClusterKind.Unallocated && !backingCovers(img, cluster));
-  });
-  if (!skip) await writeRange(img, offset, Buffer.alloc(length));
+  const cs = img.clusterSize;
+  for (let pos = offset; pos < offset + length; ) {
+    const cluster = Math.floor(pos / cs);
+    const n = Math.min((cluster + 1) * cs, offset + length) - pos;
+    const skip = await img.mutex.run(async () => {
+      const { entry } = await entryAt(img, cluster);
+      return entry.kind === ClusterKind.Zero || (entry.kind === ClusterKind.Unallocated && !backingCovers(img, cluster));
+    });
+    if (!skip) await writeRange(img, pos, Buffer.alloc(n));
+    pos += n;
+  }
 }
 
 /**

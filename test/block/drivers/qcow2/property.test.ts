@@ -62,7 +62,7 @@ for (const cfg of CONFIGS) {
     const dir = tempDir(t);
     const cs = cfg.clusterSize;
     let runNo = 0;
-    await fc.assert(
+    await fc.assert<[Op[], number]>(
       fc.asyncProperty(fc.array(opArb(cfg.size, cs), { minLength: 5, maxLength: 60 }), fc.integer({ min: 0, max: 255 }), async (ops, baseSeed) => {
         runNo++;
         const img = join(dir, `img${runNo}.qcow2`);
@@ -129,7 +129,11 @@ for (const cfg of CONFIGS) {
         const cmp = run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', img, modelPath], { allowFail: true });
         assert.equal(cmp.status, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
       }),
-      { numRuns: 40 },
+      {
+        numRuns: Number(process.env.QCOW2_PROPERTY_RUNS ?? 40),
+        // replay a reported failure: QCOW2_PROPERTY_SEED=<seed> QCOW2_PROPERTY_PATH=<path>
+        ...(process.env.QCOW2_PROPERTY_SEED ? { seed: Number(process.env.QCOW2_PROPERTY_SEED), path: process.env.QCOW2_PROPERTY_PATH ?? '', endOnFailure: true } : {}),
+      },
     );
   });
 }
