@@ -293,19 +293,6 @@ export class Qcow2Image {
 
   // ---- in-flight data I/O -----------------------------------------------------------------
 
-  async trackData<T>(fn: () => Promise<T>): Promise<T> {
-    this.inflight++;
-    try {
-      return await fn();
-    } finally {
-      if (--this.inflight === 0) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
-      }
-    }
-  }
-
   beginData(): () => void {
     this.inflight++;
     return () => {
@@ -431,7 +418,7 @@ export class Qcow2Image {
       this.l1Copied[i] ??= false;
     }
     // the new table's refcounts must be in the file before the header points at it
-    await this.refcounts.cache.writeDirty();
+    if ((await this.refcounts.cache.writeDirty()) > 0) await this.file.flush();
     await this.refcounts.writeTable();
     await this.file.write(off, this.l1Buffer());
     await this.file.flush();

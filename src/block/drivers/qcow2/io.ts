@@ -442,8 +442,9 @@ export async function blockStatusAt(img: Qcow2Image, offset: number, length: num
       case ClusterKind.Zero:
         return { length: len, allocated: true, zero: true, data: false };
       default: {
-        const zero = !img.backing || offset >= img.backing.length();
-        return { length: len, allocated: false, zero, data: false };
+        // reads as zeroes without a backing file or past its end
+        if (!img.backing || offset >= img.backing.length()) return { length: len, allocated: false, zero: true, data: false };
+        return { length: Math.min(len, img.backing.length() - offset), allocated: false, zero: false, data: false };
       }
     }
   });
