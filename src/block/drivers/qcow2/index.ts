@@ -12,9 +12,9 @@
 // extended L2 entries, non-zlib compression, unknown incompatible features. Images with
 // internal snapshots open, and make_empty takes the slow path on them.
 //
-// info(): compat, compression-type, lazy-refcounts, refcount-bits, corrupt, extended-l2,
-// cluster-size, backing-filename, backing-filename-format, dirty-flag (qemu-img info's
-// format-specific data plus the fields QMP shows for the node).
+// info(): qemu-img info's format-specific data (v3: compat, compression-type,
+// lazy-refcounts, refcount-bits, corrupt, extended-l2; v2: compat, compression-type,
+// refcount-bits) plus cluster-size, backing-filename, backing-filename-format, dirty-flag.
 
 import { open as fsOpen } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
@@ -213,13 +213,20 @@ export const qcow2Driver: BlockDriver = {
       },
       info: () => {
         const hh = img.header;
+        // the format-specific fields exactly as qemu-img info shows them (v2 has fewer)
+        const specific: Record<string, unknown> =
+          hh.version === 3
+            ? {
+                compat: '1.1',
+                'compression-type': 'zlib',
+                'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+                'refcount-bits': 2 ** hh.refcountOrder,
+                corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
+                'extended-l2': false,
+              }
+            : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
         return {
-          compat: hh.version === 3 ? '1.1' : '0.10',
-          'compression-type': 'zlib',
-          'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
-          'refcount-bits': 2 ** hh.refcountOrder,
-          corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
-          'extended-l2': false,
+          ...specific,
           'cluster-size': img.clusterSize,
           'backing-filename': hh.backingFile,
           'backing-filename-format': hh.backingFormat,

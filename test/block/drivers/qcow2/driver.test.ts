@@ -35,10 +35,25 @@ test('info() reports what qemu-img info shows for the format, plus cluster size 
     'backing-filename-format': 'raw',
     'dirty-flag': false,
   });
+  const caps = n.caps;
+  assert.deepEqual([caps.writeZeroes, caps.discard, caps.blockStatus, caps.truncate, caps.requestAlignment], [true, true, true, true, 1]);
+  await g.closeAll();
+  // compat 0.10: the fields qemu-img info shows for v2 images
+  const v2 = join(dir, 'v2.qcow2');
+  await createQcow2(v2, { size: MiB, compat: '0.10' });
+  const m = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: v2 } });
+  assert.deepEqual(m.impl.info!(), {
+    compat: '0.10',
+    'compression-type': 'zlib',
+    'refcount-bits': 16,
+    'cluster-size': 65536,
+    'backing-filename': null,
+    'backing-filename-format': null,
+    'dirty-flag': false,
+  });
+  assert.equal(m.caps.writeZeroes, false, 'v2 has no zero clusters: write-zeroes is emulated');
   assert.equal(g.drivers.get('qcow2')?.supportsBacking, true);
   assert.equal(g.drivers.get('qcow2')?.supportsMakeEmpty, true);
-  const caps = n.caps;
-  assert.deepEqual([caps.writeZeroes, caps.discard, caps.blockStatus, caps.truncate], [true, true, true, true]);
   await g.closeAll();
 });
 
