@@ -135,3 +135,20 @@ test('a crash at any write of make_empty (slow path) and of an L1 table move lea
   assert.ok(grow > 3, `crash points (${grow})`);
   t.diagnostic(`L1 move: ${grow} crash points`);
 });
+
+test('a crash at any write while the refcount table grows leaves no corruption', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  // 512-byte clusters with 64-bit refcounts: the first refcount table covers 2 MiB of file
+  const start = await imageWithData(dir, 512, 8 * MiB, 64, 4 * MiB);
+  const before = (await FsHostFile.open(start, false).then(async (f) => {
+    const h = await readHeader(f);
+    await f.close();
+    return h.refcountTableClusters;
+  }));
+  const points = await everyCrashPoint(dir, start, async (img) => {
+    await writeRange(img, 5 * MiB, Buffer.alloc(700 * 1024, 0x66));
+    assert.ok(img.refcounts.tableClusters > before, 'the refcount table grew');
+  });
+  t.diagnostic(`refcount table growth: ${points} crash points`);
+});
