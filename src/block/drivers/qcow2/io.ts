@@ -2,11 +2,13 @@
 // zeroes, discard and block status, over an open Qcow2Image.
 //
 // Locking: the guest-cluster -> host-cluster mapping is looked up and changed under the
-// image mutex. Writes that need allocation (unallocated, zero, compressed or shared
-// clusters) write their data under the mutex too, so two writes to the same unallocated
-// cluster can never allocate it twice; writes to clusters already owned by this image
-// (COPIED) and all reads do their data I/O after the mutex is released, counted as in-flight
-// so that no cluster they touch is freed and reused meanwhile (image.ts step 5).
+// image mutex; data I/O runs outside it, counted as in flight so that no host cluster it
+// touches is freed and reused meanwhile (image.ts step 5). A write that needs new clusters
+// (unallocated, zero, compressed or shared ones) allocates them and marks the guest
+// clusters as being allocated before releasing the mutex, and links them into the L2 table
+// after its data is written; every other write, write-zeroes or discard touching those
+// guest clusters waits until then, so a cluster is never allocated twice. Reads do not
+// wait: they see the old mapping until the new one is linked.
 
 import { inflateRawSync, constants as zc } from 'node:zlib';
 import { BlockError } from '../../../errors.js';
