@@ -6,7 +6,12 @@
 // cache-size, l2-cache-size, l2-cache-entry-size, refcount-cache-size,
 // cache-clean-interval, pass-discard-request, pass-discard-snapshot, pass-discard-other,
 // discard-no-unref, overlap-check (accepted; lockstep always checks allocations against the
-// header, L1 and refcount tables), data-file and encrypt (refused).
+// header, L1 and refcount tables), data-file and encrypt (refused). l2-cache-entry-size and
+// the pass-discard-* options are accepted and validated but change nothing (tables are cached
+// whole; freed clusters are not discarded in the file).
+//
+// Caps: requestAlignment 1, maxTransfer 32 MiB, no native FUA (the core flushes), native
+// write-zeroes on v3 only (zero clusters), discard, block status, truncate (grow only).
 //
 // Not supported (refused at open, naming the feature): encryption, external data files,
 // extended L2 entries, non-zlib compression, unknown incompatible features. Images with
