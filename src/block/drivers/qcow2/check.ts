@@ -91,7 +91,6 @@ async function analyse(file: HostFile, h: Qcow2Header, img: Qcow2Image): Promise
       return;
     }
     const l1 = await file.read(l1Offset, l1Size * 8);
-    let nextContiguous = 0;
     for (let i = 0; i < l1Size; i++) {
       const e = decodeL1(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
       if (e.offset === 0) continue;
@@ -104,6 +103,7 @@ async function analyse(file: HostFile, h: Qcow2Header, img: Qcow2Image): Promise
       }
       const t = await file.read(e.offset, cs);
       const firstVisit = !l2Seen.has(e.offset);
+      let nextContiguous = 0; // QEMU counts fragmentation within each L2 table
       l2Seen.add(e.offset);
       for (let j = 0; j < img.l2Entries; j++) {
         const x = readL2(t, j, img.v3);
@@ -215,12 +215,12 @@ async function analyse(file: HostFile, h: Qcow2Header, img: Qcow2Image): Promise
   for (const chk of copiedChecks) {
     const have = await stored(chk.cluster);
     const want = refs.get(chk.cluster);
-    const rcNow = Math.max(have, want);
-    if ((rcNow === 1) !== chk.copied) {
+    if ((have === 1) !== chk.copied) {
       counts.corruptions++;
-      counts.messages.push(`ERROR OFLAG_COPIED ${chk.what}: refcount=${rcNow}`);
-      copiedFixes.push({ at: chk.at, set: rcNow === 1 });
+      counts.messages.push(`ERROR OFLAG_COPIED ${chk.what}: refcount=${have}`);
     }
+    // after a refcount repair the stored refcount is the reference count
+    if ((want === 1) !== chk.copied) copiedFixes.push({ at: chk.at, set: want === 1 });
   }
   return { counts, refs, copiedFixes };
 }

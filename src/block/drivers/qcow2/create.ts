@@ -103,7 +103,7 @@ async function preallocateMetadata(img: Qcow2Image): Promise<void> {
     const table = await img.getL2ForWrite(l1i);
     const host = await img.allocData(n);
     for (let k = 0; k < n; k++) writeL2Normal(table, (c + k) % img.l2Entries, host + k * cs);
-    end = Math.max(end, host + Math.min(n * cs, img.header.size - c * cs));
+    end = Math.max(end, host + n * cs);
     c += n;
     await img.maybeWriteback();
   }

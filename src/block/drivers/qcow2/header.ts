@@ -164,10 +164,9 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   let off = h.headerLength;
   const end = Math.min(buf.length, h.backingFileOffset > 0 ? h.backingFileOffset : clusterSize, clusterSize);
   for (;;) {
-    if (off + 8 > end) {
-      if (off >= end && end < clusterSize && buf.length < clusterSize) break;
-      throw new Qcow2FormatError(`Invalid qcow2 image: header extension area is truncated at ${off}`);
-    }
+    // no room for another extension header: old images put the backing file name right
+    // after the fixed header, without an end marker
+    if (off + 8 > end) break;
     const type = buf.readUInt32BE(off);
     const len = buf.readUInt32BE(off + 4);
     off += 8;

@@ -64,6 +64,12 @@ export class Qcow2Image {
   private inflight = 0;
   private idleWaiters: Array<() => void> = [];
   private dirtyBitWritten = false;
+  /**
+   * make_empty's truncation of the file, still running: nothing is allocated (and so
+   * nothing is written past the metadata) until it has completed.
+   */
+  private pendingTruncate: Promise<void> | null = null;
+  private truncateError: unknown = null;
 
   constructor(
     readonly file: HostFile,
@@ -193,6 +199,7 @@ export class Qcow2Image {
       this.l2Cache.markDirty(off);
       return t!;
     }
+    await this.settleTruncate();
     await this.markDirtyBit();
     const old = off !== 0 ? await this.getL2(i) : null;
     const oldCopy = old ? Buffer.from(old) : undefined;
@@ -207,8 +214,33 @@ export class Qcow2Image {
     return t;
   }
 
+  /** Starts truncating the file in the background (make_empty); see pendingTruncate. */
+  startTruncate(length: number): void {
+    const prev = this.pendingTruncate;
+    this.pendingTruncate = (async () => {
+      if (prev) await prev;
+      await this.file.truncate(length);
+    })().catch((e: unknown) => {
+      this.truncateError = e;
+    });
+  }
+
+  /** Waits for a background truncation; called before any cluster is allocated. */
+  async settleTruncate(): Promise<void> {
+    if (this.pendingTruncate) {
+      await this.pendingTruncate;
+      this.pendingTruncate = null;
+    }
+    if (this.truncateError) {
+      const e = this.truncateError;
+      this.truncateError = null;
+      throw BlockError.fromSystem(e, 'qcow2: truncating the image file after make_empty');
+    }
+  }
+
   /** Allocates n contiguous data clusters; returns the host byte offset. */
   async allocData(n: number): Promise<number> {
+    await this.settleTruncate();
     await this.markDirtyBit();
     const c = await this.refcounts.alloc(n);
     const off = c * this.clusterSize;
@@ -222,20 +254,44 @@ export class Qcow2Image {
     this.pendingFrees.push({ first, count });
   }
 
-  // ---- in-flight data I/O -----------------------------------------------------------------
+  // ---- clusters being allocated ---------------------------------------------------------
 
-  async trackData<T>(fn: () => Promise<T>): Promise<T> {
-    this.inflight++;
-    try {
-      return await fn();
-    } finally {
-      if (--this.inflight === 0) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
+  /** guest cluster runs whose allocating write is between phase 1 and 3 (io.ts) */
+  private readonly allocating = new Map<number, { n: number; done: Promise<void> }>();
+
+  /** A promise for an allocation in flight touching guest clusters [first, last], or null. */
+  allocationInFlight(first: number, last: number): Promise<void> | null {
+    for (const [c, a] of this.allocating) if (c <= last && first < c + a.n) return a.done;
+    return null;
+  }
+
+  /** Marks runs as in flight (caller holds the mutex); returns the function clearing them. */
+  markInFlight(runs: ReadonlyArray<readonly [number, number]>): () => void {
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => (resolve = r));
+    for (const [c, n] of runs) this.allocating.set(c, { n, done });
+    return () => {
+      for (const [c] of runs) this.allocating.delete(c);
+      resolve();
+    };
+  }
+
+  /** Runs fn under the mutex once no allocation touching [first, last] is in flight. */
+  async whenIdle<T>(first: number, last: number, fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      const release = await this.mutex.lock();
+      let busy: Promise<void> | null = null;
+      try {
+        busy = this.allocationInFlight(first, last);
+        if (!busy) return await fn();
+      } finally {
+        release();
       }
+      await busy;
     }
   }
+
+  // ---- in-flight data I/O -----------------------------------------------------------------
 
   beginData(): () => void {
     this.inflight++;
@@ -346,6 +402,7 @@ export class Qcow2Image {
   async growL1(entries: number): Promise<void> {
     if (entries <= this.l1.length) return;
     if (entries * 8 > MAX_L1_BYTES) throw new BlockError('EFBIG', `qcow2: L1 table would exceed ${MAX_L1_BYTES} bytes`);
+    await this.settleTruncate();
     // the new table is written from memory: what it points to must be in the file first
     await this.writeback();
     const bytes = entries * 8;
@@ -361,7 +418,7 @@ export class Qcow2Image {
       this.l1Copied[i] ??= false;
     }
     // the new table's refcounts must be in the file before the header points at it
-    await this.refcounts.cache.writeDirty();
+    if ((await this.refcounts.cache.writeDirty()) > 0) await this.file.flush();
     await this.refcounts.writeTable();
     await this.file.write(off, this.l1Buffer());
     await this.file.flush();

@@ -6,15 +6,20 @@
 // cache-size, l2-cache-size, l2-cache-entry-size, refcount-cache-size,
 // cache-clean-interval, pass-discard-request, pass-discard-snapshot, pass-discard-other,
 // discard-no-unref, overlap-check (accepted; lockstep always checks allocations against the
-// header, L1 and refcount tables), data-file and encrypt (refused).
+// header, L1 and refcount tables), data-file and encrypt (refused). l2-cache-entry-size and
+// the pass-discard-* options are accepted and validated but change nothing (tables are cached
+// whole; freed clusters are not discarded in the file).
+//
+// Caps: requestAlignment 1, maxTransfer 32 MiB, no native FUA (the core flushes), native
+// write-zeroes on v3 only (zero clusters), discard, block status, truncate (grow only).
 //
 // Not supported (refused at open, naming the feature): encryption, external data files,
 // extended L2 entries, non-zlib compression, unknown incompatible features. Images with
 // internal snapshots open, and make_empty takes the slow path on them.
 //
-// info(): compat, compression-type, lazy-refcounts, refcount-bits, corrupt, extended-l2,
-// cluster-size, backing-filename, backing-filename-format, dirty-flag (qemu-img info's
-// format-specific data plus the fields QMP shows for the node).
+// info(): qemu-img info's format-specific data (v3: compat, compression-type,
+// lazy-refcounts, refcount-bits, corrupt, extended-l2; v2: compat, compression-type,
+// refcount-bits) plus cluster-size, backing-filename, backing-filename-format, dirty-flag.
 
 import { open as fsOpen } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
@@ -189,6 +194,7 @@ export const qcow2Driver: BlockDriver = {
         if (ro === readOnly) return;
         if (ro) {
           await img.mutex.run(async () => {
+            await img.settleTruncate();
             await img.writeback();
             await host.flush();
             await img.markClean();
@@ -204,6 +210,7 @@ export const qcow2Driver: BlockDriver = {
       close: async () => {
         if (img.readOnly) return;
         await img.mutex.run(async () => {
+          await img.settleTruncate();
           await img.writeback();
           await host.flush();
           await img.markClean();
@@ -211,13 +218,20 @@ export const qcow2Driver: BlockDriver = {
       },
       info: () => {
         const hh = img.header;
+        // the format-specific fields exactly as qemu-img info shows them (v2 has fewer)
+        const specific: Record<string, unknown> =
+          hh.version === 3
+            ? {
+                compat: '1.1',
+                'compression-type': 'zlib',
+                'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+                'refcount-bits': 2 ** hh.refcountOrder,
+                corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
+                'extended-l2': false,
+              }
+            : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
         return {
-          compat: hh.version === 3 ? '1.1' : '0.10',
-          'compression-type': 'zlib',
-          'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
-          'refcount-bits': 2 ** hh.refcountOrder,
-          corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
-          'extended-l2': false,
+          ...specific,
           'cluster-size': img.clusterSize,
           'backing-filename': hh.backingFile,
           'backing-filename-format': hh.backingFormat,

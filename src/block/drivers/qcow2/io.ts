@@ -2,11 +2,13 @@
 // zeroes, discard and block status, over an open Qcow2Image.
 //
 // Locking: the guest-cluster -> host-cluster mapping is looked up and changed under the
-// image mutex. Writes that need allocation (unallocated, zero, compressed or shared
-// clusters) write their data under the mutex too, so two writes to the same unallocated
-// cluster can never allocate it twice; writes to clusters already owned by this image
-// (COPIED) and all reads do their data I/O after the mutex is released, counted as in-flight
-// so that no cluster they touch is freed and reused meanwhile (image.ts step 5).
+// image mutex; data I/O runs outside it, counted as in flight so that no host cluster it
+// touches is freed and reused meanwhile (image.ts step 5). A write that needs new clusters
+// (unallocated, zero, compressed or shared ones) allocates them and marks the guest
+// clusters as being allocated before releasing the mutex, and links them into the L2 table
+// after its data is written; every other write, write-zeroes or discard touching those
+// guest clusters waits until then, so a cluster is never allocated twice. Reads do not
+// wait: they see the old mapping until the new one is linked.
 
 import { inflateRawSync, constants as zc } from 'node:zlib';
 import { BlockError } from '../../../errors.js';
@@ -168,79 +170,145 @@ function releaseEntry(img: Qcow2Image, entry: L2Entry, table: Buffer, index: num
   }
 }
 
+interface Allocation {
+  cluster: number;
+  n: number;
+  l1i: number;
+  host: number;
+  buf: Buffer;
+}
+
+/**
+ * Writes `data`. Phase 1 (mutex): map the range; clusters that need allocation get their
+ * copy-on-write content, their L2 table and host clusters, and are marked as in flight.
+ * Phase 2 (no mutex): data I/O. Phase 3 (mutex): the L2 entries of the new clusters are
+ * set (or, after an I/O error, the clusters are freed) and the in-flight marks cleared.
+ * Any write, zero or discard touching an in-flight cluster waits for it first.
+ */
 export async function writeRange(img: Qcow2Image, offset: number, data: Buffer): Promise<void> {
   const cs = img.clusterSize;
   const end = offset + data.length;
   const inPlace: Array<{ host: number; src: number; len: number }> = [];
-  const release = await img.mutex.lock();
+  const allocs: Allocation[] = [];
   let done: (() => void) | null = null;
-  try {
-    img.checkWritable();
-    for (let pos = offset; pos < end; ) {
-      const cluster = Math.floor(pos / cs);
-      const l1i = Math.floor(cluster / img.l2Entries);
-      const first = await entryAt(img, cluster);
-      if (first.entry.kind === ClusterKind.Normal && first.entry.copied) {
-        checkDataOffset(img, first.entry, cluster);
-        const inOff = pos - cluster * cs;
-        const len = Math.min(cs - inOff, end - pos);
-        const host = first.entry.offset + inOff;
-        const last = inPlace[inPlace.length - 1];
-        if (last && last.host + last.len === host && last.src + last.len === pos - offset) last.len += len;
-        else inPlace.push({ host, src: pos - offset, len });
-        pos += len;
-        continue;
+  let finish: (() => void) | null = null;
+  for (;;) {
+    const release = await img.mutex.lock();
+    let busy: Promise<void> | null = null;
+    try {
+      img.checkWritable();
+      busy = img.allocationInFlight(Math.floor(offset / cs), Math.floor((end - 1) / cs));
+      if (!busy) {
+        await planWrite(img, offset, data, inPlace, allocs);
+        if (allocs.length > 0) finish = img.markInFlight(allocs.map((a) => [a.cluster, a.n] as const));
+        await img.maybeWriteback();
+        done = img.beginData();
       }
-      // a run of clusters needing allocation, within one L2 table
-      const tableEnd = (l1i + 1) * img.l2Entries;
-      let n = 1;
-      while (cluster + n < tableEnd && (cluster + n) * cs < end) {
-        const e = first.table ? readL2(first.table, (cluster + n) % img.l2Entries, img.v3) : UNALLOCATED;
-        if (e.kind === ClusterKind.Normal && e.copied) break;
-        n++;
-      }
-      const runEnd = Math.min(end, (cluster + n) * cs);
-      const head = pos - cluster * cs;
-      const tailStart = runEnd - (cluster + n - 1) * cs; // bytes of the last cluster covered
-      let buf: Buffer;
-      if (head === 0 && tailStart === cs) {
-        buf = data.subarray(pos - offset, runEnd - offset);
-      } else {
-        buf = Buffer.allocUnsafe(n * cs);
-        if (head > 0) {
-          const old = await oldContent(img, cluster, first.entry, first.table, first.index);
-          old.copy(buf, 0, 0, head);
-          if (n === 1 && tailStart < cs) old.copy(buf, tailStart, tailStart, cs);
-        }
-        if (tailStart < cs && !(n === 1 && head > 0)) {
-          const lc = cluster + n - 1;
-          const le = first.table ? readL2(first.table, lc % img.l2Entries, img.v3) : UNALLOCATED;
-          const old = await oldContent(img, lc, le, first.table, lc % img.l2Entries);
-          old.copy(buf, (n - 1) * cs + tailStart, tailStart, cs);
-        }
-        data.copy(buf, head, pos - offset, runEnd - offset);
-      }
-      // QEMU's order: the L2 table first, then the data clusters
-      const table = await img.getL2ForWrite(l1i);
-      const host = await img.allocData(n);
-      await img.file.write(host, buf);
-      for (let k = 0; k < n; k++) {
-        const idx = (cluster + k) % img.l2Entries;
-        const old = readL2(table, idx, img.v3);
-        releaseEntry(img, old, table, idx);
-        writeL2Normal(table, idx, host + k * cs);
-      }
-      pos = runEnd;
+    } catch (e) {
+      // nothing was linked: give the clusters allocated so far back
+      for (const a of allocs) img.free(a.host / cs, a.n);
+      finish?.();
+      throw e;
+    } finally {
+      release();
     }
-    await img.maybeWriteback();
-    done = img.beginData();
-  } finally {
-    release();
+    if (!busy) break;
+    await busy;
   }
+  let ioError: unknown = null;
   try {
-    for (const w of inPlace) await img.file.write(w.host, data.subarray(w.src, w.src + w.len));
+    await Promise.all([
+      ...inPlace.map((w) => img.file.write(w.host, data.subarray(w.src, w.src + w.len))),
+      ...allocs.map((a) => img.file.write(a.host, a.buf)),
+    ]);
+  } catch (e) {
+    ioError = e;
   } finally {
     done?.();
+  }
+  if (allocs.length > 0) {
+    const release = await img.mutex.lock();
+    try {
+      for (const a of allocs) {
+        if (ioError) {
+          img.free(a.host / cs, a.n);
+          continue;
+        }
+        const table = await img.getL2ForWrite(a.l1i);
+        for (let k = 0; k < a.n; k++) {
+          const idx = (a.cluster + k) % img.l2Entries;
+          releaseEntry(img, readL2(table, idx, img.v3), table, idx);
+          writeL2Normal(table, idx, a.host + k * cs);
+        }
+      }
+      await img.maybeWriteback();
+    } finally {
+      finish!();
+      release();
+    }
+  }
+  if (ioError) throw ioError;
+}
+
+/** Phase 1 of writeRange (under the mutex). */
+async function planWrite(
+  img: Qcow2Image,
+  offset: number,
+  data: Buffer,
+  inPlace: Array<{ host: number; src: number; len: number }>,
+  allocs: Allocation[],
+): Promise<void> {
+  const cs = img.clusterSize;
+  const end = offset + data.length;
+  for (let pos = offset; pos < end; ) {
+    const cluster = Math.floor(pos / cs);
+    const l1i = Math.floor(cluster / img.l2Entries);
+    const first = await entryAt(img, cluster);
+    if (first.entry.kind === ClusterKind.Normal && first.entry.copied) {
+      checkDataOffset(img, first.entry, cluster);
+      const inOff = pos - cluster * cs;
+      const len = Math.min(cs - inOff, end - pos);
+      const host = first.entry.offset + inOff;
+      const last = inPlace[inPlace.length - 1];
+      if (last && last.host + last.len === host && last.src + last.len === pos - offset) last.len += len;
+      else inPlace.push({ host, src: pos - offset, len });
+      pos += len;
+      continue;
+    }
+    // a run of clusters needing allocation, within one L2 table
+    const tableEnd = (l1i + 1) * img.l2Entries;
+    let n = 1;
+    while (cluster + n < tableEnd && (cluster + n) * cs < end) {
+      const e = first.table ? readL2(first.table, (cluster + n) % img.l2Entries, img.v3) : UNALLOCATED;
+      if (e.kind === ClusterKind.Normal && e.copied) break;
+      n++;
+    }
+    const runEnd = Math.min(end, (cluster + n) * cs);
+    const head = pos - cluster * cs;
+    const tailStart = runEnd - (cluster + n - 1) * cs; // bytes of the last cluster covered
+    let buf: Buffer;
+    if (head === 0 && tailStart === cs) {
+      buf = data.subarray(pos - offset, runEnd - offset);
+    } else {
+      buf = Buffer.allocUnsafe(n * cs);
+      if (head > 0) {
+        const old = await oldContent(img, cluster, first.entry, first.table, first.index);
+        old.copy(buf, 0, 0, head);
+        if (n === 1 && tailStart < cs) old.copy(buf, tailStart, tailStart, cs);
+      }
+      if (tailStart < cs && !(n === 1 && head > 0)) {
+        const lc = cluster + n - 1;
+        const le = first.table ? readL2(first.table, lc % img.l2Entries, img.v3) : UNALLOCATED;
+        const old = await oldContent(img, lc, le, first.table, lc % img.l2Entries);
+        old.copy(buf, (n - 1) * cs + tailStart, tailStart, cs);
+      }
+      data.copy(buf, head, pos - offset, runEnd - offset);
+    }
+    // QEMU's order: the L2 table first, then the data clusters
+    await img.getL2ForWrite(l1i);
+    const host = await img.allocData(n);
+    allocs.push({ cluster, n, l1i, host, buf });
+    pos = runEnd;
   }
 }
 
@@ -258,7 +326,7 @@ export async function zeroRange(img: Qcow2Image, offset: number, length: number)
     return;
   }
   if (offset < firstFull) await zeroPartial(img, offset, firstFull - offset);
-  await img.mutex.run(async () => {
+  await img.whenIdle(firstFull / cs, lastFull / cs - 1, async () => {
     img.checkWritable();
     for (let c = firstFull / cs; c < lastFull / cs; c++) {
       const l1i = Math.floor(c / img.l2Entries);
@@ -283,13 +351,19 @@ function backingCovers(img: Qcow2Image, cluster: number): boolean {
   return img.backing !== null && cluster * img.clusterSize < img.backing.length();
 }
 
+/** Zeroes parts of clusters (the range may touch two clusters), skipping those reading as zero. */
 async function zeroPartial(img: Qcow2Image, offset: number, length: number): Promise<void> {
-  const cluster = Math.floor(offset / img.clusterSize);
-  const skip = await img.mutex.run(async () => {
-    const { entry } = await entryAt(img, cluster);
-    return entry.kind === ClusterKind.Zero || (entry.kind === ClusterKind.Unallocated && !backingCovers(img, cluster));
-  });
-  if (!skip) await writeRange(img, offset, Buffer.alloc(length));
+  const cs = img.clusterSize;
+  for (let pos = offset; pos < offset + length; ) {
+    const cluster = Math.floor(pos / cs);
+    const n = Math.min((cluster + 1) * cs, offset + length) - pos;
+    const skip = await img.mutex.run(async () => {
+      const { entry } = await entryAt(img, cluster);
+      return entry.kind === ClusterKind.Zero || (entry.kind === ClusterKind.Unallocated && !backingCovers(img, cluster));
+    });
+    if (!skip) await writeRange(img, pos, Buffer.alloc(n));
+    pos += n;
+  }
 }
 
 /**
@@ -302,7 +376,7 @@ export async function discardRange(img: Qcow2Image, offset: number, length: numb
   const first = Math.ceil(offset / cs);
   const last = Math.floor((offset + length) / cs);
   if (first >= last) return;
-  await img.mutex.run(async () => {
+  await img.whenIdle(first, last - 1, async () => {
     img.checkWritable();
     for (let c = first; c < last; c++) {
       const l1i = Math.floor(c / img.l2Entries);
@@ -370,8 +444,9 @@ export async function blockStatusAt(img: Qcow2Image, offset: number, length: num
       case ClusterKind.Zero:
         return { length: len, allocated: true, zero: true, data: false };
       default: {
-        const zero = !img.backing || offset >= img.backing.length();
-        return { length: len, allocated: false, zero, data: false };
+        // reads as zeroes without a backing file or past its end
+        if (!img.backing || offset >= img.backing.length()) return { length: len, allocated: false, zero: true, data: false };
+        return { length: Math.min(len, img.backing.length() - offset), allocated: false, zero: false, data: false };
       }
     }
   });

@@ -3,13 +3,14 @@
 // Fast path (time independent of the data held): when the header, the refcount table, the
 // first refcount block and the L1 table all lie in the range the first refcount block
 // describes, rewrite the metadata as a fresh empty image in place and truncate the file.
-// Each step is flushed before the next, and every intermediate state is consistent up to
-// leaked clusters:
+// Step 1 is flushed before the others; every intermediate state is consistent up to leaked
+// clusters:
 //   1. zero the L1 table          -> every L2 table and data cluster is leaked;
 //   2. keep only refcount table entry 0 -> clusters described by other blocks drop to 0,
 //                                          and none of them is referenced any more;
 //   3. rewrite refcount block 0 with only the metadata counted -> exact;
-//   4. truncate the file after the metadata.
+//   4. truncate the file after the metadata (in the background: the next allocation
+//      waits for it, see Qcow2Image.pendingTruncate).
 // Otherwise (snapshots, bitmaps, metadata spread over several refcount blocks) every
 // cluster is discarded one by one (the slow path).
 
@@ -19,7 +20,8 @@ import { discardRange } from './io.js';
 
 export async function makeEmpty(img: Qcow2Image): Promise<'fast' | 'slow'> {
   img.checkWritable();
-  const fast = await img.mutex.run(async () => {
+  const fast = await img.whenIdle(0, Number.MAX_SAFE_INTEGER, async () => {
+    await img.settleTruncate();
     if (!canUseFastPath(img)) return false;
     await fastPath(img);
     return true;
@@ -77,7 +79,6 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   const table = Buffer.alloc(rc.tableClusters * cs);
   table.writeBigUInt64BE(BigInt(block0), 0);
   await img.file.write(rc.tableOffset, table);
-  await img.file.flush();
   rc.table.fill(0);
   rc.table[0] = block0;
   // 3. refcount block 0 counting the metadata only
@@ -85,12 +86,11 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   const block = Buffer.alloc(cs);
   for (const c of meta) rc.setEntry(block, c, 1);
   await img.file.write(block0, block);
-  await img.file.flush();
+  // No flush needed here: once step 1 is stable, steps 2 and 3 only lower refcounts of
+  // clusters nothing references, in either order; the next flush makes them stable.
   rc.freeIndex = 0;
-  // 4. drop the data
+  // 4. drop the data. The metadata is final already, so the truncation (whose cost grows
+  // with the data the file system frees) runs in the background; allocations wait for it.
   const end = (Math.max(...meta) + 1) * cs;
-  if (img.file.length() > end) {
-    await img.file.truncate(end);
-  }
-  await img.file.flush();
+  if (img.file.length() > end) img.startTruncate(end);
 }

@@ -186,9 +186,9 @@ export class Refcounts {
       block = this.cache.create(nb * this.clusterSize);
       this.setEntry(block, nb % this.blockEntries, 1);
     } else {
-      while (!(await this.update(nb, 1, 1))) {
-        /* the block describing nb was created: count nb again */
-      }
+      // Counting nb needed refcount metadata first: that may have taken nb itself (a grown
+      // table), so give up and let the caller restart the whole allocation (QEMU's EAGAIN).
+      if (!(await this.update(nb, 1, 1))) return;
       this.cache.create(nb * this.clusterSize);
     }
     this.table[idx] = nb * this.clusterSize;

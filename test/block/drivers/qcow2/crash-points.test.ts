@@ -1,0 +1,154 @@
+// Crash at every point of a metadata update: the image is driven through Qcow2Image over a
+// host file that stops writing (as a killed process would) after its k-th write, for every
+// k. Each such file must pass qemu-img check without corruption (leaks are fine), for a
+// writeback of many dirty tables with frees, for make_empty's fast path and for growing
+// the image (L1 table move).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { newGraph, tempDir } from '../../../helpers/graph.js';
+import { createQcow2 } from '../../../../src/block/drivers/qcow2/create.js';
+import { readHeader } from '../../../../src/block/drivers/qcow2/header.js';
+import { FsHostFile, type HostFile } from '../../../../src/block/drivers/qcow2/host-file.js';
+import { Qcow2Image } from '../../../../src/block/drivers/qcow2/image.js';
+import { discardRange, writeRange, zeroRange } from '../../../../src/block/drivers/qcow2/io.js';
+import { makeEmpty } from '../../../../src/block/drivers/qcow2/make-empty.js';
+import { needTools, qemuCheck } from './tools.js';
+
+class Crashed extends Error {}
+
+/** Passes the first `budget` writes/truncates through, then "dies": nothing more is written. */
+class DyingFile implements HostFile {
+  writes = 0;
+  constructor(
+    private readonly inner: FsHostFile,
+    private readonly budget: number,
+  ) {}
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.inner.read(offset, length);
+  }
+  async write(offset: number, data: Buffer): Promise<void> {
+    if (this.writes++ >= this.budget) throw new Crashed('crashed');
+    await this.inner.write(offset, data);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  length(): number {
+    return this.inner.length();
+  }
+  async truncate(length: number): Promise<void> {
+    if (this.writes++ >= this.budget) throw new Crashed('crashed');
+    await this.inner.truncate(length);
+  }
+}
+
+/**
+ * Runs `scenario` on a copy of `image` for budgets 0, 1, 2, ... until it completes
+ * without crashing; checks every crashed copy. Returns the number of crash points.
+ */
+async function everyCrashPoint(dir: string, image: string, scenario: (img: Qcow2Image) => Promise<void>): Promise<number> {
+  for (let budget = 0; budget < 10_000; budget++) {
+    const copy = join(dir, `crash-${budget}.qcow2`);
+    copyFileSync(image, copy);
+    const fs = await FsHostFile.open(copy, true);
+    const file = new DyingFile(fs, budget);
+    let crashed = false;
+    try {
+      const img = new Qcow2Image(file, await readHeader(file), { readOnly: false });
+      await img.load();
+      await scenario(img);
+      await img.mutex.run(() => img.writeback());
+      await img.settleTruncate();
+    } catch (e) {
+      if (!(e instanceof Crashed) && !(e instanceof Error && e.cause instanceof Crashed)) throw e;
+      crashed = true;
+    } finally {
+      await fs.close();
+    }
+    const chk = qemuCheck(copy);
+    assert.equal(chk['check-errors'], 0, `crash after ${budget} writes: ${JSON.stringify(chk)}`);
+    assert.equal(chk.corruptions ?? 0, 0, `crash after ${budget} writes: ${JSON.stringify(chk)}`);
+    if (!crashed) {
+      assert.equal(chk.leaks ?? 0, 0, `completed without a crash: ${JSON.stringify(chk)}`);
+      return budget;
+    }
+  }
+  throw new Error('scenario never completed');
+}
+
+const MiB = 1024 * 1024;
+
+async function imageWithData(dir: string, clusterSize: number, size = 4 * MiB, refcountBits = 16, dataBytes = 3 * MiB): Promise<string> {
+  const p = join(dir, 'start.qcow2');
+  writeFileSync(join(dir, 'base.raw'), Buffer.alloc(2 * MiB, 0x11));
+  await createQcow2(p, { size, clusterSize, refcountBits, backingFile: 'base.raw', backingFormat: 'raw' });
+  const g = newGraph();
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  for (let off = 0; off < dataBytes; off += 48 * 1024 + 512) await n.write(off, Buffer.alloc(20000, 0x22));
+  await g.closeAll();
+  return p;
+}
+
+test('a crash at any write of a writeback (allocations, zeroes, discards) leaves no corruption', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const start = await imageWithData(dir, 4096);
+  const points = await everyCrashPoint(dir, start, async (img) => {
+    await writeRange(img, 100 * 1024, Buffer.alloc(300 * 1024, 0x33));
+    await writeRange(img, 3 * MiB + 5000, Buffer.alloc(600 * 1024, 0x44)); // new L2 table
+    await zeroRange(img, 512 * 1024, 256 * 1024);
+    await discardRange(img, MiB, 512 * 1024, false);
+    await discardRange(img, 2 * MiB, 256 * 1024, true);
+  });
+  assert.ok(points > 10, `enough crash points (${points})`);
+  t.diagnostic(`${points} crash points`);
+});
+
+test('a crash at any write of make_empty (fast path) leaves no corruption', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const start = await imageWithData(dir, 65536);
+  const points = await everyCrashPoint(dir, start, async (img) => {
+    await makeEmpty(img);
+  });
+  assert.ok(points >= 3, `crash points (${points})`);
+  t.diagnostic(`make_empty fast path: ${points} crash points`);
+});
+
+test('a crash at any write of make_empty (slow path) and of an L1 table move leaves no corruption', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  // 512-byte clusters, 64-bit refcounts and 128 MiB: the L1 table (64 clusters) does not fit
+  // in the 64 clusters the first refcount block describes, so make_empty takes the slow path
+  const start = await imageWithData(dir, 512, 128 * MiB, 64, 400 * 1024);
+  const slow = await everyCrashPoint(dir, start, async (img) => {
+    assert.equal(await makeEmpty(img), 'slow');
+  });
+  assert.ok(slow > 3, `crash points (${slow})`);
+  t.diagnostic(`make_empty slow path: ${slow} crash points`);
+  const grow = await everyCrashPoint(dir, start, async (img) => {
+    await img.mutex.run(() => img.setSize(256 * MiB));
+    await writeRange(img, 200 * MiB, Buffer.alloc(4096, 0x55));
+  });
+  assert.ok(grow > 3, `crash points (${grow})`);
+  t.diagnostic(`L1 move: ${grow} crash points`);
+});
+
+test('a crash at any write while the refcount table grows leaves no corruption', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  // 512-byte clusters with 64-bit refcounts: the first refcount table covers 2 MiB of file
+  const start = await imageWithData(dir, 512, 8 * MiB, 64, 4 * MiB);
+  const before = (await FsHostFile.open(start, false).then(async (f) => {
+    const h = await readHeader(f);
+    await f.close();
+    return h.refcountTableClusters;
+  }));
+  const points = await everyCrashPoint(dir, start, async (img) => {
+    await writeRange(img, 5 * MiB, Buffer.alloc(700 * 1024, 0x66));
+    assert.ok(img.refcounts.tableClusters > before, 'the refcount table grew');
+  });
+  t.diagnostic(`refcount table growth: ${points} crash points`);
+});
