@@ -22,7 +22,7 @@ export async function serveMemory(
 ): Promise<Served> {
   const graph = newGraph();
   const dir = tempDir(t, 'lockstep-nbd-');
-  const node = await graph.open({ driver: 'memory', size: opts.size ?? 1 << 20, 'node-name': 'disk' });
+  const node = await graph.open({ driver: 'memory', size: opts.size ?? 1 << 20, 'node-name': 'disk' }, { monitorOwned: true });
   const server = new NbdServer({ graph, ...opts.server });
   const tcp = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as NbdAddress & { type: 'inet' };
   const unix = (await server.listen({ type: 'unix', path: join(dir, 'nbd.sock') })) as NbdAddress & { type: 'unix' };

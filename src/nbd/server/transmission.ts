@@ -57,6 +57,8 @@ export class Transmission {
   private closed = false;
   private readonly backend: Backend;
   private idle: (() => void) | null = null;
+  /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
+  private readonly drainWaiters: Array<() => void> = [];
   /** settles once the connection is closed and every request has finished */
   readonly done: Promise<void>;
   private resolveDone!: () => void;
@@ -75,6 +77,7 @@ export class Transmission {
       this.parser.feed(chunk);
       this.pump();
     });
+    stream.on('drain', () => this.wakeWriters());
     stream.on('error', () => this.close());
     stream.on('close', () => this.close());
     stream.on('end', () => this.close());
@@ -100,9 +103,14 @@ export class Transmission {
     return new Promise((r) => (this.idle = r));
   }
 
+  private wakeWriters(): void {
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
+
   private close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.wakeWriters();
     this.disconnecting = true;
     this.stream.destroy();
     void this.waitIdle().then(() => this.resolveDone());
@@ -179,17 +187,7 @@ export class Transmission {
       for (const p of parts) ok = s.write(p);
       s.uncork();
     }
-    if (!ok && !this.closed) {
-      await new Promise<void>((r) => {
-        const done = (): void => {
-          s.off('drain', done);
-          s.off('close', done);
-          r();
-        };
-        s.on('drain', done);
-        s.on('close', done);
-      });
-    }
+    if (!ok && !this.closed) await new Promise<void>((r) => this.drainWaiters.push(r));
   }
 
   private sendOk(req: NbdRequest): Promise<void> {
