@@ -5,6 +5,9 @@ import { connect, type Socket } from 'node:net';
 import { ByteQueue, OptionReplyParser, ReplyParser, encodeInfoRequest, encodeMetaContextRequest, encodeOptionRequest, encodeRequest, type OptionReply } from '../../src/nbd/codec.js';
 import { CMD, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, NBDMAGIC, OPT, REP, TFLAG } from '../../src/nbd/protocol.js';
 import { serveMemory } from './helpers.js';
+import { tempDir } from '../helpers/graph.js';
+import { haveOpenssl, makeCerts } from './tls-certs.js';
+import { loadTlsCreds, serverTlsConfig } from '../../src/nbd/tls.js';
 
 class Raw {
   readonly q = new ByteQueue();
@@ -164,4 +167,25 @@ test('NBD_CMD_DISC: requests sent before it still get their replies', async (t) 
   assert.deepEqual([replies.readBigUInt64BE(8), replies.readBigUInt64BE(24)].sort(), [1n, 2n]);
   await c.closed();
   assert.ok((await srv.node.read(0, 4)).equals(Buffer.from('abcd')));
+});
+
+test('a client that stalls inside STARTTLS is dropped by the handshake timeout', async (t) => {
+  if (!haveOpenssl()) {
+    if (process.env.CI) assert.fail('openssl is required in CI');
+    t.skip('openssl not installed');
+    return;
+  }
+  const { serverDir } = makeCerts(tempDir(t, 'lockstep-tls-stall-'));
+  const srv = await serveMemory(t, {
+    server: { handshakeTimeoutMs: 300, tls: serverTlsConfig(loadTlsCreds({ id: 's', endpoint: 'server', dir: serverDir, verifyPeer: false })) },
+  });
+  const c = await Raw.open(srv.tcp.port);
+  await c.greet();
+  c.opt(OPT.GO, encodeInfoRequest('disk0', []));
+  assert.equal((await c.reply()).type, REP.ERR_TLS_REQD);
+  c.opt(OPT.STARTTLS);
+  assert.equal((await c.reply()).type, REP.ACK);
+  // ... and never starts the TLS handshake
+  await c.closed();
+  assert.equal(srv.server.connectionCount, 0);
 });
