@@ -187,5 +187,6 @@ test('a client that stalls inside STARTTLS is dropped by the handshake timeout',
   assert.equal((await c.reply()).type, REP.ACK);
   // ... and never starts the TLS handshake
   await c.closed();
+  for (let i = 0; i < 100 && srv.server.connectionCount > 0; i++) await new Promise((r) => setTimeout(r, 10));
   assert.equal(srv.server.connectionCount, 0);
 });
