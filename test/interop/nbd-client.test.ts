@@ -8,6 +8,8 @@ import { newGraph, tempDir } from '../helpers/graph.js';
 import { patterned } from '../nbd/helpers.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { STATE_HOLE, STATE_ZERO, TFLAG } from '../../src/nbd/protocol.js';
+import { clientTlsConfig, loadTlsCreds } from '../../src/nbd/tls.js';
+import { makeCerts } from '../nbd/tls-certs.js';
 
 const MiB = 1 << 20;
 
@@ -75,4 +77,24 @@ test('the nbd driver against nbdkit memory: a graph node with holes from base:al
   assert.equal(ext[0]!.flags, STATE_HOLE | STATE_ZERO);
   await raw.disconnect();
   await g.closeAll(); // disconnects the driver's client, so nbdkit can exit at once
+});
+
+test('NbdClient over TLS against qemu-nbd --tls-creds', async (t) => {
+  if (!requireTools(t, 'qemu-nbd', 'openssl')) return;
+  const dir = tempDir(t, 'lockstep-qnbd-tls-');
+  const { serverDir, clientDir } = makeCerts(dir);
+  const img = join(dir, 'disk.raw');
+  writeFileSync(img, patterned(2 * MiB, 17));
+  const sock = join(dir, 'nbd.sock');
+  start(t, 'qemu-nbd', ['--object', `tls-creds-x509,id=tls0,dir=${serverDir},endpoint=server`, '--tls-creds', 'tls0', '-f', 'raw', '-x', 'exp', '-k', sock, '-t', img]);
+  await waitFor(() => existsSync(sock), 'qemu-nbd socket');
+  await assert.rejects(NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'exp' }), /TLS/);
+  const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'exp', tls: clientTlsConfig(loadTlsCreds({ id: 'c', dir: clientDir })) });
+  t.after(() => c.destroy());
+  assert.equal(c.info.tls, true);
+  assert.ok((await c.read(0, 2 * MiB)).equals(patterned(2 * MiB, 17)));
+  await c.write(0, Buffer.from('over tls'));
+  await c.flush();
+  await c.disconnect();
+  assert.ok(readFileSync(img).subarray(0, 8).equals(Buffer.from('over tls')));
 });

@@ -5,6 +5,9 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools, run } from './tools.js';
 import { patterned, serveMemory } from '../nbd/helpers.js';
+import { makeCerts } from '../nbd/tls-certs.js';
+import { tempDir } from '../helpers/graph.js';
+import { loadTlsCreds, serverTlsConfig } from '../../src/nbd/tls.js';
 
 const MiB = 1 << 20;
 
@@ -85,4 +88,23 @@ test('qemu-img info, convert, compare and qemu-io on nbd:// and nbd+unix:// URIs
   assert.ok((await s.node.read(0, 16 * MiB)).equals(expected));
   // a mismatch must be noticed: compare against the original now fails
   await assert.rejects(run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, tcp]), /compare/);
+});
+
+test('qemu-img over TLS (tls-creds-x509) against lockstep\'s server', async (t) => {
+  if (!requireTools(t, 'qemu-img', 'openssl')) return;
+  const { serverDir, clientDir } = makeCerts(tempDir(t, 'lockstep-tls-interop-'));
+  const s = await serveMemory(t, {
+    size: 4 * MiB,
+    server: { tls: serverTlsConfig(loadTlsCreds({ id: 's', endpoint: 'server', dir: serverDir, verifyPeer: true })) },
+  });
+  await s.node.write(MiB, patterned(MiB, 31));
+  const obj = `tls-creds-x509,id=tls0,dir=${clientDir},endpoint=client`;
+  const opts = `driver=nbd,host=127.0.0.1,port=${s.tcp.port},export=disk0,tls-creds=tls0`;
+  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', '--object', obj, '--image-opts', opts])).stdout);
+  assert.equal(info['virtual-size'], 4 * MiB);
+  const out = join(s.dir, 'out.raw');
+  await run('qemu-img', ['convert', '--object', obj, '--image-opts', opts, '-O', 'raw', out]);
+  assert.ok(readFileSync(out).equals(await s.node.read(0, 4 * MiB)));
+  // without TLS, QEMU cannot reach the export
+  await assert.rejects(run('qemu-img', ['info', `nbd://127.0.0.1:${s.tcp.port}/disk0`]), /TLS|tls/);
 });
