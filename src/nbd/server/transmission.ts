@@ -25,6 +25,8 @@ export interface TransmissionOptions {
 
 /** Holes and data runs of one read, at most this many chunks (the rest is sent as data). */
 const MAX_READ_RUNS = 64;
+/** Reply bytes queued in the socket beyond which a request waits for 'drain'. */
+const MAX_BUFFERED_REPLY_BYTES = 4 * 1024 * 1024;
 /** Extents per BLOCK_STATUS reply. */
 const MAX_EXTENTS = 1024;
 
@@ -59,6 +61,7 @@ export class Transmission {
   private idle: (() => void) | null = null;
   /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
   private readonly drainWaiters: Array<() => void> = [];
+  private corked = false;
   /** settles once the connection is closed and every request has finished */
   readonly done: Promise<void>;
   private resolveDone!: () => void;
@@ -176,18 +179,28 @@ export class Transmission {
 
   // ---- the single writer ----------------------------------------------------------------
 
-  /** Writes one whole message (synchronously, so messages never interleave); waits for drain. */
+  /**
+   * Writes one whole message: its parts are written synchronously, so messages never
+   * interleave. The socket stays corked until the end of the event-loop turn, so replies
+   * completed together leave in one writev. The request's slot is held while more than
+   * MAX_BUFFERED_REPLY_BYTES wait in the socket.
+   */
   private async send(parts: Buffer[]): Promise<void> {
     if (this.closed) return;
     const s = this.stream;
-    let ok = true;
-    if (parts.length === 1) ok = s.write(parts[0]!);
-    else {
+    if (!this.corked) {
+      this.corked = true;
       s.cork();
-      for (const p of parts) ok = s.write(p);
-      s.uncork();
+      setImmediate(() => {
+        this.corked = false;
+        s.uncork();
+      });
     }
-    if (!ok && !this.closed) await new Promise<void>((r) => this.drainWaiters.push(r));
+    let ok = true;
+    for (const p of parts) ok = s.write(p);
+    if (!ok && s.writableLength >= MAX_BUFFERED_REPLY_BYTES && !this.closed) {
+      await new Promise<void>((r) => this.drainWaiters.push(r));
+    }
   }
 
   private sendOk(req: NbdRequest): Promise<void> {
