@@ -98,7 +98,7 @@ export class Transmission {
     this.disconnecting = true;
     this.stream.pause();
     await this.waitIdle();
-    this.close();
+    this.close(true);
   }
 
   private waitIdle(): Promise<void> {
@@ -110,12 +110,22 @@ export class Transmission {
     for (const w of this.drainWaiters.splice(0)) w();
   }
 
-  private close(): void {
+  /** Closes the connection; `graceful` first flushes the replies still queued (DISC, shutdown). */
+  private close(graceful = false): void {
     if (this.closed) return;
     this.closed = true;
-    this.wakeWriters();
     this.disconnecting = true;
-    this.stream.destroy();
+    this.wakeWriters();
+    if (graceful && !this.stream.destroyed) {
+      if (this.corked) {
+        this.corked = false;
+        this.stream.uncork();
+      }
+      this.stream.end(() => this.stream.destroy());
+      setTimeout(() => this.stream.destroy(), 5000).unref();
+    } else {
+      this.stream.destroy();
+    }
     void this.waitIdle().then(() => this.resolveDone());
   }
 
@@ -150,7 +160,7 @@ export class Transmission {
       // Soft disconnect: the in-flight requests still get their replies.
       this.disconnecting = true;
       this.stream.pause();
-      void this.waitIdle().then(() => this.close());
+      void this.waitIdle().then(() => this.close(true));
       return;
     }
     const bytes = req.type === CMD.READ && req.length !== null ? Math.min(req.length, MAX_PAYLOAD) : (req.data?.length ?? 0);
