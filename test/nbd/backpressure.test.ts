@@ -62,3 +62,26 @@ test('a connection never has more than maxInFlight requests on the node; the res
   assert.equal(gate.peak, 4);
   for (let i = 0; i < 200; i += 37) assert.ok((await c.read(i * 4096, 4096)).equals(Buffer.alloc(4096, (i % 250) + 1)));
 });
+
+test('server close after a client vanished with requests in flight still completes', { timeout: 20_000 }, async (t) => {
+  const gate = { open: false, waiters: [] as Array<() => void>, active: 0, peak: 0 };
+  const graph = new BlockGraph(createRegistry([gateDriver(gate)]));
+  t.after(() => graph.closeAll());
+  const node = await graph.open({ driver: 'gate', size: 1 << 20 });
+  const server = new NbdServer({ graph, maxInFlight: 4 });
+  const address = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
+  server.addExport({ name: 'g', node, writable: true });
+  const c = await NbdClient.connect({ address, exportName: 'g' });
+  const writes = Array.from({ length: 10 }, (_, i) => c.write(i * 512, Buffer.alloc(512, 1)).catch((e: unknown) => e));
+  for (let i = 0; i < 200 && gate.waiters.length < 4; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(gate.waiters.length, 4);
+  c.destroy();
+  // let the server see the connection drop before it is asked to shut down
+  for (let i = 0; i < 5; i++) await new Promise((r) => setTimeout(r, 10));
+  const closing = server.close();
+  gate.open = true;
+  for (const w of gate.waiters.splice(0)) w();
+  await closing;
+  assert.equal(server.connectionCount, 0);
+  assert.equal((await Promise.all(writes)).every((e) => e instanceof Error), true);
+});

@@ -58,7 +58,7 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private readonly backend: Backend;
-  private idle: (() => void) | null = null;
+  private readonly idleWaiters: Array<() => void> = [];
   /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
   private readonly drainWaiters: Array<() => void> = [];
   private corked = false;
@@ -103,7 +103,7 @@ export class Transmission {
 
   private waitIdle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((r) => (this.idle = r));
+    return new Promise((r) => this.idleWaiters.push(r));
   }
 
   private wakeWriters(): void {
@@ -179,11 +179,7 @@ export class Transmission {
   private finished(bytes: number): void {
     this.inFlight--;
     this.inFlightBytes -= bytes;
-    if (this.inFlight === 0 && this.idle) {
-      const w = this.idle;
-      this.idle = null;
-      w();
-    }
+    if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
     if (!this.closed) this.pump();
   }
 
