@@ -4,6 +4,7 @@
 import type { BlockDriver } from './driver.js';
 import { fileDriver } from './drivers/file.js';
 import { memoryDriver } from './drivers/memory.js';
+import { nbdDriver } from './drivers/nbd.js';
 import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
 import { quorumDriver } from './drivers/quorum.js';
@@ -30,5 +31,6 @@ export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
     commitTopDriver,
     ...extra,
   ];
+  const all: BlockDriver[] = [fileDriver, memoryDriver, nbdDriver, nullDriver, rawDriver, ...extra];
   return new Map(all.map((d) => [d.name, d]));
 }

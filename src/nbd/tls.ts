@@ -61,7 +61,8 @@ export function loadTlsCreds(opts: { id: string; endpoint?: 'server' | 'client';
   const endpoint = opts.endpoint ?? 'client';
   const verifyPeer = opts.verifyPeer ?? true;
   const creds: TlsCredsX509 = { type: 'tls-creds-x509', id: opts.id, endpoint, dir: opts.dir, verifyPeer };
-  const ca = readPem(opts.dir, 'ca-cert.pem', endpoint === 'client' ? verifyPeer : verifyPeer);
+  // Checking the peer needs the CA, on either side (QEMU's rule too).
+  const ca = readPem(opts.dir, 'ca-cert.pem', verifyPeer);
   if (ca) creds.ca = ca;
   const prefix = endpoint === 'server' ? 'server' : 'client';
   const cert = readPem(opts.dir, `${prefix}-cert.pem`, endpoint === 'server');

@@ -225,7 +225,11 @@ export class NbdServer implements HandshakeHost {
     const socket = conn.socket;
     socket.on('error', () => {});
     const reader = new StreamReader(socket);
-    const timer = setTimeout(() => reader.fail(new Error('handshake timed out')), this.handshakeTimeoutMs);
+    // Destroying the socket also ends a TLS handshake that a client started and never finished.
+    const timer = setTimeout(() => {
+      reader.fail(new Error('handshake timed out'));
+      socket.destroy();
+    }, this.handshakeTimeoutMs);
     let neg;
     try {
       neg = await negotiate(socket, reader, this);

@@ -25,6 +25,8 @@ export interface TransmissionOptions {
 
 /** Holes and data runs of one read, at most this many chunks (the rest is sent as data). */
 const MAX_READ_RUNS = 64;
+/** Reply bytes queued in the socket beyond which a request waits for 'drain'. */
+const MAX_BUFFERED_REPLY_BYTES = 4 * 1024 * 1024;
 /** Extents per BLOCK_STATUS reply. */
 const MAX_EXTENTS = 1024;
 
@@ -56,7 +58,10 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private readonly backend: Backend;
-  private idle: (() => void) | null = null;
+  private readonly idleWaiters: Array<() => void> = [];
+  /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
+  private readonly drainWaiters: Array<() => void> = [];
+  private corked = false;
   /** settles once the connection is closed and every request has finished */
   readonly done: Promise<void>;
   private resolveDone!: () => void;
@@ -75,6 +80,7 @@ export class Transmission {
       this.parser.feed(chunk);
       this.pump();
     });
+    stream.on('drain', () => this.wakeWriters());
     stream.on('error', () => this.close());
     stream.on('close', () => this.close());
     stream.on('end', () => this.close());
@@ -92,19 +98,34 @@ export class Transmission {
     this.disconnecting = true;
     this.stream.pause();
     await this.waitIdle();
-    this.close();
+    this.close(true);
   }
 
   private waitIdle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((r) => (this.idle = r));
+    return new Promise((r) => this.idleWaiters.push(r));
   }
 
-  private close(): void {
+  private wakeWriters(): void {
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  /** Closes the connection; `graceful` first flushes the replies still queued (DISC, shutdown). */
+  private close(graceful = false): void {
     if (this.closed) return;
     this.closed = true;
     this.disconnecting = true;
-    this.stream.destroy();
+    this.wakeWriters();
+    if (graceful && !this.stream.destroyed) {
+      if (this.corked) {
+        this.corked = false;
+        this.stream.uncork();
+      }
+      this.stream.end(() => this.stream.destroy());
+      setTimeout(() => this.stream.destroy(), 5000).unref();
+    } else {
+      this.stream.destroy();
+    }
     void this.waitIdle().then(() => this.resolveDone());
   }
 
@@ -139,7 +160,7 @@ export class Transmission {
       // Soft disconnect: the in-flight requests still get their replies.
       this.disconnecting = true;
       this.stream.pause();
-      void this.waitIdle().then(() => this.close());
+      void this.waitIdle().then(() => this.close(true));
       return;
     }
     const bytes = req.type === CMD.READ && req.length !== null ? Math.min(req.length, MAX_PAYLOAD) : (req.data?.length ?? 0);
@@ -158,37 +179,33 @@ export class Transmission {
   private finished(bytes: number): void {
     this.inFlight--;
     this.inFlightBytes -= bytes;
-    if (this.inFlight === 0 && this.idle) {
-      const w = this.idle;
-      this.idle = null;
-      w();
-    }
+    if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
     if (!this.closed) this.pump();
   }
 
   // ---- the single writer ----------------------------------------------------------------
 
-  /** Writes one whole message (synchronously, so messages never interleave); waits for drain. */
+  /**
+   * Writes one whole message: its parts are written synchronously, so messages never
+   * interleave. The socket stays corked until the end of the event-loop turn, so replies
+   * completed together leave in one writev. The request's slot is held while more than
+   * MAX_BUFFERED_REPLY_BYTES wait in the socket.
+   */
   private async send(parts: Buffer[]): Promise<void> {
     if (this.closed) return;
     const s = this.stream;
-    let ok = true;
-    if (parts.length === 1) ok = s.write(parts[0]!);
-    else {
+    if (!this.corked) {
+      this.corked = true;
       s.cork();
-      for (const p of parts) ok = s.write(p);
-      s.uncork();
-    }
-    if (!ok && !this.closed) {
-      await new Promise<void>((r) => {
-        const done = (): void => {
-          s.off('drain', done);
-          s.off('close', done);
-          r();
-        };
-        s.on('drain', done);
-        s.on('close', done);
+      setImmediate(() => {
+        this.corked = false;
+        s.uncork();
       });
+    }
+    let ok = true;
+    for (const p of parts) ok = s.write(p);
+    if (!ok && s.writableLength >= MAX_BUFFERED_REPLY_BYTES && !this.closed) {
+      await new Promise<void>((r) => this.drainWaiters.push(r));
     }
   }
 
