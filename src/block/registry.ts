@@ -20,6 +20,7 @@ export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
   const all: BlockDriver[] = [
     fileDriver,
     memoryDriver,
+    nbdDriver,
     nullDriver,
     rawDriver,
     qcow2Driver,
@@ -31,6 +32,5 @@ export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
     commitTopDriver,
     ...extra,
   ];
-  const all: BlockDriver[] = [fileDriver, memoryDriver, nbdDriver, nullDriver, rawDriver, ...extra];
   return new Map(all.map((d) => [d.name, d]));
 }
