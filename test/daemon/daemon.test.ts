@@ -178,6 +178,12 @@ test('a TLS monitor with verify-peer admits only clients with a certificate from
   const good = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.client, true));
   assert.deepEqual(await good.execute('query-named-block-nodes'), []);
   good.close();
+  const cli = await runLockstep(['qmp', '--host', '127.0.0.1', '--port', String(port), '--tls-dir', tls.client, 'query-named-block-nodes']);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.equal(cli.stdout, '[]\n');
+  const rogueCli = await runLockstep(['qmp', '--host', '127.0.0.1', '--port', String(port), '--tls-dir', tls.rogue, 'query-named-block-nodes']);
+  assert.equal(rogueCli.code, 1);
+  assert.match(rogueCli.stderr, /^lockstep qmp: cannot talk to the monitor at 127\.0\.0\.1:\d+: /);
   await assert.rejects(async () => {
     const c = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.rogue, true));
     c.close();
