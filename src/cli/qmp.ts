@@ -70,7 +70,7 @@ function tlsFromDir(dir: string): ConnectionOptions {
   if (!ca) throw new Error(`cannot read ${join(dir, 'ca-cert.pem')}`);
   const cert = read('client-cert.pem');
   const key = read('client-key.pem');
-  return { ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}), checkServerIdentity: () => undefined };
+  return { ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}) };
 }
 
 export async function run(argv: string[]): Promise<number> {

@@ -14,6 +14,7 @@ import { blockdevCommands } from '../qmp/commands/blockdev.js';
 import { hmpCommands } from '../qmp/commands/hmp.js';
 import { miscCommands } from '../qmp/commands/misc.js';
 import { nbdCommands, toListenAddress } from '../qmp/commands/nbd.js';
+import { jobCommands } from '../qmp/commands/jobs.js';
 import { ExportTable, isLoopbackHost, type NbdServerFactory } from './exports.js';
 import { Logger } from './log.js';
 import { ObjectTable, tlsServerOptions } from './objects.js';
@@ -24,14 +25,14 @@ export const LOCKSTEP_QMP_VERSION: QmpVersion = { qemu: { major: 7, minor: 2, mi
 
 /** The command groups every daemon has; deps.commands adds more (jobs, replication). */
 export function builtinCommandGroups(): Array<readonly QmpCommand[]> {
-  return [miscCommands, blockdevCommands, nbdCommands, hmpCommands];
+  return [miscCommands, blockdevCommands, nbdCommands, jobCommands, hmpCommands];
 }
 
 export interface DaemonDeps {
   log: Logger;
   registry?: DriverRegistry;
   nbdFactory: NbdServerFactory | null;
-  /** extra command groups (jobs, replication) and the services they use */
+  /** extra command groups (replication) and the services they use */
   commands?: ReadonlyArray<readonly QmpCommand[]>;
   services?: Partial<QmpServices>;
   /** called once the graph exists, to create services that need it (the job manager) */

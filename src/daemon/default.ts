@@ -44,13 +44,13 @@ export async function applyDefaults(
   const nbdSocket = join(dataDir, 'nbd.sock');
   const qmpSocket = join(dataDir, 'qmp.sock');
   opts.items.unshift(
-    { kind: 'blockdev', keyval: false, options: { driver: format, 'node-name': 'disk0', file: { driver: 'file', filename: image } } },
+    { kind: 'blockdev', keyval: false, options: { driver: format, 'node-name': 'drive0', file: { driver: 'file', filename: image } } },
     {
       kind: 'nbd-server',
       options: { addr: { type: 'unix', path: nbdSocket } },
       extraAddrs: [{ type: 'inet', host: '127.0.0.1', port: DEFAULT_NBD_PORT }],
     },
-    { kind: 'export', options: { type: 'nbd', id: 'disk0', 'node-name': 'disk0', name: 'disk0', writable: true } },
+    { kind: 'export', options: { type: 'nbd', id: 'disk0', 'node-name': 'drive0', name: 'disk0', writable: true } },
     { kind: 'monitor', options: { chardev: 'lockstep-qmp0' } },
   );
   opts.chardevs.set('lockstep-qmp0', { id: 'lockstep-qmp0', path: qmpSocket, server: true, wait: false });

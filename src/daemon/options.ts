@@ -197,10 +197,13 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
         throw new InvalidArgumentError(arg.startsWith('-') ? `unrecognized option '${arg}'` : `unexpected argument '${arg}'`);
     }
   }
+  const used = new Set<string>();
   for (const item of o.items) {
     if (item.kind === 'monitor') {
       const id = item.options.chardev as string;
       if (!o.chardevs.has(id)) throw new InvalidArgumentError(`--monitor: chardev "${id}" not found`);
+      if (used.has(id)) throw new InvalidArgumentError(`--monitor: chardev '${id}' is already in use`);
+      used.add(id);
       if (item.options.mode === 'readline') throw new InvalidArgumentError(`--monitor: only mode=control (QMP) is supported`);
     }
   }

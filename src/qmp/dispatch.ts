@@ -10,6 +10,7 @@ import type { ObjectTable } from '../daemon/objects.js';
 import { StateError } from '../errors.js';
 import type { EventBus } from './events.js';
 import type { IoCommandRunner } from './commands/hmp.js';
+import type { JobsApi } from './commands/jobs.js';
 import { QmpError } from './errors.js';
 import { validateArguments, type Fields, type TypeSpec } from './schema/types.js';
 
@@ -30,7 +31,7 @@ export interface QmpVersion {
 /** Collaborators that land from other branches; each is null until wired by the daemon. */
 export interface QmpServices {
   /** block jobs (src/jobs): null when the build has no job manager */
-  jobs: unknown;
+  jobs: JobsApi | null;
   /** replication (src/replication): the lead's ReplicationManager */
   replication: unknown;
   /** the qemu-io command engine for human-monitor-command (src/cli/io-commands.ts) */

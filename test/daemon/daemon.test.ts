@@ -41,6 +41,7 @@ test('bad options give one clear line and exit 1', async (t) => {
     [['--blockdev', 'driver=raw,node-name=r0,file.driver=file'], "lockstep daemon: Parameter 'file.filename' is missing\n"],
     [['--blockdev', 'driver=null-co,node-name=n0,bogus=1'], "lockstep daemon: Parameter 'bogus' is unexpected\n"],
     [['--blockdev', '{"driver":"null-co","node-name":"n0","read-only":"on"}'], "lockstep daemon: Invalid parameter type for 'read-only', expected: boolean\n"],
+    [['--chardev', `socket,id=c0,path=${join(dir, 'q.sock')},server=on`, '--monitor', 'c0', '--monitor', 'chardev=c0'], "lockstep daemon: --monitor: chardev 'c0' is already in use\n"],
     [['--log-level', 'loud'], "lockstep daemon: --log-level: 'loud' is not one of debug, info, warn, error, silent\n"],
     [['--chardev', `socket,id=c0,path=${join(dir, 'q.sock')}`], "lockstep daemon: --chardev: chardev 'c0': only server=on sockets are supported\n"],
   ];
@@ -178,6 +179,12 @@ test('a TLS monitor with verify-peer admits only clients with a certificate from
   const good = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.client, true));
   assert.deepEqual(await good.execute('query-named-block-nodes'), []);
   good.close();
+  const cli = await runLockstep(['qmp', '--host', '127.0.0.1', '--port', String(port), '--tls-dir', tls.client, 'query-named-block-nodes']);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.equal(cli.stdout, '[]\n');
+  const rogueCli = await runLockstep(['qmp', '--host', '127.0.0.1', '--port', String(port), '--tls-dir', tls.rogue, 'query-named-block-nodes']);
+  assert.equal(rogueCli.code, 1);
+  assert.match(rogueCli.stderr, /^lockstep qmp: cannot talk to the monitor at 127\.0\.0\.1:\d+: /);
   await assert.rejects(async () => {
     const c = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.rogue, true));
     c.close();

@@ -100,3 +100,30 @@ export function runLockstep(args: string[], opts: { input?: string; timeoutMs?: 
     p.stdin.end(opts.input ?? '');
   });
 }
+
+/**
+ * Whether this build has wired a part that lands from another branch (src/daemon/wiring.ts):
+ * block jobs, the NBD server, the qemu-io engine. Tests of those parts skip with the reason
+ * until it is wired; once wired, they run and must pass.
+ */
+export async function buildHas(c: QmpClient, part: 'jobs' | 'nbd' | 'qemu-io', scratchDir: string): Promise<boolean> {
+  if (part === 'jobs') {
+    return c.execute('query-jobs').then(
+      () => true,
+      (e: { desc?: string }) => e.desc !== 'Block jobs are not available in this build',
+    );
+  }
+  if (part === 'nbd') {
+    try {
+      await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: join(scratchDir, 'probe-nbd.sock') } } });
+    } catch (e) {
+      return (e as { desc?: string }).desc !== 'NBD server is not available in this build';
+    }
+    await c.execute('nbd-server-stop');
+    return true;
+  }
+  await c.execute('blockdev-add', { driver: 'null-co', 'node-name': 'qemu-io-probe', size: 512 });
+  const out = (await c.execute('human-monitor-command', { 'command-line': 'qemu-io qemu-io-probe "length"' })) as string;
+  await c.execute('blockdev-del', { 'node-name': 'qemu-io-probe' });
+  return !out.includes('qemu-io is not available in this build');
+}

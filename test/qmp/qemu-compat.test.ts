@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { tempDir } from '../helpers/graph.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { buildHas, startDaemon } from '../helpers/daemon.js';
 import { requireTool } from '../helpers/tls.js';
 import { QmpClient } from '../../src/qmp/client.js';
 
@@ -88,7 +88,42 @@ const CONVERSATION = [
   '{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io -d n0 \\"read 0 512\\""}}',
   '{"execute":"human-monitor-command","arguments":{"command-line":"info block"}}',
   '{"execute":"human-monitor-command"}',
-  // clean up, then quit
+];
+
+/** Block job rows: sent when the build has block jobs wired (src/daemon/wiring.ts). */
+const JOB_ROWS = [
+  // block jobs that cannot start, or do not exist
+  '{"execute":"query-block-jobs"}',
+  '{"execute":"query-jobs"}',
+  '{"execute":"blockdev-backup","arguments":{"device":"x","target":"n0","sync":"full"}}',
+  '{"execute":"blockdev-backup","arguments":{"device":"n0","target":"x","sync":"full"}}',
+  '{"execute":"blockdev-backup","arguments":{"device":"n0","target":"n0","sync":"fullx"}}',
+  '{"execute":"blockdev-backup","arguments":{"device":"n0","target":"n0","sync":3}}',
+  '{"execute":"blockdev-mirror","arguments":{"device":"n0","target":"n0","sync":"full","speed":true}}',
+  '{"execute":"blockdev-mirror","arguments":{"device":"x","target":"n0","sync":"full"}}',
+  '{"execute":"blockdev-mirror","arguments":{"job-id":"m2","device":"n0","target":"n0","sync":"full"}}',
+  '{"execute":"drive-mirror","arguments":{"device":"x","target":"nbd://127.0.0.1:1/x","sync":"full","mode":"existing","format":"raw"}}',
+  '{"execute":"drive-mirror","arguments":{"job-id":"m1","device":"n0","target":"/nonexistent/t.raw","sync":"full","mode":"existing","format":"raw"}}',
+  '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"b0","size":1048576}}',
+  '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"b1","size":1048576}}',
+  '{"execute":"blockdev-backup","arguments":{"device":"b0","target":"b1","sync":"full"}}',
+  '{"execute":"blockdev-backup","arguments":{"job-id":"j0","device":"b0","target":"b1","sync":"full","speed":-1}}',
+  '{"execute":"blockdev-mirror","arguments":{"job-id":"m3","device":"b0","target":"b1","sync":"full","granularity":1000}}',
+  '{"execute":"blockdev-mirror","arguments":{"job-id":"9bad","device":"b0","target":"b1","sync":"full"}}',
+  '{"execute":"blockdev-del","arguments":{"node-name":"b0"}}',
+  '{"execute":"blockdev-del","arguments":{"node-name":"b1"}}',
+  '{"execute":"block-commit","arguments":{"device":"x"}}',
+  '{"execute":"block-commit","arguments":{"device":"n0"}}',
+  '{"execute":"block-job-cancel","arguments":{"device":"x"}}',
+  '{"execute":"block-job-complete","arguments":{"device":"x"}}',
+  '{"execute":"block-job-pause","arguments":{"device":"x"}}',
+  '{"execute":"block-job-resume","arguments":{"device":"x"}}',
+  '{"execute":"block-job-set-speed","arguments":{"device":"x","speed":1}}',
+  '{"execute":"job-dismiss","arguments":{"id":"x"}}',
+  '{"execute":"job-finalize","arguments":{"id":"x"}}',
+];
+
+const CLEANUP = [
   '{"execute":"blockdev-del","arguments":{"node-name":"r0"}}',
   '{"execute":"blockdev-del","arguments":{"node-name":"n0"}}',
   '{"execute":"query-named-block-nodes"}',
@@ -124,7 +159,11 @@ test('lockstep answers a QMP conversation exactly as QEMU 7.2 does', async (t) =
   if (!requireTool(t, 'qemu-system-x86_64', ['--version'])) return;
   const dir = tempDir(t);
   const d = await startDaemon(t, dir, []);
-  const lines = [...BEFORE_NEGOTIATION, ...CONVERSATION];
+  const probe = await d.client();
+  const withJobs = await buildHas(probe, 'jobs', dir);
+  probe.close();
+  if (!withJobs) t.diagnostic('block jobs are not wired into this build: the job rows are left out');
+  const lines = [...BEFORE_NEGOTIATION, ...CONVERSATION, ...(withJobs ? JOB_ROWS : []), ...CLEANUP];
   const qemu = await askQemu(lines);
   assert.equal(qemu.length, lines.length, 'QEMU answered every line');
   const ours = await askLockstep(d.qmpPath, lines, lines.length);

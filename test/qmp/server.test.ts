@@ -147,6 +147,37 @@ test('QMP protocol', async (t) => {
     assert.equal(d.proc.exitCode, null);
   });
 
+  await t.test('connections past the limit are refused and the monitor recovers when they go', async () => {
+    const idle = [];
+    for (let i = 0; i < 70; i++) {
+      const s = connect(d.qmpPath);
+      s.on('error', () => {});
+      s.resume();
+      idle.push(s);
+    }
+    await Promise.all(idle.map((s) => new Promise((r) => (s.connecting ? s.once('connect', r) : r(null)))));
+    // the monitor holds at most 64 connections (the ones from earlier subtests count too)
+    const closed = await Promise.all(
+      idle.map((s) => new Promise<boolean>((r) => {
+        const timer = setTimeout(() => r(false), 1000);
+        s.once('close', () => {
+          clearTimeout(timer);
+          r(true);
+        });
+      })),
+    );
+    assert.ok(closed.filter(Boolean).length >= 6, 'connections over the limit were closed');
+    for (const s of idle) s.destroy();
+    // the daemon sees the closes asynchronously: retry (bounded) until a slot is free
+    let c: QmpClient | null = null;
+    for (let i = 0; i < 100 && !c; i++) {
+      c = await d.client().catch(() => null);
+      if (!c) await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(c, 'a client gets in again');
+    assert.deepEqual((await c.execute('query-status')) as unknown, { status: 'running', singlestep: false, running: true });
+  });
+
   await t.test('events carry QEMU timestamps and reach every negotiated client; quit exits 0', async () => {
     const a = await d.client();
     const b = await d.client();

@@ -53,6 +53,20 @@ const HMP: Record<string, { help: string; run: Hmp }> = {
   help: { help: 'help|? [cmd] -- show the help', run: () => Object.values(HMP).map((c) => c.help + '\n').join('') },
 };
 
+/**
+ * Where the monitor's writer enters the graph for `node`: above the implicit filters that
+ * jobs insert over it (mirror_top, commit_top, copy-before-write). QEMU tracks a job's
+ * dirty ranges on the node itself, so any writer is seen; lockstep tracks them in those
+ * filters, so a writer must come in above them.
+ */
+export function entryNode(node: BlockNode): BlockNode {
+  for (;;) {
+    const above = node.parentNodes().find((p) => p.autoName && p.isOpen && p.caps.filter === true && p.file === node);
+    if (!above) return node;
+    node = above;
+  }
+}
+
 async function qemuIo(ctx: QmpContext, args: string[]): Promise<string> {
   let deviceOnly = false;
   if (args[0] === '-d') {
@@ -71,7 +85,7 @@ async function qemuIo(ctx: QmpContext, args: string[]): Promise<string> {
   }
   const runner = ctx.services.runIoCommand;
   if (!runner) return 'Error: qemu-io is not available in this build\n';
-  const backend = ctx.graph.createBackend(node, { readOnly: node.readOnly, user: false });
+  const backend = ctx.graph.createBackend(entryNode(node), { readOnly: node.readOnly, user: false });
   let out = '';
   try {
     await runner(backend, cmdline, (s) => {

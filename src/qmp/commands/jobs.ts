@@ -1,0 +1,295 @@
+// Block job commands: blockdev-backup, blockdev-mirror, drive-mirror, block-commit,
+// query-block-jobs, query-jobs, block-job-* verbs and job-* verbs. The jobs themselves are
+// src/jobs, reached through the JobsApi below (wired in src/daemon/wiring.ts); job events
+// reach the monitors through the daemon (JobManager 'event' -> EventBus).
+
+import type { BlockNode } from '../../block/node.js';
+import { InvalidArgumentError, NotFoundError, StateError } from '../../errors.js';
+import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
+import { QmpError } from '../errors.js';
+import { BLOCK_COMMIT, BLOCKDEV_BACKUP, BLOCKDEV_MIRROR, DRIVE_MIRROR } from '../schema/block.js';
+import { BLOCK_JOB_CANCEL, BLOCK_JOB_DEVICE, BLOCK_JOB_SET_SPEED, JOB_ID } from '../schema/job.js';
+import { NO_ARGS } from '../schema/misc.js';
+import { findDevice } from './blockdev.js';
+
+export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
+
+/** What the commands use of a job (src/jobs/job.ts's Job). */
+export interface Job {
+  readonly done: Promise<unknown>;
+  userCancel(force?: boolean): void;
+  pause(): void;
+  resume(): void;
+  complete(): void;
+  finalize(): Promise<void>;
+  dismiss(): void;
+  setSpeed(speed: number): void;
+}
+
+/** What the commands use of src/jobs/job.ts's JobManager. */
+export interface JobManager {
+  /** "Job not found" (NotFoundError) */
+  find(id: string): Job;
+  /** "Block job 'x' not found" (NotFoundError) */
+  findBlockJob(id: string): Job;
+  queryBlockJobs(): unknown[];
+  queryJobs(): unknown[];
+}
+
+interface CommonJobOptions {
+  jobId?: string;
+  speed?: number;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+  onSourceError?: OnError;
+  onTargetError?: OnError;
+}
+
+/** The job starters of src/jobs (startBackup, startMirror, startCommit) and the manager. */
+export interface JobsApi {
+  readonly manager: JobManager;
+  startBackup(mgr: JobManager, opts: CommonJobOptions & { source: BlockNode; target: BlockNode; sync: 'none' | 'full' | 'top' }): Promise<Job>;
+  startMirror(
+    mgr: JobManager,
+    opts: CommonJobOptions & { source: BlockNode; target: BlockNode; sync: 'none' | 'full' | 'top'; mode?: 'existing'; granularity?: number },
+  ): Promise<Job>;
+  startCommit(
+    mgr: JobManager,
+    opts: { jobId?: string; top: BlockNode; base: BlockNode; active: boolean; autoComplete?: boolean; speed?: number; onError?: OnError; autoFinalize?: boolean; autoDismiss?: boolean },
+  ): Promise<Job>;
+}
+
+function api(ctx: QmpContext): JobsApi {
+  const a = ctx.services.jobs;
+  if (!a) throw new StateError('Block jobs are not available in this build');
+  return a;
+}
+
+function jobs(ctx: QmpContext): JobManager {
+  return api(ctx).manager;
+}
+
+/** block-job-* name a job by id; QEMU answers DeviceNotActive when there is none. */
+function blockJob(ctx: QmpContext, id: string): Job {
+  try {
+    return jobs(ctx).findBlockJob(id);
+  } catch (e) {
+    if (e instanceof NotFoundError) throw new QmpError('DeviceNotActive', e.message);
+    throw e;
+  }
+}
+
+/** The device (named backend) on `node` or above it: QEMU's default block job id. */
+function deviceAbove(node: BlockNode): string | undefined {
+  const seen = new Set<BlockNode>();
+  const queue = [node];
+  while (queue.length > 0) {
+    const n = queue.shift()!;
+    if (seen.has(n)) continue;
+    seen.add(n);
+    const b = n.backends().find((x) => x.name !== undefined);
+    if (b) return b.name;
+    queue.push(...n.parentNodes());
+  }
+  return undefined;
+}
+
+/** Without job-id, QEMU names the job after the device; a bare node has none. */
+function checkJobId(args: Record<string, unknown>, node: BlockNode): void {
+  if (args['job-id'] === undefined && deviceAbove(node) === undefined) throw new InvalidArgumentError(`Invalid job ID ''`);
+}
+
+function common(args: Record<string, unknown>): {
+  jobId?: string;
+  speed?: number;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+  onSourceError?: OnError;
+  onTargetError?: OnError;
+} {
+  const o: ReturnType<typeof common> = {};
+  if (args['job-id'] !== undefined) o.jobId = args['job-id'] as string;
+  if (args.speed !== undefined) {
+    if ((args.speed as number) < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
+    o.speed = args.speed as number;
+  }
+  if (args['auto-finalize'] !== undefined) o.autoFinalize = args['auto-finalize'] as boolean;
+  if (args['auto-dismiss'] !== undefined) o.autoDismiss = args['auto-dismiss'] as boolean;
+  if (args['on-source-error'] !== undefined) o.onSourceError = args['on-source-error'] as OnError;
+  if (args['on-target-error'] !== undefined) o.onTargetError = args['on-target-error'] as OnError;
+  return o;
+}
+
+function refuse(args: Record<string, unknown>, names: string[]): void {
+  for (const n of names) {
+    const v = args[n];
+    if (v !== undefined && v !== false) throw new InvalidArgumentError(`Parameter '${n}' is not supported by lockstep`);
+  }
+}
+
+/** QEMU mirrors only root nodes (a node with node parents would see its parents bypassed). */
+function checkRoot(node: BlockNode): void {
+  if (node.parentNodes().length > 0) throw new InvalidArgumentError('Need a root block node');
+}
+
+/** QEMU's granularity checks and messages (0 means the default). */
+function granularity(args: Record<string, unknown>): { granularity?: number } {
+  const g = args.granularity as number | undefined;
+  if (g === undefined || g === 0) return {};
+  if (g < 512 || g > 64 * 1024 * 1024) throw new InvalidArgumentError(`Parameter 'granularity' expects a value in range [512B, 64MB]`);
+  if ((g & (g - 1)) !== 0) throw new InvalidArgumentError(`Parameter 'granularity' expects a power of 2`);
+  return { granularity: g };
+}
+
+function checkSync(sync: string): 'full' | 'top' | 'none' {
+  if (sync === 'incremental' || sync === 'bitmap') throw new InvalidArgumentError(`Sync mode '${sync}' is not supported by lockstep (no persistent dirty bitmaps)`);
+  return sync as 'full' | 'top' | 'none';
+}
+
+/**
+ * drive-mirror's target: a filename, `nbd://HOST[:PORT]/EXPORT` or
+ * `nbd+unix:///EXPORT?socket=PATH`, opened as a node of `format` (raw by default).
+ */
+export function driveTargetOptions(target: string, format: string | undefined, nodeName: string | undefined): Record<string, unknown> {
+  let file: Record<string, unknown>;
+  const m = /^nbd:\/\/(\[[^\]]+\]|[^/:]+)(?::(\d+))?(?:\/(.*))?$/.exec(target);
+  const u = /^nbd\+unix:\/\/\/([^?]*)\?socket=(.+)$/.exec(target);
+  if (m) {
+    const host = m[1]!.replace(/^\[|\]$/g, '');
+    file = { driver: 'nbd', server: { type: 'inet', host, port: m[2] ?? '10809' }, export: decodeURIComponent(m[3] ?? '') };
+  } else if (u) {
+    file = { driver: 'nbd', server: { type: 'unix', path: decodeURIComponent(u[2]!) }, export: decodeURIComponent(u[1]!) };
+  } else if (/^[a-z+]+:\/\//.test(target)) {
+    throw new InvalidArgumentError(`Unsupported target URI '${target}' (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH or a file name)`);
+  } else {
+    file = { driver: 'file', filename: target };
+  }
+  return { driver: format ?? 'raw', file, ...(nodeName !== undefined ? { 'node-name': nodeName } : {}) };
+}
+
+/** Closes an implicit node (drive-mirror's target) once its job has ended and let it go. */
+function releaseWhenDone(ctx: QmpContext, job: Job, node: BlockNode): void {
+  void job.done.then(
+    () => ctx.graph.collect(node),
+    () => ctx.graph.collect(node),
+  );
+}
+
+async function driveMirror(ctx: QmpContext, args: Record<string, unknown>): Promise<void> {
+  const source = ctx.graph.find(args.device as string);
+  checkRoot(source);
+  refuse(args, ['replaces', 'filter-node-name', 'buf-size']);
+  const mode = (args.mode as string | undefined) ?? 'absolute-paths';
+  if (mode !== 'existing') {
+    throw new InvalidArgumentError(`drive-mirror mode '${mode}' (create the target image) is not supported by lockstep: create the target and use mode=existing`);
+  }
+  if (args['copy-mode'] === 'write-blocking') throw new InvalidArgumentError(`copy-mode 'write-blocking' is not supported by lockstep`);
+  const sync = checkSync(args.sync as string);
+  checkJobId(args, source);
+  const target = await ctx.graph.open(driveTargetOptions(args.target as string, args.format as string | undefined, args['node-name'] as string | undefined));
+  let job: Job;
+  try {
+    job = await api(ctx).startMirror(jobs(ctx), {
+      ...common(args),
+      source,
+      target,
+      sync,
+      mode: 'existing',
+      ...granularity(args),
+    });
+  } catch (e) {
+    ctx.graph.collect(target);
+    await ctx.graph.settle();
+    throw e;
+  }
+  releaseWhenDone(ctx, job, target);
+}
+
+function resolveLayer(chainTop: BlockNode, nodeName: unknown, filename: unknown, what: 'top' | 'base', ctx: QmpContext): BlockNode | null {
+  if (nodeName !== undefined && filename !== undefined) throw new InvalidArgumentError(`'${what}' and '${what}-node' are mutually exclusive`);
+  if (nodeName !== undefined) return ctx.graph.find(nodeName as string);
+  if (filename !== undefined) {
+    for (let n: BlockNode | null = chainTop; n; n = n.backing ?? n.filtered) {
+      if (n.filename === filename || n.file?.filename === filename) return n;
+    }
+    throw new InvalidArgumentError(`${what === 'top' ? 'Top' : 'Base'} image file ${String(filename)} not found`);
+  }
+  return null;
+}
+
+async function blockCommit(ctx: QmpContext, args: Record<string, unknown>): Promise<void> {
+  const device = findDevice(ctx, args.device as string);
+  checkRoot(device);
+  checkJobId(args, device);
+  refuse(args, ['backing-file', 'filter-node-name']);
+  const top = resolveLayer(device, args['top-node'], args.top, 'top', ctx) ?? device;
+  let base = resolveLayer(device, args['base-node'], args.base, 'base', ctx);
+  if (!base) {
+    base = top;
+    for (let n = top.backing ?? top.filtered; n; n = n.backing ?? n.filtered) base = n;
+  }
+  await api(ctx).startCommit(jobs(ctx), {
+    ...(args['job-id'] !== undefined ? { jobId: args['job-id'] as string } : {}),
+    top,
+    base,
+    active: top === device,
+    autoComplete: false,
+    ...(args.speed !== undefined ? { speed: args.speed as number } : {}),
+    ...(args['on-error'] !== undefined ? { onError: args['on-error'] as OnError } : {}),
+    ...(args['auto-finalize'] !== undefined ? { autoFinalize: args['auto-finalize'] as boolean } : {}),
+    ...(args['auto-dismiss'] !== undefined ? { autoDismiss: args['auto-dismiss'] as boolean } : {}),
+  });
+}
+
+export const jobCommands: readonly QmpCommand[] = [
+  command('blockdev-backup', BLOCKDEV_BACKUP, async (ctx, args) => {
+    const source = ctx.graph.find(args.device as string);
+    const target = ctx.graph.find(args.target as string);
+    refuse(args, ['bitmap', 'compress', 'filter-node-name', 'x-perf']);
+    checkJobId(args, source);
+    await api(ctx).startBackup(jobs(ctx), { ...common(args), source, target, sync: checkSync(args.sync as string) });
+  }),
+  command('blockdev-mirror', BLOCKDEV_MIRROR, async (ctx, args) => {
+    const source = ctx.graph.find(args.device as string);
+    const target = ctx.graph.find(args.target as string);
+    checkRoot(source);
+    refuse(args, ['replaces', 'filter-node-name', 'buf-size']);
+    checkJobId(args, source);
+    if (args['copy-mode'] === 'write-blocking') throw new InvalidArgumentError(`copy-mode 'write-blocking' is not supported by lockstep`);
+    await api(ctx).startMirror(jobs(ctx), {
+      ...common(args),
+      source,
+      target,
+      sync: checkSync(args.sync as string),
+      mode: 'existing',
+      ...granularity(args),
+    });
+  }),
+  command('drive-mirror', DRIVE_MIRROR, (ctx, args) => driveMirror(ctx, args)),
+  command('block-commit', BLOCK_COMMIT, (ctx, args) => blockCommit(ctx, args)),
+  command('query-block-jobs', NO_ARGS, (ctx) => jobs(ctx).queryBlockJobs()),
+  command('query-jobs', NO_ARGS, (ctx) => jobs(ctx).queryJobs()),
+  command('block-job-cancel', BLOCK_JOB_CANCEL, (ctx, args) => {
+    blockJob(ctx, args.device as string).userCancel((args.force as boolean | undefined) ?? false);
+  }),
+  command('block-job-complete', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).complete()),
+  command('block-job-pause', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).pause()),
+  command('block-job-resume', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).resume()),
+  command('block-job-set-speed', BLOCK_JOB_SET_SPEED, (ctx, args) => {
+    const job = blockJob(ctx, args.device as string);
+    if ((args.speed as number) < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
+    job.setSpeed(args.speed as number);
+  }),
+  command('block-job-finalize', JOB_ID, async (ctx, args) => {
+    await blockJob(ctx, args.id as string).finalize();
+  }),
+  command('block-job-dismiss', JOB_ID, (ctx, args) => blockJob(ctx, args.id as string).dismiss()),
+  command('job-cancel', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).userCancel(false)),
+  command('job-pause', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).pause()),
+  command('job-resume', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).resume()),
+  command('job-complete', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).complete()),
+  command('job-dismiss', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).dismiss()),
+  command('job-finalize', JOB_ID, async (ctx, args) => {
+    await jobs(ctx).find(args.id as string).finalize();
+  }),
+];
