@@ -207,7 +207,7 @@ async function scenario(primaryKind: Kind, secondaryKind: Kind, opts: { killPrim
   return { sdisk: p.sdisk };
 }
 
-describe('replication between QEMU 7.2 and lockstep', { skip: !haveTools && 'qemu-system-x86_64 is not installed' }, () => {
+describe('replication between QEMU 7.2 and lockstep', { skip: !haveTools && 'qemu-system-x86_64 is not installed', timeout: 120_000 }, () => {
   const results: Record<string, Outcome> = {};
 
   test('QEMU primary -> lockstep secondary', async () => {

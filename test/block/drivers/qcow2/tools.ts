@@ -33,9 +33,9 @@ export interface QemuCheck {
   'allocated-clusters'?: number;
 }
 
-/** qemu-img check --output=json (exit status 2/3 mean corruptions/leaks: still JSON). */
+/** qemu-img check -U --output=json (-U: the image may be open here; exit 2/3: still JSON). */
 export function qemuCheck(path: string): QemuCheck {
-  const r = run('qemu-img', ['check', '--output=json', path], { allowFail: true });
+  const r = run('qemu-img', ['check', '-U', '--output=json', path], { allowFail: true });
   if (r.status !== 0 && r.status !== 2 && r.status !== 3) throw new Error(`qemu-img check failed (${r.status}): ${r.stderr}`);
   return JSON.parse(r.stdout) as QemuCheck;
 }
