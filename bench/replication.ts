@@ -81,8 +81,8 @@ async function dirty(side: Side, clusters: number): Promise<void> {
   // one 4 KiB write in each of `clusters` distinct 64 KiB clusters, through the export
   const step = Math.floor((SIZE_MIB * MiB) / (64 * 1024) / clusters) * 64 * 1024;
   sh('fio', [
-    '--name=dirty', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${side.port}/parent0`, '--rw=write', '--bs=4k',
-    `--zoneskip=${step - 4096}`, `--zonesize=4k`, `--number_ios=${clusters}`, '--iodepth=16', `--size=${SIZE_MIB}M`,
+    '--name=dirty', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${side.port}/parent0`, `--rw=write:${step - 4096}`, '--bs=4k',
+    `--number_ios=${clusters}`, '--iodepth=16', `--size=${SIZE_MIB}M`,
   ]);
 }
 
