@@ -60,7 +60,10 @@ export class BlockGraph extends EventEmitter {
 
   /** A node by node-name, or the root node of a named backend (QEMU's bdrv_lookup_bs). */
   lookup(name: string): BlockNode | null {
-    return this.nodes.get(name) ?? this.backends.get(name)?.node ?? null;
+    const n = this.nodes.get(name);
+    // a node still being opened has its name reserved but is not visible yet
+    if (n) return n.isOpen ? n : null;
+    return this.backends.get(name)?.node ?? null;
   }
 
   /** Like lookup, with QEMU's message when nothing matches. */
@@ -73,7 +76,7 @@ export class BlockGraph extends EventEmitter {
   /** A node by node-name only. */
   getNode(name: string): BlockNode {
     const n = this.nodes.get(name);
-    if (!n) throw new NotFoundError(`Cannot find node-name='${name}'`);
+    if (!n || !n.isOpen) throw new NotFoundError(`Cannot find node-name='${name}'`);
     return n;
   }
 

@@ -103,7 +103,10 @@ export class Daemon {
   async start(): Promise<void> {
     try {
       await this.deps.setup?.(this);
-      for (const item of this.opts.items) {
+      // Monitors open last: QEMU answers no command before start-up is complete, and a client
+      // must never see a node whose open is still in progress.
+      const items = [...this.opts.items.filter((i) => i.kind !== 'monitor'), ...this.opts.items.filter((i) => i.kind === 'monitor')];
+      for (const item of items) {
         switch (item.kind) {
           case 'object': {
             const obj = this.objects.add(item.options);

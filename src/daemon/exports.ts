@@ -116,6 +116,22 @@ export class ExportTable {
     this.log.info('NBD server listening', { addresses: bound.map(describeAddress), tls: tls ? tls.id : null });
   }
 
+  /** Adds a listener to the running server (lockstep's x-nbd-server-listen). */
+  async addListener(addr: ListenAddress): Promise<void> {
+    const server = this.server;
+    if (!server) throw new StateError('NBD server not running');
+    if (addr.type === 'inet' && !isLoopbackHost(addr.host) && !this.insecure) {
+      throw new InvalidArgumentError(`Refusing to listen on ${describeAddress(addr)} without TLS (use --insecure)`);
+    }
+    try {
+      const b = await server.listen(addr);
+      this.serverAddresses.push(addr.type === 'inet' && isInet(b) ? { type: 'inet', host: addr.host, port: b.port } : addr);
+    } catch (e) {
+      throw new InvalidArgumentError(`Failed to listen on ${describeAddress(addr)}: ${(e as Error).message}`);
+    }
+    this.log.info('NBD server listening', { addresses: this.serverAddresses.map(describeAddress) });
+  }
+
   async stopNbd(): Promise<void> {
     const server = this.server;
     if (!server) throw new StateError('NBD server not running');

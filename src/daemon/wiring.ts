@@ -1,47 +1,56 @@
-// The one place where the daemon picks up the parts built elsewhere (NBD server, jobs, the
-// qemu-io engine, qcow2 creation; replication joins here: a command group in deps.commands
-// and its manager created in setup).
+// The one place where the daemon picks up the parts built elsewhere: the NBD server, the
+// block jobs, the qemu-io engine, qcow2 creation and the replication commands.
 
-import { JobManager } from '../jobs/job.js';
-import { jobManagerOf } from '../replication/jobs.js';
+import type { DaemonDeps } from './daemon.js';
+import type { Logger } from './log.js';
+import type { NbdServerApi, NbdServerConfig } from './exports.js';
+import { replicationCommands } from '../qmp/commands/replication.js';
+import type { JobsApi } from '../qmp/commands/jobs.js';
+import { NbdServer } from '../nbd/server/server.js';
+import { serverTlsConfig } from '../nbd/tls.js';
+import { runIoCommand } from '../cli/io-commands.js';
+import { createQcow2 } from '../block/drivers/qcow2/create.js';
 import { startBackup } from '../jobs/backup.js';
 import { startMirror } from '../jobs/mirror.js';
 import { startCommit } from '../jobs/commit.js';
-import { runIoCommand } from '../cli/io-commands.js';
-import { NbdServer } from '../nbd/server/server.js';
-import { serverTlsConfig } from '../nbd/tls.js';
-import { createQcow2 } from '../block/drivers/qcow2/create.js';
-import { replicationCommands } from '../qmp/commands/replication.js';
-import type { DaemonDeps } from './daemon.js';
-import type { Logger } from './log.js';
+import { jobManagerOf } from '../replication/jobs.js';
+import { errorMessage } from '../errors.js';
 
 export interface Wiring {
   deps: DaemonDeps;
   createQcow2: ((filename: string, size: number) => Promise<void>) | null;
 }
 
+function nbdFactory(log: Logger) {
+  return (cfg: NbdServerConfig): NbdServerApi => {
+    const server = new NbdServer({
+      graph: cfg.graph,
+      ...(cfg.maxConnections !== undefined ? { maxConnections: cfg.maxConnections } : {}),
+      ...(cfg.tls ? { tls: serverTlsConfig(cfg.tls as Parameters<typeof serverTlsConfig>[0]) } : {}),
+      log: (msg: string) => log.debug(msg),
+    } as ConstructorParameters<typeof NbdServer>[0]);
+    return server as unknown as NbdServerApi;
+  };
+}
+
 export function wire(log: Logger): Wiring {
   return {
     deps: {
       log,
-      nbdFactory: (cfg) =>
-        new NbdServer({
-          graph: cfg.graph,
-          ...(cfg.maxConnections !== undefined ? { maxConnections: cfg.maxConnections } : {}),
-          ...(cfg.tls ? { tls: serverTlsConfig(cfg.tls) } : {}),
-          log: (msg) => log.warn('nbd', { detail: msg }),
-        }),
+      nbdFactory: nbdFactory(log),
       commands: [replicationCommands],
-      services: { runIoCommand },
+      services: { runIoCommand: (backend, line, out) => runIoCommand(backend, line, out) },
       setup: (d) => {
-        // the graph's one job manager, shared with replication (graph.services 'jobs')
-        const mgr = jobManagerOf(d.graph);
-        mgr.on('event', (name: string, data: Record<string, unknown>) => d.events.emitEvent(name, data));
-        d.services.jobs = { manager: mgr, startBackup, startMirror, startCommit };
+        // one job manager per graph, shared with replication's internal jobs
+        const manager = jobManagerOf(d.graph);
+        manager.on('event', (name: string, data: Record<string, unknown>) => d.events.emitEvent(name, data));
+        const api = { manager, startBackup, startMirror, startCommit } as unknown as JobsApi;
+        d.services.jobs = api;
       },
       beforeClose: async (d) => {
-        const mgr = d.services.jobs?.manager;
-        if (mgr instanceof JobManager) await mgr.cancelAll();
+        await jobManagerOf(d.graph)
+          .cancelAll()
+          .catch((e: unknown) => log.error('cancelling jobs', { error: errorMessage(e) }));
       },
     },
     createQcow2: (filename, size) => createQcow2(filename, { size }),

@@ -219,18 +219,21 @@ export class PairSupervisor extends EventEmitter {
   private async serve(side: Side, node: string): Promise<void> {
     const o = this.opts;
     const q = side.qmp;
-    const addrs: Array<Record<string, unknown>> = [];
+    const addrs: Array<{ type: 'unix' | 'inet'; data: Record<string, string> }> = [];
     if (o.nbdSocket) {
       rmSync(o.nbdSocket, { force: true });
-      addrs.push({ type: 'unix', path: o.nbdSocket });
+      addrs.push({ type: 'unix', data: { path: o.nbdSocket } });
     }
-    if (o.nbdPort) addrs.push({ type: 'inet', host: o.nbdHost ?? '127.0.0.1', port: String(o.nbdPort) });
+    if (o.nbdPort) addrs.push({ type: 'inet', data: { host: o.nbdHost ?? '127.0.0.1', port: String(o.nbdPort) } });
     this.serving = [];
     for (const [i, addr] of addrs.entries()) {
-      // one NBD server per daemon: the first address starts it, others are added as listeners
-      if (i === 0) await q.execute('nbd-server-start', { addr });
-      else await q.execute('x-nbd-server-listen', { addr }).catch((e: unknown) => o.log('warn', `cannot also listen on ${JSON.stringify(addr)}: ${errorMessage(e)}`));
-      this.serving.push(addr.type === 'unix' ? `nbd+unix:///${EXPORT_NAME}?socket=${String(addr.path)}` : `nbd://${String(addr.host)}:${String(addr.port)}/${EXPORT_NAME}`);
+      // one NBD server per daemon: the first address starts it, the others are added to it
+      await q.execute(i === 0 ? 'nbd-server-start' : 'x-nbd-server-listen', { addr });
+      this.serving.push(
+        addr.type === 'unix'
+          ? `nbd+unix:///${EXPORT_NAME}?socket=${addr.data.path}`
+          : `nbd://${addr.data.host}:${addr.data.port}/${EXPORT_NAME}`,
+      );
     }
     await q.execute('block-export-add', { type: 'nbd', id: EXPORT_NAME, 'node-name': node, name: EXPORT_NAME, writable: true });
   }

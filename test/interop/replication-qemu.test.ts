@@ -172,7 +172,7 @@ async function scenario(primaryKind: Kind, secondaryKind: Kind, opts: { killPrim
     assert.equal(cmp.status, 0, `after the checkpoint the disks differ: ${cmp.out}`);
 
     // after the checkpoint: both sides write, partly to the same range
-    await secondary.io('childs0', 'write -P 0x55 30720k 1M');
+    await secondary.io('childs0', 'write -P 0x55 31232k 1M');
     if (opts.killPrimary) {
       const burst = [];
       for (let i = 0; i < 16; i++) burst.push(primary.io('colo-disk0', `write -P 0x66 ${40 + i}M 1M`).catch(() => ''));

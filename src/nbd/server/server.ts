@@ -9,7 +9,9 @@
 //   await server.removeExport('disk0', 'hard');       // drops its clients, waits for their requests
 //   await server.close();                             // stops listening, drains every connection
 //
-// Each export holds a named user Backend (graph.createBackend(node, { name, readOnly, user: true })),
+// Each export holds a user Backend (graph.createBackend(node, { readOnly, user: true })): it
+// counts as a block backend for replication, but export names are their own namespace (as in
+// QEMU, an export may share its name with a node), so the backend is not registered by name;
 // released when the export is removed. Errors of the Backend (fenced writes: EIO) reach the
 // client through nbd/errno.ts.
 
@@ -159,7 +161,7 @@ export class NbdServer implements HandshakeHost {
     const writable = opts.writable ?? false;
     if (writable && node.readOnly) throw new InvalidArgumentError(`Cannot export node '${node.name}' writable: it is read-only`);
     const multiConn = opts.multiConn === 'on' || ((opts.multiConn ?? 'auto') === 'auto' && !writable);
-    const backend = this.graph.createBackend(node, { name: opts.name, readOnly: !writable, user: true });
+    const backend = this.graph.createBackend(node, { readOnly: !writable, user: true });
     const exp = new NbdExport(opts.name, description, backend, writable, multiConn);
     this.exportMap.set(opts.name, exp);
     return exp.info();

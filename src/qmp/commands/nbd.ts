@@ -31,6 +31,13 @@ export const nbdCommands: readonly QmpCommand[] = [
       ...(args['max-connections'] !== undefined ? { maxConnections: args['max-connections'] as number } : {}),
     });
   }),
+  // lockstep extension: one more listener for the running server (a Unix socket and a TCP
+  // port at once, as `lockstep pair` serves the disk)
+  command('x-nbd-server-listen', { addr: NBD_SERVER_START.addr! }, async (ctx, args) => {
+    const addr = args.addr as { type: string; data: Record<string, unknown> };
+    await ctx.exports.addListener(toListenAddress(addr.type, addr.data));
+    return {};
+  }),
   command('nbd-server-add', NBD_SERVER_ADD, (ctx, args) => {
     if (args.bitmap !== undefined) throw new InvalidArgumentError(`Bitmap '${args.bitmap}' is not found`);
     const device = args.device as string;

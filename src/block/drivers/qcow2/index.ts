@@ -153,8 +153,11 @@ export const qcow2Driver: BlockDriver = {
     if (!hasBacking) backing = await openHeaderBacking(ctx, h, file);
     else backing = await ctx.openChild('backing', backingOpt, { readOnly: true });
     if (backing) {
-      const b = backing;
-      img.backing = { length: () => b.getLength(), read: (off, len) => b.read(off, len) };
+      // The backing edge can be re-pointed after open (an intermediate commit makes it point
+      // at the base), so the current child is read at request time.
+      const node = ctx.node;
+      const current = (): BlockNode => node.backing ?? backing;
+      img.backing = { length: () => current().getLength(), read: (off, len) => current().read(off, len) };
     }
 
     const v3 = h.version === 3;
