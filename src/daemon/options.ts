@@ -3,7 +3,7 @@
 // that start-up only acts on well-formed items, in command-line order.
 
 import { InvalidArgumentError } from '../errors.js';
-import { parseKeyval } from './keyval-local.js';
+import { parseOptionString } from '../util/keyval.js';
 import { BLOCK_EXPORT_ADD, NBD_SERVER_OPTIONS } from '../qmp/schema/nbd.js';
 import { OBJECT_ADD } from '../qmp/schema/misc.js';
 import { checkValue, coerceStrings, enumOf, validateArguments, type Fields } from '../qmp/schema/types.js';
@@ -99,9 +99,8 @@ const MONITOR: Fields = { chardev: 'str', '*mode': enumOf('control', 'readline')
 
 function parseItem(option: string, text: string, implied: string | undefined, schema: Fields | Parameters<typeof checkValue>[0]): Record<string, unknown> {
   try {
-    const raw = parseKeyval(text, implied);
-    const isJson = /^\s*(\{|json:)/.test(text);
-    const typed = (isJson ? raw : coerceStrings(schema, raw)) as Record<string, unknown>;
+    const parsed = parseOptionString(text, implied !== undefined ? { impliedKey: implied } : {});
+    const typed = (parsed.keyval ? coerceStrings(schema, parsed.dict) : parsed.dict) as Record<string, unknown>;
     validateArguments(schema, typed);
     return typed;
   } catch (e) {
@@ -135,9 +134,8 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
     }
     switch (arg) {
       case '--blockdev': {
-        const isJson = /^\s*(\{|json:)/.test(value!);
-        const options = parseKeyval(value!);
-        o.items.push({ kind: 'blockdev', options, keyval: !isJson });
+        const parsed = parseOptionString(value!);
+        o.items.push({ kind: 'blockdev', options: parsed.dict, keyval: parsed.keyval });
         break;
       }
       case '--nbd-server':

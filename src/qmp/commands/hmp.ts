@@ -9,7 +9,7 @@
 import type { Backend } from '../../block/backend.js';
 import type { BlockNode } from '../../block/node.js';
 import { errorMessage } from '../../errors.js';
-import { parseKeyval } from '../../daemon/keyval-local.js';
+import { parseOptionString } from '../../util/keyval.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { HUMAN_MONITOR_COMMAND } from '../schema/misc.js';
 import { filenameOf } from './blockdev.js';
@@ -102,9 +102,9 @@ async function qemuIo(ctx: QmpContext, args: string[]): Promise<string> {
 async function driveAdd(ctx: QmpContext, args: string[]): Promise<string> {
   if (args[0] !== '-n') return 'drive_add without -n is not supported: lockstep has no guest devices to attach a drive to\n';
   if (args.length !== 3) return 'drive_add: expected -n BUDDY OPTIONS\n';
-  const opts = parseKeyval(args[2]!);
-  if (typeof opts['node-name'] !== 'string') return "'node-name' needs to be specified\n";
-  const node = await ctx.graph.open(opts, { keyval: true, monitorOwned: true });
+  const { dict, keyval } = parseOptionString(args[2]!);
+  if (typeof dict['node-name'] !== 'string') return "'node-name' needs to be specified\n";
+  const node = await ctx.graph.open(dict, { keyval, monitorOwned: true });
   ctx.log.info('node added', { node: node.name, driver: node.driver.name, via: 'drive_add' });
   return '';
 }
