@@ -21,7 +21,7 @@ import { tempDir } from '../helpers/graph.js';
 import { bridgeDriver } from '../helpers/bridge-driver.js';
 
 const SIZE = 2 * 1024 * 1024;
-const RUNS = Number(process.env.LOCKSTEP_MODEL_RUNS ?? 120);
+const RUNS = Number(process.env.LOCKSTEP_MODEL_RUNS ?? 250);
 const STEPS = 14;
 
 /** mulberry32: small, seedable, good enough for test sequences */
