@@ -2,6 +2,7 @@
 // (-f FMT, probing, json: filenames, --image-opts), qemu-img's error line, image sizes,
 // the qcow2 library (loaded lazily: it lives in the qcow2 driver's folder), progress.
 
+import type { CreateQcow2Options } from '../../block/drivers/qcow2/create.js';
 import { stat } from 'node:fs/promises';
 import { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
@@ -146,16 +147,7 @@ export class Progress {
 export interface Qcow2Lib {
   createQcow2(
     filename: string,
-    opts: {
-      size: number;
-      clusterSize?: number;
-      backingFile?: string;
-      backingFormat?: string;
-      lazyRefcounts?: boolean;
-      refcountBits?: number;
-      compat?: '0.10' | '1.1';
-      preallocation?: 'off' | 'metadata';
-    },
+    opts: CreateQcow2Options,
   ): Promise<void>;
   checkQcow2(filename: string, opts?: { repair?: 'leaks' | 'all' }): Promise<Record<string, unknown>>;
 }
