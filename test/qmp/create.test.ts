@@ -87,11 +87,17 @@ class Transcript {
   }
 }
 
-async function startQemu(dir: string): Promise<{ path: string; proc: ChildProcess }> {
+/** QEMU's system emulator without a machine, or qemu-storage-daemon: the two answer alike. */
+async function startQemu(dir: string, kind: 'system' | 'qsd'): Promise<{ path: string; proc: ChildProcess }> {
   const path = join(dir, 'qemu.qmp');
-  const proc = spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `unix:${path},server=on,wait=off`], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const proc =
+    kind === 'system'
+      ? spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `unix:${path},server=on,wait=off`], {
+          stdio: ['ignore', 'ignore', 'pipe'],
+        })
+      : spawn('qemu-storage-daemon', ['--chardev', `socket,id=m0,path=${path},server=on,wait=off`, '--monitor', 'chardev=m0'], {
+          stdio: ['ignore', 'ignore', 'pipe'],
+        });
   for (let i = 0; i < 200 && !existsSync(path); i++) await new Promise((r) => setTimeout(r, 50));
   return { path, proc };
 }
@@ -185,6 +191,11 @@ function conversation(): Msg[] {
     create('x', { driver: 'qcow2', file: 'f', size: 1, 'backing-fmt': 'rawx' }),
     create('x', { driver: 'qcow2', file: 'f', size: 1, 'refcount-bits': '16' }),
     create('x', { driver: 'qcow2', file: 'f', size: 1, 'lazy-refcounts': 1, bogus: 2 }),
+    // several strangers: QEMU names the first in GLib's hash order, through table resizes
+    create('x', { driver: 'qcow2', file: 'f', size: 1, version: 'v3', 'cluster-size': 65536, 'lazy-refcounts': false, 'refcount-bits': 16, preallocation: 'off', 'compression-type': 'zlib', 'extended-l2': false, 'data-file-raw': false, zz: 1, yy: 2 }),
+    create('x', { driver: 'file', filename: 'f', size: 1, a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8, i: 9 }),
+    create('x', { driver: 'file', filename: 'f', size: 1 }, { a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7 }),
+    create('x', { driver: 'raw', 'node-name': 1, file: 2, 'read-only': 3, cache: 4, discard: 5, 'detect-zeroes': 6, 'auto-read-only': 7, 'force-share': 8 }),
     create('1x', { driver: 'file', filename: '$D/y.raw', size: 0 }),
     { execute: 'query-jobs' },
   ];
@@ -227,18 +238,26 @@ function prepare(dir: string): void {
 const FILES = ['a.qcow2', 'other', 'big.raw', 'odd.raw', 'fa.raw', 'm.raw', 'h.raw', 'e.raw', 'old.raw', 'v2.qcow2', 'meta.qcow2'];
 
 test('blockdev-create: the same conversation gives the same messages and files as QEMU 7.2', async (t) => {
-  if (!requireTool(t, 'qemu-system-x86_64', ['--version']) || !requireTool(t, 'qemu-img', ['--version'])) return;
+  if (!requireTool(t, 'qemu-system-x86_64', ['--version']) || !requireTool(t, 'qemu-storage-daemon', ['--version']) || !requireTool(t, 'qemu-img', ['--version'])) {
+    return;
+  }
   const root = tempDir(t);
   const qdir = join(root, 'q');
+  const sdir = join(root, 's');
   const ldir = join(root, 'l');
-  prepare(qdir);
-  prepare(ldir);
+  for (const dir of [qdir, sdir, ldir]) prepare(dir);
 
-  const qemu = await startQemu(qdir);
-  t.after(() => {
-    if (qemu.proc.exitCode === null) qemu.proc.kill('SIGKILL');
-  });
-  const theirs = await converse(qemu.path, qdir);
+  const conversations: Msg[][][] = [];
+  for (const [kind, dir] of [['system', qdir], ['qsd', sdir]] as const) {
+    const qemu = await startQemu(dir, kind);
+    try {
+      conversations.push(await converse(qemu.path, dir));
+    } finally {
+      qemu.proc.kill('SIGKILL');
+    }
+  }
+  const [theirs, qsd] = conversations as [Msg[][], Msg[][]];
+  assert.deepEqual(qsd, theirs, 'qemu-storage-daemon and qemu-system-x86_64 agree');
 
   const d = await startDaemon(t, ldir, []);
   const ours = await converse(d.qmpPath, ldir);
@@ -278,6 +297,26 @@ test('an image created over QMP serves I/O as a qcow2 node', async (t) => {
   await c.execute('job-dismiss', { id: 'c2' });
   assert.deepEqual(await c.execute('query-jobs'), []);
 
+  // drivers QEMU can create with and lockstep cannot: said plainly, nothing started
+  await assert.rejects(c.execute('blockdev-create', { 'job-id': 'v', options: { driver: 'vdi', file: 'f1', size: MiB } }), {
+    desc: "Block driver 'vdi' not found or not supported",
+  });
+  // options QEMU has and lockstep does not: the job fails before touching the node
+  const before = readFileSync(img);
+  await c.execute('blockdev-create', { 'job-id': 'p', options: { driver: 'qcow2', file: 'f1', size: MiB, preallocation: 'full' } });
+  await done('p');
+  assert.deepEqual(await c.execute('query-jobs'), [
+    {
+      id: 'p',
+      type: 'create',
+      status: 'concluded',
+      'current-progress': 1,
+      'total-progress': 1,
+      error: "Preallocation mode 'full' of qcow2 images is not supported by lockstep (use off or metadata)",
+    },
+  ]);
+  await c.execute('job-dismiss', { id: 'p' });
+  assert.ok(readFileSync(img).equals(before), 'the image is untouched');
   await c.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'disk', file: 'f1' });
   const nodes = (await c.execute('query-named-block-nodes', { flat: true })) as Array<{ 'node-name': string; image: Msg }>;
   assert.equal(nodes.find((n) => n['node-name'] === 'disk')!.image['virtual-size'], 16 * MiB);
