@@ -161,6 +161,8 @@ function conversation(): Msg[] {
     ...run('qe', { driver: 'qcow2', file: 'e1', size: MiB, 'compression-type': 'zstd', version: 'v2' }),
     ...run('qf', { driver: 'qcow2', file: 'e1', size: MiB, 'data-file-raw': true }),
     ...run('qg', { driver: 'qcow2', file: 'e1', size: -512 }),
+    ...run('qi', { driver: 'qcow2', file: 'e1', size: 2 ** 52 }),
+    ...run('qj', { driver: 'qcow2', file: 'e1', size: MiB, 'backing-file': 'x'.repeat(1024) }),
     { execute: 'blockdev-del', arguments: { 'node-name': 'e1' } },
     { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'ro', filename: '$D/e.raw', 'read-only': true } },
     ...run('qh', { driver: 'qcow2', file: 'ro', size: MiB }),

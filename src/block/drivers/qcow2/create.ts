@@ -8,7 +8,7 @@
 // host-file entry point (qemu-img create). Neither empties the file first: like QEMU, bytes
 // past what the image writes stay as they were.
 
-import { BlockError, InvalidArgumentError } from '../../../errors.js';
+import { BlockError, InvalidArgumentError, isBlockError } from '../../../errors.js';
 import { newHeader } from './header.js';
 import { FsHostFile, type HostFile } from './host-file.js';
 import { Qcow2Image } from './image.js';
@@ -25,6 +25,8 @@ export interface CreateQcow2Options {
   preallocation?: 'off' | 'metadata';
 }
 
+/** QEMU's BDRV_MAX_LENGTH: the largest request end it accepts */
+const MAX_LENGTH = 9223372035781033984;
 /** QEMU's limit on a backing file name in the header. */
 const MAX_BACKING_NAME = 1023;
 
@@ -99,10 +101,13 @@ export async function formatQcow2(file: HostFile, opts: CreateQcow2Options): Pro
   await img.load();
   try {
     if (size < 0) throw new InvalidArgumentError('Image size cannot be negative');
-    if (!Number.isSafeInteger(size)) throw new BlockError('EFBIG', `offset(${BigInt(size)}) exceeds maximum(9223372035781033984)`);
+    if (size > MAX_LENGTH) throw new InvalidArgumentError(`offset(${BigInt(size)}) exceeds maximum(${MAX_LENGTH})`);
+    if (!Number.isSafeInteger(size)) throw new BlockError('EFBIG');
     await img.setSize(size);
   } catch (e) {
-    throw new InvalidArgumentError(`Could not resize image: ${(e as Error).message}`, { cause: e });
+    // the L1 table limit is QEMU's too (32 MiB), and so is its message
+    const msg = isBlockError(e, 'EFBIG') ? 'Failed to grow the L1 table: File too large' : (e as Error).message;
+    throw new InvalidArgumentError(`Could not resize image: ${msg}`, { cause: e });
   }
   if (opts.backingFile !== undefined) {
     if (Buffer.byteLength(opts.backingFile) > MAX_BACKING_NAME) {
