@@ -68,8 +68,8 @@ export const CREATE_DRIVERS: readonly string[] = ['file', 'qcow2'];
 
 const MiB = 1024 * 1024;
 const UINT32_MAX = 0xffffffff;
-/** QEMU's own file creation zeroes in chunks of this size (preallocation=full) */
-const ZERO_CHUNK = 64 * 1024;
+/** preallocation=full writes zeroes in chunks of this size (QEMU: 64 KiB; same bytes) */
+const ZERO_CHUNK = MiB;
 
 /** glibc's strerror() texts for the errors a file creation meets. */
 const HOST_STRERROR: Record<string, string> = {
@@ -165,7 +165,7 @@ export class CreateJob extends Job {
     try {
       // empty it first, as QEMU does, so that no old data stays below the new size
       await truncateFile(fh, 0);
-      await resizeFile(fh, o.size, o.preallocation ?? 'off');
+      await resizeFile(fh, o.size, o.preallocation ?? 'off', () => this.shouldStop);
     } finally {
       await fh.close().catch(() => {});
     }
@@ -262,18 +262,21 @@ async function truncateFile(fh: FileHandle, size: number): Promise<void> {
   }
 }
 
-/** QEMU's raw_regular_truncate: grows the (empty) file to `size` with `mode`. */
-async function resizeFile(fh: FileHandle, size: number, mode: PreallocMode): Promise<void> {
+/**
+ * QEMU's raw_regular_truncate: grows the (empty) file to `size` with `mode`. Writing zeroes
+ * stops early when `stop` says so (a cancel at shutdown).
+ */
+async function resizeFile(fh: FileHandle, size: number, mode: PreallocMode, stop: () => boolean): Promise<void> {
   switch (mode) {
     case 'off':
       await truncateFile(fh, size);
       return;
     case 'falloc':
-      await fallocate(fh, size);
+      await fallocate(fh, size, stop);
       return;
     case 'full':
       await truncateFile(fh, size);
-      await writeZeroes(fh, 0, size, 'Could not write zeros for preallocation');
+      await writeZeroes(fh, 0, size, 'Could not write zeros for preallocation', stop);
       try {
         await fh.sync();
       } catch (e) {
@@ -286,7 +289,7 @@ async function resizeFile(fh: FileHandle, size: number, mode: PreallocMode): Pro
 }
 
 /** posix_fallocate over [0, size): fallocate(ZERO_RANGE) when the helper has it, else zeroes. */
-async function fallocate(fh: FileHandle, size: number): Promise<void> {
+async function fallocate(fh: FileHandle, size: number, stop: () => boolean): Promise<void> {
   if (size < 0 || !Number.isSafeInteger(size)) throw hostError('Could not preallocate new data', { code: size < 0 ? 'EINVAL' : 'EFBIG' });
   if (size === 0) return;
   const native = loadNative();
@@ -299,19 +302,21 @@ async function fallocate(fh: FileHandle, size: number): Promise<void> {
     }
   }
   // glibc's posix_fallocate writes where the filesystem cannot allocate
-  await writeZeroes(fh, 0, size, 'Could not preallocate new data');
+  await writeZeroes(fh, 0, size, 'Could not preallocate new data', stop);
 }
 
-async function writeZeroes(fh: FileHandle, offset: number, length: number, what: string): Promise<void> {
+async function writeZeroes(fh: FileHandle, offset: number, length: number, what: string, stop: () => boolean): Promise<void> {
   const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK, Math.max(length, 1)));
   try {
     for (let pos = offset; pos < offset + length; ) {
+      if (stop()) throw BlockError.canceled();
       const n = Math.min(zeroes.length, offset + length - pos);
       const { bytesWritten } = await fh.write(zeroes, 0, n, pos);
       assert(bytesWritten > 0, 'write made progress');
       pos += bytesWritten;
     }
   } catch (e) {
+    if (isBlockError(e, 'ECANCELED')) throw e;
     throw hostError(what, e);
   }
 }

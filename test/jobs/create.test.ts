@@ -117,6 +117,15 @@ test('file: creates, empties an existing file, preallocates, and reports QEMU er
     failed('f', 'Extent size hint is too large'),
   );
   assert.equal(existsSync(join(dir, 'h.raw')), false, 'a rejected hint creates nothing');
+
+  // writing zeroes stops at a cancel (shutdown cancels every job)
+  const big = await startCreate(mgr, 'g', { driver: 'file', filename: join(dir, 'big.raw'), size: 1024 * MiB, preallocation: 'full' });
+  big.userCancel();
+  const r = await big.done;
+  assert.equal(r.ret === 0 ? 'ok' : r.ret.code, 'ECANCELED');
+  assert.deepEqual(mgr.queryJobs(), [failed('g', 'Operation canceled')]);
+  assert.ok(statSync(join(dir, 'big.raw')).blocks * 512 < 1024 * MiB, 'not every zero was written');
+  big.dismiss();
 });
 
 test('qcow2 on a file node is byte-identical to the host-file creation, and the node serves I/O', async (t) => {
