@@ -189,6 +189,8 @@ function conversation(): Msg[] {
     create('x', { driver: 'file', filename: 'f', size: 1 }, { x: 1, y: 2 }),
     create('x', { driver: 'qcow2', size: 1 }),
     create('x', { driver: 'qcow2', file: 3, size: 1 }),
+    create('x', { driver: 'qcow2', file: { filename: 'f' }, size: 1 }),
+    create('x', { driver: 'qcow2', file: { driver: 'filex' }, size: 1 }),
     create('x', { driver: 'qcow2', file: 'f', size: 1, version: 'v4' }),
     create('x', { driver: 'qcow2', file: 'f', size: 1, 'backing-fmt': 'rawx' }),
     create('x', { driver: 'qcow2', file: 'f', size: 1, 'refcount-bits': '16' }),

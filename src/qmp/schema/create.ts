@@ -99,6 +99,12 @@ function checkMember(t: MemberType, v: unknown, path: string, leaf: string): voi
     case 'BlockdevRef':
       // an alternate's type error names the member alone, as QEMU's visitor does
       if (typeof v !== 'string' && !isObject(v)) typeError(leaf, 'BlockdevRef');
+      // an inline definition: its driver is checked here as QEMU does; the rest of its
+      // members when the job opens it (lockstep has no BlockdevOptions schema)
+      if (isObject(v)) {
+        if (v['driver'] === undefined) fail(`Parameter '${path}.driver' is missing`);
+        checkMember({ enum: BLOCKDEV_DRIVERS }, v['driver'], `${path}.driver`, 'driver');
+      }
       return;
     case 'object':
       if (!isObject(v)) typeError(path, 'object');
