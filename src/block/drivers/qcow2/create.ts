@@ -75,8 +75,17 @@ export function checkQcow2Options(opts: CreateQcow2Options): void {
  * Writes a new qcow2 image into `file`. Checks the options first (InvalidArgumentError);
  * later failures carry QEMU's messages ("Could not resize image: ...").
  */
-export async function formatQcow2(file: HostFile, opts: CreateQcow2Options): Promise<void> {
+export async function formatQcow2(host: HostFile, opts: CreateQcow2Options): Promise<void> {
   checkQcow2Options(opts);
+  // QEMU formats with BDRV_O_NO_FLUSH: the ordering flushes that keep a live image
+  // consistent buy nothing while the image is being made; one flush at the end
+  const file: HostFile = {
+    read: (offset, length) => host.read(offset, length),
+    write: (offset, data) => host.write(offset, data),
+    flush: async () => {},
+    length: () => host.length(),
+    truncate: (length) => host.truncate(length),
+  };
   const size = opts.size;
   const clusterSize = opts.clusterSize ?? 65536;
   const h = newHeader({
@@ -119,7 +128,7 @@ export async function formatQcow2(file: HostFile, opts: CreateQcow2Options): Pro
   if (opts.preallocation === 'metadata') await preallocateMetadata(img);
   await img.writeHeader();
   await img.writeback();
-  await file.flush();
+  await host.flush();
 }
 
 /** qemu-img create -f qcow2: creates (or empties) `filename` and formats it. */
