@@ -29,6 +29,7 @@ export function imagePath(side: SideLayout, name: string): string {
 /** Runs a job-creating command and waits for it to conclude; its error becomes ours. */
 async function runCreateJob(q: QmpClient, jobId: string, options: Record<string, unknown>, timeoutMs: number): Promise<void> {
   const concluded = q.waitEvent('JOB_STATUS_CHANGE', (d) => d.id === jobId && d.status === 'concluded', timeoutMs);
+  concluded.catch(() => {}); // observed below, unless the command itself fails first
   await q.execute('blockdev-create', { 'job-id': jobId, options });
   await concluded;
   const jobs = (await q.execute('query-jobs')) as Array<{ id: string; error?: string }>;
