@@ -450,6 +450,7 @@ export class PairSupervisor extends EventEmitter {
     if (!p || !p.alive) return;
     const list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
     this.changedBytes = list.reduce((a, x) => a + x.bytes, 0);
+    this.metrics.changedBytes = this.changedBytes;
     this.changedAt = Date.now();
     const tmp = `${this.changedRegionsFile}.tmp`;
     writeFileSync(tmp, JSON.stringify({ time: new Date().toISOString(), nodes: list }, null, 1) + '\n');
