@@ -52,7 +52,8 @@ export interface PairOptions {
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
   failover: 'auto' | 'manual';
-  /** where the user's disk is served, on the serving side's host: a Unix socket and/or TCP */
+  /** where the user's disk is served, on the serving side's host: a Unix socket (default
+   *  DIR/disk.sock of the serving side) and, with nbdPort, TCP */
   nbdSocket?: string;
   nbdHost?: string;
   nbdPort?: number;
@@ -326,12 +327,10 @@ export class PairSupervisor extends EventEmitter {
   private async serve(side: Side, node: string): Promise<void> {
     const o = this.opts;
     const addrs: Array<{ type: 'unix' | 'inet'; data: Record<string, string> }> = [];
-    const sock = o.nbdSocket ?? (side.layout.local ? undefined : join(side.layout.dir, 'disk.sock'));
-    if (sock) {
-      // a stale socket of the dead side on this host would make the listen fail
-      if (side.layout.local) rmSync(sock, { force: true });
-      addrs.push({ type: 'unix', data: { path: sock } });
-    }
+    const sock = o.nbdSocket ?? join(side.layout.dir, 'disk.sock');
+    // a stale socket of the dead side on this host would make the listen fail
+    if (side.layout.local) rmSync(sock, { force: true });
+    addrs.push({ type: 'unix', data: { path: sock } });
     if (o.nbdPort) addrs.push({ type: 'inet', data: { host: o.nbdHost ?? '127.0.0.1', port: String(o.nbdPort) } });
     this.serving = [];
     for (const [i, addr] of addrs.entries()) {
