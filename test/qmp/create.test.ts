@@ -93,10 +93,10 @@ async function startQemu(dir: string, kind: 'system' | 'qsd'): Promise<{ path: s
   const proc =
     kind === 'system'
       ? spawn('qemu-system-x86_64', ['-machine', 'none', '-nodefaults', '-display', 'none', '-qmp', `unix:${path},server=on,wait=off`], {
-          stdio: ['ignore', 'ignore', 'pipe'],
+          stdio: 'ignore',
         })
       : spawn('qemu-storage-daemon', ['--chardev', `socket,id=m0,path=${path},server=on,wait=off`, '--monitor', 'chardev=m0'], {
-          stdio: ['ignore', 'ignore', 'pipe'],
+          stdio: 'ignore',
         });
   for (let i = 0; i < 200 && !existsSync(path); i++) await new Promise((r) => setTimeout(r, 50));
   return { path, proc };
@@ -336,7 +336,7 @@ test('an image created over QMP serves I/O as a qcow2 node', async (t) => {
   c.close();
   assert.equal(await d.stop(), 0);
 
-  if (!requireTool(t, 'qemu-img', ['--version'])) return;
+  if (!requireTool(t, 'qemu-img', ['--version']) || !requireTool(t, 'qemu-io', ['--version'])) return;
   const r = spawnSync('qemu-img', ['check', img], { encoding: 'utf8' });
   assert.equal(r.status, 0, r.stdout + r.stderr);
   const io = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0xa5 1M 192k', '-c', 'read -P 0x3c 15M 1M', img], { encoding: 'utf8' });
