@@ -28,6 +28,7 @@ import type { OptionDict } from '../block/options.js';
 import { checkQcow2Options, formatQcow2, type CreateQcow2Options } from '../block/drivers/qcow2/create.js';
 import { nodeHostFile } from '../block/drivers/qcow2/host-file.js';
 import { loadNative } from '../util/native.js';
+import { acquireImageLock, type ImageLock } from '../block/drivers/file-lock.js';
 import { Job, type JobManager } from './job.js';
 
 export type PreallocMode = 'off' | 'metadata' | 'falloc' | 'full';
@@ -165,12 +166,22 @@ export class CreateJob extends Job {
     } catch (e) {
       throw hostError(`Could not create '${o.filename}'`, e);
     }
-    this.yielded();
+    let lock: ImageLock | null = null;
     try {
+      // QEMU takes the image locks before it empties the file: an image in use by a writer
+      // (this process or another, QEMU included) is refused, never truncated under it
+      try {
+        lock = await acquireImageLock(fh, o.filename, false);
+      } catch (e) {
+        // QMP carries the error without its hint line ("Is another process using ...")
+        throw new InvalidArgumentError((e as Error).message.split('\n')[0]!, { cause: e });
+      }
+      this.yielded();
       // empty it first, as QEMU does, so that no old data stays below the new size
       await truncateFile(fh, 0);
       await resizeFile(fh, o.size, o.preallocation ?? 'off', () => this.shouldStop);
     } finally {
+      await lock?.release().catch(() => {});
       await fh.close().catch(() => {});
     }
   }

@@ -178,6 +178,11 @@ test('qcow2 on a file node is byte-identical to the host-file creation, and the 
     ),
   );
   assert.ok((await q.read(5 * MiB, 256 * 1024)).equals(fill(3, 256 * 1024)), 'the refused job left the image alone');
+  // the image in use is locked: creating a file over it is refused before it is emptied
+  const size = statSync(disk).size;
+  assert.deepEqual(await create(g, mgr, 'c4', { driver: 'file', filename: disk, size: 0 }), failed('c4', 'Failed to get "write" lock'));
+  assert.equal(statSync(disk).size, size);
+  assert.ok((await q.read(5 * MiB, 256 * 1024)).equals(fill(3, 256 * 1024)));
   await g.deleteNode('q');
   await assert.rejects(g.deleteNode('f1').then(() => f1.read(0, 1)));
 });

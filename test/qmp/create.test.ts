@@ -129,6 +129,8 @@ function conversation(): Msg[] {
     { execute: 'blockdev-add', arguments: { driver: 'qcow2', 'node-name': 'q1', file: 'f1' } },
     // a format on the node refuses to share write/resize
     ...run('c3', { driver: 'qcow2', file: 'f1', size: MiB }),
+    // and the image it writes is locked: a file creation on it is refused, not truncated
+    ...run('c4', { driver: 'file', filename: '$D/a.qcow2', size: 0 }),
     { execute: 'blockdev-del', arguments: { 'node-name': 'q1' } },
     { execute: 'blockdev-del', arguments: { 'node-name': 'f1' } },
     // file: existing files are emptied and resized, preallocation modes
