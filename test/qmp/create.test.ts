@@ -150,6 +150,20 @@ function conversation(): Msg[] {
     ...run('q2', { driver: 'qcow2', file: { driver: 'file', filename: '$D/v2.qcow2' }, size: 10 * MiB, version: 'v2', 'backing-file': 'base.raw', 'backing-fmt': 'raw' }),
     ...run('q3', { driver: 'qcow2', file: { driver: 'file', filename: '$D/meta.qcow2' }, size: 5 * MiB + 512, preallocation: 'metadata', 'cluster-size': 65536 }),
     ...run('q4', { driver: 'qcow2', file: { driver: 'file', filename: '$D/missing.qcow2' }, size: MiB }),
+    ...run('qk', {
+      driver: 'qcow2',
+      file: { driver: 'file', filename: '$D/defaults.qcow2', 'node-name': 'tmp0' },
+      size: 3 * MiB,
+      version: 'v3',
+      'cluster-size': 65536,
+      'refcount-bits': 16,
+      'lazy-refcounts': false,
+      preallocation: 'off',
+      'compression-type': 'zlib',
+      'extended-l2': false,
+      'data-file-raw': false,
+    }),
+    { execute: 'query-named-block-nodes' },
     ...run('q5', { driver: 'qcow2', file: 'nothere', size: MiB }),
     { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'e1', filename: '$D/e.raw' } },
     ...run('q6', { driver: 'qcow2', file: 'e1', size: 1000 }),
@@ -239,9 +253,10 @@ function prepare(dir: string): void {
   writeFileSync(join(dir, 'base.raw'), '');
   writeFileSync(join(dir, 'v2.qcow2'), '');
   writeFileSync(join(dir, 'meta.qcow2'), '');
+  writeFileSync(join(dir, 'defaults.qcow2'), '');
 }
 
-const FILES = ['a.qcow2', 'other', 'big.raw', 'odd.raw', 'fa.raw', 'm.raw', 'h.raw', 'e.raw', 'old.raw', 'v2.qcow2', 'meta.qcow2'];
+const FILES = ['a.qcow2', 'other', 'big.raw', 'odd.raw', 'fa.raw', 'm.raw', 'h.raw', 'e.raw', 'old.raw', 'v2.qcow2', 'meta.qcow2', 'defaults.qcow2'];
 
 test('blockdev-create: the same conversation gives the same messages and files as QEMU 7.2', async (t) => {
   if (!requireTool(t, 'qemu-system-x86_64', ['--version']) || !requireTool(t, 'qemu-storage-daemon', ['--version']) || !requireTool(t, 'qemu-img', ['--version'])) {
