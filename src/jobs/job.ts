@@ -608,9 +608,9 @@ export class JobManager extends EventEmitter {
     return j;
   }
 
-  /** All listed jobs, oldest first (not those still being set up). */
+  /** All listed jobs, newest first as QEMU lists them (not those still being set up). */
   list(): Job[] {
-    return [...this.jobs.values()].filter((j) => j.status !== 'undefined');
+    return [...this.jobs.values()].filter((j) => j.status !== 'undefined').reverse();
   }
 
   queryBlockJobs(): BlockJobInfo[] {

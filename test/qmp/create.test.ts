@@ -183,6 +183,15 @@ function conversation(): Msg[] {
     { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'ro', filename: '$D/e.raw', 'read-only': true } },
     ...run('qh', { driver: 'qcow2', file: 'ro', size: MiB }),
     { execute: 'blockdev-del', arguments: { 'node-name': 'ro' } },
+    // several concluded jobs: QEMU lists the newest first
+    create('m1', { driver: 'file', filename: '$D/m1.raw', size: 512 }),
+    create('m2', { driver: 'file', filename: '$D/m2.raw', size: 1024 }),
+    create('m3', { driver: 'file', filename: '$D/nodir/m3.raw', size: 0 }),
+    query,
+    dismiss('m2'),
+    query,
+    dismiss('m1'),
+    dismiss('m3'),
     // argument checking
     { execute: 'blockdev-create' },
     { execute: 'blockdev-create', arguments: { 'job-id': 'x' } },
