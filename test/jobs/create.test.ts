@@ -244,6 +244,17 @@ test('qcow2 options: QEMU checks and messages first, then what lockstep refuses'
     [{ backingFile: 'x'.repeat(1024) }, `Could not assign backing file '${'x'.repeat(1024)}' with format '(null)': Invalid argument`],
   ];
   for (const [i, [o, error]] of rows.entries()) assert.deepEqual(await q(`j${i}`, o), failed(`j${i}`, error), JSON.stringify(o));
+  // I/O failures name the step, in QEMU's words (blkdebug injects them)
+  const io: Array<[Record<string, unknown>, string]> = [
+    [{ event: 'none', errno: 28 }, 'Could not write qcow2 header: No space left on device'],
+    [{ event: 'none', errno: 5, sector: 128 }, 'Could not write refcount table: Input/output error'],
+    [{ event: 'none', errno: 5, sector: 384 }, 'Could not resize image: Failed to grow the L1 table: Input/output error'],
+  ];
+  for (const [i, [rule, error]] of io.entries()) {
+    await g.open({ driver: 'blkdebug', 'node-name': 'd', image: { driver: 'memory', size: 0 }, 'inject-error': [rule] }, { monitorOwned: true });
+    assert.deepEqual(await create(g, mgr, `io${i}`, { driver: 'qcow2', file: 'd', size: MiB }), failed(`io${i}`, error), JSON.stringify(rule));
+    await g.deleteNode('d');
+  }
   // zlib is the default and accepted as such
   assert.deepEqual(await q('z', { compressionType: 'zlib' }), ok('z'));
 });

@@ -8,7 +8,7 @@
 // host-file entry point (qemu-img create). Neither empties the file first: like QEMU, bytes
 // past what the image writes stay as they were.
 
-import { BlockError, InvalidArgumentError, isBlockError } from '../../../errors.js';
+import { BlockError, InvalidArgumentError, STRERROR } from '../../../errors.js';
 import { newHeader } from './header.js';
 import { FsHostFile, type HostFile } from './host-file.js';
 import { Qcow2Image } from './image.js';
@@ -98,26 +98,25 @@ export async function formatQcow2(host: HostFile, opts: CreateQcow2Options): Pro
 
   // header, refcount table (entry 0 -> cluster 2), refcount block counting clusters 0-2
   const img0 = new Qcow2Image(file, h, { readOnly: false });
-  await img0.writeHeader();
+  await stage('Could not write qcow2 header', () => img0.writeHeader());
   const table = Buffer.alloc(clusterSize);
   table.writeBigUInt64BE(BigInt(2 * clusterSize), 0);
-  await file.write(clusterSize, table);
   const block = Buffer.alloc(clusterSize);
   for (let c = 0; c < 3; c++) img0.refcounts.setEntry(block, c, 1);
-  await file.write(2 * clusterSize, block);
+  await stage('Could not write refcount table', async () => {
+    await file.write(clusterSize, table);
+    await file.write(2 * clusterSize, block);
+  });
 
   const img = new Qcow2Image(file, h, { readOnly: false });
   await img.load();
-  try {
-    if (size < 0) throw new InvalidArgumentError('Image size cannot be negative');
-    if (size > MAX_LENGTH) throw new InvalidArgumentError(`offset(${BigInt(size)}) exceeds maximum(${MAX_LENGTH})`);
-    if (!Number.isSafeInteger(size)) throw new BlockError('EFBIG');
-    await img.setSize(size);
-  } catch (e) {
-    // the L1 table limit is QEMU's too (32 MiB), and so is its message
-    const msg = isBlockError(e, 'EFBIG') ? 'Failed to grow the L1 table: File too large' : (e as Error).message;
-    throw new InvalidArgumentError(`Could not resize image: ${msg}`, { cause: e });
-  }
+  if (size < 0) throw new InvalidArgumentError('Could not resize image: Image size cannot be negative');
+  if (size > MAX_LENGTH) throw new InvalidArgumentError(`Could not resize image: offset(${BigInt(size)}) exceeds maximum(${MAX_LENGTH})`);
+  // the L1 table limit is QEMU's too (32 MiB), and so are the messages
+  if (!Number.isSafeInteger(size)) throw new InvalidArgumentError('Could not resize image: Failed to grow the L1 table: File too large');
+  await stage('Could not resize image: Failed to grow the L1 table', () => img.growL1(img.l1SizeFor(size)));
+  img.header.size = size;
+  await stage('Could not resize image: Failed to update the image size', () => img.writeHeader());
   if (opts.backingFile !== undefined) {
     if (Buffer.byteLength(opts.backingFile) > MAX_BACKING_NAME) {
       throw new InvalidArgumentError(`Could not assign backing file '${opts.backingFile}' with format '${opts.backingFormat ?? '(null)'}': Invalid argument`);
@@ -129,6 +128,16 @@ export async function formatQcow2(host: HostFile, opts: CreateQcow2Options): Pro
   await img.writeHeader();
   await img.writeback();
   await host.flush();
+}
+
+/** Runs one step of the creation; a data-path failure gets QEMU's "what: strerror" message. */
+async function stage(what: string, step: () => Promise<void>): Promise<void> {
+  try {
+    await step();
+  } catch (e) {
+    if (e instanceof BlockError) throw new BlockError(e.code, `${what}: ${STRERROR[e.code]}`, { cause: e });
+    throw e;
+  }
 }
 
 /** qemu-img create -f qcow2: creates (or empties) `filename` and formats it. */
