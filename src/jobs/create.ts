@@ -130,6 +130,16 @@ export class CreateJob extends Job {
     return false;
   }
 
+  /**
+   * QEMU's first yield: lets startCreate resolve, then waits a macrotask so that a monitor
+   * answering on that resolution (a chain of microtasks) has written its reply before the
+   * job can emit anything more, even on a node whose I/O never leaves the event loop.
+   */
+  private async yieldPoint(): Promise<void> {
+    this.yielded();
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+
   start(): void {
     this.created();
     this.startRunning();
@@ -176,7 +186,7 @@ export class CreateJob extends Job {
         // QMP carries the error without its hint line ("Is another process using ...")
         throw new InvalidArgumentError((e as Error).message.split('\n')[0]!, { cause: e });
       }
-      this.yielded();
+      await this.yieldPoint();
       // empty it first, as QEMU does, so that no old data stays below the new size
       await truncateFile(fh, 0);
       await resizeFile(fh, o.size, o.preallocation ?? 'off', () => this.shouldStop);
@@ -195,7 +205,7 @@ export class CreateJob extends Job {
       node = this.graph.find(o.file);
     } else {
       // QEMU opens an inline definition after its first yield
-      this.yielded();
+      await this.yieldPoint();
       node = await this.graph.open(o.file);
     }
     this.target = { node, backend: this.graph.createBackend(node), inline };
@@ -213,7 +223,7 @@ export class CreateJob extends Job {
     checkUnsupported(o);
     checkWritable(node);
 
-    this.yielded();
+    await this.yieldPoint();
     await formatQcow2(nodeHostFile(node), opts);
   }
 }

@@ -359,6 +359,21 @@ test('an image created over QMP serves I/O as a qcow2 node', async (t) => {
   assert.match(await hmp('qemu-io disk "read -q -P 0x11 1M 512"'), /Pattern verification failed/);
   await c.execute('blockdev-del', { 'node-name': 'disk' });
   await c.execute('blockdev-del', { 'node-name': 'f1' });
+
+  // on a memory node (no host I/O at all) the reply still comes before the job goes on
+  const tr = await Transcript.open(d.qmpPath);
+  await tr.step({ execute: 'qmp_capabilities' });
+  await tr.step({ execute: 'blockdev-add', arguments: { driver: 'memory', 'node-name': 'm', size: 0 } });
+  const status = (s: string): Msg => ({ event: 'JOB_STATUS_CHANGE', data: { id: 'm1', status: s } });
+  assert.deepEqual(await tr.step({ execute: 'blockdev-create', arguments: { 'job-id': 'm1', options: { driver: 'qcow2', file: 'm', size: MiB } } }), [
+    status('created'),
+    status('running'),
+    { return: {} },
+    status('waiting'),
+    status('pending'),
+    status('concluded'),
+  ]);
+  tr.close();
   c.close();
   assert.equal(await d.stop(), 0);
 
