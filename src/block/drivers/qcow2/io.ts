@@ -176,6 +176,13 @@ interface Allocation {
   l1i: number;
   host: number;
   buf: Buffer;
+  /** where buf starts within the allocation (non-zero when the zero head is left a hole) */
+  at: number;
+}
+
+/** Whether a cluster's content before this write is all zeroes, known without I/O. */
+function readsAsZero(img: Qcow2Image, e: L2Entry): boolean {
+  return e.kind === ClusterKind.Zero || (e.kind === ClusterKind.Unallocated && !img.backing);
 }
 
 /**
@@ -219,7 +226,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
   try {
     await Promise.all([
       ...inPlace.map((w) => img.file.write(w.host, data.subarray(w.src, w.src + w.len))),
-      ...allocs.map((a) => img.file.write(a.host, a.buf)),
+      ...allocs.map((a) => img.file.write(a.host + a.at, a.buf)),
     ]);
   } catch (e) {
     ioError = e;
@@ -286,6 +293,23 @@ async function planWrite(
     const runEnd = Math.min(end, (cluster + n) * cs);
     const head = pos - cluster * cs;
     const tailStart = runEnd - (cluster + n - 1) * cs; // bytes of the last cluster covered
+    const lastEntry = (): L2Entry => (n === 1 ? first.entry : first.table ? readL2(first.table, (cluster + n - 1) % img.l2Entries, img.v3) : UNALLOCATED);
+    if ((head > 0 || tailStart < cs) && readsAsZero(img, first.entry) && readsAsZero(img, lastEntry())) {
+      // The copy-on-write fill is zeroes. Into fresh clusters (a hole past the end of the
+      // file) only the guest's bytes are written, as QEMU does with a zero-range fallocate
+      // and the data: a 4 KiB write into a new 64 KiB cluster stays a 4 KiB write.
+      await img.getL2ForWrite(l1i);
+      const { host, fresh } = await img.allocDataFresh(n);
+      if (fresh) {
+        allocs.push({ cluster, n, l1i, host, buf: data.subarray(pos - offset, runEnd - offset), at: head });
+      } else {
+        const buf = Buffer.alloc(n * cs);
+        data.copy(buf, head, pos - offset, runEnd - offset);
+        allocs.push({ cluster, n, l1i, host, buf, at: 0 });
+      }
+      pos = runEnd;
+      continue;
+    }
     let buf: Buffer;
     if (head === 0 && tailStart === cs) {
       buf = data.subarray(pos - offset, runEnd - offset);
@@ -307,7 +331,7 @@ async function planWrite(
     // QEMU's order: the L2 table first, then the data clusters
     await img.getL2ForWrite(l1i);
     const host = await img.allocData(n);
-    allocs.push({ cluster, n, l1i, host, buf });
+    allocs.push({ cluster, n, l1i, host, buf, at: 0 });
     pos = runEnd;
   }
 }
