@@ -26,7 +26,7 @@
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PairSupervisor, PAIR_DEFAULTS } from '../src/pair/supervisor.js';
 import { NbdClient } from '../src/nbd/client/client.js';
@@ -70,6 +70,18 @@ function sh(cmd: string, a: string[]): string {
   return r.stdout;
 }
 
+/** Every server process this bench started (directly or through a supervisor), until stopped. */
+const live = new Set<number>();
+
+/** Rejects when `p` has not settled within `ms`: a stuck step must not hang the bench. */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
+  });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const nowMs = () => Number(process.hrtime.bigint()) / 1e6;
 
@@ -84,6 +96,7 @@ interface FioResult {
   iops: number;
   p50Us: number;
   p99Us: number;
+  ios: number;
 }
 
 interface FioRun {
@@ -99,6 +112,8 @@ function fio(uri: string, bs: string, depth: number, seconds: number): FioRun {
     // threads, not a forked job process: SIGSTOP on fio must freeze the load itself
     '--thread',
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child.pid!);
+  child.once('exit', () => live.delete(child.pid!));
   let out = '';
   let err = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
@@ -108,11 +123,11 @@ function fio(uri: string, bs: string, depth: number, seconds: number): FioRun {
     child.once('exit', (code, signal) => {
       if (code !== 0) return reject(new Error(`fio on ${uri} ended with ${code ?? signal}: ${err.trim().slice(-2000)}`));
       const j = JSON.parse(out.slice(out.indexOf('{'))) as {
-        jobs: Array<{ write: { bw_bytes: number; iops: number; clat_ns: { percentile?: Record<string, number> } } }>;
+        jobs: Array<{ write: { bw_bytes: number; iops: number; total_ios: number; clat_ns: { percentile?: Record<string, number> } } }>;
       };
       const w = j.jobs[0]!.write;
       const pct = w.clat_ns.percentile ?? {};
-      resolve({ bwBytes: w.bw_bytes, iops: w.iops, p50Us: (pct['50.000000'] ?? NaN) / 1000, p99Us: (pct['99.000000'] ?? NaN) / 1000 });
+      resolve({ bwBytes: w.bw_bytes, iops: w.iops, p50Us: (pct['50.000000'] ?? NaN) / 1000, p99Us: (pct['99.000000'] ?? NaN) / 1000, ios: w.total_ios });
     });
   });
   return { child, done };
@@ -121,8 +136,10 @@ function fio(uri: string, bs: string, depth: number, seconds: number): FioRun {
 /** A served disk under load: the NBD URI, and for a pair a way to take a checkpoint. */
 interface Target {
   uri: string;
-  /** one checkpoint under the load `load`; resolves with [pause ms, secondary checkpoint ms] */
-  checkpoint?: (load: ChildProcess) => Promise<[number, number]>;
+  /** one checkpoint (under the load `load`, if any); resolves with [pause ms, secondary checkpoint ms] */
+  checkpoint?: (load: ChildProcess | null) => Promise<[number, number]>;
+  /** the processes that serve and replicate, for CPU accounting */
+  pids: number[];
   stop(): Promise<void>;
 }
 
@@ -138,7 +155,7 @@ async function lockstepSingle(dir: string): Promise<Target> {
   ]);
   await proc.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
   await proc.qmp.execute('block-export-add', { type: 'nbd', id: 'disk', 'node-name': 'colo-disk0', name: 'disk', writable: true });
-  return { uri: `nbd+unix:///disk?socket=${sock}`, stop: () => proc.quit() };
+  return { uri: `nbd+unix:///disk?socket=${sock}`, pids: [proc.child.pid!], stop: () => proc.quit() };
 }
 
 function newPair(dir: string, heartbeat = { heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500 }): PairSupervisor {
@@ -164,6 +181,7 @@ async function lockstepPair(dir: string): Promise<Target> {
       const r = await sup.checkpoint();
       return [r.pauseMs, r.checkpointMs];
     },
+    pids: [childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp'))],
     stop: () => sup.stop(),
   };
 }
@@ -187,7 +205,7 @@ async function qemuSingle(dir: string): Promise<Target> {
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', local, `${SIZE_MIB}M`]);
   const proc = await qemuPrimary(dir, local);
   const uri = await qemuServe(proc, 'colo-disk0', join(dir, 'disk.sock'));
-  return { uri, stop: () => proc.quit() };
+  return { uri, pids: [proc.child.pid!], stop: () => proc.quit() };
 }
 
 interface QemuPair {
@@ -236,9 +254,9 @@ async function qemuPairStart(dir: string): Promise<QemuPair> {
  * drains and flushes (`stop`), the secondary checkpoints, and both resume.
  * Resolves with [pause ms, secondary checkpoint ms].
  */
-async function qemuCheckpoint(p: QemuPair, load: ChildProcess): Promise<[number, number]> {
+async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[number, number]> {
   const t0 = nowMs();
-  load.kill('SIGSTOP');
+  load?.kill('SIGSTOP');
   try {
     await p.primary.qmp.execute('stop');
     const t1 = nowMs();
@@ -247,7 +265,7 @@ async function qemuCheckpoint(p: QemuPair, load: ChildProcess): Promise<[number,
     await p.primary.qmp.execute('cont');
     return [nowMs() - t0, t2 - t1];
   } finally {
-    load.kill('SIGCONT');
+    load?.kill('SIGCONT');
   }
 }
 
@@ -257,6 +275,7 @@ async function qemuPair(dir: string): Promise<Target> {
   return {
     uri,
     checkpoint: (load) => qemuCheckpoint(p, load),
+    pids: [p.primary.child.pid!, p.secondary.child.pid!],
     stop: async () => {
       await p.primary.quit();
       await p.secondary.quit();
@@ -266,16 +285,31 @@ async function qemuPair(dir: string): Promise<Target> {
 
 // ---- one measured run ---------------------------------------------------------------------
 
+/** Records the target's processes in `live` until it is stopped. */
+function track(t: Target): Target {
+  for (const pid of t.pids) live.add(pid);
+  const stop = t.stop;
+  return {
+    ...t,
+    stop: async () => {
+      await stop();
+      for (const pid of t.pids) live.delete(pid);
+    },
+  };
+}
+
 interface RunResult extends FioResult {
   pauses: number[];
   secondaryMs: number[];
   achievedRate: number;
+  /** CPU time of the serving processes per request, microseconds */
+  cpuUsPerReq: number;
 }
 
 /** Checkpoints one after the other, paced to `rate` per second, until `stopped` says so. */
 async function driveCheckpoints(
   target: Target,
-  load: ChildProcess,
+  load: ChildProcess | null,
   rate: number,
   stopped: () => boolean,
 ): Promise<{ pauses: number[]; secondaryMs: number[]; achievedRate: number }> {
@@ -306,11 +340,11 @@ async function measure(
 ): Promise<RunResult> {
   const dir = join(root, `${kind}-${String(config)}-${w.bs}-${seq}`);
   mkdirSync(dir, { recursive: true });
-  const target =
-    config === 'off'
-      ? await (kind === 'lockstep' ? lockstepSingle(dir) : qemuSingle(dir))
-      : await (kind === 'lockstep' ? lockstepPair(dir) : qemuPair(dir));
+  const target = track(
+    await (config === 'off' ? (kind === 'lockstep' ? lockstepSingle(dir) : qemuSingle(dir)) : kind === 'lockstep' ? lockstepPair(dir) : qemuPair(dir)),
+  );
   try {
+    const cpu0 = target.pids.map(cpuSeconds);
     const run = fio(target.uri, w.bs, w.depth, SECONDS);
     let ended = false;
     const done = run.done.finally(() => {
@@ -324,7 +358,8 @@ async function measure(
       run.child.kill('SIGKILL');
       throw e;
     })]);
-    return { ...res, ...cp };
+    const cpu = target.pids.reduce((a, pid, i) => a + cpuSeconds(pid) - cpu0[i]!, 0);
+    return { ...res, ...cp, cpuUsPerReq: (cpu * 1e6) / res.ios };
   } finally {
     await target.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -384,6 +419,30 @@ async function firstRead(sock: string, deadlineMs: number): Promise<number> {
   });
 }
 
+const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
+
+/** User + system CPU seconds of a process so far (Linux /proc). */
+function cpuSeconds(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+}
+
+/** Checkpoints at 40/s with no load for `ms`: QMP round trips and an empty secondary checkpoint. */
+async function idleCheckpoints(kind: Kind, root: string, ms: number): Promise<number[][]> {
+  const dir = join(root, `${kind}-idle`);
+  mkdirSync(dir, { recursive: true });
+  const target = track(await (kind === 'lockstep' ? lockstepPair(dir) : qemuPair(dir)));
+  try {
+    const end = nowMs() + ms;
+    const r = await driveCheckpoints(target, null, 40, () => nowMs() > end);
+    return [r.pauses, r.secondaryMs];
+  } finally {
+    await target.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /** The pid of our child `lockstep daemon` whose command line names `marker` (Linux /proc). */
 function childPid(marker: string): number {
   for (const task of readdirSync(`/proc/${process.pid}/task`)) {
@@ -407,8 +466,11 @@ async function lockstepFailover(root: string, round: number, how: 'kill' | 'free
   const sup = newPair(dir, { heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs, heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs });
   let frozen = 0;
   let load: FioRun | null = null;
+  const pids: number[] = [];
   try {
     await sup.start();
+    pids.push(childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp')));
+    for (const pid of pids) live.add(pid);
     const sock = join(dir, 'disk.sock');
     load = fio(`nbd+unix:///disk?socket=${sock}`, '4k', 16, 60);
     load.done.catch(() => {});
@@ -431,6 +493,7 @@ async function lockstepFailover(root: string, round: number, how: 'kill' | 'free
     load?.child.kill('SIGKILL');
     if (frozen) process.kill(frozen, 'SIGKILL');
     await sup.stop();
+    for (const pid of pids) live.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -440,6 +503,8 @@ async function qemuFailover(root: string, round: number): Promise<FailoverTimes>
   const dir = join(root, `qemu-failover-${round}`);
   mkdirSync(dir, { recursive: true });
   const p = await qemuPairStart(dir);
+  const pids = [p.primary.child.pid!, p.secondary.child.pid!];
+  for (const pid of pids) live.add(pid);
   let load: FioRun | null = null;
   try {
     const sock = join(dir, 'disk.sock');
@@ -469,6 +534,7 @@ async function qemuFailover(root: string, round: number): Promise<FailoverTimes>
     load?.child.kill('SIGKILL');
     await p.primary.kill();
     await p.secondary.quit();
+    for (const pid of pids) live.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -492,33 +558,37 @@ async function main(): Promise<void> {
   const kinds: Kind[] = WITH_QEMU ? ['lockstep', 'qemu'] : ['lockstep'];
   const configs: Array<'off' | 'pair' | number> = ['off', 'pair', ...RATES];
   const md: string[] = [];
+  const load = () => loadavg().map((x) => x.toFixed(2)).join(' ');
   console.log(`bench/pair: ${SIZE_MIB} MiB disk, ${SECONDS} s per run, fio nbd engine, random writes; every run on new images`);
+  console.log(`${cpus().length} CPUs, load average at start ${load()}`);
   try {
     let seq = 0;
+    const idle: number[][][] = [];
+    for (const kind of kinds) idle.push(await within(idleCheckpoints(kind, root, 1500), 60_000, `${kind} idle checkpoints`));
     for (const w of WORKLOADS) {
       const res = new Map<string, RunResult>();
       for (const c of configs) {
         for (const kind of kinds) {
-          const r = await measure(kind, c, w, root, seq++);
+          const r = await within(measure(kind, c, w, root, seq++), SECONDS * 1000 + 60_000, `${kind} ${w.bs} ${configName(c)}`);
           res.set(`${kind}/${String(c)}`, r);
           const cp = r.pauses.length
             ? `, ${r.pauses.length} checkpoints (${f1(r.achievedRate)}/s), pause median ${f2(quantile(r.pauses, 0.5))} ms p99 ${f2(quantile(r.pauses, 0.99))} ms`
             : '';
-          console.log(`${w.bs} depth ${w.depth} ${configName(c)} ${kind}: ${f1(r.bwBytes / MiB)} MiB/s, ${r.iops.toFixed(0)} IOPS, clat p50 ${us(r.p50Us)} p99 ${us(r.p99Us)}${cp}`);
+          console.log(`${w.bs} depth ${w.depth} ${configName(c)} ${kind}: ${f1(r.bwBytes / MiB)} MiB/s, ${r.iops.toFixed(0)} IOPS, clat p50 ${us(r.p50Us)} p99 ${us(r.p99Us)}, CPU ${r.cpuUsPerReq.toFixed(0)} us/request${cp}`);
         }
       }
       md.push('', `${w.bs} random writes, iodepth ${w.depth}:`, '');
       md.push(
         WITH_QEMU
-          ? '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | vs (a) | QEMU MiB/s | IOPS | clat p50 | clat p99 | vs (a) | lockstep/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|'
-          : '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | vs (a) |\n|---|---|---|---|---|---|',
+          ? '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) | QEMU MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) | lockstep/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
+          : '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) |\n|---|---|---|---|---|---|---|',
       );
       for (const c of configs) {
         const cells = [configName(c)];
         for (const kind of kinds) {
           const r = res.get(`${kind}/${String(c)}`)!;
           const base = res.get(`${kind}/off`)!;
-          cells.push(f1(r.bwBytes / MiB), r.iops.toFixed(0), us(r.p50Us), us(r.p99Us), f2(r.bwBytes / base.bwBytes));
+          cells.push(f1(r.bwBytes / MiB), r.iops.toFixed(0), us(r.p50Us), us(r.p99Us), us(r.cpuUsPerReq), f2(r.bwBytes / base.bwBytes));
         }
         if (WITH_QEMU) cells.push(f2(res.get(`lockstep/${String(c)}`)!.bwBytes / res.get(`qemu/${String(c)}`)!.bwBytes));
         md.push(`| ${cells.join(' | ')} |`);
@@ -526,14 +596,22 @@ async function main(): Promise<void> {
       md.push('', `${w.bs}: checkpoints (lockstep: pause = hold + secondary checkpoint + release, seen by the supervisor;` +
         ` QEMU: COLO-style: load frozen (SIGSTOP), primary stop (drain + flush), secondary xen-colo-do-checkpoint, cont, SIGCONT)`, '');
       md.push(
-        '| rate asked | lockstep rate | pause median | pause p99 | pause max | of which secondary median | QEMU rate | QEMU pause median | p99 | of which secondary median |\n|---|---|---|---|---|---|---|---|---|---|',
+        '| rate asked | lockstep rate | pause median | pause p99 | pause max | secondary median | hold+release median | QEMU rate | QEMU pause median | p99 | secondary median |\n|---|---|---|---|---|---|---|---|---|---|---|',
       );
       for (const rate of RATES) {
         const l = res.get(`lockstep/${rate}`)!;
         const q = WITH_QEMU ? res.get(`qemu/${rate}`)! : null;
         md.push(
           `| ${rate}/s | ${f1(l.achievedRate)}/s | ${f2(quantile(l.pauses, 0.5))} ms | ${f2(quantile(l.pauses, 0.99))} ms | ${f2(quantile(l.pauses, 1))} ms | ` +
-            `${f2(quantile(l.secondaryMs, 0.5))} ms | ${q ? `${f1(q.achievedRate)}/s` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q.secondaryMs, 0.5))} ms` : '-'} |`,
+            `${f2(quantile(l.secondaryMs, 0.5))} ms | ${f2(quantile(l.pauses.map((x, i) => x - l.secondaryMs[i]!), 0.5))} ms | ${q ? `${f1(q.achievedRate)}/s` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q.secondaryMs, 0.5))} ms` : '-'} |`,
+        );
+      }
+      if (idle.length) {
+        const [lp, ls] = idle[0]!;
+        const q = idle[1];
+        md.push(
+          `| idle, 40/s (no load) | ${lp!.length} taken | ${f2(quantile(lp!, 0.5))} ms | ${f2(quantile(lp!, 0.99))} ms | ${f2(quantile(lp!, 1))} ms | ${f2(quantile(ls!, 0.5))} ms | ` +
+            `${f2(quantile(lp!.map((x, i) => x - ls![i]!), 0.5))} ms | ${q ? `${q[0]!.length} taken` : '-'} | ${q ? `${f2(quantile(q[0]!, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q[0]!, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q[1]!, 0.5))} ms` : '-'} |`,
         );
       }
       const at40 = res.get('lockstep/40');
@@ -549,12 +627,12 @@ async function main(): Promise<void> {
     const fo: Record<string, FailoverTimes[]> = { kill: [], freeze: [], qemu: [] };
     for (let r = 0; r < ROUNDS; r++) {
       for (const how of ['kill', 'freeze'] as const) {
-        const t = await lockstepFailover(root, r, how);
+        const t = await within(lockstepFailover(root, r, how), 60_000, `lockstep failover (${how})`);
         fo[how]!.push(t);
         console.log(`failover ${how} round ${r + 1}: failed-over event ${f1(t.eventMs)} ms, first read ${f1(t.servedMs)} ms after the ${how}`);
       }
       if (WITH_QEMU) {
-        const t = await qemuFailover(root, r);
+        const t = await within(qemuFailover(root, r), 60_000, 'QEMU failover');
         fo.qemu!.push(t);
         console.log(`failover QEMU round ${r + 1}: commit done ${f1(t.eventMs)} ms, first read ${f1(t.servedMs)} ms after the kill`);
       }
@@ -575,13 +653,24 @@ async function main(): Promise<void> {
       md.push('', `killed primary, time to first read, QEMU/lockstep median: ${f2(ratio)} (>1: lockstep faster)`);
     }
     console.log(md.join('\n'));
-    console.log(`\ntotal ${((Date.now() - started) / 1000).toFixed(0)} s`);
+    console.log(`\ntotal ${((Date.now() - started) / 1000).toFixed(0)} s, load average at the end ${load()}`);
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
 }
 
-main().catch((e: unknown) => {
-  console.error(e);
-  process.exitCode = 1;
-});
+main().then(
+  () => process.exit(0),
+  (e: unknown) => {
+    console.error(e);
+    // whatever is still running was started by this bench: end it by pid, then exit
+    for (const pid of live) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    process.exit(1);
+  },
+);
