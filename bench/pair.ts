@@ -226,6 +226,8 @@ interface QemuPair {
   secondary: Proc;
   secSock: string;
   active: string;
+  /** how long the last `stop` that drained took (the barrier's time limit follows it) */
+  lastStopMs: number;
 }
 
 async function qemuPairStart(dir: string): Promise<QemuPair> {
@@ -257,7 +259,7 @@ async function qemuPairStart(dir: string): Promise<QemuPair> {
   });
   await primary.qmp.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
   await primary.qmp.execute('xen-set-replication', { enable: true, primary: true });
-  return { primary, secondary, secSock, active: f('active.qcow2') };
+  return { primary, secondary, secSock, active: f('active.qcow2'), lastStopMs: 250 };
 }
 
 /**
@@ -266,19 +268,20 @@ async function qemuPairStart(dir: string): Promise<QemuPair> {
  * COLO takes it with a VM: the guest stops (the load is frozen with SIGSTOP), the primary
  * drains and flushes (`stop`), the secondary checkpoints, and both resume.
  * When fio is frozen between a request's header and its payload, QEMU's drain waits for the
- * payload forever: after STOP_LIMIT_MS the load is let go, the barrier given up and the
- * checkpoint skipped (null). Requests that fio sent before the freeze and that QEMU had not
+ * payload forever: past a limit (4x the last good `stop`, within 50..1000 ms: `stop` also
+ * flushes, which legitimately takes longer at low rates) the load is let go, the barrier
+ * given up and the checkpoint skipped (null); the stall stays in the throughput figures. Requests that fio sent before the freeze and that QEMU had not
  * yet read can still arrive during the checkpoint: a residual race of this emulation.
  * Resolves with [pause ms, secondary checkpoint ms], or null when skipped.
  */
-const STOP_LIMIT_MS = 1000;
 async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[number, number] | null> {
   const t0 = nowMs();
   load?.kill('SIGSTOP');
   let frozen = load !== null;
   try {
     const stopped = p.primary.qmp.execute('stop');
-    const drained = await Promise.race([stopped.then(() => true), sleep(STOP_LIMIT_MS).then(() => false)]);
+    const limit = Math.min(1000, Math.max(50, 4 * p.lastStopMs));
+    const drained = await Promise.race([stopped.then(() => true), sleep(limit).then(() => false)]);
     if (!drained) {
       load?.kill('SIGCONT');
       frozen = false;
@@ -287,6 +290,7 @@ async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[
       return null;
     }
     const t1 = nowMs();
+    p.lastStopMs = t1 - t0;
     await p.secondary.qmp.execute('xen-colo-do-checkpoint');
     const t2 = nowMs();
     await p.primary.qmp.execute('cont');
