@@ -24,310 +24,78 @@
 // Run: npm run build && node dist/bench/pair.js [--seconds N] [--size-mib N] [--rates 1,10,40,100]
 //      [--rounds N] [--no-qemu] [--workloads 4k,1M]
 
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { PairSupervisor, PAIR_DEFAULTS } from '../src/pair/supervisor.js';
-import { NbdClient } from '../src/nbd/client/client.js';
-import { createQcow2 } from '../src/block/drivers/qcow2/create.js';
+import { PAIR_DEFAULTS } from '../src/pair/supervisor.js';
 import { errorMessage } from '../src/errors.js';
-import { startLockstep, startQemu, type Proc } from '../test/helpers/processes.js';
+import {
+  MiB, childPid, cpuSeconds, fio, firstRead, killLive, nowMs, quantile, sh, sleep, within,
+  type BenchContext, type FioResult, type FioRun,
+} from './pair/util.js';
+import {
+  lockstepPair, lockstepSingle, newPair, qemuCheckpoint, qemuPair, qemuPairStart, qemuServe, qemuSingle, track,
+  type Kind, type Target,
+} from './pair/targets.js';
 
-const MiB = 1024 * 1024;
-const args = process.argv.slice(2);
-function opt(name: string): string | undefined {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : undefined;
+interface Options {
+  seconds: number;
+  sizeMiB: number;
+  rounds: number;
+  rates: number[];
+  withQemu: boolean;
+  workloads: Array<{ name: string; bs: string; depth: number }>;
 }
-function num(name: string, dflt: number): number {
-  const v = opt(name);
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got '${v}'`);
-  return n;
-}
-const SECONDS = num('seconds', 5);
-const SIZE_MIB = num('size-mib', 1024);
-const ROUNDS = num('rounds', 3);
-const RATES = (opt('rates') ?? '1,10,40,100').split(',').map((s) => {
-  const n = Number(s);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`--rates: '${s}' is not a positive number`);
-  return n;
-});
-const WITH_QEMU = !args.includes('--no-qemu');
+
 const WORKLOADS = [
   { name: '4k', bs: '4k', depth: 16 },
   { name: '1M', bs: '1M', depth: 4 },
-].filter((w) => (opt('workloads') ?? '4k,1M').split(',').includes(w.name));
+];
 
-type Kind = 'lockstep' | 'qemu';
-
-// ---- helpers ------------------------------------------------------------------------------
-
-function sh(cmd: string, a: string[]): string {
-  const r = spawnSync(cmd, a, { encoding: 'utf8', maxBuffer: 64 * MiB });
-  if (r.status !== 0) throw new Error(`${cmd} ${a.join(' ')}: ${r.stderr}`);
-  return r.stdout;
-}
-
-/** Every server process this bench started (directly or through a supervisor), until stopped. */
-const live = new Set<number>();
-
-/** Ends, by pid, whatever this bench started that is still running. */
-function killLive(): void {
-  for (const pid of live) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
+function parseOptions(args: string[]): Options {
+  const known = new Set(['--seconds', '--size-mib', '--rounds', '--rates', '--workloads', '--no-qemu']);
+  for (const a of args) {
+    if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option '${a}' (known: ${[...known].join(', ')})`);
   }
-  live.clear();
-}
-
-/** Rejects when `p` has not settled within `ms`: a stuck step must not hang the bench. */
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const nowMs = () => Number(process.hrtime.bigint()) / 1e6;
-
-function quantile(xs: number[], q: number): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
-}
-
-interface FioResult {
-  bwBytes: number;
-  iops: number;
-  p50Us: number;
-  p99Us: number;
-  ios: number;
-}
-
-interface FioRun {
-  child: ChildProcess;
-  done: Promise<FioResult>;
-}
-
-/** Starts fio's nbd engine on `uri`; resolves with its figures when it ends. */
-function fio(uri: string, bs: string, depth: number, seconds: number): FioRun {
-  const child = spawn('fio', [
-    '--name=load', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', `--bs=${bs}`, `--iodepth=${depth}`,
-    `--size=${SIZE_MIB}M`, '--time_based', `--runtime=${seconds}`, '--output-format=json', '--randrepeat=0',
-    // threads, not a forked job process: SIGSTOP on fio must freeze the load itself
-    '--thread',
-  ], { stdio: ['ignore', 'pipe', 'pipe'] });
-  live.add(child.pid!);
-  child.once('exit', () => live.delete(child.pid!));
-  let out = '';
-  let err = '';
-  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const done = new Promise<FioResult>((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code, signal) => {
-      if (code !== 0) return reject(new Error(`fio on ${uri} ended with ${code ?? signal}: ${err.trim().slice(-2000)}`));
-      const j = JSON.parse(out.slice(out.indexOf('{'))) as {
-        jobs: Array<{ write: { bw_bytes: number; iops: number; total_ios: number; clat_ns: { percentile?: Record<string, number> } } }>;
-      };
-      const w = j.jobs[0]!.write;
-      const pct = w.clat_ns.percentile ?? {};
-      resolve({ bwBytes: w.bw_bytes, iops: w.iops, p50Us: (pct['50.000000'] ?? NaN) / 1000, p99Us: (pct['99.000000'] ?? NaN) / 1000, ios: w.total_ios });
-    });
-  });
-  return { child, done };
-}
-
-/** A served disk under load: the NBD URI, and for a pair a way to take a checkpoint. */
-interface Target {
-  uri: string;
-  /** one checkpoint (under the load `load`, if any); resolves with [pause ms, secondary checkpoint ms] */
-  checkpoint?: (load: ChildProcess | null) => Promise<[number, number] | null>;
-  /** the processes that serve and replicate, for CPU accounting */
-  pids: number[];
-  stop(): Promise<void>;
-}
-
-// ---- lockstep -----------------------------------------------------------------------------
-
-async function lockstepSingle(dir: string): Promise<Target> {
-  const local = join(dir, 'primary.qcow2');
-  await createQcow2(local, { size: SIZE_MIB * MiB });
-  const sock = join(dir, 'disk.sock');
-  const proc = await startLockstep(dir, 'single', [
-    '--blockdev', `driver=qcow2,node-name=local0,file.driver=file,file.filename=${local}`,
-    '--blockdev', 'driver=quorum,node-name=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0=local0',
-  ]);
-  await proc.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
-  await proc.qmp.execute('block-export-add', { type: 'nbd', id: 'disk', 'node-name': 'colo-disk0', name: 'disk', writable: true });
-  return { uri: `nbd+unix:///disk?socket=${sock}`, pids: [proc.child.pid!], stop: () => proc.quit() };
-}
-
-function newPair(dir: string, heartbeat = { heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500 }): PairSupervisor {
-  return new PairSupervisor({
-    dataDir: dir,
-    size: SIZE_MIB * MiB,
-    checkpointIntervalMs: 0,
-    ...heartbeat,
-    failover: 'auto',
-    nbdSocket: join(dir, 'disk.sock'),
-    log: (level, msg) => {
-      if (level === 'error') console.error(`  [pair] ${msg}`);
-    },
-  });
-}
-
-async function lockstepPair(dir: string): Promise<Target> {
-  const sup = newPair(dir);
-  await sup.start();
+  const opt = (name: string): string | undefined => {
+    const i = args.indexOf(`--${name}`);
+    if (i < 0) return undefined;
+    const v = args[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new Error(`--${name} needs a value`);
+    return v;
+  };
+  const positive = (what: string, v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`${what} must be a positive number, got '${v}'`);
+    return n;
+  };
+  const num = (name: string, dflt: number): number => {
+    const v = opt(name);
+    return v === undefined ? dflt : positive(`--${name}`, v);
+  };
+  const names = (opt('workloads') ?? '4k,1M').split(',');
+  for (const n of names) {
+    if (!WORKLOADS.some((w) => w.name === n)) throw new Error(`--workloads: unknown workload '${n}' (known: 4k, 1M)`);
+  }
   return {
-    uri: `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`,
-    checkpoint: async () => {
-      const r = await sup.checkpoint();
-      return [r.pauseMs, r.checkpointMs];
-    },
-    pids: [childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp'))],
-    stop: () => sup.stop(),
+    seconds: num('seconds', 5),
+    sizeMiB: num('size-mib', 1024),
+    rounds: Math.floor(num('rounds', 3)),
+    rates: (opt('rates') ?? '1,10,40,100').split(',').map((r) => positive('--rates', r)),
+    withQemu: !args.includes('--no-qemu'),
+    workloads: WORKLOADS.filter((w) => names.includes(w.name)),
   };
 }
 
-// ---- QEMU (same graph) --------------------------------------------------------------------
-
-async function qemuPrimary(dir: string, local: string): Promise<Proc> {
-  return startQemu(dir, 'primary', [
-    '-drive', `if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.driver=qcow2,children.0.file.filename=${local}`,
-  ]);
-}
-
-async function qemuServe(proc: Proc, device: string, sock: string): Promise<string> {
-  await proc.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
-  await proc.qmp.execute('nbd-server-add', { device, name: 'disk', writable: true });
-  return `nbd+unix:///disk?socket=${sock}`;
-}
-
-async function qemuSingle(dir: string): Promise<Target> {
-  const local = join(dir, 'primary.qcow2');
-  sh('qemu-img', ['create', '-q', '-f', 'qcow2', local, `${SIZE_MIB}M`]);
-  const proc = await qemuPrimary(dir, local);
-  const uri = await qemuServe(proc, 'colo-disk0', join(dir, 'disk.sock'));
-  return { uri, pids: [proc.child.pid!], stop: () => proc.quit() };
-}
-
-interface QemuPair {
-  primary: Proc;
-  secondary: Proc;
-  secSock: string;
-  active: string;
-  /** how long the last `stop` that drained took (the barrier's time limit follows it) */
-  lastStopMs: number;
-}
-
-async function qemuPairStart(dir: string): Promise<QemuPair> {
-  const f = (n: string) => join(dir, n);
-  for (const n of ['primary.qcow2', 'secondary.qcow2', 'active.qcow2', 'hidden.qcow2']) {
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', f(n), `${SIZE_MIB}M`]);
-  }
-  const secSock = f('secondary-nbd.sock');
-  const secondary = await startQemu(dir, 'secondary', [
-    '-drive', `if=none,id=parent0,driver=qcow2,file.filename=${f('secondary.qcow2')}`,
-    '-drive',
-    `if=none,id=childs0,driver=replication,mode=secondary,top-id=childs0,file.driver=qcow2,file.file.filename=${f('active.qcow2')},` +
-      `file.backing.driver=qcow2,file.backing.file.filename=${f('hidden.qcow2')},file.backing.backing=parent0`,
-  ]);
-  await secondary.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: secSock } } });
-  await secondary.qmp.execute('nbd-server-add', { device: 'parent0', writable: true });
-  const primary = await qemuPrimary(dir, f('primary.qcow2'));
-  // the same start order as the supervisor: initial sync, secondary, then the primary's filter
-  await primary.qmp.execute('drive-mirror', {
-    'job-id': 'resync', device: 'colo-disk0', target: `nbd+unix:///parent0?socket=${secSock}`, mode: 'existing', format: 'raw', sync: 'full',
-  });
-  await primary.qmp.waitEvent('BLOCK_JOB_READY', (d) => d.device === 'resync', 60_000);
-  await primary.qmp.execute('block-job-cancel', { device: 'resync' });
-  await primary.qmp.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === 'resync', 60_000);
-  await secondary.qmp.execute('xen-set-replication', { enable: true, primary: false });
-  await primary.qmp.execute('blockdev-add', {
-    driver: 'replication', 'node-name': 'replication0', mode: 'primary',
-    file: { driver: 'nbd', server: { type: 'unix', path: secSock }, export: 'parent0' },
-  });
-  await primary.qmp.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
-  await primary.qmp.execute('xen-set-replication', { enable: true, primary: true });
-  return { primary, secondary, secSock, active: f('active.qcow2'), lastStopMs: 250 };
-}
-
-/**
- * QEMU has no block-io-hold, and xen-colo-do-checkpoint under forwarded writes aborts its
- * secondary ("First cluster in emptied image is in use"). So the checkpoint is taken the way
- * COLO takes it with a VM: the guest stops (the load is frozen with SIGSTOP), the primary
- * drains and flushes (`stop`), the secondary checkpoints, and both resume.
- * When fio is frozen between a request's header and its payload, QEMU's drain waits for the
- * payload forever: past a limit (4x the last good `stop`, within 50..1000 ms: `stop` also
- * flushes, which legitimately takes longer at low rates) the load is let go, the barrier
- * given up and the checkpoint skipped (null); the stall stays in the throughput figures. Requests that fio sent before the freeze and that QEMU had not
- * yet read can still arrive during the checkpoint: a residual race of this emulation.
- * Resolves with [pause ms, secondary checkpoint ms], or null when skipped.
- */
-async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[number, number] | null> {
-  const t0 = nowMs();
-  load?.kill('SIGSTOP');
-  let frozen = load !== null;
-  try {
-    const stopped = p.primary.qmp.execute('stop');
-    const limit = Math.min(1000, Math.max(50, 4 * p.lastStopMs));
-    const drained = await Promise.race([stopped.then(() => true), sleep(limit).then(() => false)]);
-    if (!drained) {
-      load?.kill('SIGCONT');
-      frozen = false;
-      await stopped;
-      await p.primary.qmp.execute('cont');
-      return null;
-    }
-    const t1 = nowMs();
-    p.lastStopMs = t1 - t0;
-    await p.secondary.qmp.execute('xen-colo-do-checkpoint');
-    const t2 = nowMs();
-    await p.primary.qmp.execute('cont');
-    return [nowMs() - t0, t2 - t1];
-  } finally {
-    if (frozen) load?.kill('SIGCONT');
-  }
-}
-
-async function qemuPair(dir: string): Promise<Target> {
-  const p = await qemuPairStart(dir);
-  const uri = await qemuServe(p.primary, 'colo-disk0', join(dir, 'disk.sock'));
-  return {
-    uri,
-    checkpoint: (load) => qemuCheckpoint(p, load),
-    pids: [p.primary.child.pid!, p.secondary.child.pid!],
-    stop: async () => {
-      await p.primary.quit();
-      await p.secondary.quit();
-    },
-  };
+/** The context of one bench run: options, the processes it has running, the kernel's clock rate. */
+interface Bench extends BenchContext {
+  o: Options;
+  clockTicks: number;
 }
 
 // ---- one measured run ---------------------------------------------------------------------
 
-/** Records the target's processes in `live` until it is stopped. */
-function track(t: Target): Target {
-  for (const pid of t.pids) live.add(pid);
-  const stop = t.stop;
-  return {
-    ...t,
-    stop: async () => {
-      await stop();
-      for (const pid of t.pids) live.delete(pid);
-    },
-  };
-}
 
 interface RunResult extends FioResult {
   pauses: number[];
@@ -335,8 +103,9 @@ interface RunResult extends FioResult {
   achievedRate: number;
   /** checkpoints given up (QEMU's emulated barrier only) */
   skipped: number;
-  /** CPU time of the serving processes per request, microseconds */
+  /** CPU time of the serving processes per request, microseconds: in all, and per process */
   cpuUsPerReq: number;
+  cpuSplitUs: number[];
 }
 
 /** Checkpoints one after the other, paced to `rate` per second, until `stopped` says so. */
@@ -368,6 +137,7 @@ async function driveCheckpoints(
 }
 
 async function measure(
+  b: Bench,
   kind: Kind,
   config: 'off' | 'pair' | number,
   w: { bs: string; depth: number },
@@ -376,12 +146,11 @@ async function measure(
 ): Promise<RunResult> {
   const dir = join(root, `${kind}-${String(config)}-${w.bs}-${seq}`);
   mkdirSync(dir, { recursive: true });
-  const target = track(
-    await (config === 'off' ? (kind === 'lockstep' ? lockstepSingle(dir) : qemuSingle(dir)) : kind === 'lockstep' ? lockstepPair(dir) : qemuPair(dir)),
-  );
+  const make = config === 'off' ? (kind === 'lockstep' ? lockstepSingle : qemuSingle) : kind === 'lockstep' ? lockstepPair : qemuPair;
+  const target = track(b, await make(b, dir));
   try {
-    const cpu0 = target.pids.map(cpuSeconds);
-    const run = fio(target.uri, w.bs, w.depth, SECONDS);
+    const cpu0 = target.pids.map((pid) => cpuSeconds(pid, b.clockTicks));
+    const run = fio(b, target.uri, w.bs, w.depth, b.o.seconds);
     let ended = false;
     const done = run.done.finally(() => {
       ended = true;
@@ -394,81 +163,19 @@ async function measure(
       run.child.kill('SIGKILL');
       throw e;
     })]);
-    const cpu = target.pids.reduce((a, pid, i) => a + cpuSeconds(pid) - cpu0[i]!, 0);
-    return { ...res, ...cp, cpuUsPerReq: (cpu * 1e6) / res.ios };
+    const split = target.pids.map((pid, i) => ((cpuSeconds(pid, b.clockTicks) - cpu0[i]!) * 1e6) / res.ios);
+    return { ...res, ...cp, cpuUsPerReq: split.reduce((x, y) => x + y, 0), cpuSplitUs: split };
   } finally {
     await target.stop();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-// ---- failover -----------------------------------------------------------------------------
-
-/**
- * Reads 4 KiB from the served disk until it works; resolves with the time it first did.
- * Attempts overlap (a new one every 5 ms): a connection to a frozen primary hangs until its
- * timeout, and must not hide the moment the secondary starts serving.
- */
-async function firstRead(sock: string, deadlineMs: number): Promise<number> {
-  const attempt = async (): Promise<number> => {
-    const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk', connectTimeoutMs: 250 });
-    const read = c.read(0, 4096);
-    const timeout = sleep(250).then(() => {
-      throw new Error('read timed out');
-    });
-    try {
-      await Promise.race([read, timeout]);
-      return nowMs();
-    } finally {
-      read.catch(() => {});
-      void c.disconnect().catch(() => {});
-    }
-  };
-  return new Promise<number>((resolve, reject) => {
-    let pending = 0;
-    let settled = false;
-    const tick = (): void => {
-      if (settled) return;
-      if (nowMs() > deadlineMs) {
-        settled = true;
-        reject(new Error(`no successful read from ${sock} before the deadline`));
-        return;
-      }
-      if (pending < 200) {
-        pending++;
-        attempt().then(
-          (t) => {
-            pending--;
-            if (!settled) {
-              settled = true;
-              resolve(t);
-            }
-          },
-          () => {
-            pending--;
-          },
-        );
-      }
-      setTimeout(tick, 5);
-    };
-    tick();
-  });
-}
-
-const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
-
-/** User + system CPU seconds of a process so far (Linux /proc). */
-function cpuSeconds(pid: number): number {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
-}
-
 /** Checkpoints at 40/s with no load for `ms`: QMP round trips and an empty secondary checkpoint. */
-async function idleCheckpoints(kind: Kind, root: string, ms: number): Promise<number[][]> {
+async function idleCheckpoints(b: Bench, kind: Kind, root: string, ms: number): Promise<number[][]> {
   const dir = join(root, `${kind}-idle`);
   mkdirSync(dir, { recursive: true });
-  const target = track(await (kind === 'lockstep' ? lockstepPair(dir) : qemuPair(dir)));
+  const target = track(b, await (kind === 'lockstep' ? lockstepPair : qemuPair)(b, dir));
   try {
     const end = nowMs() + ms;
     const r = await driveCheckpoints(target, null, 40, () => nowMs() > end);
@@ -479,36 +186,26 @@ async function idleCheckpoints(kind: Kind, root: string, ms: number): Promise<nu
   }
 }
 
-/** The pid of our child `lockstep daemon` whose command line names `marker` (Linux /proc). */
-function childPid(marker: string): number {
-  for (const task of readdirSync(`/proc/${process.pid}/task`)) {
-    const kids = readFileSync(`/proc/${process.pid}/task/${task}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
-    for (const k of kids) {
-      const cmd = readFileSync(`/proc/${k}/cmdline`, 'utf8');
-      if (cmd.includes(marker)) return Number(k);
-    }
-  }
-  throw new Error(`no child process with '${marker}' in its command line`);
-}
+// ---- failover -----------------------------------------------------------------------------
 
 interface FailoverTimes {
   eventMs: number;
   servedMs: number;
 }
 
-async function lockstepFailover(root: string, round: number, how: 'kill' | 'freeze'): Promise<FailoverTimes> {
+async function lockstepFailover(b: Bench, root: string, round: number, how: 'kill' | 'freeze'): Promise<FailoverTimes> {
   const dir = join(root, `failover-${how}-${round}`);
   mkdirSync(dir, { recursive: true });
-  const sup = newPair(dir, { heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs, heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs });
+  const sup = newPair(b, dir, { heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs, heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs });
   let frozen = 0;
   let load: FioRun | null = null;
   const pids: number[] = [];
   try {
     await sup.start();
     pids.push(childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp')));
-    for (const pid of pids) live.add(pid);
+    for (const pid of pids) b.live.add(pid);
     const sock = join(dir, 'disk.sock');
-    load = fio(`nbd+unix:///disk?socket=${sock}`, '4k', 16, 60);
+    load = fio(b, `nbd+unix:///disk?socket=${sock}`, '4k', 16, 60);
     load.done.catch(() => {});
     await sleep(500);
     await sup.checkpoint();
@@ -529,22 +226,22 @@ async function lockstepFailover(root: string, round: number, how: 'kill' | 'free
     load?.child.kill('SIGKILL');
     if (frozen) process.kill(frozen, 'SIGKILL');
     await sup.stop();
-    for (const pid of pids) live.delete(pid);
+    for (const pid of pids) b.live.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
 /** QEMU: kill the primary, fail over the secondary at once, export the recovered disk. */
-async function qemuFailover(root: string, round: number): Promise<FailoverTimes> {
+async function qemuFailover(b: Bench, root: string, round: number): Promise<FailoverTimes> {
   const dir = join(root, `qemu-failover-${round}`);
   mkdirSync(dir, { recursive: true });
-  const p = await qemuPairStart(dir);
+  const p = await qemuPairStart(b, dir);
   const pids = [p.primary.child.pid!, p.secondary.child.pid!];
-  for (const pid of pids) live.add(pid);
+  for (const pid of pids) b.live.add(pid);
   let load: FioRun | null = null;
   try {
     const sock = join(dir, 'disk.sock');
-    load = fio(await qemuServe(p.primary, 'colo-disk0', sock), '4k', 16, 60);
+    load = fio(b, await qemuServe(p.primary, 'colo-disk0', sock), '4k', 16, 60);
     load.done.catch(() => {});
     await sleep(500);
     await qemuCheckpoint(p, load.child);
@@ -570,7 +267,7 @@ async function qemuFailover(root: string, round: number): Promise<FailoverTimes>
     load?.child.kill('SIGKILL');
     await p.primary.kill();
     await p.secondary.quit();
-    for (const pid of pids) live.delete(pid);
+    for (const pid of pids) b.live.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -585,23 +282,24 @@ function configName(c: 'off' | 'pair' | number): string {
   return c === 'off' ? '(a) replication off' : c === 'pair' ? '(b) pair, no checkpoints' : `(c) pair, ${c} checkpoints/s`;
 }
 
-async function main(): Promise<void> {
-  for (const tool of ['fio', ...(WITH_QEMU ? ['qemu-system-x86_64', 'qemu-img'] : [])]) {
+async function main(b: Bench): Promise<void> {
+  const o = b.o;
+  for (const tool of ['fio', ...(o.withQemu ? ['qemu-system-x86_64', 'qemu-img'] : [])]) {
     if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} is not installed`);
   }
   const root = mkdtempSync(join(tmpdir(), 'lockstep-bench-pair-'));
   const started = Date.now();
-  const kinds: Kind[] = WITH_QEMU ? ['lockstep', 'qemu'] : ['lockstep'];
-  const configs: Array<'off' | 'pair' | number> = ['off', 'pair', ...RATES];
+  const kinds: Kind[] = o.withQemu ? ['lockstep', 'qemu'] : ['lockstep'];
+  const configs: Array<'off' | 'pair' | number> = ['off', 'pair', ...o.rates];
   const md: string[] = [];
   const load = () => loadavg().map((x) => x.toFixed(2)).join(' ');
-  console.log(`bench/pair: ${SIZE_MIB} MiB disk, ${SECONDS} s per run, fio nbd engine, random writes; every run on new images`);
+  console.log(`bench/pair: ${o.sizeMiB} MiB disk, ${o.seconds} s per run, fio nbd engine, random writes; every run on new images`);
   console.log(`${cpus().length} CPUs, load average at start ${load()}`);
   try {
     let seq = 0;
     const idle: number[][][] = [];
-    for (const kind of kinds) idle.push(await within(idleCheckpoints(kind, root, 1500), 60_000, `${kind} idle checkpoints`));
-    for (const w of WORKLOADS) {
+    for (const kind of kinds) idle.push(await within(idleCheckpoints(b, kind, root, 1500), 60_000, `${kind} idle checkpoints`));
+    for (const w of o.workloads) {
       const res = new Map<string, RunResult>();
       const failed = new Map<string, string>();
       for (const c of configs) {
@@ -609,12 +307,12 @@ async function main(): Promise<void> {
           const what = `${w.bs} depth ${w.depth} ${configName(c)} ${kind}`;
           let r: RunResult;
           try {
-            r = await within(measure(kind, c, w, root, seq++), SECONDS * 1000 + 60_000, what);
+            r = await within(measure(b, kind, c, w, root, seq++), o.seconds * 1000 + 60_000, what);
           } catch (e) {
             // QEMU's side of (c) rests on an emulated barrier: report its failure, go on
             if (kind !== 'qemu' || typeof c !== 'number') throw e;
             failed.set(`${kind}/${String(c)}`, errorMessage(e));
-            killLive();
+            killLive(b);
             console.log(`${what}: FAILED: ${errorMessage(e)}`);
             continue;
           }
@@ -622,12 +320,12 @@ async function main(): Promise<void> {
           const cp = r.pauses.length
             ? `, ${r.pauses.length} checkpoints (${f1(r.achievedRate)}/s${r.skipped ? `, ${r.skipped} skipped` : ''}), pause median ${f2(quantile(r.pauses, 0.5))} ms p99 ${f2(quantile(r.pauses, 0.99))} ms`
             : '';
-          console.log(`${w.bs} depth ${w.depth} ${configName(c)} ${kind}: ${f1(r.bwBytes / MiB)} MiB/s, ${r.iops.toFixed(0)} IOPS, clat p50 ${us(r.p50Us)} p99 ${us(r.p99Us)}, CPU ${r.cpuUsPerReq.toFixed(0)} us/request${cp}`);
+          console.log(`${w.bs} depth ${w.depth} ${configName(c)} ${kind}: ${f1(r.bwBytes / MiB)} MiB/s, ${r.iops.toFixed(0)} IOPS, clat p50 ${us(r.p50Us)} p99 ${us(r.p99Us)}, CPU ${r.cpuUsPerReq.toFixed(0)} us/request${r.cpuSplitUs.length > 1 ? ` (primary ${r.cpuSplitUs[0]!.toFixed(0)} + secondary ${r.cpuSplitUs[1]!.toFixed(0)})` : ''}${cp}`);
         }
       }
       md.push('', `${w.bs} random writes, iodepth ${w.depth}:`, '');
       md.push(
-        WITH_QEMU
+        o.withQemu
           ? '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) | QEMU MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) | lockstep/QEMU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
           : '| config | lockstep MiB/s | IOPS | clat p50 | clat p99 | CPU/req | vs (a) |\n|---|---|---|---|---|---|---|',
       );
@@ -639,7 +337,7 @@ async function main(): Promise<void> {
           if (r) cells.push(f1(r.bwBytes / MiB), r.iops.toFixed(0), us(r.p50Us), us(r.p99Us), us(r.cpuUsPerReq), f2(r.bwBytes / base.bwBytes));
           else cells.push('failed', '-', '-', '-', '-', '-');
         }
-        if (WITH_QEMU) {
+        if (o.withQemu) {
           const q = res.get(`qemu/${String(c)}`);
           cells.push(q ? f2(res.get(`lockstep/${String(c)}`)!.bwBytes / q.bwBytes) : '-');
         }
@@ -650,12 +348,12 @@ async function main(): Promise<void> {
       md.push(
         '| rate asked | lockstep rate | pause median | pause p99 | pause max | secondary median | hold+release median | QEMU rate | QEMU pause median | p99 | secondary median |\n|---|---|---|---|---|---|---|---|---|---|---|',
       );
-      for (const rate of RATES) {
+      for (const rate of o.rates) {
         const l = res.get(`lockstep/${rate}`)!;
         const q = res.get(`qemu/${rate}`) ?? null;
         md.push(
           `| ${rate}/s | ${f1(l.achievedRate)}/s | ${f2(quantile(l.pauses, 0.5))} ms | ${f2(quantile(l.pauses, 0.99))} ms | ${f2(quantile(l.pauses, 1))} ms | ` +
-            `${f2(quantile(l.secondaryMs, 0.5))} ms | ${f2(quantile(l.pauses.map((x, i) => x - l.secondaryMs[i]!), 0.5))} ms | ${q ? `${f1(q.achievedRate)}/s${q.skipped ? ` (${q.skipped} skipped)` : ''}` : WITH_QEMU ? 'failed' : '-'} | ${q ? `${f2(quantile(q.pauses, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q.secondaryMs, 0.5))} ms` : '-'} |`,
+            `${f2(quantile(l.secondaryMs, 0.5))} ms | ${f2(quantile(l.pauses.map((x, i) => x - l.secondaryMs[i]!), 0.5))} ms | ${q ? `${f1(q.achievedRate)}/s${q.skipped ? ` (${q.skipped} skipped)` : ''}` : o.withQemu ? 'failed' : '-'} | ${q ? `${f2(quantile(q.pauses, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q.pauses, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q.secondaryMs, 0.5))} ms` : '-'} |`,
         );
       }
       if (idle.length) {
@@ -678,19 +376,19 @@ async function main(): Promise<void> {
 
     const budget = PAIR_DEFAULTS.heartbeatTimeoutMs + 1000;
     const fo: Record<string, FailoverTimes[]> = { kill: [], freeze: [], qemu: [] };
-    for (let r = 0; r < ROUNDS; r++) {
+    for (let r = 0; r < o.rounds; r++) {
       for (const how of ['kill', 'freeze'] as const) {
-        const t = await within(lockstepFailover(root, r, how), 60_000, `lockstep failover (${how})`);
+        const t = await within(lockstepFailover(b, root, r, how), 60_000, `lockstep failover (${how})`);
         fo[how]!.push(t);
         console.log(`failover ${how} round ${r + 1}: failed-over event ${f1(t.eventMs)} ms, first read ${f1(t.servedMs)} ms after the ${how}`);
       }
-      if (WITH_QEMU) {
-        const t = await within(qemuFailover(root, r), 60_000, 'QEMU failover');
+      if (o.withQemu) {
+        const t = await within(qemuFailover(b, root, r), 60_000, 'QEMU failover');
         fo.qemu!.push(t);
         console.log(`failover QEMU round ${r + 1}: commit done ${f1(t.eventMs)} ms, first read ${f1(t.servedMs)} ms after the kill`);
       }
     }
-    md.push('', `Failover (4 KiB load running; heartbeat interval ${PAIR_DEFAULTS.heartbeatIntervalMs} ms, timeout ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; aim: served within ${budget} ms; ${ROUNDS} rounds):`, '');
+    md.push('', `Failover (4 KiB load running; heartbeat interval ${PAIR_DEFAULTS.heartbeatIntervalMs} ms, timeout ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; aim: served within ${budget} ms; ${o.rounds} rounds):`, '');
     md.push('| primary | to failed-over median | max | to first read median | max | aim |\n|---|---|---|---|---|---|');
     const foRow = (name: string, xs: FailoverTimes[], aim: boolean) => {
       const e = xs.map((x) => x.eventMs);
@@ -700,7 +398,7 @@ async function main(): Promise<void> {
     };
     foRow('lockstep, killed (SIGKILL; the supervisor sees the exit)', fo.kill!, true);
     foRow('lockstep, frozen (SIGSTOP; only the heartbeat sees it)', fo.freeze!, true);
-    if (WITH_QEMU) {
+    if (o.withQemu) {
       foRow('QEMU 7.2, killed; the bench fails over at once (commit, then export)', fo.qemu!, false);
       const ratio = quantile(fo.qemu!.map((x) => x.servedMs), 0.5) / quantile(fo.kill!.map((x) => x.servedMs), 0.5);
       md.push('', `killed primary, time to first read, QEMU/lockstep median: ${f2(ratio)} (>1: lockstep faster)`);
@@ -712,11 +410,19 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(
+let options: Options;
+try {
+  options = parseOptions(process.argv.slice(2));
+} catch (e) {
+  console.error(`bench/pair: ${errorMessage(e)}`);
+  process.exit(2);
+}
+const bench: Bench = { o: options, sizeMiB: options.sizeMiB, live: new Set(), clockTicks: Number(sh('getconf', ['CLK_TCK']).trim()) || 100 };
+main(bench).then(
   () => process.exit(0),
   (e: unknown) => {
     console.error(e);
-    killLive();
+    killLive(bench);
     process.exit(1);
   },
 );
