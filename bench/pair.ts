@@ -196,7 +196,7 @@ interface FailoverTimes {
 async function lockstepFailover(b: Bench, root: string, round: number, how: 'kill' | 'freeze'): Promise<FailoverTimes> {
   const dir = join(root, `failover-${how}-${round}`);
   mkdirSync(dir, { recursive: true });
-  const sup = newPair(b, dir, { heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs, heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs });
+  const sup = newPair(b, dir);
   let frozen = 0;
   let load: FioRun | null = null;
   const pids: number[] = [];

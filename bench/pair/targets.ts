@@ -3,7 +3,7 @@
 
 import type { ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { PairSupervisor } from '../../src/pair/supervisor.js';
+import { PairSupervisor, PAIR_DEFAULTS } from '../../src/pair/supervisor.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { startLockstep, startQemu, type Proc } from '../../test/helpers/processes.js';
 import { MiB, childPid, nowMs, sh, sleep, type BenchContext } from './util.js';
@@ -48,12 +48,14 @@ export async function lockstepSingle(ctx: BenchContext, dir: string): Promise<Ta
   return { uri: `nbd+unix:///disk?socket=${sock}`, pids: [proc.child.pid!], stop: () => proc.quit() };
 }
 
-export function newPair(ctx: BenchContext, dir: string, heartbeat = { heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500 }): PairSupervisor {
+/** A pair with the supervisor's heartbeat defaults and no automatic checkpoints. */
+export function newPair(ctx: BenchContext, dir: string): PairSupervisor {
   return new PairSupervisor({
     dataDir: dir,
     size: ctx.sizeMiB * MiB,
     checkpointIntervalMs: 0,
-    ...heartbeat,
+    heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs,
+    heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs,
     failover: 'auto',
     nbdSocket: join(dir, 'disk.sock'),
     log: (level, msg) => {
@@ -64,14 +66,21 @@ export function newPair(ctx: BenchContext, dir: string, heartbeat = { heartbeatI
 
 export async function lockstepPair(ctx: BenchContext, dir: string): Promise<Target> {
   const sup = newPair(ctx, dir);
-  await sup.start();
+  let pids: number[];
+  try {
+    await sup.start();
+    pids = [childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp'))];
+  } catch (e) {
+    await sup.stop().catch(() => {});
+    throw e;
+  }
   return {
     uri: `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`,
     checkpoint: async () => {
       const r = await sup.checkpoint();
       return [r.pauseMs, r.checkpointMs];
     },
-    pids: [childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp'))],
+    pids,
     stop: () => sup.stop(),
   };
 }
@@ -119,9 +128,21 @@ export async function qemuPairStart(ctx: BenchContext, dir: string): Promise<Qem
     `if=none,id=childs0,driver=replication,mode=secondary,top-id=childs0,file.driver=qcow2,file.file.filename=${f('active.qcow2')},` +
       `file.backing.driver=qcow2,file.backing.file.filename=${f('hidden.qcow2')},file.backing.backing=parent0`,
   ]);
-  await secondary.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: secSock } } });
-  await secondary.qmp.execute('nbd-server-add', { device: 'parent0', writable: true });
-  const primary = await qemuPrimary(dir, f('primary.qcow2'));
+  let primary: Proc | null = null;
+  try {
+    await secondary.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: secSock } } });
+    await secondary.qmp.execute('nbd-server-add', { device: 'parent0', writable: true });
+    primary = await qemuPrimary(dir, f('primary.qcow2'));
+    await qemuStartReplication(primary, secondary, secSock);
+  } catch (e) {
+    await primary?.kill();
+    await secondary.kill();
+    throw e;
+  }
+  return { primary, secondary, secSock, active: f('active.qcow2'), lastStopMs: 250 };
+}
+
+async function qemuStartReplication(primary: Proc, secondary: Proc, secSock: string): Promise<void> {
   // the same start order as the supervisor: initial sync, secondary, then the primary's filter
   await primary.qmp.execute('drive-mirror', {
     'job-id': 'resync', device: 'colo-disk0', target: `nbd+unix:///parent0?socket=${secSock}`, mode: 'existing', format: 'raw', sync: 'full',
@@ -136,7 +157,6 @@ export async function qemuPairStart(ctx: BenchContext, dir: string): Promise<Qem
   });
   await primary.qmp.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
   await primary.qmp.execute('xen-set-replication', { enable: true, primary: true });
-  return { primary, secondary, secSock, active: f('active.qcow2'), lastStopMs: 250 };
 }
 
 /**
@@ -147,8 +167,9 @@ export async function qemuPairStart(ctx: BenchContext, dir: string): Promise<Qem
  * When fio is frozen between a request's header and its payload, QEMU's drain waits for the
  * payload forever: past a limit (4x the last good `stop`, within 50..1000 ms: `stop` also
  * flushes, which legitimately takes longer at low rates) the load is let go, the barrier
- * given up and the checkpoint skipped (null); the stall stays in the throughput figures. Requests that fio sent before the freeze and that QEMU had not
- * yet read can still arrive during the checkpoint: a residual race of this emulation.
+ * given up and the checkpoint skipped (null); the stall stays in the throughput figures.
+ * Requests that fio sent before the freeze and that QEMU had not yet read can still arrive
+ * during the checkpoint: a residual race of this emulation.
  * Resolves with [pause ms, secondary checkpoint ms], or null when skipped.
  */
 export async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[number, number] | null> {
