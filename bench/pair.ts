@@ -30,6 +30,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PAIR_DEFAULTS } from '../src/pair/supervisor.js';
 import { errorMessage } from '../src/errors.js';
+import { QmpClient } from '../src/qmp/client.js';
 import {
   MiB, childPid, cpuSeconds, fio, firstRead, killLive, nowMs, quantile, sh, sleep, within,
   type BenchContext, type FioResult, type FioRun,
@@ -182,6 +183,60 @@ async function idleCheckpoints(b: Bench, kind: Kind, root: string, ms: number): 
     return [r.pauses, r.secondaryMs];
   } finally {
     await target.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Where a lockstep pause goes, at 40/s under the 4 KiB load: the bench takes the checkpoints
+ * itself, with the supervisor's three commands over its own QMP connections to the daemons,
+ * and times each step, with a `query-version` round trip to the primary just before as the
+ * cost of a bare QMP exchange at that moment.
+ */
+async function pauseBreakdown(b: Bench, root: string): Promise<Record<string, number[]>> {
+  const dir = join(root, 'pause-breakdown');
+  mkdirSync(dir, { recursive: true });
+  const sup = newPair(b, dir);
+  const out: Record<string, number[]> = { rtt: [], hold: [], secondary: [], release: [], pause: [] };
+  let p: QmpClient | null = null;
+  let s: QmpClient | null = null;
+  const pids: number[] = [];
+  try {
+    await sup.start();
+    pids.push(childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp')));
+    for (const pid of pids) b.live.add(pid);
+    p = await QmpClient.open({ path: join(dir, 'primary.qmp') });
+    s = await QmpClient.open({ path: join(dir, 'secondary.qmp') });
+    const run = fio(b, `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`, '4k', 16, b.o.seconds);
+    let ended = false;
+    const done = run.done.finally(() => (ended = true));
+    const t0 = nowMs();
+    for (let k = 1; !ended; k++) {
+      const wait = t0 + k * 25 - nowMs();
+      if (wait > 0) await sleep(wait);
+      if (ended) break;
+      const a = nowMs();
+      await p.execute('query-version');
+      const t1 = nowMs();
+      await p.execute('block-io-hold', { 'node-name': 'colo-disk0' });
+      const t2 = nowMs();
+      await s.execute('xen-colo-do-checkpoint');
+      const t3 = nowMs();
+      await p.execute('block-io-release', { 'node-name': 'colo-disk0' });
+      const t4 = nowMs();
+      out.rtt!.push(t1 - a);
+      out.hold!.push(t2 - t1);
+      out.secondary!.push(t3 - t2);
+      out.release!.push(t4 - t3);
+      out.pause!.push(t4 - t1);
+    }
+    await done;
+    return out;
+  } finally {
+    p?.close();
+    s?.close();
+    await sup.stop();
+    for (const pid of pids) b.live.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -372,6 +427,20 @@ async function main(b: Bench): Promise<void> {
         md.push('', `aim at 40/s, ${w.bs}: throughput ${f2(ratio)}x unreplicated (aim >= 0.8: ${ratio >= 0.8 ? 'reached' : 'NOT reached'}); ` +
           `pause p99 ${f2(p99)} ms (aim < 5 ms: ${p99 < 5 ? 'reached' : 'NOT reached'})`);
       }
+    }
+
+    if (o.workloads.some((w) => w.name === '4k')) {
+      const pb = await within(pauseBreakdown(b, root), o.seconds * 1000 + 60_000, 'pause breakdown');
+      md.push('', `Where a lockstep pause goes (4 KiB load, 40 checkpoints/s taken by the bench over its own QMP connections, ${pb.pause!.length} checkpoints):`, '');
+      md.push('| step | median | p99 |\n|---|---|---|');
+      const names: Array<[string, string]> = [
+        ['rtt', 'bare QMP round trip to the primary (query-version), just before'],
+        ['hold', 'block-io-hold on the primary (round trip + drain of in-flight writes and their forwards)'],
+        ['secondary', 'xen-colo-do-checkpoint on the secondary'],
+        ['release', 'block-io-release on the primary'],
+        ['pause', 'pause (hold + checkpoint + release)'],
+      ];
+      for (const [k, label] of names) md.push(`| ${label} | ${f2(quantile(pb[k]!, 0.5))} ms | ${f2(quantile(pb[k]!, 0.99))} ms |`);
     }
 
     const budget = PAIR_DEFAULTS.heartbeatTimeoutMs + 1000;
