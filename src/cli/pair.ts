@@ -12,10 +12,17 @@ import type { QmpClientAddress } from '../qmp/client.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status|checkpoint|failover [--data-dir DIR | --control PATH]
+       lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
 copies the disk once, starts replication, serves the primary's disk over NBD, takes a
 consistent checkpoint every interval and fails over to the secondary when the primary dies.
+
+Two hosts: run 'lockstep pair host' on each (a lockstep daemon whose QMP monitor listens on
+HOST:PORT with TLS), then 'lockstep pair run' on the secondary's host (or a third one) with
+--primary-qmp, --secondary-qmp and --tls-dir. The TLS directory holds ca-cert.pem and
+server-cert.pem/server-key.pem (the daemons) and client-cert.pem/client-key.pem (the
+primary's forwarding and the supervisor); both ends of every connection verify the peer.
 
 Options:
   --data-dir DIR             images, sockets and logs (default ./lockstep-data)
@@ -27,9 +34,25 @@ Options:
   --nbd-socket PATH          serve the disk on this Unix socket (default DATA/disk.sock)
   --nbd-port N               and on 127.0.0.1:N (default 10809; 0 = no TCP)
   --metrics HOST:PORT        Prometheus endpoint (/metrics)
+  --nbd-host HOST            the TCP address the disk is served on (default 127.0.0.1)
   --primary-qmp ADDR         attach to a running primary daemon (PATH or HOST:PORT)
   --secondary-qmp ADDR       attach to a running secondary daemon
+  --primary-dir DIR          images on the primary's host (default: --data-dir)
+  --secondary-dir DIR        images on the secondary's host (default: --data-dir)
+  --secondary-nbd HOST:PORT  where the primary forwards writes to (default: the secondary's
+                             QMP host, port 10810; a Unix socket on one host)
+  --tls-dir DIR              the supervisor's certificates (ca-cert.pem, client-cert.pem,
+                             client-key.pem) for TLS to the daemons
+  --tls-creds ID             the daemons' server credentials object (default tls0)
+  --tls-client-creds ID      the primary daemon's client credentials object (default tls1)
+  --insecure                 allow plain TCP between hosts (no TLS)
   --control PATH             the supervisor's control socket (default DATA/pair.sock)
+
+pair host options:
+  --listen HOST:PORT         the QMP monitor's address (required)
+  --tls-dir DIR              certificates; creates objects tls0 (server) and tls1 (client)
+  --insecure                 plain TCP (passed to the daemon)
+  any other option is passed to 'lockstep daemon' as it is
 `;
 
 function parseDuration(text: string, name: string): number {
@@ -46,11 +69,67 @@ function parseAddress(text: string, name: string): QmpClientAddress {
   throw new Error(`--${name}: expected a socket path or HOST:PORT, got '${text}'`);
 }
 
+function parseHostPort(text: string, name: string): { host: string; port: number } {
+  const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(text);
+  const port = m ? Number(m[2]) : NaN;
+  if (!m || !Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`--${name}: expected HOST:PORT, got '${text}'`);
+  return { host: m[1]!, port };
+}
+
+/** `lockstep pair host`: a daemon ready to be one side of a pair on its own host. */
+async function runHost(argv: string[]): Promise<number> {
+  const rest: string[] = [];
+  let listen: string | undefined;
+  let tlsDir: string | undefined;
+  let insecure = false;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = (): string => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    if (a === '--listen') listen = value();
+    else if (a.startsWith('--listen=')) listen = a.slice(9);
+    else if (a === '--tls-dir') tlsDir = value();
+    else if (a.startsWith('--tls-dir=')) tlsDir = a.slice(10);
+    else if (a === '--insecure') insecure = true;
+    else rest.push(a);
+  }
+  if (!listen) throw new Error('pair host: --listen HOST:PORT is required');
+  const { host, port } = parseHostPort(listen, 'listen');
+  if (!tlsDir && !insecure) throw new Error('pair host: give --tls-dir DIR (TLS, both ends verified) or --insecure (plain TCP)');
+  const dargs: string[] = [];
+  if (tlsDir) {
+    const dir = resolve(tlsDir);
+    dargs.push(
+      '--object', `tls-creds-x509,id=tls0,dir=${dir},endpoint=server,verify-peer=on`,
+      '--object', `tls-creds-x509,id=tls1,dir=${dir},endpoint=client`,
+    );
+  }
+  dargs.push(
+    '--chardev', `socket,id=pair-mon,host=${host},port=${port},server=on,wait=off${tlsDir ? ',tls-creds=tls0' : ''}`,
+    '--monitor', 'chardev=pair-mon',
+    ...(insecure ? ['--insecure'] : []),
+    ...rest,
+  );
+  const daemon = await import('./daemon.js');
+  return daemon.run(dargs);
+}
+
 function log(level: string, msg: string, fields: Record<string, unknown> = {}): void {
   process.stderr.write(JSON.stringify({ time: new Date().toISOString(), level, component: 'pair', msg, ...fields }) + '\n');
 }
 
 export async function run(argv: string[]): Promise<number> {
+  if (argv[0] === 'host') {
+    try {
+      return await runHost(argv.slice(1));
+    } catch (e) {
+      process.stderr.write(`lockstep ${errorMessage(e)}\n`);
+      return 1;
+    }
+  }
   let parsed;
   try {
     parsed = parseArgs({
@@ -68,6 +147,14 @@ export async function run(argv: string[]): Promise<number> {
         metrics: { type: 'string' },
         'primary-qmp': { type: 'string' },
         'secondary-qmp': { type: 'string' },
+        'primary-dir': { type: 'string' },
+        'secondary-dir': { type: 'string' },
+        'secondary-nbd': { type: 'string' },
+        'nbd-host': { type: 'string' },
+        'tls-dir': { type: 'string' },
+        'tls-creds': { type: 'string' },
+        'tls-client-creds': { type: 'string' },
+        insecure: { type: 'boolean' },
         control: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -111,6 +198,12 @@ export async function run(argv: string[]): Promise<number> {
     const failover = v.failover ?? PAIR_DEFAULTS.failover;
     if (failover !== 'auto' && failover !== 'manual') throw new Error(`--failover: expected auto or manual, got '${failover}'`);
     const nbdPort = v['nbd-port'] !== undefined ? Number(v['nbd-port']) : PAIR_DEFAULTS.nbdPort;
+    const primaryQmp = v['primary-qmp'] ? parseAddress(v['primary-qmp'], 'primary-qmp') : undefined;
+    const secondaryQmp = v['secondary-qmp'] ? parseAddress(v['secondary-qmp'], 'secondary-qmp') : undefined;
+    // with a daemon on another host, its Unix socket path is on that host: the default
+    // user socket then lives in each side's own directory (chosen by the supervisor)
+    const remote = primaryQmp !== undefined || secondaryQmp !== undefined;
+    if ((v['tls-creds'] || v['tls-client-creds']) && !v['tls-dir']) throw new Error('--tls-creds and --tls-client-creds need --tls-dir');
     if (!Number.isInteger(nbdPort) || nbdPort < 0 || nbdPort > 65535) throw new Error(`--nbd-port: invalid port '${v['nbd-port']}'`);
     opts = {
       dataDir,
@@ -119,10 +212,17 @@ export async function run(argv: string[]): Promise<number> {
       heartbeatIntervalMs: v['heartbeat-interval'] ? parseDuration(v['heartbeat-interval'], 'heartbeat-interval') : PAIR_DEFAULTS.heartbeatIntervalMs,
       heartbeatTimeoutMs: v['heartbeat-timeout'] ? parseDuration(v['heartbeat-timeout'], 'heartbeat-timeout') : PAIR_DEFAULTS.heartbeatTimeoutMs,
       failover,
-      nbdSocket: v['nbd-socket'] ?? join(dataDir, 'disk.sock'),
-      ...(nbdPort > 0 ? { nbdHost: PAIR_DEFAULTS.nbdHost, nbdPort } : {}),
-      ...(v['primary-qmp'] ? { primaryQmp: parseAddress(v['primary-qmp'], 'primary-qmp') } : {}),
-      ...(v['secondary-qmp'] ? { secondaryQmp: parseAddress(v['secondary-qmp'], 'secondary-qmp') } : {}),
+      ...(v['nbd-socket'] ? { nbdSocket: resolve(v['nbd-socket']) } : remote ? {} : { nbdSocket: join(dataDir, 'disk.sock') }),
+      ...(nbdPort > 0 ? { nbdHost: v['nbd-host'] ?? PAIR_DEFAULTS.nbdHost, nbdPort } : {}),
+      ...(primaryQmp ? { primaryQmp } : {}),
+      ...(secondaryQmp ? { secondaryQmp } : {}),
+      ...(v['primary-dir'] ? { primaryDir: v['primary-dir'] } : {}),
+      ...(v['secondary-dir'] ? { secondaryDir: v['secondary-dir'] } : {}),
+      ...(v['secondary-nbd'] ? { secondaryNbd: parseHostPort(v['secondary-nbd'], 'secondary-nbd') } : {}),
+      ...(v['tls-dir']
+        ? { tls: { dir: resolve(v['tls-dir']), serverCreds: v['tls-creds'] ?? 'tls0', clientCreds: v['tls-client-creds'] ?? 'tls1' } }
+        : {}),
+      ...(v.insecure ? { insecure: true } : {}),
       log,
       onProgress: (done, total, eta) => {
         const pct = total ? ((100 * done) / total).toFixed(1) : '100';

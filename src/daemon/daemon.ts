@@ -15,6 +15,7 @@ import { hmpCommands } from '../qmp/commands/hmp.js';
 import { miscCommands } from '../qmp/commands/misc.js';
 import { nbdCommands, toListenAddress } from '../qmp/commands/nbd.js';
 import { jobCommands } from '../qmp/commands/jobs.js';
+import { createCommands } from '../qmp/commands/create.js';
 import { ExportTable, isLoopbackHost, type NbdServerFactory } from './exports.js';
 import { Logger } from './log.js';
 import { ObjectTable, tlsServerOptions } from './objects.js';
@@ -25,7 +26,7 @@ export const LOCKSTEP_QMP_VERSION: QmpVersion = { qemu: { major: 7, minor: 2, mi
 
 /** The command groups every daemon has; deps.commands adds more (jobs, replication). */
 export function builtinCommandGroups(): Array<readonly QmpCommand[]> {
-  return [miscCommands, blockdevCommands, nbdCommands, jobCommands, hmpCommands];
+  return [miscCommands, blockdevCommands, nbdCommands, jobCommands, createCommands, hmpCommands];
 }
 
 export interface DaemonDeps {

@@ -169,6 +169,14 @@ export abstract class Job {
   get isCancelled(): boolean {
     return this.forceCancel;
   }
+  /**
+   * A block job (backup, mirror, commit): listed by query-block-jobs, reached by the
+   * block-job-* verbs, and ends with BLOCK_JOB_COMPLETED/CANCELLED. Plain jobs (create) only
+   * have query-jobs, the job-* verbs and JOB_STATUS_CHANGE, as in QEMU.
+   */
+  get isBlockJob(): boolean {
+    return true;
+  }
 
   // ---- what a job implements ------------------------------------------------------------
 
@@ -407,7 +415,7 @@ export abstract class Job {
     }
     for (const n of this.blocked) n.blockers.delete(this.blockerReason);
     this.blocked.length = 0;
-    if (this.started) {
+    if (this.started && this.isBlockJob) {
       if (this.isCancelled) this.emitEvent('BLOCK_JOB_CANCELLED', this.blockEventData());
       else {
         const data = this.blockEventData();
@@ -596,17 +604,19 @@ export class JobManager extends EventEmitter {
   /** For block-job-* commands: QEMU's "Block job 'x' not found". */
   findBlockJob(id: string): Job {
     const j = this.jobs.get(id);
-    if (!j || j.status === 'undefined') throw new NotFoundError(`Block job '${id}' not found`);
+    if (!j || j.status === 'undefined' || !j.isBlockJob) throw new NotFoundError(`Block job '${id}' not found`);
     return j;
   }
 
-  /** All listed jobs, oldest first (not those still being set up). */
+  /** All listed jobs, newest first as QEMU lists them (not those still being set up). */
   list(): Job[] {
-    return [...this.jobs.values()].filter((j) => j.status !== 'undefined');
+    return [...this.jobs.values()].filter((j) => j.status !== 'undefined').reverse();
   }
 
   queryBlockJobs(): BlockJobInfo[] {
-    return this.list().map((j) => j.blockJobInfo());
+    return this.list()
+      .filter((j) => j.isBlockJob)
+      .map((j) => j.blockJobInfo());
   }
 
   queryJobs(): JobInfo[] {

@@ -50,6 +50,8 @@ export class PairMetrics {
   bytesForwarded = 0;
   dirtyClusters = 0;
   heartbeatAgeSeconds = 0;
+  /** degraded: bytes changed on the primary since the last confirmed checkpoint */
+  changedBytes = 0;
   readonly pause = new Histogram('lockstep_pair_checkpoint_pause_seconds', 'Time guest writes were held for a checkpoint', PAUSE_BUCKETS);
   readonly checkpointTime = new Histogram('lockstep_pair_checkpoint_seconds', 'Time of the secondary checkpoint itself', PAUSE_BUCKETS);
 
@@ -62,6 +64,7 @@ export class PairMetrics {
       g('lockstep_pair_bytes_forwarded_total', 'Bytes copied into the hidden disk on the secondary', this.bytesForwarded, 'counter'),
       g('lockstep_pair_dirty_clusters', 'Clusters copied since the last checkpoint', this.dirtyClusters),
       g('lockstep_pair_heartbeat_age_seconds', 'Age of the last answered heartbeat of the primary', this.heartbeatAgeSeconds),
+      g('lockstep_pair_changed_bytes', 'Bytes the primary changed since the last checkpoint the secondary confirmed (degraded)', this.changedBytes),
       this.pause.render(),
       this.checkpointTime.render(),
     ].join('\n') + '\n';

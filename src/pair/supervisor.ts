@@ -4,21 +4,45 @@
 // checkpoints (hold the guest's writes at the primary, checkpoint the secondary, release),
 // watches both sides with a heartbeat, and fails over to the secondary when the primary dies.
 //
+// The daemons are either started here (one host) or already running and reached at their QMP
+// addresses (two hosts; the supervisor then runs on the secondary's host or a third one, so
+// that it outlives the primary). Between hosts every channel is TLS with x509 certificates
+// verified on both ends: the supervisor's QMP connections and the primary's NBD forwarding;
+// plain TCP to a non-loopback address needs `insecure`.
+//
 // Stages: starting -> syncing -> protected -> (failed-over | degraded) -> stopped.
 
 import { EventEmitter } from 'node:events';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QmpClient, type QmpClientAddress } from '../qmp/client.js';
-import { createQcow2 } from '../block/drivers/qcow2/create.js';
+import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics } from './metrics.js';
+import {
+  DISK_NODE,
+  buildPrimary,
+  buildSecondary,
+  ensureImage,
+  forwardNode,
+  type ForwardAddress,
+  type SideLayout,
+} from './setup.js';
 
 const LOCKSTEP_BIN = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
 
 export type PairStage = 'starting' | 'syncing' | 'protected' | 'failed-over' | 'degraded' | 'stopped';
+
+export interface PairTls {
+  /** the supervisor's own credentials: ca-cert.pem, client-cert.pem, client-key.pem */
+  dir: string;
+  /** id of the tls-creds-x509 object (endpoint=server) on the secondary daemon, for its NBD server */
+  serverCreds: string;
+  /** id of the tls-creds-x509 object (endpoint=client) on the primary daemon, for forwarding */
+  clientCreds: string;
+}
 
 export interface PairOptions {
   dataDir: string;
@@ -28,13 +52,22 @@ export interface PairOptions {
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
   failover: 'auto' | 'manual';
-  /** where the user's disk is served: a Unix socket and/or a TCP address */
+  /** where the user's disk is served, on the serving side's host: a Unix socket (default
+   *  DIR/disk.sock of the serving side) and, with nbdPort, TCP */
   nbdSocket?: string;
   nbdHost?: string;
   nbdPort?: number;
   /** attach to daemons already running instead of starting them */
   primaryQmp?: QmpClientAddress;
   secondaryQmp?: QmpClientAddress;
+  /** data directories on each side's host (default: dataDir) */
+  primaryDir?: string;
+  secondaryDir?: string;
+  /** where the secondary serves forwarded writes, as the primary reaches it (two hosts) */
+  secondaryNbd?: { host: string; port: number };
+  tls?: PairTls;
+  /** allow plain TCP to non-loopback addresses */
+  insecure?: boolean;
   log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
   /** progress of the initial sync, for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null) => void;
@@ -48,12 +81,14 @@ export const PAIR_DEFAULTS = {
   failover: 'auto' as const,
   nbdHost: '127.0.0.1',
   nbdPort: 10809,
+  secondaryNbdPort: 10810,
 };
 
 interface Side {
   name: 'primary' | 'secondary';
   qmp: QmpClient;
   child: ChildProcess | null;
+  layout: SideLayout;
   lastAnswer: number;
   alive: boolean;
 }
@@ -69,12 +104,19 @@ export interface PairStatus {
   'bytes-forwarded': number;
   'dirty-clusters': number;
   'heartbeat-age-ms': number | null;
-  'serving': string[];
+  serving: string[];
+  /** degraded: bytes the primary changed since the last checkpoint the secondary confirmed */
+  'changed-bytes'?: number;
+  /** degraded: the file listing those regions (for a later re-protection) */
+  'changed-regions-file'?: string;
   'last-error'?: string;
 }
 
-const DISK_NODE = 'colo-disk0';
 const EXPORT_NAME = 'disk';
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
 
 export class PairSupervisor extends EventEmitter {
   stage: PairStage = 'starting';
@@ -87,65 +129,125 @@ export class PairSupervisor extends EventEmitter {
   private checkpointing: Promise<unknown> | null = null;
   private failingOver: Promise<void> | null = null;
   private serving: string[] = [];
+  private changedBytes: number | undefined;
+  private changedAt = 0;
 
   constructor(readonly opts: PairOptions) {
     super();
   }
 
-  private file(name: string): string {
-    return join(this.opts.dataDir, name);
+  private get controlTimeoutMs(): number {
+    return Math.max(2000, 4 * this.opts.heartbeatTimeoutMs);
+  }
+
+  /** A QMP command that gives up when the side stays silent (a cut link never answers). */
+  private call(side: Side, command: string, args?: Record<string, unknown>, timeoutMs = this.controlTimeoutMs): Promise<unknown> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`the ${side.name} did not answer ${command} within ${timeoutMs} ms`)), timeoutMs);
+    });
+    return Promise.race([side.qmp.execute(command, args), timeout]).finally(() => clearTimeout(timer));
+  }
+
+  private layout(dir: string | undefined, attached: boolean): SideLayout {
+    return { dir: dir ?? this.opts.dataDir, local: !attached };
+  }
+
+  /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two. */
+  private forwardAddress(): ForwardAddress {
+    const o = this.opts;
+    if (o.secondaryNbd) return { type: 'inet', host: o.secondaryNbd.host, port: o.secondaryNbd.port };
+    const sq = o.secondaryQmp;
+    if (sq && 'host' in sq) return { type: 'inet', host: sq.host, port: PAIR_DEFAULTS.secondaryNbdPort };
+    return { type: 'unix', path: join(o.secondaryDir ?? o.dataDir, 'secondary-nbd.sock') };
+  }
+
+  /** Refuses plain TCP to another host unless `insecure` (before anything is started). */
+  private checkTransport(): void {
+    const o = this.opts;
+    if (o.tls || o.insecure) return;
+    const hosts: Array<[string, string]> = [];
+    for (const [what, a] of [['primary QMP', o.primaryQmp], ['secondary QMP', o.secondaryQmp]] as const) {
+      if (a && 'host' in a) hosts.push([what, a.host]);
+    }
+    const f = this.forwardAddress();
+    if (f.type === 'inet') hosts.push(['the forwarding NBD address', f.host]);
+    for (const [what, host] of hosts) {
+      if (!isLoopback(host)) {
+        throw new Error(`${what} ${host} is not a loopback address: give TLS credentials (--tls-dir) or allow plain TCP with --insecure`);
+      }
+    }
+  }
+
+  private qmpOptions(addr: QmpClientAddress): QmpClientOptions {
+    const t = this.opts.tls;
+    if (!t || !('host' in addr)) return {};
+    const read = (f: string): Buffer => {
+      try {
+        return readFileSync(join(t.dir, f));
+      } catch (e) {
+        throw new Error(`TLS credentials: cannot read ${join(t.dir, f)}: ${errorMessage(e)}`);
+      }
+    };
+    return {
+      tls: {
+        ca: read('ca-cert.pem'),
+        cert: read('client-cert.pem'),
+        key: read('client-key.pem'),
+        // an IP address is checked against the certificate's IP SANs; a name is sent as SNI
+        ...(isIP(addr.host) ? {} : { servername: addr.host }),
+      },
+    };
   }
 
   // ---- start-up -----------------------------------------------------------------------
 
   async start(): Promise<void> {
     const o = this.opts;
+    this.checkTransport();
     mkdirSync(o.dataDir, { recursive: true });
-    for (const name of ['primary.qcow2', 'secondary.qcow2', 'active.qcow2', 'hidden.qcow2']) {
-      const f = this.file(name);
-      // overlays are always recreated empty; the disks are kept
-      if (name === 'active.qcow2' || name === 'hidden.qcow2' || !existsSync(f)) {
-        rmSync(f, { force: true });
-        await createQcow2(f, { size: o.size });
-      }
+    const pl = this.layout(o.primaryDir, o.primaryQmp !== undefined);
+    const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
+    for (const l of [pl, sl]) if (l.local) mkdirSync(l.dir, { recursive: true });
+    const forward = this.forwardAddress();
+    const tls = o.tls;
+
+    this.secondary = await this.launch('secondary', o.secondaryQmp, sl);
+    this.primary = await this.launch('primary', o.primaryQmp, pl);
+    const p = this.primary;
+    const s = this.secondary;
+    // the disks are kept when they exist; the overlays are always recreated empty
+    for (const [side, name, keep] of [
+      [s, 'secondary.qcow2', true],
+      [s, 'active.qcow2', false],
+      [s, 'hidden.qcow2', false],
+      [p, 'primary.qcow2', true],
+    ] as const) {
+      const r = await ensureImage(side.qmp, side.layout, name, o.size, keep);
+      if (r === 'created') o.log('info', `created ${name}`, { side: side.name, dir: side.layout.dir, size: o.size });
     }
-    this.secondary = await this.launch('secondary', o.secondaryQmp, [
-      '--blockdev', `driver=qcow2,node-name=parent0,file.driver=file,file.filename=${this.file('secondary.qcow2')}`,
-      '--blockdev',
-      `driver=replication,node-name=childs0,mode=secondary,top-id=childs0,file.driver=qcow2,file.file.driver=file,file.file.filename=${this.file('active.qcow2')},` +
-        `file.backing.driver=qcow2,file.backing.file.driver=file,file.backing.file.filename=${this.file('hidden.qcow2')},file.backing.backing=parent0`,
-      '--nbd-server', `addr.type=unix,addr.path=${this.file('secondary-nbd.sock')}`,
-      '--export', 'type=nbd,id=parent0,node-name=parent0,name=parent0,writable=on',
-    ]);
-    this.primary = await this.launch('primary', o.primaryQmp, [
-      '--blockdev', `driver=qcow2,node-name=local0,file.driver=file,file.filename=${this.file('primary.qcow2')}`,
-      '--blockdev', `driver=quorum,node-name=${DISK_NODE},read-pattern=fifo,vote-threshold=1,children.0=local0`,
-    ]);
-    const p = this.primary.qmp;
-    const s = this.secondary.qmp;
-    await p.execute('blockdev-add', {
-      driver: 'nbd',
-      'node-name': 'sync-target',
-      server: { type: 'unix', path: this.file('secondary-nbd.sock') },
-      export: 'parent0',
-    });
+    if (forward.type === 'unix') rmSync(forward.path, { force: true });
+    await buildSecondary(s.qmp, s.layout, forward, tls?.serverCreds);
+    await buildPrimary(p.qmp, p.layout);
+    const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
+    await p.qmp.execute('blockdev-add', { 'node-name': 'sync-target', ...forwardNode(forward, tls?.clientCreds, 0) });
     this.stage = 'syncing';
     await this.initialSync();
-    await p.execute('blockdev-del', { 'node-name': 'sync-target' });
+    await p.qmp.execute('blockdev-del', { 'node-name': 'sync-target' });
     // secondary first: no forwarded write may reach the secondary disk before its
     // copy-before-write filter is in place
-    await s.execute('xen-set-replication', { enable: true, primary: false });
-    await p.execute('blockdev-add', {
+    await s.qmp.execute('xen-set-replication', { enable: true, primary: false });
+    await p.qmp.execute('blockdev-add', {
       driver: 'replication',
       'node-name': 'replication0',
       mode: 'primary',
-      file: { driver: 'nbd', server: { type: 'unix', path: this.file('secondary-nbd.sock') }, export: 'parent0' },
+      file: forwardNode(forward, tls?.clientCreds, ioTimeoutS),
     });
-    await p.execute('x-blockdev-change', { parent: DISK_NODE, node: 'replication0' });
-    await p.execute('xen-set-replication', { enable: true, primary: true });
-    await this.serve(this.primary, DISK_NODE);
+    await p.qmp.execute('x-blockdev-change', { parent: DISK_NODE, node: 'replication0' });
+    await p.qmp.execute('xen-set-replication', { enable: true, primary: true });
+    await this.serve(p, DISK_NODE);
     this.stage = 'protected';
-    o.log('info', 'replication is running', { serving: this.serving });
+    o.log('info', 'replication is running', { serving: this.serving, forward: forward.type === 'unix' ? forward.path : `${forward.host}:${forward.port}`, tls: !!tls });
     this.timers.push(setInterval(() => void this.heartbeat(), o.heartbeatIntervalMs));
     if (o.checkpointIntervalMs > 0) {
       this.timers.push(
@@ -156,16 +258,22 @@ export class PairSupervisor extends EventEmitter {
     }
   }
 
-  private async launch(name: 'primary' | 'secondary', attach: QmpClientAddress | undefined, args: string[]): Promise<Side> {
+  private async launch(name: 'primary' | 'secondary', attach: QmpClientAddress | undefined, layout: SideLayout): Promise<Side> {
     if (attach) {
-      const qmp = await QmpClient.open(attach);
-      return this.watch({ name, qmp, child: null, lastAnswer: Date.now(), alive: true });
+      let qmp: QmpClient;
+      try {
+        qmp = await QmpClient.open(attach, this.qmpOptions(attach));
+      } catch (e) {
+        const where = 'path' in attach ? attach.path : `${attach.host}:${attach.port}`;
+        throw new Error(`cannot reach the ${name} daemon's QMP at ${where}: ${errorMessage(e)}`);
+      }
+      return this.watch({ name, qmp, child: null, layout, lastAnswer: Date.now(), alive: true });
     }
-    const sock = this.file(`${name}.qmp`);
+    const sock = join(this.opts.dataDir, `${name}.qmp`);
     rmSync(sock, { force: true });
     const child = spawn(
       process.execPath,
-      [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0', ...args],
+      [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0'],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     let stderr = '';
@@ -177,7 +285,7 @@ export class PairSupervisor extends EventEmitter {
       await new Promise((r) => setTimeout(r, 50));
     }
     const qmp = await QmpClient.open({ path: sock });
-    return this.watch({ name, qmp, child, lastAnswer: Date.now(), alive: true });
+    return this.watch({ name, qmp, child, layout, lastAnswer: Date.now(), alive: true });
   }
 
   private watch(side: Side): Side {
@@ -218,24 +326,23 @@ export class PairSupervisor extends EventEmitter {
   /** Serves `node` of `side` on the user's addresses under the export name "disk". */
   private async serve(side: Side, node: string): Promise<void> {
     const o = this.opts;
-    const q = side.qmp;
     const addrs: Array<{ type: 'unix' | 'inet'; data: Record<string, string> }> = [];
-    if (o.nbdSocket) {
-      rmSync(o.nbdSocket, { force: true });
-      addrs.push({ type: 'unix', data: { path: o.nbdSocket } });
-    }
+    const sock = o.nbdSocket ?? join(side.layout.dir, 'disk.sock');
+    // a stale socket of the dead side on this host would make the listen fail
+    if (side.layout.local) rmSync(sock, { force: true });
+    addrs.push({ type: 'unix', data: { path: sock } });
     if (o.nbdPort) addrs.push({ type: 'inet', data: { host: o.nbdHost ?? '127.0.0.1', port: String(o.nbdPort) } });
     this.serving = [];
     for (const [i, addr] of addrs.entries()) {
       // one NBD server per daemon: the first address starts it, the others are added to it
-      await q.execute(i === 0 ? 'nbd-server-start' : 'x-nbd-server-listen', { addr });
+      await this.call(side, i === 0 ? 'nbd-server-start' : 'x-nbd-server-listen', { addr });
       this.serving.push(
         addr.type === 'unix'
           ? `nbd+unix:///${EXPORT_NAME}?socket=${addr.data.path}`
           : `nbd://${addr.data.host}:${addr.data.port}/${EXPORT_NAME}`,
       );
     }
-    await q.execute('block-export-add', { type: 'nbd', id: EXPORT_NAME, 'node-name': node, name: EXPORT_NAME, writable: true });
+    await this.call(side, 'block-export-add', { type: 'nbd', id: EXPORT_NAME, 'node-name': node, name: EXPORT_NAME, writable: true });
   }
 
   // ---- checkpoints ----------------------------------------------------------------------
@@ -244,19 +351,23 @@ export class PairSupervisor extends EventEmitter {
   checkpoint(): Promise<{ pauseMs: number; checkpointMs: number }> {
     if (this.stage !== 'protected') return Promise.reject(new Error(`no checkpoint in stage ${this.stage}`));
     const run = (async () => {
-      const p = this.primary!.qmp;
-      const s = this.secondary!.qmp;
+      const p = this.primary!;
+      const s = this.secondary!;
       const t0 = process.hrtime.bigint();
-      await p.execute('block-io-hold', { 'node-name': DISK_NODE });
+      await this.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
       const t1 = process.hrtime.bigint();
       let err: unknown = null;
       try {
-        await s.execute('xen-colo-do-checkpoint');
+        await this.call(s, 'xen-colo-do-checkpoint');
       } catch (e) {
         err = e;
       }
       const t2 = process.hrtime.bigint();
-      await p.execute('block-io-release', { 'node-name': DISK_NODE });
+      // Still inside the barrier: the secondary now holds everything the primary changed, so
+      // the primary's changed-regions record starts afresh. Sent back to back with the
+      // release (one monitor runs its commands in order), so it costs no extra round trip.
+      const reset = err ? Promise.resolve() : this.call(p, 'x-replication-reset-changed');
+      await Promise.all([reset, this.call(p, 'block-io-release', { 'node-name': DISK_NODE })]);
       const t3 = process.hrtime.bigint();
       const pauseMs = Number(t3 - t0) / 1e6;
       const checkpointMs = Number(t2 - t1) / 1e6;
@@ -282,7 +393,7 @@ export class PairSupervisor extends EventEmitter {
   }
 
   private async refreshCounters(): Promise<void> {
-    const list = (await this.secondary!.qmp.execute('query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
+    const list = (await this.call(this.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
     this.metrics.bytesForwarded = list.reduce((a, x) => a + x['bytes-copied'], 0);
     this.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
   }
@@ -305,6 +416,10 @@ export class PairSupervisor extends EventEmitter {
       }
     }
     if (this.primary) this.metrics.heartbeatAgeSeconds = (Date.now() - this.primary.lastAnswer) / 1000;
+    if (this.stage === 'degraded' && Date.now() - this.changedAt >= 1000) {
+      this.changedAt = Date.now();
+      await this.recordChanged().catch(() => {});
+    }
   }
 
   private async sideDied(side: Side): Promise<void> {
@@ -317,8 +432,29 @@ export class PairSupervisor extends EventEmitter {
       this.stage = 'degraded';
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
+      await this.checkpointing?.catch(() => {});
+      await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
     }
+  }
+
+  /** The file where a degraded pair lists what changed since the last confirmed checkpoint. */
+  get changedRegionsFile(): string {
+    return join(this.opts.dataDir, 'changed-regions.json');
+  }
+
+  /** Reads the primary's changed regions and writes them where a re-protection will look. */
+  private async recordChanged(): Promise<void> {
+    const p = this.primary;
+    if (!p || !p.alive) return;
+    const list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
+    this.changedBytes = list.reduce((a, x) => a + x.bytes, 0);
+    this.metrics.changedBytes = this.changedBytes;
+    this.changedAt = Date.now();
+    const tmp = `${this.changedRegionsFile}.tmp`;
+    writeFileSync(tmp, JSON.stringify({ time: new Date().toISOString(), nodes: list }, null, 1) + '\n');
+    // rename: a reader never sees half a file
+    renameSync(tmp, this.changedRegionsFile);
   }
 
   /** Fails over to the secondary and serves the recovered disk. */
@@ -329,16 +465,26 @@ export class PairSupervisor extends EventEmitter {
       if (!s || !s.alive) throw new Error('the secondary is not running');
       const t0 = Date.now();
       this.opts.log('warn', `failing over: ${reason}`);
-      if (this.primary?.alive && this.primary.child) this.primary.child.kill('SIGKILL');
-      // fences the secondary disk's export and commits active+hidden into it
-      await s.qmp.execute('xen-set-replication', { enable: false, primary: false, failover: true });
+      const p = this.primary;
+      if (p?.alive && p.child) p.child.kill('SIGKILL');
+      else if (p?.alive) {
+        // a primary on another host that still answers (manual failover): stop its export so
+        // that the guest cannot go on writing to a disk that is no longer the one served
+        await this.call(p, 'nbd-server-stop', undefined, 1000).catch((e: unknown) =>
+          this.opts.log('warn', `could not fence the primary's export: ${errorMessage(e)}`),
+        );
+      }
+      // Fence first: close the export of forwarded writes so that a primary that is only
+      // partly dead (a cut link that comes back) can never write to the recovered disk.
+      await this.call(s, 'nbd-server-stop');
+      // commits active+hidden into the secondary disk
+      await this.call(s, 'xen-set-replication', { enable: false, primary: false, failover: true });
       for (;;) {
-        const list = (await s.qmp.execute('query-replication')) as Array<{ stage: string }>;
+        const list = (await this.call(s, 'query-replication')) as Array<{ stage: string }>;
         if (list.every((x) => x.stage === 'done')) break;
         if (list.some((x) => x.stage === 'failover-failed')) throw new Error('the failover commit failed');
         await new Promise((r) => setTimeout(r, 10));
       }
-      await s.qmp.execute('nbd-server-stop');
       await this.serve(s, 'childs0');
       this.stage = 'failed-over';
       this.opts.log('warn', 'failed over: the recovered disk is served by the secondary', {
@@ -380,6 +526,10 @@ export class PairSupervisor extends EventEmitter {
       'heartbeat-age-ms': this.primary ? Date.now() - this.primary.lastAnswer : null,
       serving: this.serving,
     };
+    if (this.changedBytes !== undefined) {
+      st['changed-bytes'] = this.changedBytes;
+      st['changed-regions-file'] = this.changedRegionsFile;
+    }
     if (this.lastError) st['last-error'] = this.lastError;
     return st;
   }
@@ -391,7 +541,8 @@ export class PairSupervisor extends EventEmitter {
     await this.checkpointing?.catch(() => {});
     for (const side of [this.primary, this.secondary]) {
       if (!side) continue;
-      if (side.alive) await side.qmp.execute('quit').catch(() => {});
+      // daemons started here end with the supervisor; attached ones are the operator's
+      if (side.alive && side.child) await this.call(side, 'quit', undefined, 2000).catch(() => {});
       side.qmp.close();
       if (side.child && side.child.exitCode === null) {
         await new Promise<void>((r) => {

@@ -17,6 +17,7 @@ import { isAllocatedAbove } from '../block/chain.js';
 import { BlockError, InvalidArgumentError, StateError, STRERROR, assert, errorMessage, type ErrorCode } from '../errors.js';
 import { MSG, canTransition, readPolicy, writePolicy, type ReplicationMode, type Stage } from './state.js';
 import { replicationRegistry } from './registry.js';
+import { CHANGED_GRANULARITY, ChangedMap, type ChangedRegion } from './changed.js';
 import { jobsFor, type ReplicationJobs, type CopyJobHandle, type CommitJobHandle } from './jobs.js';
 
 export interface ReplicationStatus {
@@ -32,6 +33,17 @@ export interface ReplicationStatus {
   'last-checkpoint'?: number;
   /** failover commit progress while failing over */
   'commit-progress'?: { current: number; total: number };
+  /** primary: bytes changed since the last x-replication-reset-changed */
+  'changed-bytes'?: number;
+}
+
+export interface ReplicationChanged {
+  'node-name': string;
+  /** ms since the epoch of the last reset (or of the node's opening) */
+  since: number;
+  granularity: number;
+  bytes: number;
+  regions: ChangedRegion[];
 }
 
 export class ReplicationState {
@@ -51,6 +63,8 @@ export class ReplicationState {
   private bytesCopiedBefore = 0;
   /** serialises control operations on this node */
   private control: Promise<unknown> = Promise.resolve();
+  /** primary: what the guest changed since the last confirmed checkpoint */
+  readonly changed: ChangedMap | null;
 
   constructor(
     readonly graph: BlockGraph,
@@ -58,7 +72,9 @@ export class ReplicationState {
     readonly mode: ReplicationMode,
     readonly topId: string | undefined,
     private readonly jobs: ReplicationJobs,
-  ) {}
+  ) {
+    this.changed = mode === 'primary' ? new ChangedMap(node.file?.getLength() ?? 0) : null;
+  }
 
   private setStage(to: Stage): void {
     assert(canTransition(this.stage, to), `replication stage ${this.stage} -> ${to}`);
@@ -89,6 +105,8 @@ export class ReplicationState {
     length: number,
     op: (target: BlockNode, offset: number, length: number, at: number) => Promise<void>,
   ): Promise<void> {
+    // marked before the forward, so that a write the secondary never got is still listed
+    this.changed?.mark(offset, length);
     switch (writePolicy(this.mode, this.stage)) {
       case 'eio':
         throw new BlockError('EIO');
@@ -434,7 +452,22 @@ export class ReplicationState {
     if (this.lastCheckpoint !== undefined) s['last-checkpoint'] = this.lastCheckpoint;
     const c = this.commitJob;
     if (c) s['commit-progress'] = c.progress();
+    if (this.changed) s['changed-bytes'] = this.changed.bytes();
     return s;
+  }
+
+  /** Primary only: the regions changed since the last reset. */
+  changedRegions(): ReplicationChanged | null {
+    const m = this.changed;
+    if (!m) return null;
+    const regions = m.regions();
+    return {
+      'node-name': this.node.name,
+      since: m.since,
+      granularity: CHANGED_GRANULARITY,
+      bytes: regions.reduce((a, r) => a + r.length, 0),
+      regions,
+    };
   }
 }
 
@@ -463,8 +496,11 @@ export const replicationDriver: BlockDriver = {
       read: (offset, length) => state.read(offset, length),
       write: (offset, data, flags) => state.write(offset, data, flags),
       writeZeroes: (offset, length, flags) => state.writeZeroes(offset, length, flags),
-      // The table's discard row: success and no effect in every stage (spec 2.3).
-      discard: async () => {},
+      // The table's discard row: success and no effect in every stage (spec 2.3). The
+      // primary disk below the quorum did discard, so the region differs from now on.
+      discard: async (offset, length) => {
+        state.changed?.mark(offset, length);
+      },
       // Flush is never gated (spec 2.3): every writable child is flushed, results as they are.
       flush: async () => {
         for (const e of node.children.values()) if (!e.child.readOnly && e.child.isOpen) await e.child.flush();

@@ -15,24 +15,42 @@ function ossl(cwd: string, args: string[]): void {
 
 const KEY = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
 
-/** Returns { serverDir, clientDir, otherCaDir } (otherCaDir: a client trusting a different CA). */
-export function makeCerts(root: string): { serverDir: string; clientDir: string; otherCaDir: string } {
+/**
+ * Returns { serverDir, clientDir, otherCaDir, bothDir } (otherCaDir: a client trusting a
+ * different CA; otherClientDir: a client whose certificate another CA signed; bothDir: server
+ * and client credentials together, as a pair host uses them). `ips` are added to the server
+ * certificate's subjectAltName.
+ */
+export function makeCerts(
+  root: string,
+  opts: { ips?: string[] } = {},
+): { serverDir: string; clientDir: string; otherCaDir: string; otherClientDir: string; bothDir: string } {
   const work = join(root, 'pki');
   mkdirSync(work, { recursive: true });
   ossl(work, ['req', '-x509', ...KEY, '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem', '-days', '2', '-subj', '/CN=lockstep test CA']);
   ossl(work, ['req', '-x509', ...KEY, '-keyout', 'other-key.pem', '-out', 'other-cert.pem', '-days', '2', '-subj', '/CN=other CA']);
-  writeFileSync(join(work, 'server.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
+  const ips = ['127.0.0.1', ...(opts.ips ?? [])].map((i) => `IP:${i}`).join(',');
+  writeFileSync(join(work, 'server.ext'), `subjectAltName=DNS:localhost,${ips}\n`);
   for (const who of ['server', 'client']) {
     ossl(work, ['req', ...KEY, '-keyout', `${who}-key.pem`, '-out', `${who}.csr`, '-subj', `/CN=${who === 'server' ? 'localhost' : 'lockstep client'}`]);
     const ext = who === 'server' ? ['-extfile', 'server.ext'] : [];
     ossl(work, ['x509', '-req', '-in', `${who}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${who}-cert.pem`, '-days', '2', ...ext]);
   }
+  // a client certificate from the other CA: a server that verifies peers must refuse it
+  ossl(work, ['req', ...KEY, '-keyout', 'rogue-key.pem', '-out', 'rogue.csr', '-subj', '/CN=rogue client']);
+  ossl(work, ['x509', '-req', '-in', 'rogue.csr', '-CA', 'other-cert.pem', '-CAkey', 'other-key.pem', '-CAcreateserial', '-out', 'rogue-cert.pem', '-days', '2']);
   const serverDir = join(root, 'server');
   const clientDir = join(root, 'client');
   const otherCaDir = join(root, 'other');
-  for (const d of [serverDir, clientDir, otherCaDir]) mkdirSync(d);
+  const otherClientDir = join(root, 'rogue');
+  const bothDir = join(root, 'both');
+  for (const d of [serverDir, clientDir, otherCaDir, otherClientDir, bothDir]) mkdirSync(d);
+  for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'client-cert.pem', 'client-key.pem']) copyFileSync(join(work, f), join(bothDir, f));
+  copyFileSync(join(work, 'ca-cert.pem'), join(otherClientDir, 'ca-cert.pem'));
+  copyFileSync(join(work, 'rogue-cert.pem'), join(otherClientDir, 'client-cert.pem'));
+  copyFileSync(join(work, 'rogue-key.pem'), join(otherClientDir, 'client-key.pem'));
   for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) copyFileSync(join(work, f), join(serverDir, f));
   for (const f of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) copyFileSync(join(work, f), join(clientDir, f));
   copyFileSync(join(work, 'other-cert.pem'), join(otherCaDir, 'ca-cert.pem'));
-  return { serverDir, clientDir, otherCaDir };
+  return { serverDir, clientDir, otherCaDir, otherClientDir, bothDir };
 }

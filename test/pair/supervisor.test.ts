@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
@@ -115,8 +116,18 @@ test('secondary killed: the primary keeps serving and reports the replication er
   assert.equal(sup.stage, 'degraded');
   const client = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
   await client.write(0, Buffer.alloc(4096, 0x77));
+  await client.write(5 * 65536 + 100, Buffer.alloc(70000, 0x78));
   assert.ok((await client.read(0, 4096)).equals(Buffer.alloc(4096, 0x77)));
   await client.disconnect();
   assert.match(sup.status()['last-error'] ?? '', /secondary died/);
   await assert.rejects(sup.checkpoint(), /no checkpoint in stage degraded/);
+  // what changed since the last confirmed checkpoint is listed for a later re-protection
+  for (let i = 0; i < 100 && sup.status()['changed-bytes'] !== 3 * 65536; i++) await new Promise((r) => setTimeout(r, 50));
+  const st = sup.status();
+  assert.equal(st['changed-bytes'], 3 * 65536);
+  const file = JSON.parse(readFileSync(st['changed-regions-file']!, 'utf8')) as { nodes: Array<{ regions: unknown }> };
+  assert.deepEqual(file.nodes[0]!.regions, [
+    { offset: 0, length: 65536 },
+    { offset: 5 * 65536, length: 2 * 65536 }, // 327780 .. 397779
+  ]);
 });

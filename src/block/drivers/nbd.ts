@@ -3,7 +3,9 @@
 //   tls-creds-x509 object in graph.objects, endpoint=client), tls-hostname,
 //   reconnect-delay (seconds: after a lost connection, requests wait this long for a
 //   reconnection; 0 = fail at once with EIO), open-timeout (seconds to keep retrying the
-//   first connection; 0 = one attempt).
+//   first connection; 0 = one attempt), and lockstep's x-io-timeout (seconds without any reply
+//   while requests are outstanding before the connection counts as lost; 0 = wait forever,
+//   as QEMU does).
 // Negotiates structured replies and base:allocation when the server offers them; block
 // status answers from base:allocation. Requests are pipelined on one connection.
 
@@ -49,10 +51,11 @@ export const nbdDriver: BlockDriver = {
     const tlsHostname = o.string('tls-hostname');
     const reconnectDelay = o.uint('reconnect-delay') ?? 0;
     const openTimeout = o.uint('open-timeout') ?? 0;
+    const ioTimeout = o.uint('x-io-timeout') ?? 0;
     if (o.has('x-dirty-bitmap')) throw new InvalidArgumentError(`Parameter 'x-dirty-bitmap' is not supported by lockstep`);
     o.done();
 
-    const copts: NbdClientOptions = { address, exportName };
+    const copts: NbdClientOptions = { address, exportName, ...(ioTimeout > 0 ? { ioTimeoutMs: ioTimeout * 1000 } : {}) };
     if (credsId !== undefined) {
       const creds = ctx.graph.objects.get(credsId);
       if (creds === undefined) throw new InvalidArgumentError(`No TLS credentials with id '${credsId}'`);

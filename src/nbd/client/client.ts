@@ -41,6 +41,10 @@ export interface NbdClientOptions {
   connectTimeoutMs?: number;
   /** requests on the wire at once; more wait in a queue (default 64) */
   maxInFlight?: number;
+  /** the connection counts as lost when requests are outstanding and no reply has come for
+   *  this long (default: no limit). A cut link otherwise stalls every request for as long as
+   *  TCP keeps retransmitting, which is many minutes. */
+  ioTimeoutMs?: number;
 }
 
 export interface Extent {
@@ -109,6 +113,9 @@ export class NbdClient {
   private readonly waiting: Array<() => void> = [];
   private readonly maxInFlight: number;
   private deadError: BlockError | null = null;
+  /** when a reply last arrived, or the first request after an idle time was sent */
+  private lastProgress = 0;
+  private watchdog: NodeJS.Timeout | null = null;
   private readonly closedPromise: Promise<void>;
   private resolveClosed!: () => void;
   /** called once when the connection is lost (not on disconnect()) */
@@ -158,7 +165,9 @@ export class NbdClient {
       };
       const { details, stream } = await withTimeout(clientNegotiate(socket, reader, hs), timeoutMs, socket, reader);
       reader.detach();
-      return new NbdClient(stream, details, reader, o.maxInFlight ?? 64);
+      const client = new NbdClient(stream, details, reader, o.maxInFlight ?? 64);
+      if (o.ioTimeoutMs !== undefined && o.ioTimeoutMs > 0) client.watchReplies(o.ioTimeoutMs);
+      return client;
     } catch (e) {
       socket.destroy();
       throw netError(e, o.address);
@@ -215,7 +224,19 @@ export class NbdClient {
     this.state = to;
   }
 
+  /** Declares the connection lost when outstanding requests see no reply for `ms`. */
+  private watchReplies(ms: number): void {
+    this.watchdog = setInterval(() => {
+      if (this.pending.size > 0 && Date.now() - this.lastProgress > ms) {
+        this.die(new BlockError('EIO', `no reply from the NBD server for ${ms} ms`));
+      }
+    }, Math.max(10, Math.floor(ms / 4)));
+    this.watchdog.unref();
+  }
+
   private die(e: BlockError): void {
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = null;
     if (this.state === 'dead' || this.state === 'closed') return;
     const wasDisconnecting = this.state === 'disconnecting';
     this.transition(wasDisconnecting ? 'closed' : 'dead');
@@ -251,6 +272,7 @@ export class NbdClient {
 
   private complete(cookie: bigint, p: Pending, value?: unknown): void {
     this.pending.delete(cookie);
+    this.lastProgress = Date.now();
     if (p.error) p.reject(p.error);
     else p.resolve(value);
     this.waiting.shift()?.();
@@ -357,6 +379,7 @@ export class NbdClient {
     const cookie = this.nextCookie++;
     const header = encodeRequest({ flags, type, cookie, offset, length }, this.info.extendedHeaders);
     return new Promise<T>((resolve, reject) => {
+      if (this.watchdog && this.pending.size === 0) this.lastProgress = Date.now();
       this.pending.set(cookie, { type, offset, length, resolve: resolve as (v: unknown) => void, reject });
       if (data && data.length > 0) {
         this.stream.cork();

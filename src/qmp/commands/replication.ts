@@ -65,6 +65,21 @@ export const replicationCommands: readonly QmpCommand[] = [
 
   command('query-replication', {}, (ctx) => replicationRegistry(ctx.graph).query()),
 
+  // lockstep: the primary's record of regions changed since the last confirmed checkpoint.
+  // The pair supervisor resets it inside each checkpoint's barrier and reads it once the
+  // secondary is lost, so that re-protection can copy only what changed.
+  command('x-query-replication-changed', {}, (ctx) =>
+    replicationRegistry(ctx.graph)
+      .list()
+      .map((s) => s.changedRegions())
+      .filter((x) => x !== null),
+  ),
+
+  command('x-replication-reset-changed', {}, (ctx) => {
+    for (const s of replicationRegistry(ctx.graph).list()) s.changed?.reset();
+    return {};
+  }),
+
   command('block-io-hold', { 'node-name': 'str' }, async (ctx, args) => {
     const name = args['node-name'] as string;
     const node = ctx.graph.getNode(name);

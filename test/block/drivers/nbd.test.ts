@@ -7,6 +7,7 @@ import { NbdServer } from '../../../src/nbd/server/server.js';
 import { BlockError, InvalidArgumentError } from '../../../src/errors.js';
 import { loadTlsCreds, serverTlsConfig } from '../../../src/nbd/tls.js';
 import { haveOpenssl, makeCerts } from '../../nbd/tls-certs.js';
+import { cuttableProxy } from '../../helpers/proxy.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BlockError && e.code === code;
 
@@ -92,6 +93,21 @@ test('reconnect-delay runs out: requests fail with EIO instead of hanging', asyn
   const n = await g.open({ driver: 'nbd', server: { type: 'unix', path: s.unix.path }, export: 'disk0', 'reconnect-delay': 1 });
   await s.server.removeExport('disk0', 'hard');
   await assert.rejects(n.read(0, 512), isCode('EIO'));
+});
+
+test('x-io-timeout: a link that goes silent fails the outstanding requests with EIO', async (t) => {
+  const s = await serveMemory(t);
+  const proxy = await cuttableProxy(join(s.dir, 'proxy.sock'), s.unix.path);
+  t.after(() => proxy.close());
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const n = await g.open({ driver: 'nbd', server: { type: 'unix', path: proxy.path }, export: 'disk0', 'x-io-timeout': 1 });
+  await n.write(0, Buffer.alloc(512, 3));
+  proxy.cut();
+  // without the timeout this write would wait for as long as the silent peer stays silent
+  await assert.rejects(n.write(512, Buffer.alloc(512, 4)), (e: unknown) => isCode('EIO')(e) && /no reply from the NBD server/.test((e as Error).message));
+  await assert.rejects(n.read(0, 512), isCode('EIO'));
+  assert.ok((await s.node.read(0, 512)).equals(Buffer.alloc(512, 3)));
 });
 
 test('open-timeout retries until the server appears', async (t) => {

@@ -125,13 +125,29 @@ export class Refcounts {
     return this.getEntry(block, cluster % this.blockEntries);
   }
 
-  /** QEMU's first fit: n contiguous clusters with refcount 0 from the free index on. */
+  /**
+   * QEMU's first fit: n contiguous clusters with refcount 0 from the free index on. Scans a
+   * refcount block at a time (one cache lookup per block, not per cluster); clusters without
+   * a refcount block are free.
+   */
   private async findFree(n: number): Promise<number> {
     let run = 0;
     while (run < n) {
-      const c = this.freeIndex++;
-      if ((await this.get(c)) !== 0) run = 0;
-      else run++;
+      const idx = Math.floor(this.freeIndex / this.blockEntries);
+      const end = (idx + 1) * this.blockEntries;
+      const off = this.table[idx];
+      if (!off) {
+        const take = Math.min(n - run, end - this.freeIndex);
+        run += take;
+        this.freeIndex += take;
+        continue;
+      }
+      const block = await this.cache.get(off);
+      while (run < n && this.freeIndex < end) {
+        const v = this.getEntry(block, this.freeIndex % this.blockEntries);
+        this.freeIndex++;
+        run = v !== 0 ? 0 : run + 1;
+      }
     }
     return this.freeIndex - n;
   }

@@ -1,0 +1,110 @@
+// What the supervisor builds on each daemon over QMP: the images (created where missing, the
+// overlays always fresh), the secondary's graph and its NBD export for the forwarded writes,
+// and the primary's quorum. The same QMP conversation serves a daemon the supervisor started
+// on this host and one running on another host; only image creation differs (a local file
+// write, or `blockdev-create` on the remote daemon).
+
+import { existsSync, rmSync } from 'node:fs';
+import { posix } from 'node:path';
+import type { QmpClient } from '../qmp/client.js';
+import { QmpCommandError } from '../qmp/client.js';
+import { createQcow2 } from '../block/drivers/qcow2/create.js';
+
+export const DISK_NODE = 'colo-disk0';
+export const FORWARD_EXPORT = 'parent0';
+
+/** Where the primary reaches the secondary's export of forwarded writes. */
+export type ForwardAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+
+export interface SideLayout {
+  dir: string;
+  /** the daemon runs on this host (files can be created directly) */
+  local: boolean;
+}
+
+export function imagePath(side: SideLayout, name: string): string {
+  return posix.join(side.dir, name);
+}
+
+/** Runs a job-creating command and waits for it to conclude; its error becomes ours. */
+async function runCreateJob(q: QmpClient, jobId: string, options: Record<string, unknown>, timeoutMs: number): Promise<void> {
+  const concluded = q.waitEvent('JOB_STATUS_CHANGE', (d) => d.id === jobId && d.status === 'concluded', timeoutMs);
+  concluded.catch(() => {}); // observed below, unless the command itself fails first
+  await q.execute('blockdev-create', { 'job-id': jobId, options });
+  await concluded;
+  const jobs = (await q.execute('query-jobs')) as Array<{ id: string; error?: string }>;
+  const err = jobs.find((j) => j.id === jobId)?.error;
+  await q.execute('job-dismiss', { id: jobId });
+  if (err) throw new Error(`creating ${String(options.filename ?? options.file)} failed: ${err}`);
+}
+
+/** Creates a qcow2 image of `size` on the daemon's host unless it exists and `keep` is set. */
+export async function ensureImage(q: QmpClient, side: SideLayout, name: string, size: number, keep: boolean): Promise<'kept' | 'created'> {
+  const path = imagePath(side, name);
+  if (side.local) {
+    if (keep && existsSync(path)) return 'kept';
+    rmSync(path, { force: true });
+    await createQcow2(path, { size });
+    return 'created';
+  }
+  const probe = `pair-probe-${name.replace(/[^A-Za-z0-9]/g, '-')}`;
+  if (keep) {
+    try {
+      await q.execute('blockdev-add', { driver: 'file', 'node-name': probe, filename: path, 'read-only': true });
+      await q.execute('blockdev-del', { 'node-name': probe });
+      return 'kept';
+    } catch (e) {
+      if (!(e instanceof QmpCommandError) || !/No such file or directory/.test(e.desc)) throw e;
+    }
+  }
+  await runCreateJob(q, `${probe}-file`, { driver: 'file', filename: path, size: 0 }, 30_000);
+  await q.execute('blockdev-add', { driver: 'file', 'node-name': probe, filename: path });
+  try {
+    await runCreateJob(q, `${probe}-qcow2`, { driver: 'qcow2', file: probe, size }, 30_000);
+  } finally {
+    await q.execute('blockdev-del', { 'node-name': probe });
+  }
+  return 'created';
+}
+
+const fileNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'file', filename } });
+// The overlays are scratch space: recreated empty at every start (after which a full sync
+// runs), and read by the failover commit from the running daemon, never after a crash. Their
+// flushes would only lengthen every checkpoint (make_empty orders its metadata writes with one).
+const scratchNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'file', filename, cache: { 'no-flush': true } } });
+
+/** The secondary: its disk, the replication filter over active -> hidden -> disk, and the
+ *  writable export the primary forwards to. */
+export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined): Promise<void> {
+  await q.execute('blockdev-add', { 'node-name': FORWARD_EXPORT, ...fileNode(imagePath(side, 'secondary.qcow2')) });
+  await q.execute('blockdev-add', {
+    driver: 'replication',
+    'node-name': 'childs0',
+    mode: 'secondary',
+    'top-id': 'childs0',
+    file: { ...scratchNode(imagePath(side, 'active.qcow2')), backing: { ...scratchNode(imagePath(side, 'hidden.qcow2')), backing: FORWARD_EXPORT } },
+  });
+  await q.execute('nbd-server-start', { addr: serverAddr(forward), ...(tlsCreds ? { 'tls-creds': tlsCreds } : {}) });
+  await q.execute('block-export-add', { type: 'nbd', id: FORWARD_EXPORT, 'node-name': FORWARD_EXPORT, name: FORWARD_EXPORT, writable: true });
+}
+
+/** The primary: its local disk under a quorum that the replication filter joins later. */
+export async function buildPrimary(q: QmpClient, side: SideLayout): Promise<void> {
+  await q.execute('blockdev-add', { 'node-name': 'local0', ...fileNode(imagePath(side, 'primary.qcow2')) });
+  await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: ['local0'] });
+}
+
+export function serverAddr(a: ForwardAddress): { type: 'unix'; data: { path: string } } | { type: 'inet'; data: { host: string; port: string } } {
+  return a.type === 'unix' ? { type: 'unix', data: { path: a.path } } : { type: 'inet', data: { host: a.host, port: String(a.port) } };
+}
+
+/** blockdev-add options of an nbd node that reaches the secondary's forward export. */
+export function forwardNode(a: ForwardAddress, tlsCreds: string | undefined, ioTimeoutS: number): Record<string, unknown> {
+  return {
+    driver: 'nbd',
+    server: a.type === 'unix' ? { type: 'unix', path: a.path } : { type: 'inet', host: a.host, port: String(a.port) },
+    export: FORWARD_EXPORT,
+    ...(tlsCreds ? { 'tls-creds': tlsCreds } : {}),
+    ...(ioTimeoutS > 0 ? { 'x-io-timeout': ioTimeoutS } : {}),
+  };
+}

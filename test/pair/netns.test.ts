@@ -1,0 +1,250 @@
+// The pair across two hosts: each side a `lockstep pair host` daemon in its own network
+// namespace (made by the test, joined by veth), the supervisor on the secondary's host, TLS
+// with certificates made here by openssl, or plain TCP with --insecure. After each failure
+// (the primary killed, the secondary killed, the link cut) the data rules are checked byte
+// for byte through the NBD exports, which the test reaches over their Unix sockets.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { controlRequest } from '../../src/pair/control.js';
+import type { PairStatus } from '../../src/pair/supervisor.js';
+import { tempDir } from '../helpers/graph.js';
+import { LOCKSTEP_BIN, requireTool } from '../helpers/processes.js';
+import { canMakeNetns, makeNetwork, type TestNetwork } from '../helpers/netns.js';
+import { makeCerts } from '../nbd/tls-certs.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 16 * MiB;
+const QMP_PORT = 4444;
+const HEARTBEAT = ['--heartbeat-interval', '50ms', '--heartbeat-timeout', '400ms'];
+
+const usable = requireTool('ip') && requireTool('openssl') && canMakeNetns();
+const skip = usable ? false : 'needs root, iproute2 and openssl (network namespaces)';
+
+interface Proc {
+  child: ChildProcess;
+  output(): string;
+  exited: Promise<number | null>;
+}
+
+/** Runs `lockstep ARGS` inside namespace `ns`. */
+function runIn(ns: string, args: string[]): Proc {
+  const child = spawn('ip', ['netns', 'exec', ns, process.execPath, LOCKSTEP_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  return { child, output: () => out, exited };
+}
+
+async function until<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 30_000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+interface Pair {
+  net: TestNetwork;
+  root: string;
+  dirA: string;
+  dirB: string;
+  control: string;
+  hostA: Proc;
+  hostB: Proc;
+  sup: Proc | null;
+  supArgs: string[];
+  certs?: ReturnType<typeof makeCerts>;
+}
+
+/** Two hosts with a daemon each, not yet paired. */
+async function twoHosts(t: { after(fn: () => unknown): void }, id: number, security: 'tls' | 'insecure'): Promise<Pair> {
+  const net = makeNetwork(id);
+  const procs: Proc[] = [];
+  t.after(async () => {
+    for (const p of procs) p.child.kill('SIGKILL');
+    await Promise.all(procs.map((p) => p.exited));
+    net.remove();
+  });
+  const root = tempDir(t, 'lockstep-netns-');
+  const dirA = join(root, 'host-a');
+  const dirB = join(root, 'host-b');
+  const supDir = join(root, 'supervisor');
+  for (const d of [dirA, dirB, supDir]) mkdirSync(d);
+  const certs = security === 'tls' ? makeCerts(root, { ips: [net.a.ip, net.b.ip] }) : undefined;
+  const sec = certs ? ['--tls-dir', certs.bothDir] : ['--insecure'];
+  const hostA = runIn(net.a.ns, ['pair', 'host', '--listen', `${net.a.ip}:${QMP_PORT}`, ...sec]);
+  const hostB = runIn(net.b.ns, ['pair', 'host', '--listen', `${net.b.ip}:${QMP_PORT}`, ...sec]);
+  procs.push(hostA, hostB);
+  for (const h of [hostA, hostB]) {
+    await until('a pair host to listen', () => {
+      if (h.child.exitCode !== null) throw new Error(`pair host exited: ${h.output()}`);
+      return h.output().includes('QMP monitor listening') ? true : undefined;
+    });
+  }
+  const supArgs = [
+    'pair', 'run',
+    '--primary-qmp', `${net.a.ip}:${QMP_PORT}`,
+    '--secondary-qmp', `${net.b.ip}:${QMP_PORT}`,
+    '--primary-dir', dirA,
+    '--secondary-dir', dirB,
+    '--data-dir', supDir,
+    '--size', String(SIZE),
+    '--nbd-port', '0',
+    '--checkpoint-interval', '0',
+    ...HEARTBEAT,
+  ];
+  const pair: Pair = { net, root, dirA, dirB, control: join(supDir, 'pair.sock'), hostA, hostB, sup: null, supArgs, ...(certs ? { certs } : {}) };
+  t.after(() => pair.sup?.child.kill('SIGKILL'));
+  return pair;
+}
+
+/** Starts the supervisor on the secondary's host and waits until the pair is protected. */
+async function supervise(p: Pair, security: string[]): Promise<void> {
+  const sup = runIn(p.net.b.ns, [...p.supArgs, ...security]);
+  p.sup = sup;
+  await until(
+    'the pair to be protected',
+    async () => {
+      if (sup.child.exitCode !== null) throw new Error(`the supervisor exited: ${sup.output()}`);
+      const st = await status(p).catch(() => undefined);
+      return st?.stage === 'protected' ? st : undefined;
+    },
+    60_000,
+  );
+}
+
+async function status(p: Pair): Promise<PairStatus> {
+  const r = await controlRequest(p.control, 'status', 5000);
+  if (!r.ok) throw new Error(r.error);
+  return r.result as PairStatus;
+}
+
+async function checkpoint(p: Pair): Promise<void> {
+  const r = await controlRequest(p.control, 'checkpoint', 10_000);
+  assert.equal(r.ok, true, r.error);
+}
+
+const waitStage = (p: Pair, stage: string) =>
+  until(`stage ${stage}`, async () => {
+    const st = await status(p).catch(() => undefined);
+    return st?.stage === stage ? st : undefined;
+  });
+
+async function readDisk(sock: string): Promise<Buffer> {
+  const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
+  try {
+    return await c.read(0, SIZE);
+  } finally {
+    await c.disconnect();
+  }
+}
+
+/** The user's NBD connection to the primary, with a byte model of what it wrote. */
+async function writer(sock: string) {
+  const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
+  const model = Buffer.alloc(SIZE);
+  return {
+    client: c,
+    model,
+    async write(off: number, len: number, byte: number): Promise<void> {
+      const b = Buffer.alloc(len, byte);
+      await c.write(off, b);
+      b.copy(model, off);
+    },
+  };
+}
+
+const firstDiff = (a: Buffer, b: Buffer) => a.findIndex((x, i) => x !== b[i]);
+
+test('TLS between two hosts: peers with the wrong certificates are refused; the primary killed, the secondary serves the last checkpoint', { skip, timeout: 120_000 }, async (t) => {
+  const p = await twoHosts(t, 1, 'tls');
+  const certs = p.certs!;
+  // the daemons verify the supervisor: a client certificate from another CA is refused
+  const rogue = runIn(p.net.b.ns, [...p.supArgs, '--tls-dir', certs.otherClientDir]);
+  assert.equal(await rogue.exited, 1);
+  assert.match(rogue.output(), /cannot reach the secondary daemon's QMP/);
+  // the supervisor verifies the daemons: it trusts only its CA
+  const wrongCa = join(p.root, 'wrong-ca');
+  mkdirSync(wrongCa);
+  copyFileSync(join(certs.otherCaDir, 'ca-cert.pem'), join(wrongCa, 'ca-cert.pem'));
+  for (const f of ['client-cert.pem', 'client-key.pem']) copyFileSync(join(certs.clientDir, f), join(wrongCa, f));
+  const mistrust = runIn(p.net.b.ns, [...p.supArgs, '--tls-dir', wrongCa]);
+  assert.equal(await mistrust.exited, 1);
+  assert.match(mistrust.output(), /cannot reach the secondary daemon's QMP.*(certificate|self.signed)/i);
+
+  await supervise(p, ['--tls-dir', certs.clientDir]);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  const load = [];
+  for (let i = 0; i < 32; i++) load.push(w.write(i * 300 * 1024 + 512, 7000, 0x10 + i));
+  await Promise.all(load);
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(w.model);
+  for (let i = 0; i < 16; i++) await w.write(i * 640 * 1024, 64 * 1024, 0xa0 + i);
+  w.client.destroy();
+  p.hostA.child.kill('SIGKILL');
+  const st = await waitStage(p, 'failed-over');
+  assert.deepEqual(st.serving, [`nbd+unix:///disk?socket=${join(p.dirB, 'disk.sock')}`]);
+  const got = await readDisk(join(p.dirB, 'disk.sock'));
+  assert.equal(firstDiff(got, atCheckpoint), -1, 'the recovered disk differs from the last checkpoint');
+  assert.equal(st.checkpoints, 1);
+});
+
+test('plain TCP between hosts needs --insecure; the secondary killed, the primary keeps serving and lists what changed', { skip, timeout: 120_000 }, async (t) => {
+  const p = await twoHosts(t, 2, 'insecure');
+  const refused = runIn(p.net.b.ns, p.supArgs);
+  assert.equal(await refused.exited, 1);
+  assert.match(refused.output(), /is not a loopback address: give TLS credentials \(--tls-dir\) or allow plain TCP with --insecure/);
+
+  await supervise(p, ['--insecure']);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  await w.write(0, 4096, 0x01);
+  await checkpoint(p);
+  await w.write(3 * 65536, 4096, 0x02); // after the checkpoint: the secondary may lose it
+  p.hostB.child.kill('SIGKILL');
+  await waitStage(p, 'degraded');
+  await w.write(10 * 65536 + 1, 2 * 65536, 0x03); // granules 10, 11, 12
+  assert.equal(firstDiff(await w.client.read(0, SIZE), w.model), -1);
+  await w.client.disconnect();
+  assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), w.model), -1);
+  const st = await until('the changed regions', async () => {
+    const s = await status(p);
+    return s['changed-bytes'] === 4 * 65536 ? s : undefined;
+  });
+  assert.match(st['last-error'] ?? '', /secondary died/);
+  const changed = JSON.parse(readFileSync(st['changed-regions-file']!, 'utf8')) as { nodes: Array<{ regions: unknown }> };
+  assert.deepEqual(changed.nodes[0]!.regions, [
+    { offset: 3 * 65536, length: 65536 },
+    { offset: 10 * 65536, length: 3 * 65536 },
+  ]);
+});
+
+test('TLS, the link cut: the secondary fails over to the last checkpoint, the primary keeps serving, the healed link brings nothing through', { skip, timeout: 120_000 }, async (t) => {
+  const p = await twoHosts(t, 3, 'tls');
+  await supervise(p, ['--tls-dir', p.certs!.clientDir]);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  for (let i = 0; i < 8; i++) await w.write(i * MiB, 8192, 0x20 + i);
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(w.model);
+  await w.write(100 * 1024, 4096, 0x55);
+  p.net.cut();
+  await waitStage(p, 'failed-over');
+  assert.equal(firstDiff(await readDisk(join(p.dirB, 'disk.sock')), atCheckpoint), -1);
+  // the primary's forwarding gives up on the silent link; its guest writes still succeed
+  await w.write(2 * MiB, 65536, 0x66);
+  assert.ok((await w.client.read(2 * MiB, 65536)).equals(Buffer.alloc(65536, 0x66)));
+  // the cable back in: the secondary fenced its forwarding export, so nothing arrives
+  p.net.heal();
+  await w.write(3 * MiB, 65536, 0x77);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(firstDiff(await readDisk(join(p.dirB, 'disk.sock')), atCheckpoint), -1);
+  assert.equal(firstDiff(await w.client.read(0, SIZE), w.model), -1);
+  await w.client.disconnect();
+});
