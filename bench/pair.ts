@@ -93,6 +93,8 @@ function parseOptions(args: string[]): Options {
 interface Bench extends BenchContext {
   o: Options;
   clockTicks: number;
+  /** the run's scratch directory, once made */
+  root: string | null;
 }
 
 // ---- one measured run ---------------------------------------------------------------------
@@ -344,6 +346,7 @@ async function main(b: Bench): Promise<void> {
     if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} is not installed`);
   }
   const root = mkdtempSync(join(tmpdir(), 'lockstep-bench-pair-'));
+  b.root = root;
   const started = Date.now();
   const kinds: Kind[] = o.withQemu ? ['lockstep', 'qemu'] : ['lockstep'];
   const configs: Array<'off' | 'pair' | number> = ['off', 'pair', ...o.rates];
@@ -487,7 +490,17 @@ try {
   console.error(`bench/pair: ${errorMessage(e)}`);
   process.exit(2);
 }
-const bench: Bench = { o: options, sizeMiB: options.sizeMiB, live: new Set(), clockTicks: Number(sh('getconf', ['CLK_TCK']).trim()) || 100 };
+const bench: Bench = { o: options, sizeMiB: options.sizeMiB, live: new Set(), clockTicks: Number(sh('getconf', ['CLK_TCK']).trim()) || 100, root: null };
+// Interrupted (Ctrl-C, a timeout, a closed pipe on stdout): the daemons, QEMUs and fios this
+// run started are not children that die with it, so end them first.
+const abort = (code: number) => () => {
+  killLive(bench);
+  if (bench.root) rmSync(bench.root, { recursive: true, force: true });
+  process.exit(code);
+};
+process.once('SIGINT', abort(130));
+process.once('SIGTERM', abort(143));
+process.stdout.on('error', abort(1));
 main(bench).then(
   () => process.exit(0),
   (e: unknown) => {
