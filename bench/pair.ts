@@ -14,6 +14,9 @@
 //               writes; for (c) the bench checkpoints it the way COLO does with a VM: the
 //               load is frozen (SIGSTOP, the guest's vm_stop), the primary drains and
 //               flushes (QMP stop), the secondary checkpoints, then cont and SIGCONT.
+//   breakdown   at 40/s under the 4 KiB load, the bench takes the checkpoints itself over its
+//               own QMP connections and times hold, secondary checkpoint and release apart.
+//   CPU         user + system CPU of the serving processes per request (/proc).
 //   failover    with heartbeat defaults and the 4 KiB load running, the primary is killed
 //               (SIGKILL: the supervisor sees the process exit) or frozen (SIGSTOP: only the
 //               heartbeat can tell); time to the 'failed-over' event and to the first
