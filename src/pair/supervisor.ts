@@ -350,11 +350,22 @@ export class PairSupervisor extends EventEmitter {
   /** A consistent checkpoint: hold the guest's writes, checkpoint the secondary, release. */
   checkpoint(): Promise<{ pauseMs: number; checkpointMs: number }> {
     if (this.stage !== 'protected') return Promise.reject(new Error(`no checkpoint in stage ${this.stage}`));
+    if (this.failingOver) return Promise.reject(new Error('no checkpoint while failing over'));
     const run = (async () => {
       const p = this.primary!;
       const s = this.secondary!;
       const t0 = process.hrtime.bigint();
-      await this.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
+      try {
+        await this.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
+      } catch (e) {
+        // A hold that timed out may still take effect later: release it whenever it does,
+        // so that the guest's writes are never left held ("not held" errors are expected).
+        void this.call(p, 'block-io-release', { 'node-name': DISK_NODE }, 60_000).catch(() => {});
+        this.metrics.checkpointFailures++;
+        this.lastError = `checkpoint failed: the hold on the primary failed: ${errorMessage(e)}`;
+        this.opts.log('error', this.lastError);
+        throw e;
+      }
       const t1 = process.hrtime.bigint();
       let err: unknown = null;
       try {
