@@ -4,15 +4,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
-import { BlockGraph } from '../../src/block/graph.js';
-import { createRegistry } from '../../src/block/registry.js';
-import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { ChangedMap, CHANGED_GRANULARITY as G } from '../../src/replication/changed.js';
-import { replicationRegistry } from '../../src/replication/registry.js';
 import { replicationStateOf } from '../../src/replication/filter.js';
-import { tempDir } from '../helpers/graph.js';
-import { faultDriver, faultControl } from '../helpers/fault-driver.js';
+import { faultControl } from '../helpers/fault-driver.js';
+import { primaryFixture } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 
@@ -35,19 +30,7 @@ test('ChangedMap merges adjacent granules, clips the last one and resets', () =>
 });
 
 test('the primary lists every changed region, forwarded or not, until reset', async (t) => {
-  const dir = tempDir(t);
-  const file = join(dir, 'forward.qcow2');
-  await createQcow2(file, { size: 8 * MiB });
-  const graph = new BlockGraph(createRegistry([faultDriver]));
-  t.after(() => graph.closeAll());
-  const node = await graph.open({
-    driver: 'replication',
-    mode: 'primary',
-    'node-name': 'p-repl',
-    file: { driver: 'test-fault', 'node-name': 'p-fault', file: { driver: 'qcow2', file: { driver: 'file', filename: file } } },
-  });
-  const top = graph.createBackend(node, { name: 'p-top' });
-  const reg = replicationRegistry(graph);
+  const { graph, node, top, reg } = await primaryFixture(t, 8 * MiB);
   const state = replicationStateOf(node)!;
   await reg.startAll('primary');
 

@@ -14,6 +14,7 @@ import { replicationStateOf, type ReplicationState } from '../../src/replication
 import { jobManagerOf } from '../../src/replication/jobs.js';
 import { tempDir } from '../helpers/graph.js';
 import { faultDriver, faultControl } from '../helpers/fault-driver.js';
+import { primaryFixture } from '../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -189,21 +190,7 @@ test('a primary write into a never-written area makes the secondary read zeroes 
 
 // ---- 6.6 item 6: sticky primary errors ------------------------------------------------------
 
-async function primary(t: { after(fn: () => unknown): void }): Promise<{ graph: BlockGraph; top: Backend; reg: ReplicationRegistry; fault: ReturnType<typeof faultControl>; dir: string }> {
-  const dir = tempDir(t);
-  const file = join(dir, 'forward.qcow2');
-  await createQcow2(file, { size: SIZE });
-  const graph = new BlockGraph(createRegistry([faultDriver]));
-  const node = await graph.open({
-    driver: 'replication',
-    mode: 'primary',
-    'node-name': 'p-repl',
-    file: { driver: 'test-fault', 'node-name': 'p-fault', file: { driver: 'qcow2', file: { driver: 'file', filename: file } } },
-  });
-  const top = graph.createBackend(node, { name: 'p-top' });
-  t.after(() => graph.closeAll());
-  return { graph, top, reg: replicationRegistry(graph), fault: faultControl(graph.getNode('p-fault')), dir };
-}
+const primary = (t: { after(fn: () => unknown): void }) => primaryFixture(t, SIZE);
 
 test('primary: a failed forward succeeds, then get_error reports it until stop', async (t) => {
   const p = await primary(t);
