@@ -65,7 +65,7 @@ export async function runDemo(o: DemoOptions): Promise<boolean> {
       await Promise.all(batch);
       const cp = await sup.checkpoint();
       snapshot = Buffer.from(model);
-      say(`round ${r}: 64 writes in ${Date.now() - before} ms, checkpoint pause ${cp.pauseMs.toFixed(2)} ms (secondary ${cp.checkpointMs.toFixed(2)} ms)`);
+      say(`round ${r}: 64 writes in ${Date.now() - before} ms, checkpoint pause ${cp.pauseMs.toFixed(2)} ms (hold ${cp.holdMs.toFixed(2)}, secondary ${cp.checkpointMs.toFixed(2)}, release ${cp.releaseMs.toFixed(2)} ms)`);
     }
     // a burst that the last checkpoint does not cover, cut short by the primary's death
     const burst = [];

@@ -93,6 +93,18 @@ interface Side {
   alive: boolean;
 }
 
+/** One checkpoint's timing: the pause the guest saw and its three steps. */
+export interface CheckpointTimes {
+  /** hold + secondary checkpoint + release */
+  pauseMs: number;
+  /** the secondary's xen-colo-do-checkpoint */
+  checkpointMs: number;
+  /** block-io-hold: a round trip plus the drain of in-flight writes */
+  holdMs: number;
+  /** block-io-release (with the changed-regions reset sent just before it) */
+  releaseMs: number;
+}
+
 export interface PairStatus {
   stage: PairStage;
   role: string;
@@ -348,7 +360,7 @@ export class PairSupervisor extends EventEmitter {
   // ---- checkpoints ----------------------------------------------------------------------
 
   /** A consistent checkpoint: hold the guest's writes, checkpoint the secondary, release. */
-  checkpoint(): Promise<{ pauseMs: number; checkpointMs: number }> {
+  checkpoint(): Promise<CheckpointTimes> {
     if (this.stage !== 'protected') return Promise.reject(new Error(`no checkpoint in stage ${this.stage}`));
     if (this.failingOver) return Promise.reject(new Error('no checkpoint while failing over'));
     const run = (async () => {
@@ -382,6 +394,7 @@ export class PairSupervisor extends EventEmitter {
       const t3 = process.hrtime.bigint();
       const pauseMs = Number(t3 - t0) / 1e6;
       const checkpointMs = Number(t2 - t1) / 1e6;
+      const times: CheckpointTimes = { pauseMs, checkpointMs, holdMs: Number(t1 - t0) / 1e6, releaseMs: Number(t3 - t2) / 1e6 };
       if (err) {
         this.metrics.checkpointFailures++;
         this.lastError = `checkpoint failed: ${errorMessage(err)}`;
@@ -393,8 +406,8 @@ export class PairSupervisor extends EventEmitter {
       this.metrics.checkpointTime.observe(checkpointMs / 1000);
       this.lastPauseMs = pauseMs;
       await this.refreshCounters().catch(() => {});
-      this.emit('checkpoint', { pauseMs, checkpointMs });
-      return { pauseMs, checkpointMs };
+      this.emit('checkpoint', times);
+      return times;
     })();
     this.checkpointing = run;
     void run.finally(() => {
@@ -511,6 +524,14 @@ export class PairSupervisor extends EventEmitter {
       this.failingOver = null;
     });
     return run;
+  }
+
+  /** Process ids of the daemons this supervisor started (none for attached daemons). */
+  pids(): { primary?: number; secondary?: number } {
+    const out: { primary?: number; secondary?: number } = {};
+    if (this.primary?.child?.pid !== undefined) out.primary = this.primary.child.pid;
+    if (this.secondary?.child?.pid !== undefined) out.secondary = this.secondary.child.pid;
+    return out;
   }
 
   /** Kills the primary daemon with SIGKILL (the demo's and tests' simulated crash). */
