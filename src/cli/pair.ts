@@ -27,7 +27,8 @@ primary's forwarding and the supervisor); both ends of every connection verify t
 Options:
   --data-dir DIR             images, sockets and logs (default ./lockstep-data)
   --size SIZE                disk size when the images are created (default 1G)
-  --checkpoint-interval T    time between checkpoints, e.g. 1s, 250ms, 0 = on demand (default 1s)
+  --checkpoint-interval T    time between checkpoints, e.g. 1s, 250ms, 0.1 (seconds);
+                             0 = on demand only (default 1s)
   --heartbeat-interval T     (default 100ms)
   --heartbeat-timeout T      the primary is dead after this long without an answer (default 500ms)
   --failover auto|manual     fail over by itself or wait for 'lockstep pair failover' (default auto)
@@ -57,9 +58,9 @@ pair host options:
 
 function parseDuration(text: string, name: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s)?$/.exec(text.trim());
-  if (!m) throw new Error(`--${name}: expected a duration like 500ms or 1s, got '${text}'`);
-  if (m[2] === undefined && Number(m[1]) !== 0) throw new Error(`--${name}: give a unit (ms or s), got '${text}'`);
-  return Number(m[1]) * (m[2] === 's' ? 1000 : 1);
+  if (!m) throw new Error(`--${name}: expected a duration like 500ms, 1s or 0.25 (seconds), got '${text}'`);
+  // a bare number is seconds, as for sleep(1)
+  return Number(m[1]) * (m[2] === 'ms' ? 1 : 1000);
 }
 
 function parseAddress(text: string, name: string): QmpClientAddress {
