@@ -12,6 +12,9 @@ export interface HostFile {
   flush(): Promise<void>;
   length(): number;
   truncate(length: number): Promise<void>;
+  /** Zeroes a range without writing buffers (fallocate's zero range); false when the store
+   *  cannot, and the caller writes the zeroes itself. */
+  zeroRange?(offset: number, length: number): Promise<boolean>;
 }
 
 export function nodeHostFile(node: BlockNode): HostFile {
@@ -21,6 +24,15 @@ export function nodeHostFile(node: BlockNode): HostFile {
     flush: () => node.flush(),
     length: () => node.getLength(),
     truncate: (length) => node.truncate(length),
+    zeroRange: async (offset, length) => {
+      try {
+        await node.writeZeroes(offset, length, { noFallback: true });
+        return true;
+      } catch (e) {
+        if (e instanceof BlockError && e.code === 'ENOTSUP') return false;
+        throw e;
+      }
+    },
   };
 }
 

@@ -69,8 +69,6 @@ export class Qcow2Image {
    * nothing is written past the metadata) until it has completed.
    */
   private pendingTruncate: Promise<void> | null = null;
-  /** end of the highest data cluster ever allocated (see allocDataFresh) */
-  private handedOutEnd = 0;
   private truncateError: unknown = null;
 
   constructor(
@@ -222,8 +220,6 @@ export class Qcow2Image {
     this.pendingTruncate = (async () => {
       if (prev) await prev;
       await this.file.truncate(length);
-      // make_empty freed every data cluster: what lay past `length` is gone
-      this.handedOutEnd = Math.min(this.handedOutEnd, length);
     })().catch((e: unknown) => {
       this.truncateError = e;
     });
@@ -244,15 +240,6 @@ export class Qcow2Image {
 
   /** Allocates n contiguous data clusters; returns the host byte offset. */
   async allocData(n: number): Promise<number> {
-    return (await this.allocDataFresh(n)).host;
-  }
-
-  /**
-   * Allocates n data clusters and says whether they are *fresh*: past the end of the file
-   * and past every cluster handed out before, so that they read as zeroes (a hole) until
-   * written. A write into fresh clusters need not write the zeroes around the guest's data.
-   */
-  async allocDataFresh(n: number): Promise<{ host: number; fresh: boolean }> {
     await this.settleTruncate();
     await this.markDirtyBit();
     const c = await this.refcounts.alloc(n);
@@ -260,9 +247,7 @@ export class Qcow2Image {
     if (this.overlapsFixedMetadata(off, n * this.clusterSize)) {
       throw this.markCorrupt(`allocated clusters at 0x${off.toString(16)} overlap metadata (refcounts are corrupt)`);
     }
-    const fresh = off >= Math.max(this.handedOutEnd, this.file.length());
-    this.handedOutEnd = Math.max(this.handedOutEnd, off + n * this.clusterSize);
-    return { host: off, fresh };
+    return off;
   }
 
   free(first: number, count: number): void {

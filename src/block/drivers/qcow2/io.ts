@@ -176,8 +176,23 @@ interface Allocation {
   l1i: number;
   host: number;
   buf: Buffer;
-  /** where buf starts within the allocation (non-zero when the zero head is left a hole) */
+  /** where buf starts within the allocation */
   at: number;
+  /** the rest of the clusters reads as zeroes: zero them with one zero-range call (or, where
+   *  the store cannot, write buf padded with zeroes) */
+  zeroFill: boolean;
+}
+
+/** Phase 2 for one allocation: its data, and its zero fill if it has one. */
+async function writeAllocation(img: Qcow2Image, a: Allocation): Promise<void> {
+  const len = a.n * img.clusterSize;
+  if (a.zeroFill && a.buf.length < len) {
+    if (img.file.zeroRange && (await img.file.zeroRange(a.host, len))) return img.file.write(a.host + a.at, a.buf);
+    const full = Buffer.alloc(len);
+    a.buf.copy(full, a.at);
+    return img.file.write(a.host, full);
+  }
+  return img.file.write(a.host + a.at, a.buf);
 }
 
 /** Whether a cluster's content before this write is all zeroes, known without I/O. */
@@ -226,7 +241,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
   try {
     await Promise.all([
       ...inPlace.map((w) => img.file.write(w.host, data.subarray(w.src, w.src + w.len))),
-      ...allocs.map((a) => img.file.write(a.host + a.at, a.buf)),
+      ...allocs.map((a) => writeAllocation(img, a)),
     ]);
   } catch (e) {
     ioError = e;
@@ -295,18 +310,12 @@ async function planWrite(
     const tailStart = runEnd - (cluster + n - 1) * cs; // bytes of the last cluster covered
     const lastEntry = (): L2Entry => (n === 1 ? first.entry : first.table ? readL2(first.table, (cluster + n - 1) % img.l2Entries, img.v3) : UNALLOCATED);
     if ((head > 0 || tailStart < cs) && readsAsZero(img, first.entry) && readsAsZero(img, lastEntry())) {
-      // The copy-on-write fill is zeroes. Into fresh clusters (a hole past the end of the
-      // file) only the guest's bytes are written, as QEMU does with a zero-range fallocate
-      // and the data: a 4 KiB write into a new 64 KiB cluster stays a 4 KiB write.
+      // The copy-on-write fill is zeroes: QEMU's way, one zero-range call over the new
+      // clusters and then only the guest's bytes, instead of a buffer of zeroes around them
+      // (a 4 KiB write into a new 64 KiB cluster stays a 4 KiB write). Same file, same map.
       await img.getL2ForWrite(l1i);
-      const { host, fresh } = await img.allocDataFresh(n);
-      if (fresh) {
-        allocs.push({ cluster, n, l1i, host, buf: data.subarray(pos - offset, runEnd - offset), at: head });
-      } else {
-        const buf = Buffer.alloc(n * cs);
-        data.copy(buf, head, pos - offset, runEnd - offset);
-        allocs.push({ cluster, n, l1i, host, buf, at: 0 });
-      }
+      const host = await img.allocData(n);
+      allocs.push({ cluster, n, l1i, host, buf: data.subarray(pos - offset, runEnd - offset), at: head, zeroFill: true });
       pos = runEnd;
       continue;
     }
@@ -331,7 +340,7 @@ async function planWrite(
     // QEMU's order: the L2 table first, then the data clusters
     await img.getL2ForWrite(l1i);
     const host = await img.allocData(n);
-    allocs.push({ cluster, n, l1i, host, buf, at: 0 });
+    allocs.push({ cluster, n, l1i, host, buf, at: 0, zeroFill: false });
     pos = runEnd;
   }
 }
