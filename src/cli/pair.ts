@@ -279,7 +279,9 @@ export async function run(argv: string[]): Promise<number> {
     setInterval(() => {
       const s = sup.status();
       process.stdout.write(
-        `\r${s.stage} | checkpoints ${s.checkpoints} | last pause ${s['last-pause-ms']?.toFixed(2) ?? '-'} ms | forwarded ${(s['bytes-forwarded'] / 2 ** 20).toFixed(1)} MiB | dirty ${s['dirty-clusters']} | heartbeat ${s['heartbeat-age-ms'] ?? '-'} ms\x1b[K`,
+        `\r${s.stage} | checkpoints ${s.checkpoints} | last pause ${s['last-pause-ms']?.toFixed(2) ?? '-'} ms | forwarded ${(s['bytes-forwarded'] / 2 ** 20).toFixed(1)} MiB | dirty ${s['dirty-clusters']} | heartbeat ${s['heartbeat-age-ms'] ?? '-'} ms` +
+          (s['changed-bytes'] !== undefined ? ` | changed since the last checkpoint ${(s['changed-bytes'] / 2 ** 20).toFixed(1)} MiB` : '') +
+          '\x1b[K',
       );
     }, 1000).unref();
   }
