@@ -228,6 +228,7 @@ export class PairSupervisor extends EventEmitter {
     this.primary = await this.launch('primary', o.primaryQmp, pl);
     const p = this.primary;
     const s = this.secondary;
+    for (const side of [s, p]) if (!side.child) await this.checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!);
     // the disks are kept when they exist; the overlays are always recreated empty
     for (const [side, name, keep] of [
       [s, 'secondary.qcow2', true],
@@ -268,6 +269,22 @@ export class PairSupervisor extends EventEmitter {
         }, o.checkpointIntervalMs),
       );
     }
+  }
+
+  /** An attached daemon must be fresh: a pair half set up (say, by a supervisor that died)
+   *  would otherwise fail later with a bare "Duplicate nodes". */
+  private async checkFresh(side: Side, addr: QmpClientAddress): Promise<void> {
+    const nodes = (await this.call(side, 'query-named-block-nodes', { flat: true })) as Array<{ 'node-name': string }>;
+    if (nodes.length === 0) return;
+    const where = 'path' in addr ? addr.path : `${addr.host}:${addr.port}`;
+    // the names a user gave first; '#blockNNN' are automatic names of inner nodes
+    const all = nodes.map((n) => n['node-name']);
+    const named = all.filter((n) => !n.startsWith('#'));
+    const shown = (named.length > 0 ? named : all).slice(0, 5);
+    throw new Error(
+      `the ${side.name} daemon at ${where} already has block nodes (${shown.join(', ')}${all.length > shown.length ? ', ...' : ''}): ` +
+        'lockstep pair sets up freshly started daemons; restart it (lockstep pair host) and run again',
+    );
   }
 
   private async launch(name: 'primary' | 'secondary', attach: QmpClientAddress | undefined, layout: SideLayout): Promise<Side> {

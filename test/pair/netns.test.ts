@@ -204,6 +204,11 @@ test('plain TCP between hosts needs --insecure; the secondary killed, the primar
   assert.match(refused.output(), /is not a loopback address: give TLS credentials \(--tls-dir\) or allow plain TCP with --insecure/);
 
   await supervise(p, ['--insecure']);
+  // a second supervisor for the same daemons is refused before it touches anything
+  const second = runIn(p.net.b.ns, [...p.supArgs, '--insecure', '--control', join(p.root, 'second.sock')]);
+  assert.equal(await second.exited, 1);
+  assert.match(second.output(), /the secondary daemon at [\d.]+:4444 already has block nodes \(.*parent0.*\): lockstep pair sets up freshly started daemons/);
+  assert.equal((await status(p)).stage, 'protected');
   const w = await writer(join(p.dirA, 'disk.sock'));
   await w.write(0, 4096, 0x01);
   await checkpoint(p);
