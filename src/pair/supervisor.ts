@@ -10,7 +10,8 @@
 // verified on both ends: the supervisor's QMP connections and the primary's NBD forwarding;
 // plain TCP to a non-loopback address needs `insecure`.
 //
-// Stages: starting -> syncing -> protected -> (failed-over | degraded) -> stopped.
+// Stages: starting -> syncing -> protected -> (failed-over | degraded) -> stopped; with manual
+// failover, protected -> primary-lost (waiting for `lockstep pair failover`) -> failed-over.
 
 import { EventEmitter } from 'node:events';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -33,7 +34,7 @@ import {
 
 const LOCKSTEP_BIN = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
 
-export type PairStage = 'starting' | 'syncing' | 'protected' | 'failed-over' | 'degraded' | 'stopped';
+export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'stopped';
 
 export interface PairTls {
   /** the supervisor's own credentials: ca-cert.pem, client-cert.pem, client-key.pem */
@@ -467,8 +468,16 @@ export class PairSupervisor extends EventEmitter {
     if (this.stage === 'stopped') return;
     if (side.name === 'primary') {
       if (this.stage === 'failed-over' || this.failingOver) return;
-      if (this.opts.failover === 'auto' && this.secondary?.alive) await this.failover('the primary died').catch(() => {});
-      else this.lastError = 'the primary died; failover is manual: run `lockstep pair failover`';
+      if (this.opts.failover === 'auto' && this.secondary?.alive) {
+        await this.failover('the primary died').catch(() => {});
+        return;
+      }
+      if (this.stage === 'protected') this.stage = 'primary-lost';
+      this.lastError = this.secondary?.alive
+        ? 'the primary died; failover is manual: run `lockstep pair failover`'
+        : 'the primary died and the secondary is not running: nothing can serve the disk';
+      this.opts.log('error', this.lastError);
+      this.emit('primary-lost');
     } else if (this.stage === 'protected') {
       this.stage = 'degraded';
       this.lastError = 'the secondary died: the primary keeps serving without protection';
@@ -564,7 +573,7 @@ export class PairSupervisor extends EventEmitter {
     const q = (x: number | null) => (x === null ? null : x * 1000);
     const st: PairStatus = {
       stage: this.stage,
-      role: this.stage === 'failed-over' ? 'secondary serving' : 'primary serving',
+      role: this.stage === 'failed-over' ? 'secondary serving' : this.stage === 'primary-lost' ? 'none serving' : 'primary serving',
       checkpoints: this.metrics.checkpoints,
       'checkpoint-failures': this.metrics.checkpointFailures,
       'last-pause-ms': this.lastPauseMs,
@@ -593,7 +602,8 @@ export class PairSupervisor extends EventEmitter {
       // daemons started here end with the supervisor; attached ones are the operator's
       if (side.alive && side.child) await this.call(side, 'quit', undefined, 2000).catch(() => {});
       side.qmp.close();
-      if (side.child && side.child.exitCode === null) {
+      // a process killed by a signal has exitCode null and signalCode set
+      if (side.child && side.child.exitCode === null && side.child.signalCode === null) {
         await new Promise<void>((r) => {
           const t = setTimeout(() => {
             side.child!.kill('SIGKILL');

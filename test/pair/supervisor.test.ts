@@ -13,14 +13,14 @@ import { tempDir } from '../helpers/graph.js';
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 
-function pair(dir: string): PairSupervisor {
+function pair(dir: string, failover: 'auto' | 'manual' = 'auto'): PairSupervisor {
   return new PairSupervisor({
     dataDir: dir,
     size: SIZE,
     checkpointIntervalMs: 0,
     heartbeatIntervalMs: 50,
     heartbeatTimeoutMs: 400,
-    failover: 'auto',
+    failover,
     nbdSocket: join(dir, 'disk.sock'),
     log: () => {},
   });
@@ -130,4 +130,31 @@ test('secondary killed: the primary keeps serving and reports the replication er
     { offset: 0, length: 65536 },
     { offset: 5 * 65536, length: 2 * 65536 }, // 327780 .. 397779
   ]);
+});
+
+test('manual failover: the primary killed leaves the pair waiting, then failover serves the last checkpoint', async (t) => {
+  const dir = tempDir(t);
+  const sup = pair(dir, 'manual');
+  t.after(() => sup.stop());
+  await sup.start();
+  const sock = join(dir, 'disk.sock');
+  const client = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
+  await client.write(0, Buffer.alloc(65536, 0x31));
+  await sup.checkpoint();
+  await client.write(65536, Buffer.alloc(65536, 0x32)); // not covered by a checkpoint
+  client.destroy();
+  const lost = new Promise((r) => sup.once('primary-lost', r));
+  sup.crashPrimary();
+  await lost;
+  const st = sup.status();
+  assert.equal(st.stage, 'primary-lost');
+  assert.equal(st.role, 'none serving');
+  assert.match(st['last-error'] ?? '', /failover is manual: run `lockstep pair failover`/);
+  await assert.rejects(sup.checkpoint(), /no checkpoint in stage primary-lost/);
+  await sup.failover('test');
+  assert.equal(sup.stage, 'failed-over');
+  const want = Buffer.alloc(SIZE);
+  want.fill(0x31, 0, 65536);
+  const got = await readAll(sock);
+  assert.ok(got.equals(want), `recovered disk differs at byte ${got.findIndex((b, i) => b !== want[i])}`);
 });
