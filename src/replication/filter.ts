@@ -465,7 +465,7 @@ export class ReplicationState {
       'node-name': this.node.name,
       since: m.since,
       granularity: CHANGED_GRANULARITY,
-      bytes: regions.reduce((a, r) => a + r.length, 0),
+      bytes: m.bytes(),
       regions,
     };
   }
