@@ -67,7 +67,7 @@ export async function ensureImage(q: QmpClient, side: SideLayout, name: string, 
   return 'created';
 }
 
-const fileNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'file', filename } });
+const qcow2Node = (filename: string) => ({ driver: 'qcow2', file: { driver: 'file', filename } });
 // The overlays are scratch space: recreated empty at every start (after which a full sync
 // runs), and read by the failover commit from the running daemon, never after a crash. Their
 // flushes would only lengthen every checkpoint (make_empty orders its metadata writes with one).
@@ -76,7 +76,7 @@ const scratchNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'f
 /** The secondary: its disk, the replication filter over active -> hidden -> disk, and the
  *  writable export the primary forwards to. */
 export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined): Promise<void> {
-  await q.execute('blockdev-add', { 'node-name': FORWARD_EXPORT, ...fileNode(imagePath(side, 'secondary.qcow2')) });
+  await q.execute('blockdev-add', { 'node-name': FORWARD_EXPORT, ...qcow2Node(imagePath(side, 'secondary.qcow2')) });
   await q.execute('blockdev-add', {
     driver: 'replication',
     'node-name': 'childs0',
@@ -90,7 +90,7 @@ export async function buildSecondary(q: QmpClient, side: SideLayout, forward: Fo
 
 /** The primary: its local disk under a quorum that the replication filter joins later. */
 export async function buildPrimary(q: QmpClient, side: SideLayout): Promise<void> {
-  await q.execute('blockdev-add', { 'node-name': 'local0', ...fileNode(imagePath(side, 'primary.qcow2')) });
+  await q.execute('blockdev-add', { 'node-name': 'local0', ...qcow2Node(imagePath(side, 'primary.qcow2')) });
   await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: ['local0'] });
 }
 

@@ -272,7 +272,7 @@ export class NbdClient {
 
   private complete(cookie: bigint, p: Pending, value?: unknown): void {
     this.pending.delete(cookie);
-    this.lastProgress = Date.now();
+    if (this.watchdog) this.lastProgress = Date.now();
     if (p.error) p.reject(p.error);
     else p.resolve(value);
     this.waiting.shift()?.();
