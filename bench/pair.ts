@@ -35,7 +35,7 @@ import { PAIR_DEFAULTS } from '../src/pair/supervisor.js';
 import { errorMessage } from '../src/errors.js';
 import { QmpClient } from '../src/qmp/client.js';
 import {
-  MiB, childPid, cpuSeconds, fio, firstRead, killLive, nowMs, quantile, sh, sleep, within,
+  MiB, daemonPids, cpuSeconds, fio, firstRead, killLive, nowMs, quantile, sh, sleep, within,
   type BenchContext, type FioResult, type FioRun,
 } from './pair/util.js';
 import {
@@ -208,7 +208,7 @@ async function pauseBreakdown(b: Bench, root: string): Promise<Record<string, nu
   const pids: number[] = [];
   try {
     await sup.start();
-    pids.push(childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp')));
+    pids.push(...daemonPids(sup));
     for (const pid of pids) b.live.add(pid);
     p = await QmpClient.open({ path: join(dir, 'primary.qmp') });
     s = await QmpClient.open({ path: join(dir, 'secondary.qmp') });
@@ -263,7 +263,7 @@ async function lockstepFailover(b: Bench, root: string, round: number, how: 'kil
   const pids: number[] = [];
   try {
     await sup.start();
-    pids.push(childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp')));
+    pids.push(...daemonPids(sup));
     for (const pid of pids) b.live.add(pid);
     const sock = join(dir, 'disk.sock');
     load = fio(b, `nbd+unix:///disk?socket=${sock}`, '4k', 16, 60);
@@ -275,7 +275,7 @@ async function lockstepFailover(b: Bench, root: string, round: number, how: 'kil
     const t0 = nowMs();
     if (how === 'kill') sup.crashPrimary();
     else {
-      frozen = childPid(join(dir, 'primary.qmp'));
+      frozen = daemonPids(sup)[0];
       process.kill(frozen, 'SIGSTOP');
     }
     const limit = t0 + 20_000;

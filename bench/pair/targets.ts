@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { PairSupervisor, PAIR_DEFAULTS } from '../../src/pair/supervisor.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { startLockstep, startQemu, type Proc } from '../../test/helpers/processes.js';
-import { MiB, childPid, nowMs, sh, sleep, type BenchContext } from './util.js';
+import { MiB, daemonPids, nowMs, sh, sleep, type BenchContext } from './util.js';
 
 export type Kind = 'lockstep' | 'qemu';
 
@@ -69,7 +69,7 @@ export async function lockstepPair(ctx: BenchContext, dir: string): Promise<Targ
   let pids: number[];
   try {
     await sup.start();
-    pids = [childPid(join(dir, 'primary.qmp')), childPid(join(dir, 'secondary.qmp'))];
+    pids = daemonPids(sup);
   } catch (e) {
     await sup.stop().catch(() => {});
     throw e;

@@ -1,8 +1,9 @@
 // Helpers of bench/pair: processes started by the bench, fio runs, timing and /proc figures.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import type { PairSupervisor } from '../../src/pair/supervisor.js';
 
 export const MiB = 1024 * 1024;
 
@@ -150,14 +151,9 @@ export function cpuSeconds(pid: number, clockTicks: number): number {
   return (Number(fields[11]) + Number(fields[12])) / clockTicks;
 }
 
-/** The pid of our child `lockstep daemon` whose command line names `marker` (Linux /proc). */
-export function childPid(marker: string): number {
-  for (const task of readdirSync(`/proc/${process.pid}/task`)) {
-    const kids = readFileSync(`/proc/${process.pid}/task/${task}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
-    for (const k of kids) {
-      const cmd = readFileSync(`/proc/${k}/cmdline`, 'utf8');
-      if (cmd.includes(marker)) return Number(k);
-    }
-  }
-  throw new Error(`no child process with '${marker}' in its command line`);
+/** The two daemons' pids, [primary, secondary], of a pair the bench started. */
+export function daemonPids(sup: PairSupervisor): [number, number] {
+  const { primary, secondary } = sup.pids();
+  if (primary === undefined || secondary === undefined) throw new Error('the pair has no daemon processes of its own');
+  return [primary, secondary];
 }
