@@ -3,6 +3,7 @@
 // barrier; its three steps are timed separately.
 
 import { errorMessage } from '../errors.js';
+import { QmpCommandError } from '../qmp/client.js';
 import type { PairCore } from './core.js';
 import { DISK_NODE } from './setup.js';
 
@@ -32,9 +33,11 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   try {
     await core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
   } catch (e) {
-    // A hold that timed out may still take effect later: release it whenever it does,
-    // so that the guest's writes are never left held ("not held" errors are expected).
-    void core.call(p, 'block-io-release', { 'node-name': DISK_NODE }, 60_000).catch(() => {});
+    // A hold that timed out may still take effect later: release it whenever it does, so
+    // that the guest's writes are never left held ("not held" errors are expected). A hold
+    // the daemon refused ("already held") is not ours: releasing it would cut another
+    // holder's barrier in the middle.
+    if (!(e instanceof QmpCommandError)) void core.call(p, 'block-io-release', { 'node-name': DISK_NODE }, 60_000).catch(() => {});
     fail(`checkpoint failed: the hold on the primary failed: ${errorMessage(e)}`, e);
   }
   const t1 = process.hrtime.bigint();
@@ -66,4 +69,49 @@ export async function refreshCounters(core: PairCore): Promise<void> {
   const list = (await core.call(core.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
   core.metrics.bytesForwarded = list.reduce((a, x) => a + x['bytes-copied'], 0);
   core.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
+}
+
+/** Serialises checkpoint requests: one barrier at a time. A request arriving while one runs
+ *  cannot join it (writes acknowledged after its release would be missing), so it joins the
+ *  one follow-up barrier that starts when the running one ends; any number of requests
+ *  arriving meanwhile share that follow-up. */
+export class CheckpointQueue<T> {
+  private running: Promise<T> | null = null;
+  private next: Promise<T> | null = null;
+
+  constructor(private readonly run: () => Promise<T>) {}
+
+  get busy(): boolean {
+    return this.running !== null;
+  }
+
+  /** The running barrier, if any (for shutdown and failover to wait on). */
+  get current(): Promise<T> | null {
+    return this.running;
+  }
+
+  request(): Promise<T> {
+    if (this.next) return this.next;
+    if (!this.running) return this.start();
+    if (!this.next) {
+      this.next = this.running.then(
+        () => undefined,
+        () => undefined,
+      ).then(() => {
+        this.next = null;
+        return this.start();
+      });
+    }
+    return this.next;
+  }
+
+  private start(): Promise<T> {
+    const p = this.run();
+    this.running = p;
+    const clear = (): void => {
+      if (this.running === p) this.running = null;
+    };
+    p.then(clear, clear);
+    return p;
+  }
 }

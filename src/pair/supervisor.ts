@@ -23,7 +23,7 @@ import { PairMetrics } from './metrics.js';
 import { DISK_NODE, buildPrimary, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
-import { refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
+import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
 import { heartbeat } from './liveness.js';
 import { runFailover } from './failover.js';
 import { initialSync } from './sync.js';
@@ -85,7 +85,6 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   lastError: string | undefined;
   private timers: NodeJS.Timeout[] = [];
   private lastPauseMs: number | null = null;
-  private checkpointing: Promise<unknown> | null = null;
   private failingOver: Promise<void> | null = null;
   private serving: string[] = [];
   private changedBytes: number | undefined;
@@ -177,7 +176,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (o.checkpointIntervalMs > 0) {
       this.timers.push(
         setInterval(() => {
-          if (this.stages.policy.checkpoints && !this.checkpointing) void this.checkpoint().catch(() => {});
+          if (this.stages.policy.checkpoints && !this.checkpoints.busy) void this.checkpoint().catch(() => {});
         }, o.checkpointIntervalMs),
       );
     }
@@ -223,25 +222,21 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   // ---- checkpoints ----------------------------------------------------------------------
 
-  /** A consistent checkpoint: hold the guest's writes, checkpoint the secondary, release. */
+  /** A consistent checkpoint: hold the guest's writes, checkpoint the secondary, release.
+   *  Requests are serialised (checkpoint.ts): one barrier at a time, latecomers share the next. */
   checkpoint(): Promise<CheckpointTimes> {
-    if (!this.stages.policy.checkpoints) return Promise.reject(new Error(`no checkpoint in stage ${this.stage}`));
-    if (this.failingOver) return Promise.reject(new Error('no checkpoint while failing over'));
-    const run = (async () => {
-      const times = await runCheckpoint(this);
-      this.lastPauseMs = times.pauseMs;
-      await refreshCounters(this).catch(() => {});
-      this.emit('checkpoint', times);
-      return times;
-    })();
-    this.checkpointing = run;
-    void run
-      .finally(() => {
-        if (this.checkpointing === run) this.checkpointing = null;
-      })
-      .catch(() => {});
-    return run;
+    return this.checkpoints.request();
   }
+
+  private readonly checkpoints = new CheckpointQueue(async (): Promise<CheckpointTimes> => {
+    if (!this.stages.policy.checkpoints) throw new Error(`no checkpoint in stage ${this.stage}`);
+    if (this.failingOver) throw new Error('no checkpoint while failing over');
+    const times = await runCheckpoint(this);
+    this.lastPauseMs = times.pauseMs;
+    await refreshCounters(this).catch(() => {});
+    this.emit('checkpoint', times);
+    return times;
+  });
 
   // ---- liveness and failure handling ---------------------------------------------------
 
@@ -272,7 +267,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       this.stages.to('degraded');
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
-      await this.checkpointing?.catch(() => {});
+      await this.checkpoints.current?.catch(() => {});
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
     }
@@ -352,7 +347,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     this.stages.to('stopped');
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
-    await this.checkpointing?.catch(() => {});
+    await this.checkpoints.current?.catch(() => {});
     for (const side of [this.primary, this.secondary]) if (side) await stopSide(side, 2000);
   }
 }
