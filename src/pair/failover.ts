@@ -6,8 +6,17 @@ import { errorMessage } from '../errors.js';
 import type { PairCore } from './core.js';
 import type { Side } from './sides.js';
 
-/** Runs the failover steps; `serve` exports the recovered node on the user's addresses. */
-export async function runFailover(core: PairCore, reason: string, serve: (side: Side, node: string) => Promise<void>): Promise<void> {
+export interface FailoverHooks {
+  /** exports the recovered node on the user's addresses */
+  serve(side: Side, node: string): Promise<void>;
+  /** before the commit rewrites the survivor's disk: mark it inconsistent */
+  beforeCommit(): Promise<void>;
+  /** the commit is done: the survivor's disk starts a new generation (before it is served) */
+  afterCommit(): Promise<void>;
+}
+
+/** Runs the failover steps. */
+export async function runFailover(core: PairCore, reason: string, hooks: FailoverHooks): Promise<void> {
   const s = core.secondary;
   if (!s || !s.alive) throw new Error('the secondary is not running');
   core.log('warn', `failing over: ${reason}`);
@@ -24,6 +33,7 @@ export async function runFailover(core: PairCore, reason: string, serve: (side: 
   // partly dead (a cut link that comes back) can never write to the recovered disk.
   await core.call(s, 'nbd-server-stop');
   // commits active+hidden into the secondary disk
+  await hooks.beforeCommit();
   await core.call(s, 'xen-set-replication', { enable: false, primary: false, failover: true });
   for (;;) {
     const list = (await core.call(s, 'query-replication')) as Array<{ stage: string }>;
@@ -31,5 +41,6 @@ export async function runFailover(core: PairCore, reason: string, serve: (side: 
     if (list.some((x) => x.stage === 'failover-failed')) throw new Error('the failover commit failed');
     await new Promise((r) => setTimeout(r, 10));
   }
-  await serve(s, 'childs0');
+  await hooks.afterCommit();
+  await hooks.serve(s, 'childs0');
 }

@@ -20,6 +20,10 @@ export interface PairStatus {
   /** degraded: the file listing those regions (for a later re-protection) */
   'changed-regions-file'?: string;
   'last-error'?: string;
+  /** what the last start decided about copying (generations compared) */
+  sync?: { kind: string; reason: string; source?: string };
+  /** each disk's generation record as the supervisor last wrote or read it */
+  disks?: Record<string, { generation: string; bitmap: string | null; consistent: boolean; role: string } | null>;
 }
 
 export interface StatusInputs {
@@ -31,6 +35,8 @@ export interface StatusInputs {
   changedBytes: number | undefined;
   changedRegionsFile: string;
   lastError: string | undefined;
+  sync?: PairStatus['sync'] | null;
+  disks?: PairStatus['disks'];
 }
 
 export function buildStatus(i: StatusInputs): PairStatus {
@@ -53,5 +59,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
     st['changed-regions-file'] = i.changedRegionsFile;
   }
   if (i.lastError) st['last-error'] = i.lastError;
+  if (i.sync) st.sync = i.sync;
+  if (i.disks) st.disks = i.disks;
   return st;
 }

@@ -20,7 +20,9 @@ import { join } from 'node:path';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics } from './metrics.js';
-import { DISK_NODE, buildPrimary, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
+import { DISK_NODE, PRIMARY_LOCAL, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
+import { decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
+import type { PairSideName } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
 import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
@@ -60,6 +62,9 @@ export interface PairOptions {
   /** allow plain TCP to non-loopback addresses */
   insecure?: boolean;
   log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+  /** the operator's word on which disk is current (a full sync from it); needed when a disk
+   *  has no generation record, or to settle a split brain */
+  forceCurrent?: PairSideName;
   /** progress of the initial sync, for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null) => void;
 }
@@ -89,6 +94,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private serving: string[] = [];
   private changedBytes: number | undefined;
   private changedAt = 0;
+  readonly disks: { primary: PairDisk | null; secondary: PairDisk | null } = { primary: null, secondary: null };
+  /** what the last start decided about copying */
+  lastSync: { kind: string; reason: string; source?: PairSideName } | null = null;
 
   constructor(readonly opts: PairOptions) {
     super();
@@ -141,6 +149,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const s = this.secondary;
     for (const side of [s, p]) if (!side.child) await checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!, this.controlTimeoutMs);
     // the disks are kept when they exist; the overlays are always recreated empty
+    const created: Record<string, boolean> = {};
     for (const [side, name, keep] of [
       [s, 'secondary.qcow2', true],
       [s, 'active.qcow2', false],
@@ -148,16 +157,33 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       [p, 'primary.qcow2', true],
     ] as const) {
       const r = await ensureImage(side.qmp, side.layout, name, o.size, keep);
+      created[name] = r === 'created';
       if (r === 'created') o.log('info', `created ${name}`, { side: side.name, dir: side.layout.dir, size: o.size });
     }
+    // the generations decide, before anything is copied, whether and which way to copy
+    const pd = (this.disks.primary = await loadDisk(this, p, 'primary', created['primary.qcow2']!, o.size));
+    const sd = (this.disks.secondary = await loadDisk(this, s, 'secondary', created['secondary.qcow2']!, o.size));
+    const decision = decideStart(pd, sd, o.forceCurrent);
+    this.lastSync = { kind: decision.kind, reason: decision.reason, ...('source' in decision ? { source: decision.source } : {}) };
+    const refused = refusal(decision);
+    if (refused) throw refused;
+    o.log('info', `disks compared: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} sync from the ${'source' in decision ? decision.source : ''} disk`}`, { reason: decision.reason });
     if (forward.type === 'unix') rmSync(forward.path, { force: true });
     await buildSecondary(s.qmp, s.layout, forward, tls?.serverCreds);
-    await buildPrimary(p.qmp, p.layout);
-    const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
-    await p.qmp.execute('blockdev-add', { 'node-name': 'sync-target', ...forwardNode(forward, tls?.clientCreds, 0) });
+    await addPrimaryDisk(p.qmp, p.layout);
     this.stages.to('syncing');
-    await initialSync(p.qmp, o.log, o.onProgress);
-    await p.qmp.execute('blockdev-del', { 'node-name': 'sync-target' });
+    if (decision.kind === 'incremental' || decision.kind === 'full') {
+      // until the change records exist (dirty-log), an incremental resync copies the whole disk
+      const toSecondary = decision.source === 'primary';
+      await markTarget(this, toSecondary ? sd : pd);
+      await p.qmp.execute('blockdev-add', { 'node-name': 'sync-peer', ...forwardNode(forward, tls?.clientCreds, 0) });
+      if (toSecondary) await initialSync(p.qmp, o.log, o.onProgress, PRIMARY_LOCAL, 'sync-peer');
+      else await initialSync(p.qmp, o.log, o.onProgress, 'sync-peer', PRIMARY_LOCAL);
+      await p.qmp.execute('blockdev-del', { 'node-name': 'sync-peer' });
+    }
+    await markInStep(this, pd, sd, 'source' in decision ? decision.source : 'primary');
+    await addPrimaryQuorum(p.qmp);
+    const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
     // secondary first: no forwarded write may reach the secondary disk before its
     // copy-before-write filter is in place
     await s.qmp.execute('xen-set-replication', { enable: true, primary: false });
@@ -268,6 +294,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
       await this.checkpoints.current?.catch(() => {});
+      // from here the primary's disk counts its changes against the secondary's generation
+      const pd = this.disks.primary;
+      if (pd) await goOnAlone(this, pd, 'primary').catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
     }
@@ -299,7 +328,16 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       if (!this.secondary?.alive) throw new Error('the secondary is not running');
       if (!this.stages.policy.failover) throw new Error(`no failover in stage ${this.stage}`);
       const t0 = Date.now();
-      await runFailover(this, reason, (side, node) => this.serve(side, node));
+      const sd = this.disks.secondary;
+      await runFailover(this, reason, {
+        serve: (side, node) => this.serve(side, node),
+        beforeCommit: async () => {
+          if (sd?.meta) await saveDisk(this, sd, { ...sd.meta, consistent: false, updated: new Date().toISOString() });
+        },
+        afterCommit: async () => {
+          if (sd) await goOnAlone(this, sd, 'primary');
+        },
+      });
       if (!this.stages.tryTo('failed-over')) return;
       this.opts.log('warn', 'failed over: the recovered disk is served by the secondary', { serving: this.serving, ms: Date.now() - t0 });
       this.emit('failed-over', { ms: Date.now() - t0, serving: this.serving });
@@ -340,6 +378,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       changedBytes: this.changedBytes,
       changedRegionsFile: this.changedRegionsFile,
       lastError: this.lastError,
+      sync: this.lastSync,
+      disks: Object.fromEntries(
+        (['primary', 'secondary'] as const).map((n) => {
+          const m = this.disks[n]?.meta;
+          return [n, m ? { generation: m.current, bitmap: m.bitmap, consistent: m.consistent, role: m.role } : null];
+        }),
+      ),
     });
   }
 

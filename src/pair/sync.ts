@@ -1,5 +1,6 @@
-// Copying a disk from one side to the other before replication starts: today the initial
-// full sync, a mirror from the primary's disk onto the secondary's forward export.
+// Copying a disk from one side to the other before replication starts, in the direction the
+// generations decided: a mirror, run on the primary's daemon, from the primary's disk onto the
+// secondary's forward export, or from that export onto the primary's disk.
 
 import type { QmpClient } from '../qmp/client.js';
 import type { PairLog } from './core.js';
@@ -7,10 +8,16 @@ import { DISK_NODE } from './setup.js';
 
 export type SyncProgress = (done: number, total: number, etaSeconds: number | null) => void;
 
-/** Mirrors the primary's disk onto `sync-target` (already added) until it is ready, then ends it. */
-export async function initialSync(p: QmpClient, log: PairLog, onProgress: SyncProgress | undefined): Promise<void> {
+/** Mirrors node `device` onto node `target` of the daemon `p` until it is ready, then ends it. */
+export async function initialSync(
+  p: QmpClient,
+  log: PairLog,
+  onProgress: SyncProgress | undefined,
+  device = DISK_NODE,
+  target = 'sync-target',
+): Promise<void> {
   const started = Date.now();
-  await p.execute('blockdev-mirror', { 'job-id': 'lockstep-sync', device: DISK_NODE, target: 'sync-target', sync: 'full' });
+  await p.execute('blockdev-mirror', { 'job-id': 'lockstep-sync', device, target, sync: 'full' });
   for (;;) {
     const jobs = (await p.execute('query-block-jobs')) as Array<{ device: string; offset: number; len: number; ready: boolean }>;
     const j = jobs.find((x) => x.device === 'lockstep-sync');
