@@ -14,6 +14,7 @@ import { createQcow2 } from '../block/drivers/qcow2/create.js';
 import { startBackup } from '../jobs/backup.js';
 import { startMirror } from '../jobs/mirror.js';
 import { startCommit } from '../jobs/commit.js';
+import { startResync } from '../jobs/resync.js';
 import { jobManagerOf } from '../replication/jobs.js';
 import { errorMessage } from '../errors.js';
 
@@ -45,7 +46,7 @@ export function wire(log: Logger): Wiring {
         // one job manager per graph, shared with replication's internal jobs
         const manager = jobManagerOf(d.graph);
         manager.on('event', (name: string, data: Record<string, unknown>) => d.events.emitEvent(name, data));
-        const api = { manager, startBackup, startMirror, startCommit } as unknown as JobsApi;
+        const api = { manager, startBackup, startMirror, startCommit, startResync } as unknown as JobsApi;
         d.services.jobs = api;
       },
       beforeClose: async (d) => {
