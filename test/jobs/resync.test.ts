@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/graph.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { rejectsWithDesc, startDaemon } from '../helpers/daemon.js';
 import { haveTool, rng, run } from '../helpers/jobs.js';
 import type { QmpClient } from '../../src/qmp/client.js';
 
@@ -51,12 +51,7 @@ async function jobInfo(c: QmpClient, id: string): Promise<Info | undefined> {
   return jobs.find((j) => j.device === id);
 }
 
-async function rejects(p: Promise<unknown>, desc: RegExp): Promise<void> {
-  await assert.rejects(p, (e: { desc?: string }) => {
-    assert.match(String(e.desc), desc);
-    return true;
-  });
-}
+const rejects = rejectsWithDesc;
 
 test('x-blockdev-resync', async (t) => {
   const dir = tempDir(t);

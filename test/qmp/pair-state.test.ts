@@ -7,14 +7,9 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/graph.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { rejectsWithDesc, startDaemon } from '../helpers/daemon.js';
 
-async function rejects(p: Promise<unknown>, desc: RegExp): Promise<void> {
-  await assert.rejects(p, (e: { desc?: string }) => {
-    assert.match(String(e.desc), desc);
-    return true;
-  });
-}
+const rejects = rejectsWithDesc;
 
 test('x-meta-read and x-meta-write', async (t) => {
   const dir = tempDir(t);

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../../helpers/graph.js';
-import { startDaemon, type DaemonProcess } from '../../helpers/daemon.js';
+import { rejectsWithDesc, startDaemon, type DaemonProcess } from '../../helpers/daemon.js';
 import { rng } from '../../helpers/jobs.js';
 import { NbdClient } from '../../../src/nbd/client/client.js';
 import type { QmpClient } from '../../../src/qmp/client.js';
@@ -41,12 +41,7 @@ function granulesOf(r: Report): Set<number> {
   return s;
 }
 
-async function rejects(p: Promise<unknown>, desc: RegExp): Promise<void> {
-  await assert.rejects(p, (e: { desc?: string }) => {
-    assert.match(String(e.desc), desc);
-    return true;
-  });
-}
+const rejects = rejectsWithDesc;
 
 test('x-dirty-log-* over QMP', async (t) => {
   const dir = tempDir(t);
