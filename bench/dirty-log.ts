@@ -8,12 +8,13 @@
 //            H0  L0 with 40 barriers per second (block-io-hold / block-io-release, as the
 //                pair takes them around a checkpoint)
 //            H1  L1 with 40 checkpoints per second: hold, x-dirty-log-checkpoint, release
+//            H2  H1 with hot-bytes = the disk size (confirmed granules are never dropped)
 //   QEMU     Q0  qemu-system-x86_64 -machine none serving the qcow2, no bitmap
 //            Q1  the same with a persistent dirty bitmap (block-dirty-bitmap-add
 //                persistent=true: kept in memory, written to the image only at close, so
 //                it is not crash-safe: the closest QEMU has)
-//   ratios   L1/L0, H1/H0 (the log's cost without and with checkpoints), Q1/Q0.
-// Configs run interleaved (L0 L1 H0 H1 Q0 Q1, repeated --rounds times); medians reported.
+//   ratios   L1/L0, H1/H0, H2/H0 (the log's cost without and with checkpoints), Q1/Q0.
+// Configs run interleaved (L0 L1 H0 H1 H2 Q0 Q1, repeated --rounds times); medians reported.
 //
 // Run: npm run build && node dist/bench/dirty-log.js [--seconds N] [--size-mib N] [--rounds N]
 //      [--no-qemu] [--dir DIR]   (DIR: where images and logs go; default the system temp dir)
@@ -60,7 +61,7 @@ function parseOptions(args: string[]): Options {
   };
 }
 
-type Config = 'L0' | 'L1' | 'H0' | 'H1' | 'Q0' | 'Q1';
+type Config = 'L0' | 'L1' | 'H0' | 'H1' | 'H2' | 'Q0' | 'Q1';
 
 interface Served {
   proc: Proc;
@@ -88,12 +89,13 @@ async function start(ctx: BenchContext, dir: string, config: Config): Promise<Se
     return { proc, uri: await serve(proc, 'disk0', sock), top: 'disk0' };
   }
   await createQcow2(image, { size: ctx.sizeMiB * MiB });
-  const withLog = config === 'L1' || config === 'H1';
+  const withLog = config === 'L1' || config === 'H1' || config === 'H2';
   const proc = await startLockstep(dir, 'lockstep', ['--blockdev', JSON.stringify(qcow2)]);
   ctx.live.add(proc.child.pid!);
   let top = 'disk0';
   if (withLog) {
-    await proc.qmp.execute('blockdev-add', { driver: 'dirty-log', 'node-name': 'dl', file: 'disk0', filename: join(dir, 'disk.dlog') });
+    const hot = config === 'H2' ? { 'hot-bytes': ctx.sizeMiB * MiB } : {};
+    await proc.qmp.execute('blockdev-add', { driver: 'dirty-log', 'node-name': 'dl', file: 'disk0', filename: join(dir, 'disk.dlog'), ...hot });
     top = 'dl';
   }
   return { proc, uri: await serve(proc, top, sock), top };
@@ -127,7 +129,7 @@ async function measure(ctx: BenchContext, o: Options, root: string, config: Conf
     const run = fio(ctx, s.uri, '4k', 16, o.seconds);
     let ended = false;
     void run.done.finally(() => (ended = true)).catch(() => {});
-    const rate = config === 'H0' || config === 'H1' ? barriers(s, config === 'H1', () => ended) : null;
+    const rate = config.startsWith('H') ? barriers(s, config !== 'H0', () => ended) : null;
     const r = await run.done;
     return { ...r, rate: rate ? await rate : null };
   } finally {
@@ -154,7 +156,7 @@ async function main(): Promise<void> {
     cleanup();
     process.exit(130);
   });
-  const configs: Config[] = ['L0', 'L1', 'H0', 'H1', ...(o.withQemu ? (['Q0', 'Q1'] as const) : [])];
+  const configs: Config[] = ['L0', 'L1', 'H0', 'H1', 'H2', ...(o.withQemu ? (['Q0', 'Q1'] as const) : [])];
   console.log(`bench/dirty-log: ${o.sizeMiB} MiB qcow2, fio nbd 4 KiB randwrite depth 16, ${o.seconds} s per run, ${o.rounds} rounds, in ${o.dir}`);
   console.log(`machine: ${cpus().length} CPUs, load average at start ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
   const results = new Map<Config, Result[]>(configs.map((c) => [c, []]));
@@ -175,6 +177,7 @@ async function main(): Promise<void> {
   for (const c of configs) console.log(`| ${c} | ${iops(c).toFixed(0)} | ${p99(c).toFixed(0)} |`);
   console.log(`\nlockstep, dirty log / none:                        ${(iops('L1') / iops('L0')).toFixed(3)}x`);
   console.log(`lockstep, 40 checkpoints/s, dirty log / barrier only: ${(iops('H1') / iops('H0')).toFixed(3)}x`);
+  console.log(`  the same, hot-bytes = the disk:                   ${(iops('H2') / iops('H0')).toFixed(3)}x`);
   if (o.withQemu) console.log(`QEMU, persistent dirty bitmap / none:               ${(iops('Q1') / iops('Q0')).toFixed(3)}x`);
 }
 

@@ -7,7 +7,9 @@
 //
 // Options: file (BlockdevRef), filename (the log file; created empty when missing, loaded
 // when present), granularity (bytes per bit, a power of two in [512, 1 GiB]; default 65536,
-// or the loaded log's), clear-interval-ms (default 1000).
+// or the loaded log's), clear-interval-ms (default 1000), hot-bytes (default 0: confirmed
+// granules are dropped only while the record covers more than this many bytes, in the
+// manner of DRBD's activity-log extents: fewer new persists, a larger superset).
 //
 // Log file (all integers little-endian):
 //   0   8  magic "LSDIRTY1"
@@ -157,6 +159,8 @@ export class DirtyLog {
     private fh: FileHandle,
     loaded: Bitmap,
     readonly clearIntervalMs: number,
+    /** confirmed granules are only dropped while the record holds more than this many */
+    private readonly hotGranules: number,
     private readonly onError: (msg: string) => void,
   ) {
     this.mem = loaded;
@@ -172,7 +176,15 @@ export class DirtyLog {
   }
 
   /** Opens (or creates, empty) the log of a `size`-byte disk. */
-  static async open(path: string, size: number, granularity: number | undefined, clearIntervalMs: number, onError: (msg: string) => void): Promise<DirtyLog> {
+  static async open(
+    path: string,
+    size: number,
+    granularity: number | undefined,
+    opts: { clearIntervalMs: number; hotBytes: number },
+    onError: (msg: string) => void,
+  ): Promise<DirtyLog> {
+    const { clearIntervalMs } = opts;
+    const hot = (g: number): number => Math.floor(opts.hotBytes / g);
     let buf: Buffer | null = null;
     try {
       buf = await readFile(path);
@@ -187,7 +199,7 @@ export class DirtyLog {
       } catch (e) {
         throw new InvalidArgumentError(`Cannot create dirty log '${path}': ${errorMessage(e)}`);
       }
-      return new DirtyLog(path, fh, empty, clearIntervalMs, onError);
+      return new DirtyLog(path, fh, empty, clearIntervalMs, hot(empty.granularity), onError);
     }
     const loaded = decodeLog(path, buf);
     if (loaded.size !== size) {
@@ -202,7 +214,7 @@ export class DirtyLog {
     } catch (e) {
       throw new InvalidArgumentError(`Cannot open dirty log '${path}': ${errorMessage(e)}`);
     }
-    return new DirtyLog(path, fh, loaded, clearIntervalMs, onError);
+    return new DirtyLog(path, fh, loaded, clearIntervalMs, hot(loaded.granularity), onError);
   }
 
   get granularity(): number {
@@ -258,7 +270,7 @@ export class DirtyLog {
   async clear(): Promise<void> {
     this.touched.clearAll();
     this.recent.clearAll();
-    await this.enqueue(() => this.rewrite());
+    await this.enqueue(() => this.rewrite(true));
   }
 
   private enqueue(op: () => Promise<void>): Promise<void> {
@@ -296,13 +308,15 @@ export class DirtyLog {
   }
 
   /** Rewrites the file with the granules written since the last checkpoint or rewrite. */
-  private async rewrite(): Promise<void> {
+  private async rewrite(all = false): Promise<void> {
     const keep = new Bitmap(this.mem.size, this.mem.granularity);
     keep.assign(this.touched);
     keep.union(this.recent);
     this.recent.clearAll();
     this.lastRewrite = performance.now();
     if (keep.count === this.mem.count) return; // keep is a subset of mem: nothing to drop
+    // a record within the hot budget stays whole: its granules need no new persist
+    if (!all && this.mem.count <= this.hotGranules) return;
     // From here, a write into a dropped granule must persist it again (into the new file).
     this.mem.assign(keep);
     this.persisted.intersect(keep);
@@ -351,7 +365,7 @@ export class DirtyLog {
       void this.enqueue(async () => {
         await this.rewrite();
         // confirmed granules kept as hot go at the next rewrite
-        if (this.mem.count > this.touched.count) this.scheduleClear();
+        if (this.mem.count > Math.max(this.touched.count, this.hotGranules)) this.scheduleClear();
       }).catch((e: unknown) => this.onError(`dirty log '${this.path}': dropping confirmed granules failed: ${errorMessage(e)}`));
     }, wait);
     this.clearTimer.unref();
@@ -387,9 +401,10 @@ export const dirtyLogDriver: BlockDriver = {
     const granularity = o.size('granularity');
     if (granularity !== undefined) checkDirtyGranularity(granularity);
     const interval = o.uint('clear-interval-ms') ?? DEFAULT_CLEAR_INTERVAL_MS;
+    const hotBytes = o.size('hot-bytes') ?? 0;
     o.done();
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
-    const log = await DirtyLog.open(filename, file.getLength(), granularity, interval, (msg) => ctx.graph.emit('error-log', msg));
+    const log = await DirtyLog.open(filename, file.getLength(), granularity, { clearIntervalMs: interval, hotBytes }, (msg) => ctx.graph.emit('error-log', msg));
     const guarded = <T>(offset: number, length: number, op: () => Promise<T>): Promise<T> => {
       const p = log.mark(offset, length);
       return p === null ? op() : p.then(op);

@@ -172,3 +172,27 @@ test('dirty-log option and file errors name what is wrong', async (t) => {
     e.message.startsWith(`Cannot create dirty log '${join(dir, 'no-dir', 'x.dlog')}'`),
   );
 });
+
+test('hot-bytes: a record within the budget is kept whole after checkpoints; over it, confirmed granules go', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'clear-interval-ms': 20, 'hot-bytes': 3 * G });
+  const log = getDirtyLog(node);
+  await node.write(0, pattern(1, 2 * G)); // granules 0, 1: within the budget of 3
+  log.checkpoint();
+  await new Promise((r) => setTimeout(r, 300));
+  log.checkpoint();
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, [{ offset: 0, length: 2 * G }]);
+  assert.equal(log.rewrites, 0);
+  await node.write(4 * G, pattern(2, 3 * G)); // 4, 5, 6: five granules, over the budget
+  log.checkpoint();
+  await node.write(9 * G, pattern(3, 1));
+  await until('the confirmed granules to be dropped', async () => (await readDirtyLogFile(logPath)).extents.length === 1);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, [{ offset: 9 * G, length: G }]);
+  // clear drops everything, whatever the budget
+  await log.clear();
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, []);
+});
