@@ -12,6 +12,7 @@ import { replicationDriver } from '../replication/filter.js';
 import { qcow2Driver } from './drivers/qcow2/index.js';
 import { copyBeforeWriteDriver } from './filters/copy-before-write.js';
 import { blkdebugDriver } from './filters/blkdebug.js';
+import { dirtyLogDriver } from './filters/dirty-log.js';
 import { commitTopDriver, mirrorTopDriver } from './filters/job-top.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
@@ -28,6 +29,7 @@ export function createRegistry(extra: BlockDriver[] = []): DriverRegistry {
     replicationDriver,
     copyBeforeWriteDriver,
     blkdebugDriver,
+    dirtyLogDriver,
     mirrorTopDriver,
     commitTopDriver,
     ...extra,

@@ -5,6 +5,7 @@ import type { DaemonDeps } from './daemon.js';
 import type { Logger } from './log.js';
 import type { NbdServerApi, NbdServerConfig } from './exports.js';
 import { replicationCommands } from '../qmp/commands/replication.js';
+import { pairStateCommands } from '../qmp/commands/pair-state.js';
 import type { JobsApi } from '../qmp/commands/jobs.js';
 import { NbdServer } from '../nbd/server/server.js';
 import { serverTlsConfig } from '../nbd/tls.js';
@@ -13,6 +14,7 @@ import { createQcow2 } from '../block/drivers/qcow2/create.js';
 import { startBackup } from '../jobs/backup.js';
 import { startMirror } from '../jobs/mirror.js';
 import { startCommit } from '../jobs/commit.js';
+import { startResync } from '../jobs/resync.js';
 import { jobManagerOf } from '../replication/jobs.js';
 import { errorMessage } from '../errors.js';
 
@@ -38,13 +40,13 @@ export function wire(log: Logger): Wiring {
     deps: {
       log,
       nbdFactory: nbdFactory(log),
-      commands: [replicationCommands],
+      commands: [replicationCommands, pairStateCommands],
       services: { runIoCommand: (backend, line, out) => runIoCommand(backend, line, out) },
       setup: (d) => {
         // one job manager per graph, shared with replication's internal jobs
         const manager = jobManagerOf(d.graph);
         manager.on('event', (name: string, data: Record<string, unknown>) => d.events.emitEvent(name, data));
-        const api = { manager, startBackup, startMirror, startCommit } as unknown as JobsApi;
+        const api = { manager, startBackup, startMirror, startCommit, startResync } as unknown as JobsApi;
         d.services.jobs = api;
       },
       beforeClose: async (d) => {

@@ -73,6 +73,16 @@ export interface BlockCopyOptions {
    */
   fleecing?: boolean;
   workers?: number;
+  /**
+   * sync mode: the target is known to read zeroes everywhere (just created): zero runs of
+   * the source are skipped without asking the target.
+   */
+  targetIsZero?: boolean;
+  /**
+   * sync mode: data runs are split at cluster boundaries into zero and non-zero pieces, so
+   * that zeroes stored as data are not written as data (resync; mirror keeps QEMU's way).
+   */
+  detectZeroes?: boolean;
 }
 
 export type IdleDecision = 'continue' | 'stop';
@@ -89,6 +99,12 @@ export class BlockCopy {
   private inflightBytes = 0;
   /** bytes copied so far (both the background loop and copy-before-write) */
   copiedBytes = 0;
+  /** sync mode: bytes written as data, as write-zeroes, and zero bytes not written at all */
+  dataBytes = 0;
+  zeroedBytes = 0;
+  skippedZeroBytes = 0;
+  private readonly targetIsZero: boolean;
+  private readonly detectZeroes: boolean;
   /** called after each successful copy with its length */
   onCopied: ((bytes: number) => void) | null = null;
 
@@ -99,6 +115,8 @@ export class BlockCopy {
     this.mode = opts.mode;
     this.fleecing = opts.fleecing ?? false;
     this.workers = opts.workers ?? DEFAULT_WORKERS;
+    this.targetIsZero = opts.targetIsZero ?? false;
+    this.detectZeroes = opts.detectZeroes ?? false;
   }
 
   get clusterSize(): number {
@@ -112,6 +130,13 @@ export class BlockCopy {
   /** Bytes still to copy: set bits plus copies in flight. */
   get remainingBytes(): number {
     return this.bitmap.dirtyBytes + this.inflightBytes;
+  }
+
+  /** The first bit still to copy or in flight, or -1 when none (a resume point). */
+  lowestPendingBit(): number {
+    let low = this.bitmap.nextSet(0);
+    for (const i of this.inflight.keys()) if (low === -1 || i < low) low = i;
+    return low;
   }
 
   /** Waits for every copy in flight (their failures are the copier's business). */
@@ -225,6 +250,10 @@ export class BlockCopy {
 
   /** Zeroes into the target, skipped where it reads zeroes already. */
   private async copyZeroes(pos: number, n: number): Promise<void> {
+    if (this.targetIsZero) {
+      this.skippedZeroBytes += n;
+      return;
+    }
     let targetZero = false;
     try {
       const t = await this.zeroStatus(this.target, pos, n);
@@ -232,7 +261,30 @@ export class BlockCopy {
     } catch {
       targetZero = false; // unknown: write the zeroes
     }
-    if (!targetZero) await this.targetOp(() => this.target.writeZeroes(pos, n, { mayUnmap: true }));
+    if (targetZero) this.skippedZeroBytes += n;
+    else {
+      await this.targetOp(() => this.target.writeZeroes(pos, n, { mayUnmap: true }));
+      this.zeroedBytes += n;
+    }
+  }
+
+  private async writeData(pos: number, data: Buffer): Promise<void> {
+    await this.targetOp(() => this.target.write(pos, data));
+    this.dataBytes += data.length;
+  }
+
+  /** Writes `data` at `pos` with its zero clusters as zeroes (detectZeroes). */
+  private async writeSplit(pos: number, data: Buffer): Promise<void> {
+    const g = this.clusterSize;
+    const pieceEnd = (at: number): number => Math.min(data.length, Math.floor((pos + at) / g + 1) * g - pos);
+    for (let at = 0; at < data.length; ) {
+      const zero = isZeroBuffer(data.subarray(at, pieceEnd(at)));
+      let end = pieceEnd(at);
+      while (end < data.length && isZeroBuffer(data.subarray(end, pieceEnd(end))) === zero) end = pieceEnd(end);
+      if (zero) await this.copyZeroes(pos + at, end - at);
+      else await this.writeData(pos + at, data.subarray(at, end));
+      at = end;
+    }
   }
 
   private async copySync(offset: number, length: number): Promise<void> {
@@ -248,7 +300,8 @@ export class BlockCopy {
       // Without block status a hole reads as data: zero buffers still become zero writes.
       const data = st.zero ? null : await this.readSource(pos, n);
       if (data === null || isZeroBuffer(data)) await this.copyZeroes(pos, n);
-      else await this.targetOp(() => this.target.write(pos, data));
+      else if (this.detectZeroes) await this.writeSplit(pos, data);
+      else await this.writeData(pos, data);
       pos += n;
     }
   }

@@ -19,7 +19,7 @@ export type JobStatus =
 /** QEMU 7.2's verbs ('change' arrived in 8.2 and is not here). */
 export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss';
 
-export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create' | 'amend' | 'snapshot-load' | 'snapshot-save' | 'snapshot-delete';
+export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create' | 'amend' | 'snapshot-load' | 'snapshot-save' | 'snapshot-delete' | 'resync';
 
 /** QAPI BlockdevOnError. `auto` behaves as `report` for jobs. */
 export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';

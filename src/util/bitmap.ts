@@ -127,6 +127,66 @@ export class Bitmap {
     return { offset, length: Math.min(this.size, end * this.granularity) - offset };
   }
 
+  /** Makes this bitmap's bits equal to `other`'s (same size and granularity). */
+  assign(other: Bitmap): void {
+    assert(other.bits === this.bits, 'bitmap sizes differ');
+    this.words.set(other.words);
+    this.setCount = other.setCount;
+  }
+
+  /** Clears every bit that is clear in `other` (same size and granularity). */
+  intersect(other: Bitmap): void {
+    assert(other.bits === this.bits, 'bitmap sizes differ');
+    let n = 0;
+    for (let w = 0; w < this.words.length; w++) {
+      const v = (this.words[w]! & other.words[w]!) >>> 0;
+      this.words[w] = v;
+      n += popcount(v);
+    }
+    this.setCount = n;
+  }
+
+  /** Sets every bit that is set in `other` (same size and granularity). */
+  union(other: Bitmap): void {
+    assert(other.bits === this.bits, 'bitmap sizes differ');
+    let n = 0;
+    for (let w = 0; w < this.words.length; w++) {
+      const v = (this.words[w]! | other.words[w]!) >>> 0;
+      this.words[w] = v;
+      n += popcount(v);
+    }
+    this.setCount = n;
+  }
+
+  /** Bytes needed to serialise the bits (toBytes). */
+  get byteLength(): number {
+    return Math.ceil(this.bits / 8);
+  }
+
+  /**
+   * Bytes [from, to) of the serialised form: bit i is bit (i % 8) of byte i / 8, the least
+   * significant first, independent of the host's byte order; bits past the end are zero.
+   */
+  toBytes(from = 0, to = this.byteLength): Buffer {
+    const out = Buffer.alloc(to - from);
+    for (let b = from; b < to; b++) out[b - from] = (this.words[b >>> 2]! >>> ((b & 3) * 8)) & 0xff;
+    return out;
+  }
+
+  /** Loads the serialised form (toBytes); bits past the end are ignored. */
+  loadBytes(bytes: Uint8Array): void {
+    assert(bytes.length === this.byteLength, 'bitmap byte length');
+    this.words.fill(0);
+    for (let b = 0; b < bytes.length; b++) {
+      let v = bytes[b]!;
+      if (b === bytes.length - 1 && (this.bits & 7) !== 0) v &= (1 << (this.bits & 7)) - 1;
+      this.words[b >>> 2] = (this.words[b >>> 2]! | (v << ((b & 3) * 8))) >>> 0;
+    }
+    let n = 0;
+    for (let w = 0; w < this.words.length; w++) n += popcount(this.words[w]!);
+    this.setCount = n;
+  }
+
   /** Set runs as byte ranges, in order. */
   *runs(): Generator<ByteRange> {
     for (let i = this.nextSet(0); i !== -1; ) {
@@ -135,4 +195,10 @@ export class Bitmap {
       i = end >= this.bits ? -1 : this.nextSet(end);
     }
   }
+}
+
+function popcount(v: number): number {
+  v = v - ((v >>> 1) & 0x55555555);
+  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
 }

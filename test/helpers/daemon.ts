@@ -127,3 +127,16 @@ export async function buildHas(c: QmpClient, part: 'jobs' | 'nbd' | 'qemu-io', s
   await c.execute('blockdev-del', { 'node-name': 'qemu-io-probe' });
   return !out.includes('qemu-io is not available in this build');
 }
+
+/** Asserts that a QMP command fails with a `desc` matching `desc`. */
+export async function rejectsWithDesc(p: Promise<unknown>, desc: RegExp): Promise<void> {
+  let error: unknown = null;
+  try {
+    await p;
+  } catch (e) {
+    error = e;
+  }
+  if (error === null) throw new Error(`expected the command to fail with ${desc}, it succeeded`);
+  const text = String((error as { desc?: string }).desc);
+  if (!desc.test(text)) throw new Error(`expected an error matching ${desc}, got: ${text}`);
+}

@@ -7,7 +7,7 @@ import type { BlockNode } from '../../block/node.js';
 import { InvalidArgumentError, NotFoundError, StateError } from '../../errors.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { QmpError } from '../errors.js';
-import { BLOCK_COMMIT, BLOCKDEV_BACKUP, BLOCKDEV_MIRROR, DRIVE_MIRROR } from '../schema/block.js';
+import { BLOCK_COMMIT, BLOCKDEV_BACKUP, BLOCKDEV_MIRROR, DRIVE_MIRROR, X_BLOCKDEV_RESYNC } from '../schema/block.js';
 import { BLOCK_JOB_CANCEL, BLOCK_JOB_DEVICE, BLOCK_JOB_SET_SPEED, JOB_ID } from '../schema/job.js';
 import { NO_ARGS } from '../schema/misc.js';
 import { findDevice } from './blockdev.js';
@@ -52,6 +52,10 @@ export interface JobsApi {
   startMirror(
     mgr: JobManager,
     opts: CommonJobOptions & { source: BlockNode; target: BlockNode; sync: 'none' | 'full' | 'top'; mode?: 'existing'; granularity?: number },
+  ): Promise<Job>;
+  startResync(
+    mgr: JobManager,
+    opts: CommonJobOptions & { source: BlockNode; target: BlockNode; extents: Array<{ offset: number; length: number }>; targetIsZero?: boolean },
   ): Promise<Job>;
   startCommit(
     mgr: JobManager,
@@ -267,6 +271,18 @@ export const jobCommands: readonly QmpCommand[] = [
   }),
   command('drive-mirror', DRIVE_MIRROR, (ctx, args) => driveMirror(ctx, args)),
   command('block-commit', BLOCK_COMMIT, (ctx, args) => blockCommit(ctx, args)),
+  // lockstep: copies exactly the listed ranges (the pair's incremental and full resync)
+  command('x-blockdev-resync', X_BLOCKDEV_RESYNC, async (ctx, args) => {
+    const source = ctx.graph.find(args.device as string);
+    const target = ctx.graph.find(args.target as string);
+    await api(ctx).startResync(jobs(ctx), {
+      ...common(args),
+      source,
+      target,
+      extents: args.extents as Array<{ offset: number; length: number }>,
+      ...(args['target-is-zero'] !== undefined ? { targetIsZero: args['target-is-zero'] as boolean } : {}),
+    });
+  }),
   command('query-block-jobs', NO_ARGS, (ctx) => jobs(ctx).queryBlockJobs()),
   command('query-jobs', NO_ARGS, (ctx) => jobs(ctx).queryJobs()),
   command('block-job-cancel', BLOCK_JOB_CANCEL, (ctx, args) => {

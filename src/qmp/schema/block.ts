@@ -74,3 +74,17 @@ export const BLOCK_COMMIT: Fields = {
   '*auto-finalize': 'bool',
   '*auto-dismiss': 'bool',
 };
+
+/** lockstep's x-blockdev-resync: copy exactly these byte ranges (the pair's resync). */
+export const X_BLOCKDEV_RESYNC: Fields = {
+  'job-id': 'str',
+  device: 'str',
+  target: 'str',
+  extents: listOf({ struct: { offset: 'int', length: 'int' } }),
+  '*speed': 'int',
+  '*target-is-zero': 'bool',
+  '*on-source-error': ON_ERROR,
+  '*on-target-error': ON_ERROR,
+  '*auto-finalize': 'bool',
+  '*auto-dismiss': 'bool',
+};

@@ -1,0 +1,187 @@
+// bench/dirty-log: what the dirty-log filter (the pair's crash-safe record of changed
+// regions) costs the primary's writes, against QEMU 7.2's nearest equivalent in the same run.
+//
+//   load     fio (nbd engine) 4 KiB random writes at depth 16 over the whole disk, served by
+//            one daemon over NBD (Unix socket) from a new qcow2 image each run.
+//   lockstep L0  qcow2, no log
+//            L1  dirty-log (64 KiB granules, log beside the image) over the qcow2
+//            H0  L0 with 40 barriers per second (block-io-hold / block-io-release, as the
+//                pair takes them around a checkpoint)
+//            H1  L1 with 40 checkpoints per second: hold, x-dirty-log-checkpoint, release
+//            H2  H1 with hot-bytes = the disk size (confirmed granules are never dropped)
+//   QEMU     Q0  qemu-system-x86_64 -machine none serving the qcow2, no bitmap
+//            Q1  the same with a persistent dirty bitmap (block-dirty-bitmap-add
+//                persistent=true: kept in memory, written to the image only at close, so
+//                it is not crash-safe: the closest QEMU has)
+//   ratios   L1/L0, H1/H0, H2/H0 (the log's cost without and with checkpoints), Q1/Q0.
+// Configs run interleaved (L0 L1 H0 H1 H2 Q0 Q1, repeated --rounds times); medians reported.
+//
+// Run: npm run build && node dist/bench/dirty-log.js [--seconds N] [--size-mib N] [--rounds N]
+//      [--no-qemu] [--dir DIR]   (DIR: where images and logs go; default the system temp dir)
+
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createQcow2 } from '../src/block/drivers/qcow2/create.js';
+import { startLockstep, startQemu, type Proc } from '../test/helpers/processes.js';
+import { MiB, fio, killLive, quantile, sleep, type BenchContext, type FioResult } from './pair/util.js';
+
+interface Options {
+  seconds: number;
+  sizeMiB: number;
+  rounds: number;
+  withQemu: boolean;
+  dir: string;
+}
+
+function parseOptions(args: string[]): Options {
+  const known = new Set(['--seconds', '--size-mib', '--rounds', '--no-qemu', '--dir']);
+  for (const a of args) if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option '${a}' (known: ${[...known].join(', ')})`);
+  const opt = (name: string): string | undefined => {
+    const i = args.indexOf(`--${name}`);
+    if (i < 0) return undefined;
+    const v = args[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new Error(`--${name} needs a value`);
+    return v;
+  };
+  const num = (name: string, dflt: number): number => {
+    const v = opt(name);
+    if (v === undefined) return dflt;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got '${v}'`);
+    return n;
+  };
+  return {
+    seconds: num('seconds', 15),
+    sizeMiB: num('size-mib', 1024),
+    rounds: Math.floor(num('rounds', 2)),
+    withQemu: !args.includes('--no-qemu'),
+    dir: opt('dir') ?? tmpdir(),
+  };
+}
+
+type Config = 'L0' | 'L1' | 'H0' | 'H1' | 'H2' | 'Q0' | 'Q1';
+
+interface Served {
+  proc: Proc;
+  uri: string;
+  /** the node the barrier and the checkpoints go to */
+  top: string;
+}
+
+async function serve(proc: Proc, node: string, sock: string): Promise<string> {
+  await proc.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+  await proc.qmp.execute('block-export-add', { type: 'nbd', id: 'disk', 'node-name': node, name: 'disk', writable: true });
+  return `nbd+unix:///disk?socket=${sock}`;
+}
+
+async function start(ctx: BenchContext, dir: string, config: Config): Promise<Served> {
+  const image = join(dir, 'disk.qcow2');
+  const sock = join(dir, 'disk.sock');
+  const qcow2 = { driver: 'qcow2', 'node-name': 'disk0', file: { driver: 'file', filename: image } };
+  if (config === 'Q0' || config === 'Q1') {
+    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, `${ctx.sizeMiB}M`]);
+    if (r.status !== 0) throw new Error(`qemu-img create: ${r.stderr}`);
+    const proc = await startQemu(dir, 'qemu', ['-blockdev', JSON.stringify(qcow2)]);
+    ctx.live.add(proc.child.pid!);
+    if (config === 'Q1') await proc.qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'changed', persistent: true, granularity: 65536 });
+    return { proc, uri: await serve(proc, 'disk0', sock), top: 'disk0' };
+  }
+  await createQcow2(image, { size: ctx.sizeMiB * MiB });
+  const withLog = config === 'L1' || config === 'H1' || config === 'H2';
+  const proc = await startLockstep(dir, 'lockstep', ['--blockdev', JSON.stringify(qcow2)]);
+  ctx.live.add(proc.child.pid!);
+  let top = 'disk0';
+  if (withLog) {
+    const hot = config === 'H2' ? { 'hot-bytes': ctx.sizeMiB * MiB } : {};
+    await proc.qmp.execute('blockdev-add', { driver: 'dirty-log', 'node-name': 'dl', file: 'disk0', filename: join(dir, 'disk.dlog'), ...hot });
+    top = 'dl';
+  }
+  return { proc, uri: await serve(proc, top, sock), top };
+}
+
+/** 40 barriers per second (with a dirty-log checkpoint inside when `checkpoint`) until stopped. */
+async function barriers(s: Served, checkpoint: boolean, stopped: () => boolean): Promise<number> {
+  let n = 0;
+  const t0 = performance.now();
+  while (!stopped()) {
+    await s.proc.qmp.execute('block-io-hold', { 'node-name': s.top });
+    if (checkpoint) await s.proc.qmp.execute('x-dirty-log-checkpoint', { 'node-name': s.top });
+    await s.proc.qmp.execute('block-io-release', { 'node-name': s.top });
+    n++;
+    const next = t0 + (n * 1000) / 40;
+    const wait = next - performance.now();
+    if (wait > 0) await sleep(wait);
+  }
+  return n / ((performance.now() - t0) / 1000);
+}
+
+interface Result extends FioResult {
+  rate: number | null;
+  logSyncs?: number;
+}
+
+async function measure(ctx: BenchContext, o: Options, root: string, config: Config, round: number): Promise<Result> {
+  const dir = mkdtempSync(join(root, `${config}-${round}-`));
+  const s = await start(ctx, dir, config);
+  try {
+    const run = fio(ctx, s.uri, '4k', 16, o.seconds);
+    let ended = false;
+    void run.done.finally(() => (ended = true)).catch(() => {});
+    const rate = config.startsWith('H') ? barriers(s, config !== 'H0', () => ended) : null;
+    const r = await run.done;
+    return { ...r, rate: rate ? await rate : null };
+  } finally {
+    const pid = s.proc.child.pid!;
+    await s.proc.quit().catch(() => s.proc.kill());
+    ctx.live.delete(pid);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function median(xs: number[]): number {
+  return quantile(xs, 0.5);
+}
+
+async function main(): Promise<void> {
+  const o = parseOptions(process.argv.slice(2));
+  const ctx: BenchContext = { sizeMiB: o.sizeMiB, live: new Set() };
+  const root = mkdtempSync(join(o.dir, 'bench-dirty-log-'));
+  const cleanup = (): void => {
+    killLive(ctx);
+    rmSync(root, { recursive: true, force: true });
+  };
+  process.once('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
+  const configs: Config[] = ['L0', 'L1', 'H0', 'H1', 'H2', ...(o.withQemu ? (['Q0', 'Q1'] as const) : [])];
+  console.log(`bench/dirty-log: ${o.sizeMiB} MiB qcow2, fio nbd 4 KiB randwrite depth 16, ${o.seconds} s per run, ${o.rounds} rounds, in ${o.dir}`);
+  console.log(`machine: ${cpus().length} CPUs, load average at start ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
+  const results = new Map<Config, Result[]>(configs.map((c) => [c, []]));
+  try {
+    for (let round = 1; round <= o.rounds; round++) {
+      for (const c of configs) {
+        const r = await measure(ctx, o, root, c, round);
+        results.get(c)!.push(r);
+        console.log(`  round ${round} ${c}: ${(r.bwBytes / MiB).toFixed(2)} MiB/s, ${r.iops.toFixed(0)} IOPS, p50 ${r.p50Us.toFixed(0)} us, p99 ${r.p99Us.toFixed(0)} us${r.rate !== null ? `, ${r.rate.toFixed(1)} barriers/s` : ''}`);
+      }
+    }
+  } finally {
+    cleanup();
+  }
+  const iops = (c: Config): number => median(results.get(c)!.map((r) => r.iops));
+  const p99 = (c: Config): number => median(results.get(c)!.map((r) => r.p99Us));
+  console.log('\n| config | IOPS (median) | p99 us (median) |\n|---|---|---|');
+  for (const c of configs) console.log(`| ${c} | ${iops(c).toFixed(0)} | ${p99(c).toFixed(0)} |`);
+  console.log(`\nlockstep, dirty log / none:                        ${(iops('L1') / iops('L0')).toFixed(3)}x`);
+  console.log(`lockstep, 40 checkpoints/s, dirty log / barrier only: ${(iops('H1') / iops('H0')).toFixed(3)}x`);
+  console.log(`  the same, hot-bytes = the disk:                   ${(iops('H2') / iops('H0')).toFixed(3)}x`);
+  if (o.withQemu) console.log(`QEMU, persistent dirty bitmap / none:               ${(iops('Q1') / iops('Q0')).toFixed(3)}x`);
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
