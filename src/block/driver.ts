@@ -69,6 +69,13 @@ export interface NodeCaps {
    * nodes under a format: qcow2 appends clusters to its file this way).
    */
   growable?: boolean;
+  /**
+   * Overlapping writes, write-zeroes and discards are never in flight below this node at
+   * once: the core starts one only after the overlapping ones before it completed (on every
+   * child). For a node whose children must all apply them in one order (quorum); reads are
+   * not held.
+   */
+  orderedWrites?: boolean;
 }
 
 export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;

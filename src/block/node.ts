@@ -1,14 +1,14 @@
 // A node of the block graph and its request path. Parents (nodes, backends) call the
 // public I/O methods here, never the driver directly: this is where requests are checked,
 // aligned (read-modify-write under a serialising tracked request), split at maxTransfer,
-// emulated (write-zeroes, FUA) and tracked.
+// emulated (write-zeroes, FUA) and tracked (overlapping writes ordered where the driver asks).
 
 import { BlockError, StateError, assert } from '../errors.js';
 import type { BlockDriver, BlockStatus, NodeImpl, WriteFlags, ZeroFlags } from './driver.js';
 import type { BlockGraph } from './graph.js';
 import type { Backend } from './backend.js';
 import type { OptionDict } from './options.js';
-import { RequestTracker } from './tracker.js';
+import { RequestTracker, type RequestMode } from './tracker.js';
 
 /** An edge from a parent (node or backend) to a child node, under a role. */
 export class Edge {
@@ -170,7 +170,7 @@ export class BlockNode {
     const aligned = offset % align === 0 && length % align === 0;
     const start = offset - (offset % align);
     const end = roundUp(offset + length, align);
-    const req = await this.tracker.begin(start, end - start, !aligned);
+    const req = await this.tracker.begin(start, end - start, aligned ? writeMode(impl) : 'serialising');
     try {
       if (aligned) {
         await this.splitWrite(offset, data, flags);
@@ -215,7 +215,7 @@ export class BlockNode {
       // unaligned head/tail are written as zero buffers through the RMW path
       if (start > offset) await this.write(offset, zeroBuffer(Math.min(start, offset + length) - offset), { fua: flags.fua ?? false });
       if (end > start) {
-        const req = await this.tracker.begin(start, end - start);
+        const req = await this.tracker.begin(start, end - start, writeMode(impl));
         try {
           await impl.writeZeroes(start, end - start, nativeZeroFlags(flags, impl.caps.fua));
           if (flags.fua && !impl.caps.fua) await this.flush();
@@ -242,7 +242,7 @@ export class BlockNode {
     const start = roundUp(offset, align);
     const end = offset + length - ((offset + length) % align);
     if (end <= start) return;
-    const req = await this.tracker.begin(start, end - start);
+    const req = await this.tracker.begin(start, end - start, writeMode(impl));
     try {
       await impl.discard(start, end - start);
     } finally {
@@ -301,6 +301,11 @@ export class BlockNode {
     if (this._impl?.reopen) await this._impl.reopen(readOnly);
     this.readOnly = readOnly;
   }
+}
+
+/** How a mutation of this node is tracked: ordered where the driver asks for it. */
+function writeMode(impl: NodeImpl): RequestMode {
+  return impl.caps.orderedWrites ? 'ordered' : 'shared';
 }
 
 function nativeZeroFlags(flags: ZeroFlags, nativeFua: boolean): ZeroFlags {

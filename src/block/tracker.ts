@@ -1,11 +1,21 @@
 // In-flight request tracking for one node: overlapping requests can be serialised (the
-// read-modify-write of an unaligned write, a copy-before-write copy), all requests can be
-// drained, and new ones can be held while a checkpoint or a graph switch runs (quiesce).
+// read-modify-write of an unaligned write, a copy-before-write copy), overlapping writes can
+// be ordered (a node whose children must apply them alike), all requests can be drained, and
+// new ones can be held while a checkpoint or a graph switch runs (quiesce).
+
+/**
+ * How a tracked request relates to overlapping ones in flight:
+ * - 'shared': waits only for serialising ones (reads, and writes of most nodes);
+ * - 'ordered': a write, write-zeroes or discard that also waits for overlapping ordered
+ *   ones, so no two overlapping ordered requests are ever in flight at once (reads still pass);
+ * - 'serialising': waits for every overlapping request, and every overlapping one waits for it.
+ */
+export type RequestMode = 'shared' | 'ordered' | 'serialising';
 
 export interface TrackedRequest {
   readonly offset: number;
   readonly end: number;
-  readonly serialising: boolean;
+  readonly mode: RequestMode;
   /** settles when the request ends */
   readonly done: Promise<void>;
 }
@@ -28,33 +38,35 @@ export class RequestTracker {
     return this.holds > 0;
   }
 
-  private conflicts(offset: number, end: number, serialising: boolean): Promise<void>[] {
+  private conflicts(offset: number, end: number, mode: RequestMode): Promise<void>[] {
     const out: Promise<void>[] = [];
     for (const a of this.active) {
-      if (a.offset < end && offset < a.end && (a.serialising || serialising)) out.push(a.done);
+      if (a.offset < end && offset < a.end && conflict(a.mode, mode)) out.push(a.done);
     }
     return out;
   }
 
   /**
-   * Starts tracking [offset, offset+length). A serialising request waits for every
-   * overlapping request; any request waits for overlapping serialising ones. Requests
-   * wait while the tracker is held, unless `bypassHold` (work that the holder itself does).
+   * Starts tracking [offset, offset+length), once no overlapping request that conflicts
+   * with `mode` is in flight (see RequestMode). Requests wait while the tracker is held,
+   * unless `bypassHold` (work that the holder itself does). A request still waiting is not
+   * in flight: drain() and hold() do not wait for it, and it re-checks the hold when its
+   * turn comes, so it is held behind a barrier instead of slipping through it.
    */
-  async begin(offset: number, length: number, serialising = false, bypassHold = false): Promise<TrackedRequest> {
+  async begin(offset: number, length: number, mode: RequestMode = 'shared', bypassHold = false): Promise<TrackedRequest> {
     const end = offset + Math.max(length, 1);
     for (;;) {
       if (this.holds > 0 && !bypassHold) {
         await new Promise<void>((r) => this.holdWaiters.push(r));
         continue;
       }
-      const c = this.conflicts(offset, end, serialising);
+      const c = this.conflicts(offset, end, mode);
       if (c.length === 0) break;
       await Promise.all(c);
     }
     let resolve!: () => void;
     const done = new Promise<void>((r) => (resolve = r));
-    const e: Entry = { offset, end, serialising, done, resolve };
+    const e: Entry = { offset, end, mode, done, resolve };
     this.active.add(e);
     return e;
   }
@@ -100,4 +112,9 @@ export class RequestTracker {
     }
     return release;
   }
+}
+
+function conflict(a: RequestMode, b: RequestMode): boolean {
+  if (a === 'serialising' || b === 'serialising') return true;
+  return a === 'ordered' && b === 'ordered';
 }

@@ -235,7 +235,7 @@ export class BlockCopy {
     if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(offset, length));
     else await this.targetOp(() => this.target.write(offset, data));
     if (this.fleecing) {
-      const r = await this.target.tracker.begin(offset, length, true);
+      const r = await this.target.tracker.begin(offset, length, 'serialising');
       this.target.tracker.end(r);
     }
   }

@@ -13,6 +13,12 @@
 // Discards (decision 10) are applied to every child as write-zeroes that may unmap, so both
 // sides of a replication pair reclaim space and read zeroes there.
 //
+// Overlapping writes (write-zeroes, discards) are ordered (caps.orderedWrites): one that
+// overlaps earlier ones still in flight starts only when those completed on every child.
+// Sent to all children at once, two overlapping writes could otherwise land in one order on
+// one child and in the other order on another (the local disk and the secondary of a
+// replication pair), leaving the children different for good. Reads are not held.
+//
 // Children are added and removed at run time (x-blockdev-change): adding names the next
 // index, removing the highest-numbered child frees its index (stable names, QEMU 5.2+).
 
@@ -168,7 +174,7 @@ export const quorumDriver: BlockDriver = {
 
     const first = children()[0]!.node;
     const impl: QuorumImpl = {
-      caps: makeCaps({ writeZeroes: true, discard: true, fua: true }),
+      caps: makeCaps({ writeZeroes: true, discard: true, fua: true, orderedWrites: true }),
       get filename() {
         return `quorum:${node.name}`;
       },
