@@ -205,7 +205,7 @@ async function main(o: Options, ctx: BenchContext, root: string): Promise<void> 
         guest = await GuestDisk.attach(join(dir, 'guest'), s.uri);
         const g = guest;
         row(`mkfs ${sizeGiB}G`, kind, await step(s, async () => {
-          g.mkfs();
+          await g.mkfs();
           return undefined;
         }));
         g.detach();

@@ -18,6 +18,21 @@ export function run(cmd: string, args: string[], opts: { allowFail?: boolean; ti
   return { status: r.status, out };
 }
 
+/** run() without blocking the event loop (a supervisor or a bench may share the process). */
+export function runAsync(cmd: string, args: string[], opts: { allowFail?: boolean; timeoutMs?: number } = {}): Promise<{ status: number | null; out: string }> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: opts.timeoutMs ?? 60_000 });
+    let out = '';
+    c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    c.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+    c.once('error', reject);
+    c.once('close', (status, signal) => {
+      if (!opts.allowFail && status !== 0) reject(new Error(`${cmd} ${args.join(' ')} failed (${status ?? signal}): ${out.trim()}`));
+      else resolve({ status, out });
+    });
+  });
+}
+
 /** Whether a guest block device can be made here; throws in CI when it cannot. */
 export function canMakeGuest(): boolean {
   const tools = ['nbdfuse', 'losetup', 'mkfs.ext4', 'e2fsck', 'mount', 'umount', 'sqlite3'];
@@ -74,9 +89,9 @@ export class GuestDisk {
     return g;
   }
 
-  mkfs(): void {
+  async mkfs(): Promise<void> {
     // default options: mkfs discards the whole device first, as a new user's mkfs does
-    run('mkfs.ext4', ['-q', '-F', this.loop!], { timeoutMs: 120_000 });
+    await runAsync('mkfs.ext4', ['-q', '-F', this.loop!], { timeoutMs: 300_000 });
   }
 
   mount(): string {
@@ -94,8 +109,8 @@ export class GuestDisk {
   }
 
   /** e2fsck -fn: exit status and report (0 = clean). */
-  fsck(): { status: number | null; out: string } {
-    return run('e2fsck', ['-fn', this.loop!], { allowFail: true, timeoutMs: 120_000 });
+  fsck(): Promise<{ status: number | null; out: string }> {
+    return runAsync('e2fsck', ['-fn', this.loop!], { allowFail: true, timeoutMs: 120_000 });
   }
 
   /**

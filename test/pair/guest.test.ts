@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { tempDir } from '../helpers/graph.js';
 import { requireTool } from '../helpers/processes.js';
-import { GuestDisk, canMakeGuest, run } from '../helpers/guest.js';
+import { GuestDisk, canMakeGuest, runAsync } from '../helpers/guest.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -133,12 +133,12 @@ async function checkRecovered(root: string, dir: string, want: { files: Array<[s
     assert.ok((await readdir(mnt)).includes('lost+found'));
     if (want.rows > 0) {
       const db = join(mnt, 'test.db');
-      assert.equal(run('sqlite3', [db, 'PRAGMA integrity_check;']).out.trim(), 'ok');
-      const rows = Number(run('sqlite3', [db, 'SELECT count(*) FROM t;']).out.trim());
+      assert.equal((await runAsync('sqlite3', [db, 'PRAGMA integrity_check;'])).out.trim(), 'ok');
+      const rows = Number((await runAsync('sqlite3', [db, 'SELECT count(*) FROM t;'])).out.trim());
       assert.ok(rows >= want.rows, `the database has ${rows} rows, ${want.rows} were committed before the checkpoint`);
     }
     g.umount();
-    const fsck = g.fsck();
+    const fsck = await g.fsck();
     assert.equal(fsck.status, 0, `e2fsck after the journal replay:\n${fsck.out}`);
   } finally {
     g.detach();
@@ -165,7 +165,7 @@ async function guestOnPair(t: { after(fn: () => unknown): void }, root: string):
   });
   await sup.start();
   guest = await GuestDisk.attach(join(root, 'before'), uri(dir));
-  guest.mkfs();
+  await guest.mkfs();
   const work = new Workload(guest.mount());
   const checkpoints: number[] = [];
   const t0 = performance.now();
