@@ -12,6 +12,9 @@
 //               (1 ms = no delay); the longest turn one request kept the loop busy
 //   QMP         both: round trips of query-version sent every 20 ms on a connection of the
 //               bench's own, p99 and max: what a heartbeat sees, comparable between the two
+//   base        the bench process's own event-loop delay max over the step: it does almost
+//               nothing, so its delay is the machine's scheduling delay (what a loaded 2-core
+//               machine adds to every figure above, whatever the daemons do)
 // and the step's duration, fio's throughput, and for lockstep whether the pair is still
 // `protected` afterwards with the heartbeat warnings the supervisor logged.
 //
@@ -19,6 +22,7 @@
 // Needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs, fio and QEMU.
 
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PairSupervisor, PAIR_DEFAULTS } from '../src/pair/supervisor.js';
@@ -89,6 +93,8 @@ interface StepResult {
   primary: SideFigures;
   secondary: SideFigures;
   mbps?: number;
+  /** the bench process's own loop delay max, ms */
+  baseMax: number;
   note?: string;
 }
 
@@ -163,9 +169,12 @@ async function step(s: Served, work: () => Promise<number | undefined>): Promise
   const sides = ['primary', 'secondary'] as const;
   if (s.lockstep) for (const side of sides) await s.qmp[side].execute('x-query-event-loop-delay', { reset: true });
   const pings = sides.map((side) => pinger(s.qmp[side]));
+  const base = monitorEventLoopDelay({ resolution: 1 });
+  base.enable();
   const t0 = nowMs();
   const mbps = await work();
   const ms = nowMs() - t0;
+  base.disable();
   const rtts = await Promise.all(pings.map((p) => p.stop()));
   const fig = async (i: 0 | 1): Promise<SideFigures> => {
     const f: SideFigures = { qmpP99: quantile(rtts[i]!, 0.99), qmpMax: Math.max(...rtts[i]!) };
@@ -176,7 +185,7 @@ async function step(s: Served, work: () => Promise<number | undefined>): Promise
     }
     return f;
   };
-  return { ms, primary: await fig(0), secondary: await fig(1), ...(mbps !== undefined ? { mbps } : {}), note: s.health() };
+  return { ms, primary: await fig(0), secondary: await fig(1), ...(mbps !== undefined ? { mbps } : {}), baseMax: base.max / 1e6, note: s.health() };
 }
 
 const f1 = (x: number | undefined) => (x === undefined ? '-' : x.toFixed(1));
@@ -185,14 +194,14 @@ function row(what: string, kind: string, r: StepResult): void {
   const side = (x: SideFigures) => `${f1(x.loopP99).padStart(6)} ${f1(x.loopMax).padStart(7)} ${f1(x.qmpP99).padStart(6)} ${f1(x.qmpMax).padStart(7)}`;
   console.log(
     `${what.padEnd(12)} ${kind.padEnd(8)} ${(r.ms / 1000).toFixed(2).padStart(7)} ${(r.mbps === undefined ? '-' : r.mbps.toFixed(0)).padStart(6)}  ` +
-      `${side(r.primary)}   ${side(r.secondary)}  ${r.note ?? ''}`,
+      `${side(r.primary)}   ${side(r.secondary)}  ${f1(r.baseMax).padStart(6)}  ${r.note ?? ''}`,
   );
 }
 
 async function main(o: Options, ctx: BenchContext, root: string): Promise<void> {
   console.log(`bench/pair-latency: ${cpus().length} cores, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; sizes ${o.sizesGiB.join(', ')} GiB, fio ${o.seconds} s`);
   console.log('                              primary (ms)                     secondary (ms)');
-  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax  pair afterwards');
+  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax    base  pair afterwards');
   const kinds = o.withQemu ? (['lockstep', 'qemu'] as const) : (['lockstep'] as const);
   let seq = 0;
   for (const sizeGiB of o.sizesGiB) {
