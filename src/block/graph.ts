@@ -13,6 +13,7 @@ import { BlockNode, Edge } from './node.js';
 import { Backend, type BackendOptions } from './backend.js';
 import { OptionReader, isDict, type OptionDict } from './options.js';
 import type { DriverRegistry } from './registry.js';
+import { Pacer } from '../util/pacer.js';
 
 export interface OpenOptions {
   /** leaves are keyval strings (command line, drive_add) rather than typed JSON */
@@ -48,6 +49,8 @@ export class BlockGraph extends EventEmitter {
    * module globals so that two graphs never share them.
    */
   readonly services = new Map<string, unknown>();
+  /** shares each event-loop turn between the graph's long requests (util/pacer.ts) */
+  readonly pacer = new Pacer();
   private autoCounter = 0;
   private readonly pendingCloses = new Set<Promise<void>>();
   private readonly closing = new Map<BlockNode, Promise<void>>();

@@ -228,6 +228,7 @@ export class BlockNode {
     }
     if (flags.noFallback) throw new BlockError('ENOTSUP', `node '${this.name}' has no fast zeroing`);
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
+      if (pos > offset) await this.graph.pacer.pace();
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
       await this.write(pos, zeroBuffer(n), { fua: flags.fua ?? false });
     }

@@ -18,6 +18,7 @@ import { jobCommands } from '../qmp/commands/jobs.js';
 import { createCommands } from '../qmp/commands/create.js';
 import { ExportTable, isLoopbackHost, type NbdServerFactory } from './exports.js';
 import { Logger } from './log.js';
+import { LoopDelayMonitor } from './loop-delay.js';
 import { ObjectTable, tlsServerOptions } from './objects.js';
 import type { ChardevOptions, DaemonOptions } from './options.js';
 
@@ -52,6 +53,7 @@ export class Daemon {
   readonly ctx: QmpContext;
   readonly log: Logger;
   readonly services: QmpServices;
+  readonly loopDelay = new LoopDelayMonitor();
   /** resolves with the exit code once the daemon has shut down */
   readonly done: Promise<number>;
   private resolveDone!: (code: number) => void;
@@ -83,6 +85,7 @@ export class Daemon {
       objects: this.objects,
       services: this.services,
       version: LOCKSTEP_QMP_VERSION,
+      loopDelay: this.loopDelay,
       insecure: opts.insecure,
       requestShutdown: (reason) => {
         // QEMU sends SHUTDOWN before the reply to quit; the monitors close after the reply
@@ -220,6 +223,7 @@ export class Daemon {
           /* already gone */
         }
       }
+      this.loopDelay.close();
       this.log.info('shut down', { reason });
       this.resolveDone(reason === 'start-up-failed' ? 1 : 0);
     })();

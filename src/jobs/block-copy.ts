@@ -151,35 +151,53 @@ export class BlockCopy {
    * old content in the target. Copies the clusters whose bit is set, waits for copies of
    * them already in flight, and throws the copy's BlockError when it fails (the caller
    * then fails the incoming write and leaves the source unchanged).
+   *
+   * At most `workers` copies of this call run at once, and the walk gives the event loop
+   * its turn (the graph's pacer) between them: a request over the whole disk costs memory
+   * and loop time of a few chunks at a time, never of the whole range.
    */
   async copyBeforeWrite(offset: number, length: number): Promise<void> {
     const [first, end] = this.bitmap.bitSpan(offset, length);
+    const maxBits = Math.max(1, Math.floor(MAX_CHUNK / this.clusterSize));
+    const pacer = this.source.graph.pacer;
     for (;;) {
-      const others: Promise<void>[] = [];
-      const mine: Promise<void>[] = [];
-      for (let i = first; i < end; ) {
+      const others = new Set<Promise<void>>();
+      const mine = new Set<Promise<void>>();
+      let failure: unknown = null;
+      let started = false;
+      for (let i = first; i < end && failure === null; ) {
         const p = this.inflight.get(i);
         if (p) {
-          others.push(p);
+          others.add(p);
           i++;
           continue;
         }
         if (!this.bitmap.get(i)) {
-          i++;
+          const n = this.bitmap.nextSet(i + 1);
+          i = n === -1 || n > end ? end : n;
           continue;
         }
+        if (mine.size >= this.workers || started) {
+          while (mine.size >= this.workers) await Promise.race(mine);
+          await pacer.pace();
+          // the bits may have changed meanwhile: look at bit i again
+          if (this.inflight.has(i) || !this.bitmap.get(i) || failure !== null) continue;
+        }
         let j = i + 1;
-        const maxBits = Math.max(1, Math.floor(MAX_CHUNK / this.clusterSize));
         while (j < end && j - i < maxBits && this.bitmap.get(j) && !this.inflight.has(j)) j++;
-        mine.push(this.copyBits(i, j));
+        const t: Promise<void> = this.copyBits(i, j)
+          .catch((e: unknown) => {
+            failure ??= e;
+          })
+          .finally(() => mine.delete(t));
+        mine.add(t);
+        started = true;
         i = j;
       }
-      if (others.length === 0 && mine.length === 0) return;
-      const results = await Promise.allSettled([...mine]);
+      await Promise.all(mine);
       await Promise.allSettled(others);
-      for (const r of results) {
-        if (r.status === 'rejected') throw r.reason instanceof CopyFailure ? r.reason.error : asBlockError(r.reason);
-      }
+      if (failure !== null) throw failure instanceof CopyFailure ? failure.error : asBlockError(failure);
+      if (!started && others.size === 0) return;
       // A copy someone else started may have failed: its bits are still set; look again.
     }
   }
@@ -229,11 +247,44 @@ export class BlockCopy {
     }
   }
 
+  /**
+   * Copies the old content of [offset, offset+length) into the target. Ranges the source's
+   * block status calls zero are not read: they become allocated zeroes in the target at
+   * once (a never-written region costs metadata only). Data is read and, when it reads as
+   * zeroes all the same, written as zeroes too. Zeroes are written allocated (no unmap):
+   * they must shadow what lies below the target.
+   */
   private async copySnapshot(offset: number, length: number): Promise<void> {
-    const data = await this.readSource(offset, length);
-    // Zeroes are still copied, as allocated zeroes: they must shadow what is below.
-    if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(offset, length));
-    else await this.targetOp(() => this.target.write(offset, data));
+    const end = offset + length;
+    const status = async (pos: number): Promise<{ zero: boolean; length: number }> => {
+      try {
+        return await this.zeroStatus(this.source, pos, end - pos);
+      } catch (e) {
+        throw new CopyFailure(asBlockError(e), true);
+      }
+    };
+    let st = await status(offset);
+    for (let pos = offset; pos < end; ) {
+      if (st.zero) {
+        const n = st.length;
+        await this.targetOp(() => this.target.writeZeroes(pos, n));
+        pos += n;
+        if (pos < end) st = await status(pos);
+        continue;
+      }
+      // one read for the whole run of data (a fragmented image answers cluster by cluster)
+      let runEnd = pos + st.length;
+      while (runEnd < end) {
+        st = await status(runEnd);
+        if (st.zero) break;
+        runEnd += st.length;
+      }
+      const from = pos;
+      const data = await this.readSource(from, runEnd - from);
+      if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(from, data.length));
+      else await this.targetOp(() => this.target.write(from, data));
+      pos = runEnd;
+    }
     if (this.fleecing) {
       const r = await this.target.tracker.begin(offset, length, 'serialising');
       this.target.tracker.end(r);
@@ -328,6 +379,7 @@ export class BlockCopy {
         if (fatal) throw fatal;
         await job.pausePoint(waitAll);
         if (job.shouldStop) break;
+        await this.source.graph.pacer.pace();
         if (fatal) throw fatal;
         let i = this.bitmap.nextSet(scanFrom);
         while (i !== -1 && this.inflight.has(i)) i = this.bitmap.nextSet(i + 1);

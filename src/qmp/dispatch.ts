@@ -13,6 +13,7 @@ import type { IoCommandRunner } from './commands/hmp.js';
 import type { JobsApi } from './commands/jobs.js';
 import { QmpError } from './errors.js';
 import { validateArguments, type Fields, type TypeSpec } from './schema/types.js';
+import type { LoopDelayMonitor } from '../daemon/loop-delay.js';
 
 /** One client connection's monitor state. */
 export interface QmpSession {
@@ -48,6 +49,8 @@ export interface QmpContext {
   readonly objects: ObjectTable;
   readonly services: QmpServices;
   readonly version: QmpVersion;
+  /** the daemon's event-loop delay histogram (x-query-event-loop-delay) */
+  readonly loopDelay: LoopDelayMonitor;
   /** --insecure: allow plain TCP monitors and writable NBD servers on non-loopback addresses */
   readonly insecure: boolean;
   /** `quit`: the daemon shuts down gracefully once the reply is sent */

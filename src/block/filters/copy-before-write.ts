@@ -22,7 +22,10 @@ import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
 import { Bitmap } from '../../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE } from '../../jobs/block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../../jobs/block-copy.js';
+
+/** The largest piece of a request copied and written at once: a few copy chunks. */
+export const PIECE = 16 * MAX_CHUNK;
 
 /** The cluster size a copy into `target` uses: max(64 KiB, target's cluster size). */
 export function copyClusterSize(target: BlockNode): number {
@@ -70,12 +73,26 @@ export class CopyBeforeWrite {
     }
   }
 
-  /** Runs a modifying request after its clusters' old content has been copied. */
-  async guarded(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+  /**
+   * Runs a modifying request after its clusters' old content has been copied, in pieces of
+   * at most PIECE bytes: each piece's clusters are copied, then the piece is written, and
+   * the event loop gets its turn between pieces. A discard of the whole disk thus never
+   * holds the loop, nor the memory of its whole old content.
+   */
+  async guarded(offset: number, length: number, op: (offset: number, length: number) => Promise<void>): Promise<void> {
     await this.enter();
     try {
-      if (this.active && length > 0) await this.copy.copyBeforeWrite(offset, length);
-      await op();
+      const end = offset + length;
+      for (let pos = offset; pos < end || length === 0; ) {
+        // pieces end at multiples of PIECE (of every cluster size): a discard cut in two
+        // must not leave a cluster at the cut undiscarded
+        const n = Math.min(PIECE - (pos % PIECE), end - pos);
+        if (pos > offset) await this.source.graph.pacer.pace();
+        if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n);
+        await op(pos, n);
+        if (length === 0) break;
+        pos += n;
+      }
     } finally {
       this.leave();
     }
@@ -167,9 +184,12 @@ export const copyBeforeWriteDriver: BlockDriver = {
       },
       getLength: () => file.getLength(),
       read: (offset, length) => file.read(offset, length),
-      write: (offset, data, flags) => cbw.guarded(offset, data.length, () => file.write(offset, data, flags)),
-      writeZeroes: (offset, length, flags) => cbw.guarded(offset, length, () => file.writeZeroes(offset, length, flags)),
-      discard: (offset, length) => cbw.guarded(offset, length, () => file.discard(offset, length)),
+      write: (offset, data, flags) =>
+        cbw.guarded(offset, data.length, (o, n) =>
+          file.write(o, n === data.length ? data : data.subarray(o - offset, o - offset + n), flags),
+        ),
+      writeZeroes: (offset, length, flags) => cbw.guarded(offset, length, (o, n) => file.writeZeroes(o, n, flags)),
+      discard: (offset, length) => cbw.guarded(offset, length, (o, n) => file.discard(o, n)),
       flush: () => file.flush(),
       info: () => ({
         target: target.name,

@@ -1,8 +1,8 @@
 // The monitor's own commands and objects: qmp_capabilities, query-version, query-commands,
-// query-status, quit, object-add, object-del.
+// query-status, quit, object-add, object-del; lockstep's x-query-event-loop-delay.
 
 import { command, type QmpCommand } from '../dispatch.js';
-import { NO_ARGS, OBJECT_ADD, OBJECT_DEL, QMP_CAPABILITIES } from '../schema/misc.js';
+import { NO_ARGS, OBJECT_ADD, OBJECT_DEL, QMP_CAPABILITIES, X_QUERY_EVENT_LOOP_DELAY } from '../schema/misc.js';
 
 
 export const miscCommands: readonly QmpCommand[] = [
@@ -15,6 +15,13 @@ export const miscCommands: readonly QmpCommand[] = [
   }),
   command('query-version', NO_ARGS, (ctx) => ctx.version),
   command('query-commands', NO_ARGS, (ctx) => ctx.dispatcher.names().map((name) => ({ name }))),
+  // lockstep's own: the daemon's event-loop delay since start or the last reset (reset=true
+  // starts a new measurement after this answer)
+  command('x-query-event-loop-delay', X_QUERY_EVENT_LOOP_DELAY, (ctx, args) => {
+    const r = ctx.loopDelay.report();
+    if (args.reset === true) ctx.loopDelay.reset();
+    return r;
+  }),
   command('query-status', NO_ARGS, () => ({ status: 'running', singlestep: false, running: true })),
   command('quit', NO_ARGS, (ctx) => {
     ctx.requestShutdown('host-qmp-quit');

@@ -4,6 +4,7 @@ import { enumOf, listOf, type Fields, type TypeSpec } from './types.js';
 
 export const QMP_CAPABILITIES: Fields = { '*enable': listOf(enumOf('oob')) };
 export const NO_ARGS: Fields = {};
+export const X_QUERY_EVENT_LOOP_DELAY: Fields = { '*reset': 'bool' };
 export const HUMAN_MONITOR_COMMAND: Fields = { 'command-line': 'str', '*cpu-index': 'int' };
 
 /** object-add / --object: a flat union on qom-type (the types lockstep implements). */

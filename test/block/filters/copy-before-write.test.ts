@@ -45,3 +45,30 @@ test('copy-before-write option errors', async () => {
   });
   assert.deepEqual([...g.nodes.keys()].sort(), ['ro', 'small', 'src']);
 });
+
+test('a large zero write is copied in bounded pieces: the event loop runs in between, every cluster lands', async () => {
+  const g = newCowGraph();
+  const MiB = 1024 * KiB;
+  const size = 40 * MiB; // ten 4 MiB copies
+  const src = await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
+  // data in some clusters, zeroes elsewhere
+  for (const off of [0, 17 * MiB + 5, 39 * MiB]) await src.write(off, pattern(0x40 + (off % 7), 100 * KiB));
+  const before = await src.read(0, size);
+  await g.open({ driver: 'test-cow', 'node-name': 'tgt', size }, { monitorOwned: true });
+  const f = await g.open({ driver: 'copy-before-write', 'node-name': 'cbw', file: 'src', target: 'tgt' });
+  const cbw = getCopyBeforeWrite(f);
+  let turns = 0;
+  const tick = setInterval(() => turns++, 0);
+  try {
+    await f.writeZeroes(0, size);
+  } finally {
+    clearInterval(tick);
+  }
+  // one request, yet timers ran while it was copying and zeroing
+  assert.ok(turns > 0, 'the event loop had turns during the request');
+  assert.ok(g.pacer.yields > 0);
+  assert.equal(cbw.bitmap.count, 0);
+  assert.equal(cbw.copy.copiedBytes, size);
+  assert.ok((await g.lookup('tgt')!.read(0, size)).equals(before), 'the target holds the old content of every cluster');
+  assert.ok((await src.read(0, size)).equals(Buffer.alloc(size)));
+});

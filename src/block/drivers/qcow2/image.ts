@@ -25,6 +25,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import type { HostFile } from './host-file.js';
+import type { Pacer } from '../../../util/pacer.js';
 
 export interface BackingView {
   length(): number;
@@ -56,6 +57,8 @@ export class Qcow2Image {
   /** cluster ranges whose refcount drops at the next writeback (step 5) */
   pendingFrees: Array<{ first: number; count: number }> = [];
   backing: BackingView | null = null;
+  /** gives the event loop its turn between the L2 tables of a long zero or discard */
+  pacer: Pacer | null = null;
   readOnly: boolean;
   lazyRefcounts: boolean;
   /** set when a structural problem was found: no more writes */

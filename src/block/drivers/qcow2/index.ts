@@ -137,6 +137,7 @@ export const qcow2Driver: BlockDriver = {
       ...(cacheOpts.l2 !== undefined ? { l2CacheSize: cacheOpts.l2 } : {}),
       ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
     });
+    img.pacer = ctx.graph.pacer;
     try {
       await img.load();
     } catch (e) {

@@ -359,25 +359,58 @@ export async function zeroRange(img: Qcow2Image, offset: number, length: number)
     return;
   }
   if (offset < firstFull) await zeroPartial(img, offset, firstFull - offset);
-  await img.whenIdle(firstFull / cs, lastFull / cs - 1, async () => {
-    img.checkWritable();
-    for (let c = firstFull / cs; c < lastFull / cs; c++) {
-      const l1i = Math.floor(c / img.l2Entries);
-      if (img.l1[l1i] === 0 && !backingCovers(img, c)) {
-        c = (l1i + 1) * img.l2Entries - 1; // a whole unallocated table that reads as zeroes
-        continue;
-      }
-      const { entry } = await entryAt(img, c);
-      if (entry.kind === ClusterKind.Zero && entry.offset === 0) continue;
-      if (entry.kind === ClusterKind.Unallocated && !backingCovers(img, c)) continue;
-      const table = await img.getL2ForWrite(l1i);
-      const idx = c % img.l2Entries;
+  await eachTable(img, firstFull / cs, lastFull / cs, {
+    // a whole unallocated table that reads as zeroes
+    skipTable: (c) => !backingCovers(img, c),
+    needs: (entry, c) =>
+      !(entry.kind === ClusterKind.Zero && entry.offset === 0) && !(entry.kind === ClusterKind.Unallocated && !backingCovers(img, c)),
+    apply: (table, idx) => {
       releaseEntry(img, readL2(table, idx, img.v3), table, idx);
       writeL2Zero(table, idx);
-    }
-    await img.maybeWriteback();
+    },
   });
   if (end > lastFull) await zeroPartial(img, lastFull, end - lastFull);
+}
+
+interface TableEdit {
+  /** for a table not allocated at all, from its first cluster: nothing to change in it */
+  skipTable(firstCluster: number): boolean;
+  /** whether the entry of guest cluster `cluster` must change */
+  needs(entry: L2Entry, cluster: number): boolean;
+  /** changes entry `index` (guest cluster `cluster`) of a writable table */
+  apply(table: Buffer, index: number, cluster: number): void;
+}
+
+/**
+ * Edits the L2 entries of guest clusters [first, end), one L2 table at a time: each table
+ * under the mutex (once allocations in flight on it have landed), the event loop getting its
+ * turn between tables. A table is made writable (allocated, or copied from a snapshot) only
+ * when one of its entries needs a change.
+ */
+async function eachTable(img: Qcow2Image, first: number, end: number, edit: TableEdit): Promise<void> {
+  for (let c0 = first; c0 < end; ) {
+    const l1i = Math.floor(c0 / img.l2Entries);
+    const c1 = Math.min(end, (l1i + 1) * img.l2Entries);
+    if (c0 > first) await img.pacer?.pace();
+    await img.whenIdle(c0, c1 - 1, async () => {
+      img.checkWritable();
+      if (img.l1[l1i] === 0 && edit.skipTable(c0)) return;
+      let table = await img.getL2(l1i);
+      let writable = false;
+      for (let c = c0; c < c1; c++) {
+        const idx = c % img.l2Entries;
+        if (!edit.needs(table ? readL2(table, idx, img.v3) : UNALLOCATED, c)) continue;
+        if (!writable) {
+          // a new table starts as a copy of the old one (or unallocated): same entries
+          table = await img.getL2ForWrite(l1i);
+          writable = true;
+        }
+        edit.apply(table!, idx, c);
+      }
+      await img.maybeWriteback();
+    });
+    c0 = c1;
+  }
 }
 
 function backingCovers(img: Qcow2Image, cluster: number): boolean {
@@ -409,29 +442,21 @@ export async function discardRange(img: Qcow2Image, offset: number, length: numb
   const first = Math.ceil(offset / cs);
   const last = Math.floor((offset + length) / cs);
   if (first >= last) return;
-  await img.whenIdle(first, last - 1, async () => {
-    img.checkWritable();
-    for (let c = first; c < last; c++) {
-      const l1i = Math.floor(c / img.l2Entries);
-      if (img.l1[l1i] === 0) {
-        if (full || !img.v3 || !backingCovers(img, c)) {
-          c = (l1i + 1) * img.l2Entries - 1;
-          continue;
-        }
-      }
-      const { entry } = await entryAt(img, c);
-      const allocated = entry.kind !== ClusterKind.Unallocated;
-      let zero = false;
-      if (!full && img.v3 && (allocated || backingCovers(img, c))) zero = true;
-      if (zero && entry.kind === ClusterKind.Zero && entry.offset === 0) continue;
-      if (!zero && entry.kind === ClusterKind.Unallocated) continue;
-      const table = await img.getL2ForWrite(l1i);
-      const idx = c % img.l2Entries;
-      releaseEntry(img, readL2(table, idx, img.v3), table, idx);
+  const zeroes = (entry: L2Entry, c: number): boolean =>
+    !full && img.v3 && (entry.kind !== ClusterKind.Unallocated || backingCovers(img, c));
+  await eachTable(img, first, last, {
+    skipTable: (c) => full || !img.v3 || !backingCovers(img, c),
+    needs: (entry, c) => {
+      if (zeroes(entry, c)) return !(entry.kind === ClusterKind.Zero && entry.offset === 0);
+      return entry.kind !== ClusterKind.Unallocated;
+    },
+    apply: (table, idx, c) => {
+      const entry = readL2(table, idx, img.v3);
+      const zero = zeroes(entry, c);
+      releaseEntry(img, entry, table, idx);
       if (zero) writeL2Zero(table, idx);
       else writeL2Unallocated(table, idx);
-    }
-    await img.maybeWriteback();
+    },
   });
 }
 
@@ -447,6 +472,9 @@ export async function blockStatusAt(img: Qcow2Image, offset: number, length: num
     let len = Math.min(cs - inOff, length);
     let c = c0 + 1;
     let expectHost = first.entry.offset + cs;
+    // the table of the cluster looked at: fetched once per table, entries read in a plain loop
+    let tableIndex = Math.floor(c0 / img.l2Entries);
+    let table = first.table;
     while (len < length) {
       const l1i = Math.floor(c / img.l2Entries);
       let e: L2Entry;
@@ -458,7 +486,11 @@ export async function blockStatusAt(img: Qcow2Image, offset: number, length: num
         c += n;
         continue;
       }
-      e = (await entryAt(img, c)).entry;
+      if (l1i !== tableIndex || !table) {
+        table = await img.getL2(l1i);
+        tableIndex = l1i;
+      }
+      e = table ? readL2(table, c % img.l2Entries, img.v3) : UNALLOCATED;
       if (e.kind !== kind) break;
       if (kind === ClusterKind.Normal && e.offset !== expectHost) break;
       expectHost += cs;

@@ -1,0 +1,253 @@
+// bench/pair-latency: does a guest's first command stall the daemons? A `lockstep pair` and
+// QEMU 7.2's pair with the same graph (bench/pair/targets.ts), each serving a disk that a
+// guest sees as a block device (nbdfuse + a loop device, test/helpers/guest.ts):
+//
+//   mkfs        mkfs.ext4 with default options (it discards the whole disk first, then writes
+//               its metadata and journal) on a disk of each --sizes-gib
+//   fio 1M      fio's nbd engine, 1 MiB random writes at depth 4, --seconds long
+//
+// Measured on both daemons of each pair during each step:
+//   loop        lockstep only: the daemon's event-loop delay histogram (x-query-event-loop-
+//               delay, reset before the step): p99 and max of the interval between 1 ms ticks
+//               (1 ms = no delay); the longest turn one request kept the loop busy
+//   QMP         both: round trips of query-version sent every 20 ms on a connection of the
+//               bench's own, p99 and max: what a heartbeat sees, comparable between the two
+//   base        the bench process's own event-loop delay max over the step: it does almost
+//               nothing, so its delay is the machine's scheduling delay (what a loaded 2-core
+//               machine adds to every figure above, whatever the daemons do)
+// and the step's duration, fio's throughput, and for lockstep whether the pair is still
+// `protected` afterwards with the heartbeat warnings the supervisor logged.
+//
+// Run: npm run build && node dist/bench/pair-latency.js [--sizes-gib 1,16] [--seconds 10] [--no-qemu]
+// Needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs, fio and QEMU.
+
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PairSupervisor, PAIR_DEFAULTS } from '../src/pair/supervisor.js';
+import { QmpClient } from '../src/qmp/client.js';
+import { errorMessage } from '../src/errors.js';
+import { GuestDisk, canMakeGuest } from '../test/helpers/guest.js';
+import { MiB, fio, killLive, nowMs, quantile, sleep, type BenchContext } from './pair/util.js';
+import { qemuPairStart, qemuServe } from './pair/targets.js';
+
+interface Options {
+  sizesGiB: number[];
+  seconds: number;
+  withQemu: boolean;
+}
+
+function parseOptions(args: string[]): Options {
+  const known = new Set(['--sizes-gib', '--seconds', '--no-qemu']);
+  for (const a of args) if (a.startsWith('--') && !known.has(a)) throw new Error(`unknown option '${a}' (known: ${[...known].join(', ')})`);
+  const opt = (name: string): string | undefined => {
+    const i = args.indexOf(`--${name}`);
+    if (i < 0) return undefined;
+    const v = args[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new Error(`--${name} needs a value`);
+    return v;
+  };
+  const positive = (what: string, v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n <= 0) throw new Error(`${what} must be a positive number, got '${v}'`);
+    return n;
+  };
+  return {
+    sizesGiB: (opt('sizes-gib') ?? '1,16').split(',').map((v) => positive('--sizes-gib', v)),
+    seconds: positive('--seconds', opt('seconds') ?? '10'),
+    withQemu: !args.includes('--no-qemu'),
+  };
+}
+
+/** Pings a QMP connection every 20 ms; the round trips in ms. */
+function pinger(qmp: QmpClient): { stop(): Promise<number[]> } {
+  const rtts: number[] = [];
+  let stopped = false;
+  const loop = (async () => {
+    while (!stopped) {
+      const t0 = nowMs();
+      await qmp.execute('query-version');
+      rtts.push(nowMs() - t0);
+      await sleep(20);
+    }
+  })();
+  return {
+    stop: async () => {
+      stopped = true;
+      await loop.catch(() => {});
+      return rtts;
+    },
+  };
+}
+
+interface SideFigures {
+  loopP99?: number;
+  loopMax?: number;
+  qmpP99: number;
+  qmpMax: number;
+}
+
+interface StepResult {
+  ms: number;
+  primary: SideFigures;
+  secondary: SideFigures;
+  mbps?: number;
+  /** the bench process's own loop delay max, ms */
+  baseMax: number;
+  note?: string;
+}
+
+interface Served {
+  uri: string;
+  qmp: { primary: QmpClient; secondary: QmpClient };
+  lockstep: boolean;
+  /** lockstep: stage and heartbeat warnings so far */
+  health(): string;
+  stop(): Promise<void>;
+}
+
+async function lockstepServed(ctx: BenchContext, dir: string, sizeGiB: number): Promise<Served> {
+  const warnings: string[] = [];
+  const sup = new PairSupervisor({
+    dataDir: dir,
+    size: sizeGiB * 1024 * MiB,
+    checkpointIntervalMs: PAIR_DEFAULTS.checkpointIntervalMs,
+    heartbeatIntervalMs: PAIR_DEFAULTS.heartbeatIntervalMs,
+    heartbeatTimeoutMs: PAIR_DEFAULTS.heartbeatTimeoutMs,
+    failover: 'manual',
+    nbdSocket: join(dir, 'disk.sock'),
+    log: (level, msg) => {
+      if (level !== 'info') warnings.push(msg);
+    },
+  });
+  try {
+    await sup.start();
+  } catch (e) {
+    await sup.stop().catch(() => {});
+    throw e;
+  }
+  const pids = sup.pids();
+  for (const pid of [pids.primary, pids.secondary]) if (pid !== undefined) ctx.live.add(pid);
+  const primary = await QmpClient.open({ path: join(dir, 'primary.qmp') });
+  const secondary = await QmpClient.open({ path: join(dir, 'secondary.qmp') });
+  return {
+    uri: `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`,
+    qmp: { primary, secondary },
+    lockstep: true,
+    health: () => {
+      const late = warnings.filter((w) => /heartbeat/.test(w)).length;
+      return `${sup.stage}${late ? `, ${late} heartbeat warnings` : ''}`;
+    },
+    stop: async () => {
+      primary.close();
+      secondary.close();
+      await sup.stop();
+      for (const pid of [pids.primary, pids.secondary]) if (pid !== undefined) ctx.live.delete(pid);
+    },
+  };
+}
+
+async function qemuServed(ctx: BenchContext, dir: string, sizeGiB: number): Promise<Served> {
+  const p = await qemuPairStart({ ...ctx, sizeMiB: sizeGiB * 1024 }, dir);
+  for (const proc of [p.primary, p.secondary]) ctx.live.add(proc.child.pid!);
+  const uri = await qemuServe(p.primary, 'colo-disk0', join(dir, 'disk.sock'));
+  return {
+    uri,
+    qmp: { primary: p.primary.qmp, secondary: p.secondary.qmp },
+    lockstep: false,
+    health: () => '',
+    stop: async () => {
+      await p.primary.quit();
+      await p.secondary.quit();
+      for (const proc of [p.primary, p.secondary]) ctx.live.delete(proc.child.pid!);
+    },
+  };
+}
+
+async function step(s: Served, work: () => Promise<number | undefined>): Promise<StepResult> {
+  const sides = ['primary', 'secondary'] as const;
+  if (s.lockstep) for (const side of sides) await s.qmp[side].execute('x-query-event-loop-delay', { reset: true });
+  const pings = sides.map((side) => pinger(s.qmp[side]));
+  const base = monitorEventLoopDelay({ resolution: 1 });
+  base.enable();
+  const t0 = nowMs();
+  const mbps = await work();
+  const ms = nowMs() - t0;
+  base.disable();
+  const rtts = await Promise.all(pings.map((p) => p.stop()));
+  const fig = async (i: 0 | 1): Promise<SideFigures> => {
+    const f: SideFigures = { qmpP99: quantile(rtts[i]!, 0.99), qmpMax: Math.max(...rtts[i]!) };
+    if (s.lockstep) {
+      const r = (await s.qmp[sides[i]].execute('x-query-event-loop-delay')) as { 'p99-ms': number; 'max-ms': number };
+      f.loopP99 = r['p99-ms'];
+      f.loopMax = r['max-ms'];
+    }
+    return f;
+  };
+  return { ms, primary: await fig(0), secondary: await fig(1), ...(mbps !== undefined ? { mbps } : {}), baseMax: base.max / 1e6, note: s.health() };
+}
+
+const f1 = (x: number | undefined) => (x === undefined ? '-' : x.toFixed(1));
+
+function row(what: string, kind: string, r: StepResult): void {
+  const side = (x: SideFigures) => `${f1(x.loopP99).padStart(6)} ${f1(x.loopMax).padStart(7)} ${f1(x.qmpP99).padStart(6)} ${f1(x.qmpMax).padStart(7)}`;
+  console.log(
+    `${what.padEnd(12)} ${kind.padEnd(8)} ${(r.ms / 1000).toFixed(2).padStart(7)} ${(r.mbps === undefined ? '-' : r.mbps.toFixed(0)).padStart(6)}  ` +
+      `${side(r.primary)}   ${side(r.secondary)}  ${f1(r.baseMax).padStart(6)}  ${r.note ?? ''}`,
+  );
+}
+
+async function main(o: Options, ctx: BenchContext, root: string): Promise<void> {
+  console.log(`bench/pair-latency: ${cpus().length} cores, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; sizes ${o.sizesGiB.join(', ')} GiB, fio ${o.seconds} s`);
+  console.log('                              primary (ms)                     secondary (ms)');
+  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax    base  pair afterwards');
+  const kinds = o.withQemu ? (['lockstep', 'qemu'] as const) : (['lockstep'] as const);
+  let seq = 0;
+  for (const sizeGiB of o.sizesGiB) {
+    for (const kind of kinds) {
+      const dir = join(root, `${kind}-${sizeGiB}-${seq++}`);
+      mkdirSync(dir, { recursive: true });
+      const s = await (kind === 'lockstep' ? lockstepServed : qemuServed)(ctx, dir, sizeGiB);
+      let guest: GuestDisk | null = null;
+      try {
+        guest = await GuestDisk.attach(join(dir, 'guest'), s.uri);
+        const g = guest;
+        row(`mkfs ${sizeGiB}G`, kind, await step(s, async () => {
+          await g.mkfs();
+          return undefined;
+        }));
+        g.detach();
+        guest = null;
+        row(`fio 1M ${sizeGiB}G`, kind, await step(s, async () => {
+          const r = await fio({ ...ctx, sizeMiB: sizeGiB * 1024 }, s.uri, '1M', 4, o.seconds).done;
+          return r.bwBytes / 1e6;
+        }));
+      } catch (e) {
+        console.log(`${kind} ${sizeGiB} GiB: ${errorMessage(e)}`);
+      } finally {
+        guest?.detach(true);
+        await s.stop().catch(() => {});
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  }
+}
+
+const o = parseOptions(process.argv.slice(2));
+if (!canMakeGuest()) throw new Error('bench/pair-latency needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs and sqlite3');
+const ctx: BenchContext = { sizeMiB: 0, live: new Set() };
+const root = mkdtempSync(join(tmpdir(), 'lockstep-bench-latency-'));
+const abort = (code: number) => () => {
+  killLive(ctx);
+  rmSync(root, { recursive: true, force: true });
+  process.exit(code);
+};
+process.once('SIGINT', abort(130));
+process.once('SIGTERM', abort(143));
+try {
+  await main(o, ctx, root);
+} finally {
+  killLive(ctx);
+  rmSync(root, { recursive: true, force: true });
+}
