@@ -17,6 +17,11 @@ export interface BackendOptions {
   readOnly?: boolean;
   /** counts as a block backend for replication's checks (exports, devices) */
   user?: boolean;
+  /**
+   * the write cache is off (QEMU's cache=writethrough/directsync): every write and
+   * write-zeroes is FUA, so it is stable when it completes
+   */
+  writethrough?: boolean;
 }
 
 export class Backend {
@@ -24,6 +29,7 @@ export class Backend {
   readonly name: string | undefined;
   readonly readOnly: boolean;
   readonly user: boolean;
+  readonly writethrough: boolean;
   /**
    * Writes fail with EIO while fenced (replication decision 6: the secondary disk's
    * exports refuse primary writes from the moment failover begins). Reads keep working.
@@ -35,6 +41,7 @@ export class Backend {
     this.name = opts.name;
     this.readOnly = opts.readOnly ?? false;
     this.user = opts.user ?? opts.name !== undefined;
+    this.writethrough = opts.writethrough ?? false;
     this.edge = new Edge(this, 'root', node);
     node.parents.add(this.edge);
   }
@@ -75,11 +82,11 @@ export class Backend {
   }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
     this.checkWrite(offset, data.length);
-    return this.node.write(offset, data, flags);
+    return this.node.write(offset, data, this.writethrough ? { ...flags, fua: true } : flags);
   }
   async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
     this.checkWrite(offset, length);
-    return this.node.writeZeroes(offset, length, flags);
+    return this.node.writeZeroes(offset, length, this.writethrough ? { ...flags, fua: true } : flags);
   }
   async discard(offset: number, length: number): Promise<void> {
     this.checkWrite(offset, length);

@@ -7,7 +7,7 @@
 // that fails leaves the graph as it was (prepare -> commit | abort without a half state).
 
 import { EventEmitter } from 'node:events';
-import { InvalidArgumentError, NotFoundError, StateError, assert, errorMessage } from '../errors.js';
+import { BlockError, InvalidArgumentError, NotFoundError, StateError, assert, errorMessage } from '../errors.js';
 import type { BlockDriver, OpenChildOptions, OpenContext } from './driver.js';
 import { BlockNode, Edge } from './node.js';
 import { Backend, type BackendOptions } from './backend.js';
@@ -54,6 +54,8 @@ export class BlockGraph extends EventEmitter {
   private autoCounter = 0;
   private readonly pendingCloses = new Set<Promise<void>>();
   private readonly closing = new Map<BlockNode, Promise<void>>();
+  /** while closeAll runs: the closes that failed (a format's close-time writeback) */
+  private closeErrors: Array<{ node: BlockNode; error: unknown }> | null = null;
 
   constructor(readonly drivers: DriverRegistry) {
     super();
@@ -289,6 +291,7 @@ export class BlockGraph extends EventEmitter {
     if (node.parents.size > 0 || node.monitorOwned || node.closed) return;
     const p = this.closeNode(node).catch((e: unknown) => {
       this.emit('error-log', `closing ${node.name}: ${errorMessage(e)}`);
+      this.closeErrors?.push({ node, error: e });
     });
     this.pendingCloses.add(p);
     this.closing.set(node, p);
@@ -340,19 +343,51 @@ export class BlockGraph extends EventEmitter {
     await this.settle();
   }
 
-  /** Closes everything: backends first, then every node (shutdown). */
+  /**
+   * Closes everything (shutdown): backends first, then the nodes in dependency order, a
+   * parent before its children, so that a format's close-time writeback (qcow2's cached
+   * tables, its clean mark) still reaches its file. Nodes held only by internal users
+   * (unnamed backends, jobs' nodes already closed) are released the same way, roots first.
+   * Every node is closed even if some closes fail; the first failure is then thrown
+   * (a command that wrote must not report success when its data did not reach the file).
+   */
   async closeAll(): Promise<void> {
-    for (const b of [...this.backends.values()]) this.releaseBackend(b);
-    for (const n of [...this.nodes.values()]) {
-      n.monitorOwned = false;
-      if (n.parents.size === 0) this.collect(n);
+    const errors: Array<{ node: BlockNode; error: unknown }> = [];
+    const outer = this.closeErrors;
+    this.closeErrors = errors;
+    try {
+      for (const b of [...this.backends.values()]) this.releaseBackend(b);
+      for (const n of this.nodes.values()) n.monitorOwned = false;
+      await this.settle();
+      for (let left = this.nodes.size; left > 0; ) {
+        const open = [...this.nodes.values()];
+        const live = (e: Edge): boolean => e.parent instanceof BlockNode && !e.parent.closed && this.nodes.get(e.parent.name) === e.parent;
+        // roots: nodes no open node of this graph depends on; what else holds them (an
+        // internal backend, a node already gone) lets go now
+        let roots = open.filter((n) => ![...n.parents].some(live));
+        // cannot happen (attach refuses cycles), but never loop forever: close the rest
+        if (roots.length === 0) roots = open;
+        for (const n of roots) {
+          for (const e of [...n.parents]) {
+            if (e.parent instanceof Backend) e.parent.release();
+            else n.parents.delete(e);
+          }
+          this.collect(n);
+        }
+        await this.settle();
+        // a node that refuses to go (nothing should) must not keep shutdown spinning
+        if (this.nodes.size >= left) break;
+        left = this.nodes.size;
+      }
+    } finally {
+      this.closeErrors = outer;
+      outer?.push(...errors);
     }
-    await this.settle();
-    // Anything left is held by an internal user; close it regardless.
-    for (const n of [...this.nodes.values()]) {
-      for (const e of [...n.parents]) n.parents.delete(e);
-      this.collect(n);
+    const first = errors[0];
+    if (first) {
+      const msg = errors.map((f) => `closing ${f.node.name}: ${errorMessage(f.error)}`).join('; ');
+      const code = first.error instanceof BlockError ? first.error.code : 'EIO';
+      throw new BlockError(code, msg, { cause: first.error });
     }
-    await this.settle();
   }
 }

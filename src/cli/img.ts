@@ -5,7 +5,7 @@
 import { BlockError, STRERROR, errorMessage } from '../errors.js';
 import { ArgumentError, parseArgs, type LongOption, type ParsedArgs } from './args.js';
 import { EXIT_NO_CHECKS, runCheck } from './img/check.js';
-import { ImgError, PROG, newGraph, openImage, parseImageSize, type Io, type OpenSpec } from './img/common.js';
+import { ImgError, PROG, openImage, withGraph, parseImageSize, type Io, type OpenSpec } from './img/common.js';
 import { runCompare } from './img/compare.js';
 import { runCommit, runConvert } from './img/convert.js';
 import { parseCreateOptions, runCreate } from './img/create.js';
@@ -127,13 +127,10 @@ async function info(io: Io, argv: string[]): Promise<number> {
   const o = parse(argv, 'f:hU', [{ name: 'backing-chain', hasArg: false, key: 'backing-chain' }, { name: 'format', hasArg: true, key: 'f' }]);
   if (o.has('h')) return help(io);
   const json = outputJson(o);
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const img = await openImage(graph, { ...openSpec(o, oneFile(o)), readOnly: true });
     return await runInfo(io, img.node, img.filename, json, o.has('backing-chain'));
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }
 
 async function check(io: Io, argv: string[]): Promise<number> {
@@ -156,15 +153,12 @@ async function map(io: Io, argv: string[]): Promise<number> {
   const json = outputJson(o);
   const start = o.get('s') !== undefined ? number(o.get('s')!, 'start offset') : 0;
   const maxLength = o.get('l') !== undefined ? number(o.get('l')!, 'max length') : Infinity;
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const img = await openImage(graph, { ...openSpec(o, oneFile(o)), readOnly: true });
     const entries = await mapEntries(img.node, start, maxLength);
     io.out(json ? mapJson(entries) : mapHuman(entries));
     return 0;
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }
 
 async function compare(io: Io, argv: string[]): Promise<number> {
@@ -172,22 +166,21 @@ async function compare(io: Io, argv: string[]): Promise<number> {
   if (o.has('h')) return help(io);
   if (o.positional.length !== 2) throw new ImgError('Expecting two image file names');
   const [fa, fb] = o.positional as [string, string];
-  const graph = newGraph();
   try {
-    const specA = openSpec(o, fa, 'f');
-    // -F defaults to -f, as in qemu-img
-    const specB: OpenSpec = o.has('image-opts') ? { filename: fb, imageOpts: true } : { filename: fb };
-    const fmtB = o.get('F') ?? o.get('f');
-    if (!o.has('image-opts') && fmtB !== undefined) specB.format = fmtB;
-    const a = await openImage(graph, { ...specA, readOnly: true });
-    const b = await openImage(graph, { ...specB, readOnly: true });
-    return await runCompare(io, a.backend, b.backend, { strict: o.has('s'), quiet: o.has('q'), progress: o.has('p') });
+    return await withGraph(async (graph) => {
+      const specA = openSpec(o, fa, 'f');
+      // -F defaults to -f, as in qemu-img
+      const specB: OpenSpec = o.has('image-opts') ? { filename: fb, imageOpts: true } : { filename: fb };
+      const fmtB = o.get('F') ?? o.get('f');
+      if (!o.has('image-opts') && fmtB !== undefined) specB.format = fmtB;
+      const a = await openImage(graph, { ...specA, readOnly: true });
+      const b = await openImage(graph, { ...specB, readOnly: true });
+      return await runCompare(io, a.backend, b.backend, { strict: o.has('s'), quiet: o.has('q'), progress: o.has('p') });
+    });
   } catch (e) {
     // compare reports errors with exit code 2 (1 means "different")
     if (e instanceof ImgError) throw new ImgError(e.message, 2);
     throw new ImgError(e instanceof BlockError ? STRERROR[e.code] : errorMessage(e), 2);
-  } finally {
-    await graph.closeAll();
   }
 }
 
@@ -270,13 +263,10 @@ async function bench(io: Io, argv: string[]): Promise<number> {
   const imgSpec = openSpec(o, oneFile(o));
   const t = o.get('t');
   if (t !== undefined) imgSpec.cache = t;
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const img = await openImage(graph, { ...imgSpec, readOnly: !write });
     return await runBench(io, img.backend, spec);
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }
 
 function help(io: Io): number {

@@ -59,11 +59,12 @@ interface IoArgs {
   file?: string;
 }
 
-/** Applies -t/-d/-U to the top node and its file child, in the dict's own spelling. */
-function applyNodeOptions(dict: OptionDict, keyval: boolean, a: IoArgs): void {
+/** Applies -t/-d/-U to the top node and its file child; true if the write cache is off. */
+function applyNodeOptions(dict: OptionDict, keyval: boolean, a: IoArgs): boolean {
   const on = keyval ? 'on' : true;
   const nodes: OptionDict[] = [dict];
   if (isDict(dict.file)) nodes.push(dict.file);
+  let writethrough = false;
   if (a.cache !== undefined) {
     let direct = false;
     let noFlush = false;
@@ -72,6 +73,7 @@ function applyNodeOptions(dict: OptionDict, keyval: boolean, a: IoArgs): void {
       case 'off':
       case 'directsync':
         direct = true;
+        writethrough = a.cache === 'directsync';
         break;
       case 'writeback':
         break;
@@ -79,7 +81,9 @@ function applyNodeOptions(dict: OptionDict, keyval: boolean, a: IoArgs): void {
         noFlush = true;
         break;
       case 'writethrough':
-        throw new InvalidArgumentError(`cache mode 'writethrough' is not supported by lockstep`);
+        // the write cache is off: every write is FUA (qemu-io's BlockBackend does the same)
+        writethrough = true;
+        break;
       default:
         throw new InvalidArgumentError(`Invalid cache option: ${a.cache}`);
     }
@@ -97,6 +101,7 @@ function applyNodeOptions(dict: OptionDict, keyval: boolean, a: IoArgs): void {
     if (!a.readOnly) throw new InvalidArgumentError('force-share=on can only be used with read-only images');
     dict['force-share'] = on;
   }
+  return writethrough;
 }
 
 function parseIoArgs(argv: string[]): IoArgs | 'help' | 'version' {
@@ -165,9 +170,9 @@ async function openImage(graph: BlockGraph, a: IoArgs, warn: (s: string) => void
         `         Specify the 'raw' format explicitly (-f raw) to silence this warning.\n`,
     );
   }
-  applyNodeOptions(dict, keyval, a);
+  const writethrough = applyNodeOptions(dict, keyval, a);
   const node = await graph.open(dict, { keyval, readOnly: a.readOnly });
-  return graph.createBackend(node, { readOnly: a.readOnly || node.readOnly });
+  return graph.createBackend(node, { readOnly: a.readOnly || node.readOnly, writethrough });
 }
 
 export async function run(argv: string[]): Promise<number> {

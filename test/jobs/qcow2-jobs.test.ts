@@ -133,7 +133,10 @@ test('qcow2: a commit whose base fails to write ends with EIO and the chain unch
   assert.equal(active.backing, base);
   assert.ok((await be.read(0, size)).equals(view));
   assert.deepEqual([...g.nodes.values()].filter((n) => n.driver.name === 'commit_top'), []);
-  await g.closeAll();
+  // the base's file still fails every write: its close-time writeback cannot land, and
+  // shutting down says so rather than logging it only
+  await assert.rejects(g.closeAll(), (e: unknown) => e instanceof BlockError && e.code === 'EIO' && /^closing base: /.test(e.message));
+  assert.equal(g.nodes.size, 0);
 });
 
 test('qcow2: replication backup copies old data into the hidden image, zeroes as allocated zero clusters', async (t) => {

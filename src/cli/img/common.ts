@@ -37,7 +37,7 @@ export interface OpenSpec {
   readOnly?: boolean;
   /** open without the backing chain (qemu-img's BDRV_O_NO_BACKING) */
   noBacking?: boolean;
-  /** cache mode (-t): writeback (default), unsafe, none/directsync (refused by file) */
+  /** cache mode (-t): writeback (default), writethrough, unsafe, none/directsync (refused by file) */
   cache?: string;
 }
 
@@ -50,6 +50,28 @@ export interface OpenedImage {
 
 export function newGraph(): BlockGraph {
   return new BlockGraph(createRegistry());
+}
+
+/**
+ * Runs `fn` on a new graph and closes the graph afterwards. A close that fails (a qcow2
+ * writeback of its cached tables that could not reach the file) fails the command, as a
+ * lost write must; when `fn` itself failed, its error is the one reported.
+ */
+export async function withGraph<T>(fn: (graph: BlockGraph) => Promise<T>): Promise<T> {
+  const graph = newGraph();
+  let result: T;
+  try {
+    result = await fn(graph);
+  } catch (e) {
+    await graph.closeAll().catch(() => {});
+    throw e;
+  }
+  try {
+    await graph.closeAll();
+  } catch (e) {
+    throw new ImgError(`Error while closing the image: ${errorMessage(e)}`);
+  }
+  return result;
 }
 
 /** Opens an image; errors come back as qemu-img words them ("Could not open 'x': ..."). */
@@ -71,9 +93,9 @@ export async function openImage(graph: BlockGraph, spec: OpenSpec): Promise<Open
     }
     if (!graph.drivers.has(String(dict.driver))) throw new InvalidArgumentError(`Unknown driver '${String(dict.driver)}'`);
     if (spec.noBacking && dict.backing === undefined && graph.drivers.get(String(dict.driver))?.supportsBacking) dict.backing = null;
-    applyCache(dict, keyval, spec.cache);
+    const writethrough = applyCache(dict, keyval, spec.cache);
     const node = await graph.open(dict, { keyval, readOnly: spec.readOnly ?? false });
-    const backend = graph.createBackend(node, { readOnly: spec.readOnly ?? false });
+    const backend = graph.createBackend(node, { readOnly: spec.readOnly ?? false, writethrough });
     const file = isDict(dict.file) && typeof dict.file.filename === 'string' ? dict.file.filename : node.filename;
     return { node, backend, filename: spec.imageOpts ? node.filename : spec.filename || file };
   } catch (e) {
@@ -82,19 +104,24 @@ export async function openImage(graph: BlockGraph, spec: OpenSpec): Promise<Open
   }
 }
 
-function applyCache(dict: OptionDict, keyval: boolean, cache: string | undefined): void {
-  if (cache === undefined || cache === 'writeback') return;
+/**
+ * Sets the node options of a -t cache mode; returns whether the write cache is off
+ * (writethrough, directsync: every write is FUA, as qemu-img's BlockBackend does it).
+ */
+function applyCache(dict: OptionDict, keyval: boolean, cache: string | undefined): boolean {
+  if (cache === undefined || cache === 'writeback') return false;
+  if (cache === 'writethrough') return true;
   const on = keyval ? 'on' : true;
   let key: string;
   if (cache === 'unsafe') key = 'no-flush';
   else if (cache === 'none' || cache === 'directsync') key = 'direct';
-  else if (cache === 'writethrough') throw new ImgError(`cache mode 'writethrough' is not supported by lockstep`);
   else throw new ImgError(`Invalid cache option: ${cache}`);
   for (const n of [dict, dict.file]) {
     if (!isDict(n)) continue;
     const c = isDict(n.cache) ? n.cache : (n.cache = {});
     (c as OptionDict)[key] = on;
   }
+  return cache === 'directsync';
 }
 
 /** Bytes the host file occupies (qemu-img's "disk size" / actual-size). */

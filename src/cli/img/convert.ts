@@ -6,7 +6,7 @@
 import type { Backend } from '../../block/backend.js';
 import type { BlockNode } from '../../block/node.js';
 import { errorMessage } from '../../errors.js';
-import { ImgError, Progress, newGraph, openImage, type Io, type OpenSpec } from './common.js';
+import { ImgError, Progress, openImage, withGraph, type Io, type OpenSpec } from './common.js';
 import { runCreate } from './create.js';
 
 const CHUNK = 2 * 1024 * 1024;
@@ -91,8 +91,7 @@ export interface ConvertSpec {
 }
 
 export async function runConvert(io: Io, spec: ConvertSpec): Promise<number> {
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const src = await openImage(graph, { ...spec.source, readOnly: true });
     const size = src.node.getLength();
     if (!spec.noCreate) {
@@ -113,9 +112,7 @@ export async function runConvert(io: Io, spec: ConvertSpec): Promise<number> {
     }
     progress.finish();
     return 0;
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }
 
 export interface CommitSpec {
@@ -129,8 +126,7 @@ export interface CommitSpec {
 }
 
 export async function runCommit(io: Io, spec: CommitSpec): Promise<number> {
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const top = await openImage(graph, { ...spec.image, readOnly: false });
     const base = top.node.backing;
     if (!base) throw new ImgError(`Image does not have a backing file`);
@@ -163,7 +159,5 @@ export async function runCommit(io: Io, spec: CommitSpec): Promise<number> {
     progress.finish();
     if (!spec.quiet) io.out('Image committed.\n');
     return 0;
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }

@@ -5,7 +5,7 @@ import { open as fsOpen } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { STRERROR, errorMessage, type ErrorCode } from '../../errors.js';
 import { probeFormat } from '../../util/keyval.js';
-import { ImgError, loadQcow2, newGraph, openImage, parseImageSize } from './common.js';
+import { ImgError, loadQcow2, openImage, parseImageSize, withGraph } from './common.js';
 
 export interface CreateSpec {
   filename: string;
@@ -146,12 +146,9 @@ export function resolveBacking(overlay: string, backing: string): string {
 }
 
 async function backingSize(overlay: string, backing: string, format: string | undefined): Promise<number> {
-  const graph = newGraph();
-  try {
+  return withGraph(async (graph) => {
     const spec = { filename: resolveBacking(overlay, backing), readOnly: true };
     const img = await openImage(graph, format === undefined ? spec : { ...spec, format });
     return img.node.getLength();
-  } finally {
-    await graph.closeAll();
-  }
+  });
 }

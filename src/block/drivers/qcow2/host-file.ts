@@ -8,7 +8,9 @@ import type { BlockNode } from '../../node.js';
 export interface HostFile {
   /** reads past the end return zeroes */
   read(offset: number, length: number): Promise<Buffer>;
-  write(offset: number, data: Buffer): Promise<void>;
+  /** `stable`: the data is on stable storage when the write completes (FUA), without
+   *  syncing anything else written before it */
+  write(offset: number, data: Buffer, stable?: boolean): Promise<void>;
   flush(): Promise<void>;
   length(): number;
   truncate(length: number): Promise<void>;
@@ -20,7 +22,7 @@ export interface HostFile {
 export function nodeHostFile(node: BlockNode): HostFile {
   return {
     read: (offset, length) => node.read(offset, length),
-    write: (offset, data) => node.write(offset, data),
+    write: (offset, data, stable) => node.write(offset, data, stable ? { fua: true } : undefined),
     flush: () => node.flush(),
     length: () => node.getLength(),
     truncate: (length) => node.truncate(length),
@@ -64,7 +66,7 @@ export class FsHostFile implements HostFile {
     return buf;
   }
 
-  async write(offset: number, data: Buffer): Promise<void> {
+  async write(offset: number, data: Buffer, stable = false): Promise<void> {
     let done = 0;
     try {
       while (done < data.length) {
@@ -75,6 +77,8 @@ export class FsHostFile implements HostFile {
       throw BlockError.fromSystem(e, `write to ${this.filename}`);
     }
     this.size = Math.max(this.size, offset + data.length);
+    // create/check run without a graph: a whole-file sync is their FUA
+    if (stable) await this.flush();
   }
 
   async flush(): Promise<void> {
