@@ -48,6 +48,10 @@ Options:
   --tls-client-creds ID      the primary daemon's client credentials object (default tls1)
   --insecure                 allow plain TCP between hosts (no TLS)
   --control PATH             the supervisor's control socket (default DATA/pair.sock)
+  --force-current SIDE       primary|secondary: declare that disk current and copy it whole
+                             onto the other (for disks without generation records, e.g. a
+                             data directory from before them, an image you bring, or after
+                             a split brain); without it the pair never guesses
 
 pair host options:
   --listen HOST:PORT         the QMP monitor's address (required)
@@ -157,6 +161,7 @@ export async function run(argv: string[]): Promise<number> {
         'tls-client-creds': { type: 'string' },
         insecure: { type: 'boolean' },
         control: { type: 'string' },
+        'force-current': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -206,6 +211,10 @@ export async function run(argv: string[]): Promise<number> {
     const remote = primaryQmp !== undefined || secondaryQmp !== undefined;
     if ((v['tls-creds'] || v['tls-client-creds']) && !v['tls-dir']) throw new Error('--tls-creds and --tls-client-creds need --tls-dir');
     if (!Number.isInteger(nbdPort) || nbdPort < 0 || nbdPort > 65535) throw new Error(`--nbd-port: invalid port '${v['nbd-port']}'`);
+    const forceCurrent = v['force-current'];
+    if (forceCurrent !== undefined && forceCurrent !== 'primary' && forceCurrent !== 'secondary') {
+      throw new Error(`--force-current: expected primary or secondary, got '${forceCurrent}'`);
+    }
     opts = {
       dataDir,
       size,
@@ -224,6 +233,7 @@ export async function run(argv: string[]): Promise<number> {
         ? { tls: { dir: resolve(v['tls-dir']), serverCreds: v['tls-creds'] ?? 'tls0', clientCreds: v['tls-client-creds'] ?? 'tls1' } }
         : {}),
       ...(v.insecure ? { insecure: true } : {}),
+      ...(forceCurrent ? { forceCurrent } : {}),
       log,
       onProgress: (done, total, eta) => {
         const pct = total ? ((100 * done) / total).toFixed(1) : '100';

@@ -88,10 +88,21 @@ export async function buildSecondary(q: QmpClient, side: SideLayout, forward: Fo
   await q.execute('block-export-add', { type: 'nbd', id: FORWARD_EXPORT, 'node-name': FORWARD_EXPORT, name: FORWARD_EXPORT, writable: true });
 }
 
+export const PRIMARY_LOCAL = 'local0';
+
 /** The primary: its local disk under a quorum that the replication filter joins later. */
 export async function buildPrimary(q: QmpClient, side: SideLayout): Promise<void> {
-  await q.execute('blockdev-add', { 'node-name': 'local0', ...qcow2Node(imagePath(side, 'primary.qcow2')) });
-  await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: ['local0'] });
+  await addPrimaryDisk(q, side);
+  await addPrimaryQuorum(q);
+}
+
+/** The primary's disk alone (a resync from the secondary writes into it before the quorum is built). */
+export async function addPrimaryDisk(q: QmpClient, side: SideLayout): Promise<void> {
+  await q.execute('blockdev-add', { 'node-name': PRIMARY_LOCAL, ...qcow2Node(imagePath(side, 'primary.qcow2')) });
+}
+
+export async function addPrimaryQuorum(q: QmpClient): Promise<void> {
+  await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: [PRIMARY_LOCAL] });
 }
 
 export function serverAddr(a: ForwardAddress): { type: 'unix'; data: { path: string } } | { type: 'inet'; data: { host: string; port: string } } {

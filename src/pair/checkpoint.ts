@@ -1,0 +1,117 @@
+// The checkpoint barrier: hold the guest's writes at the primary, checkpoint the secondary,
+// reset the primary's changed-regions record, release. The pause the guest sees is the whole
+// barrier; its three steps are timed separately.
+
+import { errorMessage } from '../errors.js';
+import { QmpCommandError } from '../qmp/client.js';
+import type { PairCore } from './core.js';
+import { DISK_NODE } from './setup.js';
+
+/** One checkpoint's timing: the pause the guest saw and its three steps. */
+export interface CheckpointTimes {
+  /** hold + secondary checkpoint + release */
+  pauseMs: number;
+  /** the secondary's xen-colo-do-checkpoint */
+  checkpointMs: number;
+  /** block-io-hold: a round trip plus the drain of in-flight writes */
+  holdMs: number;
+  /** block-io-release (with the changed-regions reset sent just before it) */
+  releaseMs: number;
+}
+
+/** Runs one barrier; the caller has checked that the stage allows it. */
+export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
+  const p = core.primary!;
+  const s = core.secondary!;
+  const fail = (msg: string, e: unknown): never => {
+    core.metrics.checkpointFailures++;
+    core.lastError = msg;
+    core.log('error', msg);
+    throw e;
+  };
+  const t0 = process.hrtime.bigint();
+  try {
+    await core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
+  } catch (e) {
+    // A hold that timed out may still take effect later: release it whenever it does, so
+    // that the guest's writes are never left held ("not held" errors are expected). A hold
+    // the daemon refused ("already held") is not ours: releasing it would cut another
+    // holder's barrier in the middle.
+    if (!(e instanceof QmpCommandError)) void core.call(p, 'block-io-release', { 'node-name': DISK_NODE }, 60_000).catch(() => {});
+    fail(`checkpoint failed: the hold on the primary failed: ${errorMessage(e)}`, e);
+  }
+  const t1 = process.hrtime.bigint();
+  let err: unknown = null;
+  try {
+    await core.call(s, 'xen-colo-do-checkpoint');
+  } catch (e) {
+    err = e;
+  }
+  const t2 = process.hrtime.bigint();
+  // Still inside the barrier: the secondary now holds everything the primary changed, so
+  // the primary's changed-regions record starts afresh. Sent back to back with the
+  // release (one monitor runs its commands in order), so it costs no extra round trip.
+  const reset = err ? Promise.resolve() : core.call(p, 'x-replication-reset-changed');
+  await Promise.all([reset, core.call(p, 'block-io-release', { 'node-name': DISK_NODE })]);
+  const t3 = process.hrtime.bigint();
+  const pauseMs = Number(t3 - t0) / 1e6;
+  const checkpointMs = Number(t2 - t1) / 1e6;
+  const times: CheckpointTimes = { pauseMs, checkpointMs, holdMs: Number(t1 - t0) / 1e6, releaseMs: Number(t3 - t2) / 1e6 };
+  if (err) fail(`checkpoint failed: ${errorMessage(err)}`, err);
+  core.metrics.checkpoints++;
+  core.metrics.pause.observe(pauseMs / 1000);
+  core.metrics.checkpointTime.observe(checkpointMs / 1000);
+  return times;
+}
+
+/** The secondary's replication counters, for status and metrics. */
+export async function refreshCounters(core: PairCore): Promise<void> {
+  const list = (await core.call(core.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
+  core.metrics.bytesForwarded = list.reduce((a, x) => a + x['bytes-copied'], 0);
+  core.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
+}
+
+/** Serialises checkpoint requests: one barrier at a time. A request arriving while one runs
+ *  cannot join it (writes acknowledged after its release would be missing), so it joins the
+ *  one follow-up barrier that starts when the running one ends; any number of requests
+ *  arriving meanwhile share that follow-up. */
+export class CheckpointQueue<T> {
+  private running: Promise<T> | null = null;
+  private next: Promise<T> | null = null;
+
+  constructor(private readonly run: () => Promise<T>) {}
+
+  get busy(): boolean {
+    return this.running !== null;
+  }
+
+  /** The running barrier, if any (for shutdown and failover to wait on). */
+  get current(): Promise<T> | null {
+    return this.running;
+  }
+
+  request(): Promise<T> {
+    if (this.next) return this.next;
+    if (!this.running) return this.start();
+    if (!this.next) {
+      this.next = this.running.then(
+        () => undefined,
+        () => undefined,
+      ).then(() => {
+        this.next = null;
+        return this.start();
+      });
+    }
+    return this.next;
+  }
+
+  private start(): Promise<T> {
+    const p = this.run();
+    this.running = p;
+    const clear = (): void => {
+      if (this.running === p) this.running = null;
+    };
+    p.then(clear, clear);
+    return p;
+  }
+}

@@ -1,0 +1,161 @@
+// The pair's two sides as the supervisor sees them: a `lockstep daemon` started here (one
+// host) or reached at its QMP address (two hosts), the QMP calls that give up when a side
+// stays silent, and the transport rule (TLS, or plain TCP only to loopback or with insecure).
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { isIP } from 'node:net';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
+import { errorMessage } from '../errors.js';
+import type { ForwardAddress, SideLayout } from './setup.js';
+
+const LOCKSTEP_BIN = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
+
+export type SideName = 'primary' | 'secondary';
+
+export interface Side {
+  name: SideName;
+  qmp: QmpClient;
+  child: ChildProcess | null;
+  layout: SideLayout;
+  lastAnswer: number;
+  alive: boolean;
+}
+
+export interface PairTls {
+  /** the supervisor's own credentials: ca-cert.pem, client-cert.pem, client-key.pem */
+  dir: string;
+  /** id of the tls-creds-x509 object (endpoint=server) on the secondary daemon, for its NBD server */
+  serverCreds: string;
+  /** id of the tls-creds-x509 object (endpoint=client) on the primary daemon, for forwarding */
+  clientCreds: string;
+}
+
+/** A QMP command that gives up when the side stays silent (a cut link never answers). */
+export function callSide(side: Side, command: string, args: Record<string, unknown> | undefined, timeoutMs: number): Promise<unknown> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`the ${side.name} did not answer ${command} within ${timeoutMs} ms`)), timeoutMs);
+  });
+  return Promise.race([side.qmp.execute(command, args), timeout]).finally(() => clearTimeout(timer));
+}
+
+export function describeAddress(a: QmpClientAddress): string {
+  return 'path' in a ? a.path : `${a.host}:${a.port}`;
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+/** Refuses plain TCP to another host unless `insecure` (before anything is started). */
+export function checkTransport(
+  o: { tls?: PairTls | undefined; insecure?: boolean | undefined; primaryQmp?: QmpClientAddress | undefined; secondaryQmp?: QmpClientAddress | undefined },
+  forward: ForwardAddress,
+): void {
+  if (o.tls || o.insecure) return;
+  const hosts: Array<[string, string]> = [];
+  for (const [what, a] of [['primary QMP', o.primaryQmp], ['secondary QMP', o.secondaryQmp]] as const) {
+    if (a && 'host' in a) hosts.push([what, a.host]);
+  }
+  if (forward.type === 'inet') hosts.push(['the forwarding NBD address', forward.host]);
+  for (const [what, host] of hosts) {
+    if (!isLoopback(host)) {
+      throw new Error(`${what} ${host} is not a loopback address: give TLS credentials (--tls-dir) or allow plain TCP with --insecure`);
+    }
+  }
+}
+
+export function qmpOptions(tls: PairTls | undefined, addr: QmpClientAddress): QmpClientOptions {
+  if (!tls || !('host' in addr)) return {};
+  const read = (f: string): Buffer => {
+    try {
+      return readFileSync(join(tls.dir, f));
+    } catch (e) {
+      throw new Error(`TLS credentials: cannot read ${join(tls.dir, f)}: ${errorMessage(e)}`);
+    }
+  };
+  return {
+    tls: {
+      ca: read('ca-cert.pem'),
+      cert: read('client-cert.pem'),
+      key: read('client-key.pem'),
+      // an IP address is checked against the certificate's IP SANs; a name is sent as SNI
+      ...(isIP(addr.host) ? {} : { servername: addr.host }),
+    },
+  };
+}
+
+/** Attaches to a running daemon, or starts one on this host with its QMP socket in `sockDir`. */
+export async function launchSide(
+  name: SideName,
+  attach: QmpClientAddress | undefined,
+  layout: SideLayout,
+  sockDir: string,
+  tls: PairTls | undefined,
+): Promise<Side> {
+  if (attach) {
+    let qmp: QmpClient;
+    try {
+      qmp = await QmpClient.open(attach, qmpOptions(tls, attach));
+    } catch (e) {
+      throw new Error(`cannot reach the ${name} daemon's QMP at ${describeAddress(attach)}: ${errorMessage(e)}`);
+    }
+    return { name, qmp, child: null, layout, lastAnswer: Date.now(), alive: true };
+  }
+  const sock = join(sockDir, `${name}.qmp`);
+  rmSync(sock, { force: true });
+  const child = spawn(
+    process.execPath,
+    [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0'],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-8192);
+  });
+  for (let i = 0; !existsSync(sock); i++) {
+    if (child.exitCode !== null || i > 200) throw new Error(`the ${name} daemon did not start: ${stderr.trim()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const qmp = await QmpClient.open({ path: sock });
+  return { name, qmp, child, layout, lastAnswer: Date.now(), alive: true };
+}
+
+/** An attached daemon must be fresh: a pair half set up (say, by a supervisor that died)
+ *  would otherwise fail later with a bare "Duplicate nodes". */
+export async function checkFresh(side: Side, addr: QmpClientAddress, timeoutMs: number): Promise<void> {
+  const nodes = (await callSide(side, 'query-named-block-nodes', { flat: true }, timeoutMs)) as Array<{ 'node-name': string }>;
+  if (nodes.length === 0) return;
+  // the names a user gave first; '#blockNNN' are automatic names of inner nodes
+  const all = nodes.map((n) => n['node-name']);
+  const named = all.filter((n) => !n.startsWith('#'));
+  const shown = (named.length > 0 ? named : all).slice(0, 5);
+  throw new Error(
+    `the ${side.name} daemon at ${describeAddress(addr)} already has block nodes (${shown.join(', ')}${all.length > shown.length ? ', ...' : ''}): ` +
+      'lockstep pair sets up freshly started daemons; restart it (lockstep pair host) and run again',
+  );
+}
+
+/** Ends a daemon started here: quit over QMP, then SIGKILL if it has not exited within 5 s. */
+export async function stopSide(side: Side, timeoutMs: number): Promise<void> {
+  // daemons started here end with the supervisor; attached ones are the operator's
+  if (side.alive && side.child) await callSide(side, 'quit', undefined, timeoutMs).catch(() => {});
+  side.qmp.close();
+  const child = side.child;
+  // a process killed by a signal has exitCode null and signalCode set
+  if (child && child.exitCode === null && child.signalCode === null) {
+    await new Promise<void>((r) => {
+      const t = setTimeout(() => {
+        child.kill('SIGKILL');
+        r();
+      }, 5000);
+      child.once('exit', () => {
+        clearTimeout(t);
+        r();
+      });
+    });
+  }
+}

@@ -1,0 +1,78 @@
+// The pair's stages and the one table of what may follow what, with what each stage allows
+// (policy as data, as src/replication/state.ts and src/jobs/job-status.ts do): the supervisor
+// moves between stages only through `StageMachine.to`, which refuses a transition the table
+// does not list.
+//
+//   starting -> syncing -> protected -> failed-over | degraded | primary-lost -> stopped
+//   primary-lost -> failed-over (manual failover)
+
+export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'stopped';
+
+export const STAGE_TRANSITIONS: Record<PairStage, readonly PairStage[]> = {
+  starting: ['syncing', 'stopped'],
+  syncing: ['protected', 'stopped'],
+  protected: ['primary-lost', 'failed-over', 'degraded', 'stopped'],
+  'primary-lost': ['failed-over', 'stopped'],
+  degraded: ['stopped'],
+  'failed-over': ['stopped'],
+  stopped: [],
+};
+
+export interface StagePolicy {
+  /** what `status` says serves the disk */
+  role: string;
+  /** checkpoints are taken (by the timer and on request) */
+  checkpoints: boolean;
+  /** a failover to the secondary may run (it must hold a checkpoint to fail over to) */
+  failover: boolean;
+}
+
+export const STAGE_POLICY: Record<PairStage, StagePolicy> = {
+  starting: { role: 'primary serving', checkpoints: false, failover: false },
+  syncing: { role: 'primary serving', checkpoints: false, failover: false },
+  protected: { role: 'primary serving', checkpoints: true, failover: true },
+  'primary-lost': { role: 'none serving', checkpoints: false, failover: true },
+  degraded: { role: 'primary serving', checkpoints: false, failover: false },
+  'failed-over': { role: 'secondary serving', checkpoints: false, failover: false },
+  stopped: { role: 'primary serving', checkpoints: false, failover: false },
+};
+
+export function canTransition(from: PairStage, to: PairStage): boolean {
+  return STAGE_TRANSITIONS[from].includes(to);
+}
+
+export class StageError extends Error {
+  readonly code = 'EPAIRSTAGE';
+}
+
+/** The current stage; every change goes through the table. */
+export class StageMachine {
+  constructor(
+    private current: PairStage = 'starting',
+    private readonly onChange?: (from: PairStage, to: PairStage) => void,
+  ) {}
+
+  get stage(): PairStage {
+    return this.current;
+  }
+
+  get policy(): StagePolicy {
+    return STAGE_POLICY[this.current];
+  }
+
+  /** Moves to `to`; a transition the table does not list is a bug in the caller. */
+  to(to: PairStage): void {
+    if (to === this.current) return;
+    if (!canTransition(this.current, to)) throw new StageError(`the pair cannot go from ${this.current} to ${to}`);
+    const from = this.current;
+    this.current = to;
+    this.onChange?.(from, to);
+  }
+
+  /** Moves to `to` when the table allows it from here; reports whether it did. */
+  tryTo(to: PairStage): boolean {
+    if (to !== this.current && !canTransition(this.current, to)) return false;
+    this.to(to);
+    return true;
+  }
+}

@@ -1,0 +1,65 @@
+// `lockstep pair status`: what the supervisor reports, built from its state and metrics.
+
+import type { PairMetrics } from './metrics.js';
+import { STAGE_POLICY, type PairStage } from './stages.js';
+
+export interface PairStatus {
+  stage: PairStage;
+  role: string;
+  checkpoints: number;
+  'checkpoint-failures': number;
+  'last-pause-ms': number | null;
+  'pause-median-ms': number | null;
+  'pause-p99-ms': number | null;
+  'bytes-forwarded': number;
+  'dirty-clusters': number;
+  'heartbeat-age-ms': number | null;
+  serving: string[];
+  /** degraded: bytes the primary changed since the last checkpoint the secondary confirmed */
+  'changed-bytes'?: number;
+  /** degraded: the file listing those regions (for a later re-protection) */
+  'changed-regions-file'?: string;
+  'last-error'?: string;
+  /** what the last start decided about copying (generations compared) */
+  sync?: { kind: string; reason: string; source?: string };
+  /** each disk's generation record as the supervisor last wrote or read it */
+  disks?: Record<string, { generation: string; bitmap: string | null; consistent: boolean; role: string } | null>;
+}
+
+export interface StatusInputs {
+  stage: PairStage;
+  metrics: PairMetrics;
+  lastPauseMs: number | null;
+  primaryLastAnswer: number | null;
+  serving: string[];
+  changedBytes: number | undefined;
+  changedRegionsFile: string;
+  lastError: string | undefined;
+  sync?: PairStatus['sync'] | null;
+  disks?: PairStatus['disks'];
+}
+
+export function buildStatus(i: StatusInputs): PairStatus {
+  const q = (x: number | null) => (x === null ? null : x * 1000);
+  const st: PairStatus = {
+    stage: i.stage,
+    role: STAGE_POLICY[i.stage].role,
+    checkpoints: i.metrics.checkpoints,
+    'checkpoint-failures': i.metrics.checkpointFailures,
+    'last-pause-ms': i.lastPauseMs,
+    'pause-median-ms': q(i.metrics.pause.quantile(0.5)),
+    'pause-p99-ms': q(i.metrics.pause.quantile(0.99)),
+    'bytes-forwarded': i.metrics.bytesForwarded,
+    'dirty-clusters': i.metrics.dirtyClusters,
+    'heartbeat-age-ms': i.primaryLastAnswer === null ? null : Date.now() - i.primaryLastAnswer,
+    serving: i.serving,
+  };
+  if (i.changedBytes !== undefined) {
+    st['changed-bytes'] = i.changedBytes;
+    st['changed-regions-file'] = i.changedRegionsFile;
+  }
+  if (i.lastError) st['last-error'] = i.lastError;
+  if (i.sync) st.sync = i.sync;
+  if (i.disks) st.disks = i.disks;
+  return st;
+}
