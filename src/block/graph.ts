@@ -303,6 +303,7 @@ export class BlockGraph extends EventEmitter {
 
   private async closeNode(node: BlockNode): Promise<void> {
     node.closed = true;
+    node.gates.closeAll();
     if (this.nodes.get(node.name) === node) this.nodes.delete(node.name);
     this.emit('node-removed', node);
     try {

@@ -9,6 +9,7 @@ import type { BlockGraph } from './graph.js';
 import type { Backend } from './backend.js';
 import type { OptionDict } from './options.js';
 import { RequestTracker, type RequestMode } from './tracker.js';
+import { IoGates } from './gate.js';
 
 /** An edge from a parent (node or backend) to a child node, under a role. */
 export class Edge {
@@ -40,6 +41,8 @@ export class BlockNode {
   readonly children = new Map<string, Edge>();
   readonly parents = new Set<Edge>();
   readonly tracker = new RequestTracker();
+  /** waits around this node's requests beyond the tracker (output commit, lease): gate.ts */
+  readonly gates = new IoGates();
   /** operation blockers: reason strings (replication's "Block device is in use by ...") */
   readonly blockers = new Set<string>();
   /** created by blockdev-add / --blockdev: lives until blockdev-del */
@@ -160,6 +163,13 @@ export class BlockNode {
   }
 
   async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    if (this.gates.size === 0) return this.writeTracked(offset, data, flags);
+    await this.gates.admitWrite();
+    await this.writeTracked(offset, data, flags);
+    await this.gates.completeWrite(flags.fua === true);
+  }
+
+  private async writeTracked(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     const length = data.length;
     this.checkRange(offset, length, true);
     this.checkWritable();
@@ -200,10 +210,17 @@ export class BlockNode {
     const f: WriteFlags = nativeFua && flags.fua ? { fua: true } : {};
     if (data.length <= maxT) await write(offset, data, f);
     else for (let pos = 0; pos < data.length; pos += maxT) await write(offset + pos, data.subarray(pos, pos + maxT), f);
-    if (flags.fua && !nativeFua) await this.flush();
+    if (flags.fua && !nativeFua) await this.flushData();
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    if (this.gates.size === 0) return this.writeZeroesTracked(offset, length, flags);
+    await this.gates.admitWrite();
+    await this.writeZeroesTracked(offset, length, flags);
+    await this.gates.completeWrite(flags.fua === true);
+  }
+
+  private async writeZeroesTracked(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     this.checkRange(offset, length, true);
     this.checkWritable();
     if (length === 0) return;
@@ -213,28 +230,29 @@ export class BlockNode {
       const start = roundUp(offset, align);
       const end = Math.max(start, offset + length - ((offset + length) % align));
       // unaligned head/tail are written as zero buffers through the RMW path
-      if (start > offset) await this.write(offset, zeroBuffer(Math.min(start, offset + length) - offset), { fua: flags.fua ?? false });
+      if (start > offset) await this.writeTracked(offset, zeroBuffer(Math.min(start, offset + length) - offset), { fua: flags.fua ?? false });
       if (end > start) {
         const req = await this.tracker.begin(start, end - start, writeMode(impl));
         try {
           await impl.writeZeroes(start, end - start, nativeZeroFlags(flags, impl.caps.fua));
-          if (flags.fua && !impl.caps.fua) await this.flush();
+          if (flags.fua && !impl.caps.fua) await this.flushData();
         } finally {
           this.tracker.end(req);
         }
       }
-      if (offset + length > end && end >= start) await this.write(end, zeroBuffer(offset + length - end), { fua: flags.fua ?? false });
+      if (offset + length > end && end >= start) await this.writeTracked(end, zeroBuffer(offset + length - end), { fua: flags.fua ?? false });
       return;
     }
     if (flags.noFallback) throw new BlockError('ENOTSUP', `node '${this.name}' has no fast zeroing`);
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
       if (pos > offset) await this.graph.pacer.pace();
       const n = Math.min(ZERO_CHUNK, offset + length - pos);
-      await this.write(pos, zeroBuffer(n), { fua: flags.fua ?? false });
+      await this.writeTracked(pos, zeroBuffer(n), { fua: flags.fua ?? false });
     }
   }
 
   async discard(offset: number, length: number): Promise<void> {
+    if (this.gates.size > 0) await this.gates.admitWrite();
     this.checkRange(offset, length);
     this.checkWritable();
     const impl = this.impl;
@@ -252,6 +270,12 @@ export class BlockNode {
   }
 
   async flush(): Promise<void> {
+    await this.flushData();
+    if (this.gates.size > 0) await this.gates.completeFlush();
+  }
+
+  /** The flush itself, without the gates (also the FUA emulation's flush). */
+  private async flushData(): Promise<void> {
     if (this.closed) throw new BlockError('ENOMEDIUM', `node '${this.name}' is closed`);
     const impl = this.impl;
     if (impl.flush) await impl.flush();

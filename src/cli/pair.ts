@@ -32,6 +32,9 @@ Options:
   --heartbeat-interval T     (default 100ms)
   --heartbeat-timeout T      the primary is dead after this long without an answer (default 500ms)
   --failover auto|manual     fail over by itself or wait for 'lockstep pair failover' (default auto)
+  --flush-commit on|off      a flush or FUA write completes once a checkpoint covers it
+                             (default on; off for COLO with a VM, whose outputs are held)
+  --lease T|off              the primary's write lease (default: the heartbeat timeout)
   --nbd-socket PATH          serve the disk on this Unix socket (default DATA/disk.sock)
   --nbd-port N               and on 127.0.0.1:N (default 10809; 0 = no TCP)
   --metrics HOST:PORT        Prometheus endpoint (/metrics)
@@ -65,6 +68,12 @@ function parseDuration(text: string, name: string): number {
   if (!m) throw new Error(`--${name}: expected a duration like 500ms, 1s or 0.25 (seconds), got '${text}'`);
   // a bare number is seconds, as for sleep(1)
   return Number(m[1]) * (m[2] === 'ms' ? 1 : 1000);
+}
+
+function onOff<T>(text: string | undefined, name: string, f: (on: boolean) => T): T | Record<string, never> {
+  if (text === undefined) return {};
+  if (text !== 'on' && text !== 'off') throw new Error(`--${name}: expected on or off, got '${text}'`);
+  return f(text === 'on');
 }
 
 function parseAddress(text: string, name: string): QmpClientAddress {
@@ -147,6 +156,8 @@ export async function run(argv: string[]): Promise<number> {
         'heartbeat-interval': { type: 'string' },
         'heartbeat-timeout': { type: 'string' },
         failover: { type: 'string' },
+        'flush-commit': { type: 'string' },
+        lease: { type: 'string' },
         'nbd-socket': { type: 'string' },
         'nbd-port': { type: 'string' },
         metrics: { type: 'string' },
@@ -234,6 +245,8 @@ export async function run(argv: string[]): Promise<number> {
         : {}),
       ...(v.insecure ? { insecure: true } : {}),
       ...(forceCurrent ? { forceCurrent } : {}),
+      ...onOff(v['flush-commit'], 'flush-commit', (b) => ({ flushCommit: b })),
+      ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
       log,
       onProgress: (done, total, eta) => {
         const pct = total ? ((100 * done) / total).toFixed(1) : '100';

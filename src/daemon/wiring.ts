@@ -6,6 +6,7 @@ import type { Logger } from './log.js';
 import type { NbdServerApi, NbdServerConfig } from './exports.js';
 import { replicationCommands } from '../qmp/commands/replication.js';
 import { pairStateCommands } from '../qmp/commands/pair-state.js';
+import { outputGateCommands } from '../qmp/commands/output-gates.js';
 import type { JobsApi } from '../qmp/commands/jobs.js';
 import { NbdServer } from '../nbd/server/server.js';
 import { serverTlsConfig } from '../nbd/tls.js';
@@ -40,7 +41,7 @@ export function wire(log: Logger): Wiring {
     deps: {
       log,
       nbdFactory: nbdFactory(log),
-      commands: [replicationCommands, pairStateCommands],
+      commands: [replicationCommands, pairStateCommands, outputGateCommands],
       services: { runIoCommand: (backend, line, out) => runIoCommand(backend, line, out) },
       setup: (d) => {
         // one job manager per graph, shared with replication's internal jobs

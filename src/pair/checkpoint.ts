@@ -51,8 +51,10 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   // Still inside the barrier: the secondary now holds everything the primary changed, so
   // the primary's changed-regions record starts afresh. Sent back to back with the
   // release (one monitor runs its commands in order), so it costs no extra round trip.
+  // The flushes waiting on the primary are covered now: released first, in the same batch.
+  const commit = err || !core.insideBarrier ? Promise.resolve() : core.insideBarrier(p);
   const reset = err ? Promise.resolve() : core.call(p, 'x-replication-reset-changed');
-  await Promise.all([reset, core.call(p, 'block-io-release', { 'node-name': DISK_NODE })]);
+  await Promise.all([commit, reset, core.call(p, 'block-io-release', { 'node-name': DISK_NODE })]);
   const t3 = process.hrtime.bigint();
   const pauseMs = Number(t3 - t0) / 1e6;
   const checkpointMs = Number(t2 - t1) / 1e6;

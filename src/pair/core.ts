@@ -19,4 +19,7 @@ export interface PairCore {
   /** a QMP call to a side that gives up after the control timeout (or `timeoutMs`) */
   call(side: Side, command: string, args?: Record<string, unknown>, timeoutMs?: number): Promise<unknown>;
   emit(event: string, ...args: unknown[]): boolean;
+  /** sent inside the barrier once the secondary has checkpointed, before the release
+   *  (output commit: output-commit.ts) */
+  insideBarrier?(primary: Side): Promise<void>;
 }

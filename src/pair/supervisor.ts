@@ -31,6 +31,8 @@ import { runFailover } from './failover.js';
 import { initialSync } from './sync.js';
 import { buildStatus, type PairStatus } from './status.js';
 import type { PairCore } from './core.js';
+import { PairOutputCommit } from './output-commit.js';
+import { PairLease } from './lease.js';
 
 export type { PairStage } from './stages.js';
 export type { PairTls } from './sides.js';
@@ -65,6 +67,11 @@ export interface PairOptions {
   /** the operator's word on which disk is current (a full sync from it); needed when a disk
    *  has no generation record, or to settle a split brain */
   forceCurrent?: PairSideName;
+  /** output commit: a flush or FUA write completes once a checkpoint covers it (default on;
+   *  off for COLO with a VM, whose outputs are held elsewhere) */
+  flushCommit?: boolean;
+  /** the primary's write lease, ms (default: the heartbeat timeout; 0 = no lease) */
+  leaseMs?: number;
   /** progress of the initial sync, for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null) => void;
 }
@@ -95,6 +102,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private changedBytes: number | undefined;
   private changedAt = 0;
   readonly disks: { primary: PairDisk | null; secondary: PairDisk | null } = { primary: null, secondary: null };
+  readonly outputCommit = new PairOutputCommit(this, () => void this.checkpoint().catch(() => {}));
+  lease: PairLease | null = null;
   /** what the last start decided about copying */
   lastSync: { kind: string; reason: string; source?: PairSideName } | null = null;
 
@@ -195,6 +204,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     });
     await p.qmp.execute('x-blockdev-change', { parent: DISK_NODE, node: 'replication0' });
     await p.qmp.execute('xen-set-replication', { enable: true, primary: true });
+    const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
+    if (leaseMs > 0) {
+      this.lease = new PairLease(this, leaseMs, o.heartbeatIntervalMs);
+      await this.lease.start(p);
+    }
+    if (o.flushCommit !== false) await this.outputCommit.enable(p);
     await this.serve(p, DISK_NODE);
     this.stages.to('protected');
     o.log('info', 'replication is running', { serving: this.serving, forward: forward.type === 'unix' ? forward.path : `${forward.host}:${forward.port}`, tls: !!tls });
@@ -254,6 +269,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     return this.checkpoints.request();
   }
 
+  insideBarrier(p: Side): Promise<void> {
+    return this.outputCommit.release(p);
+  }
+
   private readonly checkpoints = new CheckpointQueue(async (): Promise<CheckpointTimes> => {
     if (!this.stages.policy.checkpoints) throw new Error(`no checkpoint in stage ${this.stage}`);
     if (this.failingOver) throw new Error('no checkpoint while failing over');
@@ -278,6 +297,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private async sideDied(side: Side): Promise<void> {
     if (this.stage === 'stopped') return;
     if (side.name === 'primary') {
+      this.lease?.stop();
       if (this.stage === 'failed-over' || this.failingOver) return;
       if (this.opts.failover === 'auto' && this.secondary?.alive) {
         await this.failover('the primary died').catch(() => {});
@@ -294,6 +314,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
       await this.checkpoints.current?.catch(() => {});
+      // nothing left to fail over to: flushes complete on the primary's own disk
+      if (this.primary) await this.outputCommit.disable(this.primary).catch((e: unknown) => this.opts.log('error', `cannot turn flush commit off: ${errorMessage(e)}`));
       // from here the primary's disk counts its changes against the secondary's generation
       const pd = this.disks.primary;
       if (pd) await goOnAlone(this, pd, 'primary').catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
@@ -330,8 +352,18 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       const t0 = Date.now();
       const sd = this.disks.secondary;
       await runFailover(this, reason, {
-        serve: (side, node) => this.serve(side, node),
+        serve: async (side, node) => {
+          // never two writers: the old primary acknowledges nothing once its lease is out
+          if (this.lease) {
+            const waited = await this.lease.waitExpired();
+            this.opts.log('info', "the old primary's lease has run out", { waitedMs: Math.round(waited) });
+          }
+          await this.serve(side, node);
+        },
         beforeCommit: async () => {
+          // a primary that still answers (manual failover) is demoted: what it holds fails
+          const p = this.primary;
+          if (p?.alive) await this.call(p, 'x-block-lease-demote', { 'node-name': DISK_NODE }, 1000).catch(() => {});
           if (sd?.meta) await saveDisk(this, sd, { ...sd.meta, consistent: false, updated: new Date().toISOString() });
         },
         afterCommit: async () => {
@@ -390,6 +422,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   async stop(): Promise<void> {
     this.stages.to('stopped');
+    this.lease?.stop();
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     await this.checkpoints.current?.catch(() => {});
