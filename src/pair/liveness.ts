@@ -1,22 +1,100 @@
-// Heartbeats: each side is asked `query-version` every interval; a side that has not answered
-// for longer than the timeout is declared lost (the caller decides what that means).
+// Heartbeats that measure liveness, not load. Each side is asked `query-version` every
+// interval, one ping outstanding at a time, both sides at once (a stalled primary does not
+// delay the secondary's ping). A ping unanswered past the heartbeat timeout makes the side
+// *late*: logged, counted, its lateness kept, nothing else. A side is *lost* only when it is
+// really gone: its process exited or its QMP connection closed (reported by the supervisor
+// at once), or it stayed silent past the bound of the table below.
+//
+// Why the bounds differ: a daemon started here whose process is alive and whose socket is open
+// is stalled, not gone, so it gets the long bound (a hung process still ends up lost). On
+// another host a silent primary cannot be told from a cut link, and while it is silent nobody
+// may be serving the disk: the timeout itself. A silent secondary costs nothing while it is
+// late (checkpoints wait for it, the primary serves), so it gets the long bound too.
 
 import type { Side } from './sides.js';
 import type { PairLog } from './core.js';
 
-/** Pings every live side once; calls `lost` for a side silent past `timeoutMs`. */
-export async function heartbeat(sides: Array<Side | null>, timeoutMs: number, log: PairLog, lost: (side: Side) => void): Promise<void> {
-  for (const side of sides) {
-    if (!side || !side.alive) continue;
-    const ping = side.qmp.execute('query-version').then(() => {
-      side.lastAnswer = Date.now();
-    });
-    const timeout = new Promise((r) => setTimeout(r, timeoutMs));
-    await Promise.race([ping.catch(() => {}), timeout]);
-    if (Date.now() - side.lastAnswer > timeoutMs) {
-      side.alive = false;
-      log('warn', `the ${side.name} missed its heartbeat`, { ageMs: Date.now() - side.lastAnswer });
-      lost(side);
+export interface LivenessBounds {
+  /** a ping unanswered this long makes the side late */
+  lateAfterMs: number;
+  /** a ping unanswered this long makes the side lost */
+  lostAfterMs: number;
+}
+
+/** The policy table: which bound applies to which side. */
+export function livenessBounds(side: Pick<Side, 'name' | 'child'>, timeoutMs: number, longMs: number): LivenessBounds {
+  const local = side.child !== null;
+  if (!local && side.name === 'primary') return { lateAfterMs: timeoutMs, lostAfterMs: timeoutMs };
+  return { lateAfterMs: timeoutMs, lostAfterMs: Math.max(longMs, timeoutMs) };
+}
+
+export interface LateRecord {
+  /** heartbeats that were late (one per episode of silence past the timeout) */
+  late: number;
+  /** the longest time a ping waited for its answer, in ms */
+  maxLateMs: number;
+}
+
+interface Pending {
+  sentAt: number;
+  late: boolean;
+}
+
+export class Liveness {
+  readonly records: Record<Side['name'], LateRecord> = { primary: { late: 0, maxLateMs: 0 }, secondary: { late: 0, maxLateMs: 0 } };
+  private readonly pending = new Map<Side, Pending>();
+
+  constructor(
+    private readonly timeoutMs: number,
+    private readonly longMs: number,
+    private readonly log: PairLog,
+    private readonly lost: (side: Side) => void,
+  ) {}
+
+  /** One round: a ping to every live side without one outstanding, then the bounds checked. */
+  tick(sides: Array<Side | null>, now = Date.now()): void {
+    for (const side of sides) {
+      if (!side || !side.alive) continue;
+      const bounds = livenessBounds(side, this.timeoutMs, this.longMs);
+      const p = this.pending.get(side);
+      if (!p) {
+        this.ping(side, now);
+        continue;
+      }
+      const silent = now - p.sentAt;
+      if (silent > bounds.lostAfterMs) {
+        this.pending.delete(side);
+        side.alive = false;
+        this.log('warn', `the ${side.name} missed its heartbeat`, { ageMs: now - side.lastAnswer, silentMs: silent });
+        this.lost(side);
+      } else if (silent > bounds.lateAfterMs && !p.late) {
+        p.late = true;
+        this.records[side.name].late++;
+        this.log('warn', `the ${side.name} is late: no heartbeat answer for ${silent} ms (a transient unless it stays silent for ${bounds.lostAfterMs} ms)`);
+      }
     }
+  }
+
+  private ping(side: Side, now: number): void {
+    const p: Pending = { sentAt: now, late: false };
+    this.pending.set(side, p);
+    side.qmp.execute('query-version').then(
+      () => {
+        const t = Date.now();
+        side.lastAnswer = t;
+        const waited = t - p.sentAt;
+        const rec = this.records[side.name];
+        if (waited > this.timeoutMs) {
+          if (!p.late) rec.late++;
+          this.log('warn', `the ${side.name} answered its heartbeat late`, { waitedMs: waited });
+        }
+        rec.maxLateMs = Math.max(rec.maxLateMs, waited > this.timeoutMs ? waited : 0);
+        if (this.pending.get(side) === p) this.pending.delete(side);
+      },
+      () => {
+        // a failed ping: the connection's close (or the exit) reports the loss
+        if (this.pending.get(side) === p) this.pending.delete(side);
+      },
+    );
   }
 }

@@ -52,6 +52,9 @@ export class PairMetrics {
   heartbeatAgeSeconds = 0;
   /** degraded: bytes changed on the primary since the last confirmed checkpoint */
   changedBytes = 0;
+  /** heartbeats past the timeout, per side, and the longest wait for an answer */
+  heartbeatsLate: { primary: number; secondary: number } = { primary: 0, secondary: 0 };
+  heartbeatMaxLateSeconds: { primary: number; secondary: number } = { primary: 0, secondary: 0 };
   readonly pause = new Histogram('lockstep_pair_checkpoint_pause_seconds', 'Time guest writes were held for a checkpoint', PAUSE_BUCKETS);
   readonly checkpointTime = new Histogram('lockstep_pair_checkpoint_seconds', 'Time of the secondary checkpoint itself', PAUSE_BUCKETS);
 
@@ -65,6 +68,10 @@ export class PairMetrics {
       g('lockstep_pair_dirty_clusters', 'Clusters copied since the last checkpoint', this.dirtyClusters),
       g('lockstep_pair_heartbeat_age_seconds', 'Age of the last answered heartbeat of the primary', this.heartbeatAgeSeconds),
       g('lockstep_pair_changed_bytes', 'Bytes the primary changed since the last checkpoint the secondary confirmed (degraded)', this.changedBytes),
+      `# HELP lockstep_pair_heartbeats_late_total Heartbeats answered or unanswered past the heartbeat timeout (a late side is not lost)\n# TYPE lockstep_pair_heartbeats_late_total counter\n` +
+        (['primary', 'secondary'] as const).map((s) => `lockstep_pair_heartbeats_late_total{side="${s}"} ${this.heartbeatsLate[s]}`).join('\n'),
+      `# HELP lockstep_pair_heartbeat_max_late_seconds The longest a late heartbeat waited for its answer\n# TYPE lockstep_pair_heartbeat_max_late_seconds gauge\n` +
+        (['primary', 'secondary'] as const).map((s) => `lockstep_pair_heartbeat_max_late_seconds{side="${s}"} ${this.heartbeatMaxLateSeconds[s]}`).join('\n'),
       this.pause.render(),
       this.checkpointTime.render(),
     ].join('\n') + '\n';

@@ -5,6 +5,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { isIP } from 'node:net';
+import { lookup } from 'node:dns/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
@@ -46,15 +47,44 @@ export function describeAddress(a: QmpClientAddress): string {
   return 'path' in a ? a.path : `${a.host}:${a.port}`;
 }
 
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+/** A literal address in 127.0.0.0/8 or ::1 (also as IPv4-mapped IPv6); a name is not one. */
+export function isLoopbackAddress(addr: string): boolean {
+  const a = addr.replace(/^\[|\]$/g, '').replace(/%.*$/, '');
+  const v = isIP(a);
+  if (v === 4) return Number(a.split('.')[0]) === 127;
+  if (v === 6) {
+    // the URL parser writes every IPv6 address in its one canonical form
+    const canon = new URL(`http://[${a}]/`).hostname;
+    if (canon === '[::1]') return true;
+    const mapped = /^\[::ffff:([0-9a-f]{1,4}):[0-9a-f]{1,4}\]$/.exec(canon);
+    return mapped !== null && parseInt(mapped[1]!, 16) >> 8 === 127;
+  }
+  return false;
+}
+
+type Lookup = (host: string) => Promise<string[]>;
+const systemLookup: Lookup = async (host) => (await lookup(host, { all: true, verbatim: true })).map((x) => x.address);
+
+/** Loopback by parsed address: a literal is checked as it is; a name is resolved first and
+ *  every address it resolves to must be loopback (never decided by its spelling). */
+export async function isLoopback(host: string, resolve: Lookup = systemLookup): Promise<boolean> {
+  const h = host.replace(/^\[|\]$/g, '');
+  if (isIP(h.replace(/%.*$/, ''))) return isLoopbackAddress(h);
+  let addrs: string[];
+  try {
+    addrs = await resolve(h);
+  } catch {
+    return false;
+  }
+  return addrs.length > 0 && addrs.every(isLoopbackAddress);
 }
 
 /** Refuses plain TCP to another host unless `insecure` (before anything is started). */
-export function checkTransport(
+export async function checkTransport(
   o: { tls?: PairTls | undefined; insecure?: boolean | undefined; primaryQmp?: QmpClientAddress | undefined; secondaryQmp?: QmpClientAddress | undefined },
   forward: ForwardAddress,
-): void {
+  resolve?: Lookup,
+): Promise<void> {
   if (o.tls || o.insecure) return;
   const hosts: Array<[string, string]> = [];
   for (const [what, a] of [['primary QMP', o.primaryQmp], ['secondary QMP', o.secondaryQmp]] as const) {
@@ -62,7 +92,7 @@ export function checkTransport(
   }
   if (forward.type === 'inet') hosts.push(['the forwarding NBD address', forward.host]);
   for (const [what, host] of hosts) {
-    if (!isLoopback(host)) {
+    if (!(await isLoopback(host, resolve))) {
       throw new Error(`${what} ${host} is not a loopback address: give TLS credentials (--tls-dir) or allow plain TCP with --insecure`);
     }
   }
@@ -120,8 +150,16 @@ export async function launchSide(
     if (child.exitCode !== null || i > 200) throw new Error(`the ${name} daemon did not start: ${stderr.trim()}`);
     await new Promise((r) => setTimeout(r, 50));
   }
-  const qmp = await QmpClient.open({ path: sock });
-  return { name, qmp, child, layout, lastAnswer: Date.now(), alive: true };
+  // the socket file appears at bind(), a moment before listen(): refused until then
+  for (let i = 0; ; i++) {
+    try {
+      const qmp = await QmpClient.open({ path: sock });
+      return { name, qmp, child, layout, lastAnswer: Date.now(), alive: true };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || child.exitCode !== null || i > 100) throw e;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
 }
 
 /** An attached daemon must be fresh: a pair half set up (say, by a supervisor that died)

@@ -20,6 +20,8 @@ export interface PairStatus {
   /** degraded: the file listing those regions (for a later re-protection) */
   'changed-regions-file'?: string;
   'last-error'?: string;
+  /** heartbeats answered (or still unanswered) past the timeout, and the longest wait */
+  heartbeats?: Record<string, { late: number; 'max-late-ms': number }>;
   /** what the last start decided about copying (generations compared) */
   sync?: { kind: string; reason: string; source?: string };
   /** each disk's generation record as the supervisor last wrote or read it */
@@ -36,6 +38,7 @@ export interface StatusInputs {
   changedRegionsFile: string;
   lastError: string | undefined;
   sync?: PairStatus['sync'] | null;
+  heartbeats?: PairStatus['heartbeats'];
   disks?: PairStatus['disks'];
 }
 
@@ -59,6 +62,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
     st['changed-regions-file'] = i.changedRegionsFile;
   }
   if (i.lastError) st['last-error'] = i.lastError;
+  if (i.heartbeats) st.heartbeats = i.heartbeats;
   if (i.sync) st.sync = i.sync;
   if (i.disks) st.disks = i.disks;
   return st;

@@ -26,7 +26,7 @@ import type { PairSideName } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
 import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
-import { heartbeat } from './liveness.js';
+import { Liveness } from './liveness.js';
 import { runFailover } from './failover.js';
 import { initialSync } from './sync.js';
 import { buildStatus, type PairStatus } from './status.js';
@@ -46,6 +46,10 @@ export interface PairOptions {
   checkpointIntervalMs: number;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
+  /** a side whose silence cannot mean a cut link (a daemon started here, any secondary) is
+   *  lost only after this long without an answer; before, it is late (default: 10 timeouts,
+   *  at least 5 s) */
+  heartbeatLostMs?: number;
   failover: 'auto' | 'manual';
   /** where the user's disk is served, on the serving side's host: a Unix socket (default
    *  DIR/disk.sock of the serving side) and, with nbdPort, TCP */
@@ -101,6 +105,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private serving: string[] = [];
   private changedBytes: number | undefined;
   private changedAt = 0;
+  private readonly liveness: Liveness;
   readonly disks: { primary: PairDisk | null; secondary: PairDisk | null } = { primary: null, secondary: null };
   readonly outputCommit = new PairOutputCommit(this, () => void this.checkpoint().catch(() => {}));
   lease: PairLease | null = null;
@@ -109,6 +114,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   constructor(readonly opts: PairOptions) {
     super();
+    const long = opts.heartbeatLostMs ?? Math.max(5000, 10 * opts.heartbeatTimeoutMs);
+    this.liveness = new Liveness(opts.heartbeatTimeoutMs, long, opts.log, (side) => void this.sideDied(side));
   }
 
   get stage(): PairStage {
@@ -145,7 +152,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   async start(): Promise<void> {
     const o = this.opts;
     const forward = this.forwardAddress();
-    checkTransport(o, forward);
+    await checkTransport(o, forward);
     mkdirSync(o.dataDir, { recursive: true });
     const pl = this.layout(o.primaryDir, o.primaryQmp !== undefined);
     const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
@@ -286,7 +293,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   // ---- liveness and failure handling ---------------------------------------------------
 
   private async tick(): Promise<void> {
-    await heartbeat([this.primary, this.secondary], this.opts.heartbeatTimeoutMs, this.opts.log, (side) => void this.sideDied(side));
+    this.liveness.tick([this.primary, this.secondary]);
+    this.metrics.heartbeatsLate = { primary: this.liveness.records.primary.late, secondary: this.liveness.records.secondary.late };
+    this.metrics.heartbeatMaxLateSeconds = {
+      primary: this.liveness.records.primary.maxLateMs / 1000,
+      secondary: this.liveness.records.secondary.maxLateMs / 1000,
+    };
     if (this.primary) this.metrics.heartbeatAgeSeconds = (Date.now() - this.primary.lastAnswer) / 1000;
     if (this.stage === 'degraded' && Date.now() - this.changedAt >= 1000) {
       this.changedAt = Date.now();
@@ -410,6 +422,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       changedBytes: this.changedBytes,
       changedRegionsFile: this.changedRegionsFile,
       lastError: this.lastError,
+      heartbeats: {
+        primary: { late: this.liveness.records.primary.late, 'max-late-ms': this.liveness.records.primary.maxLateMs },
+        secondary: { late: this.liveness.records.secondary.late, 'max-late-ms': this.liveness.records.secondary.maxLateMs },
+      },
       sync: this.lastSync,
       disks: Object.fromEntries(
         (['primary', 'secondary'] as const).map((n) => {

@@ -1,0 +1,82 @@
+// Heartbeats measure liveness, not load (issue 14 item 2): a stalled daemon (SIGSTOP) is late,
+// counted and shown, and the pair stays protected; only a side gone or silent past its bound
+// is lost.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { livenessBounds } from '../../src/pair/liveness.js';
+import { PairSupervisor } from '../../src/pair/supervisor.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { tempDir } from '../helpers/graph.js';
+
+test('the bounds: only a primary on another host is lost at the timeout itself', () => {
+  const child = {} as never;
+  assert.deepEqual(livenessBounds({ name: 'primary', child: null }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 500 });
+  assert.deepEqual(livenessBounds({ name: 'secondary', child: null }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
+  assert.deepEqual(livenessBounds({ name: 'primary', child }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
+  assert.deepEqual(livenessBounds({ name: 'secondary', child }, 800, 300), { lateAfterMs: 800, lostAfterMs: 800 });
+});
+
+function pair(dir: string): PairSupervisor {
+  return new PairSupervisor({
+    dataDir: dir,
+    size: 8 * 1024 * 1024,
+    checkpointIntervalMs: 0,
+    heartbeatIntervalMs: 50,
+    heartbeatTimeoutMs: 200,
+    heartbeatLostMs: 4000,
+    failover: 'auto',
+    nbdSocket: join(dir, 'disk.sock'),
+    log: () => {},
+  });
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function stall(pid: number, ms: number): Promise<void> {
+  process.kill(pid, 'SIGSTOP');
+  await sleep(ms);
+  process.kill(pid, 'SIGCONT');
+}
+
+test('a stalled secondary is late, not lost: the pair stays protected and checkpoints go on', async (t) => {
+  const dir = tempDir(t);
+  const sup = pair(dir);
+  t.after(() => sup.stop());
+  await sup.start();
+  await stall(sup.pids().secondary!, 1200);
+  await sleep(200);
+  const st = sup.status();
+  assert.equal(st.stage, 'protected');
+  assert.ok((st.heartbeats?.secondary?.late ?? 0) >= 1, JSON.stringify(st.heartbeats));
+  assert.ok((st.heartbeats?.secondary?.['max-late-ms'] ?? 0) > 200, JSON.stringify(st.heartbeats));
+  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  await c.write(0, Buffer.alloc(4096, 0x5c));
+  await c.disconnect();
+  await sup.checkpoint();
+  assert.match(sup.metrics.render('primary serving', sup.stage), /^lockstep_pair_heartbeats_late_total\{side="secondary"\} [1-9]\d*$/m);
+});
+
+test('a stalled primary is not failed over while alive; a hung one is, after its bound', async (t) => {
+  const dir = tempDir(t);
+  const sup = pair(dir);
+  t.after(() => sup.stop());
+  await sup.start();
+  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  await c.write(0, Buffer.alloc(4096, 0x61));
+  await sup.checkpoint();
+  const pid = sup.pids().primary!;
+  await stall(pid, 1200);
+  // alive and serving again: the same connection goes on
+  await c.write(4096, Buffer.alloc(4096, 0x62));
+  assert.ok((await c.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 0x61), Buffer.alloc(4096, 0x62)])));
+  c.destroy();
+  assert.equal(sup.stage, 'protected');
+  assert.ok((sup.status().heartbeats?.primary?.late ?? 0) >= 1);
+  // stopped for good: silent past the bound, it is lost and failed over
+  const failedOver = new Promise((r) => sup.once('failed-over', r));
+  process.kill(pid, 'SIGSTOP');
+  await failedOver;
+  assert.equal(sup.stage, 'failed-over');
+});
