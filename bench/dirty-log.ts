@@ -4,7 +4,11 @@
 //   load     fio (nbd engine) 4 KiB random writes at depth 16 over the whole disk, served by
 //            one daemon over NBD (Unix socket) from a new qcow2 image each run.
 //   lockstep L0  qcow2, no log
-//            L1  dirty-log (64 KiB granules, log beside the image) over the qcow2
+//            L1  dirty-log (64 KiB granules, log beside the image) over the qcow2, log empty:
+//                every first write into a granule persists it (the cost after a checkpoint
+//                dropped it, or on a new pair)
+//            W1  L1 with every granule persisted already (x-dirty-log-mark of the disk):
+//                what a write into a recorded granule costs
 //            H0  L0 with 40 barriers per second (block-io-hold / block-io-release, as the
 //                pair takes them around a checkpoint)
 //            H1  L1 with 40 checkpoints per second: hold, x-dirty-log-checkpoint, release
@@ -13,8 +17,8 @@
 //            Q1  the same with a persistent dirty bitmap (block-dirty-bitmap-add
 //                persistent=true: kept in memory, written to the image only at close, so
 //                it is not crash-safe: the closest QEMU has)
-//   ratios   L1/L0, H1/H0, H2/H0 (the log's cost without and with checkpoints), Q1/Q0.
-// Configs run interleaved (L0 L1 H0 H1 H2 Q0 Q1, repeated --rounds times); medians reported.
+//   ratios   L1/L0, W1/L0, H1/H0, H2/H0 (the log's cost without and with checkpoints), Q1/Q0.
+// Configs run interleaved (L0 L1 W1 H0 H1 H2 Q0 Q1, repeated --rounds times); medians reported.
 //
 // Run: npm run build && node dist/bench/dirty-log.js [--seconds N] [--size-mib N] [--rounds N]
 //      [--no-qemu] [--dir DIR]   (DIR: where images and logs go; default the system temp dir)
@@ -61,7 +65,7 @@ function parseOptions(args: string[]): Options {
   };
 }
 
-type Config = 'L0' | 'L1' | 'H0' | 'H1' | 'H2' | 'Q0' | 'Q1';
+type Config = 'L0' | 'L1' | 'W1' | 'H0' | 'H1' | 'H2' | 'Q0' | 'Q1';
 
 interface Served {
   proc: Proc;
@@ -89,7 +93,7 @@ async function start(ctx: BenchContext, dir: string, config: Config): Promise<Se
     return { proc, uri: await serve(proc, 'disk0', sock), top: 'disk0' };
   }
   await createQcow2(image, { size: ctx.sizeMiB * MiB });
-  const withLog = config === 'L1' || config === 'H1' || config === 'H2';
+  const withLog = config !== 'L0' && config !== 'H0';
   const proc = await startLockstep(dir, 'lockstep', ['--blockdev', JSON.stringify(qcow2)]);
   ctx.live.add(proc.child.pid!);
   let top = 'disk0';
@@ -97,6 +101,8 @@ async function start(ctx: BenchContext, dir: string, config: Config): Promise<Se
     const hot = config === 'H2' ? { 'hot-bytes': ctx.sizeMiB * MiB } : {};
     await proc.qmp.execute('blockdev-add', { driver: 'dirty-log', 'node-name': 'dl', file: 'disk0', filename: join(dir, 'disk.dlog'), ...hot });
     top = 'dl';
+    // warm: every granule persisted already, so the writes only pay the in-memory check
+    if (config === 'W1') await proc.qmp.execute('x-dirty-log-mark', { 'node-name': 'dl', extents: [{ offset: 0, length: ctx.sizeMiB * MiB }] });
   }
   return { proc, uri: await serve(proc, top, sock), top };
 }
@@ -152,11 +158,13 @@ async function main(): Promise<void> {
     killLive(ctx);
     rmSync(root, { recursive: true, force: true });
   };
-  process.once('SIGINT', () => {
-    cleanup();
-    process.exit(130);
-  });
-  const configs: Config[] = ['L0', 'L1', 'H0', 'H1', 'H2', ...(o.withQemu ? (['Q0', 'Q1'] as const) : [])];
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => {
+      cleanup();
+      process.exit(sig === 'SIGINT' ? 130 : 143);
+    });
+  }
+  const configs: Config[] = ['L0', 'L1', 'W1', 'H0', 'H1', 'H2', ...(o.withQemu ? (['Q0', 'Q1'] as const) : [])];
   console.log(`bench/dirty-log: ${o.sizeMiB} MiB qcow2, fio nbd 4 KiB randwrite depth 16, ${o.seconds} s per run, ${o.rounds} rounds, in ${o.dir}`);
   console.log(`machine: ${cpus().length} CPUs, load average at start ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
   const results = new Map<Config, Result[]>(configs.map((c) => [c, []]));

@@ -52,3 +52,26 @@ test('rate limit: unlimited never waits; a limit makes overdrawn work wait in pr
   assert.ok(d > 1900 && d <= 2000, `delay ${d}`);
   assert.equal(l.delayMs(t0 + 2001), 0);
 });
+
+test('bitmap serialisation is least significant bit first per byte; assign, intersect and union keep the count', () => {
+  const b = new Bitmap(70 * 512, 512); // 70 bits: 9 bytes, the last one holds 6 bits
+  for (const i of [0, 3, 8, 31, 32, 69]) b.setBits(i, i + 1, true);
+  const bytes = b.toBytes();
+  assert.deepEqual([...bytes], [0b1001, 0b1, 0, 0b10000000, 0b1, 0, 0, 0, 0b100000]);
+  assert.deepEqual([...b.toBytes(3, 5)], [0b10000000, 0b1]);
+  assert.equal(b.byteLength, 9);
+  const c = new Bitmap(70 * 512, 512);
+  c.loadBytes(Buffer.from([...bytes.subarray(0, 8), 0xff])); // bits past the end are ignored
+  assert.equal(c.count, 6 + 5);
+  assert.deepEqual([...c.runs()].map((r) => r.offset / 512), [0, 3, 8, 31, 64]);
+  c.intersect(b);
+  assert.equal(c.count, 6);
+  assert.deepEqual([...c.toBytes()], [...bytes]);
+  const d = new Bitmap(70 * 512, 512);
+  d.setBits(1, 3, true);
+  d.union(b);
+  assert.equal(d.count, 8);
+  d.assign(b);
+  assert.equal(d.count, 6);
+  assert.deepEqual([...d.toBytes()], [...bytes]);
+});
