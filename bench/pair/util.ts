@@ -63,13 +63,16 @@ export interface FioRun {
   done: Promise<FioResult>;
 }
 
-/** Starts fio's nbd engine on `uri`; resolves with its figures when it ends. */
-export function fio(ctx: BenchContext, uri: string, bs: string, depth: number, seconds: number): FioRun {
+/**
+ * Starts fio's nbd engine on `uri`; resolves with its figures when it ends. The writes go to
+ * the first `regionKiB` of the disk (all of it by default); `extra` adds fio options.
+ */
+export function fio(ctx: BenchContext, uri: string, bs: string, depth: number, seconds: number, regionKiB = ctx.sizeMiB * 1024, extra: string[] = []): FioRun {
   const child = spawn('fio', [
     '--name=load', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', `--bs=${bs}`, `--iodepth=${depth}`,
-    `--size=${ctx.sizeMiB}M`, '--time_based', `--runtime=${seconds}`, '--output-format=json', '--randrepeat=0',
+    `--size=${regionKiB}k`, '--time_based', `--runtime=${seconds}`, '--output-format=json', '--randrepeat=0',
     // threads, not a forked job process: SIGSTOP on fio must freeze the load itself
-    '--thread',
+    '--thread', ...extra,
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
   ctx.live.add(child.pid!);
   child.once('exit', () => ctx.live.delete(child.pid!));

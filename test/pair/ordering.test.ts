@@ -13,24 +13,13 @@ import { join } from 'node:path';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
+import { rng } from '../helpers/rng.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const SPAN = 4 * MiB;
 const PAIRS = Number(process.env.LOCKSTEP_ORDERING_PAIRS ?? 2);
 const BATCHES = Number(process.env.LOCKSTEP_ORDERING_BATCHES ?? 5);
-
-/** mulberry32 */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 async function readDisk(path: string, exportName: string): Promise<Buffer> {
   const c = await NbdClient.connect({ address: { type: 'unix', path }, exportName });

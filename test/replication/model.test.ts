@@ -18,23 +18,12 @@ import type { Backend } from '../../src/block/backend.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { replicationRegistry } from '../../src/replication/registry.js';
 import { tempDir } from '../helpers/graph.js';
+import { rng } from '../helpers/rng.js';
 import { bridgeDriver } from '../helpers/bridge-driver.js';
 
 const SIZE = 2 * 1024 * 1024;
 const RUNS = Number(process.env.LOCKSTEP_MODEL_RUNS ?? 250);
 const STEPS = 14;
-
-/** mulberry32: small, seedable, good enough for test sequences */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Pair {
   guest: Backend;
