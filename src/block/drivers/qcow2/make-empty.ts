@@ -14,6 +14,7 @@
 // Otherwise (snapshots, bitmaps, metadata spread over several refcount blocks) every
 // cluster is discarded one by one (the slow path).
 
+import { OL } from './overlap.js';
 import { EXT_BITMAPS } from './header.js';
 import type { Qcow2Image } from './image.js';
 import { discardRange } from './io.js';
@@ -69,6 +70,7 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   await img.markDirtyBit();
   // 1. empty L1
   if (img.l1.length > 0) {
+    img.checkOverlap(OL.ACTIVE_L1, h.l1TableOffset, img.l1.length * 8);
     await img.file.write(h.l1TableOffset, Buffer.alloc(img.l1.length * 8));
     await img.file.flush();
   }
@@ -78,6 +80,7 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   const block0 = rc.table[0]!;
   const table = Buffer.alloc(rc.tableClusters * cs);
   table.writeBigUInt64BE(BigInt(block0), 0);
+  img.checkOverlap(OL.REFCOUNT_TABLE, rc.tableOffset, table.length);
   await img.file.write(rc.tableOffset, table);
   rc.table.fill(0);
   rc.table[0] = block0;
@@ -85,6 +88,7 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   const meta = metadataClusters(img);
   const block = Buffer.alloc(cs);
   for (const c of meta) rc.setEntry(block, c, 1);
+  img.checkOverlap(OL.REFCOUNT_BLOCK, block0, cs);
   await img.file.write(block0, block);
   // No flush needed here: once step 1 is stable, steps 2 and 3 only lower refcounts of
   // clusters nothing references, in either order; the next flush makes them stable.
