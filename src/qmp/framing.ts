@@ -5,6 +5,7 @@
 // and reported as one error, so the connection carries on with the next value.
 
 import { StringDecoder } from 'node:string_decoder';
+import { annotateLiterals, hasSpecialNumbers } from '../util/json-literals.js';
 
 export const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
 /** QEMU's json-streamer nesting limit */
@@ -158,7 +159,9 @@ export class JsonSplitter {
 /** JSON.parse with QEMU-like messages ("JSON parse error, invalid keyword 'foo'"). */
 export function parseJson(text: string): FrameResult {
   try {
-    return { ok: true, value: JSON.parse(text) as unknown };
+    const value = JSON.parse(text) as unknown;
+    if (hasSpecialNumbers(text)) annotateLiterals(text, value);
+    return { ok: true, value };
   } catch (e) {
     return { ok: false, error: `JSON parse error, ${describeJsonError(text, e)}` };
   }
@@ -193,3 +196,4 @@ function describeJsonError(text: string, e: unknown): string {
   // V8 echoes the input after a comma: keep only the description.
   return msg.replace(/,? ".*$/s, '').replace(/^Unexpected/, 'unexpected').slice(0, 200);
 }
+
