@@ -5,8 +5,8 @@
 // none; absent: the file named in the header, opened read-only), lazy-refcounts,
 // cache-size, l2-cache-size, l2-cache-entry-size, refcount-cache-size,
 // cache-clean-interval, pass-discard-request, pass-discard-snapshot, pass-discard-other,
-// discard-no-unref, overlap-check (accepted; lockstep always checks allocations against the
-// header, L1 and refcount tables), data-file and encrypt (refused). l2-cache-entry-size and
+// discard-no-unref, overlap-check (accepted; lockstep always runs QEMU's `cached` checks,
+// overlap.ts), data-file and encrypt (refused). l2-cache-entry-size and
 // the pass-discard-* options are accepted and validated but change nothing (tables are cached
 // whole; freed clusters are not discarded in the file).
 //
