@@ -33,7 +33,8 @@ export interface GraphOpenContext extends OpenContext {
   readonly cache: CacheOptions;
 }
 
-const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
+/** QEMU's id_wellformed; node names are also shorter than 32 bytes (checked after) */
+const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
 export class BlockGraph extends EventEmitter {
   readonly nodes = new Map<string, BlockNode>();
@@ -111,6 +112,7 @@ export class BlockGraph extends EventEmitter {
       if (!NODE_NAME_RE.test(given)) throw new InvalidArgumentError(`Invalid node-name: '${given}'`);
       if (this.nodes.has(given)) throw new InvalidArgumentError(`Duplicate nodes with node-name='${given}'`);
       if (this.backends.has(given)) throw new InvalidArgumentError(`node-name=${given} is conflicting with a device id`);
+      if (given.length >= 32) throw new InvalidArgumentError('Node name too long');
     }
     const readOnly = r.bool('read-only') ?? parentReadOnly;
     r.bool('auto-read-only');

@@ -5,6 +5,7 @@
 // full dotted path ("Parameter 'file.backing.backing' is unexpected").
 
 import { InvalidArgumentError } from '../errors.js';
+import { literalKind } from '../util/json-literals.js';
 
 export type OptionDict = Record<string, unknown>;
 
@@ -98,10 +99,14 @@ export class OptionReader {
     return this.typeError(key, 'boolean');
   }
 
-  private number(key: string, kind: 'integer' | 'uint64' | 'size', required: boolean): number | undefined {
+  private number(key: string, kind: 'integer' | 'uint64' | 'size', required: boolean, qapiInt = false): number | undefined {
     const v = this.raw(key);
     if (v === undefined) return required ? this.missing(key) : undefined;
     if (typeof v === 'number') {
+      // QEMU's JSON types 1e3 as a double and 2^63 as a uint64: neither is an int64
+      const literal = literalKind(this.dict, key);
+      if (qapiInt && (literal !== undefined || !Number.isInteger(v))) this.typeError(key, 'integer');
+      if (literal === 'double' || (literal && kind === 'integer')) this.typeError(key, kind === 'integer' ? 'integer' : kind);
       if (!Number.isInteger(v) || (kind !== 'integer' && v < 0)) this.typeError(key, kind === 'integer' ? 'integer' : kind);
       return v;
     }
@@ -136,6 +141,11 @@ export class OptionReader {
   size(key: string, required?: false): number | undefined;
   size(key: string, required = false): number | undefined {
     return this.number(key, 'size', required);
+  }
+
+  /** A size that QEMU's schema declares 'int' (null-co's size): JSON literals must be int64. */
+  intSize(key: string): number | undefined {
+    return this.number(key, 'size', false, true);
   }
 
   enumOf<T extends string>(key: string, values: readonly T[], required: true): T;

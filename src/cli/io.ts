@@ -197,6 +197,8 @@ export async function run(argv: string[]): Promise<number> {
   }
 
   const graph = new BlockGraph(createRegistry());
+  // what drivers report on the way (a qcow2 image marked corrupt) goes to stderr, as QEMU's does
+  graph.on('error-log', (msg: string) => err(`${msg}\n`));
   let backend: Backend | null = null;
   if (a.file !== undefined) {
     try {

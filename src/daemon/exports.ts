@@ -90,7 +90,7 @@ export class ExportTable {
     if (this.server) throw new StateError('NBD server already running');
     if (!this.factory) throw new StateError('NBD server is not available in this build');
     const tls = o.tlsCreds !== undefined ? this.objects.tlsCreds(o.tlsCreds, 'server') : undefined;
-    const server = this.factory({ graph: this.graph, ...(o.maxConnections ? { maxConnections: o.maxConnections } : {}), ...(tls ? { tls } : {}) });
+    const server = this.factory({ graph: this.graph, ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}), ...(tls ? { tls } : {}) });
     const bound: ListenAddress[] = [];
     for (const addr of o.addrs) {
       try {

@@ -5,6 +5,7 @@
 // and reported as one error, so the connection carries on with the next value.
 
 import { StringDecoder } from 'node:string_decoder';
+import { annotateLiterals, hasSpecialNumbers } from '../util/json-literals.js';
 
 export const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
 /** QEMU's json-streamer nesting limit */
@@ -30,11 +31,50 @@ export class JsonSplitter {
   ) {}
 
   feed(chunk: Buffer | string): void {
-    const text = typeof chunk === 'string' ? chunk : this.decoder.write(chunk);
+    if (typeof chunk === 'string') {
+      this.feedText(chunk);
+      return;
+    }
+    // Bytes that can never be UTF-8 (0xc0, 0xc1, 0xf5-0xff) are lexical errors: QEMU's
+    // lexer reports them and resets, which is how a client resynchronises a connection
+    // whose parser state it no longer knows (qmp-spec: "Forcing the JSON parser into
+    // known-good state").
+    let from = 0;
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i]!;
+      if (b === 0xc0 || b === 0xc1 || b >= 0xf5) {
+        this.feedText(this.decoder.write(chunk.subarray(from, i)));
+        this.decoder.end();
+        this.lexicalError('\ufffd');
+        from = i + 1;
+      }
+    }
+    this.feedText(this.decoder.write(from === 0 ? chunk : chunk.subarray(from)));
+  }
+
+  /** QEMU's reset after a lexical error: what was collected is dropped, one error reported. */
+  private lexicalError(what: string): void {
+    this.parts = [];
+    this.size = 0;
+    this.depth = 0;
+    this.inString = false;
+    this.escape = false;
+    this.inScalar = false;
+    this.overflow = null;
+    this.onFrame({ ok: false, error: `JSON parse error, stray '${what}'` });
+  }
+
+  private feedText(text: string): void {
     let start = 0; // start of the current message's part within `text`
     const active = () => this.depth > 0 || this.inString || this.inScalar;
     for (let i = 0; i < text.length; i++) {
       const c = text.charCodeAt(i);
+      if (c < 0x20 && (this.inString || (c !== 0x0a && c !== 0x0d && c !== 0x09))) {
+        // a control character (any, inside a string): a lexical error, as in QEMU's lexer
+        this.lexicalError(text[i]!);
+        start = i + 1;
+        continue;
+      }
       if (!active()) {
         // between values
         if (c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09) continue;
@@ -47,7 +87,8 @@ export class JsonSplitter {
         } else if (c === 0x22) {
           this.inString = true;
         } else if (c === 0x7d || c === 0x5d) {
-          this.onFrame({ ok: false, error: `JSON parse error, stray '${text[i]}'` });
+          // QEMU's parser: a closing bracket where a value should start
+          this.onFrame({ ok: false, error: 'JSON parse error, expecting value' });
         } else {
           this.inScalar = true;
         }
@@ -118,7 +159,9 @@ export class JsonSplitter {
 /** JSON.parse with QEMU-like messages ("JSON parse error, invalid keyword 'foo'"). */
 export function parseJson(text: string): FrameResult {
   try {
-    return { ok: true, value: JSON.parse(text) as unknown };
+    const value = JSON.parse(text) as unknown;
+    if (hasSpecialNumbers(text)) annotateLiterals(text, value);
+    return { ok: true, value };
   } catch (e) {
     return { ok: false, error: `JSON parse error, ${describeJsonError(text, e)}` };
   }
@@ -153,3 +196,4 @@ function describeJsonError(text: string, e: unknown): string {
   // V8 echoes the input after a comma: keep only the description.
   return msg.replace(/,? ".*$/s, '').replace(/^Unexpected/, 'unexpected').slice(0, 200);
 }
+

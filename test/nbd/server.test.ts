@@ -141,6 +141,15 @@ test('maxConnections: connections past the limit are refused, the others keep wo
   assert.ok((await b.read(0, 10)).equals(Buffer.alloc(10, 3)));
 });
 
+test('maxConnections 0 means unlimited, as in QEMU: more clients than the default cap of 100 all connect', async (t) => {
+  const s = await serveMemory(t, { size: 1 << 20, server: { maxConnections: 0 } });
+  const clients: NbdClient[] = [];
+  t.after(() => clients.forEach((c) => c.destroy()));
+  for (let i = 0; i < 105; i++) clients.push(await NbdClient.connect({ address: s.tcp, exportName: 'disk0' }));
+  await clients[104]!.write(0, Buffer.alloc(10, 7));
+  assert.ok((await clients[0]!.read(0, 10)).equals(Buffer.alloc(10, 7)));
+});
+
 test('server close drains in-flight requests, then clients see EIO', async (t) => {
   const s = await serveMemory(t, { size: 4 << 20 });
   const c = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });

@@ -49,7 +49,7 @@ test('malformed values give QEMU-style parse errors and the next value still par
   assert.deepEqual(frames, [
     { ok: false, error: "JSON parse error, invalid keyword 'foo'" },
     { ok: false, error: 'JSON parse error, stray \'@\'' },
-    { ok: false, error: "JSON parse error, stray '}'" },
+    { ok: false, error: 'JSON parse error, expecting value' },
     { ok: true, value: { execute: 'ok' } },
     { ok: true, value: 123 },
     { ok: true, value: 'str' },

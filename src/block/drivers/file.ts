@@ -20,7 +20,7 @@
 // without paying for the data it discards). With cache.no-flush FUA is ignored, as flushes are.
 
 import { constants as fsConstants } from 'node:fs';
-import { open as fsOpen, type FileHandle } from 'node:fs/promises';
+import { open as fsOpen, statfs, type FileHandle } from 'node:fs/promises';
 import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type ZeroFlags } from '../driver.js';
 import { BlockError, InvalidArgumentError, STRERROR, isBlockError, type ErrorCode } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
@@ -38,6 +38,25 @@ async function openHandle(filename: string, readOnly: boolean): Promise<FileHand
     const text = code in STRERROR ? STRERROR[code as ErrorCode] : String((e as Error).message);
     throw new InvalidArgumentError(`Could not open '${filename}': ${text}`);
   }
+}
+
+/** statfs f_type of procfs: its files have no length (lseek to the end fails) */
+const PROC_SUPER_MAGIC = 0x9fa0;
+
+/**
+ * The file's length, refusing what QEMU's file driver refuses: anything but a regular file
+ * or a block device (a directory, a FIFO), and procfs files, whose length cannot be read
+ * (/proc/self/mem would otherwise read as an empty or endless disk).
+ */
+async function checkedSize(fh: FileHandle, filename: string): Promise<number> {
+  const st = await fh.stat();
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new InvalidArgumentError(`'file' driver requires '${filename}' to be a regular file`);
+  }
+  if (st.isFile() && (await statfs(filename).catch(() => null))?.type === PROC_SUPER_MAGIC) {
+    throw new InvalidArgumentError('Could not refresh total sector count: Invalid argument');
+  }
+  return st.size;
 }
 
 export const fileDriver: BlockDriver = {
@@ -63,7 +82,13 @@ export const fileDriver: BlockDriver = {
     if (forceShare && !readOnly) throw new InvalidArgumentError('force-share=on can only be used with read-only images');
     const native = loadNative();
     let fh = await openHandle(filename, readOnly);
-    let size = (await fh.stat()).size;
+    let size: number;
+    try {
+      size = await checkedSize(fh, filename);
+    } catch (e) {
+      await fh.close();
+      throw e;
+    }
     let lock: ImageLock | null = null;
     try {
       if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly, forceShare);

@@ -4,12 +4,16 @@
 // read-zeroes.
 
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
+import { InvalidArgumentError } from '../../errors.js';
 
 export const nullDriver: BlockDriver = {
   name: 'null-co',
   kind: 'protocol',
   async open(_ctx, o): Promise<NodeImpl> {
-    const size = o.size('size') ?? 1024 ** 3;
+    const size = o.intSize('size') ?? 1024 ** 3;
+    // QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB): nothing larger can be a disk,
+    // and an NBD export of it would advertise a negative size
+    if (size > 2 ** 63 - 2 ** 30) throw new InvalidArgumentError('Could not refresh total sector count: File too large');
     const readZeroes = o.bool('read-zeroes', false);
     o.uint('latency-ns');
     o.done();

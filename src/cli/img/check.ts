@@ -4,7 +4,20 @@
 
 import { errorMessage } from '../../errors.js';
 import { probeFormat } from '../../util/keyval.js';
-import { ImgError, loadQcow2, type Io } from './common.js';
+import { open as fsOpen } from 'node:fs/promises';
+import { ImgError, PROG, loadQcow2, newGraph, openImage, type Io } from './common.js';
+
+/** Whether a qcow2 header names a backing file (backing_file_offset != 0). */
+async function hasBackingFile(filename: string): Promise<boolean> {
+  const fh = await fsOpen(filename, 'r');
+  try {
+    const b = Buffer.alloc(16);
+    const { bytesRead } = await fh.read(b, 0, 16, 0);
+    return bytesRead === 16 && b.readBigUInt64BE(8) !== 0n;
+  } finally {
+    await fh.close();
+  }
+}
 
 export const EXIT_NO_CHECKS = 63;
 
@@ -81,10 +94,26 @@ export async function runCheck(
     return EXIT_NO_CHECKS;
   }
   const lib = await loadQcow2();
+  if (await hasBackingFile(filename)) {
+    // qemu-img check opens the image with its backing chain: a backing file that is missing
+    // or refused fails the check (exit 1) rather than passing unseen
+    const graph = newGraph();
+    try {
+      await openImage(graph, { filename, format: 'qcow2', readOnly: true });
+    } finally {
+      await graph.closeAll();
+    }
+  }
   let result: Record<string, unknown>;
   try {
     result = await lib.checkQcow2(filename, repair === undefined ? {} : { repair });
   } catch (e) {
+    const checkText = (e as { checkText?: unknown }).checkText;
+    if (typeof checkText === 'string') {
+      // what qemu-img check says of a table it will not read (snapshot table limits)
+      io.err(`${PROG}: ${checkText}${PROG}: Check failed: File too large\n`);
+      return 1;
+    }
     throw new ImgError(`Could not open '${filename}': ${errorMessage(e)}`);
   }
   const full: Record<string, unknown> = { ...result, filename, format: 'qcow2' };

@@ -32,7 +32,8 @@ export type BoundAddress = { type: 'inet'; host: string; port: number } | { type
 
 export interface NbdServerOptions {
   graph: BlockGraph;
-  /** simultaneous client connections over all listeners (default 100); more are closed at once */
+  /** simultaneous client connections over all listeners (default 100, 0: unlimited as in
+   *  QEMU); more are closed at once */
   maxConnections?: number;
   tls?: TlsServerConfig;
   /** refuse every option but STARTTLS before the TLS upgrade (default: true when tls is set) */
@@ -102,7 +103,7 @@ export class NbdServer implements HandshakeHost {
     this.maxInFlight = opts.maxInFlight ?? 64;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
-    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) throw new InvalidArgumentError('max-connections must be a positive integer');
+    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 0) throw new InvalidArgumentError('max-connections must be a non-negative integer');
     if (!Number.isSafeInteger(this.maxInFlight) || this.maxInFlight < 1) throw new InvalidArgumentError('maxInFlight must be a positive integer');
     if (opts.tls) {
       const t = opts.tls;
@@ -208,7 +209,7 @@ export class NbdServer implements HandshakeHost {
   // ---- connections ------------------------------------------------------------------------
 
   private accept(socket: Socket): void {
-    if (this.shuttingDown || this.connections.size >= this.maxConnections) {
+    if (this.shuttingDown || (this.maxConnections !== 0 && this.connections.size >= this.maxConnections)) {
       this.log(`refusing connection: ${this.shuttingDown ? 'shutting down' : 'too many connections'}`);
       socket.destroy();
       return;

@@ -55,6 +55,8 @@ export const nbdCommands: readonly QmpCommand[] = [
   command('nbd-server-remove', NBD_SERVER_REMOVE, (ctx, args) => ctx.exports.del(args.name as string, (args.mode as 'safe' | 'hard' | undefined) ?? 'safe')),
   command('nbd-server-stop', NO_ARGS, (ctx) => ctx.exports.stopNbd()),
   command('block-export-add', BLOCK_EXPORT_ADD, (ctx, args) => {
+    // QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'
+    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(args.id as string)) throw new InvalidArgumentError('Invalid block export id');
     if (args.type !== 'nbd') throw new InvalidArgumentError(`Export type '${args.type}' is not supported by lockstep`);
     if ((args.bitmaps as unknown[] | undefined)?.length) throw new InvalidArgumentError(`Bitmap '${(args.bitmaps as string[])[0]}' is not found`);
     if (args.iothread !== undefined) throw new InvalidArgumentError(`Parameter 'iothread' is not supported by lockstep`);

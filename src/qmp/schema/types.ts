@@ -7,6 +7,7 @@
 // the member ("Parameter 'type' does not accept value 'inetx'"): both are reproduced.
 
 import { InvalidArgumentError } from '../../errors.js';
+import { literalKind, type LiteralKind } from '../../util/json-literals.js';
 
 export type ScalarType = 'str' | 'bool' | 'int' | 'uint64' | 'size' | 'number' | 'any' | 'null';
 
@@ -70,7 +71,7 @@ export function members(fields: Fields): Array<[string, TypeSpec, boolean]> {
  * Checks `value` against `t` and returns it (unchanged: the JSON is already typed). `path` is
  * the full name used in messages, `leaf` the member name used for enum errors.
  */
-export function checkValue(t: TypeSpec, value: unknown, path: string, leaf: string): unknown {
+export function checkValue(t: TypeSpec, value: unknown, path: string, leaf: string, literal?: LiteralKind): unknown {
   const typeErr = (): never => fail(`Invalid parameter type for '${path}', expected: ${typeName(t)}`);
   if (typeof t === 'string') {
     switch (t) {
@@ -85,9 +86,11 @@ export function checkValue(t: TypeSpec, value: unknown, path: string, leaf: stri
       case 'number':
         return typeof value === 'number' ? value : typeErr();
       case 'int':
-        return typeof value === 'number' && Number.isInteger(value) ? value : typeErr();
+        // a literal QEMU parses as a double or a uint64 is no int64 (1e3, 2^63)
+        return typeof value === 'number' && Number.isInteger(value) && literal === undefined ? value : typeErr();
       case 'uint64':
       case 'size':
+        if (literal === 'double') return fail(`Invalid parameter type for '${path}', expected: ${t}`);
         // QEMU accepts any JSON integer here (negative ones wrap); lockstep refuses them.
         if (typeof value === 'number' && Number.isInteger(value) && value >= 0) return value;
         return fail(`Parameter '${path}' expects ${t}`);
@@ -100,7 +103,7 @@ export function checkValue(t: TypeSpec, value: unknown, path: string, leaf: stri
   }
   if ('list' in t) {
     if (!Array.isArray(value)) return typeErr();
-    value.forEach((v, i) => checkValue(t.list, v, `${path}[${i}]`, `${leaf}[${i}]`));
+    value.forEach((v, i) => checkValue(t.list, v, `${path}[${i}]`, `${leaf}[${i}]`, literalKind(value, i)));
     return value;
   }
   if ('alternate' in t) {
@@ -145,7 +148,7 @@ export function checkFields(fields: Fields, obj: Record<string, unknown>, path: 
       if (!optional) fail(`Parameter '${join(path, name)}' is missing`);
       continue;
     }
-    checkValue(t, v, join(path, name), name);
+    checkValue(t, v, join(path, name), name, literalKind(obj, name));
   }
   const known = new Set(all.map(([n]) => n));
   for (const k of Object.keys(obj)) if (!known.has(k)) fail(`Parameter '${join(path, k)}' is unexpected`);

@@ -19,6 +19,8 @@ export class TableCache {
     private readonly clusterSize: number,
     /** capacity in tables */
     readonly capacity: number,
+    /** the image's overlap check for a table about to be written (overlap.ts) */
+    private readonly checkWrite: (offset: number, length: number) => void = () => undefined,
   ) {}
 
   get size(): number {
@@ -71,6 +73,7 @@ export class TableCache {
   async writeDirty(): Promise<number> {
     const dirty = [...this.entries].filter(([, e]) => e.dirty).sort((a, b) => a[0] - b[0]);
     for (const [off, e] of dirty) {
+      this.checkWrite(off, e.buf.length);
       await this.file.write(off, e.buf);
       e.dirty = false;
     }

@@ -355,7 +355,7 @@ export function checkSupported(h: Qcow2Header, readOnly: boolean, filename: stri
   const unknown = h.incompatible & ~KNOWN_INCOMPAT;
   if (unknown) unsupported(describeIncompatible(h, unknown));
   if (h.incompatible & INCOMPAT_CORRUPT && !readOnly) {
-    throw new InvalidArgumentError(`qcow2: Image is corrupt; cannot be opened read/write ('${filename}')`);
+    throw new InvalidArgumentError('qcow2: Image is corrupt; cannot be opened read/write');
   }
 }
 

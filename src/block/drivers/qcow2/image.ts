@@ -14,12 +14,14 @@
 // Freed clusters are not reused before step 5, so data written into a cluster always
 // belongs to exactly one guest cluster.
 
-import { BlockError, assert } from '../../../errors.js';
+import { BlockError, InvalidArgumentError, assert } from '../../../errors.js';
 import { TableCache } from './cache.js';
 import { Mutex } from './mutex.js';
 import { Refcounts } from './refcount.js';
 import { decodeL1, encodeL1 } from './l2-entry.js';
+import { OL, metadataOverlap, overlapMessage, type MetadataLayout, type SnapshotL1 } from './overlap.js';
 import {
+  INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   serializeHeader,
   type Qcow2Header,
@@ -40,6 +42,24 @@ export interface ImageOptions {
 }
 
 const MAX_L1_BYTES = 32 * 1024 * 1024;
+/** QEMU's QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE */
+export const MAX_SNAPSHOTS = 65536;
+const MAX_SNAPSHOT_EXTRA = 1024;
+const MAX_SNAPSHOTS_BYTES = 64 * 1024 * 1024;
+
+/**
+ * A limit QEMU checks at open, with QEMU's message (shown without a "Could not open"
+ * prefix of the driver's own, as qemu-img shows it); `checkText`: how `img check` reports
+ * it instead, when qemu-img check has its own lines for it.
+ */
+export class Qcow2OpenError extends InvalidArgumentError {
+  constructor(
+    message: string,
+    readonly checkText?: string,
+  ) {
+    super(message);
+  }
+}
 const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
 
 export class Qcow2Image {
@@ -63,6 +83,17 @@ export class Qcow2Image {
   lazyRefcounts: boolean;
   /** set when a structural problem was found: no more writes */
   corruptReason: string | null = null;
+  /** the internal snapshots' L1 tables and the snapshot table's size (overlap checks) */
+  snapshots: SnapshotL1[] = [];
+  snapshotsBytes = 0;
+  /** called once when a write is prevented (QEMU's BLOCK_IMAGE_CORRUPTED and stderr line) */
+  onCorruption: ((msg: string, offset: number, size: number, fatal: boolean) => void) | null = null;
+  /** a corruption was signalled (QEMU reports the first one only) */
+  private signaled = false;
+  /** nothing at all is written any more, not even cached metadata (QEMU drops the node) */
+  fatallyCorrupt = false;
+  /** the corrupt bit's header write, when one is under way */
+  private corruptBitWrite: Promise<void> | null = null;
   /** data I/O in flight outside the mutex (frees wait for it) */
   private inflight = 0;
   private idleWaiters: Array<() => void> = [];
@@ -89,8 +120,8 @@ export class Qcow2Image {
     // Default L2 cache: enough to map the whole disk, capped at 32 MiB (QEMU's default).
     const l2Bytes = opts.l2CacheSize ?? Math.min(DEFAULT_L2_CACHE_MAX, Math.ceil(header.size / this.l2Entries / cs) * cs + cs);
     const rcBytes = opts.refcountCacheSize ?? Math.max(4 * cs, Math.min(l2Bytes / 4, 1024 * 1024));
-    this.l2Cache = new TableCache(file, cs, Math.max(2, Math.floor(l2Bytes / cs)));
-    const rcCache = new TableCache(file, cs, Math.max(2, Math.floor(rcBytes / cs)));
+    this.l2Cache = new TableCache(file, cs, Math.max(2, Math.floor(l2Bytes / cs)), (o, l) => this.checkOverlap(OL.ACTIVE_L2, o, l));
+    const rcCache = new TableCache(file, cs, Math.max(2, Math.floor(rcBytes / cs)), (o, l) => this.checkOverlap(OL.REFCOUNT_BLOCK, o, l));
     this.refcounts = new Refcounts(
       file,
       {
@@ -105,6 +136,7 @@ export class Qcow2Image {
         this.header.refcountTableClusters = clusters;
         await this.writeHeader();
       },
+      (ignore, o, l) => this.checkOverlap(ignore, o, l),
     );
   }
 
@@ -114,7 +146,14 @@ export class Qcow2Image {
     const cs = this.clusterSize;
     const fileLen = this.file.length();
     const l1Bytes = h.l1Size * 8;
-    if (l1Bytes > MAX_L1_BYTES) throw new BlockError('EFBIG', `qcow2: active L1 table too large (${h.l1Size} entries)`);
+    // QEMU's order: the snapshot count before the L1 table
+    if (h.nbSnapshots > MAX_SNAPSHOTS) {
+      throw new Qcow2OpenError(
+        'Snapshot table too large',
+        `ERROR snapshot table too large\nYou can force-remove all ${h.nbSnapshots - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all\n`,
+      );
+    }
+    if (l1Bytes > MAX_L1_BYTES) throw new Qcow2OpenError('Active L1 table too large');
     if (h.l1Size < this.l1SizeFor(h.size)) {
       throw new BlockError('EIO', `qcow2: L1 table is too small (${h.l1Size} entries for a ${h.size}-byte disk)`);
     }
@@ -129,6 +168,7 @@ export class Qcow2Image {
       throw new BlockError('EIO', `qcow2: refcount table [0x${rtStart.toString(16)}, 0x${rtEnd.toString(16)}) overlaps the L1 table at 0x${h.l1TableOffset.toString(16)}`);
     }
     if (h.l1Size > 0 && h.l1TableOffset < cs) throw new BlockError('EIO', 'qcow2: L1 table overlaps the image header');
+    await this.loadSnapshots();
     await this.refcounts.load();
     for (let i = 0; i < this.refcounts.table.length; i++) {
       const off = this.refcounts.table[i]!;
@@ -149,6 +189,105 @@ export class Qcow2Image {
         this.l1Copied[i] = e.copied;
       }
     }
+  }
+
+  /**
+   * Reads the snapshot table's entries as far as the overlap checks need them (each
+   * snapshot's L1 table), with QEMU's limits and messages (qcow2_read_snapshots).
+   */
+  private async loadSnapshots(): Promise<void> {
+    const h = this.header;
+    this.snapshots = [];
+    this.snapshotsBytes = 0;
+    if (h.nbSnapshots === 0) return;
+    const start = h.snapshotsOffset;
+    let chunk: Buffer = Buffer.alloc(0);
+    let chunkAt = start;
+    const bytesAt = async (off: number, len: number): Promise<Buffer> => {
+      if (off < chunkAt || off + len > chunkAt + chunk.length) {
+        chunkAt = off;
+        chunk = await this.file.read(off, Math.max(len, 65536));
+      }
+      return chunk.subarray(off - chunkAt, off - chunkAt + len);
+    };
+    let off = start;
+    for (let i = 0; i < h.nbSnapshots; i++) {
+      const fixed = await bytesAt(off, 40);
+      const l1Offset = Number(fixed.readBigUInt64BE(0));
+      const l1Size = fixed.readUInt32BE(8);
+      const idLen = fixed.readUInt16BE(12);
+      const nameLen = fixed.readUInt16BE(14);
+      const extra = fixed.readUInt32BE(36);
+      if (extra > MAX_SNAPSHOT_EXTRA) {
+        const msg = `Too much extra metadata in snapshot table entry ${i}`;
+        const hint = 'You can force-remove this extra metadata with qemu-img check -r all';
+        throw new Qcow2OpenError(`${msg}\n${hint}`, `ERROR failed to read the snapshot table: ${msg}\n${hint}\n`);
+      }
+      off += 40 + extra + idLen + nameLen;
+      off = Math.ceil(off / 8) * 8;
+      if (off - start > MAX_SNAPSHOTS_BYTES) {
+        throw new Qcow2OpenError('Snapshot table exceeds the size limit', 'ERROR failed to read the snapshot table: Snapshot table exceeds the size limit\n');
+      }
+      this.snapshots.push({ l1Offset, l1Size });
+    }
+    this.snapshotsBytes = off - start;
+  }
+
+  /** What the overlap checks compare against (overlap.ts). */
+  metadataLayout(): MetadataLayout {
+    const h = this.header;
+    return {
+      clusterSize: this.clusterSize,
+      l1Offset: h.l1TableOffset,
+      l1: this.l1,
+      refcountTableOffset: this.refcounts.tableOffset,
+      refcountTableBytes: this.refcounts.tableClusters * this.clusterSize,
+      refcountTable: this.refcounts.table,
+      snapshotsOffset: h.snapshotsOffset,
+      snapshotsBytes: this.snapshotsBytes,
+      snapshots: this.snapshots,
+    };
+  }
+
+  /**
+   * QEMU's pre-write overlap check: fails (EIO) and marks the image corrupt when
+   * [offset, offset+size) overlaps metadata other than `ignore`.
+   */
+  checkOverlap(ignore: number, offset: number, size: number): void {
+    const kind = metadataOverlap(this.metadataLayout(), ignore, offset, size);
+    if (kind !== 0) throw this.signalCorruption(overlapMessage(kind), offset, size);
+  }
+
+  /**
+   * A fatal corruption (QEMU's qcow2_signal_corruption): the corrupt bit is written to the
+   * header (v3, writable images), nothing more is written, and the caller's request fails
+   * with EIO. Returns the error to throw.
+   */
+  signalCorruption(msg: string, offset: number, size: number): BlockError {
+    const first = !this.signaled;
+    const fatal = !this.readOnly;
+    this.signaled = true;
+    this.corruptReason ??= msg;
+    if (fatal) this.fatallyCorrupt = true;
+    if (first) {
+      this.onCorruption?.(msg, offset, size, fatal);
+      if (fatal && this.v3) {
+        this.header.incompatible |= INCOMPAT_CORRUPT;
+        const bits = Buffer.alloc(8);
+        bits.writeBigUInt64BE(this.header.incompatible);
+        // only the incompatible-features field, as QEMU writes it
+        this.corruptBitWrite = this.file
+          .write(72, bits)
+          .then(() => this.file.flush())
+          .catch(() => undefined);
+      }
+    }
+    return new BlockError('EIO', `qcow2: ${msg}`);
+  }
+
+  /** Waits for the corrupt bit's write (close, flush). */
+  async settleCorruptBit(): Promise<void> {
+    if (this.corruptBitWrite) await this.corruptBitWrite;
   }
 
   l1SizeFor(size: number): number {
@@ -176,6 +315,7 @@ export class Qcow2Image {
   checkWritable(): void {
     if (this.readOnly) throw new BlockError('EPERM', 'qcow2 image is read-only');
     if (this.corruptReason) throw new BlockError('EIO', `qcow2: image is corrupt (${this.corruptReason}); refusing to write`);
+    if (this.header.incompatible & INCOMPAT_CORRUPT) throw new BlockError('EIO', 'qcow2: Image is corrupt; cannot be opened read/write');
   }
 
   // ---- tables -------------------------------------------------------------------------
@@ -198,17 +338,22 @@ export class Qcow2Image {
     assert(i < this.l1.length, 'L1 index in range');
     const off = this.l1[i]!;
     if (off !== 0 && this.l1Copied[i]) {
+      // the table is changed in place: it must not be other metadata (checked now, so that
+      // the guest's request fails rather than a later writeback)
+      this.checkOverlap(OL.ACTIVE_L2, off, this.clusterSize);
       const t = await this.getL2(i);
       this.l2Cache.markDirty(off);
       return t!;
     }
+    // the table copied away is freed: it must not be other metadata (a hostile L1 entry)
+    if (off !== 0) this.checkOverlap(OL.ACTIVE_L2, off, this.clusterSize);
     await this.settleTruncate();
     await this.markDirtyBit();
     const old = off !== 0 ? await this.getL2(i) : null;
     const oldCopy = old ? Buffer.from(old) : undefined;
     const nc = await this.refcounts.alloc(1);
     const noff = nc * this.clusterSize;
-    if (this.overlapsFixedMetadata(noff, this.clusterSize)) throw this.markCorrupt(`allocated L2 table at 0x${noff.toString(16)} overlaps metadata (refcounts are corrupt)`);
+    this.checkOverlap(OL.NONE, noff, this.clusterSize);
     const t = this.l2Cache.create(noff, oldCopy);
     if (off !== 0) this.pendingFrees.push({ first: off / this.clusterSize, count: 1 });
     this.l1[i] = noff;
@@ -247,13 +392,13 @@ export class Qcow2Image {
     await this.markDirtyBit();
     const c = await this.refcounts.alloc(n);
     const off = c * this.clusterSize;
-    if (this.overlapsFixedMetadata(off, n * this.clusterSize)) {
-      throw this.markCorrupt(`allocated clusters at 0x${off.toString(16)} overlap metadata (refcounts are corrupt)`);
-    }
+    this.checkOverlap(OL.NONE, off, n * this.clusterSize);
     return off;
   }
 
+  /** Queues freeing data clusters; clusters that are metadata are never freed (corrupt). */
   free(first: number, count: number): void {
+    this.checkOverlap(OL.NONE, first * this.clusterSize, count * this.clusterSize);
     this.pendingFrees.push({ first, count });
   }
 
@@ -315,6 +460,7 @@ export class Qcow2Image {
 
   /** Writes all metadata back in crash-safe order (module comment). Caller holds the mutex. */
   async writeback(): Promise<void> {
+    if (this.fatallyCorrupt) return;
     const rc = this.refcounts;
     let wrote = (await rc.cache.writeDirty()) > 0;
     const later = rc.dirtyTable.size > 0 || this.l2Cache.hasDirty() || this.dirtyL1.size > 0 || this.pendingFrees.length > 0;
@@ -361,6 +507,7 @@ export class Qcow2Image {
       const count = Math.min(64, this.l1.length - first);
       const buf = Buffer.alloc(count * 8);
       for (let k = 0; k < count; k++) encodeL1(buf, k, this.l1[first + k]!, this.l1Copied[first + k]!);
+      this.checkOverlap(OL.ACTIVE_L1, this.header.l1TableOffset + first * 8, buf.length);
       await this.file.write(this.header.l1TableOffset + first * 8, buf);
     }
   }
@@ -376,6 +523,7 @@ export class Qcow2Image {
     const bytes = serializeHeader(this.header);
     const buf = Buffer.alloc(this.clusterSize);
     bytes.copy(buf);
+    this.checkOverlap(OL.MAIN_HEADER, 0, buf.length);
     await this.file.write(0, buf);
   }
 
@@ -390,7 +538,7 @@ export class Qcow2Image {
 
   /** Flushes metadata and clears the dirty bit (clean close). */
   async markClean(): Promise<void> {
-    if (!(this.header.incompatible & INCOMPAT_DIRTY) || this.readOnly) return;
+    if (!(this.header.incompatible & INCOMPAT_DIRTY) || this.readOnly || this.fatallyCorrupt) return;
     await this.writeback();
     await this.file.flush();
     this.header.incompatible &= ~INCOMPAT_DIRTY;
@@ -414,19 +562,21 @@ export class Qcow2Image {
     const oldClusters = Math.ceil((this.l1.length * 8) / this.clusterSize);
     const c = await this.refcounts.alloc(clusters);
     const off = c * this.clusterSize;
-    this.l1.length = entries;
-    this.l1Copied.length = entries;
-    for (let i = 0; i < entries; i++) {
-      this.l1[i] ??= 0;
-      this.l1Copied[i] ??= false;
-    }
+    // the old table stays the active one (for the overlap checks too) until the header moves
+    const l1 = this.l1.concat(new Array<number>(entries - this.l1.length).fill(0));
+    const copied = this.l1Copied.concat(new Array<boolean>(entries - this.l1Copied.length).fill(false));
     // the new table's refcounts must be in the file before the header points at it
     if ((await this.refcounts.cache.writeDirty()) > 0) await this.file.flush();
     await this.refcounts.writeTable();
-    await this.file.write(off, this.l1Buffer());
+    const buf = Buffer.alloc(entries * 8);
+    for (let i = 0; i < entries; i++) encodeL1(buf, i, l1[i]!, copied[i]!);
+    this.checkOverlap(OL.NONE, off, buf.length);
+    await this.file.write(off, buf);
     await this.file.flush();
     this.header.l1TableOffset = off;
     this.header.l1Size = entries;
+    this.l1 = l1;
+    this.l1Copied = copied;
     await this.writeHeader();
     await this.file.flush();
     this.dirtyL1.clear();

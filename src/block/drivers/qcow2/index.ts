@@ -5,8 +5,8 @@
 // none; absent: the file named in the header, opened read-only), lazy-refcounts,
 // cache-size, l2-cache-size, l2-cache-entry-size, refcount-cache-size,
 // cache-clean-interval, pass-discard-request, pass-discard-snapshot, pass-discard-other,
-// discard-no-unref, overlap-check (accepted; lockstep always checks allocations against the
-// header, L1 and refcount tables), data-file and encrypt (refused). l2-cache-entry-size and
+// discard-no-unref, overlap-check (accepted; lockstep always runs QEMU's `cached` checks,
+// overlap.ts), data-file and encrypt (refused). l2-cache-entry-size and
 // the pass-discard-* options are accepted and validated but change nothing (tables are cached
 // whole; freed clusters are not discarded in the file).
 //
@@ -21,7 +21,8 @@
 // lazy-refcounts, refcount-bits, corrupt, extended-l2; v2: compat, compression-type,
 // refcount-bits) plus cluster-size, backing-filename, backing-filename-format, dirty-flag.
 
-import { open as fsOpen } from 'node:fs/promises';
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { open as fsOpen, stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { makeCaps, type BlockDriver, type NodeImpl, type OpenContext } from '../../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../../errors.js';
@@ -37,7 +38,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { nodeHostFile } from './host-file.js';
-import { Qcow2Image } from './image.js';
+import { Qcow2Image, Qcow2OpenError } from './image.js';
 import { blockStatusAt, discardRange, readRange, writeRange, zeroRange } from './io.js';
 import { makeEmpty } from './make-empty.js';
 import { repairImage } from './check.js';
@@ -58,6 +59,22 @@ async function probeFormat(filename: string): Promise<'qcow2' | 'raw'> {
   }
 }
 
+/**
+ * The files (device:inode) of the images whose header-named backing files are being opened
+ * above this one: a backing file already among them is a loop (a -> b -> a), answered at
+ * once instead of opening forever. Async-context state, so concurrent opens never mix.
+ */
+const openingChain = new AsyncLocalStorage<ReadonlySet<string>>();
+
+async function fileIdentity(path: string): Promise<string | null> {
+  try {
+    const st = await stat(path);
+    return `${st.dev}:${st.ino}`;
+  } catch {
+    return null;
+  }
+}
+
 async function openHeaderBacking(ctx: OpenContext, h: Qcow2Header, file: BlockNode): Promise<BlockNode | null> {
   const name = h.backingFile;
   if (name === null) return null;
@@ -67,7 +84,20 @@ async function openHeaderBacking(ctx: OpenContext, h: Qcow2Header, file: BlockNo
   const path = isAbsolute(name) ? name : join(dirname(file.filename), name);
   const fmt = h.backingFormat ?? (await probeFormat(path));
   if (fmt !== 'raw' && fmt !== 'qcow2') throw new InvalidArgumentError(`Unsupported backing file format '${fmt}' for '${path}'`);
-  return ctx.openChild('backing', { driver: fmt, file: { driver: 'file', filename: path } }, { readOnly: true });
+  const above = new Set(openingChain.getStore() ?? []);
+  const self = await fileIdentity(file.filename);
+  if (self !== null) above.add(self);
+  const target = await fileIdentity(path);
+  if (target !== null && above.has(target)) throw new InvalidArgumentError(`Backing file '${path}' creates an infinite loop.`);
+  try {
+    return await openingChain.run(above, () =>
+      ctx.openChild('backing', { driver: fmt, file: { driver: 'file', filename: path } }, { readOnly: true }),
+    );
+  } catch (e) {
+    if (e instanceof InvalidArgumentError && /^Backing file '.*' creates an infinite loop\.$/.test(e.message)) throw e;
+    // QEMU's wording, once per layer
+    throw new InvalidArgumentError(`Could not open backing file: ${errorMessage(e)}`, { cause: e });
+  }
 }
 
 function readCacheOptions(o: OptionReader, clusterSize: number): { l2?: number; rc?: number } {
@@ -138,9 +168,20 @@ export const qcow2Driver: BlockDriver = {
       ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
     });
     img.pacer = ctx.graph.pacer;
+    img.onCorruption = (msg, offset, size, fatal) => {
+      // QEMU's stderr line and BLOCK_IMAGE_CORRUPTED event
+      ctx.graph.emit(
+        'error-log',
+        fatal
+          ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
+          : `qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`,
+      );
+      ctx.graph.emit('event', 'BLOCK_IMAGE_CORRUPTED', { device: '', 'node-name': ctx.node.name, msg, offset, size, fatal });
+    };
     try {
       await img.load();
     } catch (e) {
+      if (e instanceof Qcow2OpenError) throw e;
       throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
     }
     if (!readOnly && h.autoclear !== 0n) {
@@ -181,6 +222,9 @@ export const qcow2Driver: BlockDriver = {
       discard: (offset, length) => discardRange(img, offset, length, false),
       flush: async () => {
         if (img.readOnly) return;
+        await img.settleCorruptBit();
+        // QEMU drops a node it marked corrupt: flushing it does nothing and succeeds
+        if (img.fatallyCorrupt) return;
         await img.mutex.run(() => img.writeback());
         await host.flush();
       },
@@ -212,7 +256,8 @@ export const qcow2Driver: BlockDriver = {
         img.readOnly = ro;
       },
       close: async () => {
-        if (img.readOnly) return;
+        await img.settleCorruptBit();
+        if (img.readOnly || img.fatallyCorrupt) return;
         await img.mutex.run(async () => {
           await img.settleTruncate();
           await img.writeback();

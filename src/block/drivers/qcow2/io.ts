@@ -15,6 +15,7 @@ import { BlockError } from '../../../errors.js';
 import type { BlockStatus } from '../../driver.js';
 import type { BlockNode } from '../../node.js';
 import type { Qcow2Image } from './image.js';
+import { OL } from './overlap.js';
 import {
   ClusterKind,
   compressedClusters,
@@ -228,7 +229,13 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
       }
     } catch (e) {
       // nothing was linked: give the clusters allocated so far back
-      for (const a of allocs) img.free(a.host / cs, a.n);
+      for (const a of allocs) {
+        try {
+          img.free(a.host / cs, a.n);
+        } catch {
+          /* the image was marked corrupt: nothing is written any more */
+        }
+      }
       finish?.();
       throw e;
     } finally {
@@ -287,10 +294,12 @@ async function planWrite(
     const l1i = Math.floor(cluster / img.l2Entries);
     const first = await entryAt(img, cluster);
     if (first.entry.kind === ClusterKind.Normal && first.entry.copied) {
-      checkDataOffset(img, first.entry, cluster);
       const inOff = pos - cluster * cs;
       const len = Math.min(cs - inOff, end - pos);
       const host = first.entry.offset + inOff;
+      // QEMU's pre-write check of a data write: on metadata, the image is marked corrupt
+      img.checkOverlap(OL.NONE, host, len);
+      checkDataOffset(img, first.entry, cluster);
       const last = inPlace[inPlace.length - 1];
       if (last && last.host + last.len === host && last.src + last.len === pos - offset) last.len += len;
       else inPlace.push({ host, src: pos - offset, len });

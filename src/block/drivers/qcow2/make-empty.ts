@@ -18,6 +18,7 @@
 // Otherwise (snapshots, bitmaps, metadata spread over several refcount blocks) every
 // cluster is discarded one by one (the slow path).
 
+import { OL } from './overlap.js';
 import { EXT_BITMAPS } from './header.js';
 import type { Qcow2Image } from './image.js';
 import { discardRange } from './io.js';
@@ -72,7 +73,10 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   img.pendingFrees = [];
   await img.markDirtyBit();
   // 1. empty L1, stable before any refcount drops
-  if (img.l1.length > 0) await img.file.write(h.l1TableOffset, Buffer.alloc(img.l1.length * 8), true);
+  if (img.l1.length > 0) {
+    img.checkOverlap(OL.ACTIVE_L1, h.l1TableOffset, img.l1.length * 8);
+    await img.file.write(h.l1TableOffset, Buffer.alloc(img.l1.length * 8), true);
+  }
   img.l1.fill(0);
   img.l1Copied.fill(false);
   // 2. refcount table with only block 0, and 3. refcount block 0 counting the metadata
@@ -80,11 +84,13 @@ async function fastPath(img: Qcow2Image): Promise<void> {
   const block0 = rc.table[0]!;
   const table = Buffer.alloc(rc.tableClusters * cs);
   table.writeBigUInt64BE(BigInt(block0), 0);
+  img.checkOverlap(OL.REFCOUNT_TABLE, rc.tableOffset, table.length);
   rc.table.fill(0);
   rc.table[0] = block0;
   const meta = metadataClusters(img);
   const block = Buffer.alloc(cs);
   for (const c of meta) rc.setEntry(block, c, 1);
+  img.checkOverlap(OL.REFCOUNT_BLOCK, block0, cs);
   await Promise.all([img.file.write(rc.tableOffset, table, true), img.file.write(block0, block, true)]);
   rc.freeIndex = 0;
   // 4. drop the data. The metadata is final and stable already, so the truncation (whose

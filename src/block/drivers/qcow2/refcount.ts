@@ -13,6 +13,7 @@
 
 import { BlockError } from '../../../errors.js';
 import type { TableCache } from './cache.js';
+import { OL } from './overlap.js';
 import type { HostFile } from './host-file.js';
 
 export interface RefcountLayout {
@@ -43,6 +44,8 @@ export class Refcounts {
     readonly cache: TableCache,
     /** writes the header's refcount_table_offset/clusters (after a table move) */
     private readonly moveTable: (offset: number, clusters: number) => Promise<void>,
+    /** the image's overlap check (overlap.ts): throws when a write would hit other metadata */
+    private readonly checkWrite: (ignore: number, offset: number, length: number) => void = () => undefined,
   ) {
     this.clusterSize = 2 ** layout.clusterBits;
     this.refBits = 2 ** layout.refcountOrder;
@@ -171,6 +174,7 @@ export class Refcounts {
           if (i > 0) await this.update(start, i, -delta);
           return false;
         }
+        this.checkWrite(OL.REFCOUNT_BLOCK, off, this.clusterSize);
         block = await this.cache.get(off);
         this.cache.markDirty(off);
         curIdx = idx;
@@ -197,6 +201,8 @@ export class Refcounts {
 
   private async allocBlock(idx: number): Promise<void> {
     const nb = await this.findFree(1);
+    // a new block on other metadata means the refcounts are wrong (a zeroed table entry)
+    this.checkWrite(OL.REFCOUNT_BLOCK, nb * this.clusterSize, this.clusterSize);
     let block: Buffer;
     if (Math.floor(nb / this.blockEntries) === idx) {
       block = this.cache.create(nb * this.clusterSize);
@@ -222,6 +228,7 @@ export class Refcounts {
       const count = Math.min(64, this.table.length - first);
       const buf = Buffer.alloc(count * 8);
       for (let k = 0; k < count; k++) buf.writeBigUInt64BE(BigInt(this.table[first + k]!), k * 8);
+      this.checkWrite(OL.REFCOUNT_TABLE, this.tableOffset + first * 8, buf.length);
       await this.file.write(this.tableOffset + first * 8, buf);
     }
     this.dirtyTable.clear();
@@ -262,6 +269,7 @@ export class Refcounts {
     const tableOffset = (start + blocks) * cs;
     const tableBuf = Buffer.alloc(tableClusters * cs);
     newTable.forEach((v, i) => tableBuf.writeBigUInt64BE(BigInt(v), i * 8));
+    this.checkWrite(OL.NONE, start * cs, blocksBuf.length + tableBuf.length);
     await this.file.write(start * cs, blocksBuf);
     await this.file.write(tableOffset, tableBuf);
     await this.file.flush();
