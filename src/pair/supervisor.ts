@@ -70,8 +70,8 @@ export interface PairOptions {
   /** allow plain TCP to non-loopback addresses */
   insecure?: boolean;
   log: (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
-  /** progress of the initial sync, for a terminal line */
-  onProgress?: (done: number, total: number, etaSeconds: number | null) => void;
+  /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
+  onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
 }
 
 export const PAIR_DEFAULTS = {
@@ -114,7 +114,8 @@ export interface PairStatus {
   'last-pause-ms': number | null;
   'pause-median-ms': number | null;
   'pause-p99-ms': number | null;
-  'bytes-forwarded': number;
+  /** bytes the secondary copied into its hidden disk since replication started */
+  'hidden-copied-bytes': number;
   'dirty-clusters': number;
   'heartbeat-age-ms': number | null;
   serving: string[];
@@ -343,7 +344,7 @@ export class PairSupervisor extends EventEmitter {
       if (!j) throw new Error('the initial sync ended before it was ready');
       const elapsed = (Date.now() - started) / 1000;
       const eta = j.offset > 0 ? (elapsed * (j.len - j.offset)) / j.offset : null;
-      this.opts.onProgress?.(j.offset, j.len, eta);
+      this.opts.onProgress?.(j.offset, j.len, eta, 'initial sync');
       if (j.ready) break;
       await new Promise((r) => setTimeout(r, 200));
     }
@@ -436,7 +437,7 @@ export class PairSupervisor extends EventEmitter {
 
   private async refreshCounters(): Promise<void> {
     const list = (await this.call(this.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
-    this.metrics.bytesForwarded = list.reduce((a, x) => a + x['bytes-copied'], 0);
+    this.metrics.hiddenCopiedBytes = list.reduce((a, x) => a + x['bytes-copied'], 0);
     this.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
   }
 
@@ -530,7 +531,9 @@ export class PairSupervisor extends EventEmitter {
       // commits active+hidden into the secondary disk
       await this.call(s, 'xen-set-replication', { enable: false, primary: false, failover: true });
       for (;;) {
-        const list = (await this.call(s, 'query-replication')) as Array<{ stage: string }>;
+        const list = (await this.call(s, 'query-replication')) as Array<{ stage: string; 'commit-progress'?: { current: number; total: number } }>;
+        const cp = list.find((x) => x['commit-progress'])?.['commit-progress'];
+        if (cp) this.opts.onProgress?.(cp.current, cp.total, null, 'failover commit');
         if (list.every((x) => x.stage === 'done')) break;
         if (list.some((x) => x.stage === 'failover-failed')) throw new Error('the failover commit failed');
         await new Promise((r) => setTimeout(r, 10));
@@ -579,7 +582,7 @@ export class PairSupervisor extends EventEmitter {
       'last-pause-ms': this.lastPauseMs,
       'pause-median-ms': q(this.metrics.pause.quantile(0.5)),
       'pause-p99-ms': q(this.metrics.pause.quantile(0.99)),
-      'bytes-forwarded': this.metrics.bytesForwarded,
+      'hidden-copied-bytes': this.metrics.hiddenCopiedBytes,
       'dirty-clusters': this.metrics.dirtyClusters,
       'heartbeat-age-ms': this.primary ? Date.now() - this.primary.lastAnswer : null,
       serving: this.serving,
