@@ -382,6 +382,10 @@ export class PairSupervisor extends EventEmitter {
   checkpoint(): Promise<CheckpointTimes> {
     if (this.stage !== 'protected') return Promise.reject(new Error(`no checkpoint in stage ${this.stage}`));
     if (this.failingOver) return Promise.reject(new Error('no checkpoint while failing over'));
+    // one at a time: a checkpoint asked for while the timer's runs (its hold would find the
+    // node already held) follows it
+    const running = this.checkpointing;
+    if (running) return running.then(() => {}, () => {}).then(() => this.checkpoint());
     const run = (async () => {
       const p = this.primary!;
       const s = this.secondary!;
