@@ -12,7 +12,7 @@ import type { QmpClientAddress } from '../qmp/client.js';
 import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
 import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
-import { notifyReady } from './systemd.js';
+import { notifyReady, takeNotifySocket } from './systemd.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
@@ -376,6 +376,7 @@ export async function run(argv: string[]): Promise<number> {
     }
   }
 
+  const notifySocket = takeNotifySocket();
   const sup = new PairSupervisor(opts);
   const shutdown = async (): Promise<void> => {
     live.clear();
@@ -421,7 +422,7 @@ export async function run(argv: string[]): Promise<number> {
       `Status: lockstep pair status --control ${control}\n`,
     process.stdout,
   );
-  notifyReady(`${sup.stage}: serving ${serving.join(', ')}`);
+  notifyReady(`${sup.stage}: serving ${serving.join(', ')}`, notifySocket);
   if (human) {
     const draw = () => live.set(liveStatus(sup.status() as unknown as Record<string, unknown>));
     draw();
