@@ -149,15 +149,24 @@ function makeLog(format: LogFormat, live: LiveLine): Log {
  */
 function makeProgress(live: LiveLine, human: boolean, log: Log): NonNullable<PairOptions['onProgress']> {
   const lastTenth = new Map<string, number>();
+  const finished = new Set<string>();
   let lastDraw = 0;
   return (done, total, eta, what = 'initial sync') => {
     const line = progressText(what, done, total, eta);
     if (human && live.enabled) {
-      // at most ten redraws a second, and always the last one
-      const now = Date.now();
-      if (done < total && now - lastDraw < 100) return;
-      lastDraw = now;
-      live.set(line);
+      if (done < total) {
+        finished.delete(what);
+        // at most ten redraws a second
+        const now = Date.now();
+        if (now - lastDraw < 100) return;
+        lastDraw = now;
+        live.set(line);
+      } else if (!finished.has(what)) {
+        // the end stays on the screen, as qemu-img's last progress line does
+        finished.add(what);
+        live.clear();
+        live.print(line + '\n');
+      }
       return;
     }
     const tenth = total > 0 ? Math.floor((10 * done) / total) : 10;
