@@ -5,10 +5,11 @@ import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { Daemon } from '../daemon/daemon.js';
 import { applyDefaults, describeDefaults, type DefaultLayout } from '../daemon/default.js';
-import { Logger } from '../daemon/log.js';
+import { Logger, defaultLogFormat } from '../daemon/log.js';
 import { DAEMON_USAGE, parseDaemonArgs, type DaemonOptions } from '../daemon/options.js';
 import { wire } from '../daemon/wiring.js';
 import { errorMessage } from '../errors.js';
+import { notifyReady, takeNotifySocket } from './systemd.js';
 
 /** fd on which a daemonized child reports "ok" or the start-up error to its parent */
 const READY_FD_ENV = 'LOCKSTEP_DAEMON_READY_FD';
@@ -33,7 +34,9 @@ export async function run(argv: string[]): Promise<number> {
     s.end(msg + '\n');
   };
 
-  const log = new Logger(opts.logLevel);
+  const format = opts.logFormat ?? defaultLogFormat(process.stderr);
+  const notifySocket = takeNotifySocket();
+  const log = new Logger(opts.logLevel, undefined, {}, { format, color: format === 'human' && process.stderr.isTTY === true && !process.env.NO_COLOR });
   const wiring = wire(log);
   let layout: DefaultLayout | null = null;
   try {
@@ -60,6 +63,7 @@ export async function run(argv: string[]): Promise<number> {
     return 1;
   }
   report('ok');
+  notifyReady(undefined, notifySocket);
   if (layout) process.stdout.write(describeDefaults(layout));
   const code = await daemon.done;
   process.off('SIGTERM', onSignal);

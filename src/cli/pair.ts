@@ -9,9 +9,14 @@ import { errorMessage } from '../errors.js';
 import { PAIR_DEFAULTS, PairSupervisor, type PairOptions } from '../pair/supervisor.js';
 import { controlRequest, serveControl } from '../pair/control.js';
 import type { QmpClientAddress } from '../qmp/client.js';
+import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
+import { LiveLine, bytesText, progressText } from './terminal.js';
+import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
+import { notifyReady, takeNotifySocket } from './systemd.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
-       lockstep pair status|checkpoint|failover [--data-dir DIR | --control PATH]
+       lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
+       lockstep pair checkpoint|failover [--data-dir DIR | --control PATH]
        lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
@@ -55,6 +60,16 @@ Options:
                              onto the other (for disks without generation records, e.g. a
                              data directory from before them, an image you bring, or after
                              a split brain); without it the pair never guesses
+
+  --log-format json|human    logs on stderr: human on a terminal, json otherwise (default)
+
+pair status options:
+  --json                     the status object as JSON (the default when stdout is not a
+                             terminal)
+  --watch                    refresh every --interval (default 1s) until interrupted
+  --check                    one line and an exit code: 0 protected, 2 not protected yet
+                             (starting, syncing), 3 degraded, 4 failed over, 5 primary lost,
+                             6 unknown stage, 7 not running, 1 error
 
 pair host options:
   --listen HOST:PORT         the QMP monitor's address (required)
@@ -131,8 +146,106 @@ async function runHost(argv: string[]): Promise<number> {
   return daemon.run(dargs);
 }
 
-function log(level: string, msg: string, fields: Record<string, unknown> = {}): void {
-  process.stderr.write(JSON.stringify({ time: new Date().toISOString(), level, component: 'pair', msg, ...fields }) + '\n');
+type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+
+/** The supervisor's logs: JSON lines as before, or human lines, printed above the live line. */
+function makeLog(format: LogFormat, live: LiveLine): Log {
+  const color = format === 'human' && process.stderr.isTTY === true && !process.env.NO_COLOR;
+  return (level, msg, fields = {}) => {
+    const rec = { time: new Date().toISOString(), level, component: 'pair', msg, ...fields };
+    live.print((format === 'human' ? formatHuman(rec, color) : JSON.stringify(rec)) + '\n');
+  };
+}
+
+/**
+ * Progress of the initial sync, a resync or a failover's commit: a live line on a terminal;
+ * otherwise a log line when it starts, at each further tenth and when it ends.
+ */
+function makeProgress(live: LiveLine, human: boolean, log: Log): NonNullable<PairOptions['onProgress']> {
+  const lastTenth = new Map<string, number>();
+  const finished = new Set<string>();
+  let lastDraw = 0;
+  return (done, total, eta, what = 'initial sync') => {
+    const line = progressText(what, done, total, eta);
+    if (human && live.enabled) {
+      if (done < total) {
+        finished.delete(what);
+        // at most ten redraws a second
+        const now = Date.now();
+        if (now - lastDraw < 100) return;
+        lastDraw = now;
+        live.set(line);
+      } else if (!finished.has(what)) {
+        // the end stays on the screen, as qemu-img's last progress line does
+        finished.add(what);
+        live.clear();
+        live.print(line + '\n');
+      }
+      return;
+    }
+    const tenth = total > 0 ? Math.floor((10 * done) / total) : 10;
+    if (lastTenth.get(what) === tenth) return;
+    lastTenth.set(what, tenth);
+    if (tenth >= 10) lastTenth.delete(what);
+    log('info', line, { done, total, 'eta-seconds': eta === null ? null : Math.round(eta * 10) / 10 });
+  };
+}
+
+/** The pair's one-line state, for the live line of `lockstep pair run` on a terminal. */
+function liveStatus(s: Record<string, unknown>): string {
+  const n = (k: string) => (typeof s[k] === 'number' ? (s[k] as number) : null);
+  const parts = [String(s.stage), `checkpoints ${n('checkpoints') ?? 0}`];
+  if (n('last-pause-ms') !== null) parts.push(`last pause ${n('last-pause-ms')!.toFixed(2)} ms`);
+  if (n('hidden-copied-bytes') !== null) parts.push(`copied to hidden ${bytesText(n('hidden-copied-bytes')!)}`);
+  if (n('heartbeat-age-ms') !== null) parts.push(`heartbeat ${n('heartbeat-age-ms')} ms`);
+  if (n('changed-bytes') !== null) parts.push(`changed since the last checkpoint ${bytesText(n('changed-bytes')!)}`);
+  return parts.join(' | ');
+}
+
+interface StatusFlags {
+  json: boolean;
+  watch: boolean;
+  check: boolean;
+  intervalMs: number;
+}
+
+/** `lockstep pair status`: human view, JSON, --watch and --check. */
+async function statusCommand(control: string, f: StatusFlags): Promise<number> {
+  const tty = process.stdout.isTTY === true;
+  const human = !f.json && tty;
+  const once = async (): Promise<number> => {
+    let st: Status;
+    try {
+      const r = await controlRequest(control, 'status', 10_000);
+      if (!r.ok) {
+        process.stderr.write(`lockstep pair status: ${r.error}\n`);
+        return CHECK_EXIT.error;
+      }
+      st = r.result as Status;
+    } catch (e) {
+      if (f.check) process.stdout.write(`not running: ${errorMessage(e)}\n`);
+      else process.stderr.write(`lockstep pair status: ${errorMessage(e)}\n`);
+      return f.check ? CHECK_EXIT['not-running'] : CHECK_EXIT.error;
+    }
+    if (f.check) process.stdout.write(checkLine(st));
+    else if (human) process.stdout.write((f.watch ? '\x1b[H\x1b[2J' : '') + renderStatus(st));
+    else process.stdout.write(f.watch ? JSON.stringify(st) + '\n' : JSON.stringify(st, null, 2) + '\n');
+    return f.check ? checkCode(st) : 0;
+  };
+  if (!f.watch) return once();
+  // until interrupted: the last answer's code is the exit code
+  let code = 0;
+  let stop = false;
+  const onSig = () => {
+    stop = true;
+  };
+  process.once('SIGINT', onSig);
+  process.once('SIGTERM', onSig);
+  while (!stop) {
+    code = await once();
+    for (let waited = 0; waited < f.intervalMs && !stop; waited += 50) await new Promise((r) => setTimeout(r, Math.min(50, f.intervalMs - waited)));
+  }
+  return code;
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -173,6 +286,12 @@ export async function run(argv: string[]): Promise<number> {
         insecure: { type: 'boolean' },
         control: { type: 'string' },
         'force-current': { type: 'string' },
+
+        'log-format': { type: 'string' },
+        json: { type: 'boolean' },
+        watch: { type: 'boolean' },
+        interval: { type: 'string' },
+        check: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -189,7 +308,22 @@ export async function run(argv: string[]): Promise<number> {
   const control = v.control ?? join(dataDir, 'pair.sock');
   const sub = parsed.positionals[0] ?? 'run';
 
-  if (sub === 'status' || sub === 'checkpoint' || sub === 'failover') {
+  if ((v.json || v.watch || v.check || v.interval) && sub !== 'status') {
+    process.stderr.write(`lockstep pair ${sub}: --json, --watch, --interval and --check are options of 'lockstep pair status'\n`);
+    return 1;
+  }
+  if (sub === 'status') {
+    let intervalMs = 1000;
+    try {
+      if (v.interval !== undefined) intervalMs = parseDuration(v.interval, 'interval');
+      if (intervalMs <= 0) throw new Error(`--interval: must be more than 0, got '${v.interval}'`);
+    } catch (e) {
+      process.stderr.write(`lockstep pair status: ${errorMessage(e)}\n`);
+      return 1;
+    }
+    return statusCommand(control, { json: v.json === true, watch: v.watch === true, check: v.check === true, intervalMs });
+  }
+  if (sub === 'checkpoint' || sub === 'failover') {
     try {
       const r = await controlRequest(control, sub);
       if (!r.ok) {
@@ -207,6 +341,18 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`lockstep pair: unknown command '${sub}'\n${HELP}`);
     return 1;
   }
+
+  let format: LogFormat;
+  try {
+    format = v['log-format'] !== undefined ? parseLogFormat(v['log-format']) : defaultLogFormat(process.stderr);
+  } catch (e) {
+    process.stderr.write(`lockstep pair: ${errorMessage(e)}\n`);
+    return 1;
+  }
+  const live = new LiveLine(process.stderr);
+  const log = makeLog(format, live);
+  // the live line only next to human logs: JSON lines are for programs
+  const human = format === 'human' && live.enabled;
 
   let opts: PairOptions;
   try {
@@ -248,20 +394,26 @@ export async function run(argv: string[]): Promise<number> {
       ...onOff(v['flush-commit'], 'flush-commit', (b) => ({ flushCommit: b })),
       ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
       log,
-      onProgress: (done, total, eta) => {
-        const pct = total ? ((100 * done) / total).toFixed(1) : '100';
-        const line = `initial sync: ${pct}% (${(done / 2 ** 20).toFixed(0)}/${(total / 2 ** 20).toFixed(0)} MiB)${eta !== null ? `, ETA ${eta.toFixed(1)} s` : ''}`;
-        if (process.stdout.isTTY) process.stdout.write(`\r${line}\x1b[K`);
-        else log('info', line);
-      },
+      onProgress: makeProgress(live, human, log),
     };
   } catch (e) {
     process.stderr.write(`lockstep pair: ${errorMessage(e)}\n`);
     return 1;
   }
+  let metricsAddr: { host: string; port: number } | undefined;
+  if (v.metrics) {
+    try {
+      metricsAddr = parseHostPort(v.metrics, 'metrics');
+    } catch (e) {
+      process.stderr.write(`lockstep pair: ${errorMessage(e)}\n`);
+      return 1;
+    }
+  }
 
+  const notifySocket = takeNotifySocket();
   const sup = new PairSupervisor(opts);
   const shutdown = async (): Promise<void> => {
+    live.clear();
     await sup.stop();
     process.exit(0);
   };
@@ -270,46 +422,48 @@ export async function run(argv: string[]): Promise<number> {
   try {
     await sup.start();
   } catch (e) {
+    live.clear();
     log('error', `the pair could not start: ${errorMessage(e)}`);
     await sup.stop();
     return 1;
   }
+  live.clear();
   const ctl = await serveControl(sup, control);
-  if (v.metrics) {
-    const m = /^(.+):(\d+)$/.exec(v.metrics);
-    if (!m) {
-      log('error', `--metrics: expected HOST:PORT, got '${v.metrics}'`);
-    } else {
-      createServer((req, res) => {
-        if (req.url !== '/metrics') {
-          res.writeHead(404).end();
-          return;
-        }
-        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(sup.metrics.render(sup.status().role, sup.stage));
-      }).listen(Number(m[2]), m[1]);
+  if (metricsAddr) {
+    const server = createServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end();
+        return;
+      }
+      res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(sup.metrics.render(sup.status()));
+    });
+    try {
+      await new Promise<void>((ok, fail) => {
+        server.once('error', fail);
+        server.listen(metricsAddr.port, metricsAddr.host, () => ok());
+      });
+    } catch (e) {
+      log('error', `--metrics: cannot listen on ${v.metrics}: ${errorMessage(e)}`);
     }
   }
   const serving = sup.status().serving;
-  process.stdout.write(
+  live.print(
     `\nlockstep pair is running (data in ${dataDir}).\nThe replicated disk is served at:\n${serving.map((s) => `  ${s}`).join('\n')}\n` +
       `Attach with, for example:\n` +
       `  qemu-io -f raw '${serving[0]}' -c 'write -P 0x5a 0 1M'\n` +
       `  nbdcopy ./some-image.raw '${serving[0]}'\n` +
       `  qemu-system-x86_64 -drive file=${serving[0]},format=raw,if=virtio ...\n` +
       `Status: lockstep pair status --control ${control}\n`,
+    process.stdout,
   );
-  if (process.stdout.isTTY) {
-    setInterval(() => {
-      const s = sup.status();
-      process.stdout.write(
-        `\r${s.stage} | checkpoints ${s.checkpoints} | last pause ${s['last-pause-ms']?.toFixed(2) ?? '-'} ms | forwarded ${(s['bytes-forwarded'] / 2 ** 20).toFixed(1)} MiB | dirty ${s['dirty-clusters']} | heartbeat ${s['heartbeat-age-ms'] ?? '-'} ms` +
-          (s['changed-bytes'] !== undefined ? ` | changed since the last checkpoint ${(s['changed-bytes'] / 2 ** 20).toFixed(1)} MiB` : '') +
-          '\x1b[K',
-      );
-    }, 1000).unref();
+  notifyReady(`${sup.stage}: serving ${serving.join(', ')}`, notifySocket);
+  if (human) {
+    const draw = () => live.set(liveStatus(sup.status() as unknown as Record<string, unknown>));
+    draw();
+    setInterval(draw, 1000).unref();
   }
   sup.on('failed-over', (e: { ms: number; serving: string[] }) => {
-    process.stdout.write(`\nFAILED OVER in ${e.ms} ms: the recovered disk is served at ${e.serving.join(', ')}\n`);
+    live.print(`FAILED OVER in ${e.ms} ms: the recovered disk is served at ${e.serving.join(', ')}\n`, process.stdout);
   });
   await new Promise<void>((resolveRun) => ctl.once('close', () => resolveRun()));
   return 0;

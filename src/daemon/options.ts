@@ -7,7 +7,7 @@ import { parseOptionString } from '../util/keyval.js';
 import { BLOCK_EXPORT_ADD, NBD_SERVER_OPTIONS } from '../qmp/schema/nbd.js';
 import { OBJECT_ADD } from '../qmp/schema/misc.js';
 import { checkValue, coerceStrings, enumOf, validateArguments, type Fields } from '../qmp/schema/types.js';
-import { LOG_LEVELS, type LogLevel } from './log.js';
+import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from './log.js';
 import type { ListenAddress } from './exports.js';
 
 export type DaemonItem =
@@ -35,6 +35,8 @@ export interface DaemonOptions {
   pidfile?: string;
   daemonize: boolean;
   logLevel: LogLevel;
+  /** --log-format; unset: human on a terminal, json otherwise */
+  logFormat?: LogFormat;
   insecure: boolean;
   /** --default: the embedded quick-start configuration */
   defaults: boolean;
@@ -62,8 +64,9 @@ Serve block nodes over NBD with a QMP monitor (qemu-storage-daemon's options).
                          create a user object (as object-add)
   --pidfile PATH         write the daemon's pid to PATH
   --daemonize            detach once started (the parent exits 0 when ready)
-  --log-level LEVEL      debug, info (default), warn, error or silent; logs are JSON lines
-                         on stderr
+  --log-level LEVEL      debug, info (default), warn, error or silent; logs go to stderr
+  --log-format FORMAT    json (one JSON object per line) or human (short lines); default:
+                         human when stderr is a terminal, json otherwise
   --insecure             allow a plain TCP monitor and writable NBD exports on non-loopback
                          addresses without TLS
   --default              run a ready-made daemon: a 1 GiB image under --data-dir, exported on
@@ -120,7 +123,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
     dataDir: 'lockstep-data',
     help: false,
   };
-  const withValue = new Set(['--blockdev', '--nbd-server', '--export', '--chardev', '--monitor', '--object', '--pidfile', '--log-level', '--data-dir']);
+  const withValue = new Set(['--blockdev', '--nbd-server', '--export', '--chardev', '--monitor', '--object', '--pidfile', '--log-level', '--log-format', '--data-dir']);
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i]!;
     let value: string | undefined;
@@ -174,6 +177,10 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
       case '--log-level':
         if (!(LOG_LEVELS as string[]).includes(value!)) throw new InvalidArgumentError(`--log-level: '${value}' is not one of ${LOG_LEVELS.join(', ')}`);
         o.logLevel = value as LogLevel;
+        break;
+      case '--log-format':
+        if (!(LOG_FORMATS as readonly string[]).includes(value!)) throw new InvalidArgumentError(`--log-format: '${value}' is not one of ${LOG_FORMATS.join(', ')}`);
+        o.logFormat = value as LogFormat;
         break;
       case '--data-dir':
         o.dataDir = value!;

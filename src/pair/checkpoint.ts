@@ -69,7 +69,7 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
 /** The secondary's replication counters, for status and metrics. */
 export async function refreshCounters(core: PairCore): Promise<void> {
   const list = (await core.call(core.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
-  core.metrics.bytesForwarded = list.reduce((a, x) => a + x['bytes-copied'], 0);
+  core.metrics.hiddenCopiedBytes = list.reduce((a, x) => a + x['bytes-copied'], 0);
   core.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
 }
 

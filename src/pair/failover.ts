@@ -13,6 +13,8 @@ export interface FailoverHooks {
   beforeCommit(): Promise<void>;
   /** the commit is done: the survivor's disk starts a new generation (before it is served) */
   afterCommit(): Promise<void>;
+  /** the commit's progress (bytes), for a terminal line */
+  commitProgress?(done: number, total: number): void;
 }
 
 /** Runs the failover steps. */
@@ -36,7 +38,9 @@ export async function runFailover(core: PairCore, reason: string, hooks: Failove
   await hooks.beforeCommit();
   await core.call(s, 'xen-set-replication', { enable: false, primary: false, failover: true });
   for (;;) {
-    const list = (await core.call(s, 'query-replication')) as Array<{ stage: string }>;
+    const list = (await core.call(s, 'query-replication')) as Array<{ stage: string; 'commit-progress'?: { current: number; total: number } }>;
+    const cp = list.find((x) => x['commit-progress'])?.['commit-progress'];
+    if (cp) hooks.commitProgress?.(cp.current, cp.total);
     if (list.every((x) => x.stage === 'done')) break;
     if (list.some((x) => x.stage === 'failover-failed')) throw new Error('the failover commit failed');
     await new Promise((r) => setTimeout(r, 10));

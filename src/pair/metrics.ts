@@ -1,6 +1,10 @@
-// The pair's figures: counters, gauges and two histograms (checkpoint pause, checkpoint
-// duration), rendered in Prometheus' text exposition format. Hand-written rather than a
-// dependency: a dozen series do not need a registry library.
+// The pair's figures in Prometheus' text exposition format (version 0.0.4). Names follow
+// Prometheus' conventions (base units, `_total` on counters) and, where the meaning is the
+// same, drbd-reactor's (`drbd_resource_role`, `drbd_connection_state`,
+// `drbd_peerdevice_outofsync_bytes`): enumerations are one series per value, 1 for the
+// current one and 0 for the others, as drbd-reactor does with `enums = true`. The list is in
+// docs/replication.md. Hand-written rather than a dependency: a dozen series do not need a
+// registry library.
 
 export class Histogram {
   private readonly counts: number[];
@@ -44,36 +48,103 @@ export class Histogram {
 
 const PAUSE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 
+export const PAIR_STAGES = ['starting', 'syncing', 'protected', 'primary-lost', 'failed-over', 'degraded', 'stopped'] as const;
+/** drbd-reactor's role values: Primary serves the disk, Secondary is the replica, Unknown is lost */
+export const ROLES = ['Primary', 'Secondary', 'Unknown'] as const;
+/** a subset of DRBD's connection states, for the link between the two sides */
+export const CONNECTION_STATES = ['Connecting', 'Connected', 'Unconnected', 'StandAlone'] as const;
+
+type Role = (typeof ROLES)[number];
+type ConnectionState = (typeof CONNECTION_STATES)[number];
+
+/** The fields of the supervisor's status that the scrape reads. */
+export interface MetricsStatus {
+  stage: string;
+  'changed-bytes'?: number;
+  resync?: { done: number; total: number };
+}
+
+/** Each side's role from the pair's stage. */
+export function sideRoles(stage: string): { primary: Role; secondary: Role } {
+  switch (stage) {
+    case 'failed-over':
+      return { primary: 'Unknown', secondary: 'Primary' };
+    case 'primary-lost':
+      return { primary: 'Unknown', secondary: 'Secondary' };
+    case 'degraded':
+      return { primary: 'Primary', secondary: 'Unknown' };
+    default:
+      return { primary: 'Primary', secondary: 'Secondary' };
+  }
+}
+
+/** The state of the replication link between the sides, from the pair's stage. */
+export function connectionState(stage: string): ConnectionState {
+  switch (stage) {
+    case 'starting':
+      return 'Connecting';
+    case 'degraded':
+    case 'primary-lost':
+      return 'Unconnected';
+    case 'failed-over':
+    case 'stopped':
+      return 'StandAlone';
+    default:
+      return 'Connected';
+  }
+}
+
 export class PairMetrics {
   checkpoints = 0;
   checkpointFailures = 0;
-  bytesForwarded = 0;
+  /** bytes the secondary copied into its hidden disk (copy-before-write) since replication started */
+  hiddenCopiedBytes = 0;
+  /** clusters copied into the hidden disk since the last checkpoint */
   dirtyClusters = 0;
   heartbeatAgeSeconds = 0;
-  /** degraded: bytes changed on the primary since the last confirmed checkpoint */
+  /** degraded: bytes the primary changed since the last checkpoint the secondary confirmed */
   changedBytes = 0;
   /** heartbeats past the timeout, per side, and the longest wait for an answer */
   heartbeatsLate: { primary: number; secondary: number } = { primary: 0, secondary: 0 };
   heartbeatMaxLateSeconds: { primary: number; secondary: number } = { primary: 0, secondary: 0 };
   readonly pause = new Histogram('lockstep_pair_checkpoint_pause_seconds', 'Time guest writes were held for a checkpoint', PAUSE_BUCKETS);
-  readonly checkpointTime = new Histogram('lockstep_pair_checkpoint_seconds', 'Time of the secondary checkpoint itself', PAUSE_BUCKETS);
+  readonly checkpointTime = new Histogram(
+    'lockstep_pair_secondary_checkpoint_seconds',
+    "Time of the secondary's checkpoint command within each pause",
+    PAUSE_BUCKETS,
+  );
 
-  render(role: string, stage: string): string {
-    const g = (name: string, help: string, v: number, type = 'gauge') => `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name} ${v}`;
-    return [
-      `# HELP lockstep_pair_info The pair's role and stage\n# TYPE lockstep_pair_info gauge\nlockstep_pair_info{role="${role}",stage="${stage}"} 1`,
-      g('lockstep_pair_checkpoints_total', 'Checkpoints taken', this.checkpoints, 'counter'),
-      g('lockstep_pair_checkpoint_failures_total', 'Checkpoints that failed', this.checkpointFailures, 'counter'),
-      g('lockstep_pair_bytes_forwarded_total', 'Bytes copied into the hidden disk on the secondary', this.bytesForwarded, 'counter'),
-      g('lockstep_pair_dirty_clusters', 'Clusters copied since the last checkpoint', this.dirtyClusters),
-      g('lockstep_pair_heartbeat_age_seconds', 'Age of the last answered heartbeat of the primary', this.heartbeatAgeSeconds),
-      g('lockstep_pair_changed_bytes', 'Bytes the primary changed since the last checkpoint the secondary confirmed (degraded)', this.changedBytes),
-      `# HELP lockstep_pair_heartbeats_late_total Heartbeats answered or unanswered past the heartbeat timeout (a late side is not lost)\n# TYPE lockstep_pair_heartbeats_late_total counter\n` +
+  render(st: MetricsStatus): string {
+    const head = (name: string, help: string, type: string) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}`;
+    const one = (name: string, help: string, v: number, type = 'gauge') => `${head(name, help, type)}\n${name} ${v}`;
+    const roles = sideRoles(st.stage);
+    const conn = connectionState(st.stage);
+    const out = [
+      head('lockstep_pair_stage', "The pair's stage: 1 for the current one, 0 for the others", 'gauge'),
+      ...PAIR_STAGES.map((s) => `lockstep_pair_stage{stage="${s}"} ${s === st.stage ? 1 : 0}`),
+      head('lockstep_pair_role', "Each side's role (as drbd_resource_role): Primary serves the disk, Secondary is the replica, Unknown is lost", 'gauge'),
+      ...(['primary', 'secondary'] as const).flatMap((side) => ROLES.map((r) => `lockstep_pair_role{side="${side}",role="${r}"} ${roles[side] === r ? 1 : 0}`)),
+      head('lockstep_pair_connection_state', 'State of the replication link between the sides (as drbd_connection_state)', 'gauge'),
+      ...CONNECTION_STATES.map((c) => `lockstep_pair_connection_state{state="${c}"} ${c === conn ? 1 : 0}`),
+    ];
+    // known only while protected (every write reaches the peer: 0), degraded (the changes
+    // since the last confirmed checkpoint) or resyncing (what is left to copy)
+    const oos = st.resync ? Math.max(0, st.resync.total - st.resync.done) : st.stage === 'degraded' ? (st['changed-bytes'] ?? this.changedBytes) : st.stage === 'protected' ? 0 : null;
+    out.push(head('lockstep_pair_peerdevice_outofsync_bytes', 'Bytes the peer lacks from the serving side since the last checkpoint it confirmed (as drbd_peerdevice_outofsync_bytes); absent when unknown', 'gauge'));
+    if (oos !== null) out.push(`lockstep_pair_peerdevice_outofsync_bytes{peer="${roles.primary === 'Primary' ? 'secondary' : 'primary'}",disk="disk"} ${oos}`);
+    out.push(
+      one('lockstep_pair_checkpoints_total', 'Checkpoints taken', this.checkpoints, 'counter'),
+      one('lockstep_pair_checkpoint_failures_total', 'Checkpoints that failed', this.checkpointFailures, 'counter'),
+      one('lockstep_pair_hidden_copied_bytes_total', "Bytes the secondary copied into its hidden disk (the old content of regions the primary's writes overwrite)", this.hiddenCopiedBytes, 'counter'),
+      one('lockstep_pair_hidden_dirty_clusters', 'Clusters copied into the hidden disk since the last checkpoint', this.dirtyClusters),
+      `${head('lockstep_pair_heartbeat_age_seconds', "Age of the side's last answered heartbeat", 'gauge')}\nlockstep_pair_heartbeat_age_seconds{side="primary"} ${this.heartbeatAgeSeconds}`,
+      `${head('lockstep_pair_heartbeats_late_total', 'Heartbeats answered or unanswered past the heartbeat timeout (a late side is not lost)', 'counter')}\n` +
         (['primary', 'secondary'] as const).map((s) => `lockstep_pair_heartbeats_late_total{side="${s}"} ${this.heartbeatsLate[s]}`).join('\n'),
-      `# HELP lockstep_pair_heartbeat_max_late_seconds The longest a late heartbeat waited for its answer\n# TYPE lockstep_pair_heartbeat_max_late_seconds gauge\n` +
+      `${head('lockstep_pair_heartbeat_max_late_seconds', 'The longest a late heartbeat waited for its answer', 'gauge')}\n` +
         (['primary', 'secondary'] as const).map((s) => `lockstep_pair_heartbeat_max_late_seconds{side="${s}"} ${this.heartbeatMaxLateSeconds[s]}`).join('\n'),
       this.pause.render(),
       this.checkpointTime.render(),
-    ].join('\n') + '\n';
+    );
+    return out.join('\n') + '\n';
   }
 }

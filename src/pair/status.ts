@@ -11,7 +11,8 @@ export interface PairStatus {
   'last-pause-ms': number | null;
   'pause-median-ms': number | null;
   'pause-p99-ms': number | null;
-  'bytes-forwarded': number;
+  /** bytes the secondary copied into its hidden disk since replication started */
+  'hidden-copied-bytes': number;
   'dirty-clusters': number;
   'heartbeat-age-ms': number | null;
   serving: string[];
@@ -52,7 +53,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
     'last-pause-ms': i.lastPauseMs,
     'pause-median-ms': q(i.metrics.pause.quantile(0.5)),
     'pause-p99-ms': q(i.metrics.pause.quantile(0.99)),
-    'bytes-forwarded': i.metrics.bytesForwarded,
+    'hidden-copied-bytes': i.metrics.hiddenCopiedBytes,
     'dirty-clusters': i.metrics.dirtyClusters,
     'heartbeat-age-ms': i.primaryLastAnswer === null ? null : Date.now() - i.primaryLastAnswer,
     serving: i.serving,

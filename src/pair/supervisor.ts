@@ -76,8 +76,8 @@ export interface PairOptions {
   flushCommit?: boolean;
   /** the primary's write lease, ms (default: the heartbeat timeout; 0 = no lease) */
   leaseMs?: number;
-  /** progress of the initial sync, for a terminal line */
-  onProgress?: (done: number, total: number, etaSeconds: number | null) => void;
+  /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
+  onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
 }
 
 export const PAIR_DEFAULTS = {
@@ -364,6 +364,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       const t0 = Date.now();
       const sd = this.disks.secondary;
       await runFailover(this, reason, {
+        commitProgress: (done, total) => this.opts.onProgress?.(done, total, null, 'failover commit'),
         serve: async (side, node) => {
           // never two writers: the old primary acknowledges nothing once its lease is out
           if (this.lease) {

@@ -6,7 +6,7 @@ import type { QmpClient } from '../qmp/client.js';
 import type { PairLog } from './core.js';
 import { DISK_NODE } from './setup.js';
 
-export type SyncProgress = (done: number, total: number, etaSeconds: number | null) => void;
+export type SyncProgress = (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
 
 /** Mirrors node `device` onto node `target` of the daemon `p` until it is ready, then ends it. */
 export async function initialSync(
@@ -24,7 +24,7 @@ export async function initialSync(
     if (!j) throw new Error('the initial sync ended before it was ready');
     const elapsed = (Date.now() - started) / 1000;
     const eta = j.offset > 0 ? (elapsed * (j.len - j.offset)) / j.offset : null;
-    onProgress?.(j.offset, j.len, eta);
+    onProgress?.(j.offset, j.len, eta, 'initial sync');
     if (j.ready) break;
     await new Promise((r) => setTimeout(r, 200));
   }

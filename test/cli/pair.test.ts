@@ -1,13 +1,17 @@
 // `lockstep pair` from the command line: option errors, then a pair run by the CLI, driven with
-// `lockstep pair status|checkpoint|failover` and read through its Prometheus endpoint.
+// `lockstep pair status|checkpoint|failover` and read through its Prometheus endpoint. The
+// scrape is read with parse-prometheus-text-format (a port of the Prometheus project's own
+// parser) and checked against the series docs/replication.md documents.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { createServer } from 'node:net';
+import { readFileSync } from 'node:fs';
+import parsePrometheusTextFormat, { type PromFamily } from 'parse-prometheus-text-format';
 import { tempDir } from '../helpers/graph.js';
-import { LOCKSTEP_BIN } from '../helpers/processes.js';
+import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 
 const MiB = 1024 * 1024;
@@ -15,6 +19,34 @@ const MiB = 1024 * 1024;
 function lockstep(args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [LOCKSTEP_BIN, ...args], { encoding: 'utf8', timeout: 60_000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** The series docs/replication.md lists in its metrics table: name, labels and type. */
+function documentedSeries(): Array<{ name: string; labels: string[]; type: string }> {
+  const doc = readFileSync(join(REPO_ROOT, 'docs', 'replication.md'), 'utf8');
+  const out: Array<{ name: string; labels: string[]; type: string }> = [];
+  for (const m of doc.matchAll(/^\| `(lockstep_[a-z_]+)(?:\{([a-z_,]+)\})?` \| (gauge|counter|histogram) \|/gm)) {
+    out.push({ name: m[1]!, labels: m[2] ? m[2].split(',') : [], type: m[3]! });
+  }
+  return out;
+}
+
+/** Scrapes /metrics and parses it; the value of one series by its labels. */
+async function scrape(port: number): Promise<{ families: PromFamily[]; value(name: string, labels?: Record<string, string>): number }> {
+  const res = await fetch(`http://127.0.0.1:${port}/metrics`);
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+  const families = parsePrometheusTextFormat(await res.text());
+  return {
+    families,
+    value(name, labels = {}) {
+      const f = families.find((x) => x.name === name);
+      assert.ok(f, `no ${name} in the scrape`);
+      const s = f.metrics.find((m) => Object.entries(labels).every(([k, v]) => m.labels?.[k] === v));
+      assert.ok(s, `no ${name}${JSON.stringify(labels)} in the scrape`);
+      return Number(s.value ?? s.count);
+    },
+  };
 }
 
 async function freePort(): Promise<number> {
@@ -37,6 +69,11 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'host'], /--listen HOST:PORT is required/],
     [['pair', 'host', '--listen', '10.1.2.3:4444'], /give --tls-dir DIR .* or --insecure/],
     [['pair', 'status', '--control', '/nonexistent/pair.sock'], /cannot reach the pair supervisor/],
+    [['pair', 'run', '--log-format', 'xml'], /--log-format: 'xml' is not one of json, human/],
+    [['pair', 'run', '--metrics', 'nowhere'], /--metrics: expected HOST:PORT, got 'nowhere'/],
+    [['pair', 'checkpoint', '--watch'], /--json, --watch, --interval and --check are options of 'lockstep pair status'/],
+    [['pair', 'status', '--watch', '--interval', '0'], /--interval: must be more than 0/],
+    [['daemon', '--log-format', 'xml'], /--log-format: 'xml' is not one of json, human/],
   ];
   for (const [args, re] of cases) {
     const r = lockstep(args);
@@ -76,24 +113,82 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.equal(cp.status, 0, cp.stderr);
   const times = JSON.parse(cp.stdout) as { pauseMs: number; holdMs: number; checkpointMs: number; releaseMs: number };
   assert.ok(times.pauseMs >= times.holdMs + times.checkpointMs);
+  // piped, status prints the JSON object; --json does the same
   const st = JSON.parse(lockstep(['pair', 'status', '--data-dir', dir]).stdout) as Record<string, unknown>;
   assert.equal(st.stage, 'protected');
   assert.equal(st.role, 'primary serving');
   assert.ok((st.checkpoints as number) >= 1);
-  for (const k of ['last-pause-ms', 'bytes-forwarded', 'dirty-clusters', 'heartbeat-age-ms']) assert.ok(k in st, k);
+  for (const k of ['last-pause-ms', 'hidden-copied-bytes', 'dirty-clusters', 'heartbeat-age-ms']) assert.ok(k in st, k);
+  assert.ok(!('bytes-forwarded' in st), 'renamed hidden-copied-bytes');
+  assert.equal((JSON.parse(lockstep(['pair', 'status', '--json', '--data-dir', dir]).stdout) as { stage: string }).stage, 'protected');
+  const check = lockstep(['pair', 'status', '--check', '--data-dir', dir]);
+  assert.equal(check.status, 0, check.stderr);
+  assert.match(check.stdout, /^protected: primary serving, last pause \d/);
 
-  const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  assert.match(metrics, /^lockstep_pair_info\{role="primary serving",stage="protected"\} 1$/m);
-  assert.match(metrics, /^lockstep_pair_checkpoints_total [1-9]\d*$/m);
-  assert.match(metrics, /^lockstep_pair_checkpoint_pause_seconds_count [1-9]\d*$/m);
+  // --watch, piped: one JSON object per line until interrupted
+  const watch = spawn(process.execPath, [LOCKSTEP_BIN, 'pair', 'status', '--watch', '--interval', '0.1', '--data-dir', dir], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let watched = '';
+  watch.stdout.on('data', (d: Buffer) => (watched += d.toString()));
+  const watchExit = new Promise<number | null>((r) => watch.once('exit', (c) => r(c)));
+  for (let i = 0; watched.split('\n').length < 4; i++) {
+    assert.ok(i < 400, `--watch printed ${watched}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  watch.kill('SIGINT');
+  assert.equal(await watchExit, 0);
+  const lines = watched.trim().split('\n');
+  for (const l of lines) assert.equal((JSON.parse(l) as { stage: string }).stage, 'protected');
+
+  // every documented series is in the scrape with its type and labels, and nothing else is
+  const documented = documentedSeries();
+  assert.ok(documented.length >= 10, `docs/replication.md lists ${documented.length} series`);
+  let m = await scrape(port);
+  for (const d of documented) {
+    const f = m.families.find((x) => x.name === d.name);
+    assert.ok(f, `${d.name} is documented but not in the scrape`);
+    assert.equal(f.type, d.type.toUpperCase(), d.name);
+    assert.ok(f.metrics.length >= 1, `${d.name} has no sample`);
+    for (const s of f.metrics) assert.deepEqual(Object.keys(s.labels ?? {}).sort(), [...d.labels].sort(), `${d.name}'s labels`);
+  }
+  for (const f of m.families) assert.ok(documented.some((d) => d.name === f.name), `${f.name} is not documented`);
+  assert.equal(m.value('lockstep_pair_stage', { stage: 'protected' }), 1);
+  assert.equal(m.families.find((f) => f.name === 'lockstep_pair_stage')!.metrics.reduce((a, s) => a + Number(s.value), 0), 1);
+  assert.equal(m.value('lockstep_pair_role', { side: 'primary', role: 'Primary' }), 1);
+  assert.equal(m.value('lockstep_pair_role', { side: 'secondary', role: 'Secondary' }), 1);
+  assert.equal(m.value('lockstep_pair_connection_state', { state: 'Connected' }), 1);
+  assert.equal(m.value('lockstep_pair_peerdevice_outofsync_bytes', { peer: 'secondary', disk: 'disk' }), 0);
+  assert.ok(m.value('lockstep_pair_checkpoints_total') >= 1);
+  assert.equal(m.value('lockstep_pair_checkpoint_failures_total'), 0);
+  // the 4 KiB write above made the secondary keep its old cluster in the hidden disk
+  assert.ok(m.value('lockstep_pair_hidden_copied_bytes_total') >= 4096);
+  assert.ok(m.value('lockstep_pair_heartbeat_age_seconds', { side: 'primary' }) >= 0);
+  assert.ok(m.value('lockstep_pair_checkpoint_pause_seconds') >= 1);
+  const pause = m.families.find((f) => f.name === 'lockstep_pair_checkpoint_pause_seconds')!.metrics[0]!;
+  assert.equal(pause.buckets?.['+Inf'], pause.count);
 
   const fo = lockstep(['pair', 'failover', '--data-dir', dir]);
   assert.equal(fo.status, 0, fo.stderr);
   assert.equal((JSON.parse(fo.stdout) as { stage: string }).stage, 'failed-over');
+  const after = lockstep(['pair', 'status', '--check', '--data-dir', dir]);
+  assert.equal(after.status, 4, after.stdout + after.stderr);
+  assert.match(after.stdout, /^failed-over: secondary serving/);
+  m = await scrape(port);
+  assert.equal(m.value('lockstep_pair_stage', { stage: 'failed-over' }), 1);
+  assert.equal(m.value('lockstep_pair_role', { side: 'secondary', role: 'Primary' }), 1);
+  assert.equal(m.value('lockstep_pair_role', { side: 'primary', role: 'Unknown' }), 1);
+  assert.equal(m.value('lockstep_pair_connection_state', { state: 'StandAlone' }), 1);
   // the recovered disk: the write above was covered by a checkpoint
   const r = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
   assert.ok((await r.read(MiB, 4096)).equals(Buffer.alloc(4096, 0x5a)));
   await r.disconnect();
   child.kill('SIGTERM');
   assert.equal(await exited, 0);
+  const gone = lockstep(['pair', 'status', '--check', '--data-dir', dir]);
+  assert.equal(gone.status, 7, gone.stdout + gone.stderr);
+  assert.match(gone.stdout, /^not running: cannot reach the pair supervisor/);
+  // piped, the logs were JSON lines (none glued to another, no in-place progress)
+  const logs = out.split('\n').filter((l) => l.startsWith('{'));
+  assert.ok(logs.some((l) => (JSON.parse(l) as { msg: string }).msg === 'initial sync done'), out);
+  assert.ok(!out.includes('\r'), 'no in-place line when not on a terminal');
+  for (const l of logs) assert.equal((JSON.parse(l) as { component: string }).component, 'pair');
 });

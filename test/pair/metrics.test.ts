@@ -1,0 +1,66 @@
+// The scrape in every stage, read with a Prometheus text parser: exactly one stage, each side's
+// role and the link's state set to 1, and the out-of-sync gauge only where it is known.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import parsePrometheusTextFormat from 'parse-prometheus-text-format';
+import { PAIR_STAGES, PairMetrics } from '../../src/pair/metrics.js';
+
+function read(text: string) {
+  const families = parsePrometheusTextFormat(text);
+  const ones = (name: string) =>
+    families
+      .find((f) => f.name === name)!
+      .metrics.filter((m) => m.value === '1')
+      .map((m) => m.labels);
+  const oos = families.find((f) => f.name === 'lockstep_pair_peerdevice_outofsync_bytes')!.metrics;
+  return { ones, oos };
+}
+
+test('each stage sets one stage, the roles and the link state as drbd-reactor would', () => {
+  const m = new PairMetrics();
+  const expect: Record<string, { roles: [string, string]; conn: string }> = {
+    starting: { roles: ['Primary', 'Secondary'], conn: 'Connecting' },
+    syncing: { roles: ['Primary', 'Secondary'], conn: 'Connected' },
+    protected: { roles: ['Primary', 'Secondary'], conn: 'Connected' },
+    'primary-lost': { roles: ['Unknown', 'Secondary'], conn: 'Unconnected' },
+    'failed-over': { roles: ['Unknown', 'Primary'], conn: 'StandAlone' },
+    degraded: { roles: ['Primary', 'Unknown'], conn: 'Unconnected' },
+    stopped: { roles: ['Primary', 'Secondary'], conn: 'StandAlone' },
+  };
+  for (const stage of PAIR_STAGES) {
+    const r = read(m.render({ stage }));
+    assert.deepEqual(r.ones('lockstep_pair_stage'), [{ stage }]);
+    assert.deepEqual(r.ones('lockstep_pair_role'), [
+      { side: 'primary', role: expect[stage]!.roles[0] },
+      { side: 'secondary', role: expect[stage]!.roles[1] },
+    ]);
+    assert.deepEqual(r.ones('lockstep_pair_connection_state'), [{ state: expect[stage]!.conn }]);
+  }
+});
+
+test('out of sync: 0 while protected, the changed bytes while degraded, what is left of a resync, absent otherwise', () => {
+  const m = new PairMetrics();
+  const at = (st: Parameters<PairMetrics['render']>[0]) => read(m.render(st)).oos.map((s) => [s.labels, Number(s.value)]);
+  assert.deepEqual(at({ stage: 'protected' }), [[{ peer: 'secondary', disk: 'disk' }, 0]]);
+  assert.deepEqual(at({ stage: 'degraded', 'changed-bytes': 196608 }), [[{ peer: 'secondary', disk: 'disk' }, 196608]]);
+  assert.deepEqual(at({ stage: 'resyncing', resync: { done: 100, total: 4096 } }), [[{ peer: 'secondary', disk: 'disk' }, 3996]]);
+  assert.deepEqual(at({ stage: 'failed-over' }), []);
+  assert.deepEqual(at({ stage: 'primary-lost' }), []);
+});
+
+test('counters and histograms carry what was observed', () => {
+  const m = new PairMetrics();
+  m.checkpoints = 3;
+  m.hiddenCopiedBytes = 65536;
+  m.pause.observe(0.0015);
+  m.pause.observe(0.02);
+  const f = parsePrometheusTextFormat(m.render({ stage: 'protected' }));
+  assert.equal(f.find((x) => x.name === 'lockstep_pair_checkpoints_total')!.type, 'COUNTER');
+  assert.equal(f.find((x) => x.name === 'lockstep_pair_hidden_copied_bytes_total')!.metrics[0]!.value, '65536');
+  const h = f.find((x) => x.name === 'lockstep_pair_checkpoint_pause_seconds')!;
+  assert.equal(h.type, 'HISTOGRAM');
+  assert.equal(h.metrics[0]!.count, '2');
+  assert.equal(h.metrics[0]!.buckets!['0.002'], '1');
+  assert.equal(h.metrics[0]!.buckets!['0.025'], '2');
+});
