@@ -217,7 +217,7 @@ async function main(o: Options, ctx: BenchContext, root: string): Promise<void> 
           await g.mkfs();
           return undefined;
         }));
-        g.detach();
+        await g.detach();
         guest = null;
         row(`fio 1M ${sizeGiB}G`, kind, await step(s, async () => {
           const r = await fio({ ...ctx, sizeMiB: sizeGiB * 1024 }, s.uri, '1M', 4, o.seconds).done;
@@ -226,7 +226,7 @@ async function main(o: Options, ctx: BenchContext, root: string): Promise<void> 
       } catch (e) {
         console.log(`${kind} ${sizeGiB} GiB: ${errorMessage(e)}`);
       } finally {
-        guest?.detach(true);
+        await guest?.detach(true);
         await s.stop().catch(() => {});
         rmSync(dir, { recursive: true, force: true });
       }

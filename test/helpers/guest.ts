@@ -18,7 +18,9 @@ export function run(cmd: string, args: string[], opts: { allowFail?: boolean; ti
   return { status: r.status, out };
 }
 
-/** run() without blocking the event loop (a supervisor or a bench may share the process). */
+/** run() without blocking the event loop (a supervisor or a bench may share the process, and
+ *  anything that touches the served disk may wait for it: with output commit a flush waits
+ *  for a checkpoint the supervisor runs). */
 export function runAsync(cmd: string, args: string[], opts: { allowFail?: boolean; timeoutMs?: number } = {}): Promise<{ status: number | null; out: string }> {
   return new Promise((resolve, reject) => {
     const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: opts.timeoutMs ?? 60_000 });
@@ -81,9 +83,11 @@ export class GuestDisk {
       }
       const dev = statSync(fuseDir).dev;
       g.fuseConn = (dev & 0xff) | ((dev >> 12) & 0xfff00); // minor(): the connection's number
-      g.loop = run('losetup', ['-f', '--show', join(fuseDir, 'disk')]).out.trim();
+      // async: attaching fsyncs the FUSE file, which becomes an NBD flush; with output
+      // commit that flush waits for a checkpoint, which a supervisor in this process runs
+      g.loop = (await runAsync('losetup', ['-f', '--show', join(fuseDir, 'disk')])).out.trim();
     } catch (e) {
-      g.detach();
+      await g.detach();
       throw e;
     }
     return g;
@@ -94,17 +98,17 @@ export class GuestDisk {
     await runAsync('mkfs.ext4', ['-q', '-F', this.loop!], { timeoutMs: 300_000 });
   }
 
-  mount(): string {
+  async mount(): Promise<string> {
     const mnt = join(this.dir, 'mnt');
     mkdirSync(mnt, { recursive: true });
-    run('mount', ['-t', 'ext4', this.loop!, mnt]);
+    await runAsync('mount', ['-t', 'ext4', this.loop!, mnt]);
     this.mountpoint = mnt;
     return mnt;
   }
 
-  umount(): void {
+  async umount(): Promise<void> {
     if (!this.mountpoint) return;
-    run('umount', [this.mountpoint]);
+    await runAsync('umount', [this.mountpoint]);
     this.mountpoint = null;
   }
 
@@ -124,26 +128,26 @@ export class GuestDisk {
   }
 
   /** Takes everything down, whatever state it is in; `crashed`: abort the connection first. */
-  detach(crashed = false): void {
+  async detach(crashed = false): Promise<void> {
     if (crashed) this.abort();
     if (this.mountpoint) {
-      run('umount', crashed ? ['-l', this.mountpoint] : [this.mountpoint], { allowFail: true });
+      await runAsync('umount', crashed ? ['-l', this.mountpoint] : [this.mountpoint], { allowFail: true });
       if (!crashed && mounted(this.mountpoint)) {
         this.abort();
-        run('umount', ['-l', this.mountpoint], { allowFail: true });
+        await runAsync('umount', ['-l', this.mountpoint], { allowFail: true });
       }
       this.mountpoint = null;
     }
     if (this.loop) {
-      run('losetup', ['-d', this.loop], { allowFail: true });
+      await runAsync('losetup', ['-d', this.loop], { allowFail: true });
       this.loop = null;
     }
     const fuseDir = join(this.dir, 'fuse');
     if (mounted(fuseDir)) {
-      run('umount', [fuseDir], { allowFail: true });
+      await runAsync('umount', [fuseDir], { allowFail: true });
       if (mounted(fuseDir)) {
         this.abort();
-        run('umount', ['-l', fuseDir], { allowFail: true });
+        await runAsync('umount', ['-l', fuseDir], { allowFail: true });
       }
     }
     if (this.nbdfuse && this.nbdfuse.exitCode === null) this.nbdfuse.kill('SIGKILL');

@@ -125,7 +125,7 @@ class Workload {
 async function checkRecovered(root: string, dir: string, want: { files: Array<[string, Buffer]>; rows: number }): Promise<void> {
   const g = await GuestDisk.attach(join(root, 'after'), uri(dir));
   try {
-    const mnt = g.mount();
+    const mnt = await g.mount();
     for (const [name, data] of want.files) {
       const got = await readFile(join(mnt, name));
       assert.ok(got.equals(data), `${name}: ${got.length} bytes, differs from the ${data.length} bytes fsync'd before the checkpoint`);
@@ -137,11 +137,11 @@ async function checkRecovered(root: string, dir: string, want: { files: Array<[s
       const rows = Number((await runAsync('sqlite3', [db, 'SELECT count(*) FROM t;'])).out.trim());
       assert.ok(rows >= want.rows, `the database has ${rows} rows, ${want.rows} were committed before the checkpoint`);
     }
-    g.umount();
+    await g.umount();
     const fsck = await g.fsck();
     assert.equal(fsck.status, 0, `e2fsck after the journal replay:\n${fsck.out}`);
   } finally {
-    g.detach();
+    await g.detach();
   }
 }
 
@@ -160,13 +160,13 @@ async function guestOnPair(t: { after(fn: () => unknown): void }, root: string):
   let guest: GuestDisk | null = null;
   // the guest first: nothing of it may wait on a daemon being stopped
   t.after(async () => {
-    guest?.detach(true);
+    await guest?.detach(true);
     await sup.stop();
   });
   await sup.start();
   guest = await GuestDisk.attach(join(root, 'before'), uri(dir));
   await guest.mkfs();
-  const work = new Workload(guest.mount());
+  const work = new Workload(await guest.mount());
   const checkpoints: number[] = [];
   const t0 = performance.now();
   await sup.checkpoint();
@@ -204,7 +204,7 @@ async function primaryKilled(t: { after(fn: () => unknown): void }, moment: 'bet
   }
   await failedOver;
   // the guest died with its host: nothing may wait on the dead primary
-  r.guest.detach(true);
+  await r.guest.detach(true);
   await r.work.stop();
   const want = r.work.durableBefore(r.checkpoints[r.checkpoints.length - 1]!);
   assert.ok(want.files.length > 0, `no file was fsync'd before the last checkpoint (${r.work.files.size} in all; ${r.work.firstError})`);
@@ -231,8 +231,8 @@ test('guest ext4 + sqlite: the secondary killed, the primary keeps serving', { s
   assert.equal(r.work.errors, 0, `the guest saw no error: ${r.work.firstError}`);
   assert.equal(r.sup.stage, 'degraded');
   // a clean shutdown of the guest, then the disk the primary serves
-  r.guest.umount();
-  r.guest.detach();
+  await r.guest.umount();
+  await r.guest.detach();
   await checkRecovered(root, join(root, 'pair'), r.work.durableBefore(Infinity));
 });
 
