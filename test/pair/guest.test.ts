@@ -24,8 +24,9 @@ const SIZE = 64 * MiB;
 const usable = canMakeGuest();
 const skip = usable ? false : 'needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs and sqlite3';
 
-function pair(dir: string): PairSupervisor {
+function pair(dir: string, flushCommit = true): PairSupervisor {
   return new PairSupervisor({
+    flushCommit,
     dataDir: dir,
     size: SIZE,
     checkpointIntervalMs: 0,
@@ -239,7 +240,10 @@ test('guest ext4 + sqlite: the secondary killed, the primary keeps serving', { s
 test('a client with NBD reconnect (qemu-io, reconnect-delay) carries on across a failover', { skip: skip || (requireTool('qemu-io') ? false : 'needs qemu-io') }, async (t) => {
   const root = tempDir(t, 'lockstep-guest-');
   const dir = join(root, 'pair');
-  const sup = pair(dir);
+  // qemu-io flushes after its writes: with output commit each flush would start a checkpoint
+  // covering the write, and the post-checkpoint write this scenario drops would be kept
+  // (rightly: it was acknowledged by a flush); test/pair/output-commit.test.ts covers that
+  const sup = pair(dir, false);
   t.after(() => sup.stop());
   await sup.start();
   const io = spawn('qemu-io', ['--image-opts', `driver=nbd,server.type=unix,server.path=${join(dir, 'disk.sock')},export=disk,reconnect-delay=20`], {
