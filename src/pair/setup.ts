@@ -76,7 +76,11 @@ const scratchNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'f
 /** The secondary: its disk, the replication filter over active -> hidden -> disk, and the
  *  writable export the primary forwards to. */
 export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined): Promise<void> {
-  await q.execute('blockdev-add', { 'node-name': FORWARD_EXPORT, ...qcow2Node(imagePath(side, 'secondary.qcow2')) });
+  // The disk sits under its dirty log: forwarded writes, the failover commit (which writes
+  // into the backing node parent0) and, after failover, the survivor's own writes all pass
+  // through it, so the survivor's record covers everything that differs from the last checkpoint.
+  await q.execute('blockdev-add', { 'node-name': SECONDARY_DISK, ...qcow2Node(imagePath(side, 'secondary.qcow2')) });
+  await q.execute('blockdev-add', { driver: 'dirty-log', 'node-name': FORWARD_EXPORT, file: SECONDARY_DISK, filename: dirtyLogPath(side, 'secondary') });
   await q.execute('blockdev-add', {
     driver: 'replication',
     'node-name': 'childs0',
@@ -89,6 +93,17 @@ export async function buildSecondary(q: QmpClient, side: SideLayout, forward: Fo
 }
 
 export const PRIMARY_LOCAL = 'local0';
+/** The primary's dirty-log filter over local0: the quorum's child. */
+export const PRIMARY_LOG = 'local0-log';
+/** The secondary's qcow2 disk; the dirty-log filter above it is FORWARD_EXPORT. */
+export const SECONDARY_DISK = 'secondary-disk0';
+/** Each side's dirty-log node (what x-dirty-log-* commands name). */
+export const LOG_NODE = { primary: PRIMARY_LOG, secondary: FORWARD_EXPORT } as const;
+
+/** The dirty log of a side's disk, beside it. */
+export function dirtyLogPath(side: SideLayout, name: 'primary' | 'secondary'): string {
+  return imagePath(side, `${name}.qcow2.dirty`);
+}
 
 /** The primary: its local disk under a quorum that the replication filter joins later. */
 export async function buildPrimary(q: QmpClient, side: SideLayout): Promise<void> {
@@ -96,13 +111,14 @@ export async function buildPrimary(q: QmpClient, side: SideLayout): Promise<void
   await addPrimaryQuorum(q);
 }
 
-/** The primary's disk alone (a resync from the secondary writes into it before the quorum is built). */
+/** The primary's disk under its dirty log (a resync from the secondary writes into it before the quorum is built). */
 export async function addPrimaryDisk(q: QmpClient, side: SideLayout): Promise<void> {
   await q.execute('blockdev-add', { 'node-name': PRIMARY_LOCAL, ...qcow2Node(imagePath(side, 'primary.qcow2')) });
+  await q.execute('blockdev-add', { driver: 'dirty-log', 'node-name': PRIMARY_LOG, file: PRIMARY_LOCAL, filename: dirtyLogPath(side, 'primary') });
 }
 
 export async function addPrimaryQuorum(q: QmpClient): Promise<void> {
-  await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: [PRIMARY_LOCAL] });
+  await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: [PRIMARY_LOG] });
 }
 
 export function serverAddr(a: ForwardAddress): { type: 'unix'; data: { path: string } } | { type: 'inet'; data: { host: string; port: string } } {

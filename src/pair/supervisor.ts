@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics } from './metrics.js';
-import { DISK_NODE, PRIMARY_LOCAL, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
+import { DISK_NODE, LOG_NODE, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
 import { decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
 import type { PairSideName } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
@@ -28,7 +28,7 @@ import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTl
 import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
 import { Liveness } from './liveness.js';
 import { runFailover } from './failover.js';
-import { initialSync } from './sync.js';
+import { resync, unionExtents, type ByteRange, type ResyncResult } from './sync.js';
 import { buildStatus, type PairStatus } from './status.js';
 import type { PairCore } from './core.js';
 import { PairOutputCommit } from './output-commit.js';
@@ -111,6 +111,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   lease: PairLease | null = null;
   /** what the last start decided about copying */
   lastSync: { kind: string; reason: string; source?: PairSideName } | null = null;
+  /** what the last start's copy did: the extents it copied and the job's byte counters */
+  lastResync: ResyncResult | null = null;
 
   constructor(readonly opts: PairOptions) {
     super();
@@ -189,15 +191,28 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     await addPrimaryDisk(p.qmp, p.layout);
     this.stages.to('syncing');
     if (decision.kind === 'incremental' || decision.kind === 'full') {
-      // until the change records exist (dirty-log), an incremental resync copies the whole disk
       const toSecondary = decision.source === 'primary';
+      // an incremental resync copies the union of both records: what the newer side changed
+      // since the common generation, and what the older side changed that the newer never
+      // had (its writes after the last checkpoint, which a failover discarded)
+      let extents: ByteRange[] = [{ offset: 0, length: o.size }];
+      if (decision.kind === 'incremental') {
+        const records = await Promise.all(
+          ([[p, 'primary'], [s, 'secondary']] as const).map(async ([side, n]) => ((await side.qmp.execute('x-dirty-log-query', { 'node-name': LOG_NODE[n] })) as { extents: ByteRange[] }).extents),
+        );
+        extents = unionExtents(...records);
+      }
       await markTarget(this, toSecondary ? sd : pd);
       await p.qmp.execute('blockdev-add', { 'node-name': 'sync-peer', ...forwardNode(forward, tls?.clientCreds, 0) });
-      if (toSecondary) await initialSync(p.qmp, o.log, o.onProgress, PRIMARY_LOCAL, 'sync-peer');
-      else await initialSync(p.qmp, o.log, o.onProgress, 'sync-peer', PRIMARY_LOCAL);
+      const targetIsZero = decision.kind === 'full' && decision.targetIsZero;
+      const what = decision.kind === 'full' ? 'initial sync' : 'resync';
+      const [from, to] = toSecondary ? [PRIMARY_LOG, 'sync-peer'] : ['sync-peer', PRIMARY_LOG];
+      this.lastResync = await resync(p.qmp, o.log, o.onProgress, from, to, extents, targetIsZero, what);
       await p.qmp.execute('blockdev-del', { 'node-name': 'sync-peer' });
     }
     await markInStep(this, pd, sd, 'source' in decision ? decision.source : 'primary');
+    // the disks are equal (or were already): neither has changed since the new common point
+    if (decision.kind !== 'none') for (const [side, n] of [[p, 'primary'], [s, 'secondary']] as const) await side.qmp.execute('x-dirty-log-clear', { 'node-name': LOG_NODE[n] });
     await addPrimaryQuorum(p.qmp);
     const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
     // secondary first: no forwarded write may reach the secondary disk before its

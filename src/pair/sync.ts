@@ -1,35 +1,85 @@
 // Copying a disk from one side to the other before replication starts, in the direction the
-// generations decided: a mirror, run on the primary's daemon, from the primary's disk onto the
-// secondary's forward export, or from that export onto the primary's disk.
+// generations decided: an `x-blockdev-resync` job, run on the primary's daemon, from the
+// primary's disk onto the secondary's forward export or back. An incremental resync copies
+// the union of the two disks' dirty-log records; a full one a single extent covering the disk.
 
 import type { QmpClient } from '../qmp/client.js';
 import type { PairLog } from './core.js';
-import { DISK_NODE } from './setup.js';
 
 export type SyncProgress = (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
 
-/** Mirrors node `device` onto node `target` of the daemon `p` until it is ready, then ends it. */
-export async function initialSync(
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
+/** What a resync job reported when it completed. */
+export interface ResyncResult {
+  extents: ByteRange[];
+  /** total bytes of the extents */
+  bytes: number;
+  dataBytes: number;
+  zeroedBytes: number;
+  skippedZeroBytes: number;
+}
+
+/** The union of sorted or unsorted range lists: ascending, overlapping or touching runs merged. */
+export function unionExtents(...lists: ReadonlyArray<readonly ByteRange[]>): ByteRange[] {
+  const all = lists.flat().filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+  const out: ByteRange[] = [];
+  for (const r of all) {
+    const last = out[out.length - 1];
+    if (last && r.offset <= last.offset + last.length) last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    else out.push({ ...r });
+  }
+  return out;
+}
+
+const JOB = 'lockstep-sync';
+
+/** Copies exactly `extents` from node `device` to node `target` of the daemon `p`. */
+export async function resync(
   p: QmpClient,
   log: PairLog,
   onProgress: SyncProgress | undefined,
-  device = DISK_NODE,
-  target = 'sync-target',
-): Promise<void> {
+  device: string,
+  target: string,
+  extents: ByteRange[],
+  targetIsZero: boolean,
+  what: 'initial sync' | 'resync',
+): Promise<ResyncResult> {
   const started = Date.now();
-  await p.execute('blockdev-mirror', { 'job-id': 'lockstep-sync', device, target, sync: 'full' });
-  for (;;) {
-    const jobs = (await p.execute('query-block-jobs')) as Array<{ device: string; offset: number; len: number; ready: boolean }>;
-    const j = jobs.find((x) => x.device === 'lockstep-sync');
-    if (!j) throw new Error('the initial sync ended before it was ready');
-    const elapsed = (Date.now() - started) / 1000;
-    const eta = j.offset > 0 ? (elapsed * (j.len - j.offset)) / j.offset : null;
-    onProgress?.(j.offset, j.len, eta, 'initial sync');
-    if (j.ready) break;
-    await new Promise((r) => setTimeout(r, 200));
+  const bytes = extents.reduce((a, r) => a + r.length, 0);
+  if (extents.length === 0) return { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0, skippedZeroBytes: 0 };
+  const done = p.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === JOB, 24 * 3600_000);
+  done.catch(() => {}); // observed below, unless the command itself fails first
+  await p.execute('x-blockdev-resync', { 'job-id': JOB, device, target, extents, 'target-is-zero': targetIsZero });
+  const timer = setInterval(() => {
+    void p
+      .execute('query-block-jobs')
+      .then((list) => {
+        const j = (list as Array<{ device: string; offset: number; len: number }>).find((x) => x.device === JOB);
+        if (!j) return;
+        const elapsed = (Date.now() - started) / 1000;
+        onProgress?.(j.offset, j.len, j.offset > 0 ? (elapsed * (j.len - j.offset)) / j.offset : null, what);
+      })
+      .catch(() => {});
+  }, 200);
+  let ev: Record<string, unknown>;
+  try {
+    ev = (await done).data ?? {};
+  } finally {
+    clearInterval(timer);
   }
-  const done = p.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === 'lockstep-sync', 60_000);
-  await p.execute('block-job-cancel', { device: 'lockstep-sync' });
-  await done;
-  log('info', 'initial sync done', { seconds: (Date.now() - started) / 1000 });
+  if (ev.error) throw new Error(`the ${what} failed: ${String(ev.error)}`);
+  const r: ResyncResult = {
+    extents,
+    bytes,
+    dataBytes: Number(ev['x-data-bytes'] ?? 0),
+    zeroedBytes: Number(ev['x-zeroed-bytes'] ?? 0),
+    skippedZeroBytes: Number(ev['x-skipped-zero-bytes'] ?? 0),
+  };
+  onProgress?.(bytes, bytes, 0, what);
+  log('info', `${what} done`, { seconds: (Date.now() - started) / 1000, bytes, extents: extents.length, data: r.dataBytes, zeroed: r.zeroedBytes, skipped: r.skippedZeroBytes });
+  return r;
 }

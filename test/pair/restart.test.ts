@@ -11,6 +11,19 @@ import { join } from 'node:path';
 import { PairSupervisor, type PairOptions } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { unionExtents, type ByteRange } from '../../src/pair/sync.js';
+
+interface DirtyRecord {
+  granularity: number;
+  'dirty-bytes': number;
+  extents: ByteRange[];
+}
+
+/** Whether the ascending, merged `extents` cover [offset, offset + length). */
+function covers(extents: ByteRange[], offset: number, length: number): boolean {
+  return extents.some((r) => r.offset <= offset && r.offset + r.length >= offset + length);
+}
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -76,12 +89,30 @@ test('restart after failover: 0x11 checkpointed, 0x22 discarded by the failover,
   assert.equal(survivorGen?.consistent, true);
   await sup.stop();
 
+  // each disk's dirty log, read by a fresh daemon as it was left on disk
+  const reader = await startDaemon(t, tempDir(t), []);
+  const rc = await reader.client();
+  const readLog = async (name: string) => (await rc.execute('x-dirty-log-read', { filename: join(dir, `${name}.qcow2.dirty`) })) as DirtyRecord;
+  const [pLog, sLog] = [await readLog('primary'), await readLog('secondary')];
+  // the primary recorded its 0x22 write after the checkpoint
+  assert.ok(covers(pLog.extents, 2 * MiB, MiB), JSON.stringify(pLog));
+  // the survivor recorded the failover's rollback of 0x22 and its own 0x33
+  assert.ok(covers(sLog.extents, 2 * MiB, MiB) && covers(sLog.extents, 4 * MiB, MiB), JSON.stringify(sLog));
+  const union = unionExtents(pLog.extents, sLog.extents);
+  const unionBytes = union.reduce((a, r) => a + r.length, 0);
+
   const again = pair(dir);
   t.after(() => again.stop());
   await again.start();
   const st = again.status();
   assert.equal(st.sync?.kind, 'incremental');
   assert.equal(st.sync?.source, 'secondary');
+  // the resync copied exactly the union of the two records, not the disk
+  const copied = again.lastResync!;
+  assert.deepEqual(copied.extents, union);
+  assert.equal(copied.dataBytes + copied.zeroedBytes + copied.skippedZeroBytes, unionBytes);
+  assert.ok(copied.dataBytes >= MiB, 'the 0x33 MiB was copied as data');
+  assert.ok(unionBytes <= 3 * MiB, `union ${unionBytes} bytes: at most the three written MiB of a ${SIZE}-byte disk`);
   assert.equal(st.stage, 'protected');
   const got = await withClient(dir, (c) => c.read(0, SIZE));
   assert.equal(firstDiff(got, want), -1, 'the restarted pair serves the survivor\'s bytes');
@@ -90,6 +121,9 @@ test('restart after failover: 0x11 checkpointed, 0x22 discarded by the failover,
   assert.equal(st.disks?.secondary?.generation, survivorGen?.generation);
   await again.stop();
   assertDisksIdentical(dir);
+  // both records were cleared once the disks were equal
+  assert.equal((await readLog('primary'))['dirty-bytes'], 0);
+  assert.equal((await readLog('secondary'))['dirty-bytes'], 0);
 });
 
 test('restart after the secondary was lost: the primary\'s writes made alone are copied to the secondary', async (t) => {
