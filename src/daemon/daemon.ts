@@ -95,7 +95,7 @@ export class Daemon {
         setImmediate(() => void this.shutdown(reason, false));
       },
     };
-    this.qmp = new QmpServer(this.ctx);
+    this.qmp = new QmpServer(this.ctx, opts.monitorIdleTimeout !== undefined ? { idleTimeoutMs: opts.monitorIdleTimeout * 1000 } : {});
     this.done = new Promise((r) => (this.resolveDone = r));
   }
 
@@ -129,6 +129,7 @@ export class Daemon {
               addrs: [toListenAddress(addr.type as string, addr), ...(item.extraAddrs ?? [])],
               ...(o['tls-creds'] !== undefined ? { tlsCreds: o['tls-creds'] as string } : {}),
               ...(o['max-connections'] !== undefined ? { maxConnections: o['max-connections'] as number } : {}),
+              ...(o['x-idle-timeout'] !== undefined ? { idleTimeout: o['x-idle-timeout'] as number } : {}),
             });
             break;
           }

@@ -27,6 +27,8 @@ export interface NbdServerApi {
 export interface NbdServerConfig {
   graph: BlockGraph;
   maxConnections?: number;
+  /** x-idle-timeout, in seconds */
+  idleTimeout?: number;
   tls?: TlsCredsX509;
 }
 
@@ -46,6 +48,8 @@ export interface NbdStartOptions {
   addrs: ListenAddress[];
   tlsCreds?: string;
   maxConnections?: number;
+  /** x-idle-timeout, in seconds */
+  idleTimeout?: number;
 }
 
 /** true for 127.0.0.0/8, ::1, ::ffff:127.x and 'localhost' */
@@ -90,7 +94,7 @@ export class ExportTable {
     if (this.server) throw new StateError('NBD server already running');
     if (!this.factory) throw new StateError('NBD server is not available in this build');
     const tls = o.tlsCreds !== undefined ? this.objects.tlsCreds(o.tlsCreds, 'server') : undefined;
-    const server = this.factory({ graph: this.graph, ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}), ...(tls ? { tls } : {}) });
+    const server = this.factory({ graph: this.graph, ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}), ...(o.idleTimeout !== undefined ? { idleTimeout: o.idleTimeout } : {}), ...(tls ? { tls } : {}) });
     const bound: ListenAddress[] = [];
     for (const addr of o.addrs) {
       try {

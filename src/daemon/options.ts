@@ -38,6 +38,8 @@ export interface DaemonOptions {
   /** --log-format; unset: human on a terminal, json otherwise */
   logFormat?: LogFormat;
   insecure: boolean;
+  /** --x-monitor-idle-timeout, in seconds (unset: the QMP server's default, 30 s) */
+  monitorIdleTimeout?: number;
   /** --default: the embedded quick-start configuration */
   defaults: boolean;
   /** --data-dir for --default (./lockstep-data) */
@@ -50,8 +52,8 @@ Serve block nodes over NBD with a QMP monitor (qemu-storage-daemon's options).
 
   --blockdev [driver=]DRIVER[,node-name=N][,prop=value][,...] | JSON
                          add a block node (as blockdev-add)
-  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,tls-creds=ID][,max-connections=N]
-  --nbd-server addr.type=unix,addr.path=PATH[,tls-creds=ID][,max-connections=N]
+  --nbd-server addr.type=inet,addr.host=H,addr.port=P[,tls-creds=ID][,max-connections=N][,x-idle-timeout=S]
+  --nbd-server addr.type=unix,addr.path=PATH[,tls-creds=ID][,max-connections=N][,x-idle-timeout=S]
                          start the NBD server
   --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off][,description=TEXT]
                          export a node over NBD
@@ -72,6 +74,9 @@ Serve block nodes over NBD with a QMP monitor (qemu-storage-daemon's options).
   --default              run a ready-made daemon: a 1 GiB image under --data-dir, exported on
                          a Unix socket and 127.0.0.1:10809, QMP on a Unix socket
   --data-dir DIR         where --default keeps its files (default ./lockstep-data)
+  --x-monitor-idle-timeout S
+                         when 64 monitor clients are connected, a new one replaces the client
+                         idle longest if idle at least S seconds (default 30; 0: never)
   -h, --help             this help
 
 SIGTERM and SIGINT shut down gracefully (drain, flush, close) and exit 0.
@@ -123,7 +128,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
     dataDir: 'lockstep-data',
     help: false,
   };
-  const withValue = new Set(['--blockdev', '--nbd-server', '--export', '--chardev', '--monitor', '--object', '--pidfile', '--log-level', '--log-format', '--data-dir']);
+  const withValue = new Set(['--blockdev', '--nbd-server', '--export', '--chardev', '--monitor', '--object', '--pidfile', '--log-level', '--log-format', '--data-dir', '--x-monitor-idle-timeout']);
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i]!;
     let value: string | undefined;
@@ -185,6 +190,12 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
       case '--data-dir':
         o.dataDir = value!;
         break;
+      case '--x-monitor-idle-timeout': {
+        const n = Number(value);
+        if (value!.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`--x-monitor-idle-timeout: '${value}' is not a non-negative number of seconds`);
+        o.monitorIdleTimeout = n;
+        break;
+      }
       case '--daemonize':
         o.daemonize = true;
         break;

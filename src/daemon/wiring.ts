@@ -29,6 +29,7 @@ function nbdFactory(log: Logger) {
     const server = new NbdServer({
       graph: cfg.graph,
       ...(cfg.maxConnections !== undefined ? { maxConnections: cfg.maxConnections } : {}),
+      ...(cfg.idleTimeout !== undefined ? { idleTimeoutMs: cfg.idleTimeout * 1000 } : {}),
       ...(cfg.tls ? { tls: serverTlsConfig(cfg.tls as Parameters<typeof serverTlsConfig>[0]) } : {}),
       log: (msg: string) => log.debug(msg),
     } as ConstructorParameters<typeof NbdServer>[0]);

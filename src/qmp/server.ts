@@ -5,11 +5,16 @@
 // commands per monitor too); at most MAX_QUEUED requests wait, then the socket is paused until
 // the queue drains. A client that stops reading cannot make the daemon buffer without end:
 // past MAX_OUTPUT_BUFFER bytes of unsent output the connection is dropped.
+//
+// At most maxConnections (64) clients at once. A newcomer at the cap takes the place of the
+// client idle longest, if that one has been idle at least idleTimeoutMs (default 30 s, 0:
+// never; daemon option --x-monitor-idle-timeout); a client with a command queued or running
+// is never idle. Otherwise the newcomer is refused, as before.
 
 import { createServer as createNetServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type TlsOptions } from 'node:tls';
 import { unlinkSync } from 'node:fs';
-import { errorMessage } from '../errors.js';
+import { InvalidArgumentError, errorMessage } from '../errors.js';
 import type { QmpContext, QmpSession } from './dispatch.js';
 import { isExpectedError, toQmpError, QmpError, type QmpErrorBody } from './errors.js';
 import type { QmpEventMessage } from './events.js';
@@ -34,6 +39,8 @@ interface Connection {
   readonly queue: unknown[];
   running: boolean;
   paused: boolean;
+  /** when the client last sent bytes or got its last reply */
+  lastActive: number;
   unsubscribe: (() => void) | null;
 }
 
@@ -45,8 +52,11 @@ export class QmpServer {
 
   constructor(
     private readonly ctx: QmpContext,
-    private readonly opts: { maxMessageSize?: number } = {},
-  ) {}
+    private readonly opts: { maxMessageSize?: number; maxConnections?: number; idleTimeoutMs?: number } = {},
+  ) {
+    const idle = opts.idleTimeoutMs ?? 30_000;
+    if (!Number.isFinite(idle) || idle < 0) throw new InvalidArgumentError('monitor idle timeout must be a non-negative number of seconds');
+  }
 
   /** Starts listening; resolves with the bound address (the real port when port 0 was asked). */
   async listen(address: MonitorAddress, lopts: MonitorListenOptions = {}): Promise<MonitorAddress> {
@@ -85,19 +95,24 @@ export class QmpServer {
   }
 
   private accept(socket: Socket, monitorId: string | undefined): void {
-    if (this.closing || this.connections.size >= MAX_CONNECTIONS) {
+    const max = this.opts.maxConnections ?? MAX_CONNECTIONS;
+    if (!this.closing && this.connections.size >= max) this.evictIdle(monitorId);
+    if (this.closing || this.connections.size >= max) {
       this.ctx.log.warn('monitor connection refused', { monitor: monitorId, reason: this.closing ? 'shutting down' : 'too many connections' });
       socket.destroy();
       return;
     }
     const session: QmpSession = { id: this.nextSessionId++, negotiated: false, oob: false };
-    const conn: Connection = { socket, session, queue: [], running: false, paused: false, unsubscribe: null };
+    const conn: Connection = { socket, session, queue: [], running: false, paused: false, lastActive: Date.now(), unsubscribe: null };
     this.connections.add(conn);
     const log = this.ctx.log.child({ monitor: monitorId, session: session.id });
     log.debug('monitor client connected');
     socket.setNoDelay?.(true);
     const splitter = new JsonSplitter((r) => this.onFrame(conn, r), this.opts.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE);
-    socket.on('data', (chunk: Buffer) => splitter.feed(chunk));
+    socket.on('data', (chunk: Buffer) => {
+      conn.lastActive = Date.now();
+      splitter.feed(chunk);
+    });
     socket.on('error', (err) => log.debug('monitor client error', { error: err.message }));
     socket.on('close', () => {
       conn.unsubscribe?.();
@@ -105,6 +120,27 @@ export class QmpServer {
       log.debug('monitor client disconnected');
     });
     this.send(conn, { QMP: { version: this.ctx.version, capabilities: ['oob'] } });
+  }
+
+  /**
+   * At the cap: drops the client idle longest if idle at least the idle timeout, and forgets
+   * it at once so that the newcomer takes its place.
+   */
+  private evictIdle(monitorId: string | undefined): void {
+    const timeout = this.opts.idleTimeoutMs ?? 30_000;
+    if (timeout === 0) return;
+    let oldest: Connection | null = null;
+    for (const c of this.connections) {
+      if (c.running || c.queue.length > 0) continue; // waiting for a reply: not idle
+      if (!oldest || c.lastActive < oldest.lastActive) oldest = c;
+    }
+    if (!oldest) return;
+    const idleMs = Date.now() - oldest.lastActive;
+    if (idleMs < timeout) return;
+    this.ctx.log.info('closing idle monitor connection to make room for a new client', { monitor: monitorId, session: oldest.session.id, idleMs });
+    oldest.unsubscribe?.();
+    this.connections.delete(oldest);
+    oldest.socket.destroy();
   }
 
   private send(conn: Connection, msg: unknown): void {
@@ -140,6 +176,7 @@ export class QmpServer {
         const req = conn.queue.shift();
         const reply = await this.handle(conn, req);
         if (reply) this.send(conn, reply);
+        conn.lastActive = Date.now();
         if (conn.paused && conn.queue.length < MAX_QUEUED / 2) {
           conn.paused = false;
           conn.socket.resume();

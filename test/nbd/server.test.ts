@@ -8,6 +8,9 @@ import { loadTlsCreds, serverTlsConfig, clientTlsConfig } from '../../src/nbd/tl
 import { makeCerts, haveOpenssl } from './tls-certs.js';
 import { patterned, serveMemory } from './helpers.js';
 import { newGraph, tempDir } from '../helpers/graph.js';
+import { BlockGraph } from '../../src/block/graph.js';
+import { createRegistry } from '../../src/block/registry.js';
+import { gateDriver, gateControl } from '../helpers/gate-driver.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BlockError && e.code === code;
 
@@ -148,6 +151,76 @@ test('maxConnections 0 means unlimited, as in QEMU: more clients than the defaul
   for (let i = 0; i < 105; i++) clients.push(await NbdClient.connect({ address: s.tcp, exportName: 'disk0' }));
   await clients[104]!.write(0, Buffer.alloc(10, 7));
   assert.ok((await clients[0]!.read(0, 10)).equals(Buffer.alloc(10, 7)));
+});
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+test('x-idle-timeout: at the cap, the connection idle longest makes room for a newcomer', async (t) => {
+  const s = await serveMemory(t, { size: 1 << 20, server: { maxConnections: 2, idleTimeoutMs: 200 } });
+  const a = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });
+  const b = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });
+  t.after(() => (a.destroy(), b.destroy()));
+  let aClosed = false;
+  void a.closed.then(() => (aClosed = true));
+  await sleep(300); // both have now idled past the timeout; a the longest
+  await b.write(0, Buffer.alloc(10, 5)); // b is active again
+  await sleep(300);
+  const c = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });
+  t.after(() => c.destroy());
+  await a.closed;
+  assert.ok(aClosed, 'the connection idle longest was closed');
+  assert.ok((await c.read(0, 10)).equals(Buffer.alloc(10, 5)), 'the newcomer is served');
+  await b.write(10, Buffer.alloc(10, 6));
+  assert.ok((await c.read(10, 10)).equals(Buffer.alloc(10, 6)), 'the other client keeps working');
+  assert.equal(s.server.connectionCount, 2);
+});
+
+test('x-idle-timeout: a newcomer is refused while no client has idled long enough', async (t) => {
+  const s = await serveMemory(t, { size: 1 << 20, server: { maxConnections: 1, idleTimeoutMs: 60_000 } });
+  const a = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });
+  t.after(() => a.destroy());
+  await assert.rejects(NbdClient.connect({ address: s.tcp, exportName: 'disk0' }), isCode('EIO'));
+  await a.write(0, Buffer.alloc(10, 1));
+});
+
+test('x-idle-timeout 0: idle clients are never closed, newcomers at the cap are refused', async (t) => {
+  const s = await serveMemory(t, { size: 1 << 20, server: { maxConnections: 1, idleTimeoutMs: 0 } });
+  const a = await NbdClient.connect({ address: s.tcp, exportName: 'disk0' });
+  t.after(() => a.destroy());
+  await sleep(50);
+  await assert.rejects(NbdClient.connect({ address: s.tcp, exportName: 'disk0' }), isCode('EIO'));
+  assert.ok((await a.read(0, 10)).equals(Buffer.alloc(10)));
+  assert.throws(() => new NbdServer({ graph: newGraph(), idleTimeoutMs: -1 }), /x-idle-timeout must be a non-negative number/);
+});
+
+test('x-idle-timeout: a client with a request in flight is never chosen, however long ago it last sent', async (t) => {
+  const graph = new BlockGraph(createRegistry([gateDriver]));
+  const node = await graph.open({ driver: 'test-gate', 'node-name': 'gate', file: { driver: 'memory', size: 1 << 20 } }, { monitorOwned: true });
+  const server = new NbdServer({ graph, maxConnections: 2, idleTimeoutMs: 200 });
+  const tcp = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as { type: 'inet'; host: string; port: number };
+  server.addExport({ name: 'disk0', node, writable: true });
+  t.after(async () => {
+    gateControl(node).openAll();
+    await server.close();
+    await graph.closeAll();
+  });
+  const gate = gateControl(node);
+  gate.closed = true;
+  const busy = await NbdClient.connect({ address: tcp, exportName: 'disk0' });
+  t.after(() => busy.destroy());
+  const pending = busy.write(0, Buffer.alloc(512, 9));
+  await gate.waitingCount(1); // busy's write is in flight, held at the gate
+  const idle = await NbdClient.connect({ address: tcp, exportName: 'disk0' });
+  t.after(() => idle.destroy());
+  await sleep(300); // both past the timeout; busy has been silent the longest
+  const c = await NbdClient.connect({ address: tcp, exportName: 'disk0' });
+  t.after(() => c.destroy());
+  await idle.closed;
+  await assert.rejects(idle.read(0, 1), isCode('EIO'));
+  gate.openAll();
+  await pending;
+  assert.ok((await c.read(0, 512)).equals(Buffer.alloc(512, 9)), 'the busy client\'s write completed and the newcomer reads it');
+  assert.ok((await busy.read(0, 512)).equals(Buffer.alloc(512, 9)));
 });
 
 test('server close drains in-flight requests, then clients see EIO', async (t) => {

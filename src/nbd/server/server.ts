@@ -38,6 +38,12 @@ export interface NbdServerOptions {
   tls?: TlsServerConfig;
   /** refuse every option but STARTTLS before the TLS upgrade (default: true when tls is set) */
   tlsRequired?: boolean;
+  /**
+   * lockstep extension (x-idle-timeout): when a client arrives at max-connections, the
+   * handshake-complete connection idle longest (no request in flight) is closed for it if it
+   * has been idle at least this long (default 30 s; 0: never, the newcomer is refused)
+   */
+  idleTimeoutMs?: number;
   /** a client must finish its handshake within this time (default 10 s, as QEMU) */
   handshakeTimeoutMs?: number;
   /** in-flight requests per connection (default 64) */
@@ -92,6 +98,7 @@ export class NbdServer implements HandshakeHost {
   shuttingDown = false;
   private readonly maxConnections: number;
   private readonly handshakeTimeoutMs: number;
+  private readonly idleTimeoutMs: number;
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
   private readonly log: (msg: string) => void;
@@ -100,10 +107,12 @@ export class NbdServer implements HandshakeHost {
     this.graph = opts.graph;
     this.maxConnections = opts.maxConnections ?? 100;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
+    this.idleTimeoutMs = opts.idleTimeoutMs ?? 30_000;
     this.maxInFlight = opts.maxInFlight ?? 64;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
     if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 0) throw new InvalidArgumentError('max-connections must be a non-negative integer');
+    if (!Number.isFinite(this.idleTimeoutMs) || this.idleTimeoutMs < 0) throw new InvalidArgumentError('x-idle-timeout must be a non-negative number of seconds');
     if (!Number.isSafeInteger(this.maxInFlight) || this.maxInFlight < 1) throw new InvalidArgumentError('maxInFlight must be a positive integer');
     if (opts.tls) {
       const t = opts.tls;
@@ -209,6 +218,7 @@ export class NbdServer implements HandshakeHost {
   // ---- connections ------------------------------------------------------------------------
 
   private accept(socket: Socket): void {
+    if (!this.shuttingDown && this.maxConnections !== 0 && this.connections.size >= this.maxConnections) this.evictIdle();
     if (this.shuttingDown || (this.maxConnections !== 0 && this.connections.size >= this.maxConnections)) {
       this.log(`refusing connection: ${this.shuttingDown ? 'shutting down' : 'too many connections'}`);
       socket.destroy();
@@ -222,6 +232,26 @@ export class NbdServer implements HandshakeHost {
       if (conn.exp) conn.exp.connections.delete(conn);
       conn.markClosed();
     });
+  }
+
+  /**
+   * At the cap: closes the handshake-complete connection idle longest, if idle at least the
+   * idle timeout, and forgets it at once so that the newcomer takes its place.
+   */
+  private evictIdle(): void {
+    if (this.idleTimeoutMs === 0) return;
+    let oldest: Connection | null = null;
+    for (const c of this.connections) {
+      const t = c.transmission;
+      if (!t || t.busy) continue;
+      if (!oldest || t.lastActive < oldest.transmission!.lastActive) oldest = c;
+    }
+    if (!oldest) return;
+    const idleMs = Date.now() - oldest.transmission!.lastActive;
+    if (idleMs < this.idleTimeoutMs) return;
+    this.log(`closing connection idle for ${idleMs} ms to make room for a new client`);
+    this.connections.delete(oldest);
+    oldest.abort();
   }
 
   private async serve(conn: Connection): Promise<void> {

@@ -53,6 +53,8 @@ class RequestFailure extends Error {
 export class Transmission {
   private readonly parser: RequestParser;
   private inFlight = 0;
+  /** when the client last sent bytes or the last request finished (for the idle timeout) */
+  lastActive = Date.now();
   private inFlightBytes = 0;
   private paused = false;
   private disconnecting = false;
@@ -77,6 +79,7 @@ export class Transmission {
     this.parser = new RequestParser(opts.extended, leftover);
     this.done = new Promise((r) => (this.resolveDone = r));
     stream.on('data', (chunk: Buffer) => {
+      this.lastActive = Date.now();
       this.parser.feed(chunk);
       this.pump();
     });
@@ -176,7 +179,13 @@ export class Transmission {
     );
   }
 
+  /** a connection with requests in flight is never idle */
+  get busy(): boolean {
+    return this.inFlight > 0;
+  }
+
   private finished(bytes: number): void {
+    this.lastActive = Date.now();
     this.inFlight--;
     this.inFlightBytes -= bytes;
     if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();

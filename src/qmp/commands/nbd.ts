@@ -29,6 +29,7 @@ export const nbdCommands: readonly QmpCommand[] = [
       addrs: [toListenAddress(addr.type, addr.data)],
       ...(args['tls-creds'] !== undefined ? { tlsCreds: args['tls-creds'] as string } : {}),
       ...(args['max-connections'] !== undefined ? { maxConnections: args['max-connections'] as number } : {}),
+      ...(args['x-idle-timeout'] !== undefined ? { idleTimeout: args['x-idle-timeout'] as number } : {}),
     });
   }),
   // lockstep extension: one more listener for the running server (a Unix socket and a TCP

@@ -37,6 +37,8 @@ export const NBD_SERVER_START: Fields = {
   '*tls-creds': 'str',
   '*tls-authz': 'str',
   '*max-connections': 'uint64',
+  // lockstep extension: seconds a client at the cap may idle before a newcomer replaces it
+  '*x-idle-timeout': 'number',
 };
 
 /** --nbd-server (NbdServerOptions) */
@@ -45,6 +47,8 @@ export const NBD_SERVER_OPTIONS: Fields = {
   '*tls-creds': 'str',
   '*tls-authz': 'str',
   '*max-connections': 'uint64',
+  // lockstep extension: seconds a client at the cap may idle before a newcomer replaces it
+  '*x-idle-timeout': 'number',
 };
 
 export const NBD_SERVER_ADD: Fields = {
