@@ -188,7 +188,7 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.match(gone.stdout, /^not running: cannot reach the pair supervisor/);
   // piped, the logs were JSON lines (none glued to another, no in-place progress)
   const logs = out.split('\n').filter((l) => l.startsWith('{'));
-  assert.ok(logs.some((l) => (JSON.parse(l) as { msg: string }).msg === 'initial sync done'), out);
+  assert.ok(logs.some((l) => (JSON.parse(l) as { msg: string }).msg === 'replication is running'), out);
   assert.ok(!out.includes('\r'), 'no in-place line when not on a terminal');
   for (const l of logs) assert.equal((JSON.parse(l) as { component: string }).component, 'pair');
 });
