@@ -48,6 +48,8 @@ export class BlockNode {
   /** created by blockdev-add / --blockdev: lives until blockdev-del */
   monitorOwned = false;
   closed = false;
+  /** bytes its parents wrote through this node (writes and write-zeroes that succeeded) */
+  bytesWritten = 0;
   private _impl: NodeImpl | null = null;
 
   constructor(
@@ -163,10 +165,14 @@ export class BlockNode {
   }
 
   async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
-    if (this.gates.size === 0) return this.writeTracked(offset, data, flags);
-    await this.gates.admitWrite();
-    await this.writeTracked(offset, data, flags);
-    await this.gates.completeWrite(flags.fua === true);
+    if (this.gates.size === 0) {
+      await this.writeTracked(offset, data, flags);
+    } else {
+      await this.gates.admitWrite();
+      await this.writeTracked(offset, data, flags);
+      await this.gates.completeWrite(flags.fua === true);
+    }
+    this.bytesWritten += data.length;
   }
 
   private async writeTracked(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
@@ -214,10 +220,14 @@ export class BlockNode {
   }
 
   async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
-    if (this.gates.size === 0) return this.writeZeroesTracked(offset, length, flags);
-    await this.gates.admitWrite();
-    await this.writeZeroesTracked(offset, length, flags);
-    await this.gates.completeWrite(flags.fua === true);
+    if (this.gates.size === 0) {
+      await this.writeZeroesTracked(offset, length, flags);
+    } else {
+      await this.gates.admitWrite();
+      await this.writeZeroesTracked(offset, length, flags);
+      await this.gates.completeWrite(flags.fua === true);
+    }
+    this.bytesWritten += length;
   }
 
   private async writeZeroesTracked(offset: number, length: number, flags: ZeroFlags): Promise<void> {

@@ -75,11 +75,22 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   return times;
 }
 
-/** The secondary's replication counters, for status and metrics. */
+type ReplicationEntry = { 'bytes-copied': number; 'dirty-clusters': number; 'bytes-sent'?: number; 'bytes-received'?: number };
+const sum = (list: ReplicationEntry[], f: (x: ReplicationEntry) => number | undefined): number => list.reduce((a, x) => a + (f(x) ?? 0), 0);
+
+/** Both sides' replication counters, for status and metrics: the secondary's hidden-disk
+ *  copies and received bytes, the primary's sent bytes and the bytes written to its served disk. */
 export async function refreshCounters(core: PairCore): Promise<void> {
-  const list = (await core.call(core.secondary!, 'query-replication')) as Array<{ 'bytes-copied': number; 'dirty-clusters': number }>;
-  core.metrics.hiddenCopiedBytes = list.reduce((a, x) => a + x['bytes-copied'], 0);
-  core.metrics.dirtyClusters = list.reduce((a, x) => a + x['dirty-clusters'], 0);
+  const [s, p, written] = await Promise.all([
+    core.call(core.secondary!, 'query-replication') as Promise<ReplicationEntry[]>,
+    core.call(core.primary!, 'query-replication') as Promise<ReplicationEntry[]>,
+    core.call(core.primary!, 'x-query-node-written', { 'node-name': DISK_NODE }) as Promise<{ 'written-bytes': number }>,
+  ]);
+  core.metrics.hiddenCopiedBytes = sum(s, (x) => x['bytes-copied']);
+  core.metrics.dirtyClusters = sum(s, (x) => x['dirty-clusters']);
+  core.metrics.receivedBytes = sum(s, (x) => x['bytes-received']);
+  core.metrics.sentBytes = sum(p, (x) => x['bytes-sent']);
+  core.metrics.writtenBytes = written['written-bytes'];
 }
 
 /** Serialises checkpoint requests: one barrier at a time. A request arriving while one runs

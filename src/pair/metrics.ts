@@ -1,7 +1,8 @@
 // The pair's figures in Prometheus' text exposition format (version 0.0.4). Names follow
 // Prometheus' conventions (base units, `_total` on counters) and, where the meaning is the
 // same, drbd-reactor's (`drbd_resource_role`, `drbd_connection_state`,
-// `drbd_peerdevice_outofsync_bytes`): enumerations are one series per value, 1 for the
+// `drbd_peerdevice_outofsync_bytes`, and the byte counters `drbd_device_written_bytes_total`,
+// `drbd_peerdevice_sent_bytes_total`, `drbd_peerdevice_received_bytes_total`): enumerations are one series per value, 1 for the
 // current one and 0 for the others, as drbd-reactor does with `enums = true`. The list is in
 // docs/replication.md. Hand-written rather than a dependency: a dozen series do not need a
 // registry library.
@@ -101,6 +102,12 @@ export class PairMetrics {
   hiddenCopiedBytes = 0;
   /** clusters copied into the hidden disk since the last checkpoint */
   dirtyClusters = 0;
+  /** bytes clients wrote to the primary's served disk (as drbd_device_written_bytes_total) */
+  writtenBytes = 0;
+  /** bytes the primary forwarded to the secondary (as drbd_peerdevice_sent_bytes_total) */
+  sentBytes = 0;
+  /** bytes the secondary received through its forward export (as drbd_peerdevice_received_bytes_total) */
+  receivedBytes = 0;
   heartbeatAgeSeconds = 0;
   /** degraded: bytes the primary changed since the last checkpoint the secondary confirmed */
   changedBytes = 0;
@@ -136,6 +143,11 @@ export class PairMetrics {
       one('lockstep_pair_checkpoints_total', 'Checkpoints taken', this.checkpoints, 'counter'),
       one('lockstep_pair_checkpoint_failures_total', 'Checkpoints that failed', this.checkpointFailures, 'counter'),
       one('lockstep_pair_hidden_copied_bytes_total', "Bytes the secondary copied into its hidden disk (the old content of regions the primary's writes overwrite)", this.hiddenCopiedBytes, 'counter'),
+      one('lockstep_pair_device_written_bytes_total', "Bytes clients wrote to the primary's served disk (as drbd_device_written_bytes_total)", this.writtenBytes, 'counter'),
+      `${head('lockstep_pair_peerdevice_sent_bytes_total', 'Bytes of writes the primary replicated to the secondary (as drbd_peerdevice_sent_bytes_total)', 'counter')}\n` +
+        `lockstep_pair_peerdevice_sent_bytes_total{peer="secondary",disk="disk"} ${this.sentBytes}`,
+      `${head('lockstep_pair_peerdevice_received_bytes_total', 'Bytes of writes the secondary received from the primary (as drbd_peerdevice_received_bytes_total)', 'counter')}\n` +
+        `lockstep_pair_peerdevice_received_bytes_total{peer="primary",disk="disk"} ${this.receivedBytes}`,
       one('lockstep_pair_hidden_dirty_clusters', 'Clusters copied into the hidden disk since the last checkpoint', this.dirtyClusters),
       `${head('lockstep_pair_heartbeat_age_seconds', "Age of the side's last answered heartbeat", 'gauge')}\nlockstep_pair_heartbeat_age_seconds{side="primary"} ${this.heartbeatAgeSeconds}`,
       `${head('lockstep_pair_heartbeats_late_total', 'Heartbeats answered or unanswered past the heartbeat timeout (a late side is not lost)', 'counter')}\n` +

@@ -35,6 +35,11 @@ export interface ReplicationStatus {
   'commit-progress'?: { current: number; total: number };
   /** primary: bytes changed since the last x-replication-reset-changed */
   'changed-bytes'?: number;
+  /** primary: bytes of writes and write-zeroes forwarded to the secondary successfully */
+  'bytes-sent'?: number;
+  /** secondary: bytes written into the secondary disk through its copy-before-write filter
+   *  (the forward export's writes) since replication started */
+  'bytes-received'?: number;
 }
 
 export interface ReplicationChanged {
@@ -61,6 +66,10 @@ export class ReplicationState {
   private plannedCancel = false;
   private lastCheckpoint: number | undefined;
   private bytesCopiedBefore = 0;
+  /** primary: bytes forwarded successfully */
+  private bytesSent = 0;
+  /** secondary: bytes received through the copy jobs' filters that have ended */
+  private bytesReceivedBefore = 0;
   /** serialises control operations on this node */
   private control: Promise<unknown> = Promise.resolve();
   /** primary: what the guest changed since the last confirmed checkpoint */
@@ -115,6 +124,7 @@ export class ReplicationState {
       case 'forward-record':
         try {
           await op(this.file, offset, length, 0);
+          this.bytesSent += length;
         } catch (e) {
           // Primary: a failed forward never fails the guest write; get_error reports it.
           // Recorded only while still RUNNING (a stop may have raced the request).
@@ -211,6 +221,7 @@ export class ReplicationState {
     }
     this.error = 0;
     this.bytesCopiedBefore = 0;
+    this.bytesReceivedBefore = 0;
   }
 
   private async restoreReadOnly(hidden: BlockNode, secondary: BlockNode): Promise<void> {
@@ -254,6 +265,7 @@ export class ReplicationState {
   private backupCompleted(job: CopyJobHandle, ret: 0 | BlockError): void {
     if (this.backupJob === job) this.backupJob = null;
     this.bytesCopiedBefore += job.bytesCopied;
+    this.bytesReceivedBefore += job.filter.bytesWritten;
     if (!this.plannedCancel && this.stage !== 'failover') {
       this.error = ret === 0 ? 'EIO' : ret.code;
     }
@@ -453,6 +465,8 @@ export class ReplicationState {
     const c = this.commitJob;
     if (c) s['commit-progress'] = c.progress();
     if (this.changed) s['changed-bytes'] = this.changed.bytes();
+    if (this.mode === 'primary') s['bytes-sent'] = this.bytesSent;
+    else s['bytes-received'] = this.bytesReceivedBefore + (this.backupJob?.filter.bytesWritten ?? 0);
     return s;
   }
 

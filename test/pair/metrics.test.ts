@@ -53,11 +53,18 @@ test('counters and histograms carry what was observed', () => {
   const m = new PairMetrics();
   m.checkpoints = 3;
   m.hiddenCopiedBytes = 65536;
+  m.writtenBytes = 12288;
+  m.sentBytes = 8192;
+  m.receivedBytes = 4096;
   m.pause.observe(0.0015);
   m.pause.observe(0.02);
   const f = parsePrometheusTextFormat(m.render({ stage: 'protected' }));
   assert.equal(f.find((x) => x.name === 'lockstep_pair_checkpoints_total')!.type, 'COUNTER');
   assert.equal(f.find((x) => x.name === 'lockstep_pair_hidden_copied_bytes_total')!.metrics[0]!.value, '65536');
+  const series = (name: string) => f.find((x) => x.name === name)!.metrics.map((x) => [x.labels ?? {}, x.value]);
+  assert.deepEqual(series('lockstep_pair_device_written_bytes_total'), [[{}, '12288']]);
+  assert.deepEqual(series('lockstep_pair_peerdevice_sent_bytes_total'), [[{ peer: 'secondary', disk: 'disk' }, '8192']]);
+  assert.deepEqual(series('lockstep_pair_peerdevice_received_bytes_total'), [[{ peer: 'primary', disk: 'disk' }, '4096']]);
   const h = f.find((x) => x.name === 'lockstep_pair_checkpoint_pause_seconds')!;
   assert.equal(h.type, 'HISTOGRAM');
   assert.equal(h.metrics[0]!.count, '2');

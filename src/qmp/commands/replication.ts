@@ -75,6 +75,13 @@ export const replicationCommands: readonly QmpCommand[] = [
       .filter((x) => x !== null),
   ),
 
+  // lockstep: bytes written through a node by its parents since it was opened (writes and
+  // write-zeroes that succeeded); the pair reads it on the served disk.
+  command('x-query-node-written', { 'node-name': 'str' }, (ctx, args) => {
+    const node = ctx.graph.getNode(args['node-name'] as string);
+    return { 'node-name': node.name, 'written-bytes': node.bytesWritten };
+  }),
+
   command('x-replication-reset-changed', {}, (ctx) => {
     for (const s of replicationRegistry(ctx.graph).list()) s.changed?.reset();
     return {};
