@@ -98,10 +98,18 @@ test('checkpoints drop confirmed granules lazily, at most one rewrite per interv
     { offset: 0, length: G },
     { offset: 7 * G, length: G },
   ]);
-  // without a checkpoint nothing is ever dropped
+  // without a checkpoint nothing is ever dropped (a rewrite already scheduled may still land
+  // on a loaded machine; what matters is that it drops nothing)
   await new Promise((r) => setTimeout(r, 500));
-  assert.equal(log.rewrites, rewrites);
-  assert.equal((await readDirtyLogFile(logPath)).extents.length, 2);
+  assert.ok(log.rewrites <= rewrites + 1, `${log.rewrites - rewrites} rewrites without a checkpoint`);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, [
+    { offset: 0, length: G },
+    { offset: 7 * G, length: G },
+  ]);
+  assert.deepEqual(log.report().extents, [
+    { offset: 0, length: G },
+    { offset: 7 * G, length: G },
+  ]);
 });
 
 test('mark and clear persist before they return; a reopened log keeps its record', async (t) => {
