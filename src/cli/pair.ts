@@ -6,7 +6,7 @@ import { createServer } from 'node:http';
 import { resolve, join } from 'node:path';
 import { parseSize } from '../block/options.js';
 import { errorMessage } from '../errors.js';
-import { PAIR_DEFAULTS, PairSupervisor, type PairOptions } from '../pair/supervisor.js';
+import { PAIR_DEFAULTS, PairSupervisor, type PairOptions, type PairStatus } from '../pair/supervisor.js';
 import { controlRequest, serveControl } from '../pair/control.js';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
@@ -192,13 +192,12 @@ function makeProgress(live: LiveLine, human: boolean, log: Log): NonNullable<Pai
 }
 
 /** The pair's one-line state, for the live line of `lockstep pair run` on a terminal. */
-function liveStatus(s: Record<string, unknown>): string {
-  const n = (k: string) => (typeof s[k] === 'number' ? (s[k] as number) : null);
-  const parts = [String(s.stage), `checkpoints ${n('checkpoints') ?? 0}`];
-  if (n('last-pause-ms') !== null) parts.push(`last pause ${n('last-pause-ms')!.toFixed(2)} ms`);
-  if (n('hidden-copied-bytes') !== null) parts.push(`copied to hidden ${bytesText(n('hidden-copied-bytes')!)}`);
-  if (n('heartbeat-age-ms') !== null) parts.push(`heartbeat ${n('heartbeat-age-ms')} ms`);
-  if (n('changed-bytes') !== null) parts.push(`changed since the last checkpoint ${bytesText(n('changed-bytes')!)}`);
+function liveStatus(s: PairStatus): string {
+  const parts = [s.stage, `checkpoints ${s.checkpoints}`];
+  if (s['last-pause-ms'] !== null) parts.push(`last pause ${s['last-pause-ms'].toFixed(2)} ms`);
+  parts.push(`copied to hidden ${bytesText(s['hidden-copied-bytes'])}`);
+  if (s['heartbeat-age-ms'] !== null) parts.push(`heartbeat ${s['heartbeat-age-ms']} ms`);
+  if (s['changed-bytes'] !== undefined) parts.push(`changed since the last checkpoint ${bytesText(s['changed-bytes'])}`);
   return parts.join(' | ');
 }
 
@@ -458,7 +457,7 @@ export async function run(argv: string[]): Promise<number> {
   );
   notifyReady(`${sup.stage}: serving ${serving.join(', ')}`, notifySocket);
   if (human) {
-    const draw = () => live.set(liveStatus(sup.status() as unknown as Record<string, unknown>));
+    const draw = () => live.set(liveStatus(sup.status()));
     draw();
     setInterval(draw, 1000).unref();
   }
