@@ -4,10 +4,11 @@
 import { parseArgs } from 'node:util';
 import { createServer } from 'node:http';
 import { resolve, join } from 'node:path';
+import { rmSync } from 'node:fs';
 import { parseSize } from '../block/options.js';
 import { errorMessage } from '../errors.js';
 import { PAIR_DEFAULTS, PairSupervisor, type PairOptions, type PairStatus } from '../pair/supervisor.js';
-import { controlRequest, serveControl } from '../pair/control.js';
+import { claimControl, controlRequest, serveControl } from '../pair/control.js';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
 import { LiveLine, bytesText, progressText } from './terminal.js';
@@ -414,10 +415,20 @@ export async function run(argv: string[]): Promise<number> {
   const shutdown = async (): Promise<void> => {
     live.clear();
     await sup.stop();
+    // a clean stop leaves no control socket behind (a stale one is what a crash leaves)
+    rmSync(control, { force: true });
     process.exit(0);
   };
   process.once('SIGINT', () => void shutdown());
   process.once('SIGTERM', () => void shutdown());
+  try {
+    // before anything starts: a live supervisor on this control socket is refused, a dead
+    // one's socket is replaced (its daemons are adopted by start())
+    if ((await claimControl(control)) === 'stale-removed') log('warn', `removed a stale control socket ${control} (its supervisor is gone)`);
+  } catch (e) {
+    log('error', `the pair could not start: ${errorMessage(e)}`);
+    return 1;
+  }
   try {
     await sup.start();
   } catch (e) {

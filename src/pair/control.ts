@@ -4,7 +4,7 @@
 // `lockstep pair status|checkpoint|failover` are its clients.
 
 import { createServer, connect, type Server } from 'node:net';
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { errorMessage } from '../errors.js';
 import type { PairSupervisor } from './supervisor.js';
 
@@ -57,6 +57,38 @@ export function serveControl(sup: PairSupervisor, path: string): Promise<Server>
     server.once('error', reject);
     server.listen(path, () => resolve(server));
   });
+}
+
+/**
+ * Before a supervisor starts: a control socket someone listens on belongs to a supervisor
+ * that runs (refused, naming it); one nobody listens on was left by a supervisor that died
+ * (removed, and reported so that the caller can say it).
+ */
+export async function claimControl(path: string): Promise<'free' | 'stale-removed'> {
+  if (!existsSync(path)) return 'free';
+  const live = await new Promise<boolean>((resolve) => {
+    const sock = connect(path);
+    const timer = setTimeout(() => {
+      // accepted but silent: someone listens
+      sock.destroy();
+      resolve(true);
+    }, 2000);
+    sock.once('connect', () => {
+      clearTimeout(timer);
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once('error', (e: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      // ECONNREFUSED: a socket file without a listener; ENOENT: gone meanwhile
+      resolve(e.code !== 'ECONNREFUSED' && e.code !== 'ENOENT' && e.code !== 'ENOTSOCK');
+    });
+  });
+  if (live) {
+    throw new Error(`another lockstep pair supervisor answers on ${path}: stop it first (lockstep pair status --control ${path} shows it), or give this one another --data-dir or --control`);
+  }
+  rmSync(path, { force: true });
+  return 'stale-removed';
 }
 
 export function controlRequest(path: string, cmd: string, timeoutMs = 60_000): Promise<{ ok: boolean; result?: unknown; error?: string }> {

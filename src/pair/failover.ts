@@ -24,6 +24,7 @@ export async function runFailover(core: PairCore, reason: string, hooks: Failove
   core.log('warn', `failing over: ${reason}`);
   const p = core.primary;
   if (p?.alive && p.child) p.child.kill('SIGKILL');
+  else if (p?.alive && p.pid !== undefined) process.kill(p.pid, 'SIGKILL'); // adopted here
   else if (p?.alive) {
     // a primary on another host that still answers (manual failover): stop its export so
     // that the guest cannot go on writing to a disk that is no longer the one served

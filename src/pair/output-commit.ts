@@ -27,6 +27,19 @@ export class PairOutputCommit {
 
   async enable(p: Side): Promise<void> {
     await this.core.call(p, 'x-block-flush-commit', { 'node-name': DISK_NODE, enable: true });
+    this.listen(p);
+  }
+
+  /** An adopted primary (adopt.ts): takes over output commit as the dead supervisor left it. */
+  async adopt(p: Side): Promise<void> {
+    const list = (await this.core.call(p, 'x-query-block-flush-commit')) as Array<{ 'node-name': string; releases: number }>;
+    const mine = list.find((g) => g['node-name'] === DISK_NODE);
+    if (!mine) return;
+    this.releases = mine.releases;
+    this.listen(p);
+  }
+
+  private listen(p: Side): void {
     this.on = true;
     p.qmp.on('event', (ev: { event: string; data?: Record<string, unknown> }) => {
       if (ev.event !== 'X_BLOCK_FLUSH_PENDING' || !this.on) return;

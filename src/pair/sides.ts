@@ -3,7 +3,7 @@
 // stays silent, and the transport rule (TLS, or plain TCP only to loopback or with insecure).
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { lookup } from 'node:dns/promises';
 import { join } from 'node:path';
@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import type { ForwardAddress, SideLayout } from './setup.js';
+import { waitGone } from './adopt.js';
 
 const LOCKSTEP_BIN = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
 
@@ -20,6 +21,8 @@ export interface Side {
   name: SideName;
   qmp: QmpClient;
   child: ChildProcess | null;
+  /** a daemon started by an earlier supervisor on this host and adopted (adopt.ts) */
+  pid?: number;
   layout: SideLayout;
   lastAnswer: number;
   alive: boolean;
@@ -137,17 +140,30 @@ export async function launchSide(
   }
   const sock = join(sockDir, `${name}.qmp`);
   rmSync(sock, { force: true });
-  const child = spawn(
-    process.execPath,
-    [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0'],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  let stderr = '';
-  child.stderr?.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-8192);
-  });
+  // The daemon outlives this supervisor (adopt.ts): its own session, so that a signal to the
+  // supervisor's process group (Ctrl-C, a closed terminal) does not reach it, and its log in
+  // a file, so that it never writes to a pipe whose reader is gone.
+  const logPath = daemonLogPath(sockDir, name);
+  const logFd = openSync(logPath, 'a', 0o644);
+  let child: ChildProcess;
+  try {
+    child = spawn(
+      process.execPath,
+      [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0'],
+      { stdio: ['ignore', 'ignore', logFd], detached: true },
+    );
+  } finally {
+    closeSync(logFd);
+  }
+  const stderr = (): string => {
+    try {
+      return readFileSync(logPath, 'utf8').slice(-8192).trim();
+    } catch {
+      return '';
+    }
+  };
   for (let i = 0; !existsSync(sock); i++) {
-    if (child.exitCode !== null || i > 200) throw new Error(`the ${name} daemon did not start: ${stderr.trim()}`);
+    if (child.exitCode !== null || i > 200) throw new Error(`the ${name} daemon did not start: ${stderr()}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   // the socket file appears at bind(), a moment before listen(): refused until then
@@ -160,6 +176,11 @@ export async function launchSide(
       await new Promise((r) => setTimeout(r, 20));
     }
   }
+}
+
+/** Where a daemon started here logs (its stderr), beside its QMP socket. */
+export function daemonLogPath(sockDir: string, name: SideName): string {
+  return join(sockDir, `${name}-daemon.log`);
 }
 
 /** An attached daemon must be fresh: a pair half set up (say, by a supervisor that died)
@@ -179,9 +200,10 @@ export async function checkFresh(side: Side, addr: QmpClientAddress, timeoutMs: 
 
 /** Ends a daemon started here: quit over QMP, then SIGKILL if it has not exited within 5 s. */
 export async function stopSide(side: Side, timeoutMs: number): Promise<void> {
-  // daemons started here end with the supervisor; attached ones are the operator's
-  if (side.alive && side.child) await callSide(side, 'quit', undefined, timeoutMs).catch(() => {});
+  // daemons started here (or adopted) end with the supervisor; attached ones are the operator's
+  if (side.alive && (side.child || side.pid)) await callSide(side, 'quit', undefined, timeoutMs).catch(() => {});
   side.qmp.close();
+  if (side.pid !== undefined) await waitGone(side.pid, 5000);
   const child = side.child;
   // a process killed by a signal has exitCode null and signalCode set
   if (child && child.exitCode === null && child.signalCode === null) {

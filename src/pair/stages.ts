@@ -69,6 +69,14 @@ export class StageMachine {
     this.onChange?.(from, to);
   }
 
+  /** A restarted supervisor takes over running daemons (adopt.ts) in the stage the dead one
+   *  recorded: the one jump the table does not list, and only from the start. */
+  adopt(stage: PairStage): void {
+    if (this.current !== 'starting') throw new StageError(`the pair adopts daemons only when starting, not in ${this.current}`);
+    this.current = stage;
+    this.onChange?.('starting', stage);
+  }
+
   /** Moves to `to` when the table allows it from here; reports whether it did. */
   tryTo(to: PairStage): boolean {
     if (to !== this.current && !canTransition(this.current, to)) return false;

@@ -33,6 +33,8 @@ import { buildStatus, type PairStatus } from './status.js';
 import type { PairCore } from './core.js';
 import { PairOutputCommit } from './output-commit.js';
 import { PairLease } from './lease.js';
+import { PairAdoptError, findDaemons, removeDaemons, retire, writeDaemons, type Found, type FoundDaemon } from './adopt.js';
+import { daemonLogPath } from './sides.js';
 
 export type { PairStage } from './stages.js';
 export type { PairTls } from './sides.js';
@@ -95,11 +97,16 @@ const EXPORT_NAME = 'disk';
 
 export class PairSupervisor extends EventEmitter implements PairCore {
   readonly metrics = new PairMetrics();
-  readonly stages = new StageMachine();
+  // every stage change is recorded beside the daemons, for a supervisor that adopts them
+  readonly stages = new StageMachine('starting', (_from, to) => {
+    if (to !== 'stopped') this.recordDaemons();
+  });
   primary: Side | null = null;
   secondary: Side | null = null;
   lastError: string | undefined;
   private timers: NodeJS.Timeout[] = [];
+  /** this supervisor wrote DATA/pair-daemons.json (started or adopted daemons) */
+  private recorded = false;
   private lastPauseMs: number | null = null;
   private failingOver: Promise<void> | null = null;
   private serving: string[] = [];
@@ -156,13 +163,20 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const forward = this.forwardAddress();
     await checkTransport(o, forward);
     mkdirSync(o.dataDir, { recursive: true });
+    // daemons an earlier supervisor started here may still run and serve: adopt them
+    if (this.oneHost) {
+      const found = await findDaemons(o.dataDir, o.log, this.controlTimeoutMs);
+      if (found && (await this.adopt(found))) return;
+    }
     const pl = this.layout(o.primaryDir, o.primaryQmp !== undefined);
     const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
     for (const l of [pl, sl]) if (l.local) mkdirSync(l.dir, { recursive: true });
     const tls = o.tls;
 
     this.secondary = await this.launch('secondary', o.secondaryQmp, sl);
+    this.recordDaemons();
     this.primary = await this.launch('primary', o.primaryQmp, pl);
+    this.recordDaemons();
     const p = this.primary;
     const s = this.secondary;
     for (const side of [s, p]) if (!side.child) await checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!, this.controlTimeoutMs);
@@ -235,6 +249,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     await this.serve(p, DISK_NODE);
     this.stages.to('protected');
     o.log('info', 'replication is running', { serving: this.serving, forward: forward.type === 'unix' ? forward.path : `${forward.host}:${forward.port}`, tls: !!tls });
+    this.startTimers();
+  }
+
+  private startTimers(): void {
+    const o = this.opts;
     this.timers.push(setInterval(() => void this.tick(), o.heartbeatIntervalMs));
     if (o.checkpointIntervalMs > 0) {
       this.timers.push(
@@ -246,7 +265,127 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   }
 
   private async launch(name: SideName, attach: QmpClientAddress | undefined, layout: SideLayout): Promise<Side> {
-    const side = await launchSide(name, attach, layout, this.opts.dataDir, this.opts.tls);
+    return this.watch(await launchSide(name, attach, layout, this.opts.dataDir, this.opts.tls));
+  }
+
+  /** Both daemons are started here (not attached): they can be recorded and adopted. */
+  private get oneHost(): boolean {
+    return this.opts.primaryQmp === undefined && this.opts.secondaryQmp === undefined;
+  }
+
+  /** Rewrites DATA/pair-daemons.json (adopt.ts): who the daemons are, the stage, the generations. */
+  private recordDaemons(): void {
+    if (!this.oneHost) return;
+    const entry = (side: Side | null) => {
+      const pid = side?.child?.pid ?? side?.pid;
+      if (!side || !side.alive || pid === undefined) return null;
+      return { pid, qmp: join(this.opts.dataDir, `${side.name}.qmp`), log: daemonLogPath(this.opts.dataDir, side.name) };
+    };
+    try {
+      this.recorded = true;
+      writeDaemons(this.opts.dataDir, {
+        stage: this.stage,
+        primary: entry(this.primary),
+        secondary: entry(this.secondary),
+        generation: { primary: this.disks.primary?.meta?.current ?? null, secondary: this.disks.secondary?.meta?.current ?? null },
+        serving: this.serving,
+      });
+    } catch (e) {
+      this.opts.log('warn', `cannot write the daemons record: ${errorMessage(e)}`);
+    }
+  }
+
+  /**
+   * Takes over the daemons a dead supervisor left running and resumes in the stage it
+   * recorded (adopt.ts found and checked them). false: none was adopted (they were still
+   * starting up and are stopped now): the pair starts afresh.
+   */
+  private async adopt(found: Found): Promise<boolean> {
+    const o = this.opts;
+    const r = found.record;
+    const alive = [found.primary, found.secondary].filter((d): d is FoundDaemon => d !== null);
+    const retireAll = async (why: string): Promise<false> => {
+      for (const d of alive) {
+        o.log('warn', `${why}: stopping the ${d.name} daemon of the last run (pid ${d.pid})`);
+        await retire(d);
+      }
+      removeDaemons(o.dataDir);
+      return false;
+    };
+    // nothing was served yet: the generations decide again what to copy (a target the copy
+    // had begun is marked inconsistent and is never a source)
+    if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
+    // the failover killed the primary: only the survivor can serve
+    if (r.stage === 'failed-over' && !found.secondary) return retireAll('the survivor of the last failover is gone');
+    const layout = this.layout(undefined, false);
+    const side = (d: FoundDaemon): Side => this.watch({ name: d.name, qmp: d.qmp, child: null, pid: d.pid, layout, lastAnswer: Date.now(), alive: true });
+    const p = (this.primary = found.primary ? side(found.primary) : null);
+    const s = (this.secondary = found.secondary ? side(found.secondary) : null);
+    if (p) this.disks.primary = await loadDisk(this, p, 'primary', false, o.size);
+    if (s) this.disks.secondary = await loadDisk(this, s, 'secondary', false, o.size);
+    this.serving = r.serving;
+    const pidOf = (n: 'primary' | 'secondary') => found[n]?.pid ?? r[n]?.pid;
+    if (r.stage === 'failed-over') {
+      if (p) await retire(found.primary!);
+      this.primary = null;
+      this.stages.adopt('failed-over');
+      o.log('info', `adopted the running survivor (pid ${pidOf('secondary')}), which serves the disk`, { serving: this.serving });
+    } else if (p && s && r.stage === 'protected') {
+      this.stages.adopt('protected');
+      await this.resumePrimary(p);
+      this.startTimers();
+      let took = 'took a checkpoint';
+      await this.checkpoint().catch((e: unknown) => (took = `the first checkpoint failed: ${errorMessage(e)}`));
+      o.log('info', `adopted the running primary (pid ${p.pid}) and secondary (pid ${s.pid}); ${took}`, { serving: this.serving });
+      return true;
+    } else if (p && (r.stage === 'protected' || r.stage === 'degraded')) {
+      if (s) await retire(found.secondary!);
+      this.secondary = null;
+      this.stages.adopt('degraded');
+      await this.resumePrimary(p);
+      // nothing left to fail over to: flushes complete on the primary's own disk
+      await this.outputCommit.disable(p).catch(() => {});
+      const pd = this.disks.primary;
+      if (r.stage === 'protected' && pd) await goOnAlone(this, pd, 'primary');
+      this.lastError = `the secondary daemon (pid ${pidOf('secondary')}) died while no supervisor ran: the primary keeps serving without protection`;
+      await this.recordChanged().catch(() => {});
+      o.log('warn', `adopted the running primary (pid ${p.pid}); the secondary is gone: degraded, the primary serves without protection`, { serving: this.serving });
+    } else if (s && !p && (r.stage === 'protected' || r.stage === 'primary-lost')) {
+      this.stages.adopt('primary-lost');
+      o.log('warn', `adopted the running secondary (pid ${s.pid}); the primary (pid ${pidOf('primary')}) is gone`);
+      this.startTimers();
+      if (o.failover === 'auto') {
+        await this.failover('the primary died while no supervisor ran').catch(() => {});
+      } else {
+        this.lastError = 'the primary died while no supervisor ran; failover is manual: run `lockstep pair failover`';
+        o.log('error', this.lastError);
+      }
+      return true;
+    } else {
+      for (const d of alive) d.qmp.close();
+      this.primary = this.secondary = null;
+      throw new PairAdoptError(
+        `cannot adopt the daemons of the last run: it recorded stage ${r.stage}, and the ${p ? `primary (pid ${p.pid})` : `secondary (pid ${s!.pid})`} is the only one running, which that stage cannot go on from. ` +
+          `Nothing was changed. Stop it (kill ${alive.map((d) => d.pid).join(' ')}), then start the pair again: the disks' generations decide what is copied`,
+      );
+    }
+    this.recordDaemons();
+    this.startTimers();
+    return true;
+  }
+
+  /** An adopted primary: its lease renewed again (writes stalled once it ran out), output commit as it was. */
+  private async resumePrimary(p: Side): Promise<void> {
+    const o = this.opts;
+    const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
+    if (leaseMs > 0) {
+      this.lease = new PairLease(this, leaseMs, o.heartbeatIntervalMs);
+      await this.lease.start(p);
+    }
+    await this.outputCommit.adopt(p);
+  }
+
+  private watch(side: Side): Side {
     side.child?.once('exit', (code, signal) => {
       side.alive = false;
       this.opts.log('warn', `the ${side.name} daemon exited`, { code, signal });
@@ -376,6 +515,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const run = (async () => {
       if (!this.secondary?.alive) throw new Error('the secondary is not running');
       if (!this.stages.policy.failover) throw new Error(`no failover in stage ${this.stage}`);
+      const m = this.disks.secondary?.meta;
+      if (m && !m.consistent) {
+        throw new Error(
+          `the secondary disk is inconsistent (generation ${m.current}: a resync into it or a failover commit did not finish): failing over to it is refused; ` +
+            'bring the primary back (its disk is the consistent one), or declare a disk current with --force-current',
+        );
+      }
       const t0 = Date.now();
       const sd = this.disks.secondary;
       await runFailover(this, reason, {
@@ -414,16 +560,20 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** Process ids of the daemons this supervisor started (none for attached daemons). */
   pids(): { primary?: number; secondary?: number } {
     const out: { primary?: number; secondary?: number } = {};
-    if (this.primary?.child?.pid !== undefined) out.primary = this.primary.child.pid;
-    if (this.secondary?.child?.pid !== undefined) out.secondary = this.secondary.child.pid;
+    const p = this.primary?.child?.pid ?? this.primary?.pid;
+    const s = this.secondary?.child?.pid ?? this.secondary?.pid;
+    if (p !== undefined) out.primary = p;
+    if (s !== undefined) out.secondary = s;
     return out;
   }
 
   /** Kills the primary daemon with SIGKILL (the demo's and tests' simulated crash). */
   crashPrimary(): void {
     const c = this.primary?.child;
-    if (!c) throw new Error('the primary daemon was not started by this supervisor');
-    c.kill('SIGKILL');
+    const pid = this.primary?.pid;
+    if (c) c.kill('SIGKILL');
+    else if (pid !== undefined) process.kill(pid, 'SIGKILL');
+    else throw new Error('the primary daemon was not started by this supervisor');
   }
 
   // ---- status and shutdown ----------------------------------------------------------
@@ -459,5 +609,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     this.timers = [];
     await this.checkpoints.current?.catch(() => {});
     for (const side of [this.primary, this.secondary]) if (side) await stopSide(side, 2000);
+    // the daemons are gone: nothing to adopt
+    if (this.oneHost && this.recorded) removeDaemons(this.opts.dataDir);
   }
 }
