@@ -92,14 +92,15 @@ export function readDaemons(dataDir: string): DaemonsRecord | null {
   return r;
 }
 
-/** The process exists (EPERM: it exists, owned by someone else). */
+/** The process runs (EPERM: it exists, owned by someone else). A zombie does not: a daemon
+ *  whose supervisor died was reparented, and its new parent may reap it late or never. */
 export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
+    if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false;
   }
+  return !isZombie(pid);
 }
 
 function cmdline(pid: number): string[] | null {
@@ -218,7 +219,7 @@ export async function retire(d: FoundDaemon, waitMs = 5000): Promise<void> {
 /** Waits until `pid` has exited; SIGKILL after `waitMs`. */
 export async function waitGone(pid: number, waitMs: number): Promise<void> {
   const t0 = Date.now();
-  while (pidAlive(pid) && !isZombie(pid)) {
+  while (pidAlive(pid)) {
     if (Date.now() - t0 > waitMs) {
       try {
         process.kill(pid, 'SIGKILL');
