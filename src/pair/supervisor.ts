@@ -173,12 +173,16 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     for (const l of [pl, sl]) if (l.local) mkdirSync(l.dir, { recursive: true });
     const tls = o.tls;
 
-    this.secondary = await this.launch('secondary', o.secondaryQmp, sl);
+    // both at once (a daemon's start-up is most of a pair's on a loaded host); each one
+    // that started is recorded before anything else, so that none is left unknown
+    const [sl0, pl0] = await Promise.allSettled([this.launch('secondary', o.secondaryQmp, sl), this.launch('primary', o.primaryQmp, pl)]);
+    if (sl0.status === 'fulfilled') this.secondary = sl0.value;
+    if (pl0.status === 'fulfilled') this.primary = pl0.value;
     this.recordDaemons();
-    this.primary = await this.launch('primary', o.primaryQmp, pl);
-    this.recordDaemons();
-    const p = this.primary;
-    const s = this.secondary;
+    if (sl0.status === 'rejected') throw sl0.reason;
+    if (pl0.status === 'rejected') throw pl0.reason;
+    const p = pl0.value;
+    const s = sl0.value;
     for (const side of [s, p]) if (!side.child) await checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!, this.controlTimeoutMs);
     // the disks are kept when they exist; the overlays are always recreated empty
     const created: Record<string, boolean> = {};
@@ -377,6 +381,14 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** An adopted primary: its lease renewed again (writes stalled once it ran out), output commit as it was. */
   private async resumePrimary(p: Side): Promise<void> {
     const o = this.opts;
+    // a supervisor killed inside a checkpoint's barrier left the guest's writes held: release
+    // them (that checkpoint counts as failed; the next one is taken below)
+    try {
+      await this.call(p, 'block-io-release', { 'node-name': DISK_NODE });
+      o.log('warn', 'released the I/O hold the dead supervisor left on the primary (it died inside a checkpoint)');
+    } catch (e) {
+      if (!/is not held/.test(errorMessage(e))) throw e;
+    }
     const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
     if (leaseMs > 0) {
       this.lease = new PairLease(this, leaseMs, o.heartbeatIntervalMs);
@@ -608,6 +620,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     await this.checkpoints.current?.catch(() => {});
+    // the daemon's own flush at quit would otherwise wait for a checkpoint that never comes
+    // (and the daemon be SIGKILLed 5 s later)
+    const p = this.primary;
+    if (p?.alive) await this.outputCommit.disable(p).catch(() => {});
     for (const side of [this.primary, this.secondary]) if (side) await stopSide(side, 2000);
     // the daemons are gone: nothing to adopt
     if (this.oneHost && this.recorded) removeDaemons(this.opts.dataDir);
