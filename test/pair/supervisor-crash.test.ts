@@ -80,12 +80,29 @@ function record(dir: string): DaemonsRecord {
   return r;
 }
 
-/** Kills every daemon the data directory's record names (a test's leftovers). */
-function killDaemons(t: TestContext, dir: string): void {
+/** A data directory whose leftovers (every supervisor, then every daemon its record named)
+ *  are killed before it is removed: registered first, so that it runs first. */
+function pairDir(t: TestContext): string {
+  const pids = new Set<number>();
+  let dir = '';
   t.after(() => {
     const r = readDaemons(dir);
-    for (const e of [r?.primary, r?.secondary]) if (e && pidAlive(e.pid)) process.kill(e.pid, 'SIGKILL');
+    for (const e of [r?.primary, r?.secondary]) if (e) pids.add(e.pid);
+    for (const pid of pids) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
   });
+  dir = tempDir(t, 'lockstep-supcrash-');
+  // a daemon that a failed test leaves behind may have left the record already
+  const timer = setInterval(() => {
+    const r = readDaemons(dir);
+    for (const e of [r?.primary, r?.secondary]) if (e) pids.add(e.pid);
+  }, 200);
+  t.after(() => clearInterval(timer));
+  return dir;
+}
+
+/** An NBD disconnect that gives up: a stalled server must not hang the test's clean-up. */
+function closeClient(c: NbdClient): Promise<unknown> {
+  return Promise.race([c.disconnect().catch(() => {}), sleep(2000)]);
 }
 
 async function status(dir: string): Promise<{ stage: string; checkpoints: number; sync?: { kind: string; source?: string } | null }> {
@@ -131,8 +148,7 @@ async function assertDisksIdentical(dir: string): Promise<void> {
 }
 
 test('supervisor SIGKILLed under client writes: the daemons keep serving, a restart adopts them, no acknowledged write is lost', { timeout: 240_000 }, async (t) => {
-  const dir = tempDir(t, 'lockstep-supcrash-');
-  killDaemons(t, dir);
+  const dir = pairDir(t);
   const first = Supervisor.start(t, dir);
   await first.waitFor(/lockstep pair is running/);
   const before = record(dir);
@@ -143,7 +159,7 @@ test('supervisor SIGKILLed under client writes: the daemons keep serving, a rest
 
   const acked = new Acked();
   const c = await connect(dir);
-  t.after(() => c.disconnect().catch(() => {}));
+  t.after(() => closeClient(c));
   let next = 0;
   let stop = false;
   let writerError: unknown = null;
@@ -153,6 +169,10 @@ test('supervisor SIGKILLed under client writes: the daemons keep serving, a rest
   while (acked.blocks.size < 8 && writerError === null) await sleep(20);
 
   await first.kill('SIGKILL');
+  // as if it died inside a checkpoint's barrier: the guest's writes held on the primary
+  const q = await QmpClient.open({ path: p.qmp });
+  await q.execute('block-io-hold', { 'node-name': 'colo-disk0' }).catch((e: unknown) => assert.match(String(e), /already held/));
+  q.close();
   // the daemons were not killed with it, and serve on
   assert.ok(pidAlive(p.pid) && pidAlive(s.pid), 'a daemon died with its supervisor');
   const n0 = acked.blocks.size;
@@ -165,6 +185,7 @@ test('supervisor SIGKILLed under client writes: the daemons keep serving, a rest
   const second = Supervisor.start(t, dir);
   await second.waitFor(new RegExp(`adopted the running primary \\(pid ${p.pid}\\) and secondary \\(pid ${s.pid}\\); took a checkpoint`));
   assert.match(second.out, /removed a stale control socket/);
+  assert.match(second.out, /released the I\/O hold the dead supervisor left on the primary/);
   const after = record(dir);
   assert.equal(after.supervisor, second.child.pid);
   assert.equal(after.primary?.pid, p.pid);
@@ -202,8 +223,7 @@ test('supervisor SIGKILLed under client writes: the daemons keep serving, a rest
 });
 
 test('supervisor SIGKILLed after a failover: the survivor keeps its clients, is adopted, and a later start copies it, never the old primary, back', { timeout: 240_000 }, async (t) => {
-  const dir = tempDir(t, 'lockstep-supcrash-');
-  killDaemons(t, dir);
+  const dir = pairDir(t);
   const first = Supervisor.start(t, dir, [], true);
   await first.waitFor(/lockstep pair is running/);
   const { primary: p, secondary: s } = record(dir);
@@ -218,7 +238,7 @@ test('supervisor SIGKILLed after a failover: the survivor keeps its clients, is 
   assert.equal(record(dir).primary, null);
 
   c = await connect(dir);
-  t.after(() => c.disconnect().catch(() => {}));
+  t.after(() => closeClient(c));
   for (let i = 2; i < 8; i++) await acked.write(c, i); // 2 and 3 rewritten on the survivor
   // this time the supervisor's terminal goes away: the survivor is in a session of its own
   await first.hangUp();
@@ -269,8 +289,7 @@ async function slowDownSync(dir: string): Promise<void> {
 }
 
 test('supervisor SIGKILLed during the initial sync: the restart stops the half-set-up daemons and copies again, from the same side', { timeout: 240_000 }, async (t) => {
-  const dir = tempDir(t, 'lockstep-supcrash-');
-  killDaemons(t, dir);
+  const dir = pairDir(t);
   // a pair with 16 MiB of data on its disks, then a new (empty) secondary disk
   const setup = Supervisor.start(t, dir);
   await setup.waitFor(/lockstep pair is running/);
@@ -312,8 +331,7 @@ test('supervisor SIGKILLed during the initial sync: the restart stops the half-s
 });
 
 test('a record whose daemon does not match is refused, naming the pid, and changes nothing', { timeout: 120_000 }, async (t) => {
-  const dir = tempDir(t, 'lockstep-supcrash-');
-  killDaemons(t, dir);
+  const dir = pairDir(t);
   // a lockstep daemon on the recorded socket, but not set up as a pair's primary
   const sock = join(dir, 'primary.qmp');
   const d = spawn(process.execPath, [LOCKSTEP_BIN, 'daemon', '--chardev', `socket,id=mon0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=mon0'], { stdio: 'ignore' });
