@@ -22,8 +22,9 @@ export interface LivenessBounds {
 }
 
 /** The policy table: which bound applies to which side. */
-export function livenessBounds(side: Pick<Side, 'name' | 'child'>, timeoutMs: number, longMs: number): LivenessBounds {
-  const local = side.child !== null;
+export function livenessBounds(side: Pick<Side, 'name' | 'child' | 'pid'>, timeoutMs: number, longMs: number): LivenessBounds {
+  // a daemon adopted from a dead supervisor (adopt.ts) runs on this host too
+  const local = side.child !== null || side.pid !== undefined;
   if (!local && side.name === 'primary') return { lateAfterMs: timeoutMs, lostAfterMs: timeoutMs };
   return { lateAfterMs: timeoutMs, lostAfterMs: Math.max(longMs, timeoutMs) };
 }

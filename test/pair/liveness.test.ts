@@ -15,6 +15,7 @@ test('the bounds: only a primary on another host is lost at the timeout itself',
   assert.deepEqual(livenessBounds({ name: 'primary', child: null }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 500 });
   assert.deepEqual(livenessBounds({ name: 'secondary', child: null }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
   assert.deepEqual(livenessBounds({ name: 'primary', child }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
+  assert.deepEqual(livenessBounds({ name: 'primary', child: null, pid: 4242 }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
   assert.deepEqual(livenessBounds({ name: 'secondary', child }, 800, 300), { lateAfterMs: 800, lostAfterMs: 800 });
 });
 
