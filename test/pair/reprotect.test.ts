@@ -6,12 +6,14 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PairSupervisor, type PairOptions } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
 import { rng } from '../helpers/rng.js';
+import { startDaemon } from '../helpers/daemon.js';
 import type { ByteRange } from '../../src/pair/sync.js';
 
 const MiB = 1024 * 1024;
@@ -210,4 +212,105 @@ test('the primary killed during a resync: no failover to the inconsistent disk, 
   await assert.rejects(sup.failover(), /no failover: the secondary's disk is inconsistent \(resync \d+% done\)/);
   assert.equal(sup.stage, 'primary-lost');
   assert.equal(sup.status().serving.length > 0 ? sup.status().role : 'none serving', 'none serving');
+});
+
+/** The two disk files hold the same guest bytes (qemu-img compare exits 0). */
+function assertIdentical(a: string, b: string): void {
+  const out = execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', a, b], { encoding: 'utf8' });
+  assert.match(out, /Images are identical/);
+}
+
+test('the secondary killed during its resync: back to degraded, brought back again, protected; both disks end identical', { timeout: 120_000 }, async (t) => {
+  const dir = tempDir(t);
+  const sup = pair(dir, { resyncRate: 2 * MiB, reprotectBackoffMs: 600_000 });
+  t.after(() => sup.stop());
+  await sup.start();
+  const client = await connect(dir);
+  t.after(() => client.disconnect().catch(() => {}));
+  await client.write(0, Buffer.alloc(MiB, 0x21));
+  await sup.checkpoint();
+  const degraded = new Promise((r) => sup.once('degraded', r));
+  killSecondary(sup);
+  await degraded;
+  await client.write(2 * MiB, Buffer.alloc(6 * MiB, 0x22));
+
+  const first = sup.reprotect();
+  first.catch(() => {});
+  for (let i = 0; i < 600 && !((sup.status().resync?.done ?? 0) > 0); i++) await sleep(50);
+  assert.equal(sup.stage, 'resyncing');
+  await assert.rejects(sup.failover(), /no failover: the secondary's disk is inconsistent/);
+  killSecondary(sup);
+  await assert.rejects(first);
+  for (let i = 0; i < 200 && (sup.stage as string) !== 'degraded'; i++) await sleep(50);
+  assert.equal(sup.stage, 'degraded');
+  // the primary served all along
+  await client.write(9 * MiB, Buffer.alloc(MiB, 0x23));
+  await sup.reprotect();
+  assert.equal(sup.stage, 'protected');
+  await client.write(11 * MiB, Buffer.alloc(MiB, 0x24)); // replicated
+  await sup.checkpoint();
+  const want = Buffer.alloc(SIZE);
+  want.fill(0x21, 0, MiB);
+  want.fill(0x22, 2 * MiB, 8 * MiB);
+  want.fill(0x23, 9 * MiB, 10 * MiB);
+  want.fill(0x24, 11 * MiB, 12 * MiB);
+  assert.equal(firstDiff(await client.read(0, SIZE), want), -1);
+  await client.disconnect();
+  await sup.stop();
+  assertIdentical(join(dir, 'primary.qcow2'), join(dir, 'secondary.qcow2'));
+});
+
+test('attached daemons (the two-host shape): the secondary\'s QMP address is retried until a fresh daemon answers there, then resynced and protected', { timeout: 120_000 }, async (t) => {
+  const root = tempDir(t);
+  const [dirA, dirB] = [join(root, 'a'), join(root, 'b')];
+  mkdirSync(dirA);
+  mkdirSync(dirB);
+  const a = await startDaemon(t, dirA, []);
+  const b1 = await startDaemon(t, dirB, []);
+  const logs: string[] = [];
+  const sup = pair(root, {
+    primaryQmp: { path: join(dirA, 'qmp.sock') },
+    secondaryQmp: { path: join(dirB, 'qmp.sock') },
+    primaryDir: dirA,
+    secondaryDir: dirB,
+    nbdSocket: join(root, 'disk.sock'),
+    log: (level, msg) => {
+      logs.push(`${level}: ${msg}`);
+      if (process.env.DEBUG_REPROTECT) console.error(new Date().toISOString(), level, msg);
+    },
+  });
+  t.after(() => sup.stop());
+  await sup.start();
+  const client = await connect(root);
+  t.after(() => client.disconnect().catch(() => {}));
+  await client.write(0, Buffer.alloc(MiB, 0x31));
+  await sup.checkpoint();
+  const degraded = new Promise((r) => sup.once('degraded', r));
+  b1.proc.kill('SIGKILL');
+  await degraded;
+  await client.write(3 * MiB, Buffer.alloc(2 * MiB, 0x32));
+  // nothing answers at the address yet: the attempts fail and are retried
+  for (let i = 0; i < 100 && !logs.some((l) => /re-protection failed: cannot reach the secondary daemon's QMP/.test(l)); i++) await sleep(50);
+  assert.ok(logs.some((l) => /reaching the secondary daemon again in \d+ ms/.test(l)), logs.join('\n'));
+  assert.ok(logs.some((l) => /re-protection failed: cannot reach the secondary daemon's QMP/.test(l)), logs.join('\n'));
+  assert.equal(sup.stage, 'degraded');
+  const protectedAgain = new Promise((r) => sup.once('protected', r));
+  const b2 = await startDaemon(t, dirB, []); // `lockstep pair host` restarted on the secondary's host
+  await protectedAgain;
+  await client.write(6 * MiB, Buffer.alloc(MiB, 0x33)); // replicated
+  await sup.checkpoint(); // the re-attached secondary checkpoints
+  assert.equal(sup.stage, 'protected');
+  const want = Buffer.alloc(SIZE);
+  want.fill(0x31, 0, MiB);
+  want.fill(0x32, 3 * MiB, 5 * MiB);
+  want.fill(0x33, 6 * MiB, 7 * MiB);
+  assert.equal(firstDiff(await client.read(0, SIZE), want), -1);
+  assert.equal(sup.status().disks?.secondary?.consistent, true);
+  await client.disconnect();
+  await sup.stop();
+  // attached daemons are the operator's: the supervisor leaves them running. (A SIGTERM to
+  // the attached primary after this scenario did not end it within a minute: left for the
+  // lead, see the report; a SIGKILL here.)
+  a.proc.kill('SIGKILL');
+  b2.proc.kill('SIGKILL');
 });
