@@ -1,5 +1,5 @@
 // `lockstep pair`: run and supervise a primary/secondary replication pair, or talk to a
-// running supervisor (`status`, `checkpoint`, `failover`).
+// running supervisor (`status`, `checkpoint`, `failover`, `reprotect`).
 
 import { parseArgs } from 'node:util';
 import { createServer } from 'node:http';
@@ -17,12 +17,15 @@ import { notifyReady, takeNotifySocket } from './systemd.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
-       lockstep pair checkpoint|failover [--data-dir DIR | --control PATH]
+       lockstep pair checkpoint|failover|reprotect [--data-dir DIR | --control PATH]
        lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
 copies the disk once, starts replication, serves the primary's disk over NBD, takes a
 consistent checkpoint every interval and fails over to the secondary when the primary dies.
+A lost secondary is brought back by itself (restarted here, or its QMP address retried on
+two hosts, with a growing delay), resynced from the two change records while the primary
+keeps serving, and the pair is protected again; 'lockstep pair reprotect' does it now.
 
 Two hosts: run 'lockstep pair host' on each (a lockstep daemon whose QMP monitor listens on
 HOST:PORT with TLS), then 'lockstep pair run' on the secondary's host (or a third one) with
@@ -41,6 +44,9 @@ Options:
   --flush-commit on|off      a flush or FUA write completes once a checkpoint covers it
                              (default on; off for COLO with a VM, whose outputs are held)
   --lease T|off              the primary's write lease (default: the heartbeat timeout)
+  --resync-rate BYTES/s      the rate of a resync while the primary serves, e.g. 50M
+                             (default: unlimited)
+  --reprotect on|off         bring a lost secondary back by itself (default on)
   --nbd-socket PATH          serve the disk on this Unix socket (default DATA/disk.sock)
   --nbd-port N               and on 127.0.0.1:N (default 10809; 0 = no TCP)
   --metrics HOST:PORT        Prometheus endpoint (/metrics)
@@ -69,7 +75,7 @@ pair status options:
                              terminal)
   --watch                    refresh every --interval (default 1s) until interrupted
   --check                    one line and an exit code: 0 protected, 2 not protected yet
-                             (starting, syncing), 3 degraded, 4 failed over, 5 primary lost,
+                             (starting, syncing, resyncing), 3 degraded, 4 failed over, 5 primary lost,
                              6 unknown stage, 7 not running, 1 error
 
 pair host options:
@@ -84,6 +90,15 @@ function parseDuration(text: string, name: string): number {
   if (!m) throw new Error(`--${name}: expected a duration like 500ms, 1s or 0.25 (seconds), got '${text}'`);
   // a bare number is seconds, as for sleep(1)
   return Number(m[1]) * (m[2] === 'ms' ? 1 : 1000);
+}
+
+/** --resync-rate: bytes per second, with the size suffixes of --size (an optional "/s"). */
+function parseRate(text: string): number {
+  const t = text.trim().replace(/\/s$/, '');
+  const n = parseSize(t);
+  if (n === null) throw new Error(`--resync-rate: expected bytes per second like 50M or 1048576, got '${text}'`);
+  if (!(n > 0)) throw new Error(`--resync-rate: must be more than 0 bytes per second, got '${text}'`);
+  return n;
 }
 
 function onOff<T>(text: string | undefined, name: string, f: (on: boolean) => T): T | Record<string, never> {
@@ -270,6 +285,8 @@ export async function run(argv: string[]): Promise<number> {
         'heartbeat-timeout': { type: 'string' },
         failover: { type: 'string' },
         'flush-commit': { type: 'string' },
+        'resync-rate': { type: 'string' },
+        reprotect: { type: 'string' },
         lease: { type: 'string' },
         'nbd-socket': { type: 'string' },
         'nbd-port': { type: 'string' },
@@ -323,9 +340,10 @@ export async function run(argv: string[]): Promise<number> {
     }
     return statusCommand(control, { json: v.json === true, watch: v.watch === true, check: v.check === true, intervalMs });
   }
-  if (sub === 'checkpoint' || sub === 'failover') {
+  if (sub === 'checkpoint' || sub === 'failover' || sub === 'reprotect') {
     try {
-      const r = await controlRequest(control, sub);
+      // a re-protection answers once the pair is protected again (a resync may take long)
+      const r = await controlRequest(control, sub, sub === 'reprotect' ? 24 * 3600_000 : undefined);
       if (!r.ok) {
         process.stderr.write(`lockstep pair ${sub}: ${r.error}\n`);
         return 1;
@@ -392,6 +410,8 @@ export async function run(argv: string[]): Promise<number> {
       ...(v.insecure ? { insecure: true } : {}),
       ...(forceCurrent ? { forceCurrent } : {}),
       ...onOff(v['flush-commit'], 'flush-commit', (b) => ({ flushCommit: b })),
+      ...onOff(v.reprotect, 'reprotect', (b) => ({ reprotect: b })),
+      ...(v['resync-rate'] === undefined ? {} : { resyncRate: parseRate(v['resync-rate']) }),
       ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
       log,
       onProgress: makeProgress(live, human, log),

@@ -1,7 +1,7 @@
 // The supervisor's control socket: JSON lines over a Unix socket.
-//   -> {"cmd": "status" | "checkpoint" | "failover"}
+//   -> {"cmd": "status" | "checkpoint" | "failover" | "reprotect"}
 //   <- {"ok": true, "result": ...} | {"ok": false, "error": "..."}
-// `lockstep pair status|checkpoint|failover` are its clients.
+// `lockstep pair status|checkpoint|failover|reprotect` are its clients.
 
 import { createServer, connect, type Server } from 'node:net';
 import { existsSync, rmSync } from 'node:fs';
@@ -46,8 +46,11 @@ export function serveControl(sup: PairSupervisor, path: string): Promise<Server>
         case 'failover':
           await sup.failover('requested by the operator');
           return { ok: true, result: sup.status() };
+        case 'reprotect':
+          await sup.reprotect();
+          return { ok: true, result: sup.status() };
         default:
-          return { ok: false, error: `unknown command '${String(cmd)}' (status, checkpoint, failover)` };
+          return { ok: false, error: `unknown command '${String(cmd)}' (status, checkpoint, failover, reprotect)` };
       }
     } catch (e) {
       return { ok: false, error: errorMessage(e) };

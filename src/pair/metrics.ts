@@ -49,7 +49,7 @@ export class Histogram {
 
 const PAUSE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 
-export const PAIR_STAGES = ['starting', 'syncing', 'protected', 'primary-lost', 'failed-over', 'degraded', 'stopped'] as const;
+export const PAIR_STAGES = ['starting', 'syncing', 'protected', 'primary-lost', 'failed-over', 'degraded', 'resyncing', 'stopped'] as const;
 /** drbd-reactor's role values: Primary serves the disk, Secondary is the replica, Unknown is lost */
 export const ROLES = ['Primary', 'Secondary', 'Unknown'] as const;
 /** a subset of DRBD's connection states, for the link between the two sides */

@@ -14,6 +14,8 @@ export class PairOutputCommit {
   /** releases the daemon has counted, from the last release's reply */
   private releases = 0;
   private on = false;
+  /** the side whose events are listened to (enabled again after a re-protection: once) */
+  private listening: Side | null = null;
 
   constructor(
     private readonly core: PairCore,
@@ -41,6 +43,8 @@ export class PairOutputCommit {
 
   private listen(p: Side): void {
     this.on = true;
+    if (this.listening === p) return;
+    this.listening = p;
     p.qmp.on('event', (ev: { event: string; data?: Record<string, unknown> }) => {
       if (ev.event !== 'X_BLOCK_FLUSH_PENDING' || !this.on) return;
       // the first completion that waits since release number `releases`: if a later release

@@ -5,15 +5,19 @@
 //
 //   starting -> syncing -> protected -> failed-over | degraded | primary-lost -> stopped
 //   primary-lost -> failed-over (manual failover)
+//   degraded -> resyncing -> protected (a lost secondary back: live resync, re-protect.ts)
+//   resyncing -> degraded (the secondary lost again) | primary-lost (never failed over: the
+//   secondary's disk is inconsistent until the resync ends)
 
-export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'stopped';
+export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'resyncing' | 'stopped';
 
 export const STAGE_TRANSITIONS: Record<PairStage, readonly PairStage[]> = {
   starting: ['syncing', 'stopped'],
   syncing: ['protected', 'stopped'],
   protected: ['primary-lost', 'failed-over', 'degraded', 'stopped'],
   'primary-lost': ['failed-over', 'stopped'],
-  degraded: ['stopped'],
+  degraded: ['resyncing', 'stopped'],
+  resyncing: ['protected', 'degraded', 'primary-lost', 'stopped'],
   'failed-over': ['stopped'],
   stopped: [],
 };
@@ -34,6 +38,8 @@ export const STAGE_POLICY: Record<PairStage, StagePolicy> = {
   'primary-lost': { role: 'none serving', checkpoints: false, failover: true },
   degraded: { role: 'primary serving', checkpoints: false, failover: false },
   'failed-over': { role: 'secondary serving', checkpoints: false, failover: false },
+  // the primary serves while the returning secondary's disk is copied to; it is inconsistent
+  resyncing: { role: 'primary serving', checkpoints: false, failover: false },
   stopped: { role: 'primary serving', checkpoints: false, failover: false },
 };
 

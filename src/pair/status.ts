@@ -25,6 +25,9 @@ export interface PairStatus {
   heartbeats?: Record<string, { late: number; 'max-late-ms': number }>;
   /** what the last start decided about copying (generations compared) */
   sync?: { kind: string; reason: string; source?: string };
+  /** a live resync onto the secondary (re-protection): bytes copied, to copy, seconds left,
+   *  the pass, and why the secondary may not serve meanwhile */
+  resync?: { done: number; total: number; 'eta-seconds': number | null; pass: number; reason: string };
   /** each disk's generation record as the supervisor last wrote or read it */
   disks?: Record<string, { generation: string; bitmap: string | null; consistent: boolean; role: string } | null>;
 }
@@ -41,6 +44,7 @@ export interface StatusInputs {
   sync?: PairStatus['sync'] | null;
   heartbeats?: PairStatus['heartbeats'];
   disks?: PairStatus['disks'];
+  resync?: PairStatus['resync'];
 }
 
 export function buildStatus(i: StatusInputs): PairStatus {
@@ -66,5 +70,6 @@ export function buildStatus(i: StatusInputs): PairStatus {
   if (i.heartbeats) st.heartbeats = i.heartbeats;
   if (i.sync) st.sync = i.sync;
   if (i.disks) st.disks = i.disks;
+  if (i.resync) st.resync = i.resync;
   return st;
 }

@@ -21,7 +21,7 @@ import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics } from './metrics.js';
 import { DISK_NODE, LOG_NODE, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
-import { decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
+import { PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
 import type { PairSideName } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
@@ -35,6 +35,7 @@ import { PairOutputCommit } from './output-commit.js';
 import { PairLease } from './lease.js';
 import { PairAdoptError, findDaemons, removeDaemons, retire, writeDaemons, type Found, type FoundDaemon } from './adopt.js';
 import { daemonLogPath } from './sides.js';
+import { Backoff, ReprotectRefused, cleanUpResync, detachReplication, liveResync, startReplication, type LiveResyncResult, type ResyncProgress } from './reprotect.js';
 
 export type { PairStage } from './stages.js';
 export type { PairTls } from './sides.js';
@@ -78,6 +79,13 @@ export interface PairOptions {
   flushCommit?: boolean;
   /** the primary's write lease, ms (default: the heartbeat timeout; 0 = no lease) */
   leaseMs?: number;
+  /** a lost secondary is brought back and resynced while the primary serves (default on):
+   *  restarted here on one host, its QMP address retried on two */
+  reprotect?: boolean;
+  /** the first delay before bringing a lost secondary back, ms (doubles up to 30 s; default 1000) */
+  reprotectBackoffMs?: number;
+  /** a live resync's copy rate, bytes/s (the job's speed; default unlimited) */
+  resyncRate?: number;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
 }
@@ -120,11 +128,19 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   lastSync: { kind: string; reason: string; source?: PairSideName } | null = null;
   /** what the last start's copy did: the extents it copied and the job's byte counters */
   lastResync: ResyncResult | null = null;
+  /** a live resync running (the secondary's disk is inconsistent until it ends) */
+  resyncProgress: ResyncProgress | null = null;
+  /** what the last live re-protection copied */
+  lastReprotect: LiveResyncResult | null = null;
+  private readonly backoff: Backoff;
+  private returnTimer: NodeJS.Timeout | null = null;
+  private reprotecting: Promise<void> | null = null;
 
   constructor(readonly opts: PairOptions) {
     super();
     const long = opts.heartbeatLostMs ?? Math.max(5000, 10 * opts.heartbeatTimeoutMs);
     this.liveness = new Liveness(opts.heartbeatTimeoutMs, long, opts.log, (side) => void this.sideDied(side));
+    this.backoff = new Backoff(opts.reprotectBackoffMs ?? 1000);
   }
 
   get stage(): PairStage {
@@ -148,7 +164,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   }
 
   /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two. */
-  private forwardAddress(): ForwardAddress {
+  forwardAddress(): ForwardAddress {
     const o = this.opts;
     if (o.secondaryNbd) return { type: 'inet', host: o.secondaryNbd.host, port: o.secondaryNbd.port };
     const sq = o.secondaryQmp;
@@ -233,17 +249,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (decision.kind !== 'none') for (const [side, n] of [[p, 'primary'], [s, 'secondary']] as const) await side.qmp.execute('x-dirty-log-clear', { 'node-name': LOG_NODE[n] });
     await addPrimaryQuorum(p.qmp);
     const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
-    // secondary first: no forwarded write may reach the secondary disk before its
-    // copy-before-write filter is in place
-    await s.qmp.execute('xen-set-replication', { enable: true, primary: false });
-    await p.qmp.execute('blockdev-add', {
-      driver: 'replication',
-      'node-name': 'replication0',
-      mode: 'primary',
-      file: forwardNode(forward, tls?.clientCreds, ioTimeoutS),
-    });
-    await p.qmp.execute('x-blockdev-change', { parent: DISK_NODE, node: 'replication0' });
-    await p.qmp.execute('xen-set-replication', { enable: true, primary: true });
+    await startReplication(p.qmp, s.qmp, { forward, clientCreds: tls?.clientCreds, ioTimeoutS });
     const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
     if (leaseMs > 0) {
       this.lease = new PairLease(this, leaseMs, o.heartbeatIntervalMs);
@@ -474,9 +480,18 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   private async sideDied(side: Side): Promise<void> {
     if (this.stage === 'stopped') return;
+    if (side !== this.primary && side !== this.secondary) return; // a side already replaced
     if (side.name === 'primary') {
       this.lease?.stop();
       if (this.stage === 'failed-over' || this.failingOver) return;
+      if (this.stage === 'resyncing') {
+        // never fail over to a resync target: its disk is a mix of old and new regions
+        this.stages.to('primary-lost');
+        this.lastError = `the primary died during a resync; no failover: ${this.inconsistentReason()}`;
+        this.opts.log('error', this.lastError);
+        this.emit('primary-lost');
+        return;
+      }
       if (this.opts.failover === 'auto' && this.secondary?.alive) {
         await this.failover('the primary died').catch(() => {});
         return;
@@ -499,7 +514,143 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       if (pd) await goOnAlone(this, pd, 'primary').catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
+      this.scheduleReturn();
+    } else if (this.stage === 'resyncing') {
+      // the live resync fails on its own (its peer is gone) and goes back to degraded
+      this.opts.log('error', 'the secondary died during the resync');
     }
+  }
+
+  /** Why the secondary's disk may not serve: a resync onto it has not ended. */
+  private inconsistentReason(): string {
+    const r = this.resyncProgress;
+    const pct = r && r.total > 0 ? Math.floor((100 * r.done) / r.total) : 0;
+    return `the secondary's disk is inconsistent (resync ${pct}% done)`;
+  }
+
+  /** Brings a lost secondary back after the next backoff delay (logged), unless turned off. */
+  private scheduleReturn(): void {
+    if (this.opts.reprotect === false || this.returnTimer || this.stage !== 'degraded') return;
+    const delay = this.backoff.next();
+    const how = this.opts.secondaryQmp ? 'reaching the secondary daemon again' : 'restarting the secondary daemon';
+    this.opts.log('info', `${how} in ${delay} ms (attempt ${this.backoff.attempts})`);
+    this.returnTimer = setTimeout(() => {
+      this.returnTimer = null;
+      void this.reprotect().catch(() => {});
+    }, delay);
+  }
+
+  /**
+   * Re-protects a degraded pair now: brings the secondary back (restarts its daemon here, or
+   * reaches it again on its host), resyncs it live from the two change records while the
+   * primary serves, and resumes replication (reprotect.ts). Resolves once protected.
+   */
+  reprotect(): Promise<void> {
+    if (this.reprotecting) return this.reprotecting;
+    if (this.stage === 'failed-over') {
+      return Promise.reject(
+        new Error('re-protection after a failover is not built yet: stop the pair and start it again (`lockstep pair`), which resyncs the old primary incrementally from the survivor'),
+      );
+    }
+    if (this.stage === 'protected') return Promise.resolve();
+    if (this.stage !== 'degraded') return Promise.reject(new Error(`no re-protection in stage ${this.stage}`));
+    if (this.returnTimer) clearTimeout(this.returnTimer);
+    this.returnTimer = null;
+    const run = this.bringBackSecondary().finally(() => {
+      this.reprotecting = null;
+    });
+    this.reprotecting = run;
+    run.catch((e: unknown) => {
+      // with the primary gone the secondary's disk stays what the resync left: inconsistent
+      if (this.primary?.alive) this.resyncProgress = null;
+      if (this.stage === 'stopped') return;
+      // the generations refused (split brain, unrelated, the secondary newer): never retried
+      const final = e instanceof PairDiskError || e instanceof ReprotectRefused;
+      const msg = `re-protection failed: ${errorMessage(e)}`;
+      if (final) this.lastError = msg;
+      this.opts.log(final ? 'error' : 'warn', msg);
+      const p = this.primary;
+      // the primary died meanwhile: primary-lost already says why nothing serves
+      if (!p?.alive) return;
+      void (async () => {
+        await cleanUpResync(this, p);
+        const s = this.secondary;
+        // a secondary that still runs is half set up: start it afresh next time
+        if (s?.alive && s.child) {
+          s.alive = false;
+          await stopSide(s, 1000);
+        }
+        if (this.stages.tryTo('degraded') && !final) this.scheduleReturn();
+      })();
+    });
+    return run;
+  }
+
+  private async bringBackSecondary(): Promise<void> {
+    const o = this.opts;
+    const p = this.primary;
+    const pd = this.disks.primary;
+    if (!p?.alive || !pd) throw new Error('the primary is not running');
+    const old = this.secondary;
+    if (old) {
+      old.alive = false;
+      if (old.child) await stopSide(old, 1000);
+      else old.qmp.close();
+    }
+    const forward = this.forwardAddress();
+    const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
+    if (forward.type === 'unix') rmSync(forward.path, { force: true });
+    const s = await this.launch('secondary', o.secondaryQmp, sl);
+    this.secondary = s;
+    if (!s.child) await checkFresh(s, o.secondaryQmp!, this.controlTimeoutMs);
+    let created = false;
+    for (const [name, keep] of [['secondary.qcow2', true], ['active.qcow2', false], ['hidden.qcow2', false]] as const) {
+      const r = await ensureImage(s.qmp, s.layout, name, o.size, keep);
+      if (name === 'secondary.qcow2') created = r === 'created';
+    }
+    const sd = (this.disks.secondary = await loadDisk(this, s, 'secondary', created, o.size));
+    const decision = decideStart(pd, sd, undefined);
+    const refused = refusal(decision);
+    if (refused) throw refused;
+    if ((decision.kind === 'incremental' || decision.kind === 'full') && decision.source !== 'primary') throw new ReprotectRefused(`the generations say the secondary's disk is newer (${decision.reason}): not copying over it while the primary serves`);
+    o.log('info', `the secondary is back: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} resync from the primary`}, while the primary serves`, { reason: decision.reason });
+    await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds);
+    this.stages.to('resyncing');
+    this.resyncProgress = { done: 0, total: 0, 'eta-seconds': null, pass: 0 };
+    await markTarget(this, sd);
+    await detachReplication(this, p);
+    const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
+    this.lastReprotect = await liveResync(this, p, s, {
+      forward,
+      clientCreds: o.tls?.clientCreds,
+      ioTimeoutS,
+      full: decision.kind === 'full',
+      size: o.size,
+      speed: o.resyncRate,
+      onProgress: o.onProgress,
+      progress: this.resyncProgress,
+      // flushes acknowledged from here on must wait for a checkpoint again
+      insideBarrier: async () => {
+        if (o.flushCommit !== false) await this.outputCommit.enable(p);
+      },
+    });
+    if (this.stage !== 'resyncing') throw new Error(`the pair left the resync (now ${this.stage})`);
+    await markInStep(this, pd, sd, 'primary');
+    this.resyncProgress = null;
+    this.changedBytes = undefined;
+    this.lastError = undefined;
+    this.backoff.reset();
+    this.stages.to('protected');
+    const r = this.lastReprotect;
+    o.log('info', 'protected again: the secondary is resynced and replication runs', {
+      passes: r.passes.length,
+      bytes: r.passes.reduce((a, x) => a + x.bytes, 0),
+      barrierBytes: r.barrierBytes,
+      pauseMs: r.pauseMs,
+    });
+    // a flush that waited during the step to protected gets its checkpoint now
+    if (this.outputCommit.enabled) void this.checkpoint().catch(() => {});
+    this.emit('protected', r);
   }
 
   /** The file where a degraded pair lists what changed since the last confirmed checkpoint. */
@@ -526,6 +677,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (this.failingOver) return this.failingOver;
     const run = (async () => {
       if (!this.secondary?.alive) throw new Error('the secondary is not running');
+      if (this.resyncProgress) throw new Error(`no failover: ${this.inconsistentReason()}`);
       if (!this.stages.policy.failover) throw new Error(`no failover in stage ${this.stage}`);
       const m = this.disks.secondary?.meta;
       if (m && !m.consistent) {
@@ -605,6 +757,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
         secondary: { late: this.liveness.records.secondary.late, 'max-late-ms': this.liveness.records.secondary.maxLateMs },
       },
       sync: this.lastSync,
+      ...(this.resyncProgress ? { resync: { ...this.resyncProgress, reason: this.inconsistentReason() } } : {}),
       disks: Object.fromEntries(
         (['primary', 'secondary'] as const).map((n) => {
           const m = this.disks[n]?.meta;
@@ -616,6 +769,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   async stop(): Promise<void> {
     this.stages.to('stopped');
+    if (this.returnTimer) clearTimeout(this.returnTimer);
+    this.returnTimer = null;
     this.lease?.stop();
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
@@ -627,5 +782,6 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     for (const side of [this.primary, this.secondary]) if (side) await stopSide(side, 2000);
     // the daemons are gone: nothing to adopt
     if (this.oneHost && this.recorded) removeDaemons(this.opts.dataDir);
+    await this.reprotecting?.catch(() => {});
   }
 }

@@ -47,13 +47,15 @@ export async function resync(
   extents: ByteRange[],
   targetIsZero: boolean,
   what: 'initial sync' | 'resync',
+  /** bytes/s (the job's speed; 0 or absent: unlimited) */
+  speed?: number,
 ): Promise<ResyncResult> {
   const started = Date.now();
   const bytes = extents.reduce((a, r) => a + r.length, 0);
   if (extents.length === 0) return { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0, skippedZeroBytes: 0 };
   const done = p.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === JOB, 24 * 3600_000);
   done.catch(() => {}); // observed below, unless the command itself fails first
-  await p.execute('x-blockdev-resync', { 'job-id': JOB, device, target, extents, 'target-is-zero': targetIsZero });
+  await p.execute('x-blockdev-resync', { 'job-id': JOB, device, target, extents, 'target-is-zero': targetIsZero, ...(speed ? { speed } : {}) });
   const timer = setInterval(() => {
     void p
       .execute('query-block-jobs')

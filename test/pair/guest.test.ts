@@ -36,6 +36,8 @@ function pair(dir: string, flushCommit = true): PairSupervisor {
     heartbeatTimeoutMs: 2000,
     failover: 'auto',
     nbdSocket: join(dir, 'disk.sock'),
+    // these scenarios stay degraded after the secondary's loss (re-protection: reprotect.test.ts)
+    reprotect: false,
     log: () => {},
   });
 }

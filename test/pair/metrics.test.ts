@@ -26,6 +26,7 @@ test('each stage sets one stage, the roles and the link state as drbd-reactor wo
     'primary-lost': { roles: ['Unknown', 'Secondary'], conn: 'Unconnected' },
     'failed-over': { roles: ['Unknown', 'Primary'], conn: 'StandAlone' },
     degraded: { roles: ['Primary', 'Unknown'], conn: 'Unconnected' },
+    resyncing: { roles: ['Primary', 'Secondary'], conn: 'Connected' },
     stopped: { roles: ['Primary', 'Secondary'], conn: 'StandAlone' },
   };
   for (const stage of PAIR_STAGES) {

@@ -38,6 +38,8 @@ function pair(dir: string, extra: Partial<PairOptions> = {}): PairSupervisor {
     heartbeatTimeoutMs: 3000,
     failover: 'auto',
     nbdSocket: join(dir, 'disk.sock'),
+    // these scenarios stay degraded after the secondary's loss (re-protection: reprotect.test.ts)
+    reprotect: false,
     log: () => {},
     ...extra,
   });

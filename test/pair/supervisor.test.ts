@@ -25,6 +25,8 @@ function pair(dir: string, failover: 'auto' | 'manual' = 'auto'): PairSupervisor
     heartbeatTimeoutMs: 5000,
     failover,
     nbdSocket: join(dir, 'disk.sock'),
+    // these scenarios stay degraded after the secondary's loss (re-protection: reprotect.test.ts)
+    reprotect: false,
     log: () => {},
   });
 }

@@ -149,6 +149,10 @@ export class DirtyLog {
   private closed = false;
   /** set when the file could not be brought back after a failed rewrite */
   private broken: BlockError | null = null;
+  /** granules whose writes *completed* since the last takeWritten (null: not tracking); in
+   *  memory only: a live resync's passes copy them again (completion, not the mark, because
+   *  a copy that read a granule before a write to it landed must see it again) */
+  private written: Bitmap | null = null;
   /** file rewrites done (for tests and info) */
   rewrites = 0;
   /** persists (pwrite + fdatasync) done */
@@ -162,6 +166,8 @@ export class DirtyLog {
     /** confirmed granules are only dropped while the record holds more than this many */
     private readonly hotGranules: number,
     private readonly onError: (msg: string) => void,
+    /** flushes the guarded node (before granules are dropped) */
+    private readonly flushData?: () => Promise<void>,
   ) {
     this.mem = loaded;
     const copy = (): Bitmap => {
@@ -180,7 +186,7 @@ export class DirtyLog {
     path: string,
     size: number,
     granularity: number | undefined,
-    opts: { clearIntervalMs: number; hotBytes: number },
+    opts: { clearIntervalMs: number; hotBytes: number; flush?: () => Promise<void> },
     onError: (msg: string) => void,
   ): Promise<DirtyLog> {
     const { clearIntervalMs } = opts;
@@ -199,7 +205,7 @@ export class DirtyLog {
       } catch (e) {
         throw new InvalidArgumentError(`Cannot create dirty log '${path}': ${errorMessage(e)}`);
       }
-      return new DirtyLog(path, fh, empty, clearIntervalMs, hot(empty.granularity), onError);
+      return new DirtyLog(path, fh, empty, clearIntervalMs, hot(empty.granularity), onError, opts.flush);
     }
     const loaded = decodeLog(path, buf);
     if (loaded.size !== size) {
@@ -214,7 +220,7 @@ export class DirtyLog {
     } catch (e) {
       throw new InvalidArgumentError(`Cannot open dirty log '${path}': ${errorMessage(e)}`);
     }
-    return new DirtyLog(path, fh, loaded, clearIntervalMs, hot(loaded.granularity), onError);
+    return new DirtyLog(path, fh, loaded, clearIntervalMs, hot(loaded.granularity), onError, opts.flush);
   }
 
   get granularity(): number {
@@ -250,6 +256,22 @@ export class DirtyLog {
     }
     batch.ranges.push([i, b]);
     return batch.promise;
+  }
+
+  /** A guarded request ended (done or failed): its granules count as written when tracking. */
+  completed(offset: number, length: number): void {
+    if (!this.written || length <= 0) return;
+    const [a, b] = this.written.bitSpan(offset, length);
+    this.written.setBits(a, b, true);
+  }
+
+  /** x-dirty-log-written: the granules written (requests completed) since the last call, or
+   *  since tracking started; tracking starts at the first call and ends with `stop`. */
+  takeWritten(stop: boolean): DirtyLogReport & { tracking: boolean } {
+    const was = this.written;
+    this.written = stop ? null : new Bitmap(this.mem.size, this.mem.granularity);
+    const r = reportOf(was ?? new Bitmap(this.mem.size, this.mem.granularity));
+    return { ...r, tracking: was !== null };
   }
 
   /** x-dirty-log-mark: persists the ranges as dirty. */
@@ -309,6 +331,10 @@ export class DirtyLog {
 
   /** Rewrites the file with the granules written since the last checkpoint or rewrite. */
   private async rewrite(all = false): Promise<void> {
+    // Dropping a granule says its data is where it belongs: make the data durable first (a
+    // qcow2 keeps new L2 entries in memory until a flush, so after a SIGKILL the disk could
+    // lack writes the record no longer names). Writes arriving meanwhile are kept below.
+    if (this.flushData && this.mem.count > 0 && (all || this.mem.count > this.hotGranules)) await this.flushData();
     const keep = new Bitmap(this.mem.size, this.mem.granularity);
     keep.assign(this.touched);
     keep.union(this.recent);
@@ -404,10 +430,12 @@ export const dirtyLogDriver: BlockDriver = {
     const hotBytes = o.size('hot-bytes') ?? 0;
     o.done();
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
-    const log = await DirtyLog.open(filename, file.getLength(), granularity, { clearIntervalMs: interval, hotBytes }, (msg) => ctx.graph.emit('error-log', msg));
+    const log = await DirtyLog.open(filename, file.getLength(), granularity, { clearIntervalMs: interval, hotBytes, flush: () => file.flush() }, (msg) => ctx.graph.emit('error-log', msg));
     const guarded = <T>(offset: number, length: number, op: () => Promise<T>): Promise<T> => {
       const p = log.mark(offset, length);
-      return p === null ? op() : p.then(op);
+      const run = p === null ? op() : p.then(op);
+      // noted at completion whatever the outcome (a failed write may have changed part of it)
+      return run.finally(() => log.completed(offset, length));
     };
     const impl: DirtyLogImpl = {
       log,

@@ -81,5 +81,11 @@ export const pairStateCommands: readonly QmpCommand[] = [
     return {};
   }),
 
+  // lockstep: the granules whose writes completed since the previous call (the first call
+  // starts tracking and reports nothing); a live resync copies them in its next pass
+  command('x-dirty-log-written', { 'node-name': 'str', '*stop': 'bool' }, (ctx, args) =>
+    dirtyLog(ctx, args['node-name'] as string).takeWritten((args.stop as boolean | undefined) ?? false),
+  ),
+
   command('x-dirty-log-read', { filename: 'str' }, (_ctx, args) => readDirtyLogFile(args.filename as string)),
 ];
