@@ -80,19 +80,7 @@ export class ByteQueue {
       return view;
     }
     const out = Buffer.allocUnsafe(n);
-    let copied = 0;
-    while (copied < n) {
-      const c = this.chunks[0]!;
-      const k = Math.min(n - copied, c.length - this.head);
-      c.copy(out, copied, this.head, this.head + k);
-      copied += k;
-      this.head += k;
-      if (this.head === c.length) {
-        this.chunks.shift();
-        this.head = 0;
-      }
-    }
-    this.length -= n;
+    this.takeInto(out, 0, n);
     return out;
   }
 

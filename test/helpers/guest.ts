@@ -11,6 +11,7 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'no
 import { open, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { requireTool } from './processes.js';
+import { PairSupervisor } from '../../src/pair/supervisor.js';
 
 const FUSECTL = '/sys/fs/fuse/connections';
 
@@ -162,6 +163,46 @@ export class GuestDisk {
     this.nbdfuse = null;
     this.fuseConn = null;
   }
+}
+
+// ---- a pair for a guest ------------------------------------------------------------------
+
+/** A `lockstep pair` in `dir` serving disk.sock, checkpoints only when asked (or by output commit). */
+export function guestPair(dir: string, size: number, flushCommit = true): PairSupervisor {
+  return new PairSupervisor({
+    flushCommit,
+    dataDir: dir,
+    size,
+    checkpointIntervalMs: 0,
+    // generous: a loaded CI machine must not fail a live primary over in the middle of the
+    // scenario (a SIGKILL is seen at once through the process's exit anyway)
+    heartbeatIntervalMs: 100,
+    heartbeatTimeoutMs: 2000,
+    failover: 'auto',
+    nbdSocket: join(dir, 'disk.sock'),
+    log: () => {},
+  });
+}
+
+export const guestUri = (dir: string): string => `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`;
+
+/**
+ * A protected pair in `root`/pair, ext4 made by a default mkfs on its served disk and mounted,
+ * a Workload on it (not started). Taken down after the test, the guest first: nothing of it
+ * may wait on a daemon being stopped.
+ */
+export async function guestOnNewPair(t: { after(fn: () => unknown): void }, root: string, size: number, flushCommit = true): Promise<{ sup: PairSupervisor; guest: GuestDisk; work: Workload }> {
+  const dir = join(root, 'pair');
+  const sup = guestPair(dir, size, flushCommit);
+  let guest: GuestDisk | null = null;
+  t.after(async () => {
+    await guest?.detach(true);
+    await sup.stop();
+  });
+  await sup.start();
+  guest = await GuestDisk.attach(join(root, 'before'), guestUri(dir));
+  await guest.mkfs();
+  return { sup, guest, work: new Workload(await guest.mount()) };
 }
 
 // ---- a guest workload and what must survive it ------------------------------------------

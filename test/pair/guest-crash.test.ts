@@ -14,9 +14,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { tempDir } from '../helpers/graph.js';
-import { GuestDisk, Workload, canMakeGuest, checkRecovered, examineRecovered } from '../helpers/guest.js';
+import { GuestDisk, Workload, canMakeGuest, checkRecovered, examineRecovered, guestOnNewPair, guestUri as uri } from '../helpers/guest.js';
 import { rng } from '../helpers/rng.js';
 
 const MiB = 1024 * 1024;
@@ -28,7 +27,6 @@ const usable = canMakeGuest();
 const skip = usable ? false : 'needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs and sqlite3';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const uri = (dir: string) => `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`;
 
 interface RoundResult {
   /** files and transactions the guest was told are durable */
@@ -40,31 +38,11 @@ interface RoundResult {
   checkpoints: number;
 }
 
+// the test's own checkpoints only (with output commit, flushes start more)
 async function round(t: { after(fn: () => unknown): void }, r: () => number, flushCommit: boolean): Promise<RoundResult> {
   const root = tempDir(t, 'lockstep-guestcrash-');
   const dir = join(root, 'pair');
-  const sup = new PairSupervisor({
-    flushCommit,
-    dataDir: dir,
-    size: SIZE,
-    // the checkpoints below are the test's own (with output commit, flushes start more)
-    checkpointIntervalMs: 0,
-    heartbeatIntervalMs: 100,
-    heartbeatTimeoutMs: 2000,
-    failover: 'auto',
-    nbdSocket: join(dir, 'disk.sock'),
-    log: () => {},
-  });
-  let guest: GuestDisk | null = null;
-  t.after(async () => {
-    await guest?.detach(true);
-    await sup.stop();
-  });
-  await sup.start();
-  guest = await GuestDisk.attach(join(root, 'before'), uri(dir));
-  await guest.mkfs();
-  const work = new Workload(await guest.mount());
-
+  const { sup, guest, work } = await guestOnNewPair(t, root, SIZE, flushCommit);
   // checkpoints on a seeded interval, each noted with the time it was asked for (it began
   // then or later) and the time it completed
   const checkpoints: Array<{ asked: number; done: number }> = [];

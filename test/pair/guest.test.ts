@@ -11,10 +11,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { tempDir } from '../helpers/graph.js';
 import { requireTool } from '../helpers/processes.js';
-import { GuestDisk, Workload, canMakeGuest, checkRecovered } from '../helpers/guest.js';
+import type { PairSupervisor } from '../../src/pair/supervisor.js';
+import { GuestDisk, Workload, canMakeGuest, checkRecovered, guestOnNewPair, guestPair, guestUri as uri } from '../helpers/guest.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -22,23 +22,6 @@ const SIZE = 64 * MiB;
 const usable = canMakeGuest();
 const skip = usable ? false : 'needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs and sqlite3';
 
-function pair(dir: string, flushCommit = true): PairSupervisor {
-  return new PairSupervisor({
-    flushCommit,
-    dataDir: dir,
-    size: SIZE,
-    checkpointIntervalMs: 0,
-    // generous: a loaded CI machine must not fail a live primary over in the middle of the
-    // scenario (a SIGKILL is seen at once through the process's exit anyway)
-    heartbeatIntervalMs: 100,
-    heartbeatTimeoutMs: 2000,
-    failover: 'auto',
-    nbdSocket: join(dir, 'disk.sock'),
-    log: () => {},
-  });
-}
-
-const uri = (dir: string) => `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`;
 
 interface Running {
   sup: PairSupervisor;
@@ -50,18 +33,7 @@ interface Running {
 
 /** A protected pair with ext4 made by a default mkfs, mounted, a first checkpoint, the workload running. */
 async function guestOnPair(t: { after(fn: () => unknown): void }, root: string): Promise<Running> {
-  const dir = join(root, 'pair');
-  const sup = pair(dir);
-  let guest: GuestDisk | null = null;
-  // the guest first: nothing of it may wait on a daemon being stopped
-  t.after(async () => {
-    await guest?.detach(true);
-    await sup.stop();
-  });
-  await sup.start();
-  guest = await GuestDisk.attach(join(root, 'before'), uri(dir));
-  await guest.mkfs();
-  const work = new Workload(await guest.mount());
+  const { sup, guest, work } = await guestOnNewPair(t, root, SIZE);
   const checkpoints: number[] = [];
   const t0 = performance.now();
   await sup.checkpoint();
@@ -143,7 +115,7 @@ test('a client with NBD reconnect (qemu-io, reconnect-delay) carries on across a
   // qemu-io flushes after its writes: with output commit each flush would start a checkpoint
   // covering the write, and the post-checkpoint write this scenario drops would be kept
   // (rightly: it was acknowledged by a flush); test/pair/output-commit.test.ts covers that
-  const sup = pair(dir, false);
+  const sup = guestPair(dir, SIZE, false);
   t.after(() => sup.stop());
   await sup.start();
   const io = spawn('qemu-io', ['--image-opts', `driver=nbd,server.type=unix,server.path=${join(dir, 'disk.sock')},export=disk,reconnect-delay=20`], {
