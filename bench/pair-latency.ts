@@ -12,15 +12,19 @@
 //               (1 ms = no delay); the longest turn one request kept the loop busy
 //   QMP         both: round trips of query-version sent every 20 ms on a connection of the
 //               bench's own, p99 and max: what a heartbeat sees, comparable between the two
-//   base        the bench process's own event-loop delay max over the step: it does almost
-//               nothing, so its delay is the machine's scheduling delay (what a loaded 2-core
-//               machine adds to every figure above, whatever the daemons do)
+//   base        the bench process's own event-loop delay max over the step (it runs the
+//               supervisor and the pings, little else)
+//   idle        p99 and max of the event-loop delay of a separate node process that does
+//               nothing at all, measured as the daemons measure theirs (1 ms resolution):
+//               the machine's own scheduling delay, what a loaded 2-core machine adds to
+//               every figure above whatever the daemons do
 // and the step's duration, fio's throughput, and for lockstep whether the pair is still
 // `protected` afterwards with the heartbeat warnings the supervisor logged.
 //
 // Run: npm run build && node dist/bench/pair-latency.js [--sizes-gib 1,16] [--seconds 10] [--no-qemu]
 // Needs root, /dev/fuse, loop devices, nbdfuse, e2fsprogs, fio and QEMU.
 
+import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -81,6 +85,37 @@ function pinger(qmp: QmpClient): { stop(): Promise<number[]> } {
   };
 }
 
+/**
+ * A node process that does nothing but measure its own event-loop delay (1 ms resolution,
+ * as the daemons): `stop` resolves with its p99 and max in ms.
+ */
+function idleProbe(ctx: BenchContext): { stop(): Promise<{ p99: number; max: number }> } {
+  const script = `
+    const { monitorEventLoopDelay } = require('node:perf_hooks');
+    const h = monitorEventLoopDelay({ resolution: 1 });
+    h.enable();
+    const keep = setInterval(() => {}, 1000);
+    process.stdin.once('data', () => {
+      h.disable();
+      clearInterval(keep);
+      process.stdout.write(JSON.stringify({ p99: h.percentile(99) / 1e6, max: h.max / 1e6 }));
+      process.stdin.destroy();
+    });`;
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  ctx.live.add(child.pid!);
+  let out = '';
+  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  return {
+    stop: async () => {
+      child.stdin!.write('stop\n');
+      await exited;
+      ctx.live.delete(child.pid!);
+      return JSON.parse(out) as { p99: number; max: number };
+    },
+  };
+}
+
 interface SideFigures {
   loopP99?: number;
   loopMax?: number;
@@ -95,6 +130,8 @@ interface StepResult {
   mbps?: number;
   /** the bench process's own loop delay max, ms */
   baseMax: number;
+  /** an idle process's loop delay p99 and max, ms: the machine's scheduling delay */
+  idle: { p99: number; max: number };
   note?: string;
 }
 
@@ -165,16 +202,18 @@ async function qemuServed(ctx: BenchContext, dir: string, sizeGiB: number): Prom
   };
 }
 
-async function step(s: Served, work: () => Promise<number | undefined>): Promise<StepResult> {
+async function step(ctx: BenchContext, s: Served, work: () => Promise<number | undefined>): Promise<StepResult> {
   const sides = ['primary', 'secondary'] as const;
   if (s.lockstep) for (const side of sides) await s.qmp[side].execute('x-query-event-loop-delay', { reset: true });
   const pings = sides.map((side) => pinger(s.qmp[side]));
   const base = monitorEventLoopDelay({ resolution: 1 });
   base.enable();
+  const idle = idleProbe(ctx);
   const t0 = nowMs();
   const mbps = await work();
   const ms = nowMs() - t0;
   base.disable();
+  const idleFig = await idle.stop();
   const rtts = await Promise.all(pings.map((p) => p.stop()));
   const fig = async (i: 0 | 1): Promise<SideFigures> => {
     const f: SideFigures = { qmpP99: quantile(rtts[i]!, 0.99), qmpMax: Math.max(...rtts[i]!) };
@@ -185,7 +224,7 @@ async function step(s: Served, work: () => Promise<number | undefined>): Promise
     }
     return f;
   };
-  return { ms, primary: await fig(0), secondary: await fig(1), ...(mbps !== undefined ? { mbps } : {}), baseMax: base.max / 1e6, note: s.health() };
+  return { ms, primary: await fig(0), secondary: await fig(1), ...(mbps !== undefined ? { mbps } : {}), baseMax: base.max / 1e6, idle: idleFig, note: s.health() };
 }
 
 const f1 = (x: number | undefined) => (x === undefined ? '-' : x.toFixed(1));
@@ -194,14 +233,14 @@ function row(what: string, kind: string, r: StepResult): void {
   const side = (x: SideFigures) => `${f1(x.loopP99).padStart(6)} ${f1(x.loopMax).padStart(7)} ${f1(x.qmpP99).padStart(6)} ${f1(x.qmpMax).padStart(7)}`;
   console.log(
     `${what.padEnd(12)} ${kind.padEnd(8)} ${(r.ms / 1000).toFixed(2).padStart(7)} ${(r.mbps === undefined ? '-' : r.mbps.toFixed(0)).padStart(6)}  ` +
-      `${side(r.primary)}   ${side(r.secondary)}  ${f1(r.baseMax).padStart(6)}  ${r.note ?? ''}`,
+      `${side(r.primary)}   ${side(r.secondary)}  ${f1(r.baseMax).padStart(6)}  ${f1(r.idle.p99).padStart(6)} ${f1(r.idle.max).padStart(7)}  ${r.note ?? ''}`,
   );
 }
 
 async function main(o: Options, ctx: BenchContext, root: string): Promise<void> {
   console.log(`bench/pair-latency: ${cpus().length} cores, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; sizes ${o.sizesGiB.join(', ')} GiB, fio ${o.seconds} s`);
   console.log('                              primary (ms)                     secondary (ms)');
-  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax    base  pair afterwards');
+  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax    base  idle99 idlemax  pair afterwards');
   const kinds = o.withQemu ? (['lockstep', 'qemu'] as const) : (['lockstep'] as const);
   let seq = 0;
   for (const sizeGiB of o.sizesGiB) {
@@ -213,13 +252,13 @@ async function main(o: Options, ctx: BenchContext, root: string): Promise<void> 
       try {
         guest = await GuestDisk.attach(join(dir, 'guest'), s.uri);
         const g = guest;
-        row(`mkfs ${sizeGiB}G`, kind, await step(s, async () => {
+        row(`mkfs ${sizeGiB}G`, kind, await step(ctx, s, async () => {
           await g.mkfs();
           return undefined;
         }));
         await g.detach();
         guest = null;
-        row(`fio 1M ${sizeGiB}G`, kind, await step(s, async () => {
+        row(`fio 1M ${sizeGiB}G`, kind, await step(ctx, s, async () => {
           const r = await fio({ ...ctx, sizeMiB: sizeGiB * 1024 }, s.uri, '1M', 4, o.seconds).done;
           return r.bwBytes / 1e6;
         }));

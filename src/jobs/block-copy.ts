@@ -25,6 +25,8 @@ export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 /** Largest single copy request. */
 export const MAX_CHUNK = 4 * 1024 * 1024;
 export const DEFAULT_WORKERS = 4;
+/** Largest read of one sync-mode copy between two looks at the pacer. */
+const SYNC_READ_PIECE = 1024 * 1024;
 
 /** A failed copy, with the side that failed (for on-source-error / on-target-error). */
 export class CopyFailure extends Error {
@@ -340,14 +342,18 @@ export class BlockCopy {
 
   private async copySync(offset: number, length: number): Promise<void> {
     const end = offset + length;
+    const pacer = this.source.graph.pacer;
     for (let pos = offset; pos < end; ) {
+      // a source without block status (the pair's quorum) is read and scanned in full: in
+      // pieces, the event loop getting its turn between them (issue 14)
+      if (pos > offset) await pacer.pace();
       let st: { zero: boolean; length: number };
       try {
         st = await this.zeroStatus(this.source, pos, end - pos);
       } catch (e) {
         throw new CopyFailure(asBlockError(e), true);
       }
-      const n = st.length;
+      const n = st.zero ? st.length : Math.min(st.length, SYNC_READ_PIECE);
       // Without block status a hole reads as data: zero buffers still become zero writes.
       const data = st.zero ? null : await this.readSource(pos, n);
       if (data === null || isZeroBuffer(data)) await this.copyZeroes(pos, n);

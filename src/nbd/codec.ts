@@ -80,20 +80,26 @@ export class ByteQueue {
       return view;
     }
     const out = Buffer.allocUnsafe(n);
-    let copied = 0;
-    while (copied < n) {
+    this.takeInto(out, 0, n);
+    return out;
+  }
+
+  /** Moves up to `max` bytes from the front into `dst` at `at`; how many it moved. */
+  takeInto(dst: Buffer, at: number, max: number): number {
+    let moved = 0;
+    while (moved < max && this.chunks.length > 0) {
       const c = this.chunks[0]!;
-      const k = Math.min(n - copied, c.length - this.head);
-      c.copy(out, copied, this.head, this.head + k);
-      copied += k;
+      const k = Math.min(max - moved, c.length - this.head);
+      c.copy(dst, at + moved, this.head, this.head + k);
+      moved += k;
       this.head += k;
       if (this.head === c.length) {
         this.chunks.shift();
         this.head = 0;
       }
     }
-    this.length -= n;
-    return out;
+    this.length -= moved;
+    return moved;
   }
 
   /** Everything still queued (handed over between handshake and transmission). */
@@ -334,7 +340,17 @@ function hasPayload(type: number, flags: number, extended: boolean): boolean {
  * Server side: requests, with their write payload. A bad magic or a payload longer than
  * MAX_PAYLOAD cannot be skipped safely and is a ProtocolError (the connection is dropped).
  */
+/**
+ * A write payload at least this large that has not fully arrived is copied into its buffer
+ * as its bytes arrive, so that no single turn of the event loop copies (and first touches)
+ * all of a payload of up to MAX_PAYLOAD bytes (issue 14); smaller ones are taken whole.
+ */
+const ASSEMBLE_PAYLOAD_BYTES = 256 * 1024;
+
 export class RequestParser {
+  /** a request whose payload is still arriving, with the bytes of it copied so far */
+  private partial: { req: NbdRequest; data: Buffer; filled: number } | null = null;
+
   constructor(
     public extended = false,
     readonly queue = new ByteQueue(),
@@ -343,6 +359,13 @@ export class RequestParser {
     this.queue.push(chunk);
   }
   next(): NbdRequest | null {
+    const part = this.partial;
+    if (part) {
+      part.filled += this.queue.takeInto(part.data, part.filled, part.data.length - part.filled);
+      if (part.filled < part.data.length) return null;
+      this.partial = null;
+      return part.req;
+    }
     const hlen = this.extended ? EXTENDED_REQUEST_HEADER_LENGTH : REQUEST_HEADER_LENGTH;
     if (this.queue.length < hlen) return null;
     const h = this.queue.peek(hlen);
@@ -361,9 +384,14 @@ export class RequestParser {
       }
       payload = length;
     }
-    if (this.queue.length < hlen + payload) return null;
+    if (this.queue.length < hlen + payload && payload < ASSEMBLE_PAYLOAD_BYTES) return null;
     this.queue.take(hlen);
     const req: NbdRequest = { flags, type, cookie, offset, length };
+    if (this.queue.length < payload) {
+      req.data = Buffer.allocUnsafe(payload);
+      this.partial = { req, data: req.data, filled: 0 };
+      return this.next();
+    }
     if (payload > 0 || type === CMD.WRITE) req.data = this.queue.take(payload);
     return req;
   }

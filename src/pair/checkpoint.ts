@@ -46,6 +46,9 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   // back to back with the checkpoint (no extra round trip); even when the checkpoint fails
   // nothing is lost: what a failover then rolls back, its commit rewrites through the log.
   const sLog = core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.secondary });
+  // observed below; a rejection (a timeout) while the checkpoint is still awaited must not
+  // be an unhandled one, which ends the supervisor's process
+  sLog.catch(() => {});
   try {
     await core.call(s, 'xen-colo-do-checkpoint');
   } catch (e) {

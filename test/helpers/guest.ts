@@ -4,10 +4,14 @@
 // that nothing waits forever on a server that is gone. Needs root, fuse3, nbdfuse, losetup and
 // e2fsprogs; in CI their absence fails the test.
 
+import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { open, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { requireTool } from './processes.js';
+import { PairSupervisor } from '../../src/pair/supervisor.js';
 
 const FUSECTL = '/sys/fs/fuse/connections';
 
@@ -66,13 +70,18 @@ export class GuestDisk {
 
   private constructor(readonly dir: string) {}
 
-  /** nbdfuse on `uri` under `dir`/fuse, then a loop device on the file it shows. */
-  static async attach(dir: string, uri: string): Promise<GuestDisk> {
+  /**
+   * nbdfuse on `uri` under `dir`/fuse, then a loop device on the file it shows. With `netns`
+   * the NBD client runs in that network namespace (only the network: the mounts stay ours).
+   */
+  static async attach(dir: string, uri: string, opts: { netns?: string } = {}): Promise<GuestDisk> {
     const g = new GuestDisk(dir);
     const fuseDir = join(dir, 'fuse');
     mkdirSync(fuseDir, { recursive: true });
     ensureFusectl();
-    const child = spawn('nbdfuse', [join(fuseDir, 'disk'), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const argv = ['nbdfuse', join(fuseDir, 'disk'), uri];
+    if (opts.netns) argv.unshift('nsenter', `--net=/run/netns/${opts.netns}`);
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     g.nbdfuse = child;
     child.stdout!.on('data', (d: Buffer) => (g.log += d.toString()));
     child.stderr!.on('data', (d: Buffer) => (g.log += d.toString()));
@@ -154,4 +163,204 @@ export class GuestDisk {
     this.nbdfuse = null;
     this.fuseConn = null;
   }
+}
+
+// ---- a pair for a guest ------------------------------------------------------------------
+
+/** A `lockstep pair` in `dir` serving disk.sock, checkpoints only when asked (or by output commit). */
+export function guestPair(dir: string, size: number, flushCommit = true): PairSupervisor {
+  return new PairSupervisor({
+    flushCommit,
+    // these scenarios expect a lost secondary to stay lost (degraded)
+    reprotect: false,
+    dataDir: dir,
+    size,
+    checkpointIntervalMs: 0,
+    // generous: a loaded CI machine must not fail a live primary over in the middle of the
+    // scenario (a SIGKILL is seen at once through the process's exit anyway)
+    heartbeatIntervalMs: 100,
+    heartbeatTimeoutMs: 2000,
+    failover: 'auto',
+    nbdSocket: join(dir, 'disk.sock'),
+    log: () => {},
+  });
+}
+
+export const guestUri = (dir: string): string => `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`;
+
+/**
+ * A protected pair in `root`/pair, ext4 made by a default mkfs on its served disk and mounted,
+ * a Workload on it (not started). Taken down after the test, the guest first: nothing of it
+ * may wait on a daemon being stopped.
+ */
+export async function guestOnNewPair(t: { after(fn: () => unknown): void }, root: string, size: number, flushCommit = true): Promise<{ sup: PairSupervisor; guest: GuestDisk; work: Workload }> {
+  const dir = join(root, 'pair');
+  const sup = guestPair(dir, size, flushCommit);
+  let guest: GuestDisk | null = null;
+  t.after(async () => {
+    await guest?.detach(true);
+    await sup.stop();
+  });
+  await sup.start();
+  guest = await GuestDisk.attach(join(root, 'before'), guestUri(dir));
+  await guest.mkfs();
+  return { sup, guest, work: new Workload(await guest.mount()) };
+}
+
+// ---- a guest workload and what must survive it ------------------------------------------
+
+/** Something the guest was told is durable: when it was told, on two clocks. */
+export interface Ack {
+  /** performance.now() of this process */
+  at: number;
+  /** Date.now(): comparable with another process's log */
+  wall: number;
+}
+
+const ack = (): Ack => ({ at: performance.now(), wall: Date.now() });
+
+/**
+ * Files and database transactions on a mounted filesystem, each recorded only once the guest
+ * was told it is durable: a file once its data fsync and its directory's fsync returned, a
+ * transaction once sqlite3 (synchronous=EXTRA, rollback journal) returned from its COMMIT.
+ */
+export class Workload {
+  readonly files = new Map<string, { data: Buffer } & Ack>();
+  readonly commits: Array<{ rows: number } & Ack> = [];
+  errors = 0;
+  firstError = '';
+  private stopped = false;
+  private loops: Promise<void>[] = [];
+
+  constructor(readonly mnt: string) {}
+
+  start(): void {
+    this.loops.push(this.fileLoop(), this.dbLoop());
+  }
+
+  private async fileLoop(): Promise<void> {
+    for (let i = 0; !this.stopped; i++) {
+      const name = `f${i}`;
+      const data = randomBytes(4096 + ((i * 7919) % 200_000));
+      try {
+        const fh = await open(join(this.mnt, name), 'w');
+        try {
+          await fh.writeFile(data);
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        const d = await open(this.mnt, 'r');
+        try {
+          await d.sync();
+        } finally {
+          await d.close();
+        }
+        this.files.set(name, { data, ...ack() });
+      } catch (e) {
+        this.fail(e);
+        return;
+      }
+    }
+  }
+
+  private async dbLoop(): Promise<void> {
+    const db = join(this.mnt, 'test.db');
+    const sql = (s: string) =>
+      new Promise<void>((resolve, reject) => {
+        const c = spawn('sqlite3', [db, s], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        c.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+        c.once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`sqlite3: ${err}`))));
+      });
+    try {
+      await sql('PRAGMA journal_mode=DELETE; PRAGMA synchronous=EXTRA; CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB);');
+      for (let n = 1; !this.stopped; n++) {
+        await sql(`PRAGMA synchronous=EXTRA; BEGIN; INSERT INTO t VALUES (${n}, randomblob(3000)); COMMIT;`);
+        this.commits.push({ rows: n, ...ack() });
+      }
+    } catch (e) {
+      this.fail(e);
+    }
+  }
+
+  private fail(e: unknown): void {
+    this.errors++;
+    this.firstError ||= String(e);
+  }
+
+  /** Waits for the loops; a crashed disk makes them fail, which is expected then. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(this.loops);
+  }
+
+  /** What the guest was told is durable before `t` (performance.now()). */
+  durableBefore(t: number): Durable {
+    const files = [...this.files].filter(([, f]) => f.at < t).map(([n, f]) => [n, f.data] as [string, Buffer]);
+    const rows = this.commits.filter((c) => c.at < t).reduce((a, c) => Math.max(a, c.rows), 0);
+    return { files, rows };
+  }
+
+  /** The last acknowledgement of either kind, or null. */
+  lastAck(): ({ what: string } & Ack) | null {
+    let last: ({ what: string } & Ack) | null = null;
+    for (const [n, f] of this.files) if (!last || f.at > last.at) last = { what: `file ${n}`, at: f.at, wall: f.wall };
+    for (const c of this.commits) if (!last || c.at > last.at) last = { what: `commit of row ${c.rows}`, at: c.at, wall: c.wall };
+    return last;
+  }
+}
+
+/** Files (name, fsync'd content) and the number of database rows committed. */
+export interface Durable {
+  files: Array<[string, Buffer]>;
+  rows: number;
+}
+
+/** What a recovered disk holds of a Durable. */
+export interface Recovered {
+  /** files missing or not byte-identical */
+  differing: string[];
+  /** rows in the database (0 without one) and its integrity check ('ok' without one) */
+  rows: number;
+  integrity: string;
+  /** e2fsck -fn after the mount replayed the journal and the unmount */
+  fsck: { status: number | null; out: string };
+}
+
+/** Mounts the disk served at `uri` afresh under `dir` (the journal replays), reads, unmounts, fscks. */
+export async function examineRecovered(dir: string, uri: string, want: Durable): Promise<Recovered> {
+  const g = await GuestDisk.attach(dir, uri);
+  try {
+    const mnt = await g.mount();
+    const differing: string[] = [];
+    for (const [name, data] of want.files) {
+      const got = await readFile(join(mnt, name)).catch(() => null);
+      if (!got?.equals(data)) differing.push(name);
+    }
+    assert.ok((await readdir(mnt)).includes('lost+found'));
+    let rows = 0;
+    let integrity = 'ok';
+    const db = join(mnt, 'test.db');
+    if (existsSync(db)) {
+      integrity = (await runAsync('sqlite3', [db, 'PRAGMA integrity_check;'])).out.trim();
+      // a database whose CREATE TABLE never reached the disk has no table t: no rows
+      const count = await runAsync('sqlite3', [db, "SELECT count(*) FROM sqlite_master WHERE name = 't';"]);
+      if (count.out.trim() === '1') rows = Number((await runAsync('sqlite3', [db, 'SELECT count(*) FROM t;'])).out.trim());
+    }
+    await g.umount();
+    return { differing, rows, integrity, fsck: await g.fsck() };
+  } finally {
+    await g.detach();
+  }
+}
+
+/** examineRecovered, and every file of `want` byte-identical, every row there, all clean. */
+export async function checkRecovered(dir: string, uri: string, want: Durable): Promise<Recovered> {
+  const r = await examineRecovered(dir, uri, want);
+  assert.deepEqual(r.differing, [], `${r.differing.length} of the ${want.files.length} files fsync'd are missing or differ`);
+  assert.equal(r.integrity, 'ok');
+  assert.ok(r.rows >= want.rows, `the database has ${r.rows} rows, ${want.rows} were committed`);
+  assert.equal(r.fsck.status, 0, `e2fsck after the journal replay:\n${r.fsck.out}`);
+  return r;
 }

@@ -71,6 +71,30 @@ test('requests (compact and extended, with write payloads) parse identically at 
   }
 });
 
+test('a large write payload is copied as its bytes arrive: no chunk is copied twice, the request comes out whole, the next one after it', () => {
+  for (const extended of [false, true]) {
+    const payload = patterned(3 * 1024 * 1024 + 77, 5);
+    const write = { flags: 0, type: CMD.WRITE, cookie: 7n, offset: 512, length: payload.length };
+    const flush = { flags: 0, type: CMD.FLUSH, cookie: 8n, offset: 0, length: 0 };
+    const wire = Buffer.concat([encodeRequest(write, extended), payload, encodeRequest(flush, extended)]);
+    const p = new RequestParser(extended);
+    const out = [];
+    let queuedMax = 0;
+    // 64 KiB pieces (a socket read), the last one carrying the flush's header too
+    for (let at = 0; at < wire.length; at += 65536) {
+      p.feed(Buffer.from(wire.subarray(at, at + 65536)));
+      for (let m = p.next(); m !== null; m = p.next()) out.push(m);
+      queuedMax = Math.max(queuedMax, p.queue.length);
+    }
+    assert.equal(out.length, 2);
+    assert.equal(out[0]!.cookie, 7n);
+    assert.ok(out[0]!.data!.equals(payload));
+    assert.equal(out[1]!.type, CMD.FLUSH);
+    // what arrived was moved into the request's buffer at once, never left to pile up
+    assert.equal(queuedMax, 0);
+  }
+});
+
 test('offsets past 2^53 are reported as null, never rounded', () => {
   const b = encodeRequest({ flags: 0, type: CMD.READ, cookie: 1n, offset: 0, length: 1 }, false);
   b.writeBigUInt64BE(2n ** 60n, 16);
