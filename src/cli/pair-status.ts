@@ -14,6 +14,9 @@
 //   heartbeats       {primary?, secondary?}: {late, max-late-ms}
 //   sync             {kind, reason, source?}: what the last start decided about copying
 //   last-checkpoint  time of the last checkpoint (ISO 8601 text or ms since the epoch)
+//   sides            {primary?, secondary?}: {generation, consistent, role, changed-bytes,
+//                    resync: {done, total, bytes-per-second, eta-seconds} | null}
+//   split-brain      {reason, changed-bytes: {primary, secondary}, diverged-bytes, commands}
 
 import { bytesText, durationText, progressText } from './terminal.js';
 
@@ -37,6 +40,8 @@ export const CHECK_EXIT = {
   unknown: 6,
   /** no supervisor answers on the control socket, or it is stopping */
   'not-running': 7,
+  /** both disks changed since they diverged: nothing serves, `lockstep pair resolve` awaited */
+  'split-brain': 8,
 } as const;
 
 export function checkCode(st: Status): number {
@@ -56,6 +61,8 @@ export function checkCode(st: Status): number {
       return CHECK_EXIT['primary-lost'];
     case 'stopped':
       return CHECK_EXIT['not-running'];
+    case 'split-brain':
+      return CHECK_EXIT['split-brain'];
     default:
       return CHECK_EXIT.unknown;
   }
@@ -73,6 +80,7 @@ export function sideState(st: Status, side: Side): string {
   const given = perSide(st, 'side-state', side);
   if (typeof given === 'string') return given;
   const stage = String(st.stage);
+  if (stage === 'split-brain') return 'up, diverged';
   if (side === 'primary') {
     if (stage === 'failed-over' || stage === 'primary-lost') return 'down';
     if (stage === 'stopped') return 'stopped';
@@ -98,6 +106,13 @@ function sideLine(st: Status, side: Side): string {
   if (gen !== undefined && gen !== null) parts.push(`generation ${String(gen)}`);
   const cons = perSide(st, 'consistent', side) ?? diskField(st, side, 'consistent');
   if (typeof cons === 'boolean') parts.push(cons ? 'consistent' : 'INCONSISTENT');
+  const sideSt = perSide(st, 'sides', side) as { role?: unknown; 'changed-bytes'?: unknown; resync?: { done?: unknown; total?: unknown; 'bytes-per-second'?: unknown; 'eta-seconds'?: unknown } | null } | undefined;
+  if (sideSt && typeof sideSt.role === 'string') parts.push(`role ${sideSt.role}`);
+  if (sideSt && num(sideSt['changed-bytes']) !== null) parts.push(`changed ${bytesText(num(sideSt['changed-bytes'])!)}`);
+  const rs = sideSt?.resync;
+  if (rs && num(rs.done) !== null && num(rs.total) !== null) {
+    parts.push(`resync target ${bytesText(num(rs.done)!)} of ${bytesText(num(rs.total)!)}${num(rs['bytes-per-second']) ? ` at ${bytesText(num(rs['bytes-per-second'])!)}/s` : ''}${num(rs['eta-seconds']) !== null ? `, ETA ${durationText(num(rs['eta-seconds'])!)}` : ''}`);
+  }
   if (side === 'primary' && num(st['heartbeat-age-ms']) !== null && parts[1]!.startsWith('up')) parts.push(`heartbeat ${ms(st['heartbeat-age-ms'])} ago`);
   const hb = perSide(st, 'heartbeats', side) as { late?: unknown; 'max-late-ms'?: unknown } | undefined;
   const late = num(perSide(st, 'late-heartbeats', side)) ?? num(hb?.late);
@@ -137,6 +152,12 @@ export function renderStatus(st: Status, now = Date.now()): string {
   if (sync && typeof sync === 'object' && sync.kind !== undefined) {
     lines.push(`  at start: ${String(sync.kind)}${sync.source ? ` from the ${String(sync.source)}` : ''}${sync.reason ? ` (${String(sync.reason)})` : ''}`);
   }
+  const sb = st['split-brain'] as { reason?: unknown; 'diverged-bytes'?: unknown; commands?: unknown } | undefined;
+  if (sb && typeof sb === 'object') {
+    lines.push(`  SPLIT BRAIN: ${String(sb.reason)}`);
+    if (num(sb['diverged-bytes']) !== null) lines.push(`  diverged regions ${bytesText(num(sb['diverged-bytes'])!)} (the union of both change records); nothing is served or copied`);
+    if (Array.isArray(sb.commands)) for (const c of sb.commands) lines.push(`    ${String(c)}`);
+  }
   const serving = Array.isArray(st.serving) ? (st.serving as unknown[]) : [];
   if (serving.length) lines.push(`  serving ${serving.map(String).join('\n          ')}`);
   if (st['last-error']) lines.push(`  last error: ${String(st['last-error'])}`);
@@ -150,5 +171,7 @@ export function checkLine(st: Status): string {
   if (num(st['last-pause-ms']) !== null) extra.push(`last pause ${ms(st['last-pause-ms'])}`);
   if (num(st['changed-bytes']) !== null) extra.push(`out of sync ${bytesText(num(st['changed-bytes'])!)}`);
   if (st['last-error'] && stage !== 'protected') extra.push(String(st['last-error']));
+  const sb = st['split-brain'] as { 'changed-bytes'?: { primary?: unknown; secondary?: unknown } } | undefined;
+  if (sb?.['changed-bytes']) extra.push(`changed: primary ${bytesText(num(sb['changed-bytes'].primary) ?? 0)}, secondary ${bytesText(num(sb['changed-bytes'].secondary) ?? 0)}`);
   return `${stage}: ${extra.join(', ')}\n`;
 }

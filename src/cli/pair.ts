@@ -1,5 +1,5 @@
 // `lockstep pair`: run and supervise a primary/secondary replication pair, or talk to a
-// running supervisor (`status`, `checkpoint`, `failover`, `reprotect`).
+// running supervisor (`status`, `checkpoint`, `failover`, `reprotect`, `resolve`).
 
 import { parseArgs } from 'node:util';
 import { createServer } from 'node:http';
@@ -14,10 +14,12 @@ import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '.
 import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';
+import { RESOLVE_EXIT } from '../pair/split-brain.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
        lockstep pair checkpoint|failover|reprotect [--data-dir DIR | --control PATH]
+       lockstep pair resolve --keep primary|secondary [--json] [--data-dir DIR | --control PATH]
        lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
@@ -70,13 +72,24 @@ Options:
 
   --log-format json|human    logs on stderr: human on a terminal, json otherwise (default)
 
+pair resolve (a split brain: both disks changed since they diverged; the pair waits in
+stage split-brain, serving and copying nothing):
+  --keep SIDE                primary|secondary: the disk to keep. The other side's whole disk
+                             is first saved beside it (split-brain-SIDE-TIME.qcow2, a qcow2
+                             qemu-img reads, and a .json describing it), then overwritten
+                             where the two differ; the pair is then protected
+  --json                     the result as JSON
+  exit codes: 0 resolved, 1 error, 2 nothing to resolve (not in split brain), 3 refused
+  (e.g. the side to keep is inconsistent), 4 no supervisor runs (start the pair: a split
+  brain makes it wait in stage split-brain, then run resolve)
+
 pair status options:
   --json                     the status object as JSON (the default when stdout is not a
                              terminal)
   --watch                    refresh every --interval (default 1s) until interrupted
   --check                    one line and an exit code: 0 protected, 2 not protected yet
                              (starting, syncing, resyncing), 3 degraded, 4 failed over, 5 primary lost,
-                             6 unknown stage, 7 not running, 1 error
+                             6 unknown stage, 7 not running, 8 split brain, 1 error
 
 pair host options:
   --listen HOST:PORT         the QMP monitor's address (required)
@@ -224,6 +237,35 @@ interface StatusFlags {
   intervalMs: number;
 }
 
+/** `lockstep pair resolve --keep SIDE`: ends a split brain (exit codes: RESOLVE_EXIT). */
+async function resolveCommand(control: string, keep: string | undefined, json: boolean): Promise<number> {
+  if (keep !== 'primary' && keep !== 'secondary') {
+    process.stderr.write(`lockstep pair resolve: --keep primary|secondary is required${keep === undefined ? '' : `, got '${keep}'`}\n`);
+    return RESOLVE_EXIT.error;
+  }
+  let r: Awaited<ReturnType<typeof controlRequest>>;
+  try {
+    // it answers once the kept disk is copied and the pair protected (a save and a copy)
+    r = await controlRequest(control, 'resolve', 24 * 3600_000, { keep });
+  } catch (e) {
+    process.stderr.write(`lockstep pair resolve: ${errorMessage(e)}; no supervisor runs: start the pair (\`lockstep pair\`), which waits in stage split-brain, then resolve\n`);
+    return RESOLVE_EXIT['not-running'];
+  }
+  if (!r.ok) {
+    process.stderr.write(`lockstep pair resolve: ${r.error}\n`);
+    return r.code === 'ENOSPLIT' ? RESOLVE_EXIT['nothing-to-resolve'] : r.code === 'EREFUSED' ? RESOLVE_EXIT.refused : RESOLVE_EXIT.error;
+  }
+  const res = r.result as { kept: string; saved: { side: string; image: string; description: string }; copied: { bytes: number; extents: unknown[] } | null; status: { stage: string } };
+  if (json) process.stdout.write(JSON.stringify(res, null, 2) + '\n');
+  else {
+    process.stdout.write(
+      `kept the ${res.kept} disk; the ${res.saved.side} disk as it was is saved in ${res.saved.image} (described in ${res.saved.description})\n` +
+        `copied ${bytesText(res.copied?.bytes ?? 0)} in ${res.copied?.extents.length ?? 0} extents from the ${res.kept} disk; the pair is ${res.status.stage}\n`,
+    );
+  }
+  return RESOLVE_EXIT.done;
+}
+
 /** `lockstep pair status`: human view, JSON, --watch and --check. */
 async function statusCommand(control: string, f: StatusFlags): Promise<number> {
   const tty = process.stdout.isTTY === true;
@@ -303,6 +345,7 @@ export async function run(argv: string[]): Promise<number> {
         insecure: { type: 'boolean' },
         control: { type: 'string' },
         'force-current': { type: 'string' },
+        keep: { type: 'string' },
 
         'log-format': { type: 'string' },
         json: { type: 'boolean' },
@@ -325,6 +368,11 @@ export async function run(argv: string[]): Promise<number> {
   const control = v.control ?? join(dataDir, 'pair.sock');
   const sub = parsed.positionals[0] ?? 'run';
 
+  if (v.keep !== undefined && sub !== 'resolve') {
+    process.stderr.write(`lockstep pair ${sub}: --keep is an option of 'lockstep pair resolve'\n`);
+    return 1;
+  }
+  if (sub === 'resolve') return resolveCommand(control, v.keep, v.json === true || process.stdout.isTTY !== true);
   if ((v.json || v.watch || v.check || v.interval) && sub !== 'status') {
     process.stderr.write(`lockstep pair ${sub}: --json, --watch, --interval and --check are options of 'lockstep pair status'\n`);
     return 1;
@@ -392,6 +440,7 @@ export async function run(argv: string[]): Promise<number> {
     }
     opts = {
       dataDir,
+      control,
       size,
       checkpointIntervalMs: v['checkpoint-interval'] ? parseDuration(v['checkpoint-interval'], 'checkpoint-interval') : PAIR_DEFAULTS.checkpointIntervalMs,
       heartbeatIntervalMs: v['heartbeat-interval'] ? parseDuration(v['heartbeat-interval'], 'heartbeat-interval') : PAIR_DEFAULTS.heartbeatIntervalMs,
@@ -477,15 +526,25 @@ export async function run(argv: string[]): Promise<number> {
     }
   }
   const serving = sup.status().serving;
-  live.print(
-    `\nlockstep pair is running (data in ${dataDir}).\nThe replicated disk is served at:\n${serving.map((s) => `  ${s}`).join('\n')}\n` +
-      `Attach with, for example:\n` +
-      `  qemu-io -f raw '${serving[0]}' -c 'write -P 0x5a 0 1M'\n` +
-      `  nbdcopy ./some-image.raw '${serving[0]}'\n` +
-      `  qemu-system-x86_64 -drive file=${serving[0]},format=raw,if=virtio ...\n` +
-      `Status: lockstep pair status --control ${control}\n`,
-    process.stdout,
-  );
+  if (sup.stage === 'split-brain') {
+    const sb = sup.splitBrain!;
+    live.print(
+      `\nlockstep pair is waiting in stage split-brain (data in ${dataDir}): nothing is served or copied.\n` +
+        `${sb.reason}.\nChanged since the common generation: primary ${bytesText(sb['changed-bytes'].primary)}, secondary ${bytesText(sb['changed-bytes'].secondary)}.\n` +
+        `Keep one disk (the other is saved whole first, then overwritten where they differ):\n${sb.commands.map((c) => `  ${c}`).join('\n')}\n`,
+      process.stdout,
+    );
+  } else {
+    live.print(
+      `\nlockstep pair is running (data in ${dataDir}).\nThe replicated disk is served at:\n${serving.map((s) => `  ${s}`).join('\n')}\n` +
+        `Attach with, for example:\n` +
+        `  qemu-io -f raw '${serving[0]}' -c 'write -P 0x5a 0 1M'\n` +
+        `  nbdcopy ./some-image.raw '${serving[0]}'\n` +
+        `  qemu-system-x86_64 -drive file=${serving[0]},format=raw,if=virtio ...\n` +
+        `Status: lockstep pair status --control ${control}\n`,
+      process.stdout,
+    );
+  }
   notifyReady(`${sup.stage}: serving ${serving.join(', ')}`, notifySocket);
   if (human) {
     const draw = () => live.set(liveStatus(sup.status()));

@@ -121,7 +121,7 @@ export function isSupervisor(pid: number): boolean {
 /** The block nodes a side has in each stage its daemon can be adopted in. */
 export function expectedNodes(side: SideName, stage: PairStage): string[] {
   // before replication runs the daemons are retired, not adopted: any layout will do
-  if (stage === 'starting' || stage === 'syncing') return [];
+  if (stage === 'starting' || stage === 'syncing' || stage === 'split-brain') return [];
   if (side === 'primary') return [PRIMARY_LOCAL, PRIMARY_LOG, DISK_NODE];
   // after the failover commit the survivor serves childs0, its disk below it
   return [SECONDARY_DISK, FORWARD_EXPORT, 'childs0'];

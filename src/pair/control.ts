@@ -1,7 +1,8 @@
 // The supervisor's control socket: JSON lines over a Unix socket.
 //   -> {"cmd": "status" | "checkpoint" | "failover" | "reprotect"}
-//   <- {"ok": true, "result": ...} | {"ok": false, "error": "..."}
-// `lockstep pair status|checkpoint|failover|reprotect` are its clients.
+//   -> {"cmd": "resolve", "keep": "primary" | "secondary"}
+//   <- {"ok": true, "result": ...} | {"ok": false, "error": "...", "code"?: "ENOSPLIT" | ...}
+// `lockstep pair status|checkpoint|failover|reprotect|resolve` are its clients.
 
 import { createServer, connect, type Server } from 'node:net';
 import { existsSync, rmSync } from 'node:fs';
@@ -32,8 +33,10 @@ export function serveControl(sup: PairSupervisor, path: string): Promise<Server>
   });
   const handle = async (line: string): Promise<Record<string, unknown>> => {
     let cmd: unknown;
+    let req: Record<string, unknown>;
     try {
-      cmd = (JSON.parse(line) as { cmd?: unknown }).cmd;
+      req = JSON.parse(line) as Record<string, unknown>;
+      cmd = req.cmd;
     } catch {
       return { ok: false, error: 'malformed JSON' };
     }
@@ -49,11 +52,14 @@ export function serveControl(sup: PairSupervisor, path: string): Promise<Server>
         case 'reprotect':
           await sup.reprotect();
           return { ok: true, result: sup.status() };
+        case 'resolve':
+          return { ok: true, result: { ...(await sup.resolve(String(req.keep))), status: sup.status() } };
         default:
-          return { ok: false, error: `unknown command '${String(cmd)}' (status, checkpoint, failover, reprotect)` };
+          return { ok: false, error: `unknown command '${String(cmd)}' (status, checkpoint, failover, reprotect, resolve)` };
       }
     } catch (e) {
-      return { ok: false, error: errorMessage(e) };
+      const code = (e as { code?: unknown }).code;
+      return { ok: false, error: errorMessage(e), ...(typeof code === 'string' ? { code } : {}) };
     }
   };
   return new Promise((resolve, reject) => {
@@ -94,7 +100,7 @@ export async function claimControl(path: string): Promise<'free' | 'stale-remove
   return 'stale-removed';
 }
 
-export function controlRequest(path: string, cmd: string, timeoutMs = 60_000): Promise<{ ok: boolean; result?: unknown; error?: string }> {
+export function controlRequest(path: string, cmd: string, timeoutMs = 60_000, args: Record<string, unknown> = {}): Promise<{ ok: boolean; result?: unknown; error?: string; code?: string }> {
   return new Promise((resolve, reject) => {
     const sock = connect(path);
     let buf = '';
@@ -103,7 +109,7 @@ export function controlRequest(path: string, cmd: string, timeoutMs = 60_000): P
       reject(new Error(`no answer from ${path}`));
     }, timeoutMs);
     sock.setEncoding('utf8');
-    sock.on('connect', () => sock.write(JSON.stringify({ cmd }) + '\n'));
+    sock.on('connect', () => sock.write(JSON.stringify({ ...args, cmd }) + '\n'));
     sock.on('data', (d: string) => {
       buf += d;
       const nl = buf.indexOf('\n');

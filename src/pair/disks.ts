@@ -121,8 +121,9 @@ export async function markInStep(core: PairCore, p: PairDisk, s: PairDisk, sourc
   return current;
 }
 
-/** A disk that goes on alone from here (failover survivor, primary without secondary). */
-export async function goOnAlone(core: PairCore, d: PairDisk, role: DiskRole): Promise<void> {
+/** A disk that goes on alone from here (failover survivor, primary without secondary).
+ *  `unfencedPeer`: the peer's generation, when the peer could not be fenced and may go on too. */
+export async function goOnAlone(core: PairCore, d: PairDisk, role: DiskRole, unfencedPeer?: string): Promise<void> {
   if (!d.meta) return;
-  await saveDisk(core, d, { ...startGeneration(d.meta, newId(), role), checkpoint: core.metrics.checkpoints });
+  await saveDisk(core, d, { ...startGeneration(d.meta, newId(), role), checkpoint: core.metrics.checkpoints, ...(unfencedPeer ? { unfencedPeer } : {}) });
 }

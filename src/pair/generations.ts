@@ -38,6 +38,10 @@ export interface DiskMeta {
   checkpoint: number;
   /** when this record was written (ISO time), for people */
   updated: string;
+  /** a failover made this disk the survivor without fencing the old primary (no lease, its
+   *  host unreachable): the generation that primary was at, which it may have gone on writing
+   *  under. A later compare that finds the peer changed since then calls it split brain. */
+  unfencedPeer?: string;
 }
 
 export function newId(random: () => Buffer = () => randomBytes(8)): string {
@@ -66,9 +70,12 @@ export function startGeneration(m: DiskMeta, id: string, role: DiskRole, now = n
 export function inStep(source: DiskMeta, target: DiskMeta, current: string, now = new Date()): [DiskMeta, DiskMeta] {
   const merged = [...pushHistory(source.history, source.current), ...target.history, target.current].filter((h, i, a) => h !== current && h !== JUST_CREATED && a.indexOf(h) === i).slice(0, HISTORY_LENGTH);
   const updated = now.toISOString();
+  // in step again: nothing either side wrote unfenced is left to tell apart
+  const { unfencedPeer: _s, ...src } = source;
+  const { unfencedPeer: _t, ...dst } = target;
   return [
-    { ...source, current, bitmap: null, history: merged, consistent: true, updated },
-    { ...target, current, bitmap: null, history: merged, consistent: true, updated },
+    { ...src, current, bitmap: null, history: merged, consistent: true, updated },
+    { ...dst, current, bitmap: null, history: merged, consistent: true, updated },
   ];
 }
 
@@ -154,7 +161,8 @@ export function parseMeta(value: unknown, where: string): DiskMeta | null {
     m.history.every((h) => typeof h === 'string') &&
     typeof m.consistent === 'boolean' &&
     (m.role === 'primary' || m.role === 'secondary') &&
-    typeof m.checkpoint === 'number';
+    typeof m.checkpoint === 'number' &&
+    (m.unfencedPeer === undefined || typeof m.unfencedPeer === 'string');
   if (!ok) throw new Error(`${where}: not a lockstep pair metadata record (format ${META_FORMAT}, version 1)`);
   return m as DiskMeta;
 }

@@ -49,7 +49,7 @@ export class Histogram {
 
 const PAUSE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 
-export const PAIR_STAGES = ['starting', 'syncing', 'protected', 'primary-lost', 'failed-over', 'degraded', 'resyncing', 'stopped'] as const;
+export const PAIR_STAGES = ['starting', 'syncing', 'protected', 'primary-lost', 'failed-over', 'degraded', 'resyncing', 'split-brain', 'stopped'] as const;
 /** drbd-reactor's role values: Primary serves the disk, Secondary is the replica, Unknown is lost */
 export const ROLES = ['Primary', 'Secondary', 'Unknown'] as const;
 /** a subset of DRBD's connection states, for the link between the two sides */
@@ -62,7 +62,26 @@ type ConnectionState = (typeof CONNECTION_STATES)[number];
 export interface MetricsStatus {
   stage: string;
   'changed-bytes'?: number;
-  resync?: { done: number; total: number };
+  resync?: { done: number; total: number; 'bytes-per-second'?: number };
+  /** per side: bytes its disk changed that the peer lacks (null: unknown) */
+  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null }>>;
+}
+
+/** A copy's rate: bytes done since the first sample over the time since (0 until two samples). */
+export class RateMeter {
+  private first: { at: number; done: number } | null = null;
+  private key: unknown = null;
+
+  /** `key` names the copy (a new one restarts the measure); `at` in ms. */
+  sample(key: unknown, done: number, at: number): number {
+    if (key !== this.key || !this.first || done < this.first.done) {
+      this.key = key;
+      this.first = { at, done };
+      return 0;
+    }
+    const s = (at - this.first.at) / 1000;
+    return s > 0 ? (done - this.first.done) / s : 0;
+  }
 }
 
 /** Each side's role from the pair's stage. */
@@ -74,6 +93,9 @@ export function sideRoles(stage: string): { primary: Role; secondary: Role } {
       return { primary: 'Unknown', secondary: 'Secondary' };
     case 'degraded':
       return { primary: 'Primary', secondary: 'Unknown' };
+    case 'split-brain':
+      // as DRBD after a split brain: both StandAlone, neither serves
+      return { primary: 'Secondary', secondary: 'Secondary' };
     default:
       return { primary: 'Primary', secondary: 'Secondary' };
   }
@@ -88,6 +110,7 @@ export function connectionState(stage: string): ConnectionState {
     case 'primary-lost':
       return 'Unconnected';
     case 'failed-over':
+    case 'split-brain':
     case 'stopped':
       return 'StandAlone';
     default:
@@ -139,6 +162,12 @@ export class PairMetrics {
     const oos = st.resync ? Math.max(0, st.resync.total - st.resync.done) : st.stage === 'degraded' ? (st['changed-bytes'] ?? this.changedBytes) : st.stage === 'protected' ? 0 : null;
     out.push(head('lockstep_pair_peerdevice_outofsync_bytes', 'Bytes the peer lacks from the serving side since the last checkpoint it confirmed (as drbd_peerdevice_outofsync_bytes); absent when unknown', 'gauge'));
     if (oos !== null) out.push(`lockstep_pair_peerdevice_outofsync_bytes{peer="${roles.primary === 'Primary' ? 'secondary' : 'primary'}",disk="disk"} ${oos}`);
+    out.push(head('lockstep_pair_side_changed_bytes', "Bytes each side's disk changed that its peer lacks, from its change record (split brain: since the common generation); absent when unknown", 'gauge'));
+    for (const side of ['primary', 'secondary'] as const) {
+      const v = st.sides?.[side]?.['changed-bytes'];
+      if (typeof v === 'number') out.push(`lockstep_pair_side_changed_bytes{side="${side}"} ${v}`);
+    }
+    out.push(one('lockstep_pair_resync_bytes_per_second', 'The running resync\'s copy rate since it began (0 when none runs)', st.resync?.['bytes-per-second'] ?? 0));
     out.push(
       one('lockstep_pair_checkpoints_total', 'Checkpoints taken', this.checkpoints, 'counter'),
       one('lockstep_pair_checkpoint_failures_total', 'Checkpoints that failed', this.checkpointFailures, 'counter'),

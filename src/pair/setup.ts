@@ -47,7 +47,8 @@ export async function ensureImage(q: QmpClient, side: SideLayout, name: string, 
     await createQcow2(path, { size });
     return 'created';
   }
-  const probe = `pair-probe-${name.replace(/[^A-Za-z0-9]/g, '-')}`;
+  // node names have at most 31 characters (as in QEMU); a long image name is cut
+  const probe = `pair-probe-${name.replace(/[^A-Za-z0-9]/g, '-')}`.slice(0, 31);
   if (keep) {
     try {
       await q.execute('blockdev-add', { driver: 'file', 'node-name': probe, filename: path, 'read-only': true });

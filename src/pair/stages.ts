@@ -8,17 +8,21 @@
 //   degraded -> resyncing -> protected (a lost secondary back: live resync, re-protect.ts)
 //   resyncing -> degraded (the secondary lost again) | primary-lost (never failed over: the
 //   secondary's disk is inconsistent until the resync ends)
+//   starting -> split-brain (both disks changed since they diverged: nothing is served or
+//   copied) -> syncing (`lockstep pair resolve --keep SIDE`, split-brain.ts)
 
-export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'resyncing' | 'stopped';
+export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'resyncing' | 'split-brain' | 'stopped';
 
 export const STAGE_TRANSITIONS: Record<PairStage, readonly PairStage[]> = {
-  starting: ['syncing', 'stopped'],
+  starting: ['syncing', 'split-brain', 'stopped'],
   syncing: ['protected', 'stopped'],
   protected: ['primary-lost', 'failed-over', 'degraded', 'stopped'],
   'primary-lost': ['failed-over', 'stopped'],
   degraded: ['resyncing', 'stopped'],
   resyncing: ['protected', 'degraded', 'primary-lost', 'stopped'],
   'failed-over': ['stopped'],
+  // resolved: the kept side's disk is copied onto the other's (then as a start's sync)
+  'split-brain': ['syncing', 'stopped'],
   stopped: [],
 };
 
@@ -40,6 +44,9 @@ export const STAGE_POLICY: Record<PairStage, StagePolicy> = {
   'failed-over': { role: 'secondary serving', checkpoints: false, failover: false },
   // the primary serves while the returning secondary's disk is copied to; it is inconsistent
   resyncing: { role: 'primary serving', checkpoints: false, failover: false },
+  // neither disk is current until the operator says which: serving either would add to one
+  // history, copying would destroy the other
+  'split-brain': { role: 'none serving', checkpoints: false, failover: false },
   stopped: { role: 'primary serving', checkpoints: false, failover: false },
 };
 

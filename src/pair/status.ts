@@ -1,6 +1,7 @@
 // `lockstep pair status`: what the supervisor reports, built from its state and metrics.
 
-import type { PairMetrics } from './metrics.js';
+import { sideRoles, type PairMetrics } from './metrics.js';
+import type { DiskMeta } from './generations.js';
 import { STAGE_POLICY, type PairStage } from './stages.js';
 
 export interface PairStatus {
@@ -27,9 +28,58 @@ export interface PairStatus {
   sync?: { kind: string; reason: string; source?: string };
   /** a live resync onto the secondary (re-protection): bytes copied, to copy, seconds left,
    *  the pass, and why the secondary may not serve meanwhile */
-  resync?: { done: number; total: number; 'eta-seconds': number | null; pass: number; reason: string };
+  resync?: { done: number; total: number; 'eta-seconds': number | null; pass: number; reason: string; 'bytes-per-second'?: number };
   /** each disk's generation record as the supervisor last wrote or read it */
   disks?: Record<string, { generation: string; bitmap: string | null; consistent: boolean; role: string } | null>;
+  /** per side: its generation, consistency, role in the pair now, the bytes it changed that
+   *  the peer lacks (null: unknown), and the resync into it, if one runs */
+  sides?: Record<'primary' | 'secondary', SideStatus>;
+  /** stage split-brain: what each side changed, what a resolve copies, what to run */
+  'split-brain'?: { reason: string; 'changed-bytes': { primary: number; secondary: number }; 'diverged-bytes': number; commands: string[] };
+}
+
+export interface SideStatus {
+  generation: string | null;
+  consistent: boolean | null;
+  /** as drbd_resource_role: Primary serves, Secondary is the replica (or waits), Unknown is lost */
+  role: 'Primary' | 'Secondary' | 'Unknown';
+  'changed-bytes': number | null;
+  resync: { done: number; total: number; 'bytes-per-second': number; 'eta-seconds': number | null } | null;
+}
+
+export interface SideInputs {
+  stage: PairStage;
+  meta: { primary: DiskMeta | null | undefined; secondary: DiskMeta | null | undefined };
+  /** split brain: each record's bytes */
+  splitChanged?: { primary: number; secondary: number };
+  /** degraded: the primary's changes since the last confirmed checkpoint */
+  degradedChanged?: number;
+  /** a live resync into the secondary */
+  resync?: { done: number; total: number; 'bytes-per-second': number; 'eta-seconds': number | null };
+}
+
+/** Each side's line of the status, from the stage, the records and the copy running. */
+export function buildSides(i: SideInputs): Record<'primary' | 'secondary', SideStatus> {
+  const roles = sideRoles(i.stage);
+  const changed = (side: 'primary' | 'secondary'): number | null => {
+    if (i.splitChanged) return i.splitChanged[side];
+    // protected: every write reaches the peer, which lacks nothing
+    if (i.stage === 'protected') return 0;
+    if (i.stage === 'degraded' && side === 'primary') return i.degradedChanged ?? null;
+    if (i.stage === 'resyncing' && side === 'primary' && i.resync) return Math.max(0, i.resync.total - i.resync.done);
+    return null;
+  };
+  const one = (side: 'primary' | 'secondary'): SideStatus => {
+    const m = i.meta[side];
+    return {
+      generation: m?.current ?? null,
+      consistent: m ? m.consistent : null,
+      role: roles[side],
+      'changed-bytes': changed(side),
+      resync: side === 'secondary' && i.resync ? i.resync : null,
+    };
+  };
+  return { primary: one('primary'), secondary: one('secondary') };
 }
 
 export interface StatusInputs {
@@ -45,6 +95,8 @@ export interface StatusInputs {
   heartbeats?: PairStatus['heartbeats'];
   disks?: PairStatus['disks'];
   resync?: PairStatus['resync'];
+  sides?: PairStatus['sides'];
+  splitBrain?: PairStatus['split-brain'];
 }
 
 export function buildStatus(i: StatusInputs): PairStatus {
@@ -71,5 +123,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
   if (i.sync) st.sync = i.sync;
   if (i.disks) st.disks = i.disks;
   if (i.resync) st.resync = i.resync;
+  if (i.sides) st.sides = i.sides;
+  if (i.splitBrain) st['split-brain'] = i.splitBrain;
   return st;
 }

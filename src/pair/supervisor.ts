@@ -19,22 +19,23 @@ import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
-import { PairMetrics } from './metrics.js';
+import { PairMetrics, RateMeter } from './metrics.js';
 import { DISK_NODE, LOG_NODE, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
 import { PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
-import type { PairSideName } from './generations.js';
+import type { PairSideName, SyncDecision } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
 import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
 import { Liveness } from './liveness.js';
 import { runFailover } from './failover.js';
 import { resync, unionExtents, type ByteRange, type ResyncResult } from './sync.js';
-import { buildStatus, type PairStatus } from './status.js';
+import { buildSides, buildStatus, type PairStatus } from './status.js';
 import type { PairCore } from './core.js';
 import { PairOutputCommit } from './output-commit.js';
 import { PairLease } from './lease.js';
 import { PairAdoptError, findDaemons, removeDaemons, retire, writeDaemons, type Found, type FoundDaemon } from './adopt.js';
 import { daemonLogPath } from './sides.js';
+import { ResolveError, checkUnfenced, otherSide, saveDisk as saveSplitDisk, splitBrainInfo, type SavedDisk, type SideRecords, type SplitBrain } from './split-brain.js';
 import { Backoff, ReprotectRefused, cleanUpResync, detachReplication, liveResync, startReplication, type LiveResyncResult, type ResyncProgress } from './reprotect.js';
 
 export type { PairStage } from './stages.js';
@@ -86,8 +87,11 @@ export interface PairOptions {
   reprotectBackoffMs?: number;
   /** a live resync's copy rate, bytes/s (the job's speed; default unlimited) */
   resyncRate?: number;
+  /** the control socket `lockstep pair` serves (named in what a split brain says to run;
+   *  default DATA/pair.sock) */
+  control?: string;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
-  onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
+  onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
 }
 
 export const PAIR_DEFAULTS = {
@@ -132,6 +136,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   resyncProgress: ResyncProgress | null = null;
   /** what the last live re-protection copied */
   lastReprotect: LiveResyncResult | null = null;
+  /** stage split-brain: what each side changed and what a resolve would copy */
+  splitBrain: SplitBrain | null = null;
+  /** what the last `resolve` did */
+  lastResolve: { kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null } | null = null;
+  private resolving = false;
+  /** the live resync's rate (bytes/s since it began) */
+  private readonly resyncMeter = new RateMeter();
   private readonly backoff: Backoff;
   private returnTimer: NodeJS.Timeout | null = null;
   private reprotecting: Promise<void> | null = null;
@@ -215,14 +226,89 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     // the generations decide, before anything is copied, whether and which way to copy
     const pd = (this.disks.primary = await loadDisk(this, p, 'primary', created['primary.qcow2']!, o.size));
     const sd = (this.disks.secondary = await loadDisk(this, s, 'secondary', created['secondary.qcow2']!, o.size));
-    const decision = decideStart(pd, sd, o.forceCurrent);
-    this.lastSync = { kind: decision.kind, reason: decision.reason, ...('source' in decision ? { source: decision.source } : {}) };
-    const refused = refusal(decision);
-    if (refused) throw refused;
-    o.log('info', `disks compared: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} sync from the ${'source' in decision ? decision.source : ''} disk`}`, { reason: decision.reason });
+    const first = decideStart(pd, sd, o.forceCurrent);
+    // a split brain is not refused outright: the disks are opened (nothing is served or
+    // copied) so that what each side changed can be reported and a resolve can copy
+    const refused = first.kind === 'split-brain' ? null : refusal(first);
+    if (refused) {
+      this.lastSync = { kind: first.kind, reason: first.reason };
+      throw refused;
+    }
     if (forward.type === 'unix') rmSync(forward.path, { force: true });
     await buildSecondary(s.qmp, s.layout, forward, tls?.serverCreds);
     await addPrimaryDisk(p.qmp, p.layout);
+    const records = first.kind === 'incremental' || first.kind === 'split-brain' ? await this.readRecords(p, s) : null;
+    // a survivor of an unfenced failover whose old primary changed anything: split brain too
+    const decision = records ? checkUnfenced(first, pd.meta, sd.meta, records) : first;
+    this.lastSync = { kind: decision.kind, reason: decision.reason, ...('source' in decision ? { source: decision.source } : {}) };
+    if (decision.kind === 'split-brain') {
+      this.enterSplitBrain(decision.reason, records!);
+      return;
+    }
+    o.log('info', `disks compared: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} sync from the ${'source' in decision ? decision.source : ''} disk`}`, { reason: decision.reason });
+    await this.protect(decision, records);
+  }
+
+  /** Each side's change record (its dirty log as the daemon holds it now). */
+  private async readRecords(p: Side, s: Side): Promise<SideRecords> {
+    const [pr, sr] = await Promise.all(
+      ([[p, 'primary'], [s, 'secondary']] as const).map(async ([side, n]) => (await side.qmp.execute('x-dirty-log-query', { 'node-name': LOG_NODE[n] })) as { extents: ByteRange[]; 'dirty-bytes': number }),
+    );
+    return { primary: { extents: pr!.extents, bytes: pr!['dirty-bytes'] }, secondary: { extents: sr!.extents, bytes: sr!['dirty-bytes'] } };
+  }
+
+  /** Stage split-brain: nothing served, nothing copied, the operator told what to run. */
+  private enterSplitBrain(reason: string, records: SideRecords): void {
+    const sb = (this.splitBrain = splitBrainInfo(reason, records, this.opts.control ?? join(this.opts.dataDir, 'pair.sock')));
+    this.stages.to('split-brain');
+    this.lastError = `split brain: ${reason}. Neither disk was changed and nothing is served. Keep one with \`lockstep pair resolve --keep primary|secondary\` (the other disk is saved first)`;
+    this.opts.log('error', this.lastError, { 'changed-bytes': sb['changed-bytes'], 'diverged-bytes': sb['diverged-bytes'], run: sb.commands.map((c) => c.replace(/\s+#.*$/, '')) });
+  }
+
+  /**
+   * Ends a split brain: saves the other side's whole disk as it is (split-brain.ts), then
+   * copies the union of the two change records from the kept side onto it and protects the
+   * pair as a start would. Resolves with what was saved and copied.
+   */
+  async resolve(keepText: string): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    if (keepText !== 'primary' && keepText !== 'secondary') throw new ResolveError('EINVAL', `--keep: expected primary or secondary, got '${keepText}'`);
+    const keep: PairSideName = keepText;
+    if (this.resolving) throw new ResolveError('EREFUSED', 'a resolve is already running');
+    const sb = this.splitBrain;
+    if (this.stage !== 'split-brain' || !sb) throw new ResolveError('ENOSPLIT', `nothing to resolve: the pair is ${this.stage}, not in split brain`);
+    const drop = otherSide(keep);
+    const kd = this.disks[keep];
+    const dd = this.disks[drop];
+    if (!kd?.meta || !dd?.meta) throw new ResolveError('EREFUSED', 'a disk has no generation record');
+    if (!kd.meta.consistent) throw new ResolveError('EREFUSED', `the ${keep} disk is inconsistent (a resync into it or a failover commit did not finish): it cannot be kept`);
+    for (const d of [kd, dd]) if (!d.side.alive) throw new ResolveError('EREFUSED', `the ${d.name} daemon is not running: start the pair again`);
+    this.resolving = true;
+    try {
+      const o = this.opts;
+      o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
+      const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
+      o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
+      const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
+      this.lastSync = { kind: 'incremental', source: keep, reason };
+      this.lastError = undefined;
+      await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
+      this.splitBrain = null;
+      this.lastResolve = { kept: keep, saved, copied: this.lastResync };
+      return this.lastResolve;
+    } finally {
+      this.resolving = false;
+    }
+  }
+
+  /** From the compared disks to a protected pair: the copy the decision asks for, then replication. */
+  private async protect(decision: SyncDecision, records: SideRecords | null): Promise<void> {
+    const o = this.opts;
+    const p = this.primary!;
+    const s = this.secondary!;
+    const pd = this.disks.primary!;
+    const sd = this.disks.secondary!;
+    const forward = this.forwardAddress();
+    const tls = o.tls;
     this.stages.to('syncing');
     if (decision.kind === 'incremental' || decision.kind === 'full') {
       const toSecondary = decision.source === 'primary';
@@ -230,12 +316,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       // since the common generation, and what the older side changed that the newer never
       // had (its writes after the last checkpoint, which a failover discarded)
       let extents: ByteRange[] = [{ offset: 0, length: o.size }];
-      if (decision.kind === 'incremental') {
-        const records = await Promise.all(
-          ([[p, 'primary'], [s, 'secondary']] as const).map(async ([side, n]) => ((await side.qmp.execute('x-dirty-log-query', { 'node-name': LOG_NODE[n] })) as { extents: ByteRange[] }).extents),
-        );
-        extents = unionExtents(...records);
-      }
+      if (decision.kind === 'incremental') extents = unionExtents(records!.primary.extents, records!.secondary.extents);
       await markTarget(this, toSecondary ? sd : pd);
       await p.qmp.execute('blockdev-add', { 'node-name': 'sync-peer', ...forwardNode(forward, tls?.clientCreds, 0) });
       const targetIsZero = decision.kind === 'full' && decision.targetIsZero;
@@ -324,7 +405,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     };
     // nothing was served yet: the generations decide again what to copy (a target the copy
     // had begun is marked inconsistent and is never a source)
-    if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
+    // (a split brain served nothing either: the next start finds it again)
+    if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'split-brain' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
     // the failover killed the primary: only the survivor can serve
     if (r.stage === 'failed-over' && !found.secondary) return retireAll('the survivor of the last failover is gone');
     const layout = this.layout(undefined, false);
@@ -675,6 +757,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** Fails over to the secondary and serves the recovered disk. */
   failover(reason = 'requested'): Promise<void> {
     if (this.failingOver) return this.failingOver;
+    // refused without touching last-error, which says what settles the split brain
+    if (this.stage === 'split-brain') return Promise.reject(new Error('no failover in stage split-brain: neither disk is current; run `lockstep pair resolve --keep primary|secondary`'));
     const run = (async () => {
       if (!this.secondary?.alive) throw new Error('the secondary is not running');
       if (this.resyncProgress) throw new Error(`no failover: ${this.inconsistentReason()}`);
@@ -688,6 +772,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       }
       const t0 = Date.now();
       const sd = this.disks.secondary;
+      // nothing stops an old primary on another host that no longer answers, without a lease:
+      // it may go on acknowledging writes, and the survivor's record says so (split-brain.ts)
+      const old = this.primary;
+      const unfenced = !this.lease && old !== null && !old.alive && !old.child && old.pid === undefined;
+      const peerGeneration = this.disks.primary?.meta?.current;
       await runFailover(this, reason, {
         commitProgress: (done, total) => this.opts.onProgress?.(done, total, null, 'failover commit'),
         serve: async (side, node) => {
@@ -705,7 +794,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
           if (sd?.meta) await saveDisk(this, sd, { ...sd.meta, consistent: false, updated: new Date().toISOString() });
         },
         afterCommit: async () => {
-          if (sd) await goOnAlone(this, sd, 'primary');
+          if (sd) await goOnAlone(this, sd, 'primary', unfenced ? peerGeneration : undefined);
+          if (unfenced) this.opts.log('warn', 'failed over without fencing the old primary (no lease, its host unreachable): if it went on writing, the next start finds a split brain');
         },
       });
       if (!this.stages.tryTo('failed-over')) return;
@@ -743,6 +833,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   // ---- status and shutdown ----------------------------------------------------------
 
   status(): PairStatus {
+    const rp = this.resyncProgress;
+    const resync = rp ? { ...rp, 'bytes-per-second': Math.round(this.resyncMeter.sample(rp, rp.done, Date.now())), reason: this.inconsistentReason() } : undefined;
+    const sb = this.splitBrain;
     return buildStatus({
       stage: this.stage,
       metrics: this.metrics,
@@ -757,7 +850,15 @@ export class PairSupervisor extends EventEmitter implements PairCore {
         secondary: { late: this.liveness.records.secondary.late, 'max-late-ms': this.liveness.records.secondary.maxLateMs },
       },
       sync: this.lastSync,
-      ...(this.resyncProgress ? { resync: { ...this.resyncProgress, reason: this.inconsistentReason() } } : {}),
+      ...(resync ? { resync } : {}),
+      sides: buildSides({
+        stage: this.stage,
+        meta: { primary: this.disks.primary?.meta, secondary: this.disks.secondary?.meta },
+        ...(sb ? { splitChanged: sb['changed-bytes'] } : {}),
+        ...(this.changedBytes !== undefined ? { degradedChanged: this.changedBytes } : {}),
+        ...(resync ? { resync: { done: resync.done, total: resync.total, 'bytes-per-second': resync['bytes-per-second'], 'eta-seconds': resync['eta-seconds'] } } : {}),
+      }),
+      ...(sb ? { splitBrain: { reason: sb.reason, 'changed-bytes': sb['changed-bytes'], 'diverged-bytes': sb['diverged-bytes'], commands: sb.commands } } : {}),
       disks: Object.fromEntries(
         (['primary', 'secondary'] as const).map((n) => {
           const m = this.disks[n]?.meta;

@@ -6,7 +6,7 @@
 import type { QmpClient } from '../qmp/client.js';
 import type { PairLog } from './core.js';
 
-export type SyncProgress = (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit') => void;
+export type SyncProgress = (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
 
 export interface ByteRange {
   offset: number;
@@ -46,7 +46,7 @@ export async function resync(
   target: string,
   extents: ByteRange[],
   targetIsZero: boolean,
-  what: 'initial sync' | 'resync',
+  what: 'initial sync' | 'resync' | 'split-brain save',
   /** bytes/s (the job's speed; 0 or absent: unlimited) */
   speed?: number,
 ): Promise<ResyncResult> {

@@ -27,6 +27,8 @@ test('each stage sets one stage, the roles and the link state as drbd-reactor wo
     'failed-over': { roles: ['Unknown', 'Primary'], conn: 'StandAlone' },
     degraded: { roles: ['Primary', 'Unknown'], conn: 'Unconnected' },
     resyncing: { roles: ['Primary', 'Secondary'], conn: 'Connected' },
+    // neither side serves until the operator keeps one
+    'split-brain': { roles: ['Secondary', 'Secondary'], conn: 'StandAlone' },
     stopped: { roles: ['Primary', 'Secondary'], conn: 'StandAlone' },
   };
   for (const stage of PAIR_STAGES) {
@@ -48,6 +50,19 @@ test('out of sync: 0 while protected, the changed bytes while degraded, what is 
   assert.deepEqual(at({ stage: 'resyncing', resync: { done: 100, total: 4096 } }), [[{ peer: 'secondary', disk: 'disk' }, 3996]]);
   assert.deepEqual(at({ stage: 'failed-over' }), []);
   assert.deepEqual(at({ stage: 'primary-lost' }), []);
+  assert.deepEqual(at({ stage: 'split-brain' }), []);
+});
+
+test('a resync\'s rate: bytes since it began over the time since; a new resync starts afresh', async () => {
+  const { RateMeter } = await import('../../src/pair/metrics.js');
+  const r = new RateMeter();
+  const a = {};
+  assert.equal(r.sample(a, 1000, 10_000), 0);
+  assert.equal(r.sample(a, 3000, 12_000), 1000);
+  assert.equal(r.sample(a, 5000, 14_000), 1000);
+  const b = {};
+  assert.equal(r.sample(b, 0, 15_000), 0);
+  assert.equal(r.sample(b, 8192, 15_500), 16384);
 });
 
 test('counters and histograms carry what was observed', () => {
