@@ -91,3 +91,49 @@ test('--check: one line, and a distinct exit code per situation', () => {
     'degraded: primary serving, last pause 1.23 ms, out of sync 1.0 MiB, the secondary died\n',
   );
 });
+
+test('split brain: each side\'s changes, the diverged regions and the commands that settle it; --check exits 8', () => {
+  const st = {
+    ...base,
+    stage: 'split-brain',
+    role: 'none serving',
+    checkpoints: 0,
+    'heartbeat-age-ms': null,
+    'last-pause-ms': null,
+    serving: [],
+    'last-error': 'split brain: both disks changed since generation g0',
+    sides: {
+      primary: { generation: 'g1', consistent: true, role: 'Secondary', 'changed-bytes': 262144, resync: null },
+      secondary: { generation: 'g2', consistent: true, role: 'Secondary', 'changed-bytes': 196608, resync: null },
+    },
+    'split-brain': {
+      reason: 'both disks changed since generation g0',
+      'changed-bytes': { primary: 262144, secondary: 196608 },
+      'diverged-bytes': 393216,
+      commands: ['lockstep pair resolve --keep primary --control /d/pair.sock', 'lockstep pair resolve --keep secondary --control /d/pair.sock'],
+    },
+  };
+  const view = renderStatus(st).split('\n');
+  assert.equal(view[1], '  primary     up, diverged  role Secondary  changed 256.0 KiB');
+  assert.equal(view[2], '  secondary   up, diverged  role Secondary  changed 192.0 KiB');
+  assert.ok(view.includes('  SPLIT BRAIN: both disks changed since generation g0'), view.join('\n'));
+  assert.ok(view.includes('  diverged regions 384.0 KiB (the union of both change records); nothing is served or copied'), view.join('\n'));
+  assert.ok(view.includes('    lockstep pair resolve --keep secondary --control /d/pair.sock'), view.join('\n'));
+  assert.equal(checkCode(st), CHECK_EXIT['split-brain']);
+  assert.equal(CHECK_EXIT['split-brain'], 8);
+  assert.match(checkLine(st), /^split-brain: none serving, split brain: both disks changed since generation g0, changed: primary 256\.0 KiB, secondary 192\.0 KiB\n$/);
+});
+
+test('a resync target\'s line: progress, rate and ETA', () => {
+  const st = {
+    ...base,
+    stage: 'resyncing',
+    sides: {
+      primary: { generation: 'g1', consistent: true, role: 'Primary', 'changed-bytes': 3145728, resync: null },
+      secondary: { generation: 'g0', consistent: false, role: 'Secondary', 'changed-bytes': null, resync: { done: 1048576, total: 4194304, 'bytes-per-second': 2097152, 'eta-seconds': 1.5 } },
+    },
+  };
+  const view = renderStatus(st).split('\n');
+  assert.match(view[2]!, /^  secondary   up, resync target  role Secondary  resync target 1\.0 MiB of 4\.0 MiB at 2\.0 MiB\/s, ETA \S+/);
+  assert.match(view[1]!, /role Primary  changed 3\.0 MiB/);
+});
