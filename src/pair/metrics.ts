@@ -64,7 +64,7 @@ export interface MetricsStatus {
   'changed-bytes'?: number;
   resync?: { done: number; total: number; 'bytes-per-second'?: number };
   /** per side: bytes its disk changed that the peer lacks (null: unknown) */
-  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null }>>;
+  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null; resync?: { 'bytes-per-second': number } | null }>>;
 }
 
 /** A copy's rate: bytes done since the first sample over the time since (0 until two samples). */
@@ -167,7 +167,9 @@ export class PairMetrics {
       const v = st.sides?.[side]?.['changed-bytes'];
       if (typeof v === 'number') out.push(`lockstep_pair_side_changed_bytes{side="${side}"} ${v}`);
     }
-    out.push(one('lockstep_pair_resync_bytes_per_second', 'The running resync\'s copy rate since it began (0 when none runs)', st.resync?.['bytes-per-second'] ?? 0));
+    // a live resync, or a start's (or a resolve's) copy onto either side
+    const rate = st.resync?.['bytes-per-second'] ?? st.sides?.primary?.resync?.['bytes-per-second'] ?? st.sides?.secondary?.resync?.['bytes-per-second'] ?? 0;
+    out.push(one('lockstep_pair_resync_bytes_per_second', 'The running resync\'s copy rate since it began (0 when none runs)', rate));
     out.push(
       one('lockstep_pair_checkpoints_total', 'Checkpoints taken', this.checkpoints, 'counter'),
       one('lockstep_pair_checkpoint_failures_total', 'Checkpoints that failed', this.checkpointFailures, 'counter'),

@@ -54,8 +54,10 @@ export interface SideInputs {
   splitChanged?: { primary: number; secondary: number };
   /** degraded: the primary's changes since the last confirmed checkpoint */
   degradedChanged?: number;
-  /** a live resync into the secondary */
+  /** a resync running: a live one into the secondary, or a start's copy */
   resync?: { done: number; total: number; 'bytes-per-second': number; 'eta-seconds': number | null };
+  /** the side the resync writes (default the secondary) */
+  resyncTarget?: 'primary' | 'secondary';
 }
 
 /** Each side's line of the status, from the stage, the records and the copy running. */
@@ -66,7 +68,8 @@ export function buildSides(i: SideInputs): Record<'primary' | 'secondary', SideS
     // protected: every write reaches the peer, which lacks nothing
     if (i.stage === 'protected') return 0;
     if (i.stage === 'degraded' && side === 'primary') return i.degradedChanged ?? null;
-    if (i.stage === 'resyncing' && side === 'primary' && i.resync) return Math.max(0, i.resync.total - i.resync.done);
+    // a copy running: the source's changes the target still lacks
+    if (i.resync && side !== (i.resyncTarget ?? 'secondary')) return Math.max(0, i.resync.total - i.resync.done);
     return null;
   };
   const one = (side: 'primary' | 'secondary'): SideStatus => {
@@ -76,7 +79,7 @@ export function buildSides(i: SideInputs): Record<'primary' | 'secondary', SideS
       consistent: m ? m.consistent : null,
       role: roles[side],
       'changed-bytes': changed(side),
-      resync: side === 'secondary' && i.resync ? i.resync : null,
+      resync: side === (i.resyncTarget ?? 'secondary') && i.resync ? i.resync : null,
     };
   };
   return { primary: one('primary'), secondary: one('secondary') };

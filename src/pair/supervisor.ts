@@ -141,6 +141,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** what the last `resolve` did */
   lastResolve: { kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null } | null = null;
   private resolving = false;
+  /** a start's copy (or a resolve's) running: which side it writes, its progress */
+  private startCopy: { target: PairSideName; done: number; total: number; 'eta-seconds': number | null } | null = null;
   /** the live resync's rate (bytes/s since it began) */
   private readonly resyncMeter = new RateMeter();
   private readonly backoff: Backoff;
@@ -322,7 +324,16 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       const targetIsZero = decision.kind === 'full' && decision.targetIsZero;
       const what = decision.kind === 'full' ? 'initial sync' : 'resync';
       const [from, to] = toSecondary ? [PRIMARY_LOG, 'sync-peer'] : ['sync-peer', PRIMARY_LOG];
-      this.lastResync = await resync(p.qmp, o.log, o.onProgress, from, to, extents, targetIsZero, what);
+      const copy = (this.startCopy = { target: toSecondary ? ('secondary' as const) : ('primary' as const), done: 0, total: extents.reduce((a, r) => a + r.length, 0), 'eta-seconds': null as number | null });
+      const progress: typeof o.onProgress = (done, total, eta, w) => {
+        Object.assign(copy, { done, total, 'eta-seconds': eta });
+        o.onProgress?.(done, total, eta, w);
+      };
+      try {
+        this.lastResync = await resync(p.qmp, o.log, progress, from, to, extents, targetIsZero, what);
+      } finally {
+        this.startCopy = null;
+      }
       await p.qmp.execute('blockdev-del', { 'node-name': 'sync-peer' });
     }
     await markInStep(this, pd, sd, 'source' in decision ? decision.source : 'primary');
@@ -836,6 +847,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const rp = this.resyncProgress;
     const resync = rp ? { ...rp, 'bytes-per-second': Math.round(this.resyncMeter.sample(rp, rp.done, Date.now())), reason: this.inconsistentReason() } : undefined;
     const sb = this.splitBrain;
+    const sc = this.startCopy;
+    const copy = resync
+      ? { done: resync.done, total: resync.total, 'bytes-per-second': resync['bytes-per-second'], 'eta-seconds': resync['eta-seconds'], target: 'secondary' as const }
+      : sc
+        ? { done: sc.done, total: sc.total, 'bytes-per-second': Math.round(this.resyncMeter.sample(sc, sc.done, Date.now())), 'eta-seconds': sc['eta-seconds'], target: sc.target }
+        : null;
     return buildStatus({
       stage: this.stage,
       metrics: this.metrics,
@@ -856,7 +873,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
         meta: { primary: this.disks.primary?.meta, secondary: this.disks.secondary?.meta },
         ...(sb ? { splitChanged: sb['changed-bytes'] } : {}),
         ...(this.changedBytes !== undefined ? { degradedChanged: this.changedBytes } : {}),
-        ...(resync ? { resync: { done: resync.done, total: resync.total, 'bytes-per-second': resync['bytes-per-second'], 'eta-seconds': resync['eta-seconds'] } } : {}),
+        ...(copy ? { resync: { done: copy.done, total: copy.total, 'bytes-per-second': copy['bytes-per-second'], 'eta-seconds': copy['eta-seconds'] }, resyncTarget: copy.target } : {}),
       }),
       ...(sb ? { splitBrain: { reason: sb.reason, 'changed-bytes': sb['changed-bytes'], 'diverged-bytes': sb['diverged-bytes'], commands: sb.commands } } : {}),
       disks: Object.fromEntries(

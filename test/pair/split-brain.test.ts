@@ -296,6 +296,11 @@ test('each side in the status: generation, consistency, role, changed bytes and 
   assert.deepEqual([sb.primary.role, sb.primary['changed-bytes'], sb.secondary.role, sb.secondary['changed-bytes']], ['Secondary', 65536, 'Secondary', 131072]);
   const dg = buildSides({ stage: 'degraded', meta: { primary: m.primary, secondary: null }, degradedChanged: 4096 });
   assert.deepEqual([dg.primary['changed-bytes'], dg.secondary.role, dg.secondary.generation, dg.secondary.consistent], [4096, 'Unknown', null, null]);
+  // a resolve's copy onto the primary: the secondary's bytes it still lacks, the primary's progress
+  const back = buildSides({ stage: 'syncing', meta: m, resync, resyncTarget: 'primary' });
+  assert.deepEqual([back.primary.resync, back.secondary.resync, back.secondary['changed-bytes'], back.primary['changed-bytes']], [resync, null, 3 * MiB, null]);
+  const rate = new PairMetrics().render({ stage: 'syncing', sides: { primary: { 'changed-bytes': null, resync }, secondary: { 'changed-bytes': 3 * MiB, resync: null } } });
+  assert.match(rate, new RegExp(`lockstep_pair_resync_bytes_per_second ${2 * MiB}\n`));
   const pr = buildSides({ stage: 'protected', meta: m });
   assert.deepEqual([pr.primary['changed-bytes'], pr.secondary['changed-bytes']], [0, 0]);
 });
