@@ -293,8 +293,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
       this.lastSync = { kind: 'incremental', source: keep, reason };
       this.lastError = undefined;
-      await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
+      // from here the copy's progress is what the status shows (a failed copy leaves the target
+      // inconsistent: the next start refuses it as a source, see docs/replication.md)
       this.splitBrain = null;
+      await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
       this.lastResolve = { kept: keep, saved, copied: this.lastResync };
       return this.lastResolve;
     } finally {
