@@ -236,6 +236,29 @@ for (const keep of ['primary', 'secondary'] as const) {
   });
 }
 
+test('resolve is refused (exit 3) while the side to save has no daemon, and changes nothing', { timeout: 60_000 }, async (t) => {
+  const { dir } = await makeSplitBrain(t);
+  const hashed = [hash(join(dir, 'primary.qcow2')), hash(join(dir, 'secondary.qcow2'))];
+  const sup = pair(dir);
+  t.after(() => sup.stop());
+  await sup.start();
+  assert.equal(sup.stage, 'split-brain');
+  const ctl = join(dir, 'pair.sock');
+  const server = await serveControl(sup, ctl);
+  t.after(() => server.close());
+  const secondary = (sup as unknown as { secondary: { child: ChildProcess } }).secondary.child;
+  const gone = new Promise((r) => secondary.once('exit', r));
+  secondary.kill('SIGKILL');
+  await gone;
+  const r = await runLockstep(['pair', 'resolve', '--keep', 'primary', '--control', ctl]);
+  assert.equal(r.code, 3, r.stdout + r.stderr);
+  assert.match(r.stderr, /the secondary daemon is not running: start the pair again/);
+  assert.equal(sup.stage, 'split-brain');
+  await sup.stop();
+  assert.deepEqual([hash(join(dir, 'primary.qcow2')), hash(join(dir, 'secondary.qcow2'))], hashed, 'neither disk file changed');
+  assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('split-brain-')), [], 'nothing was saved');
+});
+
 test('resolve with no supervisor to ask exits 4 and says to start the pair', async (t) => {
   const dir = tempDir(t);
   const none = await runLockstep(['pair', 'resolve', '--keep', 'primary', '--control', join(dir, 'nobody.sock')]);
