@@ -38,6 +38,17 @@ export interface DiskMeta {
   checkpoint: number;
   /** when this record was written (ISO time), for people */
   updated: string;
+  /** a live resync onto this disk (it is inconsistent meanwhile): its session, the source's
+   *  generation, the pass and the offset below which that pass's bytes are copied and
+   *  flushed here; a later attempt of the same session resumes above it */
+  resync?: ResyncMark;
+}
+
+export interface ResyncMark {
+  session: string;
+  source: string;
+  pass: number;
+  'done-up-to': number;
 }
 
 export function newId(random: () => Buffer = () => randomBytes(8)): string {
@@ -66,9 +77,12 @@ export function startGeneration(m: DiskMeta, id: string, role: DiskRole, now = n
 export function inStep(source: DiskMeta, target: DiskMeta, current: string, now = new Date()): [DiskMeta, DiskMeta] {
   const merged = [...pushHistory(source.history, source.current), ...target.history, target.current].filter((h, i, a) => h !== current && h !== JUST_CREATED && a.indexOf(h) === i).slice(0, HISTORY_LENGTH);
   const updated = now.toISOString();
+  // a finished resync leaves no mark
+  const { resync: _s, ...src } = source;
+  const { resync: _t, ...dst } = target;
   return [
-    { ...source, current, bitmap: null, history: merged, consistent: true, updated },
-    { ...target, current, bitmap: null, history: merged, consistent: true, updated },
+    { ...src, current, bitmap: null, history: merged, consistent: true, updated },
+    { ...dst, current, bitmap: null, history: merged, consistent: true, updated },
   ];
 }
 
@@ -154,7 +168,14 @@ export function parseMeta(value: unknown, where: string): DiskMeta | null {
     m.history.every((h) => typeof h === 'string') &&
     typeof m.consistent === 'boolean' &&
     (m.role === 'primary' || m.role === 'secondary') &&
-    typeof m.checkpoint === 'number';
+    typeof m.checkpoint === 'number' &&
+    (m.resync === undefined ||
+      (typeof m.resync === 'object' &&
+        m.resync !== null &&
+        typeof m.resync.session === 'string' &&
+        typeof m.resync.source === 'string' &&
+        Number.isSafeInteger(m.resync.pass) &&
+        Number.isSafeInteger(m.resync['done-up-to'])));
   if (!ok) throw new Error(`${where}: not a lockstep pair metadata record (format ${META_FORMAT}, version 1)`);
   return m as DiskMeta;
 }
