@@ -638,6 +638,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       o.log('info', 'the interrupted resync is not resumed (the secondary\'s disk is not the one it copied to): copying from the records');
     }
     const session = was && resume ? was.session : newId();
+    // pass numbers go on across the attempts of one session, so that a persisted mark is
+    // never taken for a later attempt's pass of the same number
+    const passBase = was && resume ? was.mark.pass + 1 : 0;
     // nothing to resume: the records name everything (a superset)
     if (!resume) this.interrupted = null;
     await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds);
@@ -657,11 +660,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       progress: this.resyncProgress,
       resume,
       pieceBytes: o.resyncPieceBytes,
-      onDone: async (mark, durable) => {
+      onDone: async (m, durable) => {
+        const mark = { ...m, pass: passBase + m.pass };
         // a new pass's extents are kept in memory at once, none of it counted done: they hold
         // the writes drained from the tracking, which must not be lost if the persist fails
         const known = this.interrupted;
-        if (!known || known.mark.pass !== mark.pass || known.mark.extents !== mark.extents || known.session !== session) {
+        if (!known || known.mark.pass !== mark.pass || known.mark.extents !== m.extents || known.session !== session) {
           this.interrupted = { session, mark: { ...mark, doneUpTo: mark.extents[0]?.offset ?? 0 } };
         }
         // then persisted first: the mark in memory never runs ahead of the one on the target's host
