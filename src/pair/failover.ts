@@ -5,6 +5,7 @@
 import { errorMessage } from '../errors.js';
 import type { PairCore } from './core.js';
 import type { Side } from './sides.js';
+import { DISK_NODE } from './setup.js';
 
 export interface FailoverHooks {
   /** exports the recovered node on the user's addresses */
@@ -47,5 +48,14 @@ export async function runFailover(core: PairCore, reason: string, hooks: Failove
     await new Promise((r) => setTimeout(r, 10));
   }
   await hooks.afterCommit();
-  await hooks.serve(s, 'childs0');
+  // As in COLO, the recovered disk is served under a one-child quorum: a replication child
+  // can join it later (x-blockdev-change inside a barrier) while clients stay connected, so
+  // that the survivor becomes a primary without re-exporting anything. Named as the
+  // primary's served node, so the barrier, output commit and lease address it alike.
+  await core.call(s, 'blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: [SURVIVOR_CHILD] });
+  await hooks.serve(s, DISK_NODE);
 }
+
+/** The node under the survivor's quorum: the secondary's replication node, its overlays
+ *  committed into the disk below it. */
+export const SURVIVOR_CHILD = 'childs0';

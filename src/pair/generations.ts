@@ -42,6 +42,17 @@ export interface DiskMeta {
    *  host unreachable): the generation that primary was at, which it may have gone on writing
    *  under. A later compare that finds the peer changed since then calls it split brain. */
   unfencedPeer?: string;
+  /** a live resync onto this disk (it is inconsistent meanwhile): its session, the source's
+   *  generation, the pass and the offset below which that pass's bytes are copied and
+   *  flushed here; a later attempt of the same session resumes above it */
+  resync?: ResyncMark;
+}
+
+export interface ResyncMark {
+  session: string;
+  source: string;
+  pass: number;
+  'done-up-to': number;
 }
 
 export function newId(random: () => Buffer = () => randomBytes(8)): string {
@@ -70,9 +81,10 @@ export function startGeneration(m: DiskMeta, id: string, role: DiskRole, now = n
 export function inStep(source: DiskMeta, target: DiskMeta, current: string, now = new Date()): [DiskMeta, DiskMeta] {
   const merged = [...pushHistory(source.history, source.current), ...target.history, target.current].filter((h, i, a) => h !== current && h !== JUST_CREATED && a.indexOf(h) === i).slice(0, HISTORY_LENGTH);
   const updated = now.toISOString();
-  // in step again: nothing either side wrote unfenced is left to tell apart
-  const { unfencedPeer: _s, ...src } = source;
-  const { unfencedPeer: _t, ...dst } = target;
+  // in step again: nothing either side wrote unfenced is left to tell apart, and a finished
+  // resync leaves no mark
+  const { unfencedPeer: _s, resync: _sr, ...src } = source;
+  const { unfencedPeer: _t, resync: _tr, ...dst } = target;
   return [
     { ...src, current, bitmap: null, history: merged, consistent: true, updated },
     { ...dst, current, bitmap: null, history: merged, consistent: true, updated },
@@ -162,7 +174,14 @@ export function parseMeta(value: unknown, where: string): DiskMeta | null {
     typeof m.consistent === 'boolean' &&
     (m.role === 'primary' || m.role === 'secondary') &&
     typeof m.checkpoint === 'number' &&
-    (m.unfencedPeer === undefined || typeof m.unfencedPeer === 'string');
+    (m.unfencedPeer === undefined || typeof m.unfencedPeer === 'string') &&
+    (m.resync === undefined ||
+      (typeof m.resync === 'object' &&
+        m.resync !== null &&
+        typeof m.resync.session === 'string' &&
+        typeof m.resync.source === 'string' &&
+        Number.isSafeInteger(m.resync.pass) &&
+        Number.isSafeInteger(m.resync['done-up-to'])));
   if (!ok) throw new Error(`${where}: not a lockstep pair metadata record (format ${META_FORMAT}, version 1)`);
   return m as DiskMeta;
 }

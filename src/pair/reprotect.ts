@@ -67,6 +67,65 @@ export interface LiveResyncOptions {
   progress: ResyncProgress;
   /** inside the barrier, once replication runs, before the release (output commit) */
   insideBarrier?: () => Promise<void>;
+  /** an interrupted resync's pending ranges (its target died): copied first, with what the
+   *  primary wrote since, instead of the records' union, when the primary still tracks */
+  resume?: ByteRange[] | undefined;
+  /** each pass is copied by jobs of at most this many bytes; each job ends with a flush of
+   *  the target, so what it copied survives the target's SIGKILL (default PIECE_BYTES) */
+  pieceBytes?: number | undefined;
+  /** the running pass (its number and extents) and the offset below which every byte of it
+   *  is copied and flushed on the target: at its start and after each piece; `durable`
+   *  (outside the barrier): the caller persists it, so that a later attempt resumes there */
+  onDone?: (mark: PassMark, durable: boolean) => Promise<void>;
+}
+
+/** Where a live resync stands: pass `pass` copies `extents`; every byte of them below
+ *  `doneUpTo` is on the target, flushed. */
+export interface PassMark {
+  pass: number;
+  extents: ByteRange[];
+  doneUpTo: number;
+}
+
+/** The part of `extents` at or above `from`. */
+export function clipExtents(extents: readonly ByteRange[], from: number): ByteRange[] {
+  const out: ByteRange[] = [];
+  for (const e of extents) {
+    const end = e.offset + e.length;
+    if (end <= from) continue;
+    const start = Math.max(e.offset, from);
+    out.push({ offset: start, length: end - start });
+  }
+  return out;
+}
+
+/** Default piece of a pass: what a resync whose target dies copies again at most. */
+export const PIECE_BYTES = 64 * 1024 * 1024;
+
+/** Consecutive groups of `extents` (ascending), each covering at most `piece` bytes; a range
+ *  is cut at multiples of `piece` from its start (512-aligned when `piece` is). */
+export function splitPieces(extents: readonly ByteRange[], piece: number): ByteRange[][] {
+  const out: ByteRange[][] = [];
+  let cur: ByteRange[] = [];
+  let room = piece;
+  for (const e of extents) {
+    let off = e.offset;
+    let left = e.length;
+    while (left > 0) {
+      const n = Math.min(left, room);
+      cur.push({ offset: off, length: n });
+      off += n;
+      left -= n;
+      room -= n;
+      if (room === 0) {
+        out.push(cur);
+        cur = [];
+        room = piece;
+      }
+    }
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
 }
 
 const bytesOf = (e: readonly ByteRange[]): number => e.reduce((a, r) => a + r.length, 0);
@@ -90,11 +149,12 @@ export async function detachReplication(core: PairCore, p: Side): Promise<void> 
   await core.call(p, 'blockdev-del', { 'node-name': REPLICATION_NODE });
 }
 
-/** Removes what a live resync left on the primary (after a failure): its job and peer node. */
-export async function cleanUpResync(core: PairCore, p: Side): Promise<void> {
+/** Removes what a live resync left on the primary (after a failure): its job and peer node;
+ *  its write tracking too, unless a later attempt is to resume from where it stopped. */
+export async function cleanUpResync(core: PairCore, p: Side, keepTracking = false): Promise<void> {
   if (!p.alive) return;
   await core.call(p, 'block-job-cancel', { device: 'lockstep-sync', force: true }).catch(() => {});
-  await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop: true }).catch(() => {});
+  if (!keepTracking) await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop: true }).catch(() => {});
   for (let i = 0; i < 50; i++) {
     try {
       await core.call(p, 'blockdev-del', { 'node-name': SYNC_PEER });
@@ -113,13 +173,20 @@ export async function cleanUpResync(core: PairCore, p: Side): Promise<void> {
  * marked the secondary's disk inconsistent and removed any old replication filter.
  */
 export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResyncOptions): Promise<LiveResyncResult> {
-  const written = async (stop = false): Promise<ByteRange[]> =>
-    ((await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop })) as { extents: ByteRange[] }).extents;
+  const track = async (stop = false): Promise<{ extents: ByteRange[]; tracking: boolean }> =>
+    (await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop })) as { extents: ByteRange[]; tracking: boolean };
+  const written = async (stop = false): Promise<ByteRange[]> => (await track(stop)).extents;
   await core.call(p, 'blockdev-add', { 'node-name': SYNC_PEER, ...forwardNode(o.forward, o.clientCreds, 0) });
-  // tracking first, then the records: a write completing in between is in both
-  await written();
+  // tracking first, then the records: a write completing in between is in both. Tracking
+  // that still runs (an interrupted resync) answers what completed since its last pass began
+  const first = await track();
   let union: ByteRange[];
-  if (o.full) union = [{ offset: 0, length: o.size }];
+  if (o.resume && first.tracking) {
+    // the interrupted pass's rest, and every granule written since that pass began: each
+    // granule it copied before that is flushed on the target and unchanged since
+    union = unionExtents(o.resume, first.extents);
+    core.log('info', `resuming the interrupted resync: ${bytesOf(o.resume)} bytes of its pass were left, ${bytesOf(first.extents)} bytes written since it began`);
+  } else if (o.full) union = [{ offset: 0, length: o.size }];
   else {
     const records = await Promise.all(
       ([[p, 'primary'], [s, 'secondary']] as const).map(async ([side, n]) => ((await core.call(side, 'x-dirty-log-query', { 'node-name': LOG_NODE[n] })) as { extents: ByteRange[] }).extents),
@@ -132,21 +199,43 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
   prog.total = bytesOf(union);
   prog.pass = 0;
   const started = Date.now();
-  const copy = async (extents: ByteRange[], speed: number | undefined): Promise<void> => {
-    const base = prog.done;
-    const onPass: SyncProgress = (done) => {
-      prog.done = base + done;
-      const elapsed = (Date.now() - started) / 1000;
-      prog['eta-seconds'] = prog.done > 0 ? (elapsed * (prog.total - prog.done)) / prog.done : null;
-      o.onProgress?.(prog.done, prog.total, prog['eta-seconds'], 'resync');
-    };
-    const r = await resync(p.qmp, core.log, onPass, PRIMARY_LOG, SYNC_PEER, extents, false, 'resync', speed);
-    prog.done = base + r.bytes;
-    result.passes.push({ extents, bytes: r.bytes, dataBytes: r.dataBytes, zeroedBytes: r.zeroedBytes });
+  const quiet = (): void => {};
+  // one pass, in pieces: each piece's job flushes the target when it ends, and only then is
+  // the piece counted done (a SIGKILLed qcow2 loses what it had not flushed)
+  const copy = async (extents: ByteRange[], speed: number | undefined, durable: boolean): Promise<void> => {
+    const pieces = durable ? splitPieces(extents, o.pieceBytes ?? PIECE_BYTES) : [extents];
+    const t0 = Date.now();
+    const pass = { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0 };
+    const n = result.passes.length;
+    const last = extents[extents.length - 1];
+    await o.onDone?.({ pass: n, extents, doneUpTo: extents[0]?.offset ?? 0 }, durable);
+    for (const [i, piece] of pieces.entries()) {
+      const base = prog.done;
+      const onPass: SyncProgress = (done) => {
+        prog.done = base + done;
+        const elapsed = (Date.now() - started) / 1000;
+        prog['eta-seconds'] = prog.done > 0 ? (elapsed * (prog.total - prog.done)) / prog.done : null;
+        o.onProgress?.(prog.done, prog.total, prog['eta-seconds'], 'resync');
+      };
+      const tp = Date.now();
+      const r = await resync(p.qmp, quiet, onPass, PRIMARY_LOG, SYNC_PEER, piece, false, 'resync', speed);
+      prog.done = base + r.bytes;
+      pass.bytes += r.bytes;
+      pass.dataBytes += r.dataBytes;
+      pass.zeroedBytes += r.zeroedBytes;
+      const nextPiece = pieces[i + 1]?.[0];
+      await o.onDone?.({ pass: n, extents, doneUpTo: nextPiece ? nextPiece.offset : last!.offset + last!.length }, durable);
+      // each job starts with a fresh token bucket (its first chunk goes at once): the rate
+      // holds across pieces only if the next one waits for what this one overdrew
+      const owed = speed ? (1000 * r.bytes) / speed - (Date.now() - tp) : 0;
+      if (owed > 0 && nextPiece) await new Promise((res) => setTimeout(res, owed));
+    }
+    result.passes.push(pass);
+    core.log('info', 'resync pass done', { pass: result.passes.length - 1, seconds: (Date.now() - t0) / 1000, bytes: pass.bytes, data: pass.dataBytes, zeroed: pass.zeroedBytes, pieces: pieces.length });
   };
   let next = union;
   for (;;) {
-    await copy(next, o.speed);
+    await copy(next, o.speed, true);
     next = await written();
     const left = bytesOf(next);
     if (left <= FINAL_PASS_BYTES || result.passes.length >= MAX_PASSES) break;
@@ -158,10 +247,12 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
   const t0 = Date.now();
   await core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
   try {
-    const rest = unionExtents(next, await written(true));
+    // tracking goes on until the end: a failure in here leaves `rest` to resume from
+    const rest = unionExtents(next, await written());
     prog.total += bytesOf(rest);
     result.barrierBytes = bytesOf(rest);
-    if (rest.length > 0) await copy(rest, undefined);
+    // one piece, nothing persisted: the guest's writes are held meanwhile
+    if (rest.length > 0) await copy(rest, undefined, false);
     await startReplication(p.qmp, s.qmp, o);
     // the data is on the peer: both records may drop what they hold (lazily)
     await core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.secondary });
@@ -171,6 +262,8 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
     await core.call(p, 'block-io-release', { 'node-name': DISK_NODE }).catch(() => {});
     result.pauseMs = Date.now() - t0;
   }
+  // replication covers every write from the release on
+  await written(true).catch(() => {});
   await core.call(p, 'blockdev-del', { 'node-name': SYNC_PEER }).catch((e: unknown) => core.log('warn', `cannot remove the resync's peer node: ${errorMessage(e)}`));
   return result;
 }

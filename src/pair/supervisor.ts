@@ -36,7 +36,8 @@ import { PairLease } from './lease.js';
 import { PairAdoptError, findDaemons, removeDaemons, retire, writeDaemons, type Found, type FoundDaemon } from './adopt.js';
 import { daemonLogPath } from './sides.js';
 import { ResolveError, checkUnfenced, otherSide, saveDisk as saveSplitDisk, splitBrainInfo, type SavedDisk, type SideRecords, type SplitBrain } from './split-brain.js';
-import { Backoff, ReprotectRefused, cleanUpResync, detachReplication, liveResync, startReplication, type LiveResyncResult, type ResyncProgress } from './reprotect.js';
+import { Backoff, ReprotectRefused, cleanUpResync, clipExtents, detachReplication, liveResync, startReplication, type LiveResyncResult, type PassMark, type ResyncProgress } from './reprotect.js';
+import { newId } from './generations.js';
 
 export type { PairStage } from './stages.js';
 export type { PairTls } from './sides.js';
@@ -90,6 +91,10 @@ export interface PairOptions {
   /** the control socket `lockstep pair` serves (named in what a split brain says to run;
    *  default DATA/pair.sock) */
   control?: string;
+  /** a live resync copies in jobs of at most this many bytes, each ending with a flush of the
+   *  target and a persisted mark: what a resync whose target dies copies again at most
+   *  (default 64 MiB) */
+  resyncPieceBytes?: number;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
 }
@@ -148,6 +153,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private readonly backoff: Backoff;
   private returnTimer: NodeJS.Timeout | null = null;
   private reprotecting: Promise<void> | null = null;
+  /** a live resync whose target died: where it stood (the primary's daemon still tracks the
+   *  writes since that pass began), for the next attempt onto the same disk to resume */
+  private interrupted: { session: string; mark: PassMark } | null = null;
 
   constructor(readonly opts: PairOptions) {
     super();
@@ -667,8 +675,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       const p = this.primary;
       // the primary died meanwhile: primary-lost already says why nothing serves
       if (!p?.alive) return;
+      // a refused attempt is not retried: nothing to resume
+      if (final) this.interrupted = null;
       void (async () => {
-        await cleanUpResync(this, p);
+        await cleanUpResync(this, p, this.interrupted !== null);
         const s = this.secondary;
         // a secondary that still runs is half set up: start it afresh next time
         if (s?.alive && s.child) {
@@ -709,6 +719,25 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (refused) throw refused;
     if ((decision.kind === 'incremental' || decision.kind === 'full') && decision.source !== 'primary') throw new ReprotectRefused(`the generations say the secondary's disk is newer (${decision.reason}): not copying over it while the primary serves`);
     o.log('info', `the secondary is back: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} resync from the primary`}, while the primary serves`, { reason: decision.reason });
+    // an interrupted resync onto this same disk (its record carries that attempt's session)
+    // resumes: the rest of its pass above the persisted mark, and what was written since
+    const was = this.interrupted;
+    const rec = sd.meta?.resync;
+    let resume: ByteRange[] | undefined;
+    if (was && rec?.session === was.session && decision.kind !== 'none') {
+      // the persisted mark counts when it is of the pass that was running; otherwise that
+      // pass is copied whole (it had not persisted anything: the barrier's remainder)
+      const doneUpTo = rec.pass === was.mark.pass ? rec['done-up-to'] : (was.mark.extents[0]?.offset ?? 0);
+      resume = clipExtents(was.mark.extents, doneUpTo);
+    } else if (was) {
+      o.log('info', 'the interrupted resync is not resumed (the secondary\'s disk is not the one it copied to): copying from the records');
+    }
+    const session = was && resume ? was.session : newId();
+    // pass numbers go on across the attempts of one session, so that a persisted mark is
+    // never taken for a later attempt's pass of the same number
+    const passBase = was && resume ? was.mark.pass + 1 : 0;
+    // nothing to resume: the records name everything (a superset)
+    if (!resume) this.interrupted = null;
     await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds);
     this.stages.to('resyncing');
     this.resyncProgress = { done: 0, total: 0, 'eta-seconds': null, pass: 0 };
@@ -724,12 +753,30 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       speed: o.resyncRate,
       onProgress: o.onProgress,
       progress: this.resyncProgress,
+      resume,
+      pieceBytes: o.resyncPieceBytes,
+      onDone: async (m, durable) => {
+        const mark = { ...m, pass: passBase + m.pass };
+        // a new pass's extents are kept in memory at once, none of it counted done: they hold
+        // the writes drained from the tracking, which must not be lost if the persist fails
+        const known = this.interrupted;
+        if (!known || known.mark.pass !== mark.pass || known.mark.extents !== m.extents || known.session !== session) {
+          this.interrupted = { session, mark: { ...mark, doneUpTo: mark.extents[0]?.offset ?? 0 } };
+        }
+        // then persisted first: the mark in memory never runs ahead of the one on the target's host
+        if (durable && sd.meta) {
+          const source = pd.meta?.current ?? '';
+          await saveDisk(this, sd, { ...sd.meta, resync: { session, source, pass: mark.pass, 'done-up-to': mark.doneUpTo }, updated: new Date().toISOString() });
+        }
+        this.interrupted = { session, mark };
+      },
       // flushes acknowledged from here on must wait for a checkpoint again
       insideBarrier: async () => {
         if (o.flushCommit !== false) await this.outputCommit.enable(p);
       },
     });
     if (this.stage !== 'resyncing') throw new Error(`the pair left the resync (now ${this.stage})`);
+    this.interrupted = null;
     await markInStep(this, pd, sd, 'primary');
     this.resyncProgress = null;
     this.changedBytes = undefined;
@@ -746,6 +793,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     // a flush that waited during the step to protected gets its checkpoint now
     if (this.outputCommit.enabled) void this.checkpoint().catch(() => {});
     this.emit('protected', r);
+  }
+
+  /** Where the running live resync stands, or the interrupted one stood (its pass, extents
+   *  and the flushed mark) while a later attempt may resume it. */
+  get resyncMark(): { session: string; mark: PassMark } | null {
+    return this.interrupted;
   }
 
   /** The file where a degraded pair lists what changed since the last confirmed checkpoint. */

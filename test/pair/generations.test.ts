@@ -172,3 +172,17 @@ test('a seeded model of 2000 lives: no decision copies a disk over one holding w
   // the model reaches every kind of outcome, split brain included
   assert.ok(splitBrains > 0);
 });
+
+test('a resync mark rides in the target\'s record until the disks are in step again', () => {
+  const [p, s] = paired();
+  const marked: DiskMeta = { ...s, consistent: false, resync: { session: 'abc', source: p.current, pass: 2, 'done-up-to': 65536 } };
+  // stored and read back as it is
+  assert.deepEqual(parseMeta(JSON.parse(JSON.stringify(marked)), 'x'), marked);
+  assert.throws(() => parseMeta({ ...marked, resync: { session: 'abc', pass: 2, 'done-up-to': 65536 } }, 'x'), /x: not a lockstep pair metadata record/);
+  assert.throws(() => parseMeta({ ...marked, resync: { ...marked.resync, 'done-up-to': 1.5 } }, 'x'), /x: not a lockstep pair metadata record/);
+  // the resync ends: both in step, no mark left on either
+  const [a, b] = inStep(p, marked, p.current);
+  assert.equal('resync' in a, false);
+  assert.equal('resync' in b, false);
+  assert.equal(b.consistent, true);
+});

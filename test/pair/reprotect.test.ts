@@ -14,7 +14,9 @@ import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
 import { rng } from '../helpers/rng.js';
 import { startDaemon } from '../helpers/daemon.js';
-import type { ByteRange } from '../../src/pair/sync.js';
+import { unionExtents, type ByteRange } from '../../src/pair/sync.js';
+import { clipExtents } from '../../src/pair/reprotect.js';
+import type { DiskMeta } from '../../src/pair/generations.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -220,9 +222,10 @@ function assertIdentical(a: string, b: string): void {
   assert.match(out, /Images are identical/);
 }
 
-test('the secondary killed during its resync: back to degraded, brought back again, protected; both disks end identical', { timeout: 120_000 }, async (t) => {
+test('the secondary killed during its resync: no failover to it, back to degraded; brought back, the resync resumes above its flushed mark and copies only the rest; both disks end identical', { timeout: 120_000 }, async (t) => {
   const dir = tempDir(t);
-  const sup = pair(dir, { resyncRate: 2 * MiB, reprotectBackoffMs: 600_000 });
+  // slow, in pieces of 1 MiB: the secondary dies with part of the pass flushed and marked
+  const sup = pair(dir, { resyncRate: MiB, resyncPieceBytes: MiB, reprotectBackoffMs: 600_000 });
   t.after(() => sup.stop());
   await sup.start();
   const client = await connect(dir);
@@ -236,17 +239,51 @@ test('the secondary killed during its resync: back to degraded, brought back aga
 
   const first = sup.reprotect();
   first.catch(() => {});
-  for (let i = 0; i < 600 && !((sup.status().resync?.done ?? 0) > 0); i++) await sleep(50);
+  const marked = (): boolean => {
+    const m = sup.resyncMark?.mark;
+    return m !== undefined && m.extents.length > 0 && m.doneUpTo > m.extents[0]!.offset;
+  };
+  for (let i = 0; i < 600 && !marked(); i++) await sleep(20);
   assert.equal(sup.stage, 'resyncing');
   await assert.rejects(sup.failover(), /no failover: the secondary's disk is inconsistent/);
   killSecondary(sup);
   await assert.rejects(first);
   for (let i = 0; i < 200 && (sup.stage as string) !== 'degraded'; i++) await sleep(50);
   assert.equal(sup.stage, 'degraded');
+  await assert.rejects(sup.failover(), /the secondary is not running/);
+
+  // the record beside the secondary's disk: inconsistent, with the mark of the pass it ran
+  const metaFile = join(dir, 'secondary.qcow2.meta.json');
+  const meta = JSON.parse(readFileSync(metaFile, 'utf8')) as DiskMeta;
+  assert.equal(meta.consistent, false);
+  const stood = sup.resyncMark!;
+  assert.ok(meta.resync, 'no resync mark in the secondary disk\'s record');
+  assert.equal(meta.resync.session, stood.session);
+  assert.equal(meta.resync.pass, 0);
+  assert.equal(meta.resync['done-up-to'], stood.mark.doneUpTo);
+  const union = stood.mark.extents;
+  const doneUpTo = meta.resync['done-up-to'];
+  const last = union[union.length - 1]!;
+  assert.ok(doneUpTo > union[0]!.offset && doneUpTo < last.offset + last.length, `mark ${doneUpTo} inside ${JSON.stringify(union)}`);
+  // the regions written after the last checkpoint are what pass 0 copies
+  for (const g of granules(2 * MiB, 6 * MiB)) assert.ok(granulesOf(union).has(g), `granule ${g} not in the union`);
+
   // the primary served all along
   await client.write(9 * MiB, Buffer.alloc(MiB, 0x23));
   await sup.reprotect();
   assert.equal(sup.stage, 'protected');
+  // resumed: the rest of the pass above the mark and what was written since, nothing else
+  const rest = unionExtents(clipExtents(union, doneUpTo), [{ offset: 9 * MiB, length: MiB }]);
+  const r = sup.lastReprotect!;
+  assert.deepEqual(r.union, rest);
+  assert.deepEqual(r.passes[0]!.extents, rest);
+  const restBytes = rest.reduce((a, x) => a + x.length, 0);
+  assert.equal(r.passes[0]!.bytes, restBytes);
+  assert.equal(r.passes[0]!.dataBytes + r.passes[0]!.zeroedBytes, restBytes);
+  const after = JSON.parse(readFileSync(metaFile, 'utf8')) as DiskMeta;
+  assert.equal(after.consistent, true);
+  assert.equal(after.resync, undefined);
+
   await client.write(11 * MiB, Buffer.alloc(MiB, 0x24)); // replicated
   await sup.checkpoint();
   const want = Buffer.alloc(SIZE);

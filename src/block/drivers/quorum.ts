@@ -4,7 +4,7 @@
 // (quorum|fifo), rewrite-corrupted, blkverify.
 //
 // Voting differs from QEMU in one deliberate way (replication spec, decision 4): a child
-// that is a replication filter never votes. QEMU counts the primary replication filter's
+// that is a primary-mode replication filter never votes. QEMU counts the primary replication filter's
 // recorded-but-hidden failure as a success, so with vote-threshold 1 a failed write to the
 // local disk was reported done. Here a write succeeds only if enough *voting* children
 // succeeded; failures of non-voting children are reported (QUORUM_REPORT_BAD) and left to
@@ -82,7 +82,9 @@ export const quorumDriver: BlockDriver = {
         .filter((e) => e.role.startsWith('children.'))
         .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
         .map((e) => ({ role: e.role, node: e.child }));
-    const votes = (n: BlockNode): boolean => n.driver.name !== 'replication';
+    // the forwarding (primary-mode) filter hides its failures: it never votes. A secondary-mode
+    // node is the disk itself (COLO's secondary quorum, the survivor's after failover): it does
+    const votes = (n: BlockNode): boolean => !(n.driver.name === 'replication' && n.options.mode === 'primary');
 
     const reportBad = (type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void => {
       const data: Record<string, unknown> = {

@@ -23,7 +23,9 @@ export function readL2(table: Buffer, i: number, v3: boolean): L2Entry {
   const hi = table.readUInt32BE(i * 8);
   const lo = table.readUInt32BE(i * 8 + 4);
   if (hi & L2_COMPRESSED_HI) return { kind: ClusterKind.Compressed, offset: 0, copied: false };
-  const offset = (hi & 0x00ffffff) * 0x100000000 + (lo & 0xfffffe00);
+  // >>> 0: a bitwise AND is signed in JS, and a host offset with bit 31 set (a file past
+  // 2 GiB) would come out negative
+  const offset = (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
   const copied = (hi & L2_COPIED_HI) !== 0;
   if (v3 && lo & L2_ZERO_LO) return { kind: ClusterKind.Zero, offset, copied };
   if (offset === 0) return { kind: ClusterKind.Unallocated, offset: 0, copied };
@@ -64,7 +66,7 @@ export function compressedClusters(c: { offset: number; length: number }, cluste
 export const L1_OFFSET_MASK_HI = 0x00ffffff;
 
 export function decodeL1(hi: number, lo: number): { offset: number; copied: boolean } {
-  return { offset: (hi & L1_OFFSET_MASK_HI) * 0x100000000 + (lo & 0xfffffe00), copied: (hi & L2_COPIED_HI) !== 0 };
+  return { offset: (hi & L1_OFFSET_MASK_HI) * 0x100000000 + ((lo & 0xfffffe00) >>> 0), copied: (hi & L2_COPIED_HI) !== 0 };
 }
 
 export function encodeL1(buf: Buffer, i: number, offset: number, copied: boolean): void {
