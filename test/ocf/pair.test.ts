@@ -179,6 +179,7 @@ test('pair mode: promote runs the pair, the primary node dies, promote on the se
   assert.equal(run(n1, 'monitor').rc, OCF.NOT_RUNNING);
   assert.equal(run(n1, 'start').rc, OCF.SUCCESS);
   assert.ok(existsSync(join(n1.dataDir, 'secondary.qcow2')), 'the old primary disk is now named as a secondary');
+  assert.equal(score(cib, n1), '100', 'the last primary on a fresh daemon never takes the role from the serving node');
   assert.equal(run(n2, 'demote').rc, OCF.SUCCESS);
   assert.equal(run(n2, 'monitor').rc, OCF.SUCCESS);
   const again = run(n2, 'promote');
