@@ -15,12 +15,15 @@ import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';
 import { RESOLVE_EXIT } from '../pair/split-brain.js';
+import { takeover, type TakeoverOptions } from '../pair/takeover.js';
+import { isLoopbackAddress, qmpOptions } from '../pair/sides.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
        lockstep pair checkpoint|failover|reprotect [--data-dir DIR | --control PATH]
        lockstep pair resolve --keep primary|secondary [--json] [--data-dir DIR | --control PATH]
        lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
+       lockstep pair takeover --qmp ADDR --dir DIR [--nbd-socket PATH] [--lease T|off] [--tls-dir DIR | --insecure]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
 copies the disk once, starts replication, serves the primary's disk over NBD, takes a
@@ -91,6 +94,15 @@ pair status options:
                              (starting, syncing, resyncing), 3 degraded, 4 failed over, 5 primary lost,
                              6 unknown stage, 7 not running, 8 split brain, 1 error
 
+pair takeover options (the failover on the secondary's own host, when the supervisor is gone
+with the primary's host; refused unless the daemon is a pair's live secondary and its disk's
+generation record says consistent):
+  --qmp ADDR                 the secondary daemon on this host (PATH or HOST:PORT)
+  --dir DIR                  its data directory (secondary.qcow2 and its record)
+  --nbd-socket PATH          serve the recovered disk here (default DIR/disk.sock)
+  --nbd-port N, --nbd-host H and on TCP (default: no TCP)
+  --lease T|off              the old primary's lease: served only once it has run out (default 500ms)
+
 pair host options:
   --listen HOST:PORT         the QMP monitor's address (required)
   --tls-dir DIR              certificates; creates objects tls0 (server) and tls1 (client)
@@ -132,6 +144,43 @@ function parseHostPort(text: string, name: string): { host: string; port: number
   const port = m ? Number(m[2]) : NaN;
   if (!m || !Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`--${name}: expected HOST:PORT, got '${text}'`);
   return { host: m[1]!, port };
+}
+
+/** `lockstep pair takeover`: the failover on the secondary's own node (src/pair/takeover.ts). */
+async function takeoverCommand(v: { qmp?: string; dir?: string; lease?: string; 'nbd-socket'?: string; 'nbd-port'?: string; 'nbd-host'?: string; 'tls-dir'?: string; insecure?: boolean }): Promise<number> {
+  let opts: TakeoverOptions;
+  try {
+    if (!v.qmp) throw new Error('--qmp ADDR is required: the secondary daemon on this node (PATH or HOST:PORT)');
+    if (!v.dir) throw new Error("--dir DIR is required: the secondary's data directory on this node");
+    const qmp = parseAddress(v.qmp, 'qmp');
+    const dir = resolve(v.dir);
+    const leaseMs = v.lease === undefined ? PAIR_DEFAULTS.heartbeatTimeoutMs : v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease');
+    const nbdPort = v['nbd-port'] !== undefined ? Number(v['nbd-port']) : 0;
+    if (!Number.isInteger(nbdPort) || nbdPort < 0 || nbdPort > 65535) throw new Error(`--nbd-port: invalid port '${v['nbd-port']}'`);
+    if ('host' in qmp && !v['tls-dir'] && !v.insecure && !isLoopbackAddress(qmp.host)) {
+      throw new Error(`--qmp ${v.qmp}: plain TCP to another host: give --tls-dir DIR, or --insecure`);
+    }
+    const tls = v['tls-dir'] ? { dir: resolve(v['tls-dir']), serverCreds: 'tls0', clientCreds: 'tls1' } : undefined;
+    opts = {
+      qmp,
+      qmpOptions: qmpOptions(tls, qmp),
+      dir,
+      leaseMs,
+      nbdSocket: resolve(v['nbd-socket'] ?? join(dir, 'disk.sock')),
+      ...(nbdPort > 0 ? { nbdTcp: { host: v['nbd-host'] ?? PAIR_DEFAULTS.nbdHost, port: nbdPort } } : {}),
+    };
+  } catch (e) {
+    process.stderr.write(`lockstep pair takeover: ${errorMessage(e)}\n`);
+    return 1;
+  }
+  try {
+    const r = await takeover({ ...opts, log: (msg) => process.stderr.write(`lockstep pair takeover: ${msg}\n`) });
+    process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+    return 0;
+  } catch (e) {
+    process.stderr.write(`lockstep pair takeover: ${errorMessage(e)}\n`);
+    return 1;
+  }
 }
 
 /** `lockstep pair host`: a daemon ready to be one side of a pair on its own host. */
@@ -346,6 +395,8 @@ export async function run(argv: string[]): Promise<number> {
         control: { type: 'string' },
         'force-current': { type: 'string' },
         keep: { type: 'string' },
+        qmp: { type: 'string' },
+        dir: { type: 'string' },
 
         'log-format': { type: 'string' },
         json: { type: 'boolean' },
@@ -377,6 +428,11 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`lockstep pair ${sub}: --json, --watch, --interval and --check are options of 'lockstep pair status'\n`);
     return 1;
   }
+  if ((v.qmp !== undefined || v.dir !== undefined) && sub !== 'takeover') {
+    process.stderr.write(`lockstep pair ${sub}: --qmp and --dir are options of 'lockstep pair takeover'\n`);
+    return 1;
+  }
+  if (sub === 'takeover') return takeoverCommand(v);
   if (sub === 'status') {
     let intervalMs = 1000;
     try {

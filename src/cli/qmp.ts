@@ -10,9 +10,6 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { ConnectionOptions } from 'node:tls';
-import { builtinCommandGroups } from '../daemon/daemon.js';
-import { wire } from '../daemon/wiring.js';
-import { Logger } from '../daemon/log.js';
 import { errorMessage } from '../errors.js';
 import { QmpClient, QmpCommandError, type QmpClientAddress } from '../qmp/client.js';
 import type { QmpCommand } from '../qmp/dispatch.js';
@@ -34,7 +31,11 @@ object. Without COMMAND, an interactive prompt (history, events printed as they 
 Exit status: 0 on success, 1 when the command fails or the monitor cannot be reached.
 `;
 
-function schemaTable(): Map<string, Fields | TypeSpec> {
+/** The commands' argument schemas, from the daemon's own command tables. Loading them means
+ *  loading the whole daemon (most of a one-shot call's time), so only key=value arguments and
+ *  the interactive prompt ask for them; JSON arguments go out as they are. */
+async function schemaTable(): Promise<Map<string, Fields | TypeSpec>> {
+  const [{ builtinCommandGroups }, { wire }, { Logger }] = await Promise.all([import('../daemon/daemon.js'), import('../daemon/wiring.js'), import('../daemon/log.js')]);
   const groups: Array<readonly QmpCommand[]> = [...builtinCommandGroups(), ...(wire(new Logger('silent')).deps.commands ?? [])];
   const m = new Map<string, Fields | TypeSpec>();
   for (const g of groups) for (const c of g) m.set(c.name, c.args);
@@ -124,14 +125,14 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`lockstep qmp: cannot talk to the monitor at ${where}: ${errorMessage(e)}\n`);
     return 1;
   }
-  const schemas = schemaTable();
   const fmt = (v: unknown) => (pretty ? JSON.stringify(v, null, 2) : JSON.stringify(v));
   try {
-    if (rest.length === 0) return await interactive(client, schemas, fmt);
+    if (rest.length === 0) return await interactive(client, await schemaTable(), fmt);
     const [name, ...words] = rest as [string, ...string[]];
+    const json = words.length === 0 || (words.length === 1 && words[0]!.trim().startsWith('{'));
     let args: Record<string, unknown> | undefined;
     try {
-      args = buildArguments(schemas.get(name), words);
+      args = buildArguments(json ? undefined : (await schemaTable()).get(name), words);
     } catch (e) {
       process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
       return 1;

@@ -13,6 +13,7 @@ import parsePrometheusTextFormat, { type PromFamily } from 'parse-prometheus-tex
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import { startDaemon } from '../helpers/daemon.js';
 
 const MiB = 1024 * 1024;
 
@@ -74,12 +75,31 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'checkpoint', '--watch'], /--json, --watch, --interval and --check are options of 'lockstep pair status'/],
     [['pair', 'status', '--watch', '--interval', '0'], /--interval: must be more than 0/],
     [['daemon', '--log-format', 'xml'], /--log-format: 'xml' is not one of json, human/],
+    [['pair', 'takeover'], /lockstep pair takeover: --qmp ADDR is required/],
+    [['pair', 'takeover', '--qmp', '/nonexistent/q.sock'], /lockstep pair takeover: --dir DIR is required/],
+    [['pair', 'takeover', '--qmp', 'nowhere', '--dir', '/tmp'], /--qmp: expected a socket path or HOST:PORT, got 'nowhere'/],
+    [['pair', 'takeover', '--qmp', '10.1.2.3:4444', '--dir', '/tmp'], /--qmp 10\.1\.2\.3:4444: plain TCP to another host: give --tls-dir DIR, or --insecure/],
+    [['pair', 'takeover', '--qmp', '/nonexistent/q.sock', '--dir', '/tmp', '--lease', 'soon'], /--lease: expected a duration/],
+    [['pair', 'takeover', '--qmp', '/nonexistent/q.sock', '--dir', '/tmp', '--nbd-port', '70000'], /--nbd-port: invalid port '70000'/],
+    [['pair', 'takeover', '--qmp', '127.0.0.1:4444', '--dir', '/tmp', '--tls-dir', '/nonexistent'], /TLS credentials: cannot read \/nonexistent\/ca-cert\.pem/],
+    [['pair', 'takeover', '--qmp', '/nonexistent/q.sock', '--dir', '/tmp'], /lockstep pair takeover: .*ENOENT/],
+    [['pair', 'checkpoint', '--qmp', '/x.sock'], /--qmp and --dir are options of 'lockstep pair takeover'/],
   ];
   for (const [args, re] of cases) {
     const r = lockstep(args);
     assert.equal(r.status, 1, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, re, args.join(' '));
   }
+});
+
+test('pair takeover is refused on a daemon that is not the live secondary of a pair, and changes nothing', async (t) => {
+  const dir = tempDir(t, 'lockstep-takeover-');
+  const d = await startDaemon(t, dir, []);
+  const r = lockstep(['pair', 'takeover', '--qmp', d.qmpPath, '--dir', dir]);
+  assert.equal(r.status, 1, r.stderr);
+  assert.match(r.stderr, /^lockstep pair takeover: refusing to take over: this daemon is not the secondary of a running pair \(no replication in mode secondary\)/);
+  const c = await d.client();
+  assert.deepEqual(await c.execute('query-block-exports'), [], 'nothing is served');
 });
 
 test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', { timeout: 120_000 }, async (t) => {
