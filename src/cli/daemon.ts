@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { Daemon } from '../daemon/daemon.js';
 import { applyDefaults, describeDefaults, type DefaultLayout } from '../daemon/default.js';
-import { Logger, defaultLogFormat } from '../daemon/log.js';
+import { Logger, defaultLogFormat } from '../util/log.js';
 import { DAEMON_USAGE, parseDaemonArgs, type DaemonOptions } from '../daemon/options.js';
 import { wire } from '../daemon/wiring.js';
 import { errorMessage } from '../errors.js';

@@ -10,7 +10,7 @@ import { errorMessage } from '../errors.js';
 import { PAIR_DEFAULTS, PairSupervisor, type PairOptions, type PairStatus } from '../pair/supervisor.js';
 import { claimControl, controlRequest, serveControl } from '../pair/control.js';
 import type { QmpClientAddress } from '../qmp/client.js';
-import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
+import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../util/log.js';
 import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';

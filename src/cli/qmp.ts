@@ -12,7 +12,7 @@ import { createInterface } from 'node:readline';
 import type { ConnectionOptions } from 'node:tls';
 import { builtinCommandGroups } from '../daemon/daemon.js';
 import { wire } from '../daemon/wiring.js';
-import { Logger } from '../daemon/log.js';
+import { Logger } from '../util/log.js';
 import { errorMessage } from '../errors.js';
 import { QmpClient, QmpCommandError, type QmpClientAddress } from '../qmp/client.js';
 import type { QmpCommand } from '../qmp/dispatch.js';

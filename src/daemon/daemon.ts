@@ -16,10 +16,10 @@ import { miscCommands } from '../qmp/commands/misc.js';
 import { nbdCommands, toListenAddress } from '../qmp/commands/nbd.js';
 import { jobCommands } from '../qmp/commands/jobs.js';
 import { createCommands } from '../qmp/commands/create.js';
-import { ExportTable, isLoopbackHost, type NbdServerFactory } from './exports.js';
-import { Logger } from './log.js';
-import { LoopDelayMonitor } from './loop-delay.js';
-import { ObjectTable, tlsServerOptions } from './objects.js';
+import { ExportTable, isLoopbackHost, type NbdServerFactory } from '../qmp/exports.js';
+import { Logger } from '../util/log.js';
+import { LoopDelayMonitor } from '../util/loop-delay.js';
+import { ObjectTable, tlsServerOptions } from '../qmp/objects.js';
 import type { ChardevOptions, DaemonOptions } from './options.js';
 
 /** lockstep speaks QEMU 7.2's QMP dialect; the package string says who answers. */

@@ -2,8 +2,8 @@
 // block jobs, the qemu-io engine, qcow2 creation and the replication commands.
 
 import type { DaemonDeps } from './daemon.js';
-import type { Logger } from './log.js';
-import type { NbdServerApi, NbdServerConfig } from './exports.js';
+import type { Logger } from '../util/log.js';
+import type { NbdServerApi, NbdServerConfig } from '../qmp/exports.js';
 import { replicationCommands } from '../qmp/commands/replication.js';
 import { pairStateCommands } from '../qmp/commands/pair-state.js';
 import { outputGateCommands } from '../qmp/commands/output-gates.js';

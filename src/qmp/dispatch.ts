@@ -4,16 +4,16 @@
 // commands; the daemon registers the groups it wants (replication's group is one more array).
 
 import type { BlockGraph } from '../block/graph.js';
-import type { Logger } from '../daemon/log.js';
-import type { ExportTable } from '../daemon/exports.js';
-import type { ObjectTable } from '../daemon/objects.js';
+import type { Logger } from '../util/log.js';
+import type { ExportTable } from './exports.js';
+import type { ObjectTable } from './objects.js';
 import { StateError } from '../errors.js';
 import type { EventBus } from './events.js';
 import type { IoCommandRunner } from './commands/hmp.js';
 import type { JobsApi } from './commands/jobs.js';
 import { QmpError } from './errors.js';
 import { validateArguments, type Fields, type TypeSpec } from './schema/types.js';
-import type { LoopDelayMonitor } from '../daemon/loop-delay.js';
+import type { LoopDelayMonitor } from '../util/loop-delay.js';
 
 /** One client connection's monitor state. */
 export interface QmpSession {

@@ -22,7 +22,7 @@ import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
 import { Bitmap } from '../../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../../jobs/block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../block-copy.js';
 
 /** The largest piece of a request copied and written at once: a few copy chunks. */
 export const PIECE = 16 * MAX_CHUNK;

@@ -2,7 +2,7 @@
 // block-export-add/-del, query-block-exports. The state lives in the daemon's ExportTable.
 
 import { InvalidArgumentError } from '../../errors.js';
-import type { ListenAddress } from '../../daemon/exports.js';
+import type { ListenAddress } from '../exports.js';
 import { command, type QmpCommand } from '../dispatch.js';
 import { BLOCK_EXPORT_ADD, BLOCK_EXPORT_DEL, NBD_SERVER_ADD, NBD_SERVER_REMOVE, NBD_SERVER_START } from '../schema/nbd.js';
 import { NO_ARGS } from '../schema/misc.js';

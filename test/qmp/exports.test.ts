@@ -4,10 +4,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { newGraph } from '../helpers/graph.js';
-import { ExportTable, isLoopbackHost, type ListenAddress, type NbdServerApi, type NbdServerConfig } from '../../src/daemon/exports.js';
-import { ObjectTable } from '../../src/daemon/objects.js';
+import { ExportTable, isLoopbackHost, type ListenAddress, type NbdServerApi, type NbdServerConfig } from '../../src/qmp/exports.js';
+import { ObjectTable } from '../../src/qmp/objects.js';
 import { EventBus, type QmpEventMessage } from '../../src/qmp/events.js';
-import { Logger } from '../../src/daemon/log.js';
+import { Logger } from '../../src/util/log.js';
 
 function setup(insecure = false) {
   const graph = newGraph();

@@ -17,9 +17,9 @@
 // the target's writes in order.
 
 import { BlockError } from '../errors.js';
-import type { BlockNode } from '../block/node.js';
+import type { BlockNode } from './node.js';
 import type { Bitmap } from '../util/bitmap.js';
-import type { ErrorAction } from './job.js';
+import type { ErrorAction } from '../jobs/job.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 /** Largest single copy request. */

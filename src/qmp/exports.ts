@@ -10,8 +10,8 @@ import { isIP } from 'node:net';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { InvalidArgumentError, NotFoundError, StateError } from '../errors.js';
-import type { EventBus } from '../qmp/events.js';
-import type { Logger } from './log.js';
+import type { EventBus } from './events.js';
+import type { Logger } from '../util/log.js';
 import type { ObjectTable, TlsCredsX509 } from './objects.js';
 
 export type ListenAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
