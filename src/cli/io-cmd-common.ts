@@ -1,7 +1,7 @@
 // Shared pieces of the qemu-io command engine: the command table's types, qemu-io's limits
 // and the argument helpers every data command uses.
 
-import { BlockError, STRERROR, errorMessage } from '../errors.js';
+import { strerror } from '../errors.js';
 import type { Backend } from '../block/backend.js';
 import type { BlockNode } from '../block/node.js';
 import { parseIoNumber } from './io-parse.js';
@@ -43,8 +43,7 @@ export interface CommandDef {
 
 
 export function errnoText(e: unknown): string {
-  if (e instanceof BlockError) return STRERROR[e.code];
-  return errorMessage(e);
+  return strerror(e);
 }
 
 export function elapsedSince(start: bigint): number {

@@ -5,7 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BlockGraph } from '../block/graph.js';
-import { InvalidArgumentError, NotFoundError, STRERROR, StateError, type ErrorCode } from '../errors.js';
+import { InvalidArgumentError, NotFoundError, StateError, strerrorOf } from '../errors.js';
 
 export interface TlsCredsX509 {
   readonly qomType: 'tls-creds-x509';
@@ -39,7 +39,7 @@ function readCred(dir: string, file: string, required: boolean): Buffer | undefi
   } catch (e) {
     if (!required) return undefined;
     const code = (e as { code?: string }).code ?? 'EIO';
-    const text = code in STRERROR ? STRERROR[code as ErrorCode] : String(code);
+    const text = strerrorOf(code) ?? code;
     throw new InvalidArgumentError(`Unable to access credentials ${path}: ${text}`);
   }
 }

@@ -11,7 +11,7 @@
 // Plus the plain-filename path of qemu-img / qemu-io: `-f FMT FILE`, or probing the format.
 
 import { open as fsOpen } from 'node:fs/promises';
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError, strerror } from '../errors.js';
 import { isDict, type OptionDict } from '../block/options.js';
 
 /** Longest key fragment QEMU accepts (its buffer is 128 bytes with the terminator). */
@@ -252,29 +252,17 @@ export async function probeFormat(filename: string): Promise<'qcow2' | 'raw'> {
   try {
     fh = await fsOpen(filename, 'r');
   } catch (e) {
-    throw new InvalidArgumentError(`Could not open '${filename}': ${systemText(e)}`);
+    throw new InvalidArgumentError(`Could not open '${filename}': ${strerror(e)}`);
   }
   try {
     const buf = Buffer.alloc(4);
     const { bytesRead } = await fh.read(buf, 0, 4, 0);
     return probeFormatFromHeader(buf.subarray(0, bytesRead));
   } catch (e) {
-    throw new InvalidArgumentError(`Could not read '${filename}': ${systemText(e)}`);
+    throw new InvalidArgumentError(`Could not read '${filename}': ${strerror(e)}`);
   } finally {
     await fh.close();
   }
-}
-
-function systemText(e: unknown): string {
-  const code = (e as { code?: string }).code;
-  const texts: Record<string, string> = {
-    ENOENT: 'No such file or directory',
-    EACCES: 'Permission denied',
-    EISDIR: 'Is a directory',
-    ENOTDIR: 'Not a directory',
-    EPERM: 'Operation not permitted',
-  };
-  return (code && texts[code]) ?? (e as Error).message;
 }
 
 /** The default NBD port (IANA). */
