@@ -73,7 +73,7 @@ export class Daemon {
     this.graph.on('event', (name: string, data?: Record<string, unknown>) => this.events.emitEvent(name, data));
     this.objects = new ObjectTable(this.graph);
     this.exports = new ExportTable(this.graph, this.objects, this.events, this.log, deps.nbdFactory, opts.insecure);
-    this.services = { jobs: null, replication: null, runIoCommand: null, ...deps.services };
+    this.services = { jobs: null, runIoCommand: null, ...deps.services };
     for (const group of builtinCommandGroups()) this.dispatcher.register(group);
     for (const group of deps.commands ?? []) this.dispatcher.register(group);
     this.ctx = {

@@ -7,11 +7,16 @@ import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { replicationRegistry } from '../../replication/registry.js';
 import { InvalidArgumentError, StateError, errorMessage } from '../../errors.js';
 
+declare module '../../block/graph.js' {
+  interface GraphServices {
+    /** block-io-hold's holds in force: node-name -> release */
+    ioHolds?: Map<string, () => void>;
+  }
+}
+
 /** The I/O holds in force, by node-name, kept with the graph they belong to. */
 function holdTable(ctx: QmpContext): Map<string, () => void> {
-  let t = ctx.graph.services.get('io-holds') as Map<string, () => void> | undefined;
-  if (!t) ctx.graph.services.set('io-holds', (t = new Map()));
-  return t;
+  return (ctx.graph.services.ioHolds ??= new Map());
 }
 
 export const replicationCommands: readonly QmpCommand[] = [
