@@ -8,11 +8,10 @@
 //   for gaps and for mixing with named members.
 // - JSON (`{"driver": ...}` or a `json:{...}` filename): typed leaves, open with
 //   `{ keyval: false }`. In json: filenames, dotted keys are expanded as QEMU flattens them.
-// Plus the plain-filename path of qemu-img / qemu-io: `-f FMT FILE`, or probing the format.
+// The file-name forms of qemu-img and qemu-io (probing, NBD URIs) are src/cli/image-spec.ts's.
 
-import { open as fsOpen } from 'node:fs/promises';
-import { InvalidArgumentError, strerror } from '../errors.js';
-import { isDict, type OptionDict } from '../block/options.js';
+import { InvalidArgumentError } from '../errors.js';
+import { isDict, type OptionDict } from './dict.js';
 
 /** Longest key fragment QEMU accepts (its buffer is 128 bytes with the terminator). */
 const MAX_FRAGMENT = 127;
@@ -233,139 +232,4 @@ export function parseOptionString(text: string, opts: KeyvalParseOptions = {}): 
   if (isJsonFilename(text)) return { dict: parseJsonOptions(text.slice(5)), keyval: false };
   if (text.trimStart().startsWith('{')) return { dict: parseJsonOptions(text), keyval: false };
   return { dict: parseKeyval(text, opts), keyval: true };
-}
-
-/** The qcow2 header magic, "QFI\xfb". */
-const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]);
-
-/** Format of a host file from its first bytes: qcow2 by its magic, else raw. */
-export function probeFormatFromHeader(header: Buffer): 'qcow2' | 'raw' {
-  return header.length >= 4 && header.subarray(0, 4).equals(QCOW2_MAGIC) ? 'qcow2' : 'raw';
-}
-
-/**
- * Reads the start of `filename` and guesses its format. A missing or unreadable file
- * gives QEMU's "Could not open 'x': <strerror>".
- */
-export async function probeFormat(filename: string): Promise<'qcow2' | 'raw'> {
-  let fh;
-  try {
-    fh = await fsOpen(filename, 'r');
-  } catch (e) {
-    throw new InvalidArgumentError(`Could not open '${filename}': ${strerror(e)}`);
-  }
-  try {
-    const buf = Buffer.alloc(4);
-    const { bytesRead } = await fh.read(buf, 0, 4, 0);
-    return probeFormatFromHeader(buf.subarray(0, bytesRead));
-  } catch (e) {
-    throw new InvalidArgumentError(`Could not read '${filename}': ${strerror(e)}`);
-  } finally {
-    await fh.close();
-  }
-}
-
-/** The default NBD port (IANA). */
-const NBD_DEFAULT_PORT = '10809';
-
-/**
- * The nbd protocol options for QEMU's NBD filenames, or null when `filename` is not one:
- * `nbd://host[:port][/export]`, `nbd+tcp://...`, `nbd+unix:///export?socket=PATH`, and the
- * legacy `nbd:host:port[:exportname=NAME]` / `nbd:unix:PATH[:exportname=NAME]`. The port
- * is a string, as in QEMU's SocketAddress. TLS URIs (nbds://) need a tls-creds object and
- * are refused here.
- */
-export function nbdFilenameOptions(filename: string): OptionDict | null {
-  const scheme = /^([a-z+]+):/.exec(filename)?.[1];
-  if (scheme === undefined || !scheme.startsWith('nbd')) return null;
-  if (scheme === 'nbds' || scheme.startsWith('nbds+')) {
-    throw new InvalidArgumentError(`NBD over TLS (${scheme}://) needs --image-opts with tls-creds`);
-  }
-  if (filename.startsWith('nbd:') && !filename.startsWith('nbd://')) {
-    // legacy syntax
-    const rest = filename.slice(4);
-    const m = /^(?:unix:(?<path>[^:]+)|(?<host>\[[^\]]+\]|[^:]+):(?<port>\d+))(?::exportname=(?<name>.*))?$/.exec(rest);
-    if (!m?.groups) throw new InvalidArgumentError(`Invalid NBD filename '${filename}'`);
-    const g = m.groups;
-    const server: OptionDict = g.path !== undefined ? { type: 'unix', path: g.path } : { type: 'inet', host: g.host!.replace(/^\[|\]$/g, ''), port: g.port! };
-    return { driver: 'nbd', server, export: g.name ?? '' };
-  }
-  let url: URL;
-  try {
-    url = new URL(filename);
-  } catch {
-    throw new InvalidArgumentError(`Invalid NBD URI '${filename}'`);
-  }
-  const exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
-  if (scheme === 'nbd+unix') {
-    const socket = url.searchParams.get('socket');
-    if (!socket) throw new InvalidArgumentError(`NBD URI '${filename}': nbd+unix needs ?socket=PATH`);
-    if (url.host !== '') throw new InvalidArgumentError(`NBD URI '${filename}': nbd+unix takes no host`);
-    return { driver: 'nbd', server: { type: 'unix', path: socket }, export: exportName };
-  }
-  if (scheme !== 'nbd' && scheme !== 'nbd+tcp') throw new InvalidArgumentError(`Unknown NBD URI scheme '${scheme}'`);
-  if (url.hostname === '') throw new InvalidArgumentError(`NBD URI '${filename}' names no host`);
-  if ([...url.searchParams.keys()].length > 0) throw new InvalidArgumentError(`NBD URI '${filename}': unexpected query`);
-  const host = url.hostname.replace(/^\[|\]$/g, '');
-  return { driver: 'nbd', server: { type: 'inet', host, port: url.port || NBD_DEFAULT_PORT }, export: exportName };
-}
-
-/** The dict for a plain filename with a known format (qemu-img -f FMT FILE). */
-export function filenameOptions(filename: string, format: string): OptionDict {
-  if (format === 'file') return { driver: 'file', filename };
-  return { driver: format, file: { driver: 'file', filename } };
-}
-
-export interface ImageSpec {
-  dict: OptionDict;
-  keyval: boolean;
-  /** the format was guessed from the file's content (qemu-io warns for raw) */
-  probed: boolean;
-}
-
-/**
- * Fills in what QEMU infers for image options given on the command line: a `file` child
- * with a filename and no driver is a host file; without a top-level driver the format is
- * probed from that file (or from `filename` itself). `format` (-f) overrides the driver.
- */
-export async function completeImageOptions(dict: OptionDict, format?: string): Promise<{ dict: OptionDict; probed: boolean }> {
-  const file = dict.file;
-  if (isDict(file) && file.driver === undefined && file.filename !== undefined) file.driver = 'file';
-  if (format !== undefined) {
-    dict.driver = format;
-    return { dict, probed: false };
-  }
-  if (dict.driver !== undefined) return { dict, probed: false };
-  let probeName: unknown;
-  if (isDict(file) && file.driver === 'file') probeName = file.filename;
-  else if (file === undefined && dict.filename !== undefined) {
-    // a bare top-level filename: the host file becomes the format's child
-    probeName = dict.filename;
-    const { filename, ...rest } = dict;
-    for (const k of Object.keys(dict)) delete dict[k];
-    Object.assign(dict, rest, { file: { driver: 'file', filename } });
-  }
-  if (typeof probeName !== 'string') throw new InvalidArgumentError('Must specify either driver or file');
-  dict.driver = await probeFormat(probeName);
-  return { dict, probed: true };
-}
-
-/**
- * What qemu-img / qemu-io open for a FILE argument: `json:{...}` (with `-f` overriding its
- * driver, as in QEMU), an NBD URI (format -f, else raw), or a host file with the format
- * from `-f` or, without it, probed.
- */
-export async function imageOptions(filename: string, format?: string): Promise<ImageSpec> {
-  if (isJsonFilename(filename)) {
-    const done = await completeImageOptions(parseJsonOptions(filename.slice(5)), format);
-    return { dict: done.dict, keyval: false, probed: done.probed };
-  }
-  const nbd = nbdFilenameOptions(filename);
-  if (nbd) {
-    // no probing through the network: the format is -f, else raw
-    return { dict: { driver: format ?? 'raw', file: nbd }, keyval: false, probed: false };
-  }
-  if (format !== undefined) return { dict: filenameOptions(filename, format), keyval: false, probed: false };
-  const probed = await probeFormat(filename);
-  return { dict: filenameOptions(filename, probed), keyval: false, probed: true };
 }

@@ -4,7 +4,7 @@
 import { open as fsOpen } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { errorMessage, strerror } from '../../errors.js';
-import { probeFormat } from '../../util/keyval.js';
+import { probeFormat } from '../../block/probe.js';
 import { ImgError, loadQcow2, openImage, parseImageSize, withGraph } from './common.js';
 
 export interface CreateSpec {
