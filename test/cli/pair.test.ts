@@ -13,6 +13,7 @@ import parsePrometheusTextFormat, { type PromFamily } from 'parse-prometheus-tex
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import { parseHostArgs } from '../../src/cli/pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -68,6 +69,8 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'frobnicate'], /unknown command 'frobnicate'/],
     [['pair', 'host'], /--listen HOST:PORT is required/],
     [['pair', 'host', '--listen', '10.1.2.3:4444'], /give --tls-dir DIR .* or --insecure/],
+    [['pair', 'host', '--insecure', '--listen'], /^lockstep --listen needs a value\n$/],
+    [['pair', 'host', '--tls-dir'], /^lockstep --tls-dir needs a value\n$/],
     [['pair', 'status', '--control', '/nonexistent/pair.sock'], /cannot reach the pair supervisor/],
     [['pair', 'run', '--log-format', 'xml'], /--log-format: 'xml' is not one of json, human/],
     [['pair', 'run', '--metrics', 'nowhere'], /--metrics: expected HOST:PORT, got 'nowhere'/],
@@ -80,6 +83,24 @@ test('bad options are refused with a message naming them', () => {
     assert.equal(r.status, 1, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, re, args.join(' '));
   }
+});
+
+test('pair host keeps its own options and passes every other word on to the daemon, in order', () => {
+  assert.deepEqual(
+    parseHostArgs([
+      '--blockdev', 'driver=null-co,node-name=n0', '--listen', '10.0.0.1:4444', '--log-level=debug', '--insecure',
+      '--object', 'secret,id=s0,data=x', '-v', '--tls-dir=/etc/pki', '--', '--listen',
+    ]),
+    {
+      listen: '10.0.0.1:4444',
+      tlsDir: '/etc/pki',
+      insecure: true,
+      rest: ['--blockdev', 'driver=null-co,node-name=n0', '--log-level=debug', '--object', 'secret,id=s0,data=x', '-v', '--', '--listen'],
+    },
+  );
+  // a group of short options is one word: it passes once; --insecure=x is not ours
+  assert.deepEqual(parseHostArgs(['-ab', '--insecure=yes', '--listen=h:1']), { listen: 'h:1', insecure: false, rest: ['-ab', '--insecure=yes'] });
+  assert.throws(() => parseHostArgs(['--listen']), { message: '--listen needs a value' });
 });
 
 test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', { timeout: 120_000 }, async (t) => {
