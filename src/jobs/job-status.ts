@@ -90,7 +90,7 @@ export interface JobResult {
 
 export interface JobOptions {
   jobId?: string;
-  /** replication's own jobs: never listed, no events (spec decision 11) */
+  /** replication's own jobs: never listed, no events (decision 11 in docs/replication.md) */
   internal?: boolean;
   /** bytes per second, 0 = unlimited */
   speed?: number;

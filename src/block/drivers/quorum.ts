@@ -3,14 +3,14 @@
 // Options: children (list or children.N), vote-threshold (required), read-pattern
 // (quorum|fifo), rewrite-corrupted, blkverify.
 //
-// Voting differs from QEMU in one deliberate way (replication spec, decision 4): a child
+// Voting differs from QEMU in one deliberate way (decision 4 in docs/replication.md): a child
 // that is a replication filter never votes. QEMU counts the primary replication filter's
 // recorded-but-hidden failure as a success, so with vote-threshold 1 a failed write to the
 // local disk was reported done. Here a write succeeds only if enough *voting* children
 // succeeded; failures of non-voting children are reported (QUORUM_REPORT_BAD) and left to
 // the replication filter's get_error.
 //
-// Discards (decision 10) are applied to every child as write-zeroes that may unmap, so both
+// Discards (decision 10 there) are applied to every child as write-zeroes that may unmap, so both
 // sides of a replication pair reclaim space and read zeroes there.
 //
 // Overlapping writes (write-zeroes, discards) are ordered (caps.orderedWrites): one that
