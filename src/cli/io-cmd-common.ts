@@ -3,7 +3,6 @@
 
 import { strerror } from '../errors.js';
 import type { Backend } from '../block/backend.js';
-import type { BlockNode } from '../block/node.js';
 import { parseIoNumber } from './io-parse.js';
 
 export interface IoCommandOptions {
@@ -52,21 +51,6 @@ export function elapsedSince(start: bigint): number {
 
 export function usageLine(def: CommandDef): string {
   return `${def.name} ${def.args} -- ${def.oneline}\n`;
-}
-
-/**
- * Allocation in the whole chain at `offset` (qemu's bdrv_is_allocated_above down to the
- * bottom): whether some layer defines the bytes, and for how many bytes that holds.
- */
-export async function isAllocatedAbove(node: BlockNode, offset: number, length: number): Promise<{ allocated: boolean; length: number }> {
-  const s = await node.blockStatus(offset, length);
-  if (s.allocated) return { allocated: true, length: s.length };
-  const backing = node.backing;
-  if (!backing) return { allocated: false, length: s.length };
-  const backingLen = backing.getLength();
-  if (offset >= backingLen) return { allocated: false, length: s.length };
-  const below = await isAllocatedAbove(backing, offset, Math.min(s.length, backingLen - offset));
-  return below;
 }
 
 /** Parses `off len` for read/write/discard; prints qemu-io's messages on failure. */

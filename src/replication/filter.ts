@@ -502,7 +502,7 @@ export const replicationDriver: BlockDriver = {
     replicationRegistry(ctx.graph).register(state);
     const impl: NodeImpl & { replication: ReplicationState } = {
       replication: state,
-      caps: makeCaps({ filter: true, writeZeroes: true, discard: true, fua: true }),
+      caps: makeCaps({ filter: true, writeZeroes: true, discard: true, fua: true, noQuorumVote: true }),
       get filename() {
         return node.file?.filename ?? node.name;
       },

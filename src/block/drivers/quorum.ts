@@ -82,7 +82,7 @@ export const quorumDriver: BlockDriver = {
         .filter((e) => e.role.startsWith('children.'))
         .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
         .map((e) => ({ role: e.role, node: e.child }));
-    const votes = (n: BlockNode): boolean => n.driver.name !== 'replication';
+    const votes = (n: BlockNode): boolean => n.caps.noQuorumVote !== true;
 
     const reportBad = (type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void => {
       const data: Record<string, unknown> = {

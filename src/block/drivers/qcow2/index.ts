@@ -194,6 +194,7 @@ export const qcow2Driver: BlockDriver = {
 
     const v3 = h.version === 3;
     const impl: NodeImpl = {
+      clusterSize: img.clusterSize,
       caps: makeCaps({
         requestAlignment: 1,
         fua: false,
