@@ -121,6 +121,10 @@ export interface NodeImpl {
   info?(): Record<string, unknown>;
   /** a format's allocation unit in bytes (qcow2's cluster size); absent for others */
   readonly clusterSize?: number;
+  /** x-blockdev-change: attach `child` as a new child (quorum); absent where unsupported */
+  addChild?(child: BlockNode): unknown;
+  /** x-blockdev-change: detach the child with this role (quorum) */
+  removeChild?(role: string): unknown;
 }
 
 export interface OpenChildOptions {

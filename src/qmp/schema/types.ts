@@ -47,18 +47,27 @@ export type ValueOf<T> = T extends 'str'
             ? ArgsOf<F>
             : T extends { readonly list: infer E }
               ? Array<ValueOf<E>>
-              : T extends { readonly dict: true } | { readonly union: unknown }
-                ? Record<string, unknown>
-                : unknown;
+              : T extends { readonly union: infer U }
+                ? UnionValue<U>
+                : T extends { readonly dict: true }
+                  ? Record<string, unknown>
+                  : unknown;
+
+/** A flat union's value: one object type per branch, told apart by the discriminator. */
+type UnionValue<U> = U extends { readonly base: infer B; readonly discriminator: infer D extends string; readonly branches: infer Br }
+  ? { [K in keyof Br & string]: Omit<ArgsOf<B>, D> & { [P in D]: K } & ArgsOf<Br[K]> }[keyof Br & string]
+  : Record<string, unknown>;
 
 /**
  * A command's arguments as its handler receives them, derived from the schema the validator
  * checked them against: `{device: 'str', '*speed': 'int'}` -> `{device: string; speed?: number}`.
- * Unions and free dictionaries stay `Record<string, unknown>` (their handlers read them).
+ * A flat union is one object type per branch; free dictionaries stay `Record<string, unknown>`.
  */
-export type ArgsOf<S> = S extends { readonly dict: true } | { readonly union: unknown } | { readonly alternate: unknown }
-  ? Record<string, unknown>
-  : S extends { readonly struct: infer F }
+export type ArgsOf<S> = S extends { readonly union: infer U }
+  ? UnionValue<U>
+  : S extends { readonly dict: true } | { readonly alternate: unknown }
+    ? Record<string, unknown>
+    : S extends { readonly struct: infer F }
     ? ArgsOf<F>
     : { [K in keyof S as K extends `*${string}` ? never : K]: ValueOf<S[K]> } & {
         [K in keyof S as K extends `*${infer N}` ? N : never]?: ValueOf<S[K]>;
