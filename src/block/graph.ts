@@ -33,12 +33,8 @@ export interface GraphOpenContext extends OpenContext {
   readonly cache: CacheOptions;
 }
 
-/**
- * The graph's services, one typed field each. The block layer knows none of them: each owner,
- * above it, declares its field by augmenting this interface (`declare module`), so the
- * imports still run downwards: `jobs` in replication/jobs.ts, `replication` in
- * replication/registry.ts, `ioHolds` in qmp/commands/replication.ts.
- */
+/** The graph's services, one typed field each, declared by their owners above block/ with
+ * `declare module` (jobs, replication, ioHolds), so block/ imports none of them. */
 export interface GraphServices {}
 
 /** QEMU's id_wellformed; node names are also shorter than 32 bytes (checked after) */
