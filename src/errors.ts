@@ -41,6 +41,45 @@ export const STRERROR: Record<ErrorCode, string> = {
   ENOMEDIUM: 'No medium found',
 };
 
+/** glibc's strerror() texts: lockstep's codes and the other errors host file calls meet. */
+const HOST_STRERROR: Readonly<Record<string, string>> = {
+  ...STRERROR,
+  EISDIR: 'Is a directory',
+  ENOTDIR: 'Not a directory',
+  EEXIST: 'File exists',
+  ELOOP: 'Too many levels of symbolic links',
+  ENAMETOOLONG: 'File name too long',
+  EMFILE: 'Too many open files',
+  ENFILE: 'Too many open files in system',
+  EDQUOT: 'Disk quota exceeded',
+  ETXTBSY: 'Text file busy',
+  ENXIO: 'No such device or address',
+};
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(STRERROR, code);
+}
+
+/** The strerror() text of an errno name ('ENOENT'), or undefined for a name lockstep lacks. */
+export function strerrorOf(code: unknown): string | undefined {
+  return typeof code === 'string' && Object.hasOwn(HOST_STRERROR, code) ? HOST_STRERROR[code] : undefined;
+}
+
+/**
+ * The text QEMU prints for an error ("Could not open 'x': <this>"): a BlockError's strerror,
+ * a Node system error's strerror by its code, else the error's own message.
+ */
+export function strerror(e: unknown): string {
+  if (e instanceof BlockError) return STRERROR[e.code];
+  return strerrorOf((e as { code?: unknown } | null)?.code) ?? errorMessage(e);
+}
+
+/** The errno-like code of a Node system error where lockstep has it, else EIO. */
+export function errorCodeOf(e: unknown): ErrorCode {
+  const code = (e as { code?: unknown } | null)?.code;
+  return isErrorCode(code) ? code : 'EIO';
+}
+
 /** Linux errno numbers, for the few places that print or transmit them. */
 export const ERRNO: Record<ErrorCode, number> = {
   EPERM: 1,
@@ -91,8 +130,7 @@ export class BlockError extends Error {
   /** Wraps a Node system error (err.code 'ENOSPC' etc.) keeping its code where known. */
   static fromSystem(err: unknown, context?: string): BlockError {
     if (err instanceof BlockError) return err;
-    const code = (err as { code?: unknown } | null)?.code;
-    const known = typeof code === 'string' && code in STRERROR ? (code as ErrorCode) : 'EIO';
+    const known = errorCodeOf(err);
     const msg = context ? `${context}: ${STRERROR[known]}` : STRERROR[known];
     return new BlockError(known, msg, { cause: err });
   }

@@ -1,6 +1,6 @@
 // The handle a user of the graph holds on a node: an NBD export, a device attached
 // through the library API, a test. A named backend is a "block backend" in the sense of the
-// replication spec (decision 12). Jobs and the monitor's qemu-io use unnamed, internal
+// replication (decision 12 in docs/replication.md). Jobs and the monitor's qemu-io use unnamed, internal
 // backends that do not count.
 //
 // The edge to the node can be re-pointed by graph edits (a filter inserted above the node,
@@ -31,7 +31,7 @@ export class Backend {
   readonly user: boolean;
   readonly writethrough: boolean;
   /**
-   * Writes fail with EIO while fenced (replication decision 6: the secondary disk's
+   * Writes fail with EIO while fenced (decision 6 in docs/replication.md: the secondary disk's
    * exports refuse primary writes from the moment failover begins). Reads keep working.
    */
   fenced = false;

@@ -76,6 +76,12 @@ export interface NodeCaps {
    * not held.
    */
   orderedWrites?: boolean;
+  /**
+   * A quorum above this node does not count its result as a vote: only its other children
+   * decide (the primary-mode replication filter, whose forwarding failures are recorded, never returned:
+   * decision 4 in docs/replication.md).
+   */
+  noQuorumVote?: boolean;
 }
 
 export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
@@ -113,6 +119,12 @@ export interface NodeImpl {
   readonly filename?: string;
   /** driver-specific fields for query-named-block-nodes / lockstep io info */
   info?(): Record<string, unknown>;
+  /** a format's allocation unit in bytes (qcow2's cluster size); absent for others */
+  readonly clusterSize?: number;
+  /** x-blockdev-change: attach `child` as a new child (quorum); absent where unsupported */
+  addChild?(child: BlockNode): unknown;
+  /** x-blockdev-change: detach the child with this role (quorum) */
+  removeChild?(role: string): unknown;
 }
 
 export interface OpenChildOptions {

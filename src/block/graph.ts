@@ -33,6 +33,10 @@ export interface GraphOpenContext extends OpenContext {
   readonly cache: CacheOptions;
 }
 
+/** The graph's services, one typed field each, declared by their owners above block/ with
+ * `declare module` (jobs, replication, ioHolds), so block/ imports none of them. */
+export interface GraphServices {}
+
 /** QEMU's id_wellformed; node names are also shorter than 32 bytes (checked after) */
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
@@ -46,10 +50,10 @@ export class BlockGraph extends EventEmitter {
   readonly objects = new Map<string, unknown>();
   /**
    * Per-graph services that drivers reach through their graph (the job manager, the
-   * replication registry), keyed by the owning module's name. Kept here rather than in
-   * module globals so that two graphs never share them.
+   * replication registry). Kept here rather than in module globals so that two graphs never
+   * share them.
    */
-  readonly services = new Map<string, unknown>();
+  readonly services: GraphServices = {};
   /** shares each event-loop turn between the graph's long requests (util/pacer.ts) */
   readonly pacer = new Pacer();
   private autoCounter = 0;

@@ -5,13 +5,10 @@
 // full dotted path ("Parameter 'file.backing.backing' is unexpected").
 
 import { InvalidArgumentError } from '../errors.js';
+import { isDict, type OptionDict } from '../util/dict.js';
 import { literalKind } from '../util/json-literals.js';
 
-export type OptionDict = Record<string, unknown>;
-
-export function isDict(v: unknown): v is OptionDict {
-  return typeof v === 'object' && v !== null && !Array.isArray(v) && !Buffer.isBuffer(v);
-}
+export { isDict, type OptionDict };
 
 const SIZE_SUFFIX: Record<string, number> = {
   '': 1,

@@ -5,10 +5,11 @@ import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { Daemon } from '../daemon/daemon.js';
 import { applyDefaults, describeDefaults, type DefaultLayout } from '../daemon/default.js';
-import { Logger, defaultLogFormat } from '../daemon/log.js';
+import { Logger, defaultLogFormat } from '../util/log.js';
 import { DAEMON_USAGE, parseDaemonArgs, type DaemonOptions } from '../daemon/options.js';
 import { wire } from '../daemon/wiring.js';
 import { errorMessage } from '../errors.js';
+import { runIoCommand } from './io-commands.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';
 
 /** fd on which a daemonized child reports "ok" or the start-up error to its parent */
@@ -37,7 +38,7 @@ export async function run(argv: string[]): Promise<number> {
   const format = opts.logFormat ?? defaultLogFormat(process.stderr);
   const notifySocket = takeNotifySocket();
   const log = new Logger(opts.logLevel, undefined, {}, { format, color: format === 'human' && process.stderr.isTTY === true && !process.env.NO_COLOR });
-  const wiring = wire(log);
+  const wiring = wire(log, (backend, line, out) => runIoCommand(backend, line, out));
   let layout: DefaultLayout | null = null;
   try {
     if (opts.defaults) layout = await applyDefaults(opts, wiring.createQcow2);

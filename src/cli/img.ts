@@ -2,7 +2,7 @@
 // create, info, check, map, compare, commit, rebase (-u), convert, bench. Argument parsing
 // and wiring here; the work is in src/cli/img/.
 
-import { BlockError, STRERROR, errorMessage } from '../errors.js';
+import { strerror } from '../errors.js';
 import { ArgumentError, parseArgs, type LongOption, type ParsedArgs } from './args.js';
 import { EXIT_NO_CHECKS, runCheck } from './img/check.js';
 import { ImgError, PROG, openImage, withGraph, parseImageSize, type Io, type OpenSpec } from './img/common.js';
@@ -180,7 +180,7 @@ async function compare(io: Io, argv: string[]): Promise<number> {
   } catch (e) {
     // compare reports errors with exit code 2 (1 means "different")
     if (e instanceof ImgError) throw new ImgError(e.message, 2);
-    throw new ImgError(e instanceof BlockError ? STRERROR[e.code] : errorMessage(e), 2);
+    throw new ImgError(strerror(e), 2);
   }
 }
 
@@ -311,7 +311,7 @@ export async function run(argv: string[]): Promise<number> {
       return 1;
     }
     const code = e instanceof ImgError ? e.code : cmd === 'compare' ? 2 : 1;
-    io.err(`${PROG}: ${e instanceof BlockError ? STRERROR[e.code] : errorMessage(e)}\n`);
+    io.err(`${PROG}: ${strerror(e)}\n`);
     return code;
   }
 }

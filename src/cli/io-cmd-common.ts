@@ -1,9 +1,8 @@
 // Shared pieces of the qemu-io command engine: the command table's types, qemu-io's limits
 // and the argument helpers every data command uses.
 
-import { BlockError, STRERROR, errorMessage } from '../errors.js';
+import { strerror } from '../errors.js';
 import type { Backend } from '../block/backend.js';
-import type { BlockNode } from '../block/node.js';
 import { parseIoNumber } from './io-parse.js';
 
 export interface IoCommandOptions {
@@ -43,8 +42,7 @@ export interface CommandDef {
 
 
 export function errnoText(e: unknown): string {
-  if (e instanceof BlockError) return STRERROR[e.code];
-  return errorMessage(e);
+  return strerror(e);
 }
 
 export function elapsedSince(start: bigint): number {
@@ -53,21 +51,6 @@ export function elapsedSince(start: bigint): number {
 
 export function usageLine(def: CommandDef): string {
   return `${def.name} ${def.args} -- ${def.oneline}\n`;
-}
-
-/**
- * Allocation in the whole chain at `offset` (qemu's bdrv_is_allocated_above down to the
- * bottom): whether some layer defines the bytes, and for how many bytes that holds.
- */
-export async function isAllocatedAbove(node: BlockNode, offset: number, length: number): Promise<{ allocated: boolean; length: number }> {
-  const s = await node.blockStatus(offset, length);
-  if (s.allocated) return { allocated: true, length: s.length };
-  const backing = node.backing;
-  if (!backing) return { allocated: false, length: s.length };
-  const backingLen = backing.getLength();
-  if (offset >= backingLen) return { allocated: false, length: s.length };
-  const below = await isAllocatedAbove(backing, offset, Math.min(s.length, backingLen - offset));
-  return below;
 }
 
 /** Parses `off len` for read/write/discard; prints qemu-io's messages on failure. */

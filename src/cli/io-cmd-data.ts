@@ -1,7 +1,7 @@
 // qemu-io's data commands: read, readv, write, writev, discard.
 
 import { readFile } from 'node:fs/promises';
-import { STRERROR, errorMessage } from '../errors.js';
+import { STRERROR, strerror } from '../errors.js';
 import { hexDump, ioReport } from './io-format.js';
 import { parseIoNumber, parsePattern } from './io-parse.js';
 import {
@@ -176,8 +176,7 @@ export const writeCmd: CommandDef = {
         try {
           content = await readFile(source);
         } catch (e) {
-          const code = (e as { code?: string }).code;
-          ctx.out(`${source}: ${code && code in STRERROR ? STRERROR[code as keyof typeof STRERROR] : errorMessage(e)}\n`);
+          ctx.out(`${source}: ${strerror(e)}\n`);
           return false;
         }
         // like qemu-io, the file's content repeats to fill the buffer

@@ -16,7 +16,7 @@ import { usageLine, type CommandDef, type Ctx, type IoCommandOptions } from './i
 import { discardCmd, readCmd, readvCmd, writeCmd, writevCmd } from './io-cmd-data.js';
 import { allocCmd, flushCmd, infoCmd, lengthCmd, mapCmd, sleepCmd, truncateCmd } from './io-cmd-image.js';
 
-export { isAllocatedAbove, MAX_REQUEST_BYTES, type IoCommandOptions } from './io-cmd-common.js';
+export { MAX_REQUEST_BYTES, type IoCommandOptions } from './io-cmd-common.js';
 
 const helpCmd: CommandDef = {
   name: 'help',

@@ -9,7 +9,8 @@ import { createRegistry } from '../block/registry.js';
 import type { Backend } from '../block/backend.js';
 import { isDict, type OptionDict } from '../block/options.js';
 import { InvalidArgumentError, errorMessage } from '../errors.js';
-import { completeImageOptions, imageOptions, parseOptionString } from '../util/keyval.js';
+import { parseOptionString } from '../util/keyval.js';
+import { completeImageOptions, imageOptions } from './image-spec.js';
 import { ArgumentError, parseArgs, type LongOption } from './args.js';
 import { runIoCommand } from './io-commands.js';
 

@@ -10,7 +10,7 @@ import { errorMessage } from '../errors.js';
 import { PAIR_DEFAULTS, PairSupervisor, type PairOptions, type PairStatus } from '../pair/supervisor.js';
 import { claimControl, controlRequest, serveControl } from '../pair/control.js';
 import type { QmpClientAddress } from '../qmp/client.js';
-import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../daemon/log.js';
+import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../util/log.js';
 import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';
@@ -183,26 +183,50 @@ async function takeoverCommand(v: { qmp?: string; dir?: string; lease?: string; 
   }
 }
 
+const HOST_OPTIONS = {
+  listen: { type: 'string' },
+  'tls-dir': { type: 'string' },
+  insecure: { type: 'boolean' },
+} as const;
+
+export interface HostArgs {
+  listen?: string;
+  tlsDir?: string;
+  insecure: boolean;
+  /** every other word, in its order: the daemon's options */
+  rest: string[];
+}
+
+/**
+ * `lockstep pair host`'s own options (node:util parseArgs); all others are the daemon's and
+ * pass through untouched, in order, with their values.
+ */
+export function parseHostArgs(argv: string[]): HostArgs {
+  // strict: false lets the daemon's options through; their words are copied from argv
+  const { tokens } = parseArgs({ args: argv, options: HOST_OPTIONS, strict: false, allowPositionals: true, tokens: true });
+  const out: HostArgs = { insecure: false, rest: [] };
+  let copied = -1; // a group of short options (-ab) is several tokens of one word
+  for (const t of tokens) {
+    // --insecure=x is not ours: it goes on to the daemon (which refuses it), as it always did
+    if (t.kind === 'option' && Object.hasOwn(HOST_OPTIONS, t.name) && !(t.name === 'insecure' && t.inlineValue)) {
+      if (t.name === 'insecure') out.insecure = true;
+      else {
+        if (t.value === undefined) throw new Error(`${t.rawName} needs a value`);
+        if (t.name === 'listen') out.listen = t.value;
+        else out.tlsDir = t.value;
+      }
+      continue;
+    }
+    if (t.index === copied) continue;
+    copied = t.index;
+    out.rest.push(argv[t.index]!);
+  }
+  return out;
+}
+
 /** `lockstep pair host`: a daemon ready to be one side of a pair on its own host. */
 async function runHost(argv: string[]): Promise<number> {
-  const rest: string[] = [];
-  let listen: string | undefined;
-  let tlsDir: string | undefined;
-  let insecure = false;
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    const value = (): string => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`${a} needs a value`);
-      return v;
-    };
-    if (a === '--listen') listen = value();
-    else if (a.startsWith('--listen=')) listen = a.slice(9);
-    else if (a === '--tls-dir') tlsDir = value();
-    else if (a.startsWith('--tls-dir=')) tlsDir = a.slice(10);
-    else if (a === '--insecure') insecure = true;
-    else rest.push(a);
-  }
+  const { listen, tlsDir, insecure, rest } = parseHostArgs(argv);
   if (!listen) throw new Error('pair host: --listen HOST:PORT is required');
   const { host, port } = parseHostPort(listen, 'listen');
   if (!tlsDir && !insecure) throw new Error('pair host: give --tls-dir DIR (TLS, both ends verified) or --insecure (plain TCP)');

@@ -9,6 +9,7 @@ import { readFileSync, appendFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
 import type { ConnectionOptions } from 'node:tls';
 import { errorMessage } from '../errors.js';
 import { QmpClient, QmpCommandError, type QmpClientAddress } from '../qmp/client.js';
@@ -35,7 +36,7 @@ Exit status: 0 on success, 1 when the command fails or the monitor cannot be rea
  *  loading the whole daemon (most of a one-shot call's time), so only key=value arguments and
  *  the interactive prompt ask for them; JSON arguments go out as they are. */
 async function schemaTable(): Promise<Map<string, Fields | TypeSpec>> {
-  const [{ builtinCommandGroups }, { wire }, { Logger }] = await Promise.all([import('../daemon/daemon.js'), import('../daemon/wiring.js'), import('../daemon/log.js')]);
+  const [{ builtinCommandGroups }, { wire }, { Logger }] = await Promise.all([import('../daemon/daemon.js'), import('../daemon/wiring.js'), import('../util/log.js')]);
   const groups: Array<readonly QmpCommand[]> = [...builtinCommandGroups(), ...(wire(new Logger('silent')).deps.commands ?? [])];
   const m = new Map<string, Fields | TypeSpec>();
   for (const g of groups) for (const c of g) m.set(c.name, c.args);
@@ -74,40 +75,73 @@ function tlsFromDir(dir: string): ConnectionOptions {
   return { ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}) };
 }
 
-export async function run(argv: string[]): Promise<number> {
-  let socketPath: string | undefined;
-  let host: string | undefined;
-  let port: number | undefined;
-  let tlsDir: string | undefined;
-  let pretty = process.stdout.isTTY === true;
-  const rest: string[] = [];
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (rest.length > 0) {
-      rest.push(a);
+const QMP_OPTIONS = {
+  socket: { type: 'string' },
+  host: { type: 'string' },
+  port: { type: 'string' },
+  'tls-dir': { type: 'string' },
+  pretty: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+export interface QmpArgs {
+  socket?: string;
+  host?: string;
+  port?: number;
+  tlsDir?: string;
+  pretty?: boolean;
+  /** -h/--help came before any error */
+  help?: boolean;
+  /** the command and its arguments: everything from the first word that is not an option */
+  rest: string[];
+}
+
+/**
+ * `lockstep qmp`'s options (node:util parseArgs). Options end at the first other word: the
+ * command's key=value arguments are never taken for options. Throws on an unknown option or
+ * a missing value; -h/--help stops at once, as it did before anything after it was read.
+ */
+export function parseQmpArgs(argv: string[]): QmpArgs {
+  // strict: false, so that the messages are lockstep's own and the walk stops at the command
+  const { tokens } = parseArgs({ args: argv, options: QMP_OPTIONS, strict: false, allowPositionals: true, tokens: true });
+  const out: QmpArgs = { rest: [] };
+  for (const t of tokens) {
+    if (t.kind === 'positional') {
+      out.rest = argv.slice(t.index);
+      break;
+    }
+    const raw = argv[t.index]!;
+    if (t.kind === 'option-terminator' || !Object.hasOwn(QMP_OPTIONS, t.name)) throw new Error(`unrecognized option '${raw}'`);
+    const name = t.name as keyof typeof QMP_OPTIONS;
+    if (QMP_OPTIONS[name].type === 'boolean') {
+      if (t.inlineValue) throw new Error(`unrecognized option '${raw}'`);
+      if (name === 'help') return { ...out, help: true };
+      out.pretty = true;
       continue;
     }
-    const next = () => {
-      const v = argv[++i];
-      if (v === undefined) throw new Error(`option '${a}' needs an argument`);
-      return v;
-    };
-    try {
-      if (a === '--socket') socketPath = next();
-      else if (a === '--host') host = next();
-      else if (a === '--port') port = Number(next());
-      else if (a === '--tls-dir') tlsDir = next();
-      else if (a === '--pretty') pretty = true;
-      else if (a === '-h' || a === '--help') {
-        process.stdout.write(USAGE);
-        return 0;
-      } else if (a.startsWith('-')) throw new Error(`unrecognized option '${a}'`);
-      else rest.push(a);
-    } catch (e) {
-      process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
-      return 1;
-    }
+    if (t.value === undefined) throw new Error(`option '${t.rawName}' needs an argument`);
+    if (name === 'socket') out.socket = t.value;
+    else if (name === 'host') out.host = t.value;
+    else if (name === 'port') out.port = Number(t.value);
+    else out.tlsDir = t.value;
   }
+  return out;
+}
+
+export async function run(argv: string[]): Promise<number> {
+  let parsed: QmpArgs;
+  try {
+    parsed = parseQmpArgs(argv);
+  } catch (e) {
+    process.stderr.write(`lockstep qmp: ${errorMessage(e)}\n`);
+    return 1;
+  }
+  if (parsed.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const { socket: socketPath, host, port, tlsDir, rest } = parsed;
+  const pretty = parsed.pretty ?? process.stdout.isTTY === true;
   if ((host === undefined) !== (port === undefined) || (port !== undefined && !(Number.isInteger(port) && port > 0 && port < 65536))) {
     process.stderr.write('lockstep qmp: --host and --port go together (port 1..65535)\n');
     return 1;

@@ -16,10 +16,10 @@ import { miscCommands } from '../qmp/commands/misc.js';
 import { nbdCommands, toListenAddress } from '../qmp/commands/nbd.js';
 import { jobCommands } from '../qmp/commands/jobs.js';
 import { createCommands } from '../qmp/commands/create.js';
-import { ExportTable, isLoopbackHost, type NbdServerFactory } from './exports.js';
-import { Logger } from './log.js';
-import { LoopDelayMonitor } from './loop-delay.js';
-import { ObjectTable, tlsServerOptions } from './objects.js';
+import { ExportTable, isLoopbackHost, type NbdServerFactory } from '../qmp/exports.js';
+import { Logger } from '../util/log.js';
+import { LoopDelayMonitor } from '../util/loop-delay.js';
+import { ObjectTable, tlsServerOptions } from '../qmp/objects.js';
 import type { ChardevOptions, DaemonOptions } from './options.js';
 
 /** lockstep speaks QEMU 7.2's QMP dialect; the package string says who answers. */
@@ -73,7 +73,7 @@ export class Daemon {
     this.graph.on('event', (name: string, data?: Record<string, unknown>) => this.events.emitEvent(name, data));
     this.objects = new ObjectTable(this.graph);
     this.exports = new ExportTable(this.graph, this.objects, this.events, this.log, deps.nbdFactory, opts.insecure);
-    this.services = { jobs: null, replication: null, runIoCommand: null, ...deps.services };
+    this.services = { jobs: null, runIoCommand: null, ...deps.services };
     for (const group of builtinCommandGroups()) this.dispatcher.register(group);
     for (const group of deps.commands ?? []) this.dispatcher.register(group);
     this.ctx = {

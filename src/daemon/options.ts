@@ -7,8 +7,8 @@ import { parseOptionString } from '../util/keyval.js';
 import { BLOCK_EXPORT_ADD, NBD_SERVER_OPTIONS } from '../qmp/schema/nbd.js';
 import { OBJECT_ADD } from '../qmp/schema/misc.js';
 import { checkValue, coerceStrings, enumOf, validateArguments, type Fields } from '../qmp/schema/types.js';
-import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from './log.js';
-import type { ListenAddress } from './exports.js';
+import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from '../util/log.js';
+import type { ListenAddress } from '../qmp/exports.js';
 
 export type DaemonItem =
   | { kind: 'blockdev'; options: Record<string, unknown>; keyval: boolean }

@@ -6,7 +6,7 @@
 //   top   - the clusters allocated in the source's own layer
 // The filter is dropped again when the job ends, whatever the outcome, restoring the
 // source's parents. checkpoint() (sync=none only) resets the copy bitmap to all-set with
-// no write or copy in flight (replication's do_checkpoint, spec section 4, decision 5).
+// no write or copy in flight (replication's do_checkpoint: decision 5 in docs/replication.md).
 
 import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
@@ -137,7 +137,7 @@ export class BackupJob extends Job {
   /**
    * Replication's checkpoint (sync=none): waits for in-flight writes and copies, holds
    * new writes, resets the copy bitmap to all-set, runs `during` (replication empties the
-   * active and hidden disks there: spec decision 5), releases. A failure of `during` is
+   * active and hidden disks there: decision 5 in docs/replication.md), releases. A failure of `during` is
    * thrown after the release; the bitmap is reset by then.
    */
   async checkpoint(during?: () => Promise<void>): Promise<void> {

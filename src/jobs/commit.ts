@@ -12,7 +12,7 @@
 import { InvalidArgumentError } from '../errors.js';
 import { BlockNode } from '../block/node.js';
 import { Bitmap } from '../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE } from './block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE } from '../block/block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType, type OnError } from './job.js';
 import { MirrorJob, startActiveCommit } from './mirror.js';
 import { checkOnError } from './filter-insert.js';

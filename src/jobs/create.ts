@@ -21,7 +21,7 @@
 
 import { constants as fsConstants } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
-import { BlockError, InvalidArgumentError, STRERROR, assert, isBlockError, type ErrorCode } from '../errors.js';
+import { BlockError, InvalidArgumentError, assert, errorCodeOf, isBlockError, strerror } from '../errors.js';
 import type { Backend } from '../block/backend.js';
 import type { BlockNode } from '../block/node.js';
 import type { OptionDict } from '../block/options.js';
@@ -76,32 +76,9 @@ const UINT32_MAX = 0xffffffff;
  */
 const ZERO_CHUNK = 256 * 1024;
 
-/** glibc's strerror() texts for the errors a file creation meets. */
-const HOST_STRERROR: Record<string, string> = {
-  ...STRERROR,
-  EISDIR: 'Is a directory',
-  ENOTDIR: 'Not a directory',
-  EEXIST: 'File exists',
-  ELOOP: 'Too many levels of symbolic links',
-  ENAMETOOLONG: 'File name too long',
-  EMFILE: 'Too many open files',
-  ENFILE: 'Too many open files in system',
-  EDQUOT: 'Disk quota exceeded',
-  ETXTBSY: 'Text file busy',
-  ENXIO: 'No such device or address',
-};
-
-function strerror(e: unknown): string {
-  const code = (e as { code?: unknown } | null)?.code;
-  if (typeof code === 'string' && HOST_STRERROR[code]) return HOST_STRERROR[code]!;
-  return e instanceof Error ? e.message : String(e);
-}
-
 /** A failure with QEMU's "what: strerror" message, keeping an errno-like code where known. */
 function hostError(what: string, e: unknown): BlockError {
-  const code = (e as { code?: unknown } | null)?.code;
-  const known: ErrorCode = typeof code === 'string' && code in STRERROR ? (code as ErrorCode) : 'EIO';
-  return new BlockError(known, `${what}: ${strerror(e)}`, { cause: e });
+  return new BlockError(errorCodeOf(e), `${what}: ${strerror(e)}`, { cause: e });
 }
 
 export class CreateJob extends Job {

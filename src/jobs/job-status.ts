@@ -2,6 +2,10 @@
 // QAPI shapes of job queries. Pure data: the Job class in job.ts drives the transitions.
 
 import type { BlockError } from '../errors.js';
+import type { ErrorAction } from '../block/block-copy.js';
+
+/** the copy engine's (block/block-copy.ts): what a failed copy makes a job do */
+export type { ErrorAction };
 
 export type JobStatus =
   | 'undefined'
@@ -25,7 +29,6 @@ export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create' | 'am
 export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
 export const ON_ERROR_VALUES: readonly OnError[] = ['report', 'ignore', 'enospc', 'stop', 'auto'];
 
-export type ErrorAction = 'report' | 'ignore' | 'stop';
 export type IoStatus = 'ok' | 'failed' | 'nospace';
 
 export const JOB_STATUSES: readonly JobStatus[] = [
@@ -87,7 +90,7 @@ export interface JobResult {
 
 export interface JobOptions {
   jobId?: string;
-  /** replication's own jobs: never listed, no events (spec decision 11) */
+  /** replication's own jobs: never listed, no events (decision 11 in docs/replication.md) */
   internal?: boolean;
   /** bytes per second, 0 = unlimited */
   speed?: number;

@@ -17,7 +17,7 @@ import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
 import { Bitmap } from '../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from './block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE, type IdleDecision } from '../block/block-copy.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
 import { checkOnError, insertFilterDrained } from './filter-insert.js';
 

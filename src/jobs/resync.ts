@@ -18,7 +18,7 @@
 import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { Bitmap, type ByteRange } from '../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE } from './block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE } from '../block/block-copy.js';
 import { Job, type BlockJobInfo, type JobManager, type JobOptions, type JobType } from './job.js';
 import { checkOnError } from './filter-insert.js';
 

@@ -3,21 +3,22 @@
 // daemon puts TlsCredsX509 objects into graph.objects (--object tls-creds-x509,id=...);
 // the nbd driver looks them up by id, the NBD server takes the loaded PEMs.
 
-import { readFileSync, existsSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError, strerrorOf } from '../errors.js';
 
+/** The one tls-creds-x509 object: the daemon's --object/object-add and the nbd driver share it. */
 export interface TlsCredsX509 {
-  readonly type?: 'tls-creds-x509';
-  id: string;
-  endpoint: 'server' | 'client';
-  dir: string;
+  readonly qomType: 'tls-creds-x509';
+  readonly id: string;
+  readonly endpoint: 'server' | 'client';
+  readonly dir: string;
   /** server: require and check a client certificate; client: check the server's (default true) */
-  verifyPeer: boolean;
-  /** PEM contents, filled by loadTlsCreds */
-  key?: Buffer;
-  cert?: Buffer;
-  ca?: Buffer;
+  readonly verifyPeer: boolean;
+  /** PEM contents, read when the object is created */
+  readonly ca: Buffer;
+  readonly cert?: Buffer;
+  readonly key?: Buffer;
 }
 
 /** PEMs handed to the NBD server (new NbdServer({ tls })). */
@@ -40,55 +41,46 @@ export interface TlsClientConfig {
   hostname?: string;
 }
 
-function readPem(dir: string, name: string, required: boolean): Buffer | undefined {
-  const p = join(dir, name);
-  if (!existsSync(p)) {
-    if (required) throw new InvalidArgumentError(`Unable to access credentials ${p}: No such file or directory`);
-    return undefined;
-  }
+/** A credentials file, with QEMU's message when a required one cannot be read. */
+export function readCredentialsFile(path: string, required: boolean): Buffer | undefined {
   try {
-    return readFileSync(p);
+    return readFileSync(path);
   } catch (e) {
-    throw new InvalidArgumentError(`Unable to read credentials ${p}: ${(e as Error).message}`);
+    if (!required) return undefined;
+    const code = (e as { code?: string }).code ?? 'EIO';
+    throw new InvalidArgumentError(`Unable to access credentials ${path}: ${strerrorOf(code) ?? code}`);
   }
 }
 
 /**
  * Creates a tls-creds-x509 object from a QEMU-style directory, reading its PEM files now
- * (as QEMU does at object creation), so a missing file is reported at once.
+ * (as QEMU does at object creation), so a missing file is reported at once. QEMU 7.2's rule
+ * (crypto/tlscredsx509.c): ca-cert.pem is required on both endpoints, whether or not the peer
+ * is verified; a server needs its certificate and key, a client's are optional (needed only
+ * when the server verifies it).
  */
 export function loadTlsCreds(opts: { id: string; endpoint?: 'server' | 'client'; dir: string; verifyPeer?: boolean }): TlsCredsX509 {
   const endpoint = opts.endpoint ?? 'client';
   const verifyPeer = opts.verifyPeer ?? true;
-  const creds: TlsCredsX509 = { type: 'tls-creds-x509', id: opts.id, endpoint, dir: opts.dir, verifyPeer };
-  // Checking the peer needs the CA, on either side (QEMU's rule too).
-  const ca = readPem(opts.dir, 'ca-cert.pem', verifyPeer);
-  if (ca) creds.ca = ca;
-  const prefix = endpoint === 'server' ? 'server' : 'client';
-  const cert = readPem(opts.dir, `${prefix}-cert.pem`, endpoint === 'server');
-  const key = readPem(opts.dir, `${prefix}-key.pem`, endpoint === 'server');
-  if (cert) creds.cert = cert;
-  if (key) creds.key = key;
-  return creds;
+  const ca = readCredentialsFile(join(opts.dir, 'ca-cert.pem'), true)!;
+  const cert = readCredentialsFile(join(opts.dir, `${endpoint}-cert.pem`), endpoint === 'server');
+  const key = readCredentialsFile(join(opts.dir, `${endpoint}-key.pem`), endpoint === 'server');
+  return { qomType: 'tls-creds-x509', id: opts.id, endpoint, dir: opts.dir, verifyPeer, ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}) };
 }
 
 export function isTlsCreds(v: unknown): v is TlsCredsX509 {
-  const o = v as Partial<TlsCredsX509> | null;
-  return typeof o === 'object' && o !== null && typeof o.id === 'string' && (o.endpoint === 'server' || o.endpoint === 'client') && typeof o.dir === 'string';
+  return typeof v === 'object' && v !== null && (v as { qomType?: unknown }).qomType === 'tls-creds-x509';
 }
 
 export function serverTlsConfig(creds: TlsCredsX509): TlsServerConfig {
   if (creds.endpoint !== 'server') throw new InvalidArgumentError(`Expecting TLS credentials with a server endpoint`);
   if (!creds.key || !creds.cert) throw new InvalidArgumentError(`TLS credentials '${creds.id}' have no server key and certificate`);
-  const cfg: TlsServerConfig = { key: creds.key, cert: creds.cert, verifyPeer: creds.verifyPeer };
-  if (creds.ca) cfg.ca = creds.ca;
-  return cfg;
+  return { key: creds.key, cert: creds.cert, ca: creds.ca, verifyPeer: creds.verifyPeer };
 }
 
 export function clientTlsConfig(creds: TlsCredsX509, hostname?: string): TlsClientConfig {
   if (creds.endpoint !== 'client') throw new InvalidArgumentError(`Expecting TLS credentials with a client endpoint`);
-  const cfg: TlsClientConfig = { verifyPeer: creds.verifyPeer };
-  if (creds.ca) cfg.ca = creds.ca;
+  const cfg: TlsClientConfig = { verifyPeer: creds.verifyPeer, ca: creds.ca };
   if (creds.cert) cfg.cert = creds.cert;
   if (creds.key) cfg.key = creds.key;
   if (hostname !== undefined) cfg.hostname = hostname;

@@ -2,18 +2,19 @@
 // schema (schema/types.ts) checked before the handler runs, so handlers receive arguments
 // that have QEMU's shape. Command groups live in commands/*.ts, each exporting an array of
 // commands; the daemon registers the groups it wants (replication's group is one more array).
+// A handler's argument type is derived from its schema (ArgsOf), so handlers read typed members.
 
 import type { BlockGraph } from '../block/graph.js';
-import type { Logger } from '../daemon/log.js';
-import type { ExportTable } from '../daemon/exports.js';
-import type { ObjectTable } from '../daemon/objects.js';
+import type { Logger } from '../util/log.js';
+import type { ExportTable } from './exports.js';
+import type { ObjectTable } from './objects.js';
 import { StateError } from '../errors.js';
 import type { EventBus } from './events.js';
 import type { IoCommandRunner } from './commands/hmp.js';
-import type { JobsApi } from './commands/jobs.js';
+import type { JobManager } from '../jobs/job.js';
 import { QmpError } from './errors.js';
-import { validateArguments, type Fields, type TypeSpec } from './schema/types.js';
-import type { LoopDelayMonitor } from '../daemon/loop-delay.js';
+import { validateArguments, type ArgsOf, type Fields, type TypeSpec } from './schema/types.js';
+import type { LoopDelayMonitor } from '../util/loop-delay.js';
 
 /** One client connection's monitor state. */
 export interface QmpSession {
@@ -29,12 +30,10 @@ export interface QmpVersion {
   package: string;
 }
 
-/** Collaborators that land from other branches; each is null until wired by the daemon. */
+/** Collaborators the daemon wires in (src/daemon/wiring.ts); null when a daemon has none. */
 export interface QmpServices {
-  /** block jobs (src/jobs): null when the build has no job manager */
-  jobs: JobsApi | null;
-  /** replication (src/replication): the lead's ReplicationManager */
-  replication: unknown;
+  /** the graph's job manager (src/jobs), whose events the daemon forwards to the monitors */
+  jobs: JobManager | null;
   /** the qemu-io command engine for human-monitor-command (src/cli/io-commands.ts) */
   runIoCommand: IoCommandRunner | null;
 }
@@ -57,19 +56,21 @@ export interface QmpContext {
   requestShutdown(reason: string): void;
 }
 
-export type QmpHandler = (ctx: QmpContext, args: Record<string, any>, session: QmpSession) => unknown;
+export type QmpHandler<A = Record<string, unknown>> = (ctx: QmpContext, args: A, session: QmpSession) => unknown;
 
 export interface QmpCommand {
   readonly name: string;
   /** member table (or a union type) the arguments must match */
   readonly args: Fields | TypeSpec;
+  /** runs with arguments `args` has accepted */
   readonly handler: QmpHandler;
   /** may run out of band (exec-oob) */
   readonly allowOob?: boolean;
 }
 
-export function command(name: string, args: Fields | TypeSpec, handler: QmpHandler, opts: { allowOob?: boolean } = {}): QmpCommand {
-  return { name, args, handler, ...opts };
+export function command<const S extends Fields | TypeSpec>(name: string, args: S, handler: QmpHandler<ArgsOf<S>>, opts: { allowOob?: boolean } = {}): QmpCommand {
+  // The one cast of arguments: execute() runs the handler only after validateArguments(args).
+  return { name, args, handler: (ctx, a, session) => handler(ctx, a as ArgsOf<S>, session), ...opts };
 }
 
 export class Dispatcher {

@@ -1,6 +1,6 @@
 // The "replication" filter driver and its per-node state: start, checkpoint, get_error and
-// stop in both modes, with the I/O table of replication-spec.md and lockstep's decisions
-// (the spec's "Decisions for lockstep" win over QEMU's behaviour):
+// stop in both modes, with the I/O table of docs/replication.md ("Stages") and lockstep's
+// decisions (numbered as in docs/replication.md; they win over QEMU's behaviour):
 //   2  stop(failover=false) on the secondary performs a real final checkpoint;
 //   3  a planned cancel of the copy job never sets the sticky error;
 //   5  checkpoints hold and drain I/O themselves; a partial failure sets the sticky error;
@@ -502,7 +502,9 @@ export const replicationDriver: BlockDriver = {
     replicationRegistry(ctx.graph).register(state);
     const impl: NodeImpl & { replication: ReplicationState } = {
       replication: state,
-      caps: makeCaps({ filter: true, writeZeroes: true, discard: true, fua: true }),
+      // only the forwarding (primary-mode) filter hides its failures; a secondary-mode node is the
+      // disk itself (the survivor's one-child quorum after failover): it votes
+      caps: makeCaps({ filter: true, writeZeroes: true, discard: true, fua: true, noQuorumVote: mode === 'primary' }),
       get filename() {
         return node.file?.filename ?? node.name;
       },

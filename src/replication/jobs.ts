@@ -1,7 +1,7 @@
 // The two internal jobs replication runs, behind a narrow interface: copy-before-write from
 // the secondary disk into the hidden disk (backup sync=none), and the failover's active
-// commit of active+hidden into the secondary disk. Both are internal (decision 11): not
-// listed by query-jobs, no events.
+// commit of active+hidden into the secondary disk. Both are internal (decision 11 in
+// docs/replication.md): not listed by query-jobs, no events.
 
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
@@ -40,11 +40,16 @@ export interface ReplicationJobs {
   startActiveCommit(top: BlockNode, base: BlockNode): Promise<CommitJobHandle>;
 }
 
-/** The graph's job manager (the daemon puts its own into graph.services first). */
+declare module '../block/graph.js' {
+  interface GraphServices {
+    /** the graph's one job manager, shared by the monitor's jobs and replication's own */
+    jobs?: JobManager;
+  }
+}
+
+/** The graph's job manager (created on first use; the daemon wires the same one). */
 export function jobManagerOf(graph: BlockGraph): JobManager {
-  let m = graph.services.get('jobs') as JobManager | undefined;
-  if (!m) graph.services.set('jobs', (m = new JobManager(graph)));
-  return m;
+  return (graph.services.jobs ??= new JobManager(graph));
 }
 
 export function jobsFor(graph: BlockGraph): ReplicationJobs {

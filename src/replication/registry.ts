@@ -1,5 +1,6 @@
-// The replication registry of one graph and the four *_all operations (spec 1.5 with
-// decision 7). Entries are kept newest first, as in QEMU. Unlike QEMU:
+// The replication registry of one graph and the four *_all operations (QEMU's
+// replication_*_all, with decision 7 in docs/replication.md). Entries are kept newest first,
+// as in QEMU. Unlike QEMU:
 // - startAll is all-or-nothing: when a node fails to start, every node this call started
 //   (and the failing one) goes back to stage NONE, and the first error is returned;
 // - stopAll, doCheckpointAll and getErrorAll visit every node and return the first error.
@@ -67,11 +68,14 @@ export class ReplicationRegistry {
   }
 }
 
-const KEY = 'replication';
+declare module '../block/graph.js' {
+  interface GraphServices {
+    /** the graph's replication registry (replicationRegistry) */
+    replication?: ReplicationRegistry;
+  }
+}
 
 /** The graph's registry (created on first use, stored on the graph, never global). */
 export function replicationRegistry(graph: BlockGraph): ReplicationRegistry {
-  let r = graph.services.get(KEY) as ReplicationRegistry | undefined;
-  if (!r) graph.services.set(KEY, (r = new ReplicationRegistry()));
-  return r;
+  return (graph.services.replication ??= new ReplicationRegistry());
 }

@@ -1,5 +1,5 @@
 // Replication modes and stages, the transition table, and the I/O policy as pure functions
-// of them (replication-spec.md sections 2.2 and 2.3).
+// of them (QEMU 7.2's block/replication.c, as docs/replication.md's "Stages" describes it).
 
 export type ReplicationMode = 'primary' | 'secondary';
 export type Stage = 'none' | 'running' | 'failover' | 'failover-failed' | 'done';

@@ -13,7 +13,7 @@
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { BlockError, InvalidArgumentError, STRERROR, type ErrorCode } from '../errors.js';
+import { BlockError, InvalidArgumentError, isErrorCode, strerrorOf, type ErrorCode } from '../errors.js';
 
 /** QEMU's permission bits (BLK_PERM_*), in lock-byte order. */
 export const PERM = { CONSISTENT_READ: 1, WRITE: 2, WRITE_UNCHANGED: 4, RESIZE: 8 } as const;
@@ -108,7 +108,7 @@ const NOT_SUPPORTED = new Set(['ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ENODEV', 'ENO
 function errnoText(negErrno: number): { code: ErrorCode; text: string } {
   let name = ERRNO_NAMES.get(-negErrno) ?? `errno ${-negErrno}`;
   if (NOT_SUPPORTED.has(name)) name = 'ENOTSUP';
-  return name in STRERROR ? { code: name as ErrorCode, text: STRERROR[name as ErrorCode] } : { code: 'EIO', text: name };
+  return { code: isErrorCode(name) ? name : 'EIO', text: strerrorOf(name) ?? name };
 }
 
 function errnoError(negErrno: number, context: string): BlockError {

@@ -14,6 +14,7 @@ import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { startDaemon } from '../helpers/daemon.js';
+import { parseHostArgs } from '../../src/cli/pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -69,6 +70,8 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'frobnicate'], /unknown command 'frobnicate'/],
     [['pair', 'host'], /--listen HOST:PORT is required/],
     [['pair', 'host', '--listen', '10.1.2.3:4444'], /give --tls-dir DIR .* or --insecure/],
+    [['pair', 'host', '--insecure', '--listen'], /^lockstep --listen needs a value\n$/],
+    [['pair', 'host', '--tls-dir'], /^lockstep --tls-dir needs a value\n$/],
     [['pair', 'status', '--control', '/nonexistent/pair.sock'], /cannot reach the pair supervisor/],
     [['pair', 'run', '--log-format', 'xml'], /--log-format: 'xml' is not one of json, human/],
     [['pair', 'run', '--metrics', 'nowhere'], /--metrics: expected HOST:PORT, got 'nowhere'/],
@@ -100,6 +103,24 @@ test('pair takeover is refused on a daemon that is not the live secondary of a p
   assert.match(r.stderr, /^lockstep pair takeover: refusing to take over: this daemon is not the secondary of a running pair \(no replication in mode secondary\)/);
   const c = await d.client();
   assert.deepEqual(await c.execute('query-block-exports'), [], 'nothing is served');
+});
+
+test('pair host keeps its own options and passes every other word on to the daemon, in order', () => {
+  assert.deepEqual(
+    parseHostArgs([
+      '--blockdev', 'driver=null-co,node-name=n0', '--listen', '10.0.0.1:4444', '--log-level=debug', '--insecure',
+      '--object', 'secret,id=s0,data=x', '-v', '--tls-dir=/etc/pki', '--', '--listen',
+    ]),
+    {
+      listen: '10.0.0.1:4444',
+      tlsDir: '/etc/pki',
+      insecure: true,
+      rest: ['--blockdev', 'driver=null-co,node-name=n0', '--log-level=debug', '--object', 'secret,id=s0,data=x', '-v', '--', '--listen'],
+    },
+  );
+  // a group of short options is one word: it passes once; --insecure=x is not ours
+  assert.deepEqual(parseHostArgs(['-ab', '--insecure=yes', '--listen=h:1']), { listen: 'h:1', insecure: false, rest: ['-ab', '--insecure=yes'] });
+  assert.throws(() => parseHostArgs(['--listen']), { message: '--listen needs a value' });
 });
 
 test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', { timeout: 120_000 }, async (t) => {

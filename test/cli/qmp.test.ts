@@ -5,6 +5,30 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/graph.js';
 import { runLockstep, startDaemon } from '../helpers/daemon.js';
+import { parseQmpArgs } from '../../src/cli/qmp.js';
+
+test('lockstep qmp options: they end at the command; bad ones are named', async () => {
+  assert.deepEqual(parseQmpArgs(['--socket', '/run/q.sock', '--pretty', 'blockdev-add', '--socket', 'x=1']), {
+    socket: '/run/q.sock',
+    pretty: true,
+    rest: ['blockdev-add', '--socket', 'x=1'],
+  });
+  assert.deepEqual(parseQmpArgs(['--host', 'h', '--port', '4444', '--tls-dir=/pki']), { host: 'h', port: 4444, tlsDir: '/pki', rest: [] });
+  assert.deepEqual(parseQmpArgs(['-h', '--bogus']), { help: true, rest: [] });
+  assert.throws(() => parseQmpArgs(['--bogus', 'query-status']), { message: "unrecognized option '--bogus'" });
+  assert.throws(() => parseQmpArgs(['--pretty=yes']), { message: "unrecognized option '--pretty=yes'" });
+  assert.throws(() => parseQmpArgs(['--', 'query-status']), { message: "unrecognized option '--'" });
+  assert.throws(() => parseQmpArgs(['--socket']), { message: "option '--socket' needs an argument" });
+  for (const [args, stderr] of [
+    [['--bogus'], "lockstep qmp: unrecognized option '--bogus'\n"],
+    [['--port'], "lockstep qmp: option '--port' needs an argument\n"],
+    [['--host', 'h'], 'lockstep qmp: --host and --port go together (port 1..65535)\n'],
+  ] as const) {
+    const r = await runLockstep(['qmp', ...args]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stderr, stderr);
+  }
+});
 
 test('lockstep qmp one-shot commands', async (t) => {
   const dir = tempDir(t);

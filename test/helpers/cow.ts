@@ -56,6 +56,7 @@ export const cowDriver: BlockDriver = {
       caps: makeCaps({ writeZeroes: true, discard: true, blockStatus: true, truncate: false }),
       filename: 'test-cow',
       getLength: () => size,
+      clusterSize: cluster,
       info: () => ({ 'cluster-size': cluster }),
       async read(offset, length) {
         const out = Buffer.alloc(length);

@@ -3,18 +3,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../src/errors.js';
-import {
-  completeImageOptions,
-  expandDottedKeys,
-  filenameOptions,
-  imageOptions,
-  nbdFilenameOptions,
-  parseJsonOptions,
-  parseKeyval,
-  parseOptionString,
-  probeFormat,
-  probeFormatFromHeader,
-} from '../../src/util/keyval.js';
+import { expandDottedKeys, parseJsonOptions, parseKeyval, parseOptionString } from '../../src/util/keyval.js';
 import { newGraph, tempDir } from '../helpers/graph.js';
 
 function rejects(fn: () => unknown, message: string): void {
@@ -160,92 +149,3 @@ test('parseOptionString picks the spelling: {...}, json:{...} or keyval', () => 
   assert.deepEqual(parseOptionString('nbd,id=e', { impliedKey: 'type' }), { dict: { type: 'nbd', id: 'e' }, keyval: true });
 });
 
-test('a filename and -f FMT become format over file', () => {
-  assert.deepEqual(filenameOptions('a.img', 'raw'), { driver: 'raw', file: { driver: 'file', filename: 'a.img' } });
-  assert.deepEqual(filenameOptions('a.qcow2', 'qcow2'), { driver: 'qcow2', file: { driver: 'file', filename: 'a.qcow2' } });
-  assert.deepEqual(filenameOptions('a.img', 'file'), { driver: 'file', filename: 'a.img' });
-});
-
-test('format probing: the qcow2 magic, else raw', async (t) => {
-  assert.equal(probeFormatFromHeader(Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3])), 'qcow2');
-  assert.equal(probeFormatFromHeader(Buffer.from([0x51, 0x46, 0x49, 0xfa])), 'raw');
-  assert.equal(probeFormatFromHeader(Buffer.from([0x51, 0x46])), 'raw');
-  assert.equal(probeFormatFromHeader(Buffer.alloc(0)), 'raw');
-  const dir = tempDir(t);
-  const q = join(dir, 'q.img');
-  const r = join(dir, 'r.img');
-  const empty = join(dir, 'e.img');
-  writeFileSync(q, Buffer.concat([Buffer.from('QFI\xfb', 'latin1'), Buffer.alloc(508)]));
-  writeFileSync(r, Buffer.alloc(512, 1));
-  writeFileSync(empty, Buffer.alloc(0));
-  assert.equal(await probeFormat(q), 'qcow2');
-  assert.equal(await probeFormat(r), 'raw');
-  assert.equal(await probeFormat(empty), 'raw');
-  const missing = join(dir, 'missing.img');
-  await assert.rejects(probeFormat(missing), { message: `Could not open '${missing}': No such file or directory` });
-  assert.deepEqual(await imageOptions(q), { dict: filenameOptions(q, 'qcow2'), keyval: false, probed: true });
-  assert.deepEqual(await imageOptions(r), { dict: filenameOptions(r, 'raw'), keyval: false, probed: true });
-  assert.deepEqual(await imageOptions(q, 'raw'), { dict: filenameOptions(q, 'raw'), keyval: false, probed: false });
-});
-
-test('json: filenames and incomplete image options', async (t) => {
-  const dir = tempDir(t);
-  const r = join(dir, 'r.img');
-  writeFileSync(r, Buffer.alloc(512));
-  // the file child defaults to the file protocol; without a driver the format is probed
-  assert.deepEqual(await imageOptions(`json:{"file.filename":${JSON.stringify(r)}}`), {
-    dict: { driver: 'raw', file: { driver: 'file', filename: r } },
-    keyval: false,
-    probed: true,
-  });
-  // -f overrides the JSON's driver, as in QEMU
-  const spec = await imageOptions(`json:{"driver":"qcow2","file":{"driver":"file","filename":${JSON.stringify(r)}}}`, 'raw');
-  assert.equal(spec.dict.driver, 'raw');
-  await assert.rejects(completeImageOptions({}), { message: 'Must specify either driver or file' });
-  assert.deepEqual((await completeImageOptions({ filename: r })).dict, { driver: 'raw', file: { driver: 'file', filename: r } });
-});
-
-test('NBD filenames: URIs and the legacy syntax become nbd protocol options', async () => {
-  assert.deepEqual(nbdFilenameOptions('nbd://localhost/disk0'), {
-    driver: 'nbd',
-    server: { type: 'inet', host: 'localhost', port: '10809' },
-    export: 'disk0',
-  });
-  assert.deepEqual(nbdFilenameOptions('nbd+tcp://127.0.0.1:10810'), {
-    driver: 'nbd',
-    server: { type: 'inet', host: '127.0.0.1', port: '10810' },
-    export: '',
-  });
-  assert.deepEqual(nbdFilenameOptions('nbd://[::1]:10811/a%20b'), {
-    driver: 'nbd',
-    server: { type: 'inet', host: '::1', port: '10811' },
-    export: 'a b',
-  });
-  assert.deepEqual(nbdFilenameOptions('nbd+unix:///exp?socket=/tmp/s.sock'), {
-    driver: 'nbd',
-    server: { type: 'unix', path: '/tmp/s.sock' },
-    export: 'exp',
-  });
-  assert.deepEqual(nbdFilenameOptions('nbd:unix:/tmp/s.sock:exportname=e1'), {
-    driver: 'nbd',
-    server: { type: 'unix', path: '/tmp/s.sock' },
-    export: 'e1',
-  });
-  assert.deepEqual(nbdFilenameOptions('nbd:localhost:10809'), {
-    driver: 'nbd',
-    server: { type: 'inet', host: 'localhost', port: '10809' },
-    export: '',
-  });
-  assert.equal(nbdFilenameOptions('a.img'), null);
-  assert.equal(nbdFilenameOptions('/tmp/nbd.img'), null);
-  rejects(() => nbdFilenameOptions('nbd+unix:///exp'), "NBD URI 'nbd+unix:///exp': nbd+unix needs ?socket=PATH");
-  rejects(() => nbdFilenameOptions('nbds://localhost/x'), 'NBD over TLS (nbds://) needs --image-opts with tls-creds');
-  rejects(() => nbdFilenameOptions('nbd:nonsense'), "Invalid NBD filename 'nbd:nonsense'");
-  rejects(() => nbdFilenameOptions('nbd+ssh://h/x'), "Unknown NBD URI scheme 'nbd+ssh'");
-  assert.deepEqual(await imageOptions('nbd://h/e'), {
-    dict: { driver: 'raw', file: { driver: 'nbd', server: { type: 'inet', host: 'h', port: '10809' }, export: 'e' } },
-    keyval: false,
-    probed: false,
-  });
-  assert.equal((await imageOptions('nbd://h/e', 'qcow2')).dict.driver, 'qcow2');
-});

@@ -22,7 +22,7 @@
 import { constants as fsConstants } from 'node:fs';
 import { open as fsOpen, statfs, type FileHandle } from 'node:fs/promises';
 import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type ZeroFlags } from '../driver.js';
-import { BlockError, InvalidArgumentError, STRERROR, isBlockError, type ErrorCode } from '../../errors.js';
+import { BlockError, InvalidArgumentError, isBlockError, strerror } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
 import { loadNative } from '../../util/native.js';
 import { acquireImageLock, type ImageLock } from './file-lock.js';
@@ -34,9 +34,7 @@ async function openHandle(filename: string, readOnly: boolean): Promise<FileHand
   try {
     return await fsOpen(filename, readOnly ? 'r' : 'r+');
   } catch (e) {
-    const code = (e as { code?: string }).code ?? 'EIO';
-    const text = code in STRERROR ? STRERROR[code as ErrorCode] : String((e as Error).message);
-    throw new InvalidArgumentError(`Could not open '${filename}': ${text}`);
+    throw new InvalidArgumentError(`Could not open '${filename}': ${strerror(e)}`);
   }
 }
 

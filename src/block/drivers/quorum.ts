@@ -3,14 +3,14 @@
 // Options: children (list or children.N), vote-threshold (required), read-pattern
 // (quorum|fifo), rewrite-corrupted, blkverify.
 //
-// Voting differs from QEMU in one deliberate way (replication spec, decision 4): a child
+// Voting differs from QEMU in one deliberate way (decision 4 in docs/replication.md): a child
 // that is a primary-mode replication filter never votes. QEMU counts the primary replication filter's
 // recorded-but-hidden failure as a success, so with vote-threshold 1 a failed write to the
 // local disk was reported done. Here a write succeeds only if enough *voting* children
 // succeeded; failures of non-voting children are reported (QUORUM_REPORT_BAD) and left to
 // the replication filter's get_error.
 //
-// Discards (decision 10) are applied to every child as write-zeroes that may unmap, so both
+// Discards (decision 10 there) are applied to every child as write-zeroes that may unmap, so both
 // sides of a replication pair reclaim space and read zeroes there.
 //
 // Overlapping writes (write-zeroes, discards) are ordered (caps.orderedWrites): one that
@@ -82,9 +82,7 @@ export const quorumDriver: BlockDriver = {
         .filter((e) => e.role.startsWith('children.'))
         .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
         .map((e) => ({ role: e.role, node: e.child }));
-    // the forwarding (primary-mode) filter hides its failures: it never votes. A secondary-mode
-    // node is the disk itself (COLO's secondary quorum, the survivor's after failover): it does
-    const votes = (n: BlockNode): boolean => !(n.driver.name === 'replication' && n.options.mode === 'primary');
+    const votes = (n: BlockNode): boolean => n.caps.noQuorumVote !== true;
 
     const reportBad = (type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void => {
       const data: Record<string, unknown> = {

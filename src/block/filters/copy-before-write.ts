@@ -7,7 +7,7 @@
 // on-cbw-error ('break-guest-write' only: a failed copy fails the guest's write and leaves
 // `file` unchanged). Not supported: bitmap, cbw-timeout, on-cbw-error=break-snapshot.
 //
-// Cluster size: max(64 KiB, the target's cluster size from its info()['cluster-size']);
+// Cluster size: max(64 KiB, the target's cluster size (its impl's clusterSize));
 // the last cluster may be shorter. The bitmap starts all-set ("nothing copied yet").
 //
 // Atomicity: a writer waits for any copy in flight on its clusters; when the source is in
@@ -22,16 +22,15 @@ import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
 import { Bitmap } from '../../util/bitmap.js';
-import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../../jobs/block-copy.js';
+import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../block-copy.js';
 
 /** The largest piece of a request copied and written at once: a few copy chunks. */
 export const PIECE = 16 * MAX_CHUNK;
 
 /** The cluster size a copy into `target` uses: max(64 KiB, target's cluster size). */
 export function copyClusterSize(target: BlockNode): number {
-  const raw = target.impl.info?.()['cluster-size'];
-  const n = Number(raw);
-  return Number.isSafeInteger(n) && n > DEFAULT_CLUSTER_SIZE ? n : DEFAULT_CLUSTER_SIZE;
+  const n = target.impl.clusterSize ?? 0;
+  return n > DEFAULT_CLUSTER_SIZE ? n : DEFAULT_CLUSTER_SIZE;
 }
 
 /** The per-node state of a copy-before-write filter, shared with its backup job. */

@@ -4,7 +4,7 @@
 // Prints qemu-img bench's three lines.
 
 import type { Backend } from '../../block/backend.js';
-import { BlockError, STRERROR, errorMessage } from '../../errors.js';
+import { strerror } from '../../errors.js';
 import { ImgError, type Io } from './common.js';
 
 export interface BenchSpec {
@@ -67,7 +67,7 @@ export async function runBench(io: Io, backend: Backend, spec: BenchSpec): Promi
       await Promise.all(pendingFlushes);
     }
   } catch (e) {
-    throw new ImgError(`Failed request: ${e instanceof BlockError ? STRERROR[e.code] : errorMessage(e)}`);
+    throw new ImgError(`Failed request: ${strerror(e)}`);
   }
   const seconds = Number(process.hrtime.bigint() - start) / 1e9;
   io.out(`Run completed in ${seconds.toFixed(3)} seconds.\n`);

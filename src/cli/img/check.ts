@@ -3,7 +3,7 @@
 // 63 format without checks).
 
 import { errorMessage } from '../../errors.js';
-import { probeFormat } from '../../util/keyval.js';
+import { probeFormat } from '../../block/probe.js';
 import { open as fsOpen } from 'node:fs/promises';
 import { ImgError, PROG, loadQcow2, newGraph, openImage, type Io } from './common.js';
 

@@ -9,7 +9,8 @@ import type { BlockNode } from '../../block/node.js';
 import type { Backend } from '../../block/backend.js';
 import { isDict, type OptionDict } from '../../block/options.js';
 import { InvalidArgumentError, errorMessage } from '../../errors.js';
-import { completeImageOptions, imageOptions, parseOptionString } from '../../util/keyval.js';
+import { parseOptionString } from '../../util/keyval.js';
+import { completeImageOptions, imageOptions } from '../image-spec.js';
 import { createRegistry } from '../../block/registry.js';
 
 export const PROG = 'lockstep img';

@@ -3,7 +3,7 @@
 // holds its first differing byte, as qemu-img does.
 
 import type { Backend } from '../../block/backend.js';
-import { isAllocatedAbove } from '../io-commands.js';
+import { isAllocatedAbove } from '../../block/chain.js';
 import { Progress, type Io } from './common.js';
 
 const CHUNK = 4 * 1024 * 1024;
@@ -48,8 +48,8 @@ export async function runCompare(io: Io, a: Backend, b: Backend, opts: CompareOp
   for (let pos = 0; pos < common; ) {
     const n = Math.min(CHUNK, common - pos);
     if (opts.strict) {
-      const sa = await isAllocatedAbove(a.node, pos, n);
-      const sb = await isAllocatedAbove(b.node, pos, n);
+      const sa = await isAllocatedAbove(a.node, null, pos, n);
+      const sb = await isAllocatedAbove(b.node, null, pos, n);
       if (sa.allocated !== sb.allocated) {
         progress.finish();
         say(`Strict mode: Offset ${pos} block status mismatch!\n`);

@@ -3,8 +3,8 @@
 
 import { open as fsOpen } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
-import { STRERROR, errorMessage, type ErrorCode } from '../../errors.js';
-import { probeFormat } from '../../util/keyval.js';
+import { errorMessage, strerror } from '../../errors.js';
+import { probeFormat } from '../../block/probe.js';
 import { ImgError, loadQcow2, openImage, parseImageSize, withGraph } from './common.js';
 
 export interface CreateSpec {
@@ -53,9 +53,7 @@ async function createRaw(filename: string, size: number): Promise<void> {
   try {
     fh = await fsOpen(filename, 'w');
   } catch (e) {
-    const code = (e as { code?: string }).code;
-    const text = code && code in STRERROR ? STRERROR[code as ErrorCode] : errorMessage(e);
-    throw new ImgError(`${filename}: Could not create '${filename}': ${text}`);
+    throw new ImgError(`${filename}: Could not create '${filename}': ${strerror(e)}`);
   }
   try {
     // like file-posix, the size is rounded up to whole 512-byte sectors

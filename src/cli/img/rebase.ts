@@ -6,8 +6,8 @@
 import { open as fsOpen } from 'node:fs/promises';
 import { errorMessage } from '../../errors.js';
 import { ImgError } from './common.js';
+import { QCOW2_MAGIC } from '../../block/drivers/qcow2/header.js';
 
-const QCOW2_MAGIC = 0x514649fb;
 const EXT_END = 0;
 const EXT_BACKING_FORMAT = 0xe2792aca;
 

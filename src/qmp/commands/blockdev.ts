@@ -150,16 +150,11 @@ async function blockdevReopen(ctx: QmpContext, list: OptionDict[]): Promise<void
   }
 }
 
-interface ChildEditable {
-  addChild?(node: BlockNode): unknown;
-  removeChild?(name: string): unknown;
-}
-
 async function xBlockdevChange(ctx: QmpContext, parentName: string, childName?: string, nodeName?: string): Promise<void> {
   const parent = ctx.graph.find(parentName);
   if (childName !== undefined && nodeName !== undefined) throw new InvalidArgumentError('The parameters child and node are in conflict');
   if (childName === undefined && nodeName === undefined) throw new InvalidArgumentError('Either child or node must be specified');
-  const impl = parent.impl as unknown as ChildEditable;
+  const impl = parent.impl;
   if (nodeName !== undefined) {
     const node = ctx.graph.nodes.get(nodeName);
     if (!node) throw new InvalidArgumentError(`Node '${nodeName}' not found`);
@@ -179,14 +174,14 @@ async function xBlockdevChange(ctx: QmpContext, parentName: string, childName?: 
 
 export const blockdevCommands: readonly QmpCommand[] = [
   command('blockdev-add', ANY_DICT, (ctx, args) => blockdevAdd(ctx, args)),
-  command('blockdev-del', BLOCKDEV_DEL, (ctx, args) => blockdevDel(ctx, args['node-name'] as string)),
-  command('blockdev-reopen', BLOCKDEV_REOPEN, (ctx, args) => blockdevReopen(ctx, args.options as OptionDict[])),
+  command('blockdev-del', BLOCKDEV_DEL, (ctx, args) => blockdevDel(ctx, args['node-name'])),
+  command('blockdev-reopen', BLOCKDEV_REOPEN, (ctx, args) => blockdevReopen(ctx, args.options)),
   command('query-named-block-nodes', QUERY_NAMED_BLOCK_NODES, (ctx, args) => {
-    const flat = (args.flat as boolean | undefined) ?? false;
+    const flat = args.flat ?? false;
     return [...ctx.graph.nodes.values()].reverse().map((n) => blockDeviceInfo(n, flat));
   }),
   command('x-blockdev-change', X_BLOCKDEV_CHANGE, (ctx, args) =>
-    xBlockdevChange(ctx, args.parent as string, args.child as string | undefined, args.node as string | undefined),
+    xBlockdevChange(ctx, args.parent, args.child, args.node),
   ),
 ];
 

@@ -179,5 +179,5 @@ function toHmp(s: string): string {
 }
 
 export const hmpCommands: readonly QmpCommand[] = [
-  command('human-monitor-command', HUMAN_MONITOR_COMMAND, (ctx, args) => humanMonitorCommand(ctx, args['command-line'] as string)),
+  command('human-monitor-command', HUMAN_MONITOR_COMMAND, (ctx, args) => humanMonitorCommand(ctx, args['command-line'])),
 ];

@@ -1,76 +1,28 @@
 // Block job commands: blockdev-backup, blockdev-mirror, drive-mirror, block-commit,
 // query-block-jobs, query-jobs, block-job-* verbs and job-* verbs. The jobs themselves are
-// src/jobs, reached through the JobsApi below (wired in src/daemon/wiring.ts); job events
-// reach the monitors through the daemon (JobManager 'event' -> EventBus).
+// src/jobs; the graph's JobManager comes from the daemon (ctx.services.jobs, wired in
+// src/daemon/wiring.ts), and job events reach the monitors through it (JobManager 'event' ->
+// EventBus).
 
 import type { BlockNode } from '../../block/node.js';
 import { InvalidArgumentError, NotFoundError, StateError } from '../../errors.js';
+import { startBackup, type BackupSync } from '../../jobs/backup.js';
+import { startCommit } from '../../jobs/commit.js';
+import type { Job, JobManager, JobOptions } from '../../jobs/job.js';
+import { startMirror } from '../../jobs/mirror.js';
+import { startResync } from '../../jobs/resync.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { QmpError } from '../errors.js';
 import { BLOCK_COMMIT, BLOCKDEV_BACKUP, BLOCKDEV_MIRROR, DRIVE_MIRROR, X_BLOCKDEV_RESYNC } from '../schema/block.js';
 import { BLOCK_JOB_CANCEL, BLOCK_JOB_DEVICE, BLOCK_JOB_SET_SPEED, JOB_ID } from '../schema/job.js';
 import { NO_ARGS } from '../schema/misc.js';
+import type { ArgsOf } from '../schema/types.js';
 import { findDevice } from './blockdev.js';
 
-export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
-
-/** What the commands use of a job (src/jobs/job.ts's Job). */
-export interface Job {
-  readonly done: Promise<unknown>;
-  userCancel(force?: boolean): void;
-  pause(): void;
-  resume(): void;
-  complete(): void;
-  finalize(): Promise<void>;
-  dismiss(): void;
-  setSpeed(speed: number): void;
-}
-
-/** What the commands use of src/jobs/job.ts's JobManager. */
-export interface JobManager {
-  /** "Job not found" (NotFoundError) */
-  find(id: string): Job;
-  /** "Block job 'x' not found" (NotFoundError) */
-  findBlockJob(id: string): Job;
-  queryBlockJobs(): unknown[];
-  queryJobs(): unknown[];
-}
-
-interface CommonJobOptions {
-  jobId?: string;
-  speed?: number;
-  autoFinalize?: boolean;
-  autoDismiss?: boolean;
-  onSourceError?: OnError;
-  onTargetError?: OnError;
-}
-
-/** The job starters of src/jobs (startBackup, startMirror, startCommit) and the manager. */
-export interface JobsApi {
-  readonly manager: JobManager;
-  startBackup(mgr: JobManager, opts: CommonJobOptions & { source: BlockNode; target: BlockNode; sync: 'none' | 'full' | 'top' }): Promise<Job>;
-  startMirror(
-    mgr: JobManager,
-    opts: CommonJobOptions & { source: BlockNode; target: BlockNode; sync: 'none' | 'full' | 'top'; mode?: 'existing'; granularity?: number },
-  ): Promise<Job>;
-  startResync(
-    mgr: JobManager,
-    opts: CommonJobOptions & { source: BlockNode; target: BlockNode; extents: Array<{ offset: number; length: number }>; targetIsZero?: boolean },
-  ): Promise<Job>;
-  startCommit(
-    mgr: JobManager,
-    opts: { jobId?: string; top: BlockNode; base: BlockNode; active: boolean; autoComplete?: boolean; speed?: number; onError?: OnError; autoFinalize?: boolean; autoDismiss?: boolean },
-  ): Promise<Job>;
-}
-
-function api(ctx: QmpContext): JobsApi {
-  const a = ctx.services.jobs;
-  if (!a) throw new StateError('Block jobs are not available in this build');
-  return a;
-}
-
 function jobs(ctx: QmpContext): JobManager {
-  return api(ctx).manager;
+  const m = ctx.services.jobs;
+  if (!m) throw new StateError('Block jobs are not available in this build');
+  return m;
 }
 
 /** block-job-* name a job by id; QEMU answers DeviceNotActive when there is none. */
@@ -103,24 +55,20 @@ function checkJobId(args: Record<string, unknown>, node: BlockNode): void {
   if (args['job-id'] === undefined && deviceAbove(node) === undefined) throw new InvalidArgumentError(`Invalid job ID ''`);
 }
 
-function common(args: Record<string, unknown>): {
-  jobId?: string;
-  speed?: number;
-  autoFinalize?: boolean;
-  autoDismiss?: boolean;
-  onSourceError?: OnError;
-  onTargetError?: OnError;
-} {
-  const o: ReturnType<typeof common> = {};
-  if (args['job-id'] !== undefined) o.jobId = args['job-id'] as string;
+/** The job options every job command shares, as its schema types them. */
+type CommonArgs = Pick<ArgsOf<typeof BLOCKDEV_BACKUP>, 'job-id' | 'speed' | 'auto-finalize' | 'auto-dismiss' | 'on-source-error' | 'on-target-error'>;
+
+function common(args: CommonArgs): JobOptions {
+  const o: JobOptions = {};
+  if (args['job-id'] !== undefined) o.jobId = args['job-id'];
   if (args.speed !== undefined) {
-    if ((args.speed as number) < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
-    o.speed = args.speed as number;
+    if (args.speed < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
+    o.speed = args.speed;
   }
-  if (args['auto-finalize'] !== undefined) o.autoFinalize = args['auto-finalize'] as boolean;
-  if (args['auto-dismiss'] !== undefined) o.autoDismiss = args['auto-dismiss'] as boolean;
-  if (args['on-source-error'] !== undefined) o.onSourceError = args['on-source-error'] as OnError;
-  if (args['on-target-error'] !== undefined) o.onTargetError = args['on-target-error'] as OnError;
+  if (args['auto-finalize'] !== undefined) o.autoFinalize = args['auto-finalize'];
+  if (args['auto-dismiss'] !== undefined) o.autoDismiss = args['auto-dismiss'];
+  if (args['on-source-error'] !== undefined) o.onSourceError = args['on-source-error'];
+  if (args['on-target-error'] !== undefined) o.onTargetError = args['on-target-error'];
   return o;
 }
 
@@ -137,17 +85,17 @@ function checkRoot(node: BlockNode): void {
 }
 
 /** QEMU's granularity checks and messages (0 means the default). */
-function granularity(args: Record<string, unknown>): { granularity?: number } {
-  const g = args.granularity as number | undefined;
+function granularity(args: { granularity?: number }): { granularity?: number } {
+  const g = args.granularity;
   if (g === undefined || g === 0) return {};
   if (g < 512 || g > 64 * 1024 * 1024) throw new InvalidArgumentError(`Parameter 'granularity' expects a value in range [512B, 64MB]`);
   if ((g & (g - 1)) !== 0) throw new InvalidArgumentError(`Parameter 'granularity' expects a power of 2`);
   return { granularity: g };
 }
 
-function checkSync(sync: string): 'full' | 'top' | 'none' {
+function checkSync(sync: ArgsOf<typeof BLOCKDEV_BACKUP>['sync']): BackupSync {
   if (sync === 'incremental' || sync === 'bitmap') throw new InvalidArgumentError(`Sync mode '${sync}' is not supported by lockstep (no persistent dirty bitmaps)`);
-  return sync as 'full' | 'top' | 'none';
+  return sync;
 }
 
 /**
@@ -179,21 +127,21 @@ function releaseWhenDone(ctx: QmpContext, job: Job, node: BlockNode): void {
   );
 }
 
-async function driveMirror(ctx: QmpContext, args: Record<string, unknown>): Promise<void> {
-  const source = ctx.graph.find(args.device as string);
+async function driveMirror(ctx: QmpContext, args: ArgsOf<typeof DRIVE_MIRROR>): Promise<void> {
+  const source = ctx.graph.find(args.device);
   checkRoot(source);
   refuse(args, ['replaces', 'filter-node-name', 'buf-size']);
-  const mode = (args.mode as string | undefined) ?? 'absolute-paths';
+  const mode = args.mode ?? 'absolute-paths';
   if (mode !== 'existing') {
     throw new InvalidArgumentError(`drive-mirror mode '${mode}' (create the target image) is not supported by lockstep: create the target and use mode=existing`);
   }
   if (args['copy-mode'] === 'write-blocking') throw new InvalidArgumentError(`copy-mode 'write-blocking' is not supported by lockstep`);
-  const sync = checkSync(args.sync as string);
+  const sync = checkSync(args.sync);
   checkJobId(args, source);
-  const target = await ctx.graph.open(driveTargetOptions(args.target as string, args.format as string | undefined, args['node-name'] as string | undefined));
+  const target = await ctx.graph.open(driveTargetOptions(args.target, args.format, args['node-name']));
   let job: Job;
   try {
-    job = await api(ctx).startMirror(jobs(ctx), {
+    job = await startMirror(jobs(ctx), {
       ...common(args),
       source,
       target,
@@ -209,20 +157,20 @@ async function driveMirror(ctx: QmpContext, args: Record<string, unknown>): Prom
   releaseWhenDone(ctx, job, target);
 }
 
-function resolveLayer(chainTop: BlockNode, nodeName: unknown, filename: unknown, what: 'top' | 'base', ctx: QmpContext): BlockNode | null {
+function resolveLayer(chainTop: BlockNode, nodeName: string | undefined, filename: string | undefined, what: 'top' | 'base', ctx: QmpContext): BlockNode | null {
   if (nodeName !== undefined && filename !== undefined) throw new InvalidArgumentError(`'${what}' and '${what}-node' are mutually exclusive`);
-  if (nodeName !== undefined) return ctx.graph.find(nodeName as string);
+  if (nodeName !== undefined) return ctx.graph.find(nodeName);
   if (filename !== undefined) {
     for (let n: BlockNode | null = chainTop; n; n = n.backing ?? n.filtered) {
       if (n.filename === filename || n.file?.filename === filename) return n;
     }
-    throw new InvalidArgumentError(`${what === 'top' ? 'Top' : 'Base'} image file ${String(filename)} not found`);
+    throw new InvalidArgumentError(`${what === 'top' ? 'Top' : 'Base'} image file ${filename} not found`);
   }
   return null;
 }
 
-async function blockCommit(ctx: QmpContext, args: Record<string, unknown>): Promise<void> {
-  const device = findDevice(ctx, args.device as string);
+async function blockCommit(ctx: QmpContext, args: ArgsOf<typeof BLOCK_COMMIT>): Promise<void> {
+  const device = findDevice(ctx, args.device);
   checkRoot(device);
   checkJobId(args, device);
   refuse(args, ['backing-file', 'filter-node-name']);
@@ -232,39 +180,39 @@ async function blockCommit(ctx: QmpContext, args: Record<string, unknown>): Prom
     base = top;
     for (let n = top.backing ?? top.filtered; n; n = n.backing ?? n.filtered) base = n;
   }
-  await api(ctx).startCommit(jobs(ctx), {
-    ...(args['job-id'] !== undefined ? { jobId: args['job-id'] as string } : {}),
+  await startCommit(jobs(ctx), {
+    ...(args['job-id'] !== undefined ? { jobId: args['job-id'] } : {}),
     top,
     base,
     active: top === device,
     autoComplete: false,
-    ...(args.speed !== undefined ? { speed: args.speed as number } : {}),
-    ...(args['on-error'] !== undefined ? { onError: args['on-error'] as OnError } : {}),
-    ...(args['auto-finalize'] !== undefined ? { autoFinalize: args['auto-finalize'] as boolean } : {}),
-    ...(args['auto-dismiss'] !== undefined ? { autoDismiss: args['auto-dismiss'] as boolean } : {}),
+    ...(args.speed !== undefined ? { speed: args.speed } : {}),
+    ...(args['on-error'] !== undefined ? { onError: args['on-error'] } : {}),
+    ...(args['auto-finalize'] !== undefined ? { autoFinalize: args['auto-finalize'] } : {}),
+    ...(args['auto-dismiss'] !== undefined ? { autoDismiss: args['auto-dismiss'] } : {}),
   });
 }
 
 export const jobCommands: readonly QmpCommand[] = [
   command('blockdev-backup', BLOCKDEV_BACKUP, async (ctx, args) => {
-    const source = ctx.graph.find(args.device as string);
-    const target = ctx.graph.find(args.target as string);
+    const source = ctx.graph.find(args.device);
+    const target = ctx.graph.find(args.target);
     refuse(args, ['bitmap', 'compress', 'filter-node-name', 'x-perf']);
     checkJobId(args, source);
-    await api(ctx).startBackup(jobs(ctx), { ...common(args), source, target, sync: checkSync(args.sync as string) });
+    await startBackup(jobs(ctx), { ...common(args), source, target, sync: checkSync(args.sync) });
   }),
   command('blockdev-mirror', BLOCKDEV_MIRROR, async (ctx, args) => {
-    const source = ctx.graph.find(args.device as string);
-    const target = ctx.graph.find(args.target as string);
+    const source = ctx.graph.find(args.device);
+    const target = ctx.graph.find(args.target);
     checkRoot(source);
     refuse(args, ['replaces', 'filter-node-name', 'buf-size']);
     checkJobId(args, source);
     if (args['copy-mode'] === 'write-blocking') throw new InvalidArgumentError(`copy-mode 'write-blocking' is not supported by lockstep`);
-    await api(ctx).startMirror(jobs(ctx), {
+    await startMirror(jobs(ctx), {
       ...common(args),
       source,
       target,
-      sync: checkSync(args.sync as string),
+      sync: checkSync(args.sync),
       mode: 'existing',
       ...granularity(args),
     });
@@ -273,39 +221,39 @@ export const jobCommands: readonly QmpCommand[] = [
   command('block-commit', BLOCK_COMMIT, (ctx, args) => blockCommit(ctx, args)),
   // lockstep: copies exactly the listed ranges (the pair's incremental and full resync)
   command('x-blockdev-resync', X_BLOCKDEV_RESYNC, async (ctx, args) => {
-    const source = ctx.graph.find(args.device as string);
-    const target = ctx.graph.find(args.target as string);
-    await api(ctx).startResync(jobs(ctx), {
+    const source = ctx.graph.find(args.device);
+    const target = ctx.graph.find(args.target);
+    await startResync(jobs(ctx), {
       ...common(args),
       source,
       target,
-      extents: args.extents as Array<{ offset: number; length: number }>,
-      ...(args['target-is-zero'] !== undefined ? { targetIsZero: args['target-is-zero'] as boolean } : {}),
+      extents: args.extents,
+      ...(args['target-is-zero'] !== undefined ? { targetIsZero: args['target-is-zero'] } : {}),
     });
   }),
   command('query-block-jobs', NO_ARGS, (ctx) => jobs(ctx).queryBlockJobs()),
   command('query-jobs', NO_ARGS, (ctx) => jobs(ctx).queryJobs()),
   command('block-job-cancel', BLOCK_JOB_CANCEL, (ctx, args) => {
-    blockJob(ctx, args.device as string).userCancel((args.force as boolean | undefined) ?? false);
+    blockJob(ctx, args.device).userCancel(args.force ?? false);
   }),
-  command('block-job-complete', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).complete()),
-  command('block-job-pause', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).pause()),
-  command('block-job-resume', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device as string).resume()),
+  command('block-job-complete', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device).complete()),
+  command('block-job-pause', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device).pause()),
+  command('block-job-resume', BLOCK_JOB_DEVICE, (ctx, args) => blockJob(ctx, args.device).resume()),
   command('block-job-set-speed', BLOCK_JOB_SET_SPEED, (ctx, args) => {
-    const job = blockJob(ctx, args.device as string);
-    if ((args.speed as number) < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
-    job.setSpeed(args.speed as number);
+    const job = blockJob(ctx, args.device);
+    if (args.speed < 0) throw new InvalidArgumentError(`Parameter 'speed' expects a non-negative value`);
+    job.setSpeed(args.speed);
   }),
   command('block-job-finalize', JOB_ID, async (ctx, args) => {
-    await blockJob(ctx, args.id as string).finalize();
+    await blockJob(ctx, args.id).finalize();
   }),
-  command('block-job-dismiss', JOB_ID, (ctx, args) => blockJob(ctx, args.id as string).dismiss()),
-  command('job-cancel', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).userCancel(false)),
-  command('job-pause', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).pause()),
-  command('job-resume', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).resume()),
-  command('job-complete', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).complete()),
-  command('job-dismiss', JOB_ID, (ctx, args) => jobs(ctx).find(args.id as string).dismiss()),
+  command('block-job-dismiss', JOB_ID, (ctx, args) => blockJob(ctx, args.id).dismiss()),
+  command('job-cancel', JOB_ID, (ctx, args) => jobs(ctx).find(args.id).userCancel(false)),
+  command('job-pause', JOB_ID, (ctx, args) => jobs(ctx).find(args.id).pause()),
+  command('job-resume', JOB_ID, (ctx, args) => jobs(ctx).find(args.id).resume()),
+  command('job-complete', JOB_ID, (ctx, args) => jobs(ctx).find(args.id).complete()),
+  command('job-dismiss', JOB_ID, (ctx, args) => jobs(ctx).find(args.id).dismiss()),
   command('job-finalize', JOB_ID, async (ctx, args) => {
-    await jobs(ctx).find(args.id as string).finalize();
+    await jobs(ctx).find(args.id).finalize();
   }),
 ];

@@ -9,8 +9,7 @@ export const miscCommands: readonly QmpCommand[] = [
   // Negotiation itself is the server's business (server.ts); this entry validates the
   // arguments and records oob.
   command('qmp_capabilities', QMP_CAPABILITIES, (_ctx, args, session) => {
-    const enable = (args.enable ?? []) as string[];
-    session.oob = enable.includes('oob');
+    session.oob = args.enable?.includes('oob') ?? false;
     return {};
   }),
   command('query-version', NO_ARGS, (ctx) => ctx.version),
@@ -33,7 +32,7 @@ export const miscCommands: readonly QmpCommand[] = [
     return {};
   }),
   command('object-del', OBJECT_DEL, (ctx, args) => {
-    ctx.objects.del(args.id as string);
+    ctx.objects.del(args.id);
     ctx.log.info('object deleted', { id: args.id });
     return {};
   }),

@@ -35,7 +35,7 @@ export const outputGateCommands: readonly QmpCommand[] = [
   // enable: flushes and FUA writes on the node complete only at x-block-flush-commit-release;
   // disable: what waits completes now, and nothing waits any more.
   command('x-block-flush-commit', { 'node-name': 'str', enable: 'bool' }, (ctx, args) => {
-    const node = ctx.graph.getNode(args['node-name'] as string);
+    const node = ctx.graph.getNode(args['node-name']);
     const have = flushCommitOf(node);
     if (args.enable) {
       if (have) throw new StateError(`Flush commit is already enabled on node '${node.name}'`);
@@ -50,7 +50,7 @@ export const outputGateCommands: readonly QmpCommand[] = [
 
   // Sent inside a checkpoint's barrier once the secondary has checkpointed.
   command('x-block-flush-commit-release', { 'node-name': 'str' }, (ctx, args) => {
-    const node = ctx.graph.getNode(args['node-name'] as string);
+    const node = ctx.graph.getNode(args['node-name']);
     const fc = flushCommitOf(node);
     if (!fc) throw new StateError(`Flush commit is not enabled on node '${node.name}'`);
     return fc.release();
@@ -62,25 +62,25 @@ export const outputGateCommands: readonly QmpCommand[] = [
     'x-block-lease',
     { 'node-name': 'str', 'duration-ms': 'number', '*since': 'number', '*on-expiry': enumOf('suspend-io', 'io-error') },
     (ctx, args) => {
-      const node = ctx.graph.getNode(args['node-name'] as string);
+      const node = ctx.graph.getNode(args['node-name']);
       let lease = leaseOf(node);
-      const onExpiry = args['on-expiry'] as LeaseExpiry | undefined;
+      const onExpiry: LeaseExpiry | undefined = args['on-expiry'];
       if (!lease) {
         if (node.readOnly) throw new StateError(`node '${node.name}' is read-only: there are no writes to fence`);
         lease = new Lease(node, onExpiry ?? 'suspend-io', emitter(ctx));
-        const granted = lease.grant(args['duration-ms'] as number, args.since as number | undefined);
+        const granted = lease.grant(args['duration-ms'], args.since);
         node.gates.set(LEASE_GATE, lease);
         return granted;
       }
       if (onExpiry) lease.onExpiry = onExpiry;
-      return lease.grant(args['duration-ms'] as number, args.since as number | undefined);
+      return lease.grant(args['duration-ms'], args.since);
     },
   ),
 
   // This daemon is no longer primary for the node: held writes and completions fail, and so
   // does every later write or flush. Also on a node without a lease (a fence of its own).
   command('x-block-lease-demote', { 'node-name': 'str' }, (ctx, args) => {
-    const node = ctx.graph.getNode(args['node-name'] as string);
+    const node = ctx.graph.getNode(args['node-name']);
     let lease = leaseOf(node);
     if (!lease) {
       lease = new Lease(node, 'suspend-io', emitter(ctx));

@@ -31,7 +31,7 @@ export function checkExtents(extents: readonly ByteRange[], size: number, what =
 
 export const pairStateCommands: readonly QmpCommand[] = [
   command('x-meta-read', { filename: 'str' }, async (_ctx, args) => {
-    const path = args.filename as string;
+    const path = args.filename;
     let text: string;
     try {
       text = await readFile(path, 'utf8');
@@ -50,7 +50,7 @@ export const pairStateCommands: readonly QmpCommand[] = [
   }),
 
   command('x-meta-write', { filename: 'str', data: ANY_DICT }, async (_ctx, args) => {
-    const path = args.filename as string;
+    const path = args.filename;
     const text = Buffer.from(JSON.stringify(args.data) + '\n', 'utf8');
     if (text.length > META_MAX_BYTES) throw new InvalidArgumentError(`Metadata for '${path}' is ${text.length} bytes, more than the limit of ${META_MAX_BYTES}`);
     try {
@@ -62,30 +62,30 @@ export const pairStateCommands: readonly QmpCommand[] = [
   }),
 
   command('x-dirty-log-checkpoint', { 'node-name': 'str' }, (ctx, args) => {
-    dirtyLog(ctx, args['node-name'] as string).checkpoint();
+    dirtyLog(ctx, args['node-name']).checkpoint();
     return {};
   }),
 
-  command('x-dirty-log-query', { 'node-name': 'str' }, (ctx, args) => dirtyLog(ctx, args['node-name'] as string).report()),
+  command('x-dirty-log-query', { 'node-name': 'str' }, (ctx, args) => dirtyLog(ctx, args['node-name']).report()),
 
   command('x-dirty-log-mark', { 'node-name': 'str', extents: EXTENTS }, async (ctx, args) => {
-    const log = dirtyLog(ctx, args['node-name'] as string);
-    const extents = args.extents as ByteRange[];
+    const log = dirtyLog(ctx, args['node-name']);
+    const extents: ByteRange[] = args.extents;
     checkExtents(extents, log.size);
     await log.markExtents(extents);
     return {};
   }),
 
   command('x-dirty-log-clear', { 'node-name': 'str' }, async (ctx, args) => {
-    await dirtyLog(ctx, args['node-name'] as string).clear();
+    await dirtyLog(ctx, args['node-name']).clear();
     return {};
   }),
 
   // lockstep: the granules whose writes completed since the previous call (the first call
   // starts tracking and reports nothing); a live resync copies them in its next pass
   command('x-dirty-log-written', { 'node-name': 'str', '*stop': 'bool' }, (ctx, args) =>
-    dirtyLog(ctx, args['node-name'] as string).takeWritten((args.stop as boolean | undefined) ?? false),
+    dirtyLog(ctx, args['node-name']).takeWritten(args.stop ?? false),
   ),
 
-  command('x-dirty-log-read', { filename: 'str' }, (_ctx, args) => readDirtyLogFile(args.filename as string)),
+  command('x-dirty-log-read', { filename: 'str' }, (_ctx, args) => readDirtyLogFile(args.filename)),
 ];

@@ -7,11 +7,16 @@ import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { replicationRegistry } from '../../replication/registry.js';
 import { InvalidArgumentError, StateError, errorMessage } from '../../errors.js';
 
+declare module '../../block/graph.js' {
+  interface GraphServices {
+    /** block-io-hold's holds in force: node-name -> release */
+    ioHolds?: Map<string, () => void>;
+  }
+}
+
 /** The I/O holds in force, by node-name, kept with the graph they belong to. */
 function holdTable(ctx: QmpContext): Map<string, () => void> {
-  let t = ctx.graph.services.get('io-holds') as Map<string, () => void> | undefined;
-  if (!t) ctx.graph.services.set('io-holds', (t = new Map()));
-  return t;
+  return (ctx.graph.services.ioHolds ??= new Map());
 }
 
 export const replicationCommands: readonly QmpCommand[] = [
@@ -78,7 +83,7 @@ export const replicationCommands: readonly QmpCommand[] = [
   // lockstep: bytes written through a node by its parents since it was opened (writes and
   // write-zeroes that succeeded); the pair reads it on the served disk.
   command('x-query-node-written', { 'node-name': 'str' }, (ctx, args) => {
-    const node = ctx.graph.getNode(args['node-name'] as string);
+    const node = ctx.graph.getNode(args['node-name']);
     return { 'node-name': node.name, 'written-bytes': node.bytesWritten };
   }),
 
@@ -88,7 +93,7 @@ export const replicationCommands: readonly QmpCommand[] = [
   }),
 
   command('block-io-hold', { 'node-name': 'str' }, async (ctx, args) => {
-    const name = args['node-name'] as string;
+    const name = args['node-name'];
     const node = ctx.graph.getNode(name);
     const table = holdTable(ctx);
     if (table.has(name)) throw new StateError(`I/O on node '${name}' is already held`);
@@ -104,7 +109,7 @@ export const replicationCommands: readonly QmpCommand[] = [
   }),
 
   command('block-io-release', { 'node-name': 'str' }, (ctx, args) => {
-    const name = args['node-name'] as string;
+    const name = args['node-name'];
     ctx.graph.getNode(name);
     const table = holdTable(ctx);
     const release = table.get(name);

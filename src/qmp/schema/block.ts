@@ -2,21 +2,21 @@
 
 import { ANY_DICT, enumOf, listOf, type Fields } from './types.js';
 
-export const BLOCKDEV_DEL: Fields = { 'node-name': 'str' };
+export const BLOCKDEV_DEL = { 'node-name': 'str' } as const satisfies Fields;
 
-export const BLOCKDEV_REOPEN: Fields = { options: listOf(ANY_DICT) };
+export const BLOCKDEV_REOPEN = { options: listOf(ANY_DICT) } as const satisfies Fields;
 
-export const QUERY_NAMED_BLOCK_NODES: Fields = { '*flat': 'bool' };
+export const QUERY_NAMED_BLOCK_NODES = { '*flat': 'bool' } as const satisfies Fields;
 
-export const X_BLOCKDEV_CHANGE: Fields = { parent: 'str', '*child': 'str', '*node': 'str' };
+export const X_BLOCKDEV_CHANGE = { parent: 'str', '*child': 'str', '*node': 'str' } as const satisfies Fields;
 
-export const BLOCK_SET_WRITE_THRESHOLD: Fields = { 'node-name': 'str', 'write-threshold': 'uint64' };
+export const BLOCK_SET_WRITE_THRESHOLD = { 'node-name': 'str', 'write-threshold': 'uint64' } as const satisfies Fields;
 
 export const ON_ERROR = enumOf('report', 'ignore', 'enospc', 'stop', 'auto');
 export const SYNC_MODE = enumOf('top', 'full', 'none', 'incremental', 'bitmap');
 const BITMAP_SYNC = enumOf('on-success', 'never', 'always');
 
-export const BLOCKDEV_BACKUP: Fields = {
+export const BLOCKDEV_BACKUP = {
   '*job-id': 'str',
   device: 'str',
   target: 'str',
@@ -31,9 +31,9 @@ export const BLOCKDEV_BACKUP: Fields = {
   '*auto-dismiss': 'bool',
   '*filter-node-name': 'str',
   '*x-perf': { struct: { '*use-copy-range': 'bool', '*max-workers': 'int', '*max-chunk': 'int' } },
-};
+} as const satisfies Fields;
 
-const MIRROR_COMMON: Fields = {
+const MIRROR_COMMON = {
   '*job-id': 'str',
   device: 'str',
   target: 'str',
@@ -48,19 +48,19 @@ const MIRROR_COMMON: Fields = {
   '*copy-mode': enumOf('background', 'write-blocking'),
   '*auto-finalize': 'bool',
   '*auto-dismiss': 'bool',
-};
+} as const satisfies Fields;
 
-export const BLOCKDEV_MIRROR: Fields = MIRROR_COMMON;
+export const BLOCKDEV_MIRROR = MIRROR_COMMON satisfies Fields;
 
-export const DRIVE_MIRROR: Fields = {
+export const DRIVE_MIRROR = {
   ...MIRROR_COMMON,
   '*format': 'str',
   '*node-name': 'str',
   '*mode': enumOf('existing', 'absolute-paths'),
   '*unmap': 'bool',
-};
+} as const satisfies Fields;
 
-export const BLOCK_COMMIT: Fields = {
+export const BLOCK_COMMIT = {
   '*job-id': 'str',
   device: 'str',
   '*base-node': 'str',
@@ -73,10 +73,10 @@ export const BLOCK_COMMIT: Fields = {
   '*filter-node-name': 'str',
   '*auto-finalize': 'bool',
   '*auto-dismiss': 'bool',
-};
+} as const satisfies Fields;
 
 /** lockstep's x-blockdev-resync: copy exactly these byte ranges (the pair's resync). */
-export const X_BLOCKDEV_RESYNC: Fields = {
+export const X_BLOCKDEV_RESYNC = {
   'job-id': 'str',
   device: 'str',
   target: 'str',
@@ -87,4 +87,4 @@ export const X_BLOCKDEV_RESYNC: Fields = {
   '*on-target-error': ON_ERROR,
   '*auto-finalize': 'bool',
   '*auto-dismiss': 'bool',
-};
+} as const satisfies Fields;

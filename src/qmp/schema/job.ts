@@ -2,7 +2,7 @@
 
 import type { Fields } from './types.js';
 
-export const BLOCK_JOB_DEVICE: Fields = { device: 'str' };
-export const BLOCK_JOB_CANCEL: Fields = { device: 'str', '*force': 'bool' };
-export const BLOCK_JOB_SET_SPEED: Fields = { device: 'str', speed: 'int' };
-export const JOB_ID: Fields = { id: 'str' };
+export const BLOCK_JOB_DEVICE = { device: 'str' } as const satisfies Fields;
+export const BLOCK_JOB_CANCEL = { device: 'str', '*force': 'bool' } as const satisfies Fields;
+export const BLOCK_JOB_SET_SPEED = { device: 'str', speed: 'int' } as const satisfies Fields;
+export const JOB_ID = { id: 'str' } as const satisfies Fields;

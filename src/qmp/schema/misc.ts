@@ -2,13 +2,13 @@
 
 import { enumOf, listOf, type Fields, type TypeSpec } from './types.js';
 
-export const QMP_CAPABILITIES: Fields = { '*enable': listOf(enumOf('oob')) };
-export const NO_ARGS: Fields = {};
-export const X_QUERY_EVENT_LOOP_DELAY: Fields = { '*reset': 'bool' };
-export const HUMAN_MONITOR_COMMAND: Fields = { 'command-line': 'str', '*cpu-index': 'int' };
+export const QMP_CAPABILITIES = { '*enable': listOf(enumOf('oob')) } as const satisfies Fields;
+export const NO_ARGS = {} as const satisfies Fields;
+export const X_QUERY_EVENT_LOOP_DELAY = { '*reset': 'bool' } as const satisfies Fields;
+export const HUMAN_MONITOR_COMMAND = { 'command-line': 'str', '*cpu-index': 'int' } as const satisfies Fields;
 
 /** object-add / --object: a flat union on qom-type (the types lockstep implements). */
-export const OBJECT_ADD: TypeSpec = {
+export const OBJECT_ADD = {
   union: {
     base: { 'qom-type': enumOf('tls-creds-x509', 'tls-creds-psk', 'secret', 'authz-simple'), id: 'str' },
     discriminator: 'qom-type',
@@ -26,6 +26,6 @@ export const OBJECT_ADD: TypeSpec = {
       'authz-simple': { identity: 'str' },
     },
   },
-};
+} as const satisfies TypeSpec;
 
-export const OBJECT_DEL: Fields = { id: 'str' };
+export const OBJECT_DEL = { id: 'str' } as const satisfies Fields;

@@ -26,10 +26,52 @@ export type TypeSpec =
 /** Member name -> type; a leading '*' marks an optional member, as in QAPI. */
 export type Fields = Readonly<Record<string, TypeSpec>>;
 
-export const enumOf = (...values: string[]): TypeSpec => ({ enum: values });
-export const struct = (fields: Fields): TypeSpec => ({ struct: fields });
-export const listOf = (t: TypeSpec): TypeSpec => ({ list: t });
-export const ANY_DICT: TypeSpec = { dict: true };
+// The helpers keep literal types, so that ArgsOf can derive a handler's argument type.
+export const enumOf = <const V extends readonly string[]>(...values: V): { readonly enum: V } => ({ enum: values });
+export const struct = <const F extends Fields>(fields: F): { readonly struct: F } => ({ struct: fields });
+export const listOf = <const T extends TypeSpec>(t: T): { readonly list: T } => ({ list: t });
+export const ANY_DICT = { dict: true } as const satisfies TypeSpec;
+
+/** The value a member of type `T` holds once checkValue has accepted it. */
+export type ValueOf<T> = T extends 'str'
+  ? string
+  : T extends 'bool'
+    ? boolean
+    : T extends 'int' | 'uint64' | 'size' | 'number'
+      ? number
+      : T extends 'null'
+        ? null
+        : T extends { readonly enum: readonly (infer V)[] }
+          ? V
+          : T extends { readonly struct: infer F }
+            ? ArgsOf<F>
+            : T extends { readonly list: infer E }
+              ? Array<ValueOf<E>>
+              : T extends { readonly union: infer U }
+                ? UnionValue<U>
+                : T extends { readonly dict: true }
+                  ? Record<string, unknown>
+                  : unknown;
+
+/** A flat union's value: one object type per branch, told apart by the discriminator. */
+type UnionValue<U> = U extends { readonly base: infer B; readonly discriminator: infer D extends string; readonly branches: infer Br }
+  ? { [K in keyof Br & string]: Omit<ArgsOf<B>, D> & { [P in D]: K } & ArgsOf<Br[K]> }[keyof Br & string]
+  : Record<string, unknown>;
+
+/**
+ * A command's arguments as its handler receives them, derived from the schema the validator
+ * checked them against: `{device: 'str', '*speed': 'int'}` -> `{device: string; speed?: number}`.
+ * A flat union is one object type per branch; free dictionaries stay `Record<string, unknown>`.
+ */
+export type ArgsOf<S> = S extends { readonly union: infer U }
+  ? UnionValue<U>
+  : S extends { readonly dict: true } | { readonly alternate: unknown }
+    ? Record<string, unknown>
+    : S extends { readonly struct: infer F }
+    ? ArgsOf<F>
+    : { [K in keyof S as K extends `*${string}` ? never : K]: ValueOf<S[K]> } & {
+        [K in keyof S as K extends `*${infer N}` ? N : never]?: ValueOf<S[K]>;
+      };
 
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);

@@ -22,17 +22,17 @@
 // refcount-bits) plus cluster-size, backing-filename, backing-filename-format, dirty-flag.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { open as fsOpen, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { makeCaps, type BlockDriver, type NodeImpl, type OpenContext } from '../../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
 import type { OptionReader } from '../../options.js';
+import { probeFormat } from '../../probe.js';
 import {
   COMPAT_LAZY_REFCOUNTS,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  QCOW2_MAGIC,
   checkSupported,
   readHeader,
   type Qcow2Header,
@@ -42,22 +42,6 @@ import { Qcow2Image, Qcow2OpenError } from './image.js';
 import { blockStatusAt, discardRange, readRange, writeRange, zeroRange } from './io.js';
 import { makeEmpty } from './make-empty.js';
 import { repairImage } from './check.js';
-
-async function probeFormat(filename: string): Promise<'qcow2' | 'raw'> {
-  let fh;
-  try {
-    fh = await fsOpen(filename, 'r');
-  } catch (e) {
-    throw new InvalidArgumentError(`Could not open backing file '${filename}': ${errorMessage(e)}`);
-  }
-  try {
-    const b = Buffer.alloc(4);
-    const { bytesRead } = await fh.read(b, 0, 4, 0);
-    return bytesRead === 4 && b.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
-  } finally {
-    await fh.close();
-  }
-}
 
 /**
  * The files (device:inode) of the images whose header-named backing files are being opened
@@ -82,7 +66,13 @@ async function openHeaderBacking(ctx: OpenContext, h: Qcow2Header, file: BlockNo
     throw new InvalidArgumentError(`Backing file '${name}' uses a protocol prefix lockstep does not support; pass 'backing' explicitly`);
   }
   const path = isAbsolute(name) ? name : join(dirname(file.filename), name);
-  const fmt = h.backingFormat ?? (await probeFormat(path));
+  let fmt: string;
+  try {
+    fmt = h.backingFormat ?? (await probeFormat(path));
+  } catch (e) {
+    // QEMU's wording: the probe's "Could not open 'x': reason" under this layer's prefix
+    throw new InvalidArgumentError(`Could not open backing file: ${errorMessage(e)}`, { cause: e });
+  }
   if (fmt !== 'raw' && fmt !== 'qcow2') throw new InvalidArgumentError(`Unsupported backing file format '${fmt}' for '${path}'`);
   const above = new Set(openingChain.getStore() ?? []);
   const self = await fileIdentity(file.filename);
@@ -204,6 +194,7 @@ export const qcow2Driver: BlockDriver = {
 
     const v3 = h.version === 3;
     const impl: NodeImpl = {
+      clusterSize: img.clusterSize,
       caps: makeCaps({
         requestAlignment: 1,
         fua: false,

@@ -2,7 +2,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Logger, defaultLogFormat, formatHuman, parseLogFormat } from '../../src/daemon/log.js';
+import { Logger, defaultLogFormat, formatHuman, parseLogFormat } from '../../src/util/log.js';
 
 test('json: one object per line, time, level and msg first, then the base and the fields', () => {
   const lines: string[] = [];

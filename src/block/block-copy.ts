@@ -1,6 +1,8 @@
-// The copy engine shared by backup, mirror and commit: copies the ranges whose bit is set in
-// a bitmap from `source` to `target` at the same offsets, with bounded workers, the job's
-// speed limit and its error policy.
+// The copy engine shared by copy-before-write, backup, mirror, commit and resync. It sits in
+// block/ (not jobs/) so that the copy-before-write filter and the jobs both use it without an
+// import running upwards; it knows a job only through CopyJobHooks. It copies the ranges whose
+// bit is set in a bitmap from `source` to `target` at the same offsets, with bounded workers,
+// the job's speed limit and its error policy.
 //
 // Two modes:
 // - 'snapshot' (backup, copy-before-write): a set bit means "old data not copied yet". The
@@ -17,9 +19,8 @@
 // the target's writes in order.
 
 import { BlockError } from '../errors.js';
-import type { BlockNode } from '../block/node.js';
+import type { BlockNode } from './node.js';
 import type { Bitmap } from '../util/bitmap.js';
-import type { ErrorAction } from './job.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 /** Largest single copy request. */
@@ -51,6 +52,9 @@ export function isZeroBuffer(b: Buffer): boolean {
   }
   return true;
 }
+
+/** What a copy failure makes the loop do: the job's on-error policy decides (jobs/job.ts). */
+export type ErrorAction = 'report' | 'ignore' | 'stop';
 
 /** What the background loop needs from its job (Job implements it). */
 export interface CopyJobHooks {

@@ -2,21 +2,9 @@
 // drivers can find them by id (nbd's tls-creds). lockstep implements the types its features
 // use: tls-creds-x509 (certificates from a QEMU-style directory), secret and authz-simple.
 
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import type { BlockGraph } from '../block/graph.js';
-import { InvalidArgumentError, NotFoundError, STRERROR, StateError, type ErrorCode } from '../errors.js';
-
-export interface TlsCredsX509 {
-  readonly qomType: 'tls-creds-x509';
-  readonly id: string;
-  readonly endpoint: 'server' | 'client';
-  readonly dir: string;
-  readonly verifyPeer: boolean;
-  readonly ca: Buffer;
-  readonly cert?: Buffer;
-  readonly key?: Buffer;
-}
+import { InvalidArgumentError, NotFoundError, StateError } from '../errors.js';
+import { loadTlsCreds, readCredentialsFile, type TlsCredsX509 } from '../nbd/tls.js';
 
 export interface SecretObject {
   readonly qomType: 'secret';
@@ -32,30 +20,13 @@ export interface AuthzSimple {
 
 export type UserObject = TlsCredsX509 | SecretObject | AuthzSimple;
 
-function readCred(dir: string, file: string, required: boolean): Buffer | undefined {
-  const path = join(dir, file);
-  try {
-    return readFileSync(path);
-  } catch (e) {
-    if (!required) return undefined;
-    const code = (e as { code?: string }).code ?? 'EIO';
-    const text = code in STRERROR ? STRERROR[code as ErrorCode] : String(code);
-    throw new InvalidArgumentError(`Unable to access credentials ${path}: ${text}`);
-  }
-}
-
-/** Loads x509 credentials from QEMU's directory layout (ca-cert.pem, server-cert.pem, ...). */
-export function loadTlsCredsX509(id: string, props: Record<string, unknown>): TlsCredsX509 {
+/** object-add's tls-creds-x509 properties (dir, endpoint, verify-peer), loaded by src/nbd/tls.ts. */
+function tlsCredsFromProps(id: string, props: Record<string, unknown>): TlsCredsX509 {
   const dir = props.dir;
   if (typeof dir !== 'string') throw new InvalidArgumentError("Missing 'dir' property value");
-  const endpoint = (props.endpoint ?? 'client') as 'server' | 'client';
-  const verifyPeer = (props['verify-peer'] ?? true) as boolean;
-  const ca = readCred(dir, 'ca-cert.pem', true)!;
-  const side = endpoint === 'server' ? 'server' : 'client';
-  // A server always needs its certificate; a client only when the server verifies it.
-  const cert = readCred(dir, `${side}-cert.pem`, endpoint === 'server');
-  const key = readCred(dir, `${side}-key.pem`, endpoint === 'server');
-  return { qomType: 'tls-creds-x509', id, endpoint, dir, verifyPeer, ca, ...(cert ? { cert } : {}), ...(key ? { key } : {}) };
+  const endpoint = props.endpoint === 'server' ? 'server' : 'client';
+  const verifyPeer = props['verify-peer'] !== false;
+  return loadTlsCreds({ id, endpoint, dir, verifyPeer });
 }
 
 export class ObjectTable {
@@ -73,12 +44,12 @@ export class ObjectTable {
     let obj: UserObject;
     switch (qomType) {
       case 'tls-creds-x509':
-        obj = loadTlsCredsX509(id, args);
+        obj = tlsCredsFromProps(id, args);
         break;
       case 'secret': {
         if (typeof args.data === 'string') obj = { qomType: 'secret', id, data: args.data };
         else if (typeof args.file === 'string') {
-          const data = readCred('', args.file, true)!.toString('utf8');
+          const data = readCredentialsFile(args.file, true)!.toString('utf8');
           obj = { qomType: 'secret', id, data };
         } else throw new InvalidArgumentError('Either data or file must be provided');
         break;

@@ -1,7 +1,7 @@
 // Block exports and the daemon's one NBD server (--nbd-server, --export, nbd-server-start,
 // nbd-server-add, block-export-add and friends share this table, as in QEMU). The NBD server
-// itself comes from src/nbd; the table only needs the small interface below, so that it can
-// be driven by a fake in unit tests and wired by the daemon.
+// itself is src/nbd's NbdServer, made by a factory the daemon wires (unit tests pass a fake
+// that has the real class's methods, NbdServerHandle).
 //
 // Safety rule: without TLS, an NBD server that listens on a non-loopback address serves no
 // writable export unless the daemon runs with --insecure.
@@ -10,19 +10,16 @@ import { isIP } from 'node:net';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { InvalidArgumentError, NotFoundError, StateError } from '../errors.js';
-import type { EventBus } from '../qmp/events.js';
-import type { Logger } from './log.js';
-import type { ObjectTable, TlsCredsX509 } from './objects.js';
+import type { EventBus } from './events.js';
+import type { NbdServer } from '../nbd/server/server.js';
+import type { TlsCredsX509 } from '../nbd/tls.js';
+import type { Logger } from '../util/log.js';
+import type { ObjectTable } from './objects.js';
 
 export type ListenAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
 
-/** What the daemon needs from src/nbd's NbdServer. */
-export interface NbdServerApi {
-  listen(addr: ListenAddress): Promise<unknown>;
-  addExport(e: { name: string; node: BlockNode; writable: boolean; description?: string }): unknown;
-  removeExport(name: string, mode: 'safe' | 'hard'): unknown;
-  close(): Promise<void>;
-}
+/** The NbdServer methods the table calls (the real class's signatures). */
+export type NbdServerHandle = Pick<NbdServer, 'listen' | 'addExport' | 'removeExport' | 'close'>;
 
 export interface NbdServerConfig {
   graph: BlockGraph;
@@ -32,7 +29,7 @@ export interface NbdServerConfig {
   tls?: TlsCredsX509;
 }
 
-export type NbdServerFactory = (cfg: NbdServerConfig) => NbdServerApi;
+export type NbdServerFactory = (cfg: NbdServerConfig) => NbdServerHandle;
 
 export interface ExportInfo {
   readonly type: 'nbd';
@@ -66,7 +63,7 @@ export function describeAddress(a: ListenAddress): string {
 }
 
 export class ExportTable {
-  private server: NbdServerApi | null = null;
+  private server: NbdServerHandle | null = null;
   /** the server listens on a non-loopback address without TLS */
   private exposedPlain = false;
   private serverAddresses: ListenAddress[] = [];
@@ -99,7 +96,7 @@ export class ExportTable {
     for (const addr of o.addrs) {
       try {
         const b = await server.listen(addr);
-        bound.push(addr.type === 'inet' && isInet(b) ? { type: 'inet', host: addr.host, port: b.port } : addr);
+        bound.push(addr.type === 'inet' && b.type === 'inet' ? { type: 'inet', host: addr.host, port: b.port } : addr);
       } catch (e) {
         await server.close().catch(() => {});
         throw new InvalidArgumentError(`Failed to listen on ${describeAddress(addr)}: ${(e as Error).message}`);
@@ -129,7 +126,7 @@ export class ExportTable {
     }
     try {
       const b = await server.listen(addr);
-      this.serverAddresses.push(addr.type === 'inet' && isInet(b) ? { type: 'inet', host: addr.host, port: b.port } : addr);
+      this.serverAddresses.push(addr.type === 'inet' && b.type === 'inet' ? { type: 'inet', host: addr.host, port: b.port } : addr);
     } catch (e) {
       throw new InvalidArgumentError(`Failed to listen on ${describeAddress(addr)}: ${(e as Error).message}`);
     }
@@ -206,8 +203,4 @@ export class ExportTable {
   async close(): Promise<void> {
     if (this.server) await this.stopNbd();
   }
-}
-
-function isInet(v: unknown): v is { type: 'inet'; host: string; port: number } {
-  return typeof v === 'object' && v !== null && (v as { type?: unknown }).type === 'inet' && typeof (v as { port?: unknown }).port === 'number';
 }

@@ -4,10 +4,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { newGraph } from '../helpers/graph.js';
-import { ExportTable, isLoopbackHost, type ListenAddress, type NbdServerApi, type NbdServerConfig } from '../../src/daemon/exports.js';
-import { ObjectTable } from '../../src/daemon/objects.js';
+import { ExportTable, isLoopbackHost, type NbdServerConfig, type NbdServerHandle } from '../../src/qmp/exports.js';
+import { ObjectTable } from '../../src/qmp/objects.js';
 import { EventBus, type QmpEventMessage } from '../../src/qmp/events.js';
-import { Logger } from '../../src/daemon/log.js';
+import { Logger } from '../../src/util/log.js';
 
 function setup(insecure = false) {
   const graph = newGraph();
@@ -18,15 +18,22 @@ function setup(insecure = false) {
   const log = new Logger('debug', (l) => logLines.push(l));
   const calls: string[] = [];
   const configs: NbdServerConfig[] = [];
-  const factory = (cfg: NbdServerConfig): NbdServerApi => {
+  // a fake with the real NbdServer's signatures: it records the calls instead of listening
+  const factory = (cfg: NbdServerConfig): NbdServerHandle => {
     configs.push(cfg);
     return {
-      listen: async (a: ListenAddress) => {
+      listen: async (a) => {
         calls.push(`listen ${a.type === 'unix' ? a.path : `${a.host}:${a.port}`}`);
-        return a.type === 'inet' && a.port === 0 ? { ...a, port: 40000 } : a;
+        return a.type === 'unix' ? a : { type: 'inet', host: a.host, port: Number(a.port) === 0 ? 40000 : Number(a.port) };
       },
-      addExport: (e) => calls.push(`add ${e.name} ${e.node.name} ${e.writable ? 'rw' : 'ro'}`),
-      removeExport: (name, mode) => calls.push(`remove ${name} ${mode}`),
+      addExport: (e) => {
+        const nodeName = typeof e.node === 'string' ? e.node : e.node.name;
+        calls.push(`add ${e.name} ${nodeName} ${e.writable ? 'rw' : 'ro'}`);
+        return { name: e.name, description: e.description ?? '', nodeName, writable: e.writable ?? false, multiConn: false, connections: 0 };
+      },
+      removeExport: async (name, mode) => {
+        calls.push(`remove ${name} ${mode}`);
+      },
       close: async () => {
         calls.push('close');
       },
