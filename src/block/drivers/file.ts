@@ -134,15 +134,13 @@ export const fileDriver: BlockDriver = {
     // the new file holds as stable
     let replacements = 0;
     let dirSynced = 0;
+    // the directory, opened once at the first preparation (a descriptor, so that a directory
+    // renamed or removed later can still be synced)
+    let dirFh: FileHandle | null = null;
     async function syncDirAfterReplace(): Promise<void> {
       const gen = replacements;
-      if (gen === dirSynced || cache.noFlush) return;
-      const d = await fsOpen(dirname(filename), 'r');
-      try {
-        await d.sync();
-      } finally {
-        await d.close();
-      }
+      if (gen === dirSynced || cache.noFlush || !dirFh) return;
+      await dirFh.sync();
       dirSynced = Math.max(dirSynced, gen);
     }
 
@@ -154,6 +152,7 @@ export const fileDriver: BlockDriver = {
       }
       let sfh: FileHandle;
       try {
+        if (!cache.noFlush) dirFh ??= await fsOpen(dirname(filename), 'r');
         sfh = await fsOpen(sparePath, 'w+', st.mode & 0o7777);
       } catch (e) {
         throw BlockError.fromSystem(e, `create ${sparePath}`);
@@ -380,6 +379,7 @@ export const fileDriver: BlockDriver = {
       prepareReplacement: (content) => prepareReplacement(content),
       close: async () => {
         if (outstanding) await outstanding.discard();
+        await dirFh?.close().catch(() => undefined);
         if (lock) await lock.release();
         await closeSyncFh();
         await fh.close();
