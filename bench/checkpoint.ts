@@ -49,6 +49,8 @@ async function secondary(kind: Kind, dir: string): Promise<{ proc: Proc; port: n
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', f, `${SIZE_MIB}M`]);
   }
   const p = port++;
+  // the last run's monitor socket would be taken for the new process's (connection refused)
+  rmSync(join(dir, `${kind}-sec.qmp`), { force: true });
   const proc =
     kind === 'qemu'
       ? await startQemu(dir, `${kind}-sec`, [
