@@ -16,7 +16,7 @@
 // Run: npm run build && node dist/bench/checkpoint.js [--clusters 0,1000,16000] [--reps 3]
 
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startLockstep, startQemu, type Proc } from '../test/helpers/processes.js';
@@ -49,6 +49,8 @@ async function secondary(kind: Kind, dir: string): Promise<{ proc: Proc; port: n
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', f, `${SIZE_MIB}M`]);
   }
   const p = port++;
+  // the last run's monitor socket would be taken for the new process's (connection refused)
+  rmSync(join(dir, `${kind}-sec.qmp`), { force: true });
   const proc =
     kind === 'qemu'
       ? await startQemu(dir, `${kind}-sec`, [
@@ -99,12 +101,20 @@ async function main(): Promise<void> {
   try {
     for (const clusters of COUNTS) {
       const t: Record<Kind, number[]> = { lockstep: [], qemu: [] };
+      const rtt: Record<Kind, number[]> = { lockstep: [], qemu: [] };
+      let swapped = 0;
       for (let r = 0; r < REPS; r++) {
         for (const kind of ['lockstep', 'qemu'] as const) {
           const s = await secondary(kind, dir);
           try {
             await dirty(s, clusters);
+            // a bare QMP round trip just before: what the machine's load alone costs
+            rtt[kind].push(await timeIt(() => s.proc.qmp.execute('query-status')));
+            const inodes = (): string => ['active', 'hidden'].map((o) => statSync(join(dir, `${kind}-${o}.qcow2`)).ino).join('/');
+            const before = inodes();
             t[kind].push(await timeIt(() => s.proc.qmp.execute('xen-colo-do-checkpoint')));
+            // lockstep's make_empty renames prepared empty images over both overlays
+            if (kind === 'lockstep' && inodes().split('/').every((ino, i) => ino !== before.split('/')[i])) swapped++;
           } finally {
             await s.proc.quit();
           }
@@ -112,11 +122,15 @@ async function main(): Promise<void> {
       }
       const l = median(t.lockstep);
       const q = median(t.qemu);
-      const line = `| ${clusters} | ${l.toFixed(2)} ms (${t.lockstep.map((x) => x.toFixed(1)).join(', ')}) | ${q.toFixed(2)} ms (${t.qemu.map((x) => x.toFixed(1)).join(', ')}) | ${(q / l).toFixed(2)} |`;
+      const line =
+        `| ${clusters} | ${l.toFixed(2)} ms (${t.lockstep.map((x) => x.toFixed(1)).join(', ')}) | ${q.toFixed(2)} ms (${t.qemu.map((x) => x.toFixed(1)).join(', ')}) | ${(q / l).toFixed(2)} ` +
+        `| ${median(rtt.lockstep).toFixed(2)} / ${median(rtt.qemu).toFixed(2)} ms | ${swapped}/${REPS} |`;
       rows.push(line);
       console.log(line);
     }
-    console.log('\n| dirty clusters | lockstep median (runs) | QEMU 7.2 median (runs) | ratio QEMU/lockstep (>1: lockstep faster) |\n|---|---|---|---|');
+    console.log(
+      '\n| dirty clusters | lockstep median (runs) | QEMU 7.2 median (runs) | ratio QEMU/lockstep (>1: lockstep faster) | bare QMP round trip lockstep / QEMU | lockstep overlays swapped |\n|---|---|---|---|---|---|',
+    );
     for (const r of rows) console.log(r);
   } finally {
     rmSync(dir, { recursive: true, force: true });

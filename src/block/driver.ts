@@ -82,6 +82,23 @@ export interface NodeCaps {
    * decision 4 in docs/replication.md).
    */
   noQuorumVote?: boolean;
+  /**
+   * The node's whole content can be replaced atomically by a fresh file prepared beside it
+   * (the file driver on a regular file, renamed over it): NodeImpl.prepareReplacement.
+   */
+  replace?: boolean;
+}
+
+/** A fresh file prepared to take a node's place (caps.replace). */
+export interface PreparedReplacement {
+  /**
+   * Puts it in place atomically (a crash leaves the old content or the new, never a mix)
+   * and drops the old content without writing back what was not yet written. Fails with the
+   * old content still in place, or succeeds; usable once.
+   */
+  commit(): Promise<void>;
+  /** Removes it unused. */
+  discard(): Promise<void>;
 }
 
 export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
@@ -112,6 +129,13 @@ export interface NodeImpl {
   truncate?(length: number): Promise<void>;
   /** make every range unallocated so the backing chain shows through (qcow2) */
   makeEmpty?(): Promise<void>;
+  /**
+   * Prepares a fresh file holding `content` to replace this node's content (caps.replace):
+   * written and made stable beside the current one, so that committing it costs no sync.
+   */
+  prepareReplacement?(content: Buffer): Promise<PreparedReplacement>;
+  /** Waits for background work the driver started (qcow2: make_empty's truncation and spare). */
+  settle?(): Promise<void>;
   /** switch between read-only and read-write (replication's start reopens RW) */
   reopen?(readOnly: boolean): Promise<void>;
   close(): Promise<void>;

@@ -4,7 +4,7 @@
 // emulated (write-zeroes, FUA) and tracked (overlapping writes ordered where the driver asks).
 
 import { BlockError, StateError, assert } from '../errors.js';
-import type { BlockDriver, BlockStatus, NodeImpl, WriteFlags, ZeroFlags } from './driver.js';
+import type { BlockDriver, BlockStatus, NodeImpl, PreparedReplacement, WriteFlags, ZeroFlags } from './driver.js';
 import type { BlockGraph } from './graph.js';
 import type { Backend } from './backend.js';
 import type { OptionDict } from './options.js';
@@ -328,6 +328,34 @@ export class BlockNode {
     } finally {
       release();
     }
+  }
+
+  /**
+   * A fresh file with `content` prepared to replace this node's content (caps.replace); its
+   * commit first drains this node's requests and holds new ones until it is in place.
+   */
+  async prepareReplacement(content: Buffer): Promise<PreparedReplacement> {
+    this.checkWritable();
+    const impl = this.impl;
+    if (!impl.caps.replace || !impl.prepareReplacement) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' cannot replace its content`);
+    const r = await impl.prepareReplacement(content);
+    return {
+      commit: async () => {
+        if (this.closed) throw new BlockError('ENOMEDIUM', `node '${this.name}' is closed`);
+        const release = await this.tracker.hold();
+        try {
+          await r.commit();
+        } finally {
+          release();
+        }
+      },
+      discard: () => r.discard(),
+    };
+  }
+
+  /** Waits for background work the driver started (NodeImpl.settle). */
+  async settle(): Promise<void> {
+    if (this._impl?.settle && !this.closed) await this._impl.settle();
   }
 
   /** Reopens read-only or read-write (no-op when unchanged). */

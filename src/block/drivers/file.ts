@@ -18,11 +18,16 @@
 // stable when it completes without syncing the rest of the file (an fdatasync would first
 // write back every dirty page of the file: a qcow2 make_empty orders its metadata this way
 // without paying for the data it discards). With cache.no-flush FUA is ignored, as flushes are.
+//
+// Replacement (caps.replace, regular files): a fresh file is prepared beside this one
+// (`.NAME.lockstep-spare`, written and synced there) and renamed over it on commit, so that
+// qcow2's make_empty costs no sync at all (see qcow2/make-empty.ts).
 
 import { constants as fsConstants } from 'node:fs';
-import { open as fsOpen, statfs, type FileHandle } from 'node:fs/promises';
-import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type ZeroFlags } from '../driver.js';
-import { BlockError, InvalidArgumentError, isBlockError, strerror } from '../../errors.js';
+import { lstat, open as fsOpen, rename, statfs, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type PreparedReplacement, type ZeroFlags } from '../driver.js';
+import { BlockError, InvalidArgumentError, STRERROR, isBlockError, strerror, type ErrorCode } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
 import { loadNative } from '../../util/native.js';
 import { acquireImageLock, type ImageLock } from './file-lock.js';
@@ -88,7 +93,9 @@ export const fileDriver: BlockDriver = {
       throw e;
     }
     let lock: ImageLock | null = null;
+    let regular = false;
     try {
+      regular = (await fh.stat()).isFile();
       if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly, forceShare);
     } catch (e) {
       await fh.close();
@@ -114,11 +121,104 @@ export const fileDriver: BlockDriver = {
       if (p) await (await p.catch(() => null))?.close();
     }
 
+    // ---- replacement (qcow2 make_empty's swap path) -----------------------------------------
+    // A fresh file is written and made stable beside this one, then renamed over it: a crash
+    // leaves the old file or the new one. The old inode is freed when its descriptors close
+    // (its dirty pages are dropped unwritten). Only for a regular file that the filename names
+    // directly (no symlink, no other hard link: those would keep the old content).
+    const sparePath = join(dirname(filename), `.${basename(filename)}.lockstep-spare`);
+    let outstanding: PreparedReplacement | null = null;
+    // the rename is made stable by the next flush (or FUA write), before it reports anything
+    // the new file holds as stable
+    let replacements = 0;
+    let dirSynced = 0;
+    // the directory, opened once at the first preparation (a descriptor, so that a directory
+    // renamed or removed later can still be synced)
+    let dirFh: FileHandle | null = null;
+    async function syncDirAfterReplace(): Promise<void> {
+      const gen = replacements;
+      if (gen === dirSynced || cache.noFlush || !dirFh) return;
+      await dirFh.sync();
+      dirSynced = Math.max(dirSynced, gen);
+    }
+
+    async function prepareReplacement(content: Buffer): Promise<PreparedReplacement> {
+      if (outstanding) await outstanding.discard();
+      const [st, lst] = await Promise.all([fh.stat(), lstat(filename).catch(() => null)]);
+      if (!st.isFile() || !lst || !lst.isFile() || lst.ino !== st.ino || lst.dev !== st.dev || st.nlink !== 1) {
+        throw new BlockError('ENOTSUP', `${filename} cannot be replaced: not a regular file named by this path only`);
+      }
+      let sfh: FileHandle;
+      try {
+        if (!cache.noFlush) dirFh ??= await fsOpen(dirname(filename), 'r');
+        sfh = await fsOpen(sparePath, 'w+', st.mode & 0o7777);
+      } catch (e) {
+        throw BlockError.fromSystem(e, `create ${sparePath}`);
+      }
+      let slock: ImageLock | null = null;
+      try {
+        await sfh.chmod(st.mode & 0o7777);
+        await sfh.chown(st.uid, st.gid).catch(() => undefined);
+        let done = 0;
+        while (done < content.length) {
+          const { bytesWritten } = await sfh.write(content, done, content.length - done, done);
+          done += bytesWritten;
+        }
+        if (!cache.noFlush) await sfh.datasync();
+        if (lock) slock = await acquireImageLock(sfh, filename, readOnly, forceShare);
+      } catch (e) {
+        await sfh.close().catch(() => undefined);
+        await unlink(sparePath).catch(() => undefined);
+        throw BlockError.fromSystem(e, `write ${sparePath}`);
+      }
+      let used = false;
+      const discard = async (): Promise<void> => {
+        if (used) return;
+        used = true;
+        if (outstanding === r) outstanding = null;
+        await slock?.release();
+        await sfh.close().catch(() => undefined);
+        await unlink(sparePath).catch(() => undefined);
+      };
+      const r: PreparedReplacement = {
+        commit: async () => {
+          if (used) throw new BlockError('EINVAL', `${sparePath} was already used or removed`);
+          if (readOnly) throw new BlockError('EPERM', `${filename} is read-only`);
+          try {
+            await rename(sparePath, filename);
+          } catch (e) {
+            await discard();
+            throw BlockError.fromSystem(e, `rename ${sparePath} to ${filename}`);
+          }
+          used = true;
+          outstanding = null;
+          const oldFh = fh;
+          const oldLock = lock;
+          const oldSync = syncFh;
+          fh = sfh;
+          lock = slock;
+          syncFh = null;
+          size = content.length;
+          replacements++;
+          // the old inode: locks first, then its descriptors (the last close frees it)
+          void (async () => {
+            await oldLock?.release();
+            await (await oldSync?.catch(() => null))?.close();
+            await oldFh.close();
+          })().catch(() => undefined);
+        },
+        discard,
+      };
+      outstanding = r;
+      return r;
+    }
+
     async function write(offset: number, data: Buffer, fua = false): Promise<void> {
       let done = 0;
       try {
         let target = fh;
         if (fua && !cache.noFlush) {
+          await syncDirAfterReplace();
           syncFh ??= fsOpen(filename, fsConstants.O_RDWR | fsConstants.O_DSYNC);
           target = await syncFh.catch((e: unknown) => {
             syncFh = null;
@@ -211,6 +311,7 @@ export const fileDriver: BlockDriver = {
         blockStatus: native !== null,
         truncate: true,
         growable: true,
+        replace: regular,
       }),
       filename,
       getLength: () => size,
@@ -225,9 +326,14 @@ export const fileDriver: BlockDriver = {
       writeZeroes: async (offset, length, flags) => {
         await writeZeroes(offset, length, flags);
         // fallocate and punched holes are metadata: FUA needs the whole-file sync here
-        if (flags.fua && !cache.noFlush) await fh.datasync().catch((e: unknown) => {
-          throw BlockError.fromSystem(e, `flush of ${filename}`);
-        });
+        if (flags.fua && !cache.noFlush) {
+          try {
+            await syncDirAfterReplace();
+            await fh.datasync();
+          } catch (e) {
+            throw BlockError.fromSystem(e, `flush of ${filename}`);
+          }
+        }
       },
       discard: async (offset, length) => {
         const end = Math.min(offset + length, size);
@@ -236,6 +342,7 @@ export const fileDriver: BlockDriver = {
       flush: async () => {
         if (cache.noFlush) return;
         try {
+          await syncDirAfterReplace();
           await fh.datasync();
         } catch (e) {
           throw BlockError.fromSystem(e, `flush of ${filename}`);
@@ -253,6 +360,7 @@ export const fileDriver: BlockDriver = {
       },
       reopen: async (ro) => {
         if (ro === readOnly) return;
+        if (outstanding) await outstanding.discard();
         const nfh = await openHandle(filename, ro);
         try {
           if (lock) await lock.reopen(nfh, ro);
@@ -266,7 +374,10 @@ export const fileDriver: BlockDriver = {
         await old.close();
         await closeSyncFh();
       },
+      prepareReplacement: (content) => prepareReplacement(content),
       close: async () => {
+        if (outstanding) await outstanding.discard();
+        await dirFh?.close().catch(() => undefined);
         if (lock) await lock.release();
         await closeSyncFh();
         await fh.close();

@@ -4,6 +4,9 @@
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import { BlockError } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
+import type { PreparedReplacement } from '../../driver.js';
+
+export type { PreparedReplacement };
 
 export interface HostFile {
   /** reads past the end return zeroes */
@@ -17,6 +20,11 @@ export interface HostFile {
   /** Zeroes a range without writing buffers (fallocate's zero range); false when the store
    *  cannot, and the caller writes the zeroes itself. */
   zeroRange?(offset: number, length: number): Promise<boolean>;
+  /**
+   * A fresh file holding `content`, prepared (stable) beside this one to take its place
+   * atomically when committed; absent when the store cannot be replaced.
+   */
+  prepareReplacement?(content: Buffer): Promise<PreparedReplacement>;
 }
 
 export function nodeHostFile(node: BlockNode): HostFile {
@@ -35,6 +43,7 @@ export function nodeHostFile(node: BlockNode): HostFile {
         throw e;
       }
     },
+    ...(node.caps.replace ? { prepareReplacement: (content: Buffer) => node.prepareReplacement(content) } : {}),
   };
 }
 

@@ -40,7 +40,7 @@ import {
 import { nodeHostFile } from './host-file.js';
 import { Qcow2Image, Qcow2OpenError } from './image.js';
 import { blockStatusAt, discardRange, readRange, writeRange, zeroRange } from './io.js';
-import { makeEmpty } from './make-empty.js';
+import { EmptySpare, makeEmpty } from './make-empty.js';
 import { repairImage } from './check.js';
 
 /**
@@ -158,6 +158,8 @@ export const qcow2Driver: BlockDriver = {
       ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
     });
     img.pacer = ctx.graph.pacer;
+    // the empty image make_empty swaps in (make-empty.ts), prepared after each make_empty
+    const spare = new EmptySpare(host);
     img.onCorruption = (msg, offset, size, fatal) => {
       // QEMU's stderr line and BLOCK_IMAGE_CORRUPTED event
       ctx.graph.emit(
@@ -227,11 +229,16 @@ export const qcow2Driver: BlockDriver = {
         await img.mutex.run(() => img.setSize(length));
       },
       makeEmpty: async () => {
-        await makeEmpty(img);
+        await makeEmpty(img, spare);
+      },
+      settle: async () => {
+        await spare.idle();
+        await img.settleTruncate();
       },
       reopen: async (ro) => {
         if (ro === readOnly) return;
         if (ro) {
+          await spare.discard();
           await img.mutex.run(async () => {
             await img.settleTruncate();
             await img.writeback();
@@ -247,6 +254,7 @@ export const qcow2Driver: BlockDriver = {
         img.readOnly = ro;
       },
       close: async () => {
+        await spare.close();
         await img.settleCorruptBit();
         if (img.readOnly || img.fatallyCorrupt) return;
         await img.mutex.run(async () => {

@@ -2,18 +2,19 @@
 // host file that stops writing (as a killed process would) after its k-th write, for every
 // k. Each such file must pass qemu-img check without corruption (leaks are fine), for a
 // writeback of many dirty tables with frees, for make_empty's fast path and for growing
-// the image (L1 table move).
+// the image (L1 table move). make_empty's swap path must leave the old image byte for byte
+// or the new empty one.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { newGraph, tempDir } from '../../../helpers/graph.js';
 import { createQcow2 } from '../../../../src/block/drivers/qcow2/create.js';
 import { readHeader } from '../../../../src/block/drivers/qcow2/header.js';
-import { FsHostFile, type HostFile } from '../../../../src/block/drivers/qcow2/host-file.js';
+import { FsHostFile, type HostFile, type PreparedReplacement } from '../../../../src/block/drivers/qcow2/host-file.js';
 import { Qcow2Image } from '../../../../src/block/drivers/qcow2/image.js';
 import { discardRange, writeRange, zeroRange } from '../../../../src/block/drivers/qcow2/io.js';
-import { makeEmpty } from '../../../../src/block/drivers/qcow2/make-empty.js';
+import { EmptySpare, makeEmpty } from '../../../../src/block/drivers/qcow2/make-empty.js';
 import { needTools, qemuCheck } from './tools.js';
 
 class Crashed extends Error {}
@@ -256,6 +257,119 @@ test('make_empty (fast path) with writes lost unless flushed or FUA: every crash
       t.diagnostic(`make_empty with reordering: ${budget} crash points, ${checked} images checked`);
       return;
     }
+  }
+  assert.fail('the scenario never completed');
+});
+
+/**
+ * A file that can be replaced like the file driver does it (the empty image written beside
+ * it, then renamed over it), and that dies after `budget` writes, preparations or renames.
+ */
+class DyingReplaceableFile implements HostFile {
+  ops = 0;
+  constructor(
+    private inner: FsHostFile,
+    private readonly path: string,
+    private readonly budget: number,
+  ) {}
+  private step(): void {
+    if (this.ops++ >= this.budget) throw new Crashed('crashed');
+  }
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.inner.read(offset, length);
+  }
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.step();
+    await this.inner.write(offset, data);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  length(): number {
+    return this.inner.length();
+  }
+  async truncate(length: number): Promise<void> {
+    this.step();
+    await this.inner.truncate(length);
+  }
+  async prepareReplacement(content: Buffer): Promise<PreparedReplacement> {
+    const spare = `${this.path}.spare`;
+    this.step();
+    writeFileSync(spare, content);
+    return {
+      commit: async () => {
+        this.step();
+        renameSync(spare, this.path);
+        const old = this.inner;
+        this.inner = await FsHostFile.open(this.path, true);
+        await old.close();
+      },
+      discard: async () => rmSync(spare, { force: true }),
+    };
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+test('make_empty (swap path): a crash at any step leaves the old image byte for byte, or the new empty one', async (t) => {
+  if (!needTools(t, 'qemu-img')) return;
+  const dir = tempDir(t);
+  const start = await imageWithData(dir, 65536);
+  const startBytes = readFileSync(start);
+  let expectedEmpty: Buffer | null = null;
+  for (let budget = 0; budget < 100; budget++) {
+    const copy = join(dir, `swap-${budget}.qcow2`);
+    copyFileSync(start, copy);
+    const file = new DyingReplaceableFile(await FsHostFile.open(copy, true), copy, budget);
+    let crashed = false;
+    let path = '';
+    try {
+      const img = new Qcow2Image(file, await readHeader(file), { readOnly: false });
+      await img.load();
+      const spare = new EmptySpare(file);
+      spare.prepare(img);
+      await spare.idle();
+      path = await makeEmpty(img, spare);
+      await img.mutex.run(() => img.writeback());
+      await img.settleTruncate();
+      await spare.close();
+    } catch (e) {
+      if (!(e instanceof Crashed) && !(e instanceof Error && e.cause instanceof Crashed)) throw e;
+      crashed = true;
+    } finally {
+      await file.close();
+    }
+    const chk = qemuCheck(copy);
+    assert.equal(chk['check-errors'], 0, `crash after ${budget} steps: ${JSON.stringify(chk)}`);
+    assert.equal(chk.corruptions ?? 0, 0, `crash after ${budget} steps: ${JSON.stringify(chk)}`);
+    const bytes = readFileSync(copy);
+    if (crashed) {
+      // nothing was written in place: the crash left the old image
+      assert.ok(bytes.equals(startBytes), `crash after ${budget} steps: the old image, unchanged`);
+      continue;
+    }
+    assert.equal(path, 'swap');
+    assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+    expectedEmpty = bytes;
+    // the new image is the one the fast path leaves (same metadata, data dropped)
+    const fastCopy = join(dir, 'fast.qcow2');
+    copyFileSync(start, fastCopy);
+    const fs = await FsHostFile.open(fastCopy, true);
+    try {
+      const img = new Qcow2Image(fs, await readHeader(fs), { readOnly: false });
+      await img.load();
+      assert.equal(await makeEmpty(img), 'fast');
+      await img.settleTruncate();
+    } finally {
+      await fs.close();
+    }
+    const fastBytes = readFileSync(fastCopy);
+    assert.equal(expectedEmpty.length, fastBytes.length);
+    assert.ok(expectedEmpty.equals(fastBytes), 'byte for byte the image the fast path leaves');
+    t.diagnostic(`make_empty swap path: ${budget} crash points`);
+    assert.ok(budget >= 2, `crash points (${budget})`);
+    return;
   }
   assert.fail('the scenario never completed');
 });
