@@ -22,6 +22,7 @@
 import { constants as fsConstants } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import { BlockError, InvalidArgumentError, STRERROR, assert, isBlockError, type ErrorCode } from '../errors.js';
+import { CREATE_TARGET_PERMS } from '../block/permissions.js';
 import type { Backend } from '../block/backend.js';
 import type { BlockNode } from '../block/node.js';
 import type { OptionDict } from '../block/options.js';
@@ -208,7 +209,7 @@ export class CreateJob extends Job {
       await this.yieldPoint();
       node = await this.graph.open(o.file);
     }
-    this.target = { node, backend: this.graph.createBackend(node), inline };
+    this.target = { node, backend: this.graph.createBackend(node, { perms: CREATE_TARGET_PERMS }), inline };
 
     const opts: CreateQcow2Options = { size: o.size, compat: o.version === 'v2' ? '0.10' : '1.1' };
     if (o.clusterSize !== undefined) opts.clusterSize = o.clusterSize;

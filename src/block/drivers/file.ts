@@ -5,9 +5,10 @@
 // force-share (read-only only: share every permission).
 //
 // Locking (locking=auto|on): the image is locked with the same byte-range OFD locks QEMU
-// takes when the native helper is built (src/util/native.ts), so QEMU and other lockstep
-// processes are refused as QEMU would refuse them; within one process the same rules hold
-// without the helper (see file-lock.ts).
+// takes when the native helper is built (src/util/native.ts), for the permissions the node's
+// parents hold and share (block/permissions.ts: none while nothing uses the node), so QEMU
+// and other lockstep processes are refused as QEMU would refuse them; within one process the
+// same rules hold without the helper (see file-lock.ts).
 //
 // With the native helper the node also answers block status from SEEK_DATA/SEEK_HOLE (holes
 // are data:false, zero:true), discards by punching holes, and writes zeroes by punching a
@@ -25,7 +26,7 @@ import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type ZeroF
 import { BlockError, InvalidArgumentError, STRERROR, isBlockError, type ErrorCode } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
 import { loadNative } from '../../util/native.js';
-import { acquireImageLock, type ImageLock } from './file-lock.js';
+import { openImageLock, type ImageLock } from './file-lock.js';
 
 /** Largest zero buffer written at once where the filesystem cannot zero a range itself. */
 const ZERO_CHUNK = 1024 * 1024;
@@ -91,7 +92,7 @@ export const fileDriver: BlockDriver = {
     }
     let lock: ImageLock | null = null;
     try {
-      if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly, forceShare);
+      if (locking !== 'off') lock = await openImageLock(fh, filename);
     } catch (e) {
       await fh.close();
       throw e;
@@ -257,7 +258,7 @@ export const fileDriver: BlockDriver = {
         if (ro === readOnly) return;
         const nfh = await openHandle(filename, ro);
         try {
-          if (lock) await lock.reopen(nfh, ro);
+          if (lock) await lock.reopen(nfh);
         } catch (e) {
           await nfh.close();
           throw e;
@@ -268,6 +269,7 @@ export const fileDriver: BlockDriver = {
         await old.close();
         await closeSyncFh();
       },
+      preparePerms: (perms) => (lock ? lock.prepare(perms) : { commit: () => {}, abort: () => {} }),
       close: async () => {
         if (lock) await lock.release();
         await closeSyncFh();

@@ -4,6 +4,8 @@ import { ANY_DICT, enumOf, listOf, type Fields } from './types.js';
 
 export const BLOCKDEV_DEL: Fields = { 'node-name': 'str' };
 
+export const BLOCK_RESIZE: Fields = { '*device': 'str', '*node-name': 'str', size: 'int' };
+
 export const BLOCKDEV_REOPEN: Fields = { options: listOf(ANY_DICT) };
 
 export const QUERY_NAMED_BLOCK_NODES: Fields = { '*flat': 'bool' };
