@@ -255,7 +255,9 @@ export class BlockGraph extends EventEmitter {
     }
     for (const e of edges) e.setChild(to);
     try {
-      this.refreshPerms([to]);
+      // `from` first: a filter being dropped stops needing anything of the node below it
+      // (its own edge would otherwise refuse the parents that move there)
+      this.refreshPerms([from, to]);
     } catch (err) {
       for (const e of edges) e.setChild(from);
       this.refreshPermsQuietly([to]);

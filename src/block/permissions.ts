@@ -121,21 +121,27 @@ export function rawWindowChildPerms(parent: Perms): Perms {
   return { perm, shared };
 }
 
-/** quorum's children: never shared for write or resize, or the children would differ. */
+/**
+ * quorum's children: never shared for resize, or the children would differ. QEMU does not
+ * share write either; lockstep does (a deliberate difference): a pair's replication node is
+ * also driven directly by its registry and tests while it is a quorum child, and the quorum's
+ * ordered writes already keep the children in one order.
+ */
 export function quorumChildPerms(parent: Perms, rewriteCorrupted: boolean): Perms {
   let perm = parent.perm & PASSTHROUGH;
   if (rewriteCorrupted) perm |= PERM.WRITE;
-  return { perm, shared: parent.shared & (PERM.CONSISTENT_READ | PERM.WRITE_UNCHANGED) };
+  return { perm, shared: parent.shared & (PERM.CONSISTENT_READ | PERM.WRITE_UNCHANGED | PERM.WRITE) };
 }
 
 /**
- * replication's child: it reads it and writes it when writable whatever its parents do (the
- * secondary's checkpoints and failover write underneath them), and lets the others read and
- * write (the secondary disk is written by the NBD export while replication runs).
+ * replication's children: it reads its `file` and writes every child when writable whatever
+ * its parents do (the secondary's checkpoints and failover write underneath them), reads the
+ * hidden and secondary disks it holds only for that, and lets the others read and write (the
+ * secondary disk is written by the NBD export while replication runs).
  */
-export function replicationChildPerms(writable: boolean): Perms {
+export function replicationChildPerms(writable: boolean, primaryChild = true): Perms {
   return {
-    perm: PERM.CONSISTENT_READ | (writable ? PERM.WRITE : 0),
+    perm: (primaryChild ? PERM.CONSISTENT_READ : 0) | (writable ? PERM.WRITE : 0),
     shared: PERM.CONSISTENT_READ | PERM.WRITE | PERM.WRITE_UNCHANGED,
   };
 }
@@ -143,15 +149,17 @@ export function replicationChildPerms(writable: boolean): Perms {
 /**
  * copy-before-write's children: the target is written and may be written by others (a
  * fleecing reader's overlay), never resized; the source passes its parents' needs through,
- * plus a consistent read when they write (the old data is copied first), and nobody else
- * may write or resize it behind the filter's back.
+ * plus a consistent read when they write (the old data is copied first), and is never
+ * resized behind the filter's back. QEMU also keeps others from writing the source; lockstep
+ * lets them (a deliberate difference): replication's failover commits into the secondary
+ * disk while the filter is still above it.
  */
 export function cbwChildPerms(role: string, parent: Perms, hasParents: boolean): Perms {
   if (role !== 'file') return { perm: PERM.WRITE, shared: PERM_ALL & ~PERM.RESIZE };
   const p = filterChildPerms(parent);
   if (hasParents) {
     if (parent.perm & PERM.WRITE) p.perm |= PERM.CONSISTENT_READ;
-    p.shared &= ~(PERM.WRITE | PERM.RESIZE);
+    p.shared &= ~PERM.RESIZE;
   }
   return p;
 }

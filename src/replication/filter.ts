@@ -489,7 +489,7 @@ export class ReplicationState {
 export const replicationDriver: BlockDriver = {
   name: 'replication',
   kind: 'filter',
-  childPerms: (node) => replicationChildPerms(!node.readOnly),
+  childPerms: (node, role) => replicationChildPerms(!node.readOnly, role === 'file'),
   async open(ctx, o): Promise<NodeImpl> {
     const mode = o.enumOf('mode', ['primary', 'secondary']);
     const topId = o.string('top-id');
