@@ -9,6 +9,7 @@
 import { BlockError } from '../errors.js';
 import type { BlockStatus, WriteFlags, ZeroFlags } from './driver.js';
 import { Edge, type BlockNode } from './node.js';
+import { exportPerms, type Perms } from './permissions.js';
 
 export interface BackendOptions {
   /** user-visible name (device id, export id); absent for internal users */
@@ -22,6 +23,17 @@ export interface BackendOptions {
    * write-zeroes is FUA, so it is stable when it completes
    */
   writethrough?: boolean;
+  /**
+   * what the user takes and shares on the node (block/permissions.ts); default an export's:
+   * consistent read, write unless read-only, everything shared
+   */
+  perms?: Perms;
+  /** the node's role in the edge, for conflict messages (QEMU: 'root', a job's 'target') */
+  role?: string;
+  /** who the user is, for conflict messages, when not a block device */
+  desc?: string;
+  /** a job's hold on a node: permissions only, not listed by BlockNode.backends() */
+  jobHold?: boolean;
 }
 
 export class Backend {
@@ -36,14 +48,27 @@ export class Backend {
    */
   fenced = false;
   closed = false;
+  private readonly descText: string | undefined;
+  readonly jobHold: boolean;
 
   constructor(node: BlockNode, opts: BackendOptions = {}) {
     this.name = opts.name;
     this.readOnly = opts.readOnly ?? false;
     this.user = opts.user ?? opts.name !== undefined;
     this.writethrough = opts.writethrough ?? false;
-    this.edge = new Edge(this, 'root', node);
+    this.descText = opts.desc;
+    this.jobHold = opts.jobHold ?? false;
+    this.edge = new Edge(this, opts.role ?? 'root', node);
+    const perms = opts.perms ?? exportPerms(!this.readOnly);
+    this.edge.perm = perms.perm;
+    this.edge.shared = perms.shared;
     node.parents.add(this.edge);
+  }
+
+  /** QEMU's blk_root_get_parent_desc, for permission conflict messages */
+  get desc(): string {
+    if (this.descText !== undefined) return this.descText;
+    return this.name !== undefined ? `block device '${this.name}'` : 'an unnamed block device';
   }
 
   get node(): BlockNode {
@@ -107,6 +132,7 @@ export class Backend {
     if (this.closed) return;
     this.closed = true;
     this.node.parents.delete(this.edge);
+    this.node.graph.refreshPermsQuietly([this.node]);
     this.node.graph.collect(this.node);
   }
 }

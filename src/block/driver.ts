@@ -13,6 +13,13 @@
 import type { BlockNode } from './node.js';
 import type { BlockGraph } from './graph.js';
 import type { OptionReader } from './options.js';
+import type { Perms } from './permissions.js';
+
+/** A permission change a node prepared (its image locks): made final or undone. */
+export interface PermChange {
+  commit(): void;
+  abort(): void;
+}
 
 export type DriverKind = 'protocol' | 'format' | 'filter' | 'multi';
 
@@ -139,6 +146,12 @@ export interface NodeImpl {
   /** switch between read-only and read-write (replication's start reopens RW) */
   reopen?(readOnly: boolean): Promise<void>;
   close(): Promise<void>;
+  /**
+   * The node's parents now take and share `perms` together (block/permissions.ts): check
+   * that the node can follow (the file driver's image locks against other processes) and
+   * prepare it, synchronously. Throws with QEMU's message when it cannot.
+   */
+  preparePerms?(perms: Perms): PermChange;
   /** a filename for messages and query output */
   readonly filename?: string;
   /** driver-specific fields for query-named-block-nodes / lockstep io info */
@@ -184,4 +197,9 @@ export interface BlockDriver {
    * understands and leave the rest for `opts.done()`, which reports the unexpected ones.
    */
   open(ctx: OpenContext, opts: OptionReader): Promise<NodeImpl>;
+  /**
+   * What `node` takes and shares on its child under `role`, given what its own parents
+   * take and share together (`parent`). Absent: the kind's default (permissions.ts).
+   */
+  childPerms?(node: BlockNode, role: string, parent: Perms): Perms;
 }

@@ -14,6 +14,7 @@ import { Backend, type BackendOptions } from './backend.js';
 import { OptionReader, isDict, type OptionDict } from './options.js';
 import type { DriverRegistry } from './registry.js';
 import { Pacer } from '../util/pacer.js';
+import { PERM_ALL, cumulative, defaultChildPerms, findParentConflict, type Perms } from './permissions.js';
 
 export interface OpenOptions {
   /** leaves are keyval strings (command line, drive_add) rather than typed JSON */
@@ -22,6 +23,8 @@ export interface OpenOptions {
   monitorOwned?: boolean;
   /** default for read-only when the options do not say */
   readOnly?: boolean;
+  /** opened for metadata only (qemu-img info's BDRV_O_NO_IO): inherited by inline children */
+  noIo?: boolean;
 }
 
 export interface CacheOptions {
@@ -94,7 +97,7 @@ export class BlockGraph extends EventEmitter {
 
   /** Opens a node (and its inline children) from QEMU-style options. */
   async open(options: OptionDict, opts: OpenOptions = {}): Promise<BlockNode> {
-    const node = await this.openNode(options, '', opts.keyval ?? false, opts.readOnly ?? false);
+    const node = await this.openNode(options, '', opts.keyval ?? false, opts.readOnly ?? false, false, opts.noIo ?? false);
     if (opts.monitorOwned) node.monitorOwned = true;
     return node;
   }
@@ -106,7 +109,14 @@ export class BlockGraph extends EventEmitter {
     }
   }
 
-  private async openNode(options: OptionDict, prefix: string, keyval: boolean, parentReadOnly: boolean): Promise<BlockNode> {
+  private async openNode(
+    options: OptionDict,
+    prefix: string,
+    keyval: boolean,
+    parentReadOnly: boolean,
+    parentForceShare: boolean,
+    noIo: boolean,
+  ): Promise<BlockNode> {
     const r = new OptionReader(options, prefix, keyval);
     const driverName = r.string('driver', true);
     const driver: BlockDriver | undefined = this.drivers.get(driverName);
@@ -120,7 +130,8 @@ export class BlockGraph extends EventEmitter {
     }
     const readOnly = r.bool('read-only') ?? parentReadOnly;
     r.bool('auto-read-only');
-    r.bool('force-share');
+    // inherited by inline children, as QEMU's bdrv_inherited_options does
+    const forceShare = r.bool('force-share') ?? parentForceShare;
     r.enumOf('discard', ['ignore', 'unmap', 'off', 'on']);
     r.enumOf('detect-zeroes', ['off', 'on', 'unmap']);
     const cacheR = r.sub('cache');
@@ -134,6 +145,8 @@ export class BlockGraph extends EventEmitter {
     const recorded: OptionDict = {};
     for (const [k, v] of Object.entries(options)) if (!isDict(v)) recorded[k] = v;
     const node = new BlockNode(this, name, driver, recorded, readOnly, given === undefined);
+    node.forceShare = forceShare;
+    node.noIo = noIo;
     // Reserve the name now so that children cannot take it.
     this.nodes.set(name, node);
     const ctx: GraphOpenContext = {
@@ -182,7 +195,7 @@ export class BlockGraph extends EventEmitter {
       child = found;
     } else if (isDict(value)) {
       const prefix = path;
-      child = await this.openNode(value, prefix, keyval, copts.readOnly ?? parent.readOnly);
+      child = await this.openNode(value, prefix, keyval, copts.readOnly ?? parent.readOnly, parent.forceShare, parent.noIo);
     } else {
       throw new InvalidArgumentError(`Invalid parameter type for '${path}', expected: BlockdevRef`);
     }
@@ -198,8 +211,16 @@ export class BlockGraph extends EventEmitter {
       throw new StateError(`Making '${child.name}' a child of '${parent.name}' would create a cycle`);
     }
     const edge = new Edge(parent, role, child);
+    this.setChildEdgePerms(edge, cumulative(parent.parents));
     parent.children.set(role, edge);
     child.parents.add(edge);
+    try {
+      this.refreshPerms([child]);
+    } catch (e) {
+      parent.children.delete(role);
+      child.parents.delete(edge);
+      throw e;
+    }
     return edge;
   }
 
@@ -214,6 +235,7 @@ export class BlockGraph extends EventEmitter {
     assert(parent instanceof BlockNode);
     parent.children.delete(edge.role);
     edge.child.parents.delete(edge);
+    this.refreshPermsQuietly([edge.child]);
     this.collect(edge.child);
   }
 
@@ -236,6 +258,16 @@ export class BlockGraph extends EventEmitter {
       }
     }
     for (const e of edges) e.setChild(to);
+    try {
+      // `from` first: a filter being dropped stops needing anything of the node below it
+      // (its own edge would otherwise refuse the parents that move there)
+      this.refreshPerms([from, to]);
+    } catch (err) {
+      for (const e of edges) e.setChild(from);
+      this.refreshPermsQuietly([to]);
+      throw err;
+    }
+    this.refreshPermsQuietly([from]);
     this.collect(from);
   }
 
@@ -246,6 +278,14 @@ export class BlockGraph extends EventEmitter {
     if (this.reaches(to, parent)) throw new StateError(`Replacing child '${role}' of '${parent.name}' would create a cycle`);
     const old = edge.child;
     edge.setChild(to);
+    try {
+      this.refreshPerms([to]);
+    } catch (err) {
+      edge.setChild(old);
+      this.refreshPermsQuietly([to]);
+      throw err;
+    }
+    this.refreshPermsQuietly([old]);
     this.collect(old);
   }
 
@@ -281,8 +321,106 @@ export class BlockGraph extends EventEmitter {
       if (this.nodes.has(opts.name)) throw new InvalidArgumentError(`Device name '${opts.name}' conflicts with an existing node name`);
     }
     const b = new Backend(node, opts);
+    try {
+      this.refreshPerms([node]);
+    } catch (e) {
+      b.closed = true;
+      node.parents.delete(b.edge);
+      throw e;
+    }
     if (opts.name !== undefined) this.backends.set(opts.name, b);
     return b;
+  }
+
+  // ---- permissions (block/permissions.ts) -----------------------------------------------
+
+  /** Changes what a backend takes and shares (QEMU's blk_set_perm); refused as a whole. */
+  setBackendPerms(b: Backend, perms: Perms): void {
+    const old = { perm: b.edge.perm, shared: b.edge.shared };
+    b.edge.perm = perms.perm;
+    b.edge.shared = perms.shared;
+    try {
+      this.refreshPerms([b.node]);
+    } catch (e) {
+      b.edge.perm = old.perm;
+      b.edge.shared = old.shared;
+      throw e;
+    }
+  }
+
+  /** QEMU's get_parent_desc for one parent edge */
+  private parentDesc(e: Edge): string {
+    return e.parent instanceof BlockNode ? `node '${e.parent.name}'` : e.parent.desc;
+  }
+
+  /** Sets a node-to-child edge's permissions from what the parent's parents take. */
+  private setChildEdgePerms(edge: Edge, parentPerms: Perms): void {
+    const parent = edge.parent;
+    assert(parent instanceof BlockNode);
+    const d = parent.driver;
+    const p = d.childPerms ? d.childPerms(parent, edge.role, parentPerms) : defaultChildPerms(d.kind, edge.role, parentPerms, !parent.readOnly, parent.noIo);
+    edge.perm = p.perm;
+    edge.shared = edge.child.forceShare ? PERM_ALL : p.shared;
+  }
+
+  /**
+   * QEMU's bdrv_refresh_perms: walks `starts` and every node below them, parents before
+   * children; each node's parents must agree (findParentConflict), the node prepares its
+   * new cumulative permissions (image locks), and its child edges are recomputed. On any
+   * refusal every edge and lock is put back and the error thrown; otherwise the prepared
+   * changes are committed.
+   */
+  refreshPerms(starts: BlockNode[]): void {
+    const seen = new Set<BlockNode>();
+    const post: BlockNode[] = [];
+    const visit = (n: BlockNode): void => {
+      if (seen.has(n)) return;
+      seen.add(n);
+      for (const e of n.children.values()) visit(e.child);
+      post.push(n);
+    };
+    for (const s of starts) visit(s);
+    const saved: Array<[Edge, number, number]> = [];
+    const prepared: Array<{ commit(): void; abort(): void }> = [];
+    try {
+      for (let i = post.length - 1; i >= 0; i--) {
+        const n = post[i]!;
+        // QEMU lists a node's parents newest first
+        const parents = [...n.parents].reverse();
+        const conflict = findParentConflict(
+          n.name,
+          parents.map((e) => ({ perm: e.perm, shared: e.shared, role: e.role, desc: this.parentDesc(e) })),
+        );
+        if (conflict) throw conflict;
+        const cum = cumulative(parents);
+        if (n.isOpen && n.impl.preparePerms) prepared.push(n.impl.preparePerms(cum));
+        for (const e of n.children.values()) {
+          saved.push([e, e.perm, e.shared]);
+          this.setChildEdgePerms(e, cum);
+        }
+      }
+    } catch (e) {
+      for (let i = saved.length - 1; i >= 0; i--) {
+        const [edge, perm, shared] = saved[i]!;
+        edge.perm = perm;
+        edge.shared = shared;
+      }
+      for (let i = prepared.length - 1; i >= 0; i--) prepared[i]!.abort();
+      throw e;
+    }
+    for (const p of prepared) p.commit();
+  }
+
+  /**
+   * refreshPerms where permissions can only have been dropped (a parent went away): a
+   * failure would be a bug or a lock the kernel refused to release, logged, not thrown.
+   */
+  refreshPermsQuietly(starts: BlockNode[]): void {
+    try {
+      this.refreshPerms(starts.filter((n) => !n.closed));
+    } catch (e) {
+      this.emit('error-log', `refreshing permissions: ${errorMessage(e)}`);
+    }
   }
 
   releaseBackend(b: Backend): void {
@@ -319,6 +457,7 @@ export class BlockGraph extends EventEmitter {
       for (const edge of [...node.children.values()]) {
         node.children.delete(edge.role);
         edge.child.parents.delete(edge);
+        this.refreshPermsQuietly([edge.child]);
         this.collect(edge.child);
       }
     }

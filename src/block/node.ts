@@ -10,9 +10,17 @@ import type { Backend } from './backend.js';
 import type { OptionDict } from './options.js';
 import { RequestTracker, type RequestMode } from './tracker.js';
 import { IoGates } from './gate.js';
+import { PERM_ALL } from './permissions.js';
 
-/** An edge from a parent (node or backend) to a child node, under a role. */
+/**
+ * An edge from a parent (node or backend) to a child node, under a role, with the
+ * permissions the parent holds on the child and the ones it shares (block/permissions.ts):
+ * a backend's are fixed, a node's follow from its own parents' and are kept up to date by
+ * BlockGraph.refreshPerms.
+ */
 export class Edge {
+  perm = 0;
+  shared = PERM_ALL;
   constructor(
     readonly parent: BlockNode | Backend,
     readonly role: string,
@@ -47,6 +55,10 @@ export class BlockNode {
   readonly blockers = new Set<string>();
   /** created by blockdev-add / --blockdev: lives until blockdev-del */
   monitorOwned = false;
+  /** force-share=on: every edge into this node shares every permission (qemu-img -U) */
+  forceShare = false;
+  /** opened for metadata only (qemu-img info): a format takes no consistent read on its file */
+  noIo = false;
   closed = false;
   /** bytes its parents wrote through this node (writes and write-zeroes that succeeded) */
   bytesWritten = 0;
@@ -99,7 +111,7 @@ export class BlockNode {
   /** Backends (exports, devices) attached directly to this node. */
   backends(): Backend[] {
     const out: Backend[] = [];
-    for (const e of this.parents) if (!(e.parent instanceof BlockNode)) out.push(e.parent);
+    for (const e of this.parents) if (!(e.parent instanceof BlockNode) && !e.parent.jobHold) out.push(e.parent);
     return out;
   }
   parentNodes(): BlockNode[] {
@@ -363,6 +375,15 @@ export class BlockNode {
     if (readOnly === this.readOnly) return;
     if (this._impl?.reopen) await this._impl.reopen(readOnly);
     this.readOnly = readOnly;
+    // a format's needs on its file follow its writability (QEMU reopens with new perms)
+    try {
+      this.graph.refreshPerms([this]);
+    } catch (e) {
+      if (this._impl?.reopen) await this._impl.reopen(!readOnly).catch(() => {});
+      this.readOnly = !readOnly;
+      this.graph.refreshPermsQuietly([this]);
+      throw e;
+    }
   }
 }
 

@@ -128,7 +128,7 @@ async function info(io: Io, argv: string[]): Promise<number> {
   if (o.has('h')) return help(io);
   const json = outputJson(o);
   return withGraph(async (graph) => {
-    const img = await openImage(graph, { ...openSpec(o, oneFile(o)), readOnly: true });
+    const img = await openImage(graph, { ...openSpec(o, oneFile(o)), readOnly: true, noIo: true });
     return await runInfo(io, img.node, img.filename, json, o.has('backing-chain'));
   });
 }

@@ -3,6 +3,7 @@
 // order (or reads commands from stdin when none is given) and exits 1 if any failed.
 // The command engine is io-commands.ts; this file is argument parsing and wiring only.
 
+import { toolPerms } from '../block/permissions.js';
 import { createInterface } from 'node:readline';
 import { BlockGraph } from '../block/graph.js';
 import { createRegistry } from '../block/registry.js';
@@ -173,7 +174,9 @@ async function openImage(graph: BlockGraph, a: IoArgs, warn: (s: string) => void
   }
   const writethrough = applyNodeOptions(dict, keyval, a);
   const node = await graph.open(dict, { keyval, readOnly: a.readOnly });
-  return graph.createBackend(node, { readOnly: a.readOnly || node.readOnly, writethrough });
+  const readOnly = a.readOnly || node.readOnly;
+  // qemu-io's BlockBackend (blk_new_open): shares everything; -U makes the formats share too
+  return graph.createBackend(node, { readOnly, writethrough, perms: toolPerms(!readOnly) });
 }
 
 export async function run(argv: string[]): Promise<number> {

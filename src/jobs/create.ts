@@ -21,7 +21,8 @@
 
 import { constants as fsConstants } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
-import { BlockError, InvalidArgumentError, assert, errorCodeOf, isBlockError, strerror } from '../errors.js';
+import { BlockError, InvalidArgumentError, STRERROR, assert, errorCodeOf, isBlockError, strerror, type ErrorCode } from '../errors.js';
+import { CREATE_TARGET_PERMS } from '../block/permissions.js';
 import type { Backend } from '../block/backend.js';
 import type { BlockNode } from '../block/node.js';
 import type { OptionDict } from '../block/options.js';
@@ -185,7 +186,7 @@ export class CreateJob extends Job {
       await this.yieldPoint();
       node = await this.graph.open(o.file);
     }
-    this.target = { node, backend: this.graph.createBackend(node), inline };
+    this.target = { node, backend: this.graph.createBackend(node, { perms: CREATE_TARGET_PERMS }), inline };
 
     const opts: CreateQcow2Options = { size: o.size, compat: o.version === 'v2' ? '0.10' : '1.1' };
     if (o.clusterSize !== undefined) opts.clusterSize = o.clusterSize;

@@ -17,6 +17,8 @@
 //   BLOCK_JOB_CANCELLED {type, device, len, offset, speed}
 //   BLOCK_JOB_ERROR {device, operation: 'read'|'write', action: 'report'|'ignore'|'stop'}
 
+import type { Backend } from '../block/backend.js';
+import type { Perms } from '../block/permissions.js';
 import { EventEmitter } from 'node:events';
 import { BlockError, InvalidArgumentError, NotFoundError, StateError, assert, errorMessage } from '../errors.js';
 import type { BlockGraph } from '../block/graph.js';
@@ -116,6 +118,8 @@ export abstract class Job {
   private readonly onProgress: ((current: number, total: number) => void) | undefined;
   /** blockers this job put on nodes, removed when it ends */
   private readonly blocked: BlockNode[] = [];
+  /** the permissions the job holds on nodes (its BlockBackends, block_job_add_bdrv) */
+  private readonly users: Backend[] = [];
 
   constructor(
     readonly mgr: JobManager,
@@ -213,6 +217,31 @@ export abstract class Job {
     node.blockers.add(this.blockerReason);
     this.blocked.push(node);
   }
+  /**
+   * Takes `perms` on `node` until the job ends (QEMU's job BlockBackends, unnamed, as 'root';
+   * with `role`, QEMU's block_job_add_bdrv: "mirror job 'j0'" as e.g. 'intermediate node').
+   * Throws the permission conflict when another user refuses.
+   */
+  protected use(node: BlockNode, perms: Perms, role?: string): Backend {
+    const b = this.graph.createBackend(node, {
+      perms,
+      user: false,
+      jobHold: true,
+      ...(role !== undefined ? { role, desc: `${this.type} job '${this.id}'` } : {}),
+    });
+    this.users.push(b);
+    return b;
+  }
+
+  /** Drops the job's permissions; the nodes stay (their owners close them). */
+  protected dropUsers(): void {
+    for (const b of this.users.splice(0).reverse()) {
+      b.closed = true;
+      b.node.parents.delete(b.edge);
+      this.graph.refreshPermsQuietly([b.node]);
+    }
+  }
+
   get blockerReason(): string {
     return `block device is in use by block job: ${this.type}`;
   }
@@ -342,6 +371,7 @@ export abstract class Job {
 
   /** Setting up failed before `created()`: frees the id and the blockers. */
   protected abandon(): void {
+    this.dropUsers();
     for (const n of this.blocked) n.blockers.delete(this.blockerReason);
     this.blocked.length = 0;
     this.mgr.unregister(this);
@@ -386,6 +416,8 @@ export abstract class Job {
   private async doFinalize(): Promise<void> {
     if (this.finishing) return;
     this.finishing = true;
+    // before prepare(): a mirror's pivot moves its filter's users onto the target
+    this.dropUsers();
     if (!this.error) {
       try {
         await this.prepare();
@@ -402,6 +434,9 @@ export abstract class Job {
     this.finishing = true;
     // commit/abort/clean must not fail; if one does anyway (a bug), the job still ends
     // and the failure is logged where the graph logs close errors
+    // The job's own permissions go first, as QEMU's mirror drops its target's before the
+    // pivot: the source's users then move onto the target.
+    this.dropUsers();
     try {
       if (this.error) this.abort();
       else this.commit();

@@ -13,6 +13,7 @@
 // Zero runs are written as write-zeroes that may unmap, skipped where the target already
 // reads zeroes.
 
+import { INTERMEDIATE_PERMS, MIRROR_SOURCE_PERMS, MIRROR_TARGET_PERMS, activeCommitBasePerms } from '../block/permissions.js';
 import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
@@ -104,9 +105,20 @@ export class MirrorJob extends Job {
         this.top = getJobTop(this.filter);
         const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
         this.filterInserted = true;
+        // QEMU's order: the job's hold on its filter, then its target's BlockBackend
+        this.use(this.filter, MIRROR_SOURCE_PERMS);
+        if (this.flavour.type === 'commit') {
+          // active commit: the layers between top and base disappear at the end; the base
+          // is the backing of nodes in use, so it shares everything but resize
+          for (let n = this.source.backing; n && n !== this.target; n = n.backing) this.use(n, INTERMEDIATE_PERMS, 'intermediate node');
+          this.use(this.target, activeCommitBasePerms(this.source.getLength() > this.target.getLength()));
+        } else {
+          this.use(this.target, MIRROR_TARGET_PERMS);
+        }
         this.top.bitmap = this.bitmap;
         await inserted;
       } catch (e) {
+        this.dropUsers(); // before the filter goes: its users would move to the source
         if (this.filterInserted) graph.dropFilter(this.filter);
         else graph.collect(this.filter);
         this.filterInserted = false;

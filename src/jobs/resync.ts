@@ -15,6 +15,7 @@
 // 512 bytes) that divides every range's offset and length (a range may end at the end of
 // the disk), so that its bits cover exactly the ranges.
 
+import { RESYNC_SOURCE_PERMS, RESYNC_TARGET_PERMS } from '../block/permissions.js';
 import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { Bitmap, type ByteRange } from '../util/bitmap.js';
@@ -96,6 +97,10 @@ export class ResyncJob extends Job {
       this.target.checkNotBlocked();
       this.block(this.source);
       this.block(this.target);
+      // the source keeps serving its guest and the target may be written by replication
+      // alongside (a live resync): only a resize would break the copy
+      this.use(this.source, RESYNC_SOURCE_PERMS);
+      this.use(this.target, RESYNC_TARGET_PERMS);
     } catch (e) {
       this.abandon();
       throw e;

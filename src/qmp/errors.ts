@@ -35,9 +35,17 @@ export interface QmpErrorBody {
  */
 export function toQmpError(e: unknown): QmpErrorBody {
   if (e instanceof QmpError) return { class: e.errorClass, desc: e.message };
-  if (e instanceof NotFoundError || e instanceof InvalidArgumentError || e instanceof StateError) return { class: 'GenericError', desc: e.message };
+  if (e instanceof NotFoundError || e instanceof InvalidArgumentError || e instanceof StateError) return { class: 'GenericError', desc: withoutHint(e.message) };
   if (e instanceof BlockError) return { class: 'GenericError', desc: e.message };
   return { class: 'GenericError', desc: errorMessage(e) };
+}
+
+/**
+ * QEMU appends hints (error_append_hint) for humans, and QMP never carries them: the image
+ * lock's "Is another process using the image [...]?" stays on the command line.
+ */
+function withoutHint(message: string): string {
+  return message.replace(/\nIs another process using the image \[[^\n]*\]\?$/, '');
 }
 
 /** true when the error is one the monitor expects (not a bug worth a stack trace in the log) */

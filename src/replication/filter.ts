@@ -10,6 +10,7 @@
 //
 // Options: file (required), mode (primary|secondary, required), top-id (secondary only).
 
+import { replicationChildPerms } from '../block/permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl, type WriteFlags, type ZeroFlags } from '../block/driver.js';
 import type { BlockNode } from '../block/node.js';
 import type { BlockGraph } from '../block/graph.js';
@@ -488,6 +489,7 @@ export class ReplicationState {
 export const replicationDriver: BlockDriver = {
   name: 'replication',
   kind: 'filter',
+  childPerms: (node, role) => replicationChildPerms(!node.readOnly, role === 'file'),
   async open(ctx, o): Promise<NodeImpl> {
     const mode = o.enumOf('mode', ['primary', 'secondary']);
     const topId = o.string('top-id');

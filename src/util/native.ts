@@ -74,6 +74,17 @@ export interface NativeHelper {
   lockImage(fd: number, readOnly: boolean, filename: string, forceShare?: boolean): void;
   /** Drops every image lock fd holds (closing the descriptor drops them too). */
   unlockImage(fd: number): void;
+  /**
+   * QEMU's raw_apply_lock_bytes: fd holds the lock byte 100 + i for each permission in
+   * `perm` and 200 + i for each one in `unshared`, and no other image lock byte. Throws
+   * InvalidArgumentError ("Failed to lock byte N") when the kernel refuses.
+   */
+  setLockBytes(fd: number, perm: number, unshared: number, filename: string): void;
+  /**
+   * QEMU's raw_check_lock_bytes: throws QEMU's "Failed to get ... lock" when another open
+   * file description holds a lock byte that refuses `perm` or takes what `shared` omits.
+   */
+  checkLockBytes(fd: number, perm: number, shared: number, filename: string): void;
   /** lseek(SEEK_DATA): the first data byte at or after offset, or -1 when none (ENXIO) */
   seekData(fd: number, offset: number): number;
   /** lseek(SEEK_HOLE): the first hole byte at or after offset (EOF counts as a hole) */
@@ -154,6 +165,30 @@ function wrap(addon: Addon): NativeHelper {
       }
     },
     unlockImage: unlockAll,
+    setLockBytes(fd, perm, unshared, filename) {
+      for (let i = 0; i < PERM_COUNT; i++) {
+        for (const [base, set] of [[LOCK_PERM_BASE, perm], [LOCK_SHARED_BASE, unshared]] as const) {
+          const byte = base + i;
+          const r = addon.ofdLock(fd, byte, set & (1 << i) ? 1 : 0);
+          if (r < 0) throw new InvalidArgumentError(`Failed to lock byte ${byte}: ${errnoText(r).text}${hint(filename)}`);
+        }
+      }
+    },
+    checkLockBytes(fd, perm, shared, filename) {
+      const test = (byte: number): boolean => {
+        const r = addon.ofdTest(fd, byte);
+        if (r < 0) throw new InvalidArgumentError(`Failed to check byte ${byte}: ${errnoText(r).text}${hint(filename)}`);
+        return r === 1;
+      };
+      for (let i = 0; i < PERM_COUNT; i++) {
+        const bit = 1 << i;
+        if (perm & bit && test(LOCK_SHARED_BASE + i)) throw lockConflict(filename, bit, false);
+      }
+      for (let i = 0; i < PERM_COUNT; i++) {
+        const bit = 1 << i;
+        if (!(shared & bit) && test(LOCK_PERM_BASE + i)) throw lockConflict(filename, bit, true);
+      }
+    },
     seekData(fd, offset) {
       const r = addon.seek(fd, offset, false);
       if (r === -ENXIO) return -1;

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { createRegistry } from '../../src/block/registry.js';
 import { loadNative } from '../../src/util/native.js';
 import { tempDir } from '../helpers/graph.js';
+import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 
 const LOCKSTEP = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
 
@@ -289,9 +290,12 @@ test('qcow2 overlay: map, alloc and info match qemu-io (the image layer only, as
 test('a locked image: the second writer gets one clear error line', async (t) => {
   if (!loadNative() && !process.env.CI) return t.skip('cross-process image locks need the native helper (src/util/native.ts)');
   const dir = tempDir(t);
-  const img = rawImage(dir, 'a.img', 65536);
+  // a qcow2 image: its format keeps a second writer off the file (two writers of a raw image
+  // are let in, as QEMU lets them in)
+  const img = join(dir, 'a.qcow2');
+  await createQcow2(img, { size: 65536 });
   // the first lockstep io holds the image open for writing, waiting for commands on stdin
-  const holder = spawn(process.execPath, [LOCKSTEP, 'io', '-f', 'raw', img], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const holder = spawn(process.execPath, [LOCKSTEP, 'io', '-f', 'qcow2', img], { stdio: ['pipe', 'pipe', 'pipe'] });
   t.after(() => {
     if (holder.exitCode === null) holder.kill();
   });
@@ -303,7 +307,7 @@ test('a locked image: the second writer gets one clear error line', async (t) =>
     });
     holder.on('exit', (code) => reject(new Error(`holder exited early (${code})`)));
   });
-  const r = lockstepIo(['-f', 'raw', '-c', 'write 0 1', img]);
+  const r = lockstepIo(['-f', 'qcow2', '-c', 'write 0 1', img]);
   assert.equal(r.status, 1);
   assert.equal(r.stderr, `lockstep io: can't open device ${img}: Failed to get "write" lock\nIs another process using the image [${img}]?\n`);
   const exited = new Promise((resolve) => holder.on('exit', resolve));

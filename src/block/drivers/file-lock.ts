@@ -1,21 +1,28 @@
-// Image locking for the file driver, with QEMU's permission model (src/util/native.ts): a
-// writer holds consistent-read, write and resize and shares neither write nor resize, a
-// reader holds consistent-read and shares the same; so writers exclude writers and readers,
-// and readers coexist.
+// Image locking for the file driver, driven by the permissions the file node's parents hold
+// and share (block/permissions.ts), as QEMU's file-posix does: a node nobody uses locks
+// nothing; a writable qcow2 on it takes consistent-read, write and resize and shares neither
+// write nor resize; a read-only one takes consistent-read and shares everything but write
+// and resize; an export of a raw image takes what the export takes. When the parents change
+// (an export added, a job started, a reopen), the locks follow.
 // Across processes, and against QEMU, the native helper takes QEMU's byte-range OFD locks
-// when it is built. Within one process a table keyed by device and inode applies the same
-// rules with the same messages, so two nodes of one process exclude each other even
-// without the helper.
+// when it is built (100 + perm held, 200 + perm not shared). Within one process a table keyed
+// by device and inode applies the same rules with the same messages, so two nodes of one
+// process exclude each other even without the helper.
 
 import type { FileHandle } from 'node:fs/promises';
 import { findConflict, imagePerms, loadNative, type ImagePerms } from '../../util/native.js';
+import { PERM_ALL } from '../permissions.js';
+import type { PermChange } from '../driver.js';
 
 export interface ImageLock {
   /**
-   * Moves the locks to `fh` (the reopened descriptor) with the permissions of `readOnly`.
-   * On failure the old descriptor keeps its locks and the error says why.
+   * Checks and takes the locks for `perms` (what the node's parents hold and share), keeping
+   * the old ones too until commit() (QEMU's RAW_PL_PREPARE); abort() puts the old ones back.
+   * Throws QEMU's "Failed to get "write" lock" when another user refuses.
    */
-  reopen(fh: FileHandle, readOnly: boolean): Promise<void>;
+  prepare(perms: ImagePerms): PermChange;
+  /** Moves the locks to `fh` (the reopened descriptor). */
+  reopen(fh: FileHandle): Promise<void>;
   /** Drops the locks; call before closing the descriptor. */
   release(): Promise<void>;
 }
@@ -27,7 +34,7 @@ interface Holder {
 // graph in the process on purpose, since they all open the same files.
 const inProcess = new Map<string, Set<Holder>>();
 
-function checkInProcess(holders: Set<Holder>, perms: ImagePerms, filename: string, self?: Holder): void {
+function checkInProcess(holders: Set<Holder>, perms: ImagePerms, filename: string, self: Holder): void {
   for (const h of holders) {
     if (h === self) continue;
     const e = findConflict(perms, h.perms, filename);
@@ -35,60 +42,62 @@ function checkInProcess(holders: Set<Holder>, perms: ImagePerms, filename: strin
   }
 }
 
-export async function acquireImageLock(
-  fh: FileHandle,
-  filename: string,
-  readOnly: boolean,
-  forceShare = false,
-): Promise<ImageLock> {
+/** An image lock that holds nothing yet (a file node without parents). */
+export async function openImageLock(fh: FileHandle, filename: string): Promise<ImageLock> {
   const st = await fh.stat();
   const key = `${st.dev}:${st.ino}`;
   let found = inProcess.get(key);
   if (!found) inProcess.set(key, (found = new Set()));
   const holders = found;
-  const perms = imagePerms(readOnly, forceShare);
-  try {
-    checkInProcess(holders, perms, filename);
-  } catch (e) {
-    if (holders.size === 0) inProcess.delete(key);
-    throw e;
-  }
   const native = loadNative();
-  if (native) {
-    try {
-      native.lockImage(fh.fd, readOnly, filename, forceShare);
-    } catch (e) {
-      if (holders.size === 0) inProcess.delete(key);
-      throw e;
-    }
-  }
-  const me: Holder = { perms };
+  const me: Holder = { perms: { perm: 0, shared: PERM_ALL } };
   holders.add(me);
   let fd = fh.fd;
-  let ro = readOnly;
   let released = false;
+  const apply = (p: ImagePerms): void => native?.setLockBytes(fd, p.perm, PERM_ALL & ~p.shared, filename);
   return {
-    async reopen(nfh, nro) {
-      const nperms = imagePerms(nro, forceShare && nro);
-      checkInProcess(holders, nperms, filename, me);
-      if (native) {
-        // The old descriptor's locks would conflict with the new one's: drop them first and
-        // put them back if the new descriptor cannot take its own.
-        native.unlockImage(fd);
+    prepare(next) {
+      const old = me.perms;
+      const noop = { commit: () => {}, abort: () => {} };
+      if (released) return noop;
+      checkInProcess(holders, next, filename, me);
+      const widening = (next.perm | old.perm) !== old.perm || (old.shared & next.shared) !== old.shared;
+      if (native && widening) {
+        // hold the union while checking, so nobody takes what either state needs meanwhile
+        native.setLockBytes(fd, old.perm | next.perm, PERM_ALL & ~(old.shared & next.shared), filename);
         try {
-          native.lockImage(nfh.fd, nro, filename, forceShare && nro);
+          native.checkLockBytes(fd, next.perm, next.shared, filename);
         } catch (e) {
-          try {
-            native.lockImage(fd, ro, filename, forceShare && ro);
-          } catch {
-            // someone took the image in between: the old descriptor stays unlocked
-          }
+          apply(old);
           throw e;
         }
       }
-      me.perms = nperms;
+      return {
+        commit: () => {
+          if (released) return;
+          me.perms = next;
+          try {
+            apply(next);
+          } catch {
+            // dropping locks cannot conflict; a kernel refusal leaves more locked, never less
+          }
+        },
+        abort: () => {
+          if (released) return;
+          try {
+            apply(old);
+          } catch {
+            // as above
+          }
+        },
+      };
+    },
+    async reopen(nfh) {
+      if (released) return;
+      // shared read locks: the new descriptor can take them while the old one holds them
+      native?.setLockBytes(nfh.fd, me.perms.perm, PERM_ALL & ~me.perms.shared, filename);
+      if (native) native.unlockImage(fd);
       fd = nfh.fd;
-      ro = nro;
     },
     async release() {
       if (released) return;
@@ -98,4 +107,19 @@ export async function acquireImageLock(
       if (holders.size === 0 && inProcess.get(key) === holders) inProcess.delete(key);
     },
   };
+}
+
+/**
+ * Locks an image file for a fixed use outside the graph (blockdev-create's file): a writer
+ * or a reader, as a format on it would. Throws QEMU's message on conflict.
+ */
+export async function acquireImageLock(fh: FileHandle, filename: string, readOnly: boolean, forceShare = false): Promise<ImageLock> {
+  const lock = await openImageLock(fh, filename);
+  try {
+    lock.prepare(imagePerms(readOnly, forceShare)).commit();
+  } catch (e) {
+    await lock.release();
+    throw e;
+  }
+  return lock;
 }

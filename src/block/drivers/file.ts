@@ -5,9 +5,10 @@
 // force-share (read-only only: share every permission).
 //
 // Locking (locking=auto|on): the image is locked with the same byte-range OFD locks QEMU
-// takes when the native helper is built (src/util/native.ts), so QEMU and other lockstep
-// processes are refused as QEMU would refuse them; within one process the same rules hold
-// without the helper (see file-lock.ts).
+// takes when the native helper is built (src/util/native.ts), for the permissions the node's
+// parents hold and share (block/permissions.ts: none while nothing uses the node), so QEMU
+// and other lockstep processes are refused as QEMU would refuse them; within one process the
+// same rules hold without the helper (see file-lock.ts).
 //
 // With the native helper the node also answers block status from SEEK_DATA/SEEK_HOLE (holes
 // are data:false, zero:true), discards by punching holes, and writes zeroes by punching a
@@ -30,7 +31,8 @@ import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type Prepa
 import { BlockError, InvalidArgumentError, STRERROR, isBlockError, strerror, type ErrorCode } from '../../errors.js';
 import type { GraphOpenContext } from '../graph.js';
 import { loadNative } from '../../util/native.js';
-import { acquireImageLock, type ImageLock } from './file-lock.js';
+import { openImageLock, type ImageLock } from './file-lock.js';
+import type { Perms } from '../permissions.js';
 
 /** Largest zero buffer written at once where the filesystem cannot zero a range itself. */
 const ZERO_CHUNK = 1024 * 1024;
@@ -93,10 +95,12 @@ export const fileDriver: BlockDriver = {
       throw e;
     }
     let lock: ImageLock | null = null;
+    // what the lock holds now: a prepared replacement takes the same
+    let heldPerms: Perms | null = null;
     let regular = false;
     try {
       regular = (await fh.stat()).isFile();
-      if (locking !== 'off') lock = await acquireImageLock(fh, filename, readOnly, forceShare);
+      if (locking !== 'off') lock = await openImageLock(fh, filename);
     } catch (e) {
       await fh.close();
       throw e;
@@ -165,7 +169,11 @@ export const fileDriver: BlockDriver = {
           done += bytesWritten;
         }
         if (!cache.noFlush) await sfh.datasync();
-        if (lock) slock = await acquireImageLock(sfh, filename, readOnly, forceShare);
+        // the spare takes over the locks the node holds now (its users' permissions)
+        if (lock) {
+          slock = await openImageLock(sfh, filename);
+          if (heldPerms) slock.prepare(heldPerms).commit();
+        }
       } catch (e) {
         await sfh.close().catch(() => undefined);
         await unlink(sparePath).catch(() => undefined);
@@ -363,7 +371,7 @@ export const fileDriver: BlockDriver = {
         if (outstanding) await outstanding.discard();
         const nfh = await openHandle(filename, ro);
         try {
-          if (lock) await lock.reopen(nfh, ro);
+          if (lock) await lock.reopen(nfh);
         } catch (e) {
           await nfh.close();
           throw e;
@@ -375,6 +383,17 @@ export const fileDriver: BlockDriver = {
         await closeSyncFh();
       },
       prepareReplacement: (content) => prepareReplacement(content),
+      preparePerms: (perms) => {
+        if (!lock) return { commit: () => {}, abort: () => {} };
+        const change = lock.prepare(perms);
+        return {
+          commit: () => {
+            change.commit();
+            heldPerms = perms;
+          },
+          abort: () => change.abort(),
+        };
+      },
       close: async () => {
         if (outstanding) await outstanding.discard();
         await dirFh?.close().catch(() => undefined);

@@ -22,6 +22,7 @@
 // Children are added and removed at run time (x-blockdev-change): adding names the next
 // index, removing the highest-numbered child frees its index (stable names, QEMU 5.2+).
 
+import { quorumChildPerms } from '../permissions.js';
 import { createHash } from 'node:crypto';
 import { makeCaps, type BlockDriver, type NodeImpl, type WriteFlags, type ZeroFlags } from '../driver.js';
 import { BlockError, InvalidArgumentError, StateError, errorMessage } from '../../errors.js';
@@ -53,6 +54,10 @@ const SECTOR = 512;
 export const quorumDriver: BlockDriver = {
   name: 'quorum',
   kind: 'multi',
+  childPerms(node, _role, parent) {
+    const rc = node.options['rewrite-corrupted'];
+    return quorumChildPerms(parent, rc === true || rc === 'on');
+  },
   async open(ctx, o): Promise<NodeImpl> {
     const threshold = o.int('vote-threshold', true);
     const readPattern = o.enumOf('read-pattern', ['quorum', 'fifo']) ?? 'quorum';

@@ -1,12 +1,19 @@
 // Format driver "raw": the guest sees `file` directly, optionally a window of it
 // (offset/size). Every byte is allocated in this layer; holes and zeroes come from `file`.
 
+import { filterChildPerms, rawWindowChildPerms } from '../permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { BlockError, InvalidArgumentError } from '../../errors.js';
 
 export const rawDriver: BlockDriver = {
   name: 'raw',
   kind: 'format',
+  // QEMU's raw: a filter of its file, unless it shows a window of it (offset or size)
+  childPerms(node, _role, parent) {
+    const o = node.options;
+    const window = (o.offset !== undefined && Number(o.offset) !== 0) || o.size !== undefined;
+    return window ? rawWindowChildPerms(parent) : filterChildPerms(parent);
+  },
   async open(ctx, o): Promise<NodeImpl> {
     const base = o.size('offset') ?? 0;
     const fixedSize = o.size('size');

@@ -18,6 +18,7 @@
 //
 // query output: info() gives { target, 'cluster-size', 'dirty-clusters', 'copied-bytes' }.
 
+import { cbwChildPerms } from '../permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
@@ -147,6 +148,7 @@ export function getCopyBeforeWrite(node: BlockNode): CopyBeforeWrite {
 export const copyBeforeWriteDriver: BlockDriver = {
   name: 'copy-before-write',
   kind: 'filter',
+  childPerms: (node, role, parent) => cbwChildPerms(role, parent, node.parents.size > 0),
   async open(ctx, o): Promise<NodeImpl> {
     const fileOpt = o.raw('file');
     const targetOpt = o.raw('target');

@@ -9,6 +9,7 @@
 //
 // Option: file (BlockdevRef). Only jobs create these nodes.
 
+import { commitTopChildPerms, filterChildPerms } from '../permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
 import { StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
@@ -55,6 +56,9 @@ function makeDriver(name: string): BlockDriver {
   return {
     name,
     kind: 'filter',
+    // mirror_top passes its parents' needs through; commit_top neither reads consistently
+    // nor keeps others from writing (the chain above the base is inconsistent meanwhile)
+    childPerms: (_node, _role, parent) => (name === 'commit_top' ? commitTopChildPerms(parent) : filterChildPerms(parent)),
     async open(ctx, o): Promise<NodeImpl> {
       const fileOpt = o.raw('file');
       o.done();

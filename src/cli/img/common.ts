@@ -2,6 +2,7 @@
 // (-f FMT, probing, json: filenames, --image-opts), qemu-img's error line, image sizes,
 // the qcow2 library (loaded lazily: it lives in the qcow2 driver's folder), progress.
 
+import { toolPerms } from '../../block/permissions.js';
 import type { CreateQcow2Options } from '../../block/drivers/qcow2/create.js';
 import { stat } from 'node:fs/promises';
 import { BlockGraph } from '../../block/graph.js';
@@ -38,6 +39,8 @@ export interface OpenSpec {
   readOnly?: boolean;
   /** open without the backing chain (qemu-img's BDRV_O_NO_BACKING) */
   noBacking?: boolean;
+  /** metadata only (qemu-img info's BDRV_O_NO_IO): no consistent-read permission taken */
+  noIo?: boolean;
   /** cache mode (-t): writeback (default), writethrough, unsafe, none/directsync (refused by file) */
   cache?: string;
 }
@@ -95,8 +98,10 @@ export async function openImage(graph: BlockGraph, spec: OpenSpec): Promise<Open
     if (!graph.drivers.has(String(dict.driver))) throw new InvalidArgumentError(`Unknown driver '${String(dict.driver)}'`);
     if (spec.noBacking && dict.backing === undefined && graph.drivers.get(String(dict.driver))?.supportsBacking) dict.backing = null;
     const writethrough = applyCache(dict, keyval, spec.cache);
-    const node = await graph.open(dict, { keyval, readOnly: spec.readOnly ?? false });
-    const backend = graph.createBackend(node, { readOnly: spec.readOnly ?? false, writethrough });
+    const noIo = spec.noIo ?? false;
+    const node = await graph.open(dict, { keyval, readOnly: spec.readOnly ?? false, noIo });
+    // qemu-img's BlockBackend (blk_new_open): shares everything; the formats decide the rest
+    const backend = graph.createBackend(node, { readOnly: spec.readOnly ?? false, writethrough, perms: toolPerms(!(spec.readOnly ?? false), noIo) });
     const file = isDict(dict.file) && typeof dict.file.filename === 'string' ? dict.file.filename : node.filename;
     return { node, backend, filename: spec.imageOpts ? node.filename : spec.filename || file };
   } catch (e) {

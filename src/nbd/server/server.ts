@@ -15,6 +15,7 @@
 // released when the export is removed. Errors of the Backend (fenced writes: EIO) reach the
 // client through nbd/errno.ts.
 
+import { nbdExportPerms } from '../../block/permissions.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import type { BlockGraph } from '../../block/graph.js';
@@ -171,7 +172,15 @@ export class NbdServer implements HandshakeHost {
     const writable = opts.writable ?? false;
     if (writable && node.readOnly) throw new InvalidArgumentError(`Cannot export node '${node.name}' writable: it is read-only`);
     const multiConn = opts.multiConn === 'on' || ((opts.multiConn ?? 'auto') === 'auto' && !writable);
+    // QEMU's order: the export's handle shares everything when it is attached, and then
+    // stops sharing resize (so a conflict is reported as QEMU reports it)
     const backend = this.graph.createBackend(node, { readOnly: !writable, user: true });
+    try {
+      this.graph.setBackendPerms(backend, nbdExportPerms(writable));
+    } catch (e) {
+      this.graph.releaseBackend(backend);
+      throw e;
+    }
     const exp = new NbdExport(opts.name, description, backend, writable, multiConn);
     this.exportMap.set(opts.name, exp);
     return exp.info();

@@ -1,12 +1,13 @@
 // Block graph commands: blockdev-add, blockdev-del, blockdev-reopen,
-// query-named-block-nodes, x-blockdev-change.
+// query-named-block-nodes, x-blockdev-change, block_resize.
 
 import type { BlockNode } from '../../block/node.js';
 import type { OptionDict } from '../../block/options.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { QmpError } from '../errors.js';
-import { BLOCKDEV_DEL, BLOCKDEV_REOPEN, QUERY_NAMED_BLOCK_NODES, X_BLOCKDEV_CHANGE } from '../schema/block.js';
+import { RESIZE_PERMS } from '../../block/permissions.js';
+import { BLOCK_RESIZE, BLOCKDEV_DEL, BLOCKDEV_REOPEN, QUERY_NAMED_BLOCK_NODES, X_BLOCKDEV_CHANGE } from '../schema/block.js';
 import { ANY_DICT } from '../schema/types.js';
 
 /** QEMU's "json:{...}" filename for nodes without a plain file name. */
@@ -172,7 +173,41 @@ async function xBlockdevChange(ctx: QmpContext, parentName: string, childName?: 
   ctx.log.info('child removed', { parent: parent.name, child: childName });
 }
 
+/** QEMU's bdrv_lookup_bs: a device (named backend) first, then a node-name. */
+function lookupBs(ctx: QmpContext, device: string | undefined, nodeName: string | undefined): BlockNode {
+  const byDevice = device !== undefined ? ctx.graph.backends.get(device)?.node : undefined;
+  if (byDevice) return byDevice;
+  const byName = nodeName !== undefined ? ctx.graph.nodes.get(nodeName) : undefined;
+  if (byName && byName.isOpen) return byName;
+  throw new InvalidArgumentError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+}
+
+/**
+ * block_resize, as QEMU 7.2 orders its checks: the node, the size, the job blockers
+ * ("Device '...' is in use", QEMU prints a missing device as "(null)"), then a temporary
+ * user taking the resize permission, which every other user must share.
+ */
+async function blockResize(ctx: QmpContext, device: string | undefined, nodeName: string | undefined, size: number): Promise<void> {
+  const node = lookupBs(ctx, device, nodeName);
+  if (size < 0) throw new InvalidArgumentError(`Parameter 'size' expects a >0 size`);
+  if (node.blockers.size > 0) throw new StateError(`Device '${device ?? '(null)'}' is in use`);
+  const b = ctx.graph.createBackend(node, { perms: RESIZE_PERMS, user: false, jobHold: true });
+  try {
+    if (node.readOnly) throw new InvalidArgumentError('Image is read-only');
+    if (!node.caps.truncate) throw new InvalidArgumentError('Image format driver does not support resize');
+    await node.truncate(size);
+  } finally {
+    b.closed = true;
+    node.parents.delete(b.edge);
+    ctx.graph.refreshPermsQuietly([node]);
+  }
+  ctx.log.info('node resized', { node: node.name, size });
+}
+
 export const blockdevCommands: readonly QmpCommand[] = [
+  command('block_resize', BLOCK_RESIZE, (ctx, args) =>
+    blockResize(ctx, args.device as string | undefined, args['node-name'] as string | undefined, args.size as number),
+  ),
   command('blockdev-add', ANY_DICT, (ctx, args) => blockdevAdd(ctx, args)),
   command('blockdev-del', BLOCKDEV_DEL, (ctx, args) => blockdevDel(ctx, args['node-name'])),
   command('blockdev-reopen', BLOCKDEV_REOPEN, (ctx, args) => blockdevReopen(ctx, args.options)),

@@ -6,6 +6,7 @@
 //   drive_del NODE               delete a node added by drive_add / blockdev-add
 //   info block [-n] [-v] [DEV]   list devices (named backends), or nodes with -n
 
+import { WATCH_PERMS } from '../../block/permissions.js';
 import type { Backend } from '../../block/backend.js';
 import type { BlockNode } from '../../block/node.js';
 import { errorMessage } from '../../errors.js';
@@ -85,7 +86,8 @@ async function qemuIo(ctx: QmpContext, args: string[]): Promise<string> {
   }
   const runner = ctx.services.runIoCommand;
   if (!runner) return 'Error: qemu-io is not available in this build\n';
-  const backend = ctx.graph.createBackend(entryNode(node), { readOnly: node.readOnly, user: false });
+  // QEMU's HMP qemu-io starts with no permissions (a write command takes them per command)
+  const backend = ctx.graph.createBackend(entryNode(node), { readOnly: node.readOnly, user: false, perms: WATCH_PERMS });
   let out = '';
   try {
     await runner(backend, cmdline, (s) => {

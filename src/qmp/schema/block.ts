@@ -4,6 +4,8 @@ import { ANY_DICT, enumOf, listOf, type Fields } from './types.js';
 
 export const BLOCKDEV_DEL = { 'node-name': 'str' } as const satisfies Fields;
 
+export const BLOCK_RESIZE = { '*device': 'str', '*node-name': 'str', size: 'int' } as const satisfies Fields;
+
 export const BLOCKDEV_REOPEN = { options: listOf(ANY_DICT) } as const satisfies Fields;
 
 export const QUERY_NAMED_BLOCK_NODES = { '*flat': 'bool' } as const satisfies Fields;

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { newGraph, pattern, tempDir } from '../../helpers/graph.js';
 import { loadNative, nativeUnavailableReason } from '../../../src/util/native.js';
 import type { BlockGraph } from '../../../src/block/graph.js';
+import { PERM_ALL, storageChildPerms } from '../../../src/block/permissions.js';
 import type { BlockNode } from '../../../src/block/node.js';
 
 const KiB = 1024;
@@ -73,8 +74,21 @@ function qemuImgMap(path: string): Extent[] {
   return (JSON.parse(r.stdout) as Extent[]).map(({ start, length, data, zero }) => ({ start, length, data, zero }));
 }
 
-function openFile(g: BlockGraph, filename: string, readOnly = false): Promise<BlockNode> {
-  return g.open({ driver: 'file', filename, 'read-only': readOnly });
+/**
+ * A file node used as a format on it uses it (what takes the image locks: a file node nobody
+ * uses locks nothing, as in QEMU): a writer takes consistent read, write and resize and
+ * shares neither write nor resize; a reader takes consistent read and shares the same.
+ */
+async function openFile(g: BlockGraph, filename: string, readOnly = false): Promise<BlockNode> {
+  const node = await g.open({ driver: 'file', filename, 'read-only': readOnly });
+  try {
+    g.createBackend(node, { readOnly, perms: storageChildPerms({ perm: 0, shared: PERM_ALL }, !readOnly) });
+  } catch (e) {
+    g.collect(node);
+    await g.settle();
+    throw e;
+  }
+  return node;
 }
 
 function lockMessage(kind: 'write' | 'shared write', filename: string): string {
@@ -131,7 +145,10 @@ function holdWithLockstep(t: TestContext, filename: string, readOnly: boolean): 
     const g = new BlockGraph(createRegistry());
     const limit = setTimeout(() => process.exit(3), 120000);
     try {
-      await g.open({ driver: 'file', filename: ${JSON.stringify(filename)}, 'read-only': ${readOnly} });
+      const n = await g.open({ driver: 'file', filename: ${JSON.stringify(filename)}, 'read-only': ${readOnly} });
+      // used as a format uses its file: writer 11 = consistent read | write | resize, reader 1,
+      // both sharing 5 = consistent read | write unchanged
+      g.createBackend(n, { perms: { perm: ${readOnly ? 1 : 11}, shared: 5 } });
     } catch (e) {
       process.stderr.write(e.message);
       process.exit(1);
@@ -297,12 +314,16 @@ test('without the helper (LOCKSTEP_NATIVE=off) the file driver works as before a
     const { loadNative } = await import(${src('util/native.js')});
     const g = new BlockGraph(createRegistry());
     const n = await g.open({ driver: 'file', filename: ${JSON.stringify(path)} });
+    g.createBackend(n, { perms: { perm: 11, shared: 5 } }); // a writable format's use
     await n.writeZeroes(0, 1024, { mayUnmap: true });
     await n.discard(0, 4096);
     const s = await n.blockStatus(0, 1 << 20);
     const b = await n.read(0, 4096);
     let second = 'opened';
-    try { await g.open({ driver: 'file', filename: ${JSON.stringify(path)}, 'read-only': true }); } catch (e) { second = e.message; }
+    try {
+      const r = await g.open({ driver: 'file', filename: ${JSON.stringify(path)}, 'read-only': true });
+      g.createBackend(r, { perms: { perm: 1, shared: 5 } }); // a reading format's use
+    } catch (e) { second = e.message; }
     await g.closeAll();
     console.log(JSON.stringify({ native: loadNative() !== null, caps: n.caps, s, zeroes: b.subarray(0, 1024).every((x) => x === 0),
       kept: b.subarray(1024).every((x) => x === 3), second }));
@@ -421,18 +442,20 @@ test('reopen moves the locks: read-write refused while QEMU reads, then taken an
   const path = qcow2Image(dir);
   const g = newGraph();
   t.after(() => g.closeAll());
-  const node = await openFile(g, path, true);
+  // a qcow2 node: what it takes on its file follows its own writability
+  const q = await g.open({ driver: 'qcow2', 'read-only': true, file: { driver: 'file', filename: path } });
+  const node = q.file!;
   const reader = await holdWithQemuIo(t, ['-r', '-f', 'qcow2', path]);
-  await assert.rejects(node.setReadOnly(false), { message: lockMessage('write', path) });
-  assert.equal(node.readOnly, true);
+  await assert.rejects(q.setReadOnly(false), { message: lockMessage('write', path) });
+  assert.equal(q.readOnly, true);
   // the failed reopen kept the read-only locks: a QEMU writer is still refused
   assert.match(run('qemu-io', ['-f', 'qcow2', '-c', 'read 0 512', path]).output, /Failed to get "write" lock/);
   await reader.stop();
 
-  await node.setReadOnly(false);
+  await q.setReadOnly(false);
   await node.write(0, Buffer.from('QFI\xfb', 'latin1'));
   assert.match(run('qemu-img', ['info', path]).output, /Failed to get shared "write" lock/);
-  await node.setReadOnly(true);
+  await q.setReadOnly(true);
   const info = run('qemu-img', ['info', path]);
   assert.equal(info.status, 0, info.output);
 });
@@ -455,7 +478,11 @@ test('two lockstep processes refuse each other, as writers and as a reader again
   // and the other way round: the child cannot open what this process holds
   await assert.rejects(holdWithLockstep(t, path, false), /Failed to get "write" lock\nIs another process using the image/);
   await assert.rejects(holdWithLockstep(t, path, true), /Failed to get shared "write" lock/);
-  await mine.setReadOnly(true);
+  await g.closeAll();
+  assert.ok(mine.closed);
+  const g3 = newGraph();
+  t.after(() => g3.closeAll());
+  await openFile(g3, path, true);
   const reader = await holdWithLockstep(t, path, true);
   await reader.stop();
 });
