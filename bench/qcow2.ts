@@ -4,9 +4,9 @@
 // Each figure is the median of RUNS runs of "Run completed in X seconds" (the I/O loop
 // only, as qemu-img bench reports it). ratio = QEMU time / lockstep time, so >= 1.0 means
 // lockstep is at least as fast.
-// With --fs, a third column runs lockstep with LOCKSTEP_IO_URING=off (file I/O through
-// Node's fs and libuv's thread pool instead of io_uring), to show what the ring is worth.
-// Run: npx tsc -p . && nice -n 10 node dist/bench/qcow2.js [dir] [runs] [--fs]
+// With --uring, a third column runs lockstep with LOCKSTEP_IO_URING=on (file I/O through the
+// native helper's io_uring instead of libuv's thread pool), to show what the ring is worth.
+// Run: npx tsc -p . && nice -n 10 node dist/bench/qcow2.js [dir] [runs] [--uring]
 
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -21,10 +21,10 @@ const COUNT = 2 ** 30 / REQUEST;
 const DEPTH = 16;
 const CACHE = 'writeback';
 
-type Tool = 'qemu' | 'lockstep' | 'lockstep-fs';
+type Tool = 'qemu' | 'lockstep' | 'lockstep-uring';
 
 function exec(tool: Tool, args: string[]): string {
-  const env = tool === 'lockstep-fs' ? { ...process.env, LOCKSTEP_IO_URING: 'off' } : process.env;
+  const env = tool === 'lockstep-uring' ? { ...process.env, LOCKSTEP_IO_URING: 'on' } : process.env;
   const r = tool === 'qemu'
     ? spawnSync('qemu-img', args, { encoding: 'utf8' })
     : spawnSync(process.execPath, [LOCKSTEP, 'img', ...args], { encoding: 'utf8', env });
@@ -48,14 +48,14 @@ function median(xs: number[]): number {
 }
 
 function main(): void {
-  const withFs = process.argv.includes('--fs');
-  const argv = process.argv.slice(2).filter((a) => a !== '--fs');
+  const withRing = process.argv.includes('--uring');
+  const argv = process.argv.slice(2).filter((a) => a !== '--uring');
   const dir = argv[0] ?? mkdtempSync(join(tmpdir(), 'lockstep-bench-qcow2-'));
   const runs = Number(argv[1] ?? 3);
-  const tools: Tool[] = withFs ? ['qemu', 'lockstep', 'lockstep-fs'] : ['qemu', 'lockstep'];
+  const tools: Tool[] = withRing ? ['qemu', 'lockstep', 'lockstep-uring'] : ['qemu', 'lockstep'];
   const results: Record<string, Record<Tool, number[]>> = {};
   const record = (name: string, tool: Tool, seconds: number): void => {
-    (results[name] ??= { qemu: [], lockstep: [], 'lockstep-fs': [] })[tool].push(seconds);
+    (results[name] ??= { qemu: [], lockstep: [], 'lockstep-uring': [] })[tool].push(seconds);
   };
   try {
     for (let i = 0; i < runs; i++) {
@@ -81,9 +81,9 @@ function main(): void {
     const q = median(r.qemu);
     const l = median(r.lockstep);
     let line = `${name.padEnd(16)} qemu-img ${q.toFixed(3)} s (${(1024 / q).toFixed(0)} MiB/s)  lockstep ${l.toFixed(3)} s (${(1024 / l).toFixed(0)} MiB/s)  ratio ${(q / l).toFixed(2)}`;
-    if (withFs) {
-      const f = median(r['lockstep-fs']);
-      line += `  lockstep-fs ${f.toFixed(3)} s  ratio ${(q / f).toFixed(2)}`;
+    if (withRing) {
+      const f = median(r['lockstep-uring']);
+      line += `  lockstep-uring ${f.toFixed(3)} s  ratio ${(q / f).toFixed(2)}`;
     }
     console.log(line);
   }

@@ -82,7 +82,7 @@ export interface NativeHelper {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(ZERO_RANGE), growing the file if the range ends past EOF; ENOTSUP as above */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
-  /** file reads and writes through io_uring, or null (LOCKSTEP_IO_URING=off, an older addon) */
+  /** file reads and writes through io_uring when LOCKSTEP_IO_URING=on, else null */
   readonly ring: RingIo | null;
 }
 
@@ -152,7 +152,9 @@ function wrap(addon: Addon): NativeHelper {
     throw e;
   };
   const hint = (filename: string): string => `\nIs another process using the image [${filename}]?`;
-  const ringOff = ['off', '0'].includes(process.env.LOCKSTEP_IO_URING ?? '');
+  // opt-in for now: in the side-by-side NBD bench the ring was slower than the thread pool
+  // for large writes (docs/benchmarks.md, issue 18)
+  const ringOff = !['on', '1'].includes(process.env.LOCKSTEP_IO_URING ?? '');
   const uRead = addon.uringRead;
   const uWrite = addon.uringWrite;
   const ring: RingIo | null =

@@ -1,9 +1,10 @@
 // Protocol driver "file": a host file through a Node FileHandle.
 // Options: filename (required), cache.direct (refused: Node cannot guarantee the aligned
 // buffers O_DIRECT needs), cache.no-flush, aio (threads|native|io_uring, accepted: reads and
-// writes go through the native helper's io_uring when it has one, else through Node's fs and
-// libuv's thread pool, whatever aio says), locking (auto|on|off), aio-max-batch, pr-manager
-// (refused), force-share (read-only only: share every permission).
+// writes go through Node's fs and libuv's thread pool, or through the native helper's
+// io_uring with LOCKSTEP_IO_URING=on in the environment, whatever aio says), locking
+// (auto|on|off), aio-max-batch, pr-manager (refused), force-share (read-only only: share
+// every permission).
 //
 // Locking (locking=auto|on): the image is locked with the same byte-range OFD locks QEMU
 // takes when the native helper is built (src/util/native.ts), so QEMU and other lockstep
@@ -82,7 +83,7 @@ export const fileDriver: BlockDriver = {
     let readOnly = ctx.readOnly;
     if (forceShare && !readOnly) throw new InvalidArgumentError('force-share=on can only be used with read-only images');
     const native = loadNative();
-    // reads and writes through io_uring where the helper has it (same bytes as Node's fs)
+    // reads and writes through io_uring when enabled (LOCKSTEP_IO_URING=on): same bytes as fs
     const ring = native?.ring ?? null;
     let fh = await openHandle(filename, readOnly);
     let size: number;

@@ -1,6 +1,7 @@
-// The file driver's reads and writes through io_uring (the native helper) against Node's fs
-// (LOCKSTEP_IO_URING=off, in a child process): the same file read both ways gives the same
-// bytes, writes either way leave the same file, and reads past EOF are zeroes in both.
+// The file driver's reads and writes through io_uring (the native helper, LOCKSTEP_IO_URING=on
+// in this process) against Node's fs (the default, in a child process): the same file read
+// both ways gives the same bytes, writes either way leave the same file, and reads past EOF
+// are zeroes in both.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -14,6 +15,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const GRAPH = new URL('../../../src/block/graph.js', import.meta.url).href;
 const REGISTRY = new URL('../../../src/block/registry.js', import.meta.url).href;
+
+// read when the helper is first loaded, which happens in the test below
+process.env.LOCKSTEP_IO_URING = 'on';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
