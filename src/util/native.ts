@@ -93,9 +93,9 @@ export interface NativeHelper {
  * then does it through Node's fs, which gives the same bytes.
  */
 export interface RingIo {
-  /** bytes read (fewer at EOF, 0 past it); rejects with a BlockError */
+  /** bytes read (fewer at EOF, 0 past it); rejects with an Error carrying an errno `code`, as fs does */
   read(fd: number, buf: Buffer, offset: number): Promise<number> | null;
-  /** bytes written (possibly fewer: the caller writes the rest); rejects with a BlockError */
+  /** bytes written (possibly fewer: the caller writes the rest); rejects as read does */
   write(fd: number, buf: Buffer, offset: number): Promise<number> | null;
 }
 
