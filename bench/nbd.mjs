@@ -3,11 +3,13 @@
 //   nbdcopy of 512 MiB into the export and out of it, and fio's nbd engine with 4 KiB random
 //   writes/reads at queue depth 32 and 1 MiB sequential writes/reads at depth 8.
 // Prints MiB/s (nbdcopy) or IOPS (fio) per server and the ratios.
-// usage: npm run build && node bench/nbd.mjs [--runtime=8] [--size-mib=512] [--rounds=3]
+// --uring adds lockstep's server with LOCKSTEP_IO_URING=on (file I/O through the native
+// helper's io_uring instead of libuv's thread pool) as a last column.
+// usage: npm run build && nice -n 10 node bench/nbd.mjs [--runtime=8] [--size-mib=512] [--rounds=3] [--uring]
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { randomFillSync } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
@@ -48,6 +50,7 @@ const SERVERS = {
   'qemu-nbd': ['qemu-nbd', ['-f', 'raw', '-b', '127.0.0.1', '-p', String(PORT), '-t', '--cache=writeback', disk]],
   nbdkit: ['nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(PORT), 'file', disk]],
 };
+if ('uring' in args) SERVERS['lockstep io_uring'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'on' }];
 
 function waitPort() {
   return new Promise((resolve, reject) => {
@@ -104,8 +107,8 @@ const ROUNDS = Number(args.rounds ?? 3);
 const results = {};
 try {
   for (let round = 0; round < ROUNDS; round++) {
-    for (const [name, [cmd, argv]] of Object.entries(SERVERS)) {
-      const child = spawn(cmd, argv, { stdio: 'ignore' });
+    for (const [name, [cmd, argv, env]] of Object.entries(SERVERS)) {
+      const child = spawn(cmd, argv, { stdio: 'ignore', env: { ...process.env, ...env } });
       try {
         await waitPort();
         const r = ROWS.map(([, run]) => run());
@@ -123,6 +126,7 @@ try {
   rmSync(dir, { recursive: true, force: true });
 }
 
+console.log(`load average at the end: ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
 const f = (x) => (x >= 100 ? Math.round(x).toString() : x.toFixed(1));
 const cols = Object.keys(SERVERS);
 console.log(`| workload | ${cols.join(' | ')} | lockstep/qemu-nbd | lockstep/nbdkit | multi-conn/nbdkit |`);

@@ -4,11 +4,13 @@
 // Each figure is the median of RUNS runs of "Run completed in X seconds" (the I/O loop
 // only, as qemu-img bench reports it). ratio = QEMU time / lockstep time, so >= 1.0 means
 // lockstep is at least as fast.
-// Run: npx tsc -p . && node dist/bench/qcow2.js [dir] [runs]
+// With --uring, a third column runs lockstep with LOCKSTEP_IO_URING=on (file I/O through the
+// native helper's io_uring instead of libuv's thread pool), to show what the ring is worth.
+// Run: npx tsc -p . && nice -n 10 node dist/bench/qcow2.js [dir] [runs] [--uring]
 
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -19,12 +21,13 @@ const COUNT = 2 ** 30 / REQUEST;
 const DEPTH = 16;
 const CACHE = 'writeback';
 
-type Tool = 'qemu' | 'lockstep';
+type Tool = 'qemu' | 'lockstep' | 'lockstep-uring';
 
 function exec(tool: Tool, args: string[]): string {
+  const env = tool === 'lockstep-uring' ? { ...process.env, LOCKSTEP_IO_URING: 'on' } : process.env;
   const r = tool === 'qemu'
     ? spawnSync('qemu-img', args, { encoding: 'utf8' })
-    : spawnSync(process.execPath, [LOCKSTEP, 'img', ...args], { encoding: 'utf8' });
+    : spawnSync(process.execPath, [LOCKSTEP, 'img', ...args], { encoding: 'utf8', env });
   if (r.error) throw new Error(`${tool}: ${r.error.message}`);
   if (r.status !== 0) throw new Error(`${tool} img ${args.join(' ')} failed: ${r.stderr.trim()}`);
   return r.stdout;
@@ -45,16 +48,19 @@ function median(xs: number[]): number {
 }
 
 function main(): void {
-  const dir = process.argv[2] ?? mkdtempSync(join(tmpdir(), 'lockstep-bench-qcow2-'));
-  const runs = Number(process.argv[3] ?? 3);
+  const withRing = process.argv.includes('--uring');
+  const argv = process.argv.slice(2).filter((a) => a !== '--uring');
+  const dir = argv[0] ?? mkdtempSync(join(tmpdir(), 'lockstep-bench-qcow2-'));
+  const runs = Number(argv[1] ?? 3);
+  const tools: Tool[] = withRing ? ['qemu', 'lockstep', 'lockstep-uring'] : ['qemu', 'lockstep'];
   const results: Record<string, Record<Tool, number[]>> = {};
   const record = (name: string, tool: Tool, seconds: number): void => {
-    (results[name] ??= { qemu: [], lockstep: [] })[tool].push(seconds);
+    (results[name] ??= { qemu: [], lockstep: [], 'lockstep-uring': [] })[tool].push(seconds);
   };
   try {
     for (let i = 0; i < runs; i++) {
       for (const format of ['qcow2', 'raw']) {
-        for (const tool of ['qemu', 'lockstep'] as Tool[]) {
+        for (const tool of tools) {
           const image = join(dir, `${tool}.${format}`);
           rmSync(image, { force: true });
           // each tool creates its own image, as a user would
@@ -67,13 +73,19 @@ function main(): void {
       }
     }
   } finally {
-    if (process.argv[2] === undefined) rmSync(dir, { recursive: true, force: true });
+    if (argv[0] === undefined) rmSync(dir, { recursive: true, force: true });
   }
+  console.log(`load average ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
   console.log(`${SIZE} images (qcow2: 64 KiB clusters), ${REQUEST / 1024} KiB requests x ${COUNT}, depth ${DEPTH}, cache ${CACHE}; median of ${runs}`);
   for (const [name, r] of Object.entries(results)) {
     const q = median(r.qemu);
     const l = median(r.lockstep);
-    console.log(`${name.padEnd(16)} qemu-img ${q.toFixed(3)} s (${(1024 / q).toFixed(0)} MiB/s)  lockstep ${l.toFixed(3)} s (${(1024 / l).toFixed(0)} MiB/s)  ratio ${(q / l).toFixed(2)}`);
+    let line = `${name.padEnd(16)} qemu-img ${q.toFixed(3)} s (${(1024 / q).toFixed(0)} MiB/s)  lockstep ${l.toFixed(3)} s (${(1024 / l).toFixed(0)} MiB/s)  ratio ${(q / l).toFixed(2)}`;
+    if (withRing) {
+      const f = median(r['lockstep-uring']);
+      line += `  lockstep-uring ${f.toFixed(3)} s  ratio ${(q / f).toFixed(2)}`;
+    }
+    console.log(line);
   }
 }
 

@@ -5,6 +5,8 @@
 //   seek(fd, offset, hole)       lseek(SEEK_DATA) or lseek(SEEK_HOLE when hole is true)
 //   fallocate(fd, mode, offset, length) -> Promise<number>, run on the libuv thread pool
 //                                (punching or zeroing a large range may take a while)
+//   uringRead/uringWrite(fd, buf, offset) -> Promise<number> | null: pread/pwrite through
+//                                io_uring (see the section below)
 // Every call returns a negative errno instead of throwing: the TypeScript side
 // (src/util/native.ts) owns the error messages. Only argument errors throw.
 
@@ -172,6 +174,251 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+// ---- io_uring: file reads and writes without libuv's thread pool --------------------------
+//   uringRead(fd, buf, offset)          -> Promise<number> (bytes read, or -errno), or null
+//   uringWrite(fd, buf, offset)         -> Promise<number> (bytes written, or -errno), or null
+// null: no ring (the kernel refused io_uring) or the ring is full; the caller then uses
+// Node's fs (the thread pool) for that request, which gives the same bytes.
+// One ring per Node environment (instance data), set up at the first call. A request is
+// submitted at once (io_uring_enter); a small read the page cache can answer completes inside
+// that call and its promise is resolved before the call returns (requests of 32 KiB or more
+// are handed to the kernel's workers, IOSQE_ASYNC, see below). Other completions are reaped
+// when the ring's eventfd, polled on the event loop, becomes readable. The poll handle keeps
+// the loop alive only while requests are in flight.
+
+#include <linux/io_uring.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <uv.h>
+
+#define URING_ENTRIES 256
+#define URING_INLINE_MAX (32 * 1024)
+
+typedef struct {
+  napi_deferred deferred;
+  napi_ref buf;
+} uring_slot;
+
+typedef struct {
+  napi_env env;
+  int failed; // setup failed: -errno, the ring is never used
+  int ring_fd;
+  int event_fd;
+  unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+  unsigned *cq_head, *cq_tail, *cq_mask;
+  struct io_uring_sqe *sqes;
+  struct io_uring_cqe *cqes;
+  void *sq_ptr, *cq_ptr;
+  size_t sq_size, cq_size, sqes_size;
+  unsigned sq_entries;
+  uv_poll_t poll;
+  int poll_started;
+  unsigned inflight;
+  uring_slot slots[URING_ENTRIES];
+  unsigned free_slots[URING_ENTRIES];
+  unsigned nfree;
+  napi_async_context actx;
+  napi_ref resource;
+} uring_t;
+
+static int uring_setup_ring(uring_t *r) {
+  struct io_uring_params p;
+  memset(&p, 0, sizeof(p));
+  int fd = (int)syscall(__NR_io_uring_setup, URING_ENTRIES, &p);
+  if (fd < 0) return -errno;
+  r->ring_fd = fd;
+  r->sq_entries = p.sq_entries;
+  r->sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+  r->cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  r->sqes_size = p.sq_entries * sizeof(struct io_uring_sqe);
+  r->sq_ptr = mmap(NULL, r->sq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+  if (r->sq_ptr == MAP_FAILED) return -errno;
+  r->cq_ptr = mmap(NULL, r->cq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+  if (r->cq_ptr == MAP_FAILED) return -errno;
+  r->sqes = mmap(NULL, r->sqes_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+  if (r->sqes == MAP_FAILED) return -errno;
+  char *sq = r->sq_ptr, *cq = r->cq_ptr;
+  r->sq_head = (unsigned *)(sq + p.sq_off.head);
+  r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+  r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+  r->sq_array = (unsigned *)(sq + p.sq_off.array);
+  r->cq_head = (unsigned *)(cq + p.cq_off.head);
+  r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+  r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+  r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+  r->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (r->event_fd < 0) return -errno;
+  if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD_ASYNC, &r->event_fd, 1) < 0) return -errno;
+  return 0;
+}
+
+// Resolves every completion posted so far. Called inside a JS call (after a submit) or from
+// the poll callback inside a callback scope.
+static void uring_reap(uring_t *r) {
+  unsigned head = *r->cq_head;
+  for (;;) {
+    unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+    if (head == tail) break;
+    struct io_uring_cqe *cqe = &r->cqes[head & *r->cq_mask];
+    unsigned slot = (unsigned)cqe->user_data;
+    int res = cqe->res;
+    head++;
+    __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+    uring_slot *s = &r->slots[slot];
+    napi_value v;
+    napi_create_int32(r->env, res, &v);
+    napi_resolve_deferred(r->env, s->deferred, v);
+    napi_delete_reference(r->env, s->buf);
+    s->deferred = NULL;
+    s->buf = NULL;
+    r->free_slots[r->nfree++] = slot;
+    r->inflight--;
+  }
+  if (r->inflight == 0 && r->poll_started) uv_unref((uv_handle_t *)&r->poll);
+}
+
+static void uring_on_event(uv_poll_t *handle, int status, int events) {
+  uring_t *r = handle->data;
+  uint64_t n;
+  while (read(r->event_fd, &n, sizeof(n)) > 0) {
+  }
+  napi_handle_scope hs;
+  if (napi_open_handle_scope(r->env, &hs) != napi_ok) return;
+  napi_value resource;
+  napi_callback_scope cs;
+  int scoped = napi_get_reference_value(r->env, r->resource, &resource) == napi_ok &&
+               napi_open_callback_scope(r->env, resource, r->actx, &cs) == napi_ok;
+  uring_reap(r);
+  // closing the callback scope runs the microtasks the resolutions queued
+  if (scoped) napi_close_callback_scope(r->env, cs);
+  napi_close_handle_scope(r->env, hs);
+}
+
+static void uring_cleanup(void *data) {
+  uring_t *r = data;
+  if (r->poll_started) uv_poll_stop(&r->poll);
+  // the loop is going away with the environment: descriptors and mappings go with the process
+}
+
+static uring_t *uring_get(napi_env env) {
+  uring_t *r = NULL;
+  if (napi_get_instance_data(env, (void **)&r) == napi_ok && r) return r;
+  r = calloc(1, sizeof(*r));
+  if (!r) return NULL;
+  r->env = env;
+  r->ring_fd = -1;
+  r->event_fd = -1;
+  napi_set_instance_data(env, r, NULL, NULL);
+  int e = uring_setup_ring(r);
+  if (e < 0) {
+    // never used: give the descriptors back (the mappings are small and stay until exit)
+    if (r->event_fd >= 0) close(r->event_fd);
+    if (r->ring_fd >= 0) close(r->ring_fd);
+    r->failed = e;
+    return r;
+  }
+  uv_loop_t *loop;
+  napi_value resource, name;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &r->poll, r->event_fd) != 0 ||
+      napi_create_object(env, &resource) != napi_ok ||
+      napi_create_string_utf8(env, "lockstep-native:io_uring", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_async_init(env, resource, name, &r->actx) != napi_ok ||
+      napi_create_reference(env, resource, 1, &r->resource) != napi_ok) {
+    r->failed = -EIO;
+    return r;
+  }
+  r->poll.data = r;
+  if (uv_poll_start(&r->poll, UV_READABLE, uring_on_event) != 0) {
+    r->failed = -EIO;
+    return r;
+  }
+  r->poll_started = 1;
+  uv_unref((uv_handle_t *)&r->poll);
+  for (unsigned i = 0; i < URING_ENTRIES; i++) r->free_slots[i] = URING_ENTRIES - 1 - i;
+  r->nfree = URING_ENTRIES;
+  napi_add_env_cleanup_hook(env, uring_cleanup, r);
+  return r;
+}
+
+static napi_value uring_submit(napi_env env, napi_callback_info info, int op) {
+  napi_value argv[3];
+  int64_t fd, offset;
+  void *data;
+  size_t len;
+  bool isbuf;
+  if (get_args(env, info, 3, argv) || get_int64(env, argv[0], &fd, "fd must be an integer") ||
+      get_int64(env, argv[2], &offset, "offset must be an integer")) {
+    return NULL;
+  }
+  if (napi_is_buffer(env, argv[1], &isbuf) != napi_ok || !isbuf) {
+    napi_throw_type_error(env, NULL, "lockstep-native: buf must be a Buffer");
+    return NULL;
+  }
+  CHECK(env, napi_get_buffer_info(env, argv[1], &data, &len));
+  napi_value null_value;
+  CHECK(env, napi_get_null(env, &null_value));
+  uring_t *r = uring_get(env);
+  if (!r || r->failed || r->nfree == 0) return null_value;
+  unsigned tail = *r->sq_tail;
+  unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+  if (tail - head >= r->sq_entries) return null_value;
+  unsigned slot = r->free_slots[--r->nfree];
+  uring_slot *s = &r->slots[slot];
+  napi_value promise;
+  if (napi_create_promise(env, &s->deferred, &promise) != napi_ok) {
+    r->free_slots[r->nfree++] = slot;
+    napi_throw_error(env, NULL, "lockstep-native: cannot create a promise");
+    return NULL;
+  }
+  // the buffer must outlive the request
+  napi_create_reference(env, argv[1], 1, &s->buf);
+  unsigned idx = tail & *r->sq_mask;
+  struct io_uring_sqe *sqe = &r->sqes[idx];
+  memset(sqe, 0, sizeof(*sqe));
+  sqe->opcode = op;
+  sqe->fd = (int)fd;
+  sqe->addr = (uint64_t)(uintptr_t)data;
+  sqe->len = (uint32_t)len;
+  sqe->off = (uint64_t)offset;
+  sqe->user_data = slot;
+  // Large copies go to the kernel's io-wq workers: they run beside the event loop (on the
+  // other core) instead of inside this call. Small ones complete inline, which costs less
+  // than a hand-over. (Measured on qcow2 64 KiB reads: inline 0.76-1.0 s, async 0.46-0.73 s.)
+  if (len >= URING_INLINE_MAX) sqe->flags |= IOSQE_ASYNC;
+  r->sq_array[idx] = idx;
+  __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+  if (r->inflight++ == 0) uv_ref((uv_handle_t *)&r->poll);
+  int ret;
+  do {
+    ret = (int)syscall(__NR_io_uring_enter, r->ring_fd, 1, 0, 0, NULL, 0);
+  } while (ret < 0 && errno == EINTR);
+  if (ret < 0) {
+    // not submitted: take the entry back and fail the request with the errno
+    int e = -errno;
+    __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+    napi_value v;
+    napi_create_int32(env, e, &v);
+    napi_resolve_deferred(env, s->deferred, v);
+    napi_delete_reference(env, s->buf);
+    s->deferred = NULL;
+    s->buf = NULL;
+    r->free_slots[r->nfree++] = slot;
+    if (--r->inflight == 0) uv_unref((uv_handle_t *)&r->poll);
+    return promise;
+  }
+  uring_reap(r);
+  return promise;
+}
+
+static napi_value uring_read(napi_env env, napi_callback_info info) {
+  return uring_submit(env, info, IORING_OP_READ);
+}
+
+static napi_value uring_write(napi_env env, napi_callback_info info) {
+  return uring_submit(env, info, IORING_OP_WRITE);
+}
+
 static int set_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
   if (napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn) != napi_ok) return -1;
@@ -187,6 +434,7 @@ static int set_int(napi_env env, napi_value exports, const char *name, int value
 NAPI_MODULE_INIT() {
   if (set_fn(env, exports, "ofdLock", ofd_lock) || set_fn(env, exports, "ofdTest", ofd_test) ||
       set_fn(env, exports, "seek", seek) || set_fn(env, exports, "fallocate", do_fallocate) ||
+      set_fn(env, exports, "uringRead", uring_read) || set_fn(env, exports, "uringWrite", uring_write) ||
       set_int(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE) ||
       set_int(env, exports, "FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE) ||
       set_int(env, exports, "FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE)) {

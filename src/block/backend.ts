@@ -105,6 +105,12 @@ export class Backend {
     this.checkRange(offset, length);
     return this.node.read(offset, length);
   }
+  /** Reads buf.length bytes at `offset` into `buf` (the bytes read() would resolve with). */
+  async readInto(offset: number, buf: Buffer): Promise<void> {
+    this.checkOpen();
+    this.checkRange(offset, buf.length);
+    return this.node.readInto(offset, buf);
+  }
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
     this.checkWrite(offset, data.length);
     return this.node.write(offset, data, this.writethrough ? { ...flags, fua: true } : flags);

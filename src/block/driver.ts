@@ -9,6 +9,8 @@
 // - writeZeroes is called only when caps.writeZeroes is true (the core emulates it
 //   otherwise), discard only when caps.discard is true, and `fua` only when caps.fua.
 // A read resolves with a Buffer the caller owns, fully written (zero-filled holes).
+// readInto (optional) fills the caller's buffer with exactly the bytes read would resolve
+// with: every byte of it is written (holes as zeroes), nothing is kept after it settles.
 
 import type { BlockNode } from './node.js';
 import type { BlockGraph } from './graph.js';
@@ -128,6 +130,11 @@ export interface NodeImpl {
   /** current virtual length in bytes */
   getLength(): number;
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Reads buf.length bytes at `offset` into `buf` (the same bytes as read): no buffer of its
+   * own, no zero-fill of bytes it then overwrites. Absent: the core reads and copies.
+   */
+  readInto?(offset: number, buf: Buffer): Promise<void>;
   write?(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   writeZeroes?(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;

@@ -90,6 +90,11 @@ export class BlockNode {
     return this.impl.caps;
   }
 
+  /** The driver reads into the caller's buffer itself (readInto saves a copy, not adds one). */
+  get readsInto(): boolean {
+    return this.impl.readInto !== undefined;
+  }
+
   get filename(): string {
     return this._impl?.filename ?? this.children.get('file')?.child.filename ?? this.name;
   }
@@ -148,9 +153,31 @@ export class BlockNode {
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange(offset, length, true);
     if (length === 0) return Buffer.alloc(0);
-    const req = await this.tracker.begin(offset, length);
+    const req = this.tracker.tryBegin(offset, length) ?? (await this.tracker.begin(offset, length));
     try {
       return await this.alignedRead(offset, length);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  /**
+   * Reads buf.length bytes at `offset` into `buf`: the bytes read() would resolve with,
+   * straight into the caller's buffer where the driver can (no allocation, no zero-fill).
+   */
+  async readInto(offset: number, buf: Buffer): Promise<void> {
+    const length = buf.length;
+    this.checkRange(offset, length, true);
+    if (length === 0) return;
+    const req = this.tracker.tryBegin(offset, length) ?? (await this.tracker.begin(offset, length));
+    try {
+      const impl = this.impl;
+      const align = impl.caps.requestAlignment;
+      if (impl.readInto && offset % align === 0 && length % align === 0 && length <= impl.caps.maxTransfer) {
+        await impl.readInto(offset, buf);
+      } else {
+        (await this.alignedRead(offset, length)).copy(buf);
+      }
     } finally {
       this.tracker.end(req);
     }
@@ -198,7 +225,8 @@ export class BlockNode {
     const aligned = offset % align === 0 && length % align === 0;
     const start = offset - (offset % align);
     const end = roundUp(offset + length, align);
-    const req = await this.tracker.begin(start, end - start, aligned ? writeMode(impl) : 'serialising');
+    const mode = aligned ? writeMode(impl) : 'serialising';
+    const req = this.tracker.tryBegin(start, end - start, mode) ?? (await this.tracker.begin(start, end - start, mode));
     try {
       if (aligned) {
         await this.splitWrite(offset, data, flags);

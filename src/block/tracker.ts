@@ -20,8 +20,25 @@ export interface TrackedRequest {
   readonly done: Promise<void>;
 }
 
-interface Entry extends TrackedRequest {
-  resolve(): void;
+/** A tracked request; its `done` promise is made only when something waits for it. */
+class Entry implements TrackedRequest {
+  private promise: Promise<void> | null = null;
+  private resolver: (() => void) | null = null;
+  private ended = false;
+  constructor(
+    readonly offset: number,
+    readonly end: number,
+    readonly mode: RequestMode,
+  ) {}
+  get done(): Promise<void> {
+    if (this.ended) return Promise.resolve();
+    this.promise ??= new Promise<void>((r) => (this.resolver = r));
+    return this.promise;
+  }
+  resolve(): void {
+    this.ended = true;
+    this.resolver?.();
+  }
 }
 
 export class RequestTracker {
@@ -64,9 +81,20 @@ export class RequestTracker {
       if (c.length === 0) break;
       await Promise.all(c);
     }
-    let resolve!: () => void;
-    const done = new Promise<void>((r) => (resolve = r));
-    const e: Entry = { offset, end, mode, done, resolve };
+    const e = new Entry(offset, end, mode);
+    this.active.add(e);
+    return e;
+  }
+
+  /**
+   * begin() when the request can start at once (no hold, no conflicting request in flight),
+   * without a promise; null when it would have to wait (then call begin()).
+   */
+  tryBegin(offset: number, length: number, mode: RequestMode = 'shared'): TrackedRequest | null {
+    if (this.holds > 0) return null;
+    const end = offset + Math.max(length, 1);
+    for (const a of this.active) if (a.offset < end && offset < a.end && conflict(a.mode, mode)) return null;
+    const e = new Entry(offset, end, mode);
     this.active.add(e);
     return e;
   }

@@ -93,6 +93,21 @@ export interface NativeHelper {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(ZERO_RANGE), growing the file if the range ends past EOF; ENOTSUP as above */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /** file reads and writes through io_uring when LOCKSTEP_IO_URING=on, else null */
+  readonly ring: RingIo | null;
+}
+
+/**
+ * pread/pwrite submitted to io_uring instead of libuv's thread pool: a read the page cache
+ * answers completes inside the call, with no thread hop. Each call returns null when the ring
+ * cannot take the request (io_uring refused by the kernel, every slot in flight): the caller
+ * then does it through Node's fs, which gives the same bytes.
+ */
+export interface RingIo {
+  /** bytes read (fewer at EOF, 0 past it); rejects with an Error carrying an errno `code`, as fs does */
+  read(fd: number, buf: Buffer, offset: number): Promise<number> | null;
+  /** bytes written (possibly fewer: the caller writes the rest); rejects as read does */
+  write(fd: number, buf: Buffer, offset: number): Promise<number> | null;
 }
 
 /** The addon's raw exports (native/lockstep_native.c). Calls return a negative errno. */
@@ -104,6 +119,9 @@ interface Addon {
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
+  /** absent in an addon built before io_uring support */
+  uringRead?(fd: number, buf: Buffer, offset: number): Promise<number> | null;
+  uringWrite?(fd: number, buf: Buffer, offset: number): Promise<number> | null;
 }
 
 const ERRNO_NAMES = new Map<number, string>();
@@ -127,6 +145,12 @@ function errnoError(negErrno: number, context: string): BlockError {
   return new BlockError(code, `${context}: ${text}`);
 }
 
+/** An error shaped like Node's fs errors (code), so callers word it as they word those. */
+function systemError(negErrno: number): Error {
+  const { code, text } = errnoText(negErrno);
+  return Object.assign(new Error(text), { code });
+}
+
 function wrap(addon: Addon): NativeHelper {
   const unlockAll = (fd: number): void => {
     for (let i = 0; i < PERM_COUNT; i++) {
@@ -139,8 +163,27 @@ function wrap(addon: Addon): NativeHelper {
     throw e;
   };
   const hint = (filename: string): string => `\nIs another process using the image [${filename}]?`;
+  // opt-in for now: in the side-by-side NBD bench the ring was slower than the thread pool
+  // for large writes (docs/benchmarks.md, issue 18)
+  const ringOff = !['on', '1'].includes(process.env.LOCKSTEP_IO_URING ?? '');
+  const uRead = addon.uringRead;
+  const uWrite = addon.uringWrite;
+  const ring: RingIo | null =
+    ringOff || !uRead || !uWrite
+      ? null
+      : {
+          read(fd, buf, offset) {
+            const p = uRead(fd, buf, offset);
+            return p && p.then((r) => (r < 0 ? Promise.reject(systemError(r)) : r));
+          },
+          write(fd, buf, offset) {
+            const p = uWrite(fd, buf, offset);
+            return p && p.then((r) => (r < 0 ? Promise.reject(systemError(r)) : r));
+          },
+        };
 
   return {
+    ring,
     lockImage(fd, readOnly, filename, forceShare = false) {
       const { perm, shared } = imagePerms(readOnly, forceShare);
       const want: number[] = [];

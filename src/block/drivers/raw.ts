@@ -44,6 +44,7 @@ export const rawDriver: BlockDriver = {
       },
       getLength: length,
       read: (offset, len) => file.read(base + offset, len),
+      readInto: (offset, buf) => file.readInto(base + offset, buf),
       write: (offset, data, flags) => file.write(base + offset, data, flags),
       writeZeroes: (offset, len, flags) => file.writeZeroes(base + offset, len, flags),
       discard: (offset, len) => file.discard(base + offset, len),

@@ -38,20 +38,21 @@ export async function runBench(io: Io, backend: Backend, spec: BenchSpec): Promi
     next = size === 0 ? 0 : next % size;
     return o;
   };
-  const one = async (offset: number): Promise<void> => {
-    if (buf) await backend.write(offset, buf);
-    else await backend.read(offset, spec.bufsize);
-  };
+  // one read buffer per request slot, reused, as qemu-img bench does
+  const slots = buf ? [] : Array.from({ length: spec.depth }, () => Buffer.allocUnsafeSlow(spec.bufsize));
   /** runs `n` requests with up to `depth` in flight */
   const batch = async (n: number): Promise<void> => {
     const end = submitted + n;
-    const worker = async (): Promise<void> => {
+    const worker = async (slot: number): Promise<void> => {
+      const rbuf = slots[slot];
       while (submitted < end) {
         submitted++;
-        await one(takeOffset());
+        const offset = takeOffset();
+        if (buf) await backend.write(offset, buf);
+        else await backend.readInto(offset, rbuf!);
       }
     };
-    await Promise.all(Array.from({ length: Math.min(spec.depth, n) }, worker));
+    await Promise.all(Array.from({ length: Math.min(spec.depth, n) }, (_, slot) => worker(slot)));
   };
   const start = process.hrtime.bigint();
   try {

@@ -11,7 +11,7 @@ import type { BlockStatus } from '../../block/driver.js';
 import { BlockError, errorMessage } from '../../errors.js';
 import { ByteQueue, RequestParser, encodeChunkHeader, encodeErrorPayload, encodeSimpleReply, type NbdRequest } from '../codec.js';
 import { nbdErrorOf } from '../errno.js';
-import { CMD, CMD_FLAG, MAX_PAYLOAD, NBD_ERR, REPLY_FLAG_DONE, REPLY_TYPE, STATE_HOLE, STATE_ZERO, commandName } from '../protocol.js';
+import { CMD, CMD_FLAG, MAX_PAYLOAD, NBD_ERR, REPLY_FLAG_DONE, REPLY_TYPE, SIMPLE_REPLY_LENGTH, STATE_HOLE, STATE_ZERO, commandName } from '../protocol.js';
 import type { NbdExport } from './export.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 
@@ -310,9 +310,16 @@ export class Transmission {
   }
 
   private async read(req: NbdRequest, offset: number, length: number): Promise<void> {
+    // Where the node reads into a buffer itself, each reply is one buffer, header first and
+    // the data read straight into its place behind it (the socket keeps it until it is
+    // sent); otherwise the node's own buffer is sent behind the header, not copied.
+    const into = this.backend.node.readsInto;
     if (!this.opts.structured) {
-      const data = await this.backend.read(offset, length);
-      return this.send([encodeSimpleReply(0, req.cookie), data]);
+      if (!into) return this.send([encodeSimpleReply(0, req.cookie), await this.backend.read(offset, length)]);
+      const msg = Buffer.allocUnsafeSlow(SIMPLE_REPLY_LENGTH + length);
+      await this.backend.readInto(offset, msg.subarray(SIMPLE_REPLY_LENGTH));
+      encodeSimpleReply(0, req.cookie).copy(msg);
+      return this.send([msg]);
     }
     const ext = this.opts.extended;
     const runs = length > 0 && !(req.flags & CMD_FLAG.DF) ? await this.readRuns(offset, length) : [{ offset, length, zero: false }];
@@ -326,10 +333,19 @@ export class Transmission {
         p.writeUInt32BE(r.length, 8);
         chunks.push(encodeChunkHeader(flags, REPLY_TYPE.OFFSET_HOLE, req.cookie, 12, ext, offset), p);
       } else {
-        const data = await this.backend.read(r.offset, r.length);
-        const p = Buffer.allocUnsafe(8);
-        p.writeBigUInt64BE(BigInt(r.offset), 0);
-        chunks.push(encodeChunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length, ext, offset), p, data);
+        const head = encodeChunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + r.length, ext, offset);
+        if (into) {
+          const msg = Buffer.allocUnsafeSlow(head.length + 8 + r.length);
+          await this.backend.readInto(r.offset, msg.subarray(head.length + 8));
+          head.copy(msg);
+          msg.writeBigUInt64BE(BigInt(r.offset), head.length);
+          chunks.push(msg);
+        } else {
+          const data = await this.backend.read(r.offset, r.length);
+          const p = Buffer.allocUnsafe(8);
+          p.writeBigUInt64BE(BigInt(r.offset), 0);
+          chunks.push(head, p, data);
+        }
       }
     }
     // All chunks are known to succeed before the first is sent (DONE only on the last).

@@ -11,6 +11,8 @@ export type { PreparedReplacement };
 export interface HostFile {
   /** reads past the end return zeroes */
   read(offset: number, length: number): Promise<Buffer>;
+  /** read() into the caller's buffer (all of it); absent: read() and a copy */
+  readInto?(offset: number, buf: Buffer): Promise<void>;
   /** `stable`: the data is on stable storage when the write completes (FUA), without
    *  syncing anything else written before it */
   write(offset: number, data: Buffer, stable?: boolean): Promise<void>;
@@ -30,6 +32,7 @@ export interface HostFile {
 export function nodeHostFile(node: BlockNode): HostFile {
   return {
     read: (offset, length) => node.read(offset, length),
+    readInto: (offset, buf) => node.readInto(offset, buf),
     write: (offset, data, stable) => node.write(offset, data, stable ? { fua: true } : undefined),
     flush: () => node.flush(),
     length: () => node.getLength(),

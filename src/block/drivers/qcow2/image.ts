@@ -32,6 +32,7 @@ import type { Pacer } from '../../../util/pacer.js';
 export interface BackingView {
   length(): number;
   read(offset: number, length: number): Promise<Buffer>;
+  readInto?(offset: number, buf: Buffer): Promise<void>;
 }
 
 export interface ImageOptions {
@@ -243,6 +244,7 @@ export class Qcow2Image {
       refcountTableOffset: this.refcounts.tableOffset,
       refcountTableBytes: this.refcounts.tableClusters * this.clusterSize,
       refcountTable: this.refcounts.table,
+      refcountTableUsed: this.refcounts.usedEntries(),
       snapshotsOffset: h.snapshotsOffset,
       snapshotsBytes: this.snapshotsBytes,
       snapshots: this.snapshots,

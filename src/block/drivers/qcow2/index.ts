@@ -39,7 +39,7 @@ import {
 } from './header.js';
 import { nodeHostFile } from './host-file.js';
 import { Qcow2Image, Qcow2OpenError } from './image.js';
-import { blockStatusAt, discardRange, readRange, writeRange, zeroRange } from './io.js';
+import { blockStatusAt, discardRange, readRange, readRangeInto, writeRange, zeroRange } from './io.js';
 import { EmptySpare, makeEmpty } from './make-empty.js';
 import { repairImage } from './check.js';
 
@@ -191,7 +191,11 @@ export const qcow2Driver: BlockDriver = {
       // at the base), so the current child is read at request time.
       const node = ctx.node;
       const current = (): BlockNode => node.backing ?? backing;
-      img.backing = { length: () => current().getLength(), read: (off, len) => current().read(off, len) };
+      img.backing = {
+        length: () => current().getLength(),
+        read: (off, len) => current().read(off, len),
+        readInto: (off, buf) => current().readInto(off, buf),
+      };
     }
 
     const v3 = h.version === 3;
@@ -210,6 +214,7 @@ export const qcow2Driver: BlockDriver = {
       },
       getLength: () => img.header.size,
       read: (offset, length) => readRange(img, offset, length),
+      readInto: (offset, buf) => readRangeInto(img, offset, buf),
       write: (offset, data) => writeRange(img, offset, data),
       writeZeroes: (offset, length) => zeroRange(img, offset, length),
       discard: (offset, length) => discardRange(img, offset, length, false),

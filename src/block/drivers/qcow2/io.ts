@@ -57,14 +57,28 @@ function checkDataOffset(img: Qcow2Image, e: L2Entry, cluster: number): void {
 }
 
 async function readBacking(img: Qcow2Image, guest: number, len: number): Promise<Buffer> {
-  const b = img.backing;
-  if (!b) return Buffer.alloc(len);
-  const blen = b.length();
-  if (guest >= blen) return Buffer.alloc(len);
-  if (guest + len <= blen) return b.read(guest, len);
-  const out = Buffer.alloc(len);
-  (await b.read(guest, blen - guest)).copy(out);
+  const out = Buffer.allocUnsafeSlow(len);
+  await readBackingInto(img, guest, out);
   return out;
+}
+
+/** What the backing view shows at `guest` (zeroes without one, or past its end), into out. */
+async function readBackingInto(img: Qcow2Image, guest: number, out: Buffer): Promise<void> {
+  const b = img.backing;
+  const blen = b ? b.length() : 0;
+  const n = b ? Math.max(0, Math.min(out.length, blen - guest)) : 0;
+  if (n > 0) {
+    const part = n === out.length ? out : out.subarray(0, n);
+    if (b!.readInto) await b!.readInto(guest, part);
+    else (await b!.read(guest, n)).copy(part);
+  }
+  if (n < out.length) out.fill(0, n);
+}
+
+/** The host file's bytes at `host`, into out. */
+async function readHostInto(img: Qcow2Image, host: number, out: Buffer): Promise<void> {
+  if (img.file.readInto) await img.file.readInto(host, out);
+  else (await img.file.read(host, out.length)).copy(out);
 }
 
 async function readCompressedCluster(img: Qcow2Image, table: Buffer, index: number): Promise<Buffer> {
@@ -91,43 +105,61 @@ async function readCompressedCluster(img: Qcow2Image, table: Buffer, index: numb
 }
 
 export async function readRange(img: Qcow2Image, offset: number, length: number): Promise<Buffer> {
+  const out = Buffer.allocUnsafeSlow(length);
+  await readRangeInto(img, offset, out);
+  return out;
+}
+
+/**
+ * Reads guest bytes [offset, offset + out.length) into out: the range is mapped once under
+ * the mutex (each L2 table looked up once, contiguous host clusters merged into one file read),
+ * then every segment is read straight into its place in out; zero and unallocated clusters
+ * without backing are zero-filled there, nothing else is.
+ */
+export async function readRangeInto(img: Qcow2Image, offset: number, out: Buffer): Promise<void> {
   const cs = img.clusterSize;
+  const length = out.length;
   const segs: Segment[] = [];
-  const release = await img.mutex.lock();
+  const release = img.mutex.tryLock() ?? (await img.mutex.lock());
   let done: (() => void) | null = null;
+  // the L2 table of the clusters looked at: fetched once per table, not once per cluster
+  // (a cached table stays valid under the mutex until the next eviction)
+  let tableIndex = -1;
+  let table: Buffer | null = null;
   try {
     for (let pos = offset; pos < offset + length; ) {
       const cluster = Math.floor(pos / cs);
       const inOff = pos - cluster * cs;
       const len = Math.min(cs - inOff, offset + length - pos);
       const dst = pos - offset;
-      const { entry, table, index } = await entryAt(img, cluster);
+      const l1i = Math.floor(cluster / img.l2Entries);
+      if (l1i !== tableIndex) {
+        table = await img.getL2(l1i);
+        tableIndex = l1i;
+      }
+      const index = cluster % img.l2Entries;
+      const entry = table ? readL2(table, index, img.v3) : UNALLOCATED;
+      const last = segs[segs.length - 1];
       switch (entry.kind) {
         case ClusterKind.Normal: {
           checkDataOffset(img, entry, cluster);
           const host = entry.offset + inOff;
-          const last = segs[segs.length - 1];
           if (last?.kind === 'host' && last.host + last.len === host && last.dst + last.len === dst) last.len += len;
           else segs.push({ kind: 'host', host, dst, len });
           break;
         }
-        case ClusterKind.Unallocated: {
-          if (img.backing) {
-            const last = segs[segs.length - 1];
+        case ClusterKind.Unallocated:
+        case ClusterKind.Zero:
+          // unallocated clusters show the backing view; without one they read as zeroes
+          if (entry.kind === ClusterKind.Unallocated && img.backing) {
             if (last?.kind === 'backing' && last.guest + last.len === pos) last.len += len;
             else segs.push({ kind: 'backing', guest: pos, dst, len });
-          }
+          } else if (last?.kind === 'zero' && last.dst + last.len === dst) last.len += len;
+          else segs.push({ kind: 'zero', dst, len });
           break;
-        }
         case ClusterKind.Compressed:
           segs.push({ kind: 'compressed', table: Buffer.from(table!.subarray(index * 8, index * 8 + 8)), index: 0, inOff, dst, len });
           break;
-        case ClusterKind.Zero: {
-          const last = segs[segs.length - 1];
-          if (last?.kind === 'zero' && last.dst + last.len === dst) last.len += len;
-          else segs.push({ kind: 'zero', dst, len });
-          break;
-        }
       }
       pos += len;
     }
@@ -137,32 +169,13 @@ export async function readRange(img: Qcow2Image, offset: number, length: number)
     release();
   }
   try {
-    const only = segs[0];
-    if (segs.length === 1 && only!.kind === 'host' && only!.len === length) return await img.file.read(only!.host, length);
-    // Memory per layer of a deep chain: a range this layer leaves mostly to its backing
-    // file is read from the backing file whole, and that buffer (the caller's to own) is
-    // handed up with this layer's own clusters laid over it. Each layer would otherwise hold
-    // a buffer of the request's size while the layers below it read, so a 2 MiB read through
-    // 300 layers held 600 MiB; this way one buffer travels up the chain. What it costs: the
-    // backing file also reads the clusters this layer replaces (at most half of the range).
-    let backingBytes = 0;
-    for (const s of segs) if (s.kind === 'backing') backingBytes += s.len;
-    if (backingBytes * 2 >= length && img.backing !== null && offset + length <= img.backing.length()) {
-      const out = await img.backing.read(offset, length);
-      for (const s of segs) {
-        if (s.kind === 'host') (await img.file.read(s.host, s.len)).copy(out, s.dst);
-        else if (s.kind === 'zero') out.fill(0, s.dst, s.dst + s.len);
-        else if (s.kind === 'compressed') (await readCompressedCluster(img, s.table, s.index)).copy(out, s.dst, s.inOff, s.inOff + s.len);
-      }
-      return out;
-    }
-    const out = Buffer.alloc(length);
     for (const s of segs) {
-      if (s.kind === 'host') (await img.file.read(s.host, s.len)).copy(out, s.dst);
-      else if (s.kind === 'backing') (await readBacking(img, s.guest, s.len)).copy(out, s.dst);
-      else if (s.kind === 'compressed') (await readCompressedCluster(img, s.table, s.index)).copy(out, s.dst, s.inOff, s.inOff + s.len);
+      const part = s.dst === 0 && s.len === length ? out : out.subarray(s.dst, s.dst + s.len);
+      if (s.kind === 'host') await readHostInto(img, s.host, part);
+      else if (s.kind === 'backing') await readBackingInto(img, s.guest, part);
+      else if (s.kind === 'zero') part.fill(0);
+      else (await readCompressedCluster(img, s.table, s.index)).copy(part, 0, s.inOff, s.inOff + s.len);
     }
-    return out;
   } finally {
     done();
   }
@@ -238,7 +251,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
   let done: (() => void) | null = null;
   let finish: (() => void) | null = null;
   for (;;) {
-    const release = await img.mutex.lock();
+    const release = img.mutex.tryLock() ?? (await img.mutex.lock());
     let busy: Promise<void> | null = null;
     try {
       img.checkWritable();
@@ -278,7 +291,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
     done?.();
   }
   if (allocs.length > 0) {
-    const release = await img.mutex.lock();
+    const release = img.mutex.tryLock() ?? (await img.mutex.lock());
     try {
       for (const a of allocs) {
         if (ioError) {

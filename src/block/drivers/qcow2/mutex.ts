@@ -8,6 +8,17 @@ export class Mutex {
   async lock(): Promise<() => void> {
     if (this.locked) await new Promise<void>((r) => this.waiters.push(r));
     this.locked = true;
+    return this.releaser();
+  }
+
+  /** The lock at once when it is free (no waiter can be queued then), else null. */
+  tryLock(): (() => void) | null {
+    if (this.locked) return null;
+    this.locked = true;
+    return this.releaser();
+  }
+
+  private releaser(): () => void {
     let released = false;
     return () => {
       if (released) return;

@@ -44,6 +44,8 @@ export interface MetadataLayout {
   refcountTableOffset: number;
   refcountTableBytes: number;
   refcountTable: readonly number[];
+  /** entries of refcountTable that may be non-zero (the rest are zero); default: all */
+  refcountTableUsed?: number;
   snapshotsOffset: number;
   /** bytes of the snapshot table as read at open (0 without snapshots) */
   snapshotsBytes: number;
@@ -73,7 +75,12 @@ export function metadataOverlap(m: MetadataLayout, ignore: number, offset: numbe
     for (const t of m.l1) if (t !== 0 && hits(t, cs)) return OL.ACTIVE_L2;
   }
   if (chk & OL.REFCOUNT_BLOCK) {
-    for (const b of m.refcountTable) if (b !== 0 && hits(b, cs)) return OL.REFCOUNT_BLOCK;
+    const rt = m.refcountTable;
+    const used = Math.min(rt.length, m.refcountTableUsed ?? rt.length);
+    for (let i = 0; i < used; i++) {
+      const b = rt[i]!;
+      if (b !== 0 && hits(b, cs)) return OL.REFCOUNT_BLOCK;
+    }
   }
   return 0;
 }
