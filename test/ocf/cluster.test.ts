@@ -178,13 +178,14 @@ test('a two-node corosync + Pacemaker cluster promotes one node, and after its p
   // acknowledged after the checkpoint, never flushed: a failover goes back before it
   await c.write(0, Buffer.alloc(64 * 1024, 0x77));
 
+  // the live secondary has a promotion score (a transient node attribute its monitor sets)
+  const hasScore = () => on(other, ['crm_attribute', '-l', 'reboot', '-n', 'master-disk0', '-N', other, '-G', '-q']).rc === 0;
+  await until('the live secondary to have a score', () => (hasScore() ? true : undefined));
   // the survivor's disk as a resync target that did not finish: never promoted
   const metaPath = join(root, other, 'run', 'lockstep', 'data', 'secondary.qcow2.meta.json');
   const good = readFileSync(metaPath, 'utf8');
   writeFileSync(metaPath, JSON.stringify({ ...(JSON.parse(good) as DiskMeta), consistent: false }));
-  // its next monitor deletes its promotion score (a transient node attribute)
-  const hasScore = () => on(other, ['crm_attribute', '-l', 'reboot', '-n', 'master-disk0', '-N', other, '-G', '-q']).rc === 0;
-  assert.ok(hasScore(), 'the live secondary had a score');
+  // its next monitor deletes that score
   await until('the inconsistent node to lose its score', () => (hasScore() ? undefined : true));
 
   assert.ok(kill(primary) > 0);
