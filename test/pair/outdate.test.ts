@@ -1,8 +1,12 @@
-// `lockstep pair outdate-peer`, run as an operator runs it on the node of a primary that went on
-// alone, against the peer's real daemon (x-meta-read / x-meta-write): the peer's record is
-// marked outdated by the primary's generation, a second run changes nothing, and a peer that is
-// not at the generation the primary went on from, or a primary that never went on alone, is
-// refused with its record left byte for byte as it was.
+// Outdating the peer. The supervisor (both daemons on this host): the checkpoint writes the
+// secondary's record up to date; a secondary that stops answering (SIGSTOP) has its record,
+// on this host, marked outdated by the primary's new generation at once (no note left); the
+// resync (from the primary) that brings it back ends in step with the mark gone. (A peer on
+// another host that cannot be reached: test/ocf/outdate.test.ts.) `lockstep pair outdate-peer`, run as an operator runs it on the node of a
+// primary that went on alone, against the peer's real daemon (x-meta-read / x-meta-write): the
+// peer's record is marked outdated by the primary's generation, a second run changes nothing,
+// and a peer that is not at the generation the primary went on from, or a primary that never
+// went on alone, is refused with its record left byte for byte as it was.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -12,6 +16,8 @@ import { join } from 'node:path';
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, startLockstep } from '../helpers/processes.js';
 import { inStep, justCreated, startGeneration, type DiskMeta } from '../../src/pair/generations.js';
+import { PairSupervisor } from '../../src/pair/supervisor.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 
 const SIZE = 1 << 20;
 
@@ -63,4 +69,66 @@ test('pair outdate-peer marks the peer outdated through its daemon, once, and on
   assert.equal(inStepRun.rc, 1);
   assert.match(inStepRun.err, /has not gone on alone as a primary from a peer's generation: nothing to outdate/);
   assert.equal(readFileSync(peerPath, 'utf8'), JSON.stringify(s));
+});
+
+test('the supervisor marks a lost secondary outdated as the primary goes on alone, then resyncs it from the primary', { timeout: 120_000 }, async (t) => {
+  const dir = tempDir(t, 'outdate-sup-');
+  const logs: string[] = [];
+  const sup = new PairSupervisor({
+    dataDir: dir,
+    size: 4 << 20,
+    checkpointIntervalMs: 0,
+    heartbeatIntervalMs: 50,
+    heartbeatTimeoutMs: 300,
+    heartbeatLostMs: 1500,
+    failover: 'manual',
+    nbdSocket: join(dir, 'disk.sock'),
+    reprotectBackoffMs: 200,
+    log: (_level, msg) => logs.push(msg),
+  });
+  const events: string[] = [];
+  for (const e of ['degraded', 'protected']) sup.on(e, () => events.push(e));
+  t.after(() => sup.stop());
+  await sup.start();
+  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  t.after(() => c.disconnect().catch(() => {}));
+  await c.write(0, Buffer.alloc(65536, 0x31));
+  await sup.checkpoint();
+  const secPath = join(dir, 'secondary.qcow2.meta.json');
+  const priPath = join(dir, 'primary.qcow2.meta.json');
+  const read = (p: string) => JSON.parse(readFileSync(p, 'utf8')) as DiskMeta;
+  const atCheckpoint = read(secPath);
+  assert.equal(atCheckpoint.upToDate, atCheckpoint.current);
+  assert.equal(atCheckpoint.checkpoint, 1);
+
+  const child = sup.secondary!.child!;
+  child.kill('SIGSTOP');
+  await new Promise<void>((r) => sup.once('degraded', () => r()));
+  const alone = read(priPath);
+  assert.equal(alone.bitmap, atCheckpoint.current, 'the primary went on from the pair generation');
+  assert.equal(alone.peerNotOutdated, undefined, 'the record on this host was marked: no note');
+  const outdated = read(secPath);
+  assert.equal(outdated.outdated, alone.current);
+  assert.equal(outdated.current, atCheckpoint.current);
+  await c.write(65536, Buffer.alloc(65536, 0x32));
+  await c.flush();
+  child.kill('SIGCONT');
+
+  await new Promise<void>((r) => sup.once('protected', () => r()));
+  assert.ok(logs.some((m) => m.startsWith("marked the secondary's disk outdated")), logs.join('\n'));
+  const s = read(secPath);
+  const p = read(priPath);
+  assert.equal(s.current, p.current, 'in step again');
+  assert.equal(s.outdated, undefined);
+  assert.equal(p.peerNotOutdated, undefined);
+  assert.equal(s.upToDate, s.current);
+  assert.deepEqual(events, ['degraded', 'protected']);
+
+  // the resynced secondary holds the write the primary made alone: a failover serves it
+  await sup.checkpoint();
+  await c.disconnect();
+  await sup.failover();
+  const after = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  t.after(() => after.disconnect().catch(() => {}));
+  assert.deepEqual(await after.read(0, 131072), Buffer.concat([Buffer.alloc(65536, 0x31), Buffer.alloc(65536, 0x32)]));
 });
