@@ -33,6 +33,7 @@ interface Node {
 }
 
 // ports of this run: another test file may use fixed ones
+// a range of its own (test/ocf/pair: 20000-39999, test/ocf/pair-tester: 60000-64999)
 const BASE = 40000 + (process.pid % 2000) * 10;
 const ADDR = { n1: `127.0.0.1:${BASE}:${BASE + 1}`, n2: `127.0.0.1:${BASE + 2}:${BASE + 3}` };
 

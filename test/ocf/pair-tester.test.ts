@@ -20,7 +20,8 @@ const OCF_ROOT = '/usr/lib/ocf';
 const usable = ['ocf-tester', 'crm_attribute', 'xmllint', 'setsid'].every((tool) => requireTool(tool));
 const skip = usable ? false : 'needs resource-agents (ocf-tester), pacemaker-cli-utils, xmllint and setsid';
 
-const BASE = 44000 + (process.pid % 2000) * 10;
+// a range of its own (test/ocf/pair: 20000-39999, test/ocf/outdate: 40000-59999)
+const BASE = 60000 + (process.pid % 500) * 10;
 const NODES = `n1=127.0.0.1:${BASE}:${BASE + 1} n2=127.0.0.1:${BASE + 2}:${BASE + 3}`;
 const CIB = `<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" have-quorum="1" epoch="1" num_updates="0" admin_epoch="0">
   <configuration><crm_config/><nodes><node id="1" uname="n1"/><node id="2" uname="n2"/></nodes><resources/><constraints/></configuration>
