@@ -98,7 +98,7 @@ pair status options:
 
 pair takeover options (the failover on the secondary's own host, when the supervisor is gone
 with the primary's host; refused unless the daemon is a pair's live secondary and its disk's
-generation record says consistent):
+generation record says consistent, up to date at its generation and not outdated):
   --qmp ADDR                 the secondary daemon on this host (PATH or HOST:PORT)
   --dir DIR                  its data directory (secondary.qcow2 and its record)
   --nbd-socket PATH          serve the recovered disk here (default DIR/disk.sock)
