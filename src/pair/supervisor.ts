@@ -612,17 +612,17 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
       await this.checkpoints.current?.catch(() => {});
-      // nothing left to fail over to: flushes complete on the primary's own disk
-      if (this.primary) await this.outputCommit.disable(this.primary).catch((e: unknown) => this.opts.log('error', `cannot turn flush commit off: ${errorMessage(e)}`));
-      // from here the primary's disk counts its changes against the secondary's generation
-      // and the secondary, which may only be cut off and still look current, is outdated
+      // from here the primary's disk counts its changes against the secondary's generation,
+      // and the secondary, which may only be cut off and still look current, is noted as not
+      // outdated yet: persisted before any flush completes on the primary alone
       const pd = this.disks.primary;
       const sd = this.disks.secondary;
       const peerGen = sd?.kept ? sd.meta?.current : undefined;
-      if (pd) {
-        await goOnAlone(this, pd, 'primary', undefined, peerGen).catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
-        if (sd) await outdatePeer(this, pd, side, DISK_FILE.secondary, this.opts.heartbeatTimeoutMs).catch(() => {});
-      }
+      if (pd) await goOnAlone(this, pd, 'primary', undefined, peerGen).catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
+      // nothing left to fail over to: flushes complete on the primary's own disk
+      if (this.primary) await this.outputCommit.disable(this.primary).catch((e: unknown) => this.opts.log('error', `cannot turn flush commit off: ${errorMessage(e)}`));
+      // then the peer is marked outdated if it answers (flushes do not wait on that)
+      if (pd && sd) await outdatePeer(this, pd, side, DISK_FILE.secondary, this.opts.heartbeatTimeoutMs).catch(() => {});
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
       this.scheduleReturn();
