@@ -16,6 +16,7 @@ import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './p
 import { notifyReady, takeNotifySocket } from './systemd.js';
 import { RESOLVE_EXIT } from '../pair/split-brain.js';
 import { takeover, type TakeoverOptions } from '../pair/takeover.js';
+import { outdatePeerByHand } from '../pair/outdate.js';
 import { isLoopbackAddress, qmpOptions } from '../pair/sides.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
@@ -24,6 +25,7 @@ const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair resolve --keep primary|secondary [--json] [--data-dir DIR | --control PATH]
        lockstep pair host --listen HOST:PORT (--tls-dir DIR | --insecure) [daemon options]
        lockstep pair takeover --qmp ADDR --dir DIR [--nbd-socket PATH] [--lease T|off] [--tls-dir DIR | --insecure]
+       lockstep pair outdate-peer --dir DIR --qmp ADDR [--peer-dir DIR] [--tls-dir DIR | --insecure]
 
 Runs a primary and a secondary lockstep daemon on this machine (or drives running ones),
 copies the disk once, starts replication, serves the primary's disk over NBD, takes a
@@ -96,12 +98,18 @@ pair status options:
 
 pair takeover options (the failover on the secondary's own host, when the supervisor is gone
 with the primary's host; refused unless the daemon is a pair's live secondary and its disk's
-generation record says consistent):
+generation record says consistent, up to date at its generation and not outdated):
   --qmp ADDR                 the secondary daemon on this host (PATH or HOST:PORT)
   --dir DIR                  its data directory (secondary.qcow2 and its record)
   --nbd-socket PATH          serve the recovered disk here (default DIR/disk.sock)
   --nbd-port N, --nbd-host H and on TCP (default: no TCP)
   --lease T|off              the old primary's lease: served only once it has run out (default 500ms)
+
+pair outdate-peer options (on the node of a primary that went on alone: marks the peer's
+disk outdated, so that its takeover is refused; the supervisor does it by itself when it can):
+  --dir DIR                  this node's data directory (primary.qcow2 and its record)
+  --qmp ADDR                 the peer's daemon (PATH or HOST:PORT)
+  --peer-dir DIR             the peer's data directory on its node (default: DIR)
 
 pair host options:
   --listen HOST:PORT         the QMP monitor's address (required)
@@ -179,6 +187,26 @@ async function takeoverCommand(v: { qmp?: string; dir?: string; lease?: string; 
     return 0;
   } catch (e) {
     process.stderr.write(`lockstep pair takeover: ${errorMessage(e)}\n`);
+    return 1;
+  }
+}
+
+/** `lockstep pair outdate-peer`: marks the peer's record outdated by hand (src/pair/outdate.ts). */
+async function outdatePeerCommand(v: { qmp?: string; dir?: string; 'peer-dir'?: string; 'tls-dir'?: string; insecure?: boolean }): Promise<number> {
+  try {
+    if (!v.dir) throw new Error("--dir DIR is required: this node's data directory (primary.qcow2 and its record)");
+    if (!v.qmp) throw new Error("--qmp ADDR is required: the peer's daemon (PATH or HOST:PORT)");
+    const qmp = parseAddress(v.qmp, 'qmp');
+    if ('host' in qmp && !v['tls-dir'] && !v.insecure && !isLoopbackAddress(qmp.host)) {
+      throw new Error(`--qmp ${v.qmp}: plain TCP to another host: give --tls-dir DIR, or --insecure`);
+    }
+    const tls = v['tls-dir'] ? { dir: resolve(v['tls-dir']), serverCreds: 'tls0', clientCreds: 'tls1' } : undefined;
+    const dir = resolve(v.dir);
+    const r = await outdatePeerByHand({ dir, qmp, qmpOptions: qmpOptions(tls, qmp), peerDir: v['peer-dir'] ?? dir });
+    process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+    return 0;
+  } catch (e) {
+    process.stderr.write(`lockstep pair outdate-peer: ${errorMessage(e)}\n`);
     return 1;
   }
 }
@@ -421,6 +449,7 @@ export async function run(argv: string[]): Promise<number> {
         keep: { type: 'string' },
         qmp: { type: 'string' },
         dir: { type: 'string' },
+        'peer-dir': { type: 'string' },
 
         'log-format': { type: 'string' },
         json: { type: 'boolean' },
@@ -452,11 +481,16 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write(`lockstep pair ${sub}: --json, --watch, --interval and --check are options of 'lockstep pair status'\n`);
     return 1;
   }
-  if ((v.qmp !== undefined || v.dir !== undefined) && sub !== 'takeover') {
+  if ((v.qmp !== undefined || v.dir !== undefined) && sub !== 'takeover' && sub !== 'outdate-peer') {
     process.stderr.write(`lockstep pair ${sub}: --qmp and --dir are options of 'lockstep pair takeover'\n`);
     return 1;
   }
+  if (v['peer-dir'] !== undefined && sub !== 'outdate-peer') {
+    process.stderr.write(`lockstep pair ${sub}: --peer-dir is an option of 'lockstep pair outdate-peer'\n`);
+    return 1;
+  }
   if (sub === 'takeover') return takeoverCommand(v);
+  if (sub === 'outdate-peer') return outdatePeerCommand(v);
   if (sub === 'status') {
     let intervalMs = 1000;
     try {

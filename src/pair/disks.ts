@@ -6,6 +6,8 @@
 import { QmpCommandError } from '../qmp/client.js';
 import {
   compareGenerations,
+  confirmedUpToDate,
+  outdateBy,
   inStep,
   justCreated,
   newId,
@@ -122,8 +124,44 @@ export async function markInStep(core: PairCore, p: PairDisk, s: PairDisk, sourc
 }
 
 /** A disk that goes on alone from here (failover survivor, primary without secondary).
- *  `unfencedPeer`: the peer's generation, when the peer could not be fenced and may go on too. */
-export async function goOnAlone(core: PairCore, d: PairDisk, role: DiskRole, unfencedPeer?: string): Promise<void> {
+ *  `unfencedPeer`: the peer's generation, when the peer could not be fenced and may go on too.
+ *  `peerNotOutdated`: the peer's generation, noted in the same write before the peer is
+ *  marked outdated (outdatePeer), so that no crash leaves the peer looking current unnoted. */
+export async function goOnAlone(core: PairCore, d: PairDisk, role: DiskRole, unfencedPeer?: string, peerNotOutdated?: string): Promise<void> {
   if (!d.meta) return;
-  await saveDisk(core, d, { ...startGeneration(d.meta, newId(), role), checkpoint: core.metrics.checkpoints, ...(unfencedPeer ? { unfencedPeer } : {}) });
+  await saveDisk(core, d, {
+    ...startGeneration(d.meta, newId(), role),
+    checkpoint: core.metrics.checkpoints,
+    ...(unfencedPeer ? { unfencedPeer } : {}),
+    ...(peerNotOutdated ? { peerNotOutdated } : {}),
+  });
+}
+
+/** The secondary confirmed a checkpoint: its record says up to date at its generation. */
+export async function markUpToDate(core: PairCore, d: PairDisk | null): Promise<void> {
+  if (d?.meta && d.kept) await saveDisk(core, d, confirmedUpToDate(d.meta, core.metrics.checkpoints));
+}
+
+/**
+ * DRBD's outdate-peer: the primary `alone` went on without its peer; writes the peer's record
+ * Outdated (through the peer's daemon, `timeoutMs` per call), then drops the note from the
+ * primary's record. True when the peer is marked (or needs no mark: it left the generation
+ * noted, so the compare decides); false when it cannot be reached (the note stays).
+ */
+export async function outdatePeer(core: PairCore, alone: PairDisk, peer: Side, peerDisk: string, timeoutMs: number): Promise<boolean> {
+  const left = alone.meta?.peerNotOutdated;
+  if (!alone.meta || left === undefined) return true;
+  const call: Call = (s, c, a) => core.call(s, c, a, timeoutMs);
+  try {
+    const m = await readMeta(peer, peerDisk, call);
+    const marked = m ? outdateBy(m, left, alone.meta.current) : null;
+    if (marked) await writeMeta(peer, marked, call);
+    core.log('warn', marked ? `marked the ${peer.name}'s disk outdated (generation ${left}; the primary went on as ${alone.meta.current})` : `the ${peer.name}'s disk is no longer at generation ${left}: not marked outdated, the generations decide`);
+  } catch (e) {
+    core.log('warn', `cannot mark the ${peer.name}'s disk outdated (it stays noted in the primary's record): ${e instanceof Error ? e.message : String(e)}`);
+    return false;
+  }
+  const { peerNotOutdated: _p, ...rest } = alone.meta;
+  await saveDisk(core, alone, { ...rest, updated: new Date().toISOString() });
+  return true;
 }

@@ -46,6 +46,16 @@ export interface DiskMeta {
    *  generation, the pass and the offset below which that pass's bytes are copied and
    *  flushed here; a later attempt of the same session resumes above it */
   resync?: ResyncMark;
+  /** DRBD's UpToDate: the generation at which this disk was last a connected, up-to-date member
+   *  of the pair (rewritten on the secondary at each confirmed checkpoint, with `checkpoint`).
+   *  A takeover and a promotion score need it equal to `current`. */
+  upToDate?: string;
+  /** DRBD's Outdated: the peer went on alone from this disk's generation, to the generation
+   *  named here; this disk must not serve or be promoted until it is resynced */
+  outdated?: string;
+  /** on a disk gone on alone: the peer's generation, which could not be marked outdated (the
+   *  peer unreachable); until it is, the cluster must keep the peer from promotion */
+  peerNotOutdated?: string;
 }
 
 export interface ResyncMark {
@@ -73,7 +83,8 @@ function pushHistory(history: readonly string[], id: string): string[] {
  *  secondary): the old current becomes the bitmap id (its changes are counted from there)
  *  and enters the history. */
 export function startGeneration(m: DiskMeta, id: string, role: DiskRole, now = new Date()): DiskMeta {
-  return { ...m, current: id, bitmap: m.bitmap ?? (m.current === JUST_CREATED ? null : m.current), history: pushHistory(m.history, m.current), role, consistent: true, updated: now.toISOString() };
+  const { outdated: _o, ...rest } = m;
+  return { ...rest, upToDate: id, current: id, bitmap: m.bitmap ?? (m.current === JUST_CREATED ? null : m.current), history: pushHistory(m.history, m.current), role, consistent: true, updated: now.toISOString() };
 }
 
 /** Both disks in step (after a sync, or two just-created disks paired): one shared generation,
@@ -83,11 +94,11 @@ export function inStep(source: DiskMeta, target: DiskMeta, current: string, now 
   const updated = now.toISOString();
   // in step again: nothing either side wrote unfenced is left to tell apart, and a finished
   // resync leaves no mark
-  const { unfencedPeer: _s, resync: _sr, ...src } = source;
-  const { unfencedPeer: _t, resync: _tr, ...dst } = target;
+  const { unfencedPeer: _s, resync: _sr, outdated: _so, peerNotOutdated: _sp, ...src } = source;
+  const { unfencedPeer: _t, resync: _tr, outdated: _to, peerNotOutdated: _tp, ...dst } = target;
   return [
-    { ...src, current, bitmap: null, history: merged, consistent: true, updated },
-    { ...dst, current, bitmap: null, history: merged, consistent: true, updated },
+    { ...src, current, bitmap: null, history: merged, consistent: true, upToDate: current, updated },
+    { ...dst, current, bitmap: null, history: merged, consistent: true, upToDate: current, updated },
   ];
 }
 
@@ -118,6 +129,9 @@ export function compareGenerations(p: DiskMeta | null, s: DiskMeta | null): Sync
     const src = byName[decided.source];
     if (!src.consistent) {
       return { kind: 'refuse', reason: `the newer disk (${decided.source}) is inconsistent: ${decided.reason}, but its last resync or failover commit did not finish` };
+    }
+    if (src.outdated !== undefined) {
+      return { kind: 'refuse', reason: `the disk found newer (${decided.source}) is marked outdated by generation ${src.outdated}: ${decided.reason}` };
     }
   }
   return decided;
@@ -157,6 +171,27 @@ function rawCompare(p: DiskMeta, s: DiskMeta): SyncDecision {
   return { kind: 'unrelated', reason: `the disks share no generation (primary ${p.current}, secondary ${s.current}): they hold unrelated data` };
 }
 
+/** The secondary confirmed a checkpoint: up to date at its generation (DRBD's UpToDate). */
+export function confirmedUpToDate(m: DiskMeta, checkpoint: number, now = new Date()): DiskMeta {
+  return { ...m, upToDate: m.current, checkpoint, updated: now.toISOString() };
+}
+
+/** The peer went on alone to generation `by` from this disk's generation: Outdated. Null when
+ *  this disk is not at the generation the peer left (it went on too, or was resynced): then
+ *  the generations' compare decides, and nothing is marked on a guess. */
+export function outdateBy(m: DiskMeta, left: string, by: string, now = new Date()): DiskMeta | null {
+  if (m.current !== left || m.current === by) return null;
+  return { ...m, outdated: by, updated: now.toISOString() };
+}
+
+/** Why this disk may not be taken over or promoted as the pair's last secondary, or null. */
+export function notCurrentReason(m: DiskMeta): string | null {
+  if (!m.consistent) return 'says the disk is not consistent (a resync into it or a failover commit did not finish)';
+  if (m.outdated !== undefined) return `says the disk is outdated: the primary went on alone (generation ${m.outdated}) after this disk's generation ${m.current}; it must be resynced from that primary first`;
+  if (m.upToDate !== m.current) return `does not say the disk was an up-to-date secondary at its generation ${m.current} (no confirmed checkpoint recorded at it): lockstep never guesses that a disk is current`;
+  return null;
+}
+
 /** Checks a stored record's shape; a malformed one is an error naming the file. */
 export function parseMeta(value: unknown, where: string): DiskMeta | null {
   if (value === null || value === undefined) return null;
@@ -175,6 +210,9 @@ export function parseMeta(value: unknown, where: string): DiskMeta | null {
     (m.role === 'primary' || m.role === 'secondary') &&
     typeof m.checkpoint === 'number' &&
     (m.unfencedPeer === undefined || typeof m.unfencedPeer === 'string') &&
+    (m.upToDate === undefined || typeof m.upToDate === 'string') &&
+    (m.outdated === undefined || typeof m.outdated === 'string') &&
+    (m.peerNotOutdated === undefined || typeof m.peerNotOutdated === 'string') &&
     (m.resync === undefined ||
       (typeof m.resync === 'object' &&
         m.resync !== null &&

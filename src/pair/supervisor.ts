@@ -21,7 +21,7 @@ import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics, RateMeter } from './metrics.js';
 import { DISK_NODE, LOG_NODE, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
-import { PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, refusal, saveDisk, type PairDisk } from './disks.js';
+import { DISK_FILE, PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, markUpToDate, outdatePeer, refusal, saveDisk, type PairDisk } from './disks.js';
 import type { PairSideName, SyncDecision } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type PairTls, type Side, type SideName } from './sides.js';
@@ -560,6 +560,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (this.failingOver) throw new Error('no checkpoint while failing over');
     const times = await runCheckpoint(this);
     this.lastPauseMs = times.pauseMs;
+    // after the release (the guest does not wait on it): the secondary's persisted UpToDate
+    await markUpToDate(this, this.disks.secondary).catch((e: unknown) => this.opts.log('warn', `cannot record the secondary's checkpoint in its generation record: ${errorMessage(e)}`));
     await refreshCounters(this).catch(() => {});
     this.emit('checkpoint', times);
     return times;
@@ -610,11 +612,17 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       this.lastError = 'the secondary died: the primary keeps serving without protection';
       this.opts.log('error', this.lastError);
       await this.checkpoints.current?.catch(() => {});
+      // from here the primary's disk counts its changes against the secondary's generation,
+      // and the secondary, which may only be cut off and still look current, is noted as not
+      // outdated yet: persisted before any flush completes on the primary alone
+      const pd = this.disks.primary;
+      const sd = this.disks.secondary;
+      const peerGen = sd?.kept ? sd.meta?.current : undefined;
+      if (pd) await goOnAlone(this, pd, 'primary', undefined, peerGen).catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
       // nothing left to fail over to: flushes complete on the primary's own disk
       if (this.primary) await this.outputCommit.disable(this.primary).catch((e: unknown) => this.opts.log('error', `cannot turn flush commit off: ${errorMessage(e)}`));
-      // from here the primary's disk counts its changes against the secondary's generation
-      const pd = this.disks.primary;
-      if (pd) await goOnAlone(this, pd, 'primary').catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
+      // then the peer is marked outdated if it answers (flushes do not wait on that)
+      if (pd && sd) await outdatePeer(this, pd, side, DISK_FILE.secondary, this.opts.heartbeatTimeoutMs).catch(() => {});
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
       this.scheduleReturn();
@@ -707,6 +715,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (forward.type === 'unix') rmSync(forward.path, { force: true });
     const s = await this.launch('secondary', o.secondaryQmp, sl);
     this.secondary = s;
+    // first of all, the returning secondary is marked outdated if that was not possible before
+    if (pd.meta?.peerNotOutdated !== undefined && !(await outdatePeer(this, pd, s, DISK_FILE.secondary, this.controlTimeoutMs))) {
+      throw new Error('the secondary could not be marked outdated');
+    }
     if (!s.child) await checkFresh(s, o.secondaryQmp!, this.controlTimeoutMs);
     let created = false;
     for (const [name, keep] of [['secondary.qcow2', true], ['active.qcow2', false], ['hidden.qcow2', false]] as const) {

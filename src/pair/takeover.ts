@@ -10,7 +10,7 @@ import { rmSync } from 'node:fs';
 import { posix } from 'node:path';
 import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
-import { newId, parseMeta, startGeneration, type DiskMeta } from './generations.js';
+import { newId, notCurrentReason, parseMeta, startGeneration, type DiskMeta } from './generations.js';
 import { DISK_FILE } from './disks.js';
 import { LEASE_FIXED_MARGIN_MS, LEASE_RATE_MARGIN } from './lease.js';
 
@@ -20,7 +20,7 @@ export const SERVE_EXPORT = 'disk';
 
 export class TakeoverError extends Error {
   constructor(
-    readonly code: 'ENOTSECONDARY' | 'ENOMETA' | 'EINCONSISTENT' | 'EFAILED',
+    readonly code: 'ENOTSECONDARY' | 'ENOMETA' | 'EINCONSISTENT' | 'EOUTDATED' | 'EFAILED',
     message: string,
   ) {
     super(message);
@@ -97,9 +97,11 @@ export async function takeover(o: TakeoverOptions): Promise<TakeoverResult> {
       );
     }
     const meta = await readRecord(q, recordPath);
-    if (!meta.consistent) {
-      throw new TakeoverError('EINCONSISTENT', `refusing to take over: the generation record ${recordPath} says the disk is not consistent (a resync into it or a failover commit did not finish)`);
-    }
+    // Current from the persisted flags (written at each confirmed checkpoint, or by the primary
+    // that went on alone), not from the live graph: a secondary cut off while its primary went
+    // on alone still runs its replication graph
+    const why = notCurrentReason(meta);
+    if (why) throw new TakeoverError(meta.consistent ? 'EOUTDATED' : 'EINCONSISTENT', `refusing to take over: the generation record ${recordPath} ${why}`);
     // Fence first: no write of a partly alive old primary reaches this disk from here on.
     await q.execute('nbd-server-stop');
     // The old primary acknowledges nothing once its lease is out. Its supervisor ran on its

@@ -6,7 +6,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   compareGenerations,
+  confirmedUpToDate,
   inStep,
+  notCurrentReason,
+  outdateBy,
   justCreated,
   parseMeta,
   startGeneration,
@@ -87,6 +90,45 @@ test('an inconsistent newer side is never a source; missing metadata is never gu
   assert.deepEqual(compareGenerations(null, s), { kind: 'no-metadata', sides: ['primary'], reason: 'no generation metadata on the primary disk: lockstep never guesses which disk is newer' });
   assert.deepEqual((compareGenerations(null, null) as { sides: string[] }).sides, ['primary', 'secondary']);
   assert.equal(compareGenerations(p, { ...s, size: SIZE * 2 }).kind, 'refuse');
+});
+
+test('UpToDate and Outdated: the secondary is current only while its record says so at its generation', () => {
+  const [p, s] = paired();
+  assert.equal(s.upToDate, s.current, 'in step after a sync: up to date');
+  assert.equal(notCurrentReason(s), null);
+  const cp = confirmedUpToDate(s, 7);
+  assert.equal(cp.checkpoint, 7);
+  assert.equal(notCurrentReason(cp), null);
+  // a record of an older lockstep (no flag) is not taken for current
+  const { upToDate: _u, ...old } = s;
+  assert.match(notCurrentReason(old) ?? '', /does not say the disk was an up-to-date secondary/);
+  assert.match(notCurrentReason({ ...s, consistent: false }) ?? '', /not consistent/);
+
+  // the primary goes on alone, noting the peer; the peer is marked outdated from the note
+  const alone = { ...startGeneration(p, id(), 'primary'), peerNotOutdated: s.current };
+  assert.equal(alone.upToDate, alone.current);
+  const outdated = outdateBy(s, alone.peerNotOutdated, alone.current);
+  assert.ok(outdated);
+  assert.equal(outdated.outdated, alone.current);
+  assert.match(notCurrentReason(outdated) ?? '', /outdated: the primary went on alone/);
+  // a peer that left the noted generation (it went on too, or was resynced) is not marked
+  assert.equal(outdateBy({ ...s, current: id() }, s.current, alone.current), null);
+
+  // the compare: the outdated disk is the target; found newer it is refused as a source
+  assert.deepEqual(compareGenerations(alone, outdated), { kind: 'incremental', source: 'primary', reason: `the primary disk went on from the secondary's generation ${s.current}` });
+  assert.equal(compareGenerations({ ...p, role: 'secondary' }, { ...outdated, role: 'primary' }).kind, 'refuse');
+  // in step again: no mark, no note, up to date at the new generation
+  const [a, b] = inStep(alone, outdated, alone.current);
+  for (const m of [a, b]) {
+    assert.equal(m.outdated, undefined);
+    assert.equal(m.peerNotOutdated, undefined);
+    assert.equal(m.upToDate, alone.current);
+  }
+  // a survivor's new generation drops an old mark and is up to date
+  const survivor = startGeneration(outdated, id(), 'primary');
+  assert.equal(survivor.outdated, undefined);
+  assert.equal(survivor.upToDate, survivor.current);
+  assert.throws(() => parseMeta({ ...s, outdated: 5 }, 'x.meta.json'), /not a lockstep pair metadata record/);
 });
 
 test('stored records are checked', () => {
