@@ -10,7 +10,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
@@ -172,4 +172,50 @@ test('after a failover the survivor becomes the primary: the old primary\'s disk
   assert.equal(got[A2.offset], 0x11);
   assert.equal(got[9 * MiB], 0x33);
   assert.equal(got[14 * MiB], 0);
+});
+
+test('after a failover, a returning disk whose generations say split brain is refused: nothing is copied, the survivor keeps serving', { timeout: 120_000 }, async (t) => {
+  const dir = tempDir(t);
+  const sock = join(dir, 'disk.sock');
+  const sup = new PairSupervisor({
+    dataDir: dir,
+    size: SIZE,
+    checkpointIntervalMs: 0,
+    heartbeatIntervalMs: 50,
+    heartbeatTimeoutMs: 3000,
+    failover: 'auto',
+    nbdSocket: sock,
+    reprotectBackoffMs: 600_000,
+    log: () => {},
+  });
+  t.after(() => sup.stop());
+  await sup.start();
+  const first = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
+  await first.write(0, Buffer.alloc(MiB, 0x11));
+  await sup.checkpoint();
+  await first.disconnect();
+  const failedOver = new Promise((r) => sup.once('failed-over', r));
+  sup.crashPrimary();
+  await failedOver;
+  const client = new Client(await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' }));
+  t.after(() => client.nbd.disconnect().catch(() => {}));
+  client.model.fill(0x11, 0, MiB);
+  await client.write(2 * MiB, MiB, 0x33);
+
+  // the old primary's record says it went on from the same common generation as the survivor
+  // (as after an unfenced failover whose old primary kept writing): both changed since
+  const metaFile = join(dir, 'primary.qcow2.meta.json');
+  const survivorMeta = JSON.parse(readFileSync(join(dir, 'secondary.qcow2.meta.json'), 'utf8')) as DiskMeta;
+  const old = JSON.parse(readFileSync(metaFile, 'utf8')) as DiskMeta;
+  assert.ok(survivorMeta.bitmap, 'the survivor counts its changes since a generation');
+  writeFileSync(metaFile, JSON.stringify({ ...old, current: 'feedfacefeedface', bitmap: survivorMeta.bitmap }));
+  const diskBefore = readFileSync(join(dir, 'primary.qcow2'));
+
+  await assert.rejects(sup.reprotect(), (e: Error & { code?: string }) => e.code === 'ESPLITBRAIN' && /split brain/.test(e.message));
+  assert.equal(sup.stage, 'degraded', 'the survivor serves alone');
+  assert.match(sup.status()['last-error'] ?? '', /split brain/);
+  assert.ok(readFileSync(join(dir, 'primary.qcow2')).equals(diskBefore), "the old primary's disk is unchanged");
+  // the same connection writes and reads on
+  await client.write(4 * MiB, MiB, 0x44);
+  assert.equal(firstDiff(await client.nbd.read(0, SIZE), client.model), -1);
 });
