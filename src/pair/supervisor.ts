@@ -880,7 +880,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private async recordChanged(): Promise<void> {
     const p = this.primary;
     if (!p || !p.alive) return;
-    const list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
+    let list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
+    if (p.name === 'secondary') {
+      // a failover's survivor as the primary never had a forwarding filter to count its
+      // changes: its dirty log holds them (everything since the failover, and its commit)
+      const r = (await this.call(p, 'x-dirty-log-query', { 'node-name': LOG_NODE[p.name] })) as { granularity: number; 'dirty-bytes': number; extents: ByteRange[] };
+      list = [{ 'node-name': LOG_NODE[p.name], granularity: r.granularity, bytes: r['dirty-bytes'], regions: r.extents } as { bytes: number }];
+    }
     this.changedBytes = list.reduce((a, x) => a + x.bytes, 0);
     this.metrics.changedBytes = this.changedBytes;
     this.changedAt = Date.now();

@@ -215,6 +215,12 @@ test('after a failover, a returning disk whose generations say split brain is re
   assert.equal(sup.stage, 'degraded', 'the survivor serves alone');
   assert.match(sup.status()['last-error'] ?? '', /split brain/);
   assert.ok(readFileSync(join(dir, 'primary.qcow2')).equals(diskBefore), "the old primary's disk is unchanged");
+  // the survivor's changes (from its dirty log) are what the status counts as out of sync
+  for (let i = 0; i < 200 && sup.status()['changed-bytes'] === undefined; i++) await sleep(50);
+  const st = sup.status();
+  assert.ok((st['changed-bytes'] ?? 0) >= MiB, `the survivor's changes: ${st['changed-bytes']} bytes`);
+  assert.equal(st.sides?.secondary['changed-bytes'], st['changed-bytes']);
+  assert.equal(st.sides?.secondary.role, 'Primary');
   // the same connection writes and reads on
   await client.write(4 * MiB, MiB, 0x44);
   assert.equal(firstDiff(await client.nbd.read(0, SIZE), client.model), -1);
