@@ -190,7 +190,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   forwardAddress(name: SideName = 'secondary'): ForwardAddress {
     const o = this.opts;
     if (name === 'primary') {
-      if (!this.oneHost) throw new Error('re-protection after a failover across two hosts is not built yet (the old primary\'s host would serve forwarded writes with server credentials it does not hold): stop the pair and start it again, which resyncs the old primary incrementally from the survivor');
+      // the old primary's `pair host` daemon holds server credentials too (tls0), and the
+      // survivor's client ones (tls1): the same port as a secondary's, on its host
+      const pq = o.primaryQmp;
+      if (pq && 'host' in pq) return { type: 'inet', host: pq.host, port: PAIR_DEFAULTS.secondaryNbdPort };
       return { type: 'unix', path: join(o.primaryDir ?? o.dataDir, 'primary-nbd.sock') };
     }
     if (o.secondaryNbd) return { type: 'inet', host: o.secondaryNbd.host, port: o.secondaryNbd.port };
@@ -649,7 +652,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private scheduleReturn(): void {
     if (this.opts.reprotect === false || this.returnTimer || this.stage !== 'degraded') return;
     const delay = this.backoff.next();
-    const how = this.opts.secondaryQmp ? 'reaching the secondary daemon again' : 'restarting the secondary daemon';
+    const sn = this.primary ? otherSide(this.primary.name) : 'secondary';
+    const how = (sn === 'secondary' ? this.opts.secondaryQmp : this.opts.primaryQmp) ? `reaching the ${sn} daemon again` : `restarting the ${sn} daemon`;
     this.opts.log('info', `${how} in ${delay} ms (attempt ${this.backoff.attempts})`);
     this.returnTimer = setTimeout(() => {
       this.returnTimer = null;
@@ -716,8 +720,6 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private swapRoles(): void {
     const survivor = this.secondary;
     if (!survivor?.alive) throw new Error('no re-protection: the survivor of the failover is not running');
-    // the old primary's host must serve the forwarded writes (refused across two hosts)
-    this.forwardAddress(otherSide(survivor.name));
     const old = this.primary;
     this.primary = survivor;
     this.secondary = old;
