@@ -81,7 +81,9 @@ export function sideState(st: Status, side: Side): string {
   if (typeof given === 'string') return given;
   const stage = String(st.stage);
   if (stage === 'split-brain') return 'up, diverged';
-  if (side === 'primary') {
+  // by role: once a failover's survivor is re-protected the side started as secondary is the primary
+  const swapped = st['primary-side'] === 'secondary';
+  if ((side === 'primary') !== swapped) {
     if (stage === 'failed-over' || stage === 'primary-lost') return 'down';
     if (stage === 'stopped') return 'stopped';
     return stage === 'starting' ? 'starting' : 'up, serving';
@@ -113,7 +115,7 @@ function sideLine(st: Status, side: Side): string {
   if (rs && num(rs.done) !== null && num(rs.total) !== null) {
     parts.push(`resync target ${bytesText(num(rs.done)!)} of ${bytesText(num(rs.total)!)}${num(rs['bytes-per-second']) ? ` at ${bytesText(num(rs['bytes-per-second'])!)}/s` : ''}${num(rs['eta-seconds']) !== null ? `, ETA ${durationText(num(rs['eta-seconds'])!)}` : ''}`);
   }
-  if (side === 'primary' && num(st['heartbeat-age-ms']) !== null && parts[1]!.startsWith('up')) parts.push(`heartbeat ${ms(st['heartbeat-age-ms'])} ago`);
+  if ((side === 'primary') !== (st['primary-side'] === 'secondary') && num(st['heartbeat-age-ms']) !== null && parts[1]!.startsWith('up')) parts.push(`heartbeat ${ms(st['heartbeat-age-ms'])} ago`);
   const hb = perSide(st, 'heartbeats', side) as { late?: unknown; 'max-late-ms'?: unknown } | undefined;
   const late = num(perSide(st, 'late-heartbeats', side)) ?? num(hb?.late);
   if (late !== null) parts.push(`late heartbeats ${late}${num(hb?.['max-late-ms']) !== null ? ` (max ${ms(hb?.['max-late-ms'])})` : ''}`);
@@ -129,7 +131,7 @@ function lastCheckpointText(v: unknown, now: number): string | null {
 /** The human view: a header, one line per side, then checkpoints, data and errors. */
 export function renderStatus(st: Status, now = Date.now()): string {
   const lines: string[] = [];
-  lines.push(`pair  stage ${String(st.stage)}  role ${String(st.role)}`);
+  lines.push(`pair  stage ${String(st.stage)}  role ${String(st.role)}${st['primary-side'] === 'secondary' ? '  (roles swapped: the secondary daemon is the primary)' : ''}`);
   lines.push(sideLine(st, 'primary'), sideLine(st, 'secondary'));
   const cps = num(st.checkpoints) ?? 0;
   const failed = num(st['checkpoint-failures']) ?? 0;

@@ -33,6 +33,9 @@ consistent checkpoint every interval and fails over to the secondary when the pr
 A lost secondary is brought back by itself (restarted here, or its QMP address retried on
 two hosts, with a growing delay), resynced from the two change records while the primary
 keeps serving, and the pair is protected again; 'lockstep pair reprotect' does it now.
+After a failover, 'lockstep pair reprotect' makes the survivor the primary while it serves
+and resyncs the old primary's disk as its secondary (on two hosts once the old primary's
+'lockstep pair host' runs again).
 
 Two hosts: run 'lockstep pair host' on each (a lockstep daemon whose QMP monitor listens on
 HOST:PORT with TLS), then 'lockstep pair run' on the secondary's host (or a third one) with

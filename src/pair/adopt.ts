@@ -40,6 +40,9 @@ export interface DaemonsRecord {
   /** the daemons by the side they were started as; null once gone (failover, lost secondary) */
   primary: DaemonEntry | null;
   secondary: DaemonEntry | null;
+  /** the side whose daemon plays the primary when not the one started as primary (a
+   *  failover's survivor re-protected: roles swapped); absent: 'primary' */
+  'primary-side'?: SideName;
   /** the disks' generations when it was written, for people and for the check at adoption */
   generation: { primary: string | null; secondary: string | null };
   /** the addresses the disk is served at */
@@ -86,7 +89,8 @@ export function readDaemons(dataDir: string): DaemonsRecord | null {
   } catch {
     throw new PairAdoptError(`${path}: not a lockstep pair daemons record (malformed JSON); remove it once no daemon of this data directory runs`);
   }
-  if (r?.format !== FORMAT || r.version !== 1 || typeof r.stage !== 'string' || !isEntry(r.primary) || !isEntry(r.secondary) || !Array.isArray(r.serving)) {
+  const ps = r?.['primary-side'];
+  if (r?.format !== FORMAT || r.version !== 1 || typeof r.stage !== 'string' || !isEntry(r.primary) || !isEntry(r.secondary) || !Array.isArray(r.serving) || (ps !== undefined && ps !== 'primary' && ps !== 'secondary')) {
     throw new PairAdoptError(`${path}: not a lockstep pair daemons record (format ${FORMAT}, version 1)`);
   }
   return r;
@@ -118,13 +122,16 @@ export function isSupervisor(pid: number): boolean {
   return args !== null && args.some((a) => /lockstep$/.test(a)) && args.includes('pair');
 }
 
-/** The block nodes a side has in each stage its daemon can be adopted in. */
-export function expectedNodes(side: SideName, stage: PairStage): string[] {
+/** The block nodes a side has in each stage its daemon can be adopted in. `primarySide`: the
+ *  side playing the primary (the secondary's once roles are swapped: its disk's nodes and the
+ *  served quorum over the replication node the failover left). */
+export function expectedNodes(side: SideName, stage: PairStage, primarySide: SideName = 'primary'): string[] {
   // before replication runs the daemons are retired, not adopted: any layout will do
   if (stage === 'starting' || stage === 'syncing' || stage === 'split-brain') return [];
-  if (side === 'primary') return [PRIMARY_LOCAL, PRIMARY_LOG, DISK_NODE];
-  // after the failover commit the survivor serves childs0, its disk below it
-  return [SECONDARY_DISK, FORWARD_EXPORT, 'childs0'];
+  const disk = side === 'primary' ? [PRIMARY_LOCAL, PRIMARY_LOG] : [SECONDARY_DISK, FORWARD_EXPORT];
+  if (side === primarySide) return side === 'primary' ? [...disk, DISK_NODE] : [...disk, 'childs0', DISK_NODE];
+  // a secondary (after the failover commit a survivor serves childs0, its disk below it)
+  return [...disk, 'childs0'];
 }
 
 export interface FoundDaemon {
@@ -137,7 +144,7 @@ export interface FoundDaemon {
 export type Probe = { state: 'alive'; daemon: FoundDaemon } | { state: 'gone' } | { state: 'mismatch'; why: string };
 
 /** Checks that the recorded daemon runs and is what the record says. */
-export async function probeDaemon(name: SideName, e: DaemonEntry, stage: PairStage, timeoutMs: number): Promise<Probe> {
+export async function probeDaemon(name: SideName, e: DaemonEntry, stage: PairStage, timeoutMs: number, primarySide: SideName = 'primary'): Promise<Probe> {
   if (!pidAlive(e.pid)) return { state: 'gone' };
   const args = cmdline(e.pid);
   // a reused pid: some other process, not our daemon (it may be gone since)
@@ -150,7 +157,7 @@ export async function probeDaemon(name: SideName, e: DaemonEntry, stage: PairSta
   }
   try {
     const nodes = ((await qmp.execute('query-named-block-nodes', { flat: true })) as Array<{ 'node-name': string }>).map((n) => n['node-name']);
-    const missing = expectedNodes(name, stage).filter((n) => !nodes.includes(n));
+    const missing = expectedNodes(name, stage, primarySide).filter((n) => !nodes.includes(n));
     if (missing.length > 0) {
       qmp.close();
       return { state: 'mismatch', why: `the ${name} daemon (pid ${e.pid}) does not have the ${stage} pair's layout (no node ${missing.join(', ')}; it has ${nodes.filter((n) => !n.startsWith('#')).join(', ') || 'none'})` };
@@ -182,7 +189,7 @@ export async function findDaemons(dataDir: string, log: PairLog, timeoutMs: numb
   const probes: Partial<Record<SideName, Probe>> = {};
   for (const name of ['primary', 'secondary'] as const) {
     const e = record[name];
-    probes[name] = e ? await probeDaemon(name, e, record.stage, timeoutMs) : { state: 'gone' };
+    probes[name] = e ? await probeDaemon(name, e, record.stage, timeoutMs, record['primary-side'] ?? 'primary') : { state: 'gone' };
   }
   const bad = (['primary', 'secondary'] as const).filter((n) => probes[n]!.state === 'mismatch');
   if (bad.length > 0) {

@@ -45,7 +45,7 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   // The secondary's dirty log forgets the forwarded writes this checkpoint confirms. Sent
   // back to back with the checkpoint (no extra round trip); even when the checkpoint fails
   // nothing is lost: what a failover then rolls back, its commit rewrites through the log.
-  const sLog = core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.secondary });
+  const sLog = core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[s.name] });
   // observed below; a rejection (a timeout) while the checkpoint is still awaited must not
   // be an unhandled one, which ends the supervisor's process
   sLog.catch(() => {});
@@ -65,7 +65,7 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   const commit = err || !core.insideBarrier ? Promise.resolve() : core.insideBarrier(p);
   const reset = err ? Promise.resolve() : core.call(p, 'x-replication-reset-changed');
   // the primary's dirty log likewise: what it holds before this point is on the secondary
-  const pLog = err ? Promise.resolve() : core.call(p, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.primary });
+  const pLog = err ? Promise.resolve() : core.call(p, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[p.name] });
   await Promise.all([commit, reset, pLog, core.call(p, 'block-io-release', { 'node-name': DISK_NODE })]);
   const t3 = process.hrtime.bigint();
   const pauseMs = Number(t3 - t0) / 1e6;

@@ -106,7 +106,9 @@ export async function markTarget(core: PairCore, target: PairDisk): Promise<void
   if (target.meta) await saveDisk(core, target, { ...target.meta, consistent: false, updated: new Date().toISOString() });
 }
 
-/** Both disks in step: one generation (kept when the source had one, new otherwise), roles as started. */
+/** Both disks in step: one generation (kept when the source had one, new otherwise). `p` is
+ *  the disk of the side that serves from here on, `s` the other's: after a failover's
+ *  re-protection the survivor's (secondary.qcow2) is `p`, and the records say so. */
 export async function markInStep(core: PairCore, p: PairDisk, s: PairDisk, source: PairSideName): Promise<string | null> {
   if (!p.kept || !s.kept) return null;
   const size = (p.meta ?? s.meta)?.size ?? 0;
@@ -118,8 +120,9 @@ export async function markInStep(core: PairCore, p: PairDisk, s: PairDisk, sourc
   const [a, b] = inStep(srcMeta, dstMeta, current);
   // the target first: a crash between the two writes leaves both at `current` (same
   // generation, the source still primary) or the old records (the same decision again)
-  await saveDisk(core, dst, { ...b, role: dst.name, checkpoint: core.metrics.checkpoints });
-  await saveDisk(core, src, { ...a, role: src.name, checkpoint: core.metrics.checkpoints });
+  const role = (d: PairDisk): DiskRole => (d === p ? 'primary' : 'secondary');
+  await saveDisk(core, dst, { ...b, role: role(dst), checkpoint: core.metrics.checkpoints });
+  await saveDisk(core, src, { ...a, role: role(src), checkpoint: core.metrics.checkpoints });
   return current;
 }
 

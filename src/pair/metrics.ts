@@ -61,6 +61,8 @@ type ConnectionState = (typeof CONNECTION_STATES)[number];
 /** The fields of the supervisor's status that the scrape reads. */
 export interface MetricsStatus {
   stage: string;
+  /** the side whose daemon plays the primary, when not the one started as primary */
+  'primary-side'?: 'primary' | 'secondary';
   'changed-bytes'?: number;
   resync?: { done: number; total: number; 'bytes-per-second'?: number };
   /** per side: bytes its disk changed that the peer lacks (null: unknown) */
@@ -84,8 +86,14 @@ export class RateMeter {
   }
 }
 
-/** Each side's role from the pair's stage. */
-export function sideRoles(stage: string): { primary: Role; secondary: Role } {
+/** Each side's role from the pair's stage. `primarySide`: the side whose daemon plays the
+ *  primary (the secondary's once a failover's survivor was re-protected: roles swapped). */
+export function sideRoles(stage: string, primarySide: 'primary' | 'secondary' = 'primary'): { primary: Role; secondary: Role } {
+  const r = rolesByRole(stage);
+  return primarySide === 'primary' ? r : { primary: r.secondary, secondary: r.primary };
+}
+
+function rolesByRole(stage: string): { primary: Role; secondary: Role } {
   switch (stage) {
     case 'failed-over':
       return { primary: 'Unknown', secondary: 'Primary' };
@@ -147,7 +155,7 @@ export class PairMetrics {
   render(st: MetricsStatus): string {
     const head = (name: string, help: string, type: string) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}`;
     const one = (name: string, help: string, v: number, type = 'gauge') => `${head(name, help, type)}\n${name} ${v}`;
-    const roles = sideRoles(st.stage);
+    const roles = sideRoles(st.stage, st['primary-side']);
     const conn = connectionState(st.stage);
     const out = [
       head('lockstep_pair_stage', "The pair's stage: 1 for the current one, 0 for the others", 'gauge'),

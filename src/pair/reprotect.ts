@@ -20,7 +20,7 @@
 import { errorMessage } from '../errors.js';
 import type { QmpClient } from '../qmp/client.js';
 import type { PairCore } from './core.js';
-import { DISK_NODE, LOG_NODE, PRIMARY_LOG, forwardNode, type ForwardAddress } from './setup.js';
+import { DISK_NODE, LOG_NODE, forwardNode, type ForwardAddress } from './setup.js';
 import type { Side } from './sides.js';
 import { resync, unionExtents, type ByteRange, type SyncProgress } from './sync.js';
 
@@ -45,7 +45,9 @@ export interface ResyncProgress {
 export interface LiveResyncResult {
   /** pass 0's extents: the union of both records */
   union: ByteRange[];
-  passes: Array<{ extents: ByteRange[]; bytes: number; dataBytes: number; zeroedBytes: number }>;
+  /** per pass: bytes of its extents, and how the job wrote them (data, zeroes, or nothing
+   *  where both sides read zeroes already) */
+  passes: Array<{ extents: ByteRange[]; bytes: number; dataBytes: number; zeroedBytes: number; skippedZeroBytes: number }>;
   /** bytes copied inside the barrier */
   barrierBytes: number;
   /** the guest's writes were held this long */
@@ -154,7 +156,7 @@ export async function detachReplication(core: PairCore, p: Side): Promise<void> 
 export async function cleanUpResync(core: PairCore, p: Side, keepTracking = false): Promise<void> {
   if (!p.alive) return;
   await core.call(p, 'block-job-cancel', { device: 'lockstep-sync', force: true }).catch(() => {});
-  if (!keepTracking) await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop: true }).catch(() => {});
+  if (!keepTracking) await core.call(p, 'x-dirty-log-written', { 'node-name': LOG_NODE[p.name], stop: true }).catch(() => {});
   for (let i = 0; i < 50; i++) {
     try {
       await core.call(p, 'blockdev-del', { 'node-name': SYNC_PEER });
@@ -174,7 +176,7 @@ export async function cleanUpResync(core: PairCore, p: Side, keepTracking = fals
  */
 export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResyncOptions): Promise<LiveResyncResult> {
   const track = async (stop = false): Promise<{ extents: ByteRange[]; tracking: boolean }> =>
-    (await core.call(p, 'x-dirty-log-written', { 'node-name': PRIMARY_LOG, stop })) as { extents: ByteRange[]; tracking: boolean };
+    (await core.call(p, 'x-dirty-log-written', { 'node-name': LOG_NODE[p.name], stop })) as { extents: ByteRange[]; tracking: boolean };
   const written = async (stop = false): Promise<ByteRange[]> => (await track(stop)).extents;
   await core.call(p, 'blockdev-add', { 'node-name': SYNC_PEER, ...forwardNode(o.forward, o.clientCreds, 0) });
   // tracking first, then the records: a write completing in between is in both. Tracking
@@ -189,7 +191,7 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
   } else if (o.full) union = [{ offset: 0, length: o.size }];
   else {
     const records = await Promise.all(
-      ([[p, 'primary'], [s, 'secondary']] as const).map(async ([side, n]) => ((await core.call(side, 'x-dirty-log-query', { 'node-name': LOG_NODE[n] })) as { extents: ByteRange[] }).extents),
+      [p, s].map(async (side) => ((await core.call(side, 'x-dirty-log-query', { 'node-name': LOG_NODE[side.name] })) as { extents: ByteRange[] }).extents),
     );
     union = unionExtents(...records);
   }
@@ -205,7 +207,7 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
   const copy = async (extents: ByteRange[], speed: number | undefined, durable: boolean): Promise<void> => {
     const pieces = durable ? splitPieces(extents, o.pieceBytes ?? PIECE_BYTES) : [extents];
     const t0 = Date.now();
-    const pass = { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0 };
+    const pass = { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0, skippedZeroBytes: 0 };
     const n = result.passes.length;
     const last = extents[extents.length - 1];
     await o.onDone?.({ pass: n, extents, doneUpTo: extents[0]?.offset ?? 0 }, durable);
@@ -218,11 +220,12 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
         o.onProgress?.(prog.done, prog.total, prog['eta-seconds'], 'resync');
       };
       const tp = Date.now();
-      const r = await resync(p.qmp, quiet, onPass, PRIMARY_LOG, SYNC_PEER, piece, false, 'resync', speed);
+      const r = await resync(p.qmp, quiet, onPass, LOG_NODE[p.name], SYNC_PEER, piece, false, 'resync', speed);
       prog.done = base + r.bytes;
       pass.bytes += r.bytes;
       pass.dataBytes += r.dataBytes;
       pass.zeroedBytes += r.zeroedBytes;
+      pass.skippedZeroBytes += r.skippedZeroBytes;
       const nextPiece = pieces[i + 1]?.[0];
       await o.onDone?.({ pass: n, extents, doneUpTo: nextPiece ? nextPiece.offset : last!.offset + last!.length }, durable);
       // each job starts with a fresh token bucket (its first chunk goes at once): the rate
@@ -255,8 +258,8 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
     if (rest.length > 0) await copy(rest, undefined, false);
     await startReplication(p.qmp, s.qmp, o);
     // the data is on the peer: both records may drop what they hold (lazily)
-    await core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.secondary });
-    await core.call(p, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE.primary });
+    await core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[s.name] });
+    await core.call(p, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[p.name] });
     await o.insideBarrier?.();
   } finally {
     await core.call(p, 'block-io-release', { 'node-name': DISK_NODE }).catch(() => {});

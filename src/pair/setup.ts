@@ -75,31 +75,46 @@ const qcow2Node = (filename: string) => ({ driver: 'qcow2', file: { driver: 'fil
 const scratchNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'file', filename, cache: { 'no-flush': true } } });
 
 /** The secondary: its disk, the replication filter over active -> hidden -> disk, and the
- *  writable export the primary forwards to. */
-export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined): Promise<void> {
+ *  writable export the primary forwards to. `name` is the disk's side: after a failover the
+ *  old primary's disk returns as the secondary of the survivor (roles swapped), built around
+ *  primary.qcow2 under its own dirty log (LOG_NODE.primary, exported as FORWARD_EXPORT) with
+ *  overlays of their own names: on one host the survivor still holds active/hidden.qcow2. */
+export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined, name: 'primary' | 'secondary' = 'secondary'): Promise<void> {
   // The disk sits under its dirty log: forwarded writes, the failover commit (which writes
-  // into the backing node parent0) and, after failover, the survivor's own writes all pass
-  // through it, so the survivor's record covers everything that differs from the last checkpoint.
-  await q.execute('blockdev-add', { 'node-name': SECONDARY_DISK, ...qcow2Node(imagePath(side, 'secondary.qcow2')) });
-  await q.execute('blockdev-add', { driver: 'dirty-log', 'node-name': FORWARD_EXPORT, file: SECONDARY_DISK, filename: dirtyLogPath(side, 'secondary') });
+  // into the backing node below the overlays) and, after failover, the survivor's own writes
+  // all pass through it, so the survivor's record covers everything that differs from the
+  // last checkpoint.
+  await q.execute('blockdev-add', { 'node-name': DISK_NODES[name], ...qcow2Node(imagePath(side, DISK_FILES[name])) });
+  await q.execute('blockdev-add', { driver: 'dirty-log', 'node-name': LOG_NODE[name], file: DISK_NODES[name], filename: dirtyLogPath(side, name) });
   await q.execute('blockdev-add', {
     driver: 'replication',
     'node-name': 'childs0',
     mode: 'secondary',
     'top-id': 'childs0',
-    file: { ...scratchNode(imagePath(side, 'active.qcow2')), backing: { ...scratchNode(imagePath(side, 'hidden.qcow2')), backing: FORWARD_EXPORT } },
+    file: { ...scratchNode(imagePath(side, OVERLAYS[name].active)), backing: { ...scratchNode(imagePath(side, OVERLAYS[name].hidden)), backing: LOG_NODE[name] } },
   });
   await q.execute('nbd-server-start', { addr: serverAddr(forward), ...(tlsCreds ? { 'tls-creds': tlsCreds } : {}) });
-  await q.execute('block-export-add', { type: 'nbd', id: FORWARD_EXPORT, 'node-name': FORWARD_EXPORT, name: FORWARD_EXPORT, writable: true });
+  await q.execute('block-export-add', { type: 'nbd', id: FORWARD_EXPORT, 'node-name': LOG_NODE[name], name: FORWARD_EXPORT, writable: true });
 }
+
+/** The secondary's overlays by the disk's side: the old primary's disk, returning as a
+ *  secondary after failover, gets its own (on one host both daemons share the directory). */
+export const OVERLAYS = {
+  secondary: { active: 'active.qcow2', hidden: 'hidden.qcow2' },
+  primary: { active: 'primary-active.qcow2', hidden: 'primary-hidden.qcow2' },
+} as const;
+
+const DISK_FILES = { primary: 'primary.qcow2', secondary: 'secondary.qcow2' } as const;
 
 export const PRIMARY_LOCAL = 'local0';
 /** The primary's dirty-log filter over local0: the quorum's child. */
 export const PRIMARY_LOG = 'local0-log';
 /** The secondary's qcow2 disk; the dirty-log filter above it is FORWARD_EXPORT. */
 export const SECONDARY_DISK = 'secondary-disk0';
-/** Each side's dirty-log node (what x-dirty-log-* commands name). */
+/** Each disk's dirty-log node (what x-dirty-log-* commands name), whichever role its daemon plays. */
 export const LOG_NODE = { primary: PRIMARY_LOG, secondary: FORWARD_EXPORT } as const;
+/** Each disk's qcow2 node. */
+export const DISK_NODES = { primary: PRIMARY_LOCAL, secondary: SECONDARY_DISK } as const;
 
 /** The dirty log of a side's disk, beside it. */
 export function dirtyLogPath(side: SideLayout, name: 'primary' | 'secondary'): string {

@@ -6,6 +6,9 @@
 //   starting -> syncing -> protected -> failed-over | degraded | primary-lost -> stopped
 //   primary-lost -> failed-over (manual failover)
 //   degraded -> resyncing -> protected (a lost secondary back: live resync, re-protect.ts)
+//   failed-over -> degraded -> resyncing -> protected (the failed side back: the survivor
+//   becomes the primary, roles swapped, serving alone until the old primary's disk, resynced
+//   live as its secondary, is in step; a failed attempt leaves it degraded and retried)
 //   resyncing -> degraded (the secondary lost again) | primary-lost (never failed over: the
 //   secondary's disk is inconsistent until the resync ends)
 //   starting -> split-brain (both disks changed since they diverged: nothing is served or
@@ -20,7 +23,7 @@ export const STAGE_TRANSITIONS: Record<PairStage, readonly PairStage[]> = {
   'primary-lost': ['failed-over', 'stopped'],
   degraded: ['resyncing', 'stopped'],
   resyncing: ['protected', 'degraded', 'primary-lost', 'stopped'],
-  'failed-over': ['stopped'],
+  'failed-over': ['degraded', 'stopped'],
   // resolved: the kept side's disk is copied onto the other's (then as a start's sync)
   'split-brain': ['syncing', 'stopped'],
   stopped: [],

@@ -7,6 +7,9 @@ import { STAGE_POLICY, type PairStage } from './stages.js';
 export interface PairStatus {
   stage: PairStage;
   role: string;
+  /** present when roles are swapped: the daemon started as secondary (its disk
+   *  secondary.qcow2) plays the primary since a failover's re-protection */
+  'primary-side'?: 'primary' | 'secondary';
   checkpoints: number;
   'checkpoint-failures': number;
   'last-pause-ms': number | null;
@@ -58,16 +61,19 @@ export interface SideInputs {
   resync?: { done: number; total: number; 'bytes-per-second': number; 'eta-seconds': number | null };
   /** the side the resync writes (default the secondary) */
   resyncTarget?: 'primary' | 'secondary';
+  /** the side whose daemon plays the primary (default the primary) */
+  primarySide?: 'primary' | 'secondary';
 }
 
 /** Each side's line of the status, from the stage, the records and the copy running. */
 export function buildSides(i: SideInputs): Record<'primary' | 'secondary', SideStatus> {
-  const roles = sideRoles(i.stage);
+  const roles = sideRoles(i.stage, i.primarySide);
+  const primaryRole = i.primarySide ?? 'primary';
   const changed = (side: 'primary' | 'secondary'): number | null => {
     if (i.splitChanged) return i.splitChanged[side];
     // protected: every write reaches the peer, which lacks nothing
     if (i.stage === 'protected') return 0;
-    if (i.stage === 'degraded' && side === 'primary') return i.degradedChanged ?? null;
+    if (i.stage === 'degraded' && side === primaryRole) return i.degradedChanged ?? null;
     // a copy running: the source's changes the target still lacks
     if (i.resync && side !== (i.resyncTarget ?? 'secondary')) return Math.max(0, i.resync.total - i.resync.done);
     return null;
@@ -100,6 +106,7 @@ export interface StatusInputs {
   resync?: PairStatus['resync'];
   sides?: PairStatus['sides'];
   splitBrain?: PairStatus['split-brain'];
+  primarySide?: 'primary' | 'secondary';
 }
 
 export function buildStatus(i: StatusInputs): PairStatus {
@@ -117,6 +124,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
     'heartbeat-age-ms': i.primaryLastAnswer === null ? null : Date.now() - i.primaryLastAnswer,
     serving: i.serving,
   };
+  if (i.primarySide === 'secondary') st['primary-side'] = 'secondary';
   if (i.changedBytes !== undefined) {
     st['changed-bytes'] = i.changedBytes;
     st['changed-regions-file'] = i.changedRegionsFile;

@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics, RateMeter } from './metrics.js';
-import { DISK_NODE, LOG_NODE, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
+import { DISK_NODE, LOG_NODE, OVERLAYS, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
 import { DISK_FILE, PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, markUpToDate, outdatePeer, refusal, saveDisk, type PairDisk } from './disks.js';
 import type { PairSideName, SyncDecision } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
@@ -184,9 +184,18 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     return { dir: dir ?? this.opts.dataDir, local: !attached };
   }
 
-  /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two. */
-  forwardAddress(): ForwardAddress {
+  /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two.
+   *  `name`: the daemon that plays the secondary (the one started as primary once a
+   *  failover's survivor is re-protected: its own socket beside its disk). */
+  forwardAddress(name: SideName = 'secondary'): ForwardAddress {
     const o = this.opts;
+    if (name === 'primary') {
+      // the old primary's `pair host` daemon holds server credentials too (tls0), and the
+      // survivor's client ones (tls1): the same port as a secondary's, on its host
+      const pq = o.primaryQmp;
+      if (pq && 'host' in pq) return { type: 'inet', host: pq.host, port: PAIR_DEFAULTS.secondaryNbdPort };
+      return { type: 'unix', path: join(o.primaryDir ?? o.dataDir, 'primary-nbd.sock') };
+    }
     if (o.secondaryNbd) return { type: 'inet', host: o.secondaryNbd.host, port: o.secondaryNbd.port };
     const sq = o.secondaryQmp;
     if (sq && 'host' in sq) return { type: 'inet', host: sq.host, port: PAIR_DEFAULTS.secondaryNbdPort };
@@ -395,10 +404,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     };
     try {
       this.recorded = true;
+      // by the side each daemon was started as; which one plays the primary beside
+      const ps = this.primarySide;
       writeDaemons(this.opts.dataDir, {
         stage: this.stage,
-        primary: entry(this.primary),
-        secondary: entry(this.secondary),
+        primary: entry(this.sideNamed('primary')),
+        secondary: entry(this.sideNamed('secondary')),
+        ...(ps === 'secondary' ? { 'primary-side': ps } : {}),
         generation: { primary: this.disks.primary?.meta?.current ?? null, secondary: this.disks.secondary?.meta?.current ?? null },
         serving: this.serving,
       });
@@ -429,17 +441,21 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     // (a split brain served nothing either: the next start finds it again)
     if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'split-brain' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
     // the failover killed the primary: only the survivor can serve
-    if (r.stage === 'failed-over' && !found.secondary) return retireAll('the survivor of the last failover is gone');
+    // by role from here: the record names the daemons by the side they were started as
+    const pn = r['primary-side'] ?? 'primary';
+    const sn = otherSide(pn);
+    const byRole = { primary: found[pn], secondary: found[sn] };
+    if (r.stage === 'failed-over' && !byRole.secondary) return retireAll('the survivor of the last failover is gone');
     const layout = this.layout(undefined, false);
     const side = (d: FoundDaemon): Side => this.watch({ name: d.name, qmp: d.qmp, child: null, pid: d.pid, layout, lastAnswer: Date.now(), alive: true });
-    const p = (this.primary = found.primary ? side(found.primary) : null);
-    const s = (this.secondary = found.secondary ? side(found.secondary) : null);
-    if (p) this.disks.primary = await loadDisk(this, p, 'primary', false, o.size);
-    if (s) this.disks.secondary = await loadDisk(this, s, 'secondary', false, o.size);
+    const p = (this.primary = byRole.primary ? side(byRole.primary) : null);
+    const s = (this.secondary = byRole.secondary ? side(byRole.secondary) : null);
+    if (p) this.disks[pn] = await loadDisk(this, p, pn, false, o.size);
+    if (s) this.disks[sn] = await loadDisk(this, s, sn, false, o.size);
     this.serving = r.serving;
-    const pidOf = (n: 'primary' | 'secondary') => found[n]?.pid ?? r[n]?.pid;
+    const pidOf = (n: 'primary' | 'secondary') => byRole[n]?.pid ?? r[n === 'primary' ? pn : sn]?.pid;
     if (r.stage === 'failed-over') {
-      if (p) await retire(found.primary!);
+      if (p) await retire(byRole.primary!);
       this.primary = null;
       this.stages.adopt('failed-over');
       o.log('info', `adopted the running survivor (pid ${pidOf('secondary')}), which serves the disk`, { serving: this.serving });
@@ -452,13 +468,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       o.log('info', `adopted the running primary (pid ${p.pid}) and secondary (pid ${s.pid}); ${took}`, { serving: this.serving });
       return true;
     } else if (p && (r.stage === 'protected' || r.stage === 'degraded')) {
-      if (s) await retire(found.secondary!);
+      if (s) await retire(byRole.secondary!);
       this.secondary = null;
       this.stages.adopt('degraded');
       await this.resumePrimary(p);
       // nothing left to fail over to: flushes complete on the primary's own disk
       await this.outputCommit.disable(p).catch(() => {});
-      const pd = this.disks.primary;
+      const pd = this.disks[pn];
       if (r.stage === 'protected' && pd) await goOnAlone(this, pd, 'primary');
       this.lastError = `the secondary daemon (pid ${pidOf('secondary')}) died while no supervisor ran: the primary keeps serving without protection`;
       await this.recordChanged().catch(() => {});
@@ -560,8 +576,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (this.failingOver) throw new Error('no checkpoint while failing over');
     const times = await runCheckpoint(this);
     this.lastPauseMs = times.pauseMs;
-    // after the release (the guest does not wait on it): the secondary's persisted UpToDate
-    await markUpToDate(this, this.disks.secondary).catch((e: unknown) => this.opts.log('warn', `cannot record the secondary's checkpoint in its generation record: ${errorMessage(e)}`));
+    // after the release (the guest does not wait on it): the secondary's persisted UpToDate (its
+    // disk by the daemon's side name: after a re-protection the roles are swapped)
+    await markUpToDate(this, this.secondary ? this.disks[this.secondary.name] : null).catch((e: unknown) => this.opts.log('warn', `cannot record the secondary's checkpoint in its generation record: ${errorMessage(e)}`));
     await refreshCounters(this).catch(() => {});
     this.emit('checkpoint', times);
     return times;
@@ -586,7 +603,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private async sideDied(side: Side): Promise<void> {
     if (this.stage === 'stopped') return;
     if (side !== this.primary && side !== this.secondary) return; // a side already replaced
-    if (side.name === 'primary') {
+    // by role: after a re-protection that swapped roles the daemon started as secondary is the primary
+    if (side === this.primary) {
       this.lease?.stop();
       if (this.stage === 'failed-over' || this.failingOver) return;
       if (this.stage === 'resyncing') {
@@ -614,15 +632,16 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       await this.checkpoints.current?.catch(() => {});
       // from here the primary's disk counts its changes against the secondary's generation,
       // and the secondary, which may only be cut off and still look current, is noted as not
-      // outdated yet: persisted before any flush completes on the primary alone
-      const pd = this.disks.primary;
-      const sd = this.disks.secondary;
+      // outdated yet: persisted before any flush completes on the primary alone (the disks by
+      // the daemons' side names: after a re-protection the roles are swapped)
+      const pd = this.primary ? this.disks[this.primary.name] : null;
+      const sd = this.disks[side.name];
       const peerGen = sd?.kept ? sd.meta?.current : undefined;
       if (pd) await goOnAlone(this, pd, 'primary', undefined, peerGen).catch((e: unknown) => this.opts.log('error', `cannot record the primary's new generation: ${errorMessage(e)}`));
       // nothing left to fail over to: flushes complete on the primary's own disk
       if (this.primary) await this.outputCommit.disable(this.primary).catch((e: unknown) => this.opts.log('error', `cannot turn flush commit off: ${errorMessage(e)}`));
       // then the peer is marked outdated if it answers (flushes do not wait on that)
-      if (pd && sd) await outdatePeer(this, pd, side, DISK_FILE.secondary, this.opts.heartbeatTimeoutMs).catch(() => {});
+      if (pd && sd) await outdatePeer(this, pd, side, DISK_FILE[side.name], this.opts.heartbeatTimeoutMs).catch(() => {});
       await this.recordChanged().catch((e: unknown) => this.opts.log('warn', `cannot read the changed regions: ${errorMessage(e)}`));
       this.emit('degraded');
       this.scheduleReturn();
@@ -643,7 +662,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private scheduleReturn(): void {
     if (this.opts.reprotect === false || this.returnTimer || this.stage !== 'degraded') return;
     const delay = this.backoff.next();
-    const how = this.opts.secondaryQmp ? 'reaching the secondary daemon again' : 'restarting the secondary daemon';
+    const sn = this.primary ? otherSide(this.primary.name) : 'secondary';
+    const how = (sn === 'secondary' ? this.opts.secondaryQmp : this.opts.primaryQmp) ? `reaching the ${sn} daemon again` : `restarting the ${sn} daemon`;
     this.opts.log('info', `${how} in ${delay} ms (attempt ${this.backoff.attempts})`);
     this.returnTimer = setTimeout(() => {
       this.returnTimer = null;
@@ -659,9 +679,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   reprotect(): Promise<void> {
     if (this.reprotecting) return this.reprotecting;
     if (this.stage === 'failed-over') {
-      return Promise.reject(
-        new Error('re-protection after a failover is not built yet: stop the pair and start it again (`lockstep pair`), which resyncs the old primary incrementally from the survivor'),
-      );
+      try {
+        this.swapRoles();
+      } catch (e) {
+        return Promise.reject(e);
+      }
     }
     if (this.stage === 'protected') return Promise.resolve();
     if (this.stage !== 'degraded') return Promise.reject(new Error(`no re-protection in stage ${this.stage}`));
@@ -699,50 +721,85 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     return run;
   }
 
+  /**
+   * After a failover: the survivor becomes the primary (as in COLO). It goes on serving its
+   * one-child quorum under the same export and addresses (its clients keep their
+   * connections); the failed side is brought back as its secondary and resynced live, as a
+   * lost secondary is: the pair is degraded (the new primary alone) until then.
+   */
+  private swapRoles(): void {
+    const survivor = this.secondary;
+    if (!survivor?.alive) throw new Error('no re-protection: the survivor of the failover is not running');
+    const old = this.primary;
+    this.primary = survivor;
+    this.secondary = old;
+    // the old primary's lease was left to run out by the failover: the new primary gets its
+    // own inside the barrier that starts replication
+    this.lease?.stop();
+    this.lease = null;
+    // the failover is over (its promise stays set to refuse a second one meanwhile)
+    this.failingOver = null;
+    this.backoff.reset();
+    this.stages.to('degraded');
+    this.lastError = undefined;
+    this.opts.log('info', `re-protecting after the failover: the ${survivor.name} daemon, which serves, becomes the primary; the ${otherSide(survivor.name)} disk returns as its secondary`);
+  }
+
+  /** The side whose daemon plays the primary (named by the side it was started as). */
+  get primarySide(): SideName {
+    if (this.primary) return this.primary.name;
+    // a survivor adopted after a failover: the other side played the primary
+    return this.secondary ? otherSide(this.secondary.name) : 'primary';
+  }
+
   private async bringBackSecondary(): Promise<void> {
     const o = this.opts;
     const p = this.primary;
-    const pd = this.disks.primary;
-    if (!p?.alive || !pd) throw new Error('the primary is not running');
+    if (!p?.alive) throw new Error('the primary is not running');
+    // the secondary's daemon is the one not playing the primary (swapped after a failover)
+    const sn = otherSide(p.name);
+    const pd = this.disks[p.name];
+    if (!pd) throw new Error('the primary is not running');
     const old = this.secondary;
     if (old) {
       old.alive = false;
       if (old.child) await stopSide(old, 1000);
       else old.qmp.close();
     }
-    const forward = this.forwardAddress();
-    const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
+    const forward = this.forwardAddress(sn);
+    const attach = sn === 'secondary' ? o.secondaryQmp : o.primaryQmp;
+    const sl = this.layout(sn === 'secondary' ? o.secondaryDir : o.primaryDir, attach !== undefined);
     if (forward.type === 'unix') rmSync(forward.path, { force: true });
-    const s = await this.launch('secondary', o.secondaryQmp, sl);
+    const s = await this.launch(sn, attach, sl);
     this.secondary = s;
     // first of all, the returning secondary is marked outdated if that was not possible before
-    if (pd.meta?.peerNotOutdated !== undefined && !(await outdatePeer(this, pd, s, DISK_FILE.secondary, this.controlTimeoutMs))) {
+    if (pd.meta?.peerNotOutdated !== undefined && !(await outdatePeer(this, pd, s, DISK_FILE[sn], this.controlTimeoutMs))) {
       throw new Error('the secondary could not be marked outdated');
     }
-    if (!s.child) await checkFresh(s, o.secondaryQmp!, this.controlTimeoutMs);
+    if (!s.child) await checkFresh(s, attach!, this.controlTimeoutMs);
     let created = false;
-    for (const [name, keep] of [['secondary.qcow2', true], ['active.qcow2', false], ['hidden.qcow2', false]] as const) {
+    for (const [name, keep] of [[DISK_FILE[sn], true], [OVERLAYS[sn].active, false], [OVERLAYS[sn].hidden, false]] as const) {
       const r = await ensureImage(s.qmp, s.layout, name, o.size, keep);
-      if (name === 'secondary.qcow2') created = r === 'created';
+      if (name === DISK_FILE[sn]) created = r === 'created';
     }
-    const sd = (this.disks.secondary = await loadDisk(this, s, 'secondary', created, o.size));
-    const decision = decideStart(pd, sd, undefined);
-    const refused = refusal(decision);
+    const sd = (this.disks[sn] = await loadDisk(this, s, sn, created, o.size));
+    // the generations are compared by disk (started as primary, as secondary)
+    const first = decideStart(this.disks.primary!, this.disks.secondary!, undefined);
+    const refused = refusal(first);
     if (refused) throw refused;
-    if ((decision.kind === 'incremental' || decision.kind === 'full') && decision.source !== 'primary') throw new ReprotectRefused(`the generations say the secondary's disk is newer (${decision.reason}): not copying over it while the primary serves`);
-    o.log('info', `the secondary is back: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} resync from the primary`}, while the primary serves`, { reason: decision.reason });
+    if ((first.kind === 'incremental' || first.kind === 'full') && first.source !== p.name) throw new ReprotectRefused(`the generations say the ${sn} disk is newer (${first.reason}): not copying over it while the ${p.name} daemon serves`);
     // an interrupted resync onto this same disk (its record carries that attempt's session)
     // resumes: the rest of its pass above the persisted mark, and what was written since
     const was = this.interrupted;
     const rec = sd.meta?.resync;
     let resume: ByteRange[] | undefined;
-    if (was && rec?.session === was.session && decision.kind !== 'none') {
+    if (was && rec?.session === was.session && first.kind !== 'none') {
       // the persisted mark counts when it is of the pass that was running; otherwise that
       // pass is copied whole (it had not persisted anything: the barrier's remainder)
       const doneUpTo = rec.pass === was.mark.pass ? rec['done-up-to'] : (was.mark.extents[0]?.offset ?? 0);
       resume = clipExtents(was.mark.extents, doneUpTo);
     } else if (was) {
-      o.log('info', 'the interrupted resync is not resumed (the secondary\'s disk is not the one it copied to): copying from the records');
+      o.log('info', `the interrupted resync is not resumed (the ${sn} disk is not the one it copied to): copying from the records`);
     }
     const session = was && resume ? was.session : newId();
     // pass numbers go on across the attempts of one session, so that a persisted mark is
@@ -750,7 +807,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const passBase = was && resume ? was.mark.pass + 1 : 0;
     // nothing to resume: the records name everything (a superset)
     if (!resume) this.interrupted = null;
-    await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds);
+    await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds, sn);
+    // a survivor of an unfenced failover whose old primary went on writing: split brain,
+    // nothing is copied (the records are read once both dirty logs are open)
+    const decision = first.kind === 'incremental' ? checkUnfenced(first, this.disks.primary!.meta, this.disks.secondary!.meta, await this.readRecords(this.sideNamed('primary')!, this.sideNamed('secondary')!)) : first;
+    if (decision.kind === 'split-brain') throw new PairDiskError('ESPLITBRAIN', `split brain: ${decision.reason}; neither disk was changed and the ${p.name} daemon keeps serving. Stop the pair and start it again to resolve it`);
+    o.log('info', `the ${sn} daemon is back as the secondary: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} resync from the ${p.name} disk`}, while the ${p.name} daemon serves`, { reason: decision.reason });
     this.stages.to('resyncing');
     this.resyncProgress = { done: 0, total: 0, 'eta-seconds': null, pass: 0 };
     await markTarget(this, sd);
@@ -784,6 +846,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       },
       // flushes acknowledged from here on must wait for a checkpoint again
       insideBarrier: async () => {
+        // a survivor that becomes the primary: its own lease from here (a lost secondary's
+        // primary kept its lease all along)
+        const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
+        if (!this.lease && leaseMs > 0) {
+          this.lease = new PairLease(this, leaseMs, o.heartbeatIntervalMs);
+          await this.lease.start(p);
+        }
         if (o.flushCommit !== false) await this.outputCommit.enable(p);
       },
     });
@@ -807,6 +876,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     this.emit('protected', r);
   }
 
+  /** The side whose daemon was started as `name` (whichever role it plays now). */
+  private sideNamed(name: SideName): Side | null {
+    return [this.primary, this.secondary].find((x) => x?.name === name) ?? null;
+  }
+
   /** Where the running live resync stands, or the interrupted one stood (its pass, extents
    *  and the flushed mark) while a later attempt may resume it. */
   get resyncMark(): { session: string; mark: PassMark } | null {
@@ -822,7 +896,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private async recordChanged(): Promise<void> {
     const p = this.primary;
     if (!p || !p.alive) return;
-    const list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
+    let list = (await this.call(p, 'x-query-replication-changed')) as Array<{ bytes: number }>;
+    if (p.name === 'secondary') {
+      // a failover's survivor as the primary never had a forwarding filter to count its
+      // changes: its dirty log holds them (everything since the failover, and its commit)
+      const r = (await this.call(p, 'x-dirty-log-query', { 'node-name': LOG_NODE[p.name] })) as { granularity: number; 'dirty-bytes': number; extents: ByteRange[] };
+      list = [{ 'node-name': LOG_NODE[p.name], granularity: r.granularity, bytes: r['dirty-bytes'], regions: r.extents } as { bytes: number }];
+    }
     this.changedBytes = list.reduce((a, x) => a + x.bytes, 0);
     this.metrics.changedBytes = this.changedBytes;
     this.changedAt = Date.now();
@@ -841,7 +921,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       if (!this.secondary?.alive) throw new Error('the secondary is not running');
       if (this.resyncProgress) throw new Error(`no failover: ${this.inconsistentReason()}`);
       if (!this.stages.policy.failover) throw new Error(`no failover in stage ${this.stage}`);
-      const m = this.disks.secondary?.meta;
+      const sd = this.disks[this.secondary.name];
+      const m = sd?.meta;
       if (m && !m.consistent) {
         throw new Error(
           `the secondary disk is inconsistent (generation ${m.current}: a resync into it or a failover commit did not finish): failing over to it is refused; ` +
@@ -849,12 +930,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
         );
       }
       const t0 = Date.now();
-      const sd = this.disks.secondary;
       // nothing stops an old primary on another host that no longer answers, without a lease:
       // it may go on acknowledging writes, and the survivor's record says so (split-brain.ts)
       const old = this.primary;
       const unfenced = !this.lease && old !== null && !old.alive && !old.child && old.pid === undefined;
-      const peerGeneration = this.disks.primary?.meta?.current;
+      const peerGeneration = old ? this.disks[old.name]?.meta?.current : undefined;
       await runFailover(this, reason, {
         commitProgress: (done, total) => this.opts.onProgress?.(done, total, null, 'failover commit'),
         serve: async (side, node) => {
@@ -916,12 +996,14 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const sb = this.splitBrain;
     const sc = this.startCopy;
     const copy = resync
-      ? { done: resync.done, total: resync.total, 'bytes-per-second': resync['bytes-per-second'], 'eta-seconds': resync['eta-seconds'], target: 'secondary' as const }
+      ? { done: resync.done, total: resync.total, 'bytes-per-second': resync['bytes-per-second'], 'eta-seconds': resync['eta-seconds'], target: otherSide(this.primarySide) }
       : sc
         ? { done: sc.done, total: sc.total, 'bytes-per-second': Math.round(this.resyncMeter.sample(sc, sc.done, Date.now())), 'eta-seconds': sc['eta-seconds'], target: sc.target }
         : null;
+    const primarySide = this.primarySide;
     return buildStatus({
       stage: this.stage,
+      primarySide,
       metrics: this.metrics,
       lastPauseMs: this.lastPauseMs,
       primaryLastAnswer: this.primary ? this.primary.lastAnswer : null,
@@ -937,6 +1019,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       ...(resync ? { resync } : {}),
       sides: buildSides({
         stage: this.stage,
+        primarySide,
         meta: { primary: this.disks.primary?.meta, secondary: this.disks.secondary?.meta },
         ...(sb ? { splitChanged: sb['changed-bytes'] } : {}),
         ...(this.changedBytes !== undefined ? { degradedChanged: this.changedBytes } : {}),

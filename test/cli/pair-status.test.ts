@@ -137,3 +137,15 @@ test('a resync target\'s line: progress, rate and ETA', () => {
   assert.match(view[2]!, /^  secondary   up, resync target  role Secondary  resync target 1\.0 MiB of 4\.0 MiB at 2\.0 MiB\/s, ETA \S+/);
   assert.match(view[1]!, /role Primary  changed 3\.0 MiB/);
 });
+
+test('roles swapped after a failover\'s re-protection: the secondary daemon serves, the primary is its replica', () => {
+  assert.deepEqual(renderStatus({ ...base, 'primary-side': 'secondary' }).split('\n').slice(0, 3), [
+    'pair  stage protected  role primary serving  (roles swapped: the secondary daemon is the primary)',
+    '  primary     up, replica',
+    '  secondary   up, serving  heartbeat 24 ms ago',
+  ]);
+  // its failover goes back to the side started as primary
+  const back = renderStatus({ ...base, stage: 'failed-over', role: 'secondary serving', 'primary-side': 'secondary' }).split('\n');
+  assert.equal(back[1], '  primary     up, serving');
+  assert.equal(back[2], '  secondary   down');
+});

@@ -1,4 +1,6 @@
 import { test } from 'node:test';
+import { spawnSync } from 'node:child_process';
+import { lstatSync, readFileSync, writeFileSync } from 'node:fs';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { NbdServer } from '../../src/nbd/server/server.js';
@@ -269,4 +271,33 @@ test('TLS: x509 credentials from QEMU-style dirs, required before any export is 
   assert.ok((await c.read(4096, 200000)).equals(d));
   assert.deepEqual(await NbdClient.list({ address, tls: clientTlsConfig(clientCreds) }), [{ name: 'secret', description: '' }]);
   await c.disconnect();
+});
+
+test('a socket left at the listen path by a killed server is replaced (as QEMU does); a regular file there is not touched', async (t) => {
+  const dir = tempDir(t);
+  const path = `${dir}/nbd.sock`;
+  // a process that listens there and dies without removing its socket
+  const r = spawnSync(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(path)}, () => process.kill(process.pid, 'SIGKILL'))`]);
+  assert.equal(r.signal, 'SIGKILL');
+  assert.ok(lstatSync(path).isSocket(), 'the stale socket is there');
+  const graph = newGraph();
+  const node = await graph.open({ driver: 'memory', size: 65536, 'node-name': 'disk0' }, { monitorOwned: true });
+  const server = new NbdServer({ graph });
+  t.after(async () => {
+    await server.close();
+    await graph.closeAll();
+  });
+  await server.listen({ type: 'unix', path });
+  server.addExport({ name: 'disk0', node, writable: true });
+  const c = await NbdClient.connect({ address: { type: 'unix', path }, exportName: 'disk0' });
+  await c.write(0, Buffer.alloc(512, 7));
+  assert.ok((await c.read(0, 512)).equals(Buffer.alloc(512, 7)));
+  await c.disconnect();
+
+  const file = `${dir}/not-a-socket`;
+  writeFileSync(file, 'data');
+  const other = new NbdServer({ graph: newGraph() });
+  await assert.rejects(other.listen({ type: 'unix', path: file }), /Failed to listen on .*not-a-socket/);
+  assert.equal(readFileSync(file, 'utf8'), 'data');
+  await other.close();
 });

@@ -87,3 +87,24 @@ test('counters and histograms carry what was observed', () => {
   assert.equal(h.metrics[0]!.buckets!['0.002'], '1');
   assert.equal(h.metrics[0]!.buckets!['0.025'], '2');
 });
+
+test('roles swapped after a failover\'s re-protection: the side started as secondary is the Primary', () => {
+  const m = new PairMetrics();
+  const r = read(m.render({ stage: 'protected', 'primary-side': 'secondary' }));
+  assert.deepEqual(r.ones('lockstep_pair_role'), [
+    { side: 'primary', role: 'Secondary' },
+    { side: 'secondary', role: 'Primary' },
+  ]);
+  // the swapped primary lost: the side started as primary serves again
+  const back = read(m.render({ stage: 'failed-over', 'primary-side': 'secondary' }));
+  assert.deepEqual(back.ones('lockstep_pair_role'), [
+    { side: 'primary', role: 'Primary' },
+    { side: 'secondary', role: 'Unknown' },
+  ]);
+  // the out-of-sync gauge names the peer of the side that serves
+  const deg = read(m.render({ stage: 'degraded', 'primary-side': 'secondary', 'changed-bytes': 4096 }));
+  assert.deepEqual(
+    deg.oos.map((x) => [x.labels, x.value]),
+    [[{ peer: 'primary', disk: 'disk' }, '4096']],
+  );
+});

@@ -287,6 +287,55 @@ test('TLS, the link cut: the secondary fails over to the last checkpoint; the ol
   await counter;
 });
 
+test("TLS, after a failover the old primary's host comes back: `pair reprotect` makes the survivor the primary, resyncs the old disk over the link, and a failover back serves the new primary's checkpoint", { skip, timeout: 150_000 }, async (t) => {
+  const p = await twoHosts(t, 6, 'tls');
+  const certs = p.certs!;
+  await supervise(p, ['--tls-dir', certs.clientDir]);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  await w.write(0, MiB, 0x11);
+  await checkpoint(p);
+  await w.write(MiB / 2, 65536, 0x22); // after the checkpoint: the failover discards it
+  w.client.destroy();
+  p.hostA.child.kill('SIGKILL');
+  await p.hostA.exited;
+  await waitStage(p, 'failed-over');
+
+  // the survivor's client: one connection until the survivor dies
+  const s = await writer(join(p.dirB, 'disk.sock'));
+  s.model.fill(0x11, 0, MiB);
+  await s.write(4 * MiB, MiB, 0x33);
+  // the old primary's host is back: a fresh `pair host` on the same address
+  const hostA = runIn(p.net.a.ns, ['pair', 'host', '--listen', `${p.net.a.ip}:${QMP_PORT}`, '--tls-dir', certs.bothDir]);
+  t.after(async () => {
+    hostA.child.kill('SIGKILL');
+    await hostA.exited;
+  });
+  await until('the old primary\'s pair host to listen', () => {
+    if (hostA.child.exitCode !== null) throw new Error(`pair host exited: ${hostA.output()}`);
+    return hostA.output().includes('QMP monitor listening') ? true : undefined;
+  });
+  const r = await controlRequest(p.control, 'reprotect', 120_000);
+  assert.equal(r.ok, true, r.error);
+  const st = await waitStage(p, 'protected');
+  assert.equal(st['primary-side'], 'secondary');
+  assert.equal(st.sides?.secondary.role, 'Primary');
+  assert.equal(st.disks?.primary?.generation, st.disks?.secondary?.generation);
+
+  // replicated over the link in the new direction, through the same connection
+  await s.write(6 * MiB, MiB, 0x44);
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(s.model);
+  assert.equal(firstDiff(await s.client.read(0, SIZE), atCheckpoint), -1);
+  await s.write(8 * MiB, 65536, 0x55); // after the checkpoint: lost with the new primary
+  s.client.destroy();
+  p.hostB.child.kill('SIGKILL');
+  await p.hostB.exited;
+  const back = await waitStage(p, 'failed-over');
+  assert.deepEqual(back.serving, [`nbd+unix:///disk?socket=${join(p.dirA, 'disk.sock')}`]);
+  const got = await readDisk(join(p.dirA, 'disk.sock'));
+  assert.equal(firstDiff(got, atCheckpoint), -1, "the old primary's disk, recovered, is the new primary's disk at its checkpoint");
+});
+
 test("the link cut under a guest (issue 14): ext4 + sqlite on the primary's served disk, the guest in the primary's namespace; the secondary fails over, e2fsck is clean and every file and transaction acknowledged (output commit) is there; nothing was acknowledged after the old primary's lease ran out", { skip: skip || guestSkip, timeout: 180_000 }, async (t) => {
   const p = await twoHosts(t, 4, 'insecure');
   // no checkpoints but those output commit starts: with --flush-commit off this test fails

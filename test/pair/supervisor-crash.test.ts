@@ -269,6 +269,57 @@ test('supervisor SIGKILLed after a failover: the survivor keeps its clients, is 
   await assertDisksIdentical(dir);
 });
 
+test('supervisor SIGKILLed after a failover\'s re-protection: the restart adopts the daemons with the roles swapped, and a failover goes back to the old primary\'s disk', { timeout: 240_000 }, async (t) => {
+  const dir = pairDir(t);
+  const first = Supervisor.start(t, dir);
+  await first.waitFor(/lockstep pair is running/);
+  const { primary: p, secondary: s } = record(dir);
+  assert.ok(p && s);
+  const acked = new Acked();
+  let c = await connect(dir);
+  for (let i = 0; i < 4; i++) await acked.write(c, i);
+  await c.disconnect();
+  process.kill(p.pid, 'SIGKILL');
+  await waitStage(dir, 'failed-over');
+
+  c = await connect(dir);
+  t.after(() => closeClient(c));
+  for (let i = 2; i < 8; i++) await acked.write(c, i);
+  const rp = await controlRequest(join(dir, 'pair.sock'), 'reprotect', 120_000);
+  assert.ok(rp.ok, rp.error);
+  await waitStage(dir, 'protected');
+  const swapped = record(dir);
+  assert.equal(swapped['primary-side'], 'secondary');
+  assert.equal(swapped.secondary?.pid, s.pid, 'the survivor is recorded as the daemon started as secondary');
+  assert.ok(swapped.primary && swapped.primary.pid !== p.pid && pidAlive(swapped.primary.pid));
+  // the same connection writes on, replicated to the old primary's disk
+  for (let i = 8; i < 12; i++) await acked.write(c, i);
+  await first.kill('SIGKILL');
+  assert.ok(pidAlive(s.pid) && pidAlive(swapped.primary.pid), 'the daemons died with their supervisor');
+
+  const second = Supervisor.start(t, dir);
+  await second.waitFor(new RegExp(`adopted the running primary \\(pid ${s.pid}\\) and secondary \\(pid ${swapped.primary.pid}\\)`));
+  await waitStage(dir, 'protected');
+  const st = (await controlRequest(join(dir, 'pair.sock'), 'status', 10_000)).result as { 'primary-side'?: string; sides?: Record<string, { role: string }> };
+  assert.equal(st['primary-side'], 'secondary');
+  assert.equal(st.sides?.secondary?.role, 'Primary');
+  for (let i = 12; i < 16; i++) await acked.write(c, i);
+  await acked.check(c, 'on the adopted new primary');
+  await closeClient(c);
+
+  // the new primary dies: the adopted pair fails over to the old primary's disk, which holds
+  // every acknowledged write (a flush completes once a checkpoint covers it)
+  process.kill(s.pid, 'SIGKILL');
+  await waitStage(dir, 'failed-over');
+  const r = await connect(dir);
+  try {
+    await acked.check(r, 'after failing back to the old primary\'s disk');
+  } finally {
+    await r.disconnect();
+  }
+  await second.kill('SIGINT');
+});
+
 /** Waits for the running sync job on the primary and slows it down, so that it is still running when the supervisor dies. */
 async function slowDownSync(dir: string): Promise<void> {
   const q = await QmpClient.open({ path: join(dir, 'primary.qmp') });

@@ -17,6 +17,7 @@
 
 import { nbdExportPerms } from '../../block/permissions.js';
 import { createServer, type Server, type Socket } from 'node:net';
+import { lstat, unlink } from 'node:fs/promises';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import type { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
@@ -335,7 +336,20 @@ export class NbdServer implements HandshakeHost {
   }
 }
 
-function listenOn(server: Server, opts: { path: string } | { host: string; port: number }): Promise<void> {
+/** As QEMU's unix_listen_saddr, a socket left at the path (a daemon killed before it could
+ *  remove it) is unlinked before the bind; anything else there is left alone (the bind fails). */
+async function removeStaleSocket(path: string): Promise<void> {
+  try {
+    if (!(await lstat(path)).isSocket()) return;
+    await unlink(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new InvalidArgumentError(`Failed to unlink socket ${path}: ${errorMessage(e)}`);
+  }
+}
+
+async function listenOn(server: Server, opts: { path: string } | { host: string; port: number }): Promise<void> {
+  if ('path' in opts) await removeStaleSocket(opts.path);
   return new Promise((resolve, reject) => {
     const onError = (e: Error): void => reject(new InvalidArgumentError(`Failed to listen on ${'path' in opts ? opts.path : `${opts.host}:${opts.port}`}: ${e.message}`));
     server.once('error', onError);
