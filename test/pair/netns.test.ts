@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { controlRequest } from '../../src/pair/control.js';
 import type { PairStatus } from '../../src/pair/supervisor.js';
+import { compareGenerations, parseMeta, type DiskMeta } from '../../src/pair/generations.js';
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, requireTool } from '../helpers/processes.js';
 import { canMakeNetns, makeNetwork, type TestNetwork } from '../helpers/netns.js';
@@ -285,6 +286,18 @@ test('TLS, the link cut: the secondary fails over to the last checkpoint; the ol
   stop = true;
   w.client.destroy();
   await counter;
+  // after the heal the two generation records tell the survivor is newer and the old primary
+  // went on from nothing but its own last generation: no split brain, an incremental resync
+  // from the survivor (the lease fenced the old primary, so the failover left no unfenced mark)
+  const record = (dir: string, name: string): DiskMeta => {
+    const path = join(dir, `${name}.qcow2.meta.json`);
+    return parseMeta(JSON.parse(readFileSync(path, 'utf8')), path)!;
+  };
+  const old = record(p.dirA, 'primary');
+  const survivor = record(p.dirB, 'secondary');
+  assert.equal(survivor.unfencedPeer, undefined, 'the failover fenced the old primary');
+  const decision = compareGenerations(old, survivor);
+  assert.deepEqual({ kind: decision.kind, source: 'source' in decision ? decision.source : null }, { kind: 'incremental', source: 'secondary' }, decision.reason);
 });
 
 test("TLS, after a failover the old primary's host comes back: `pair reprotect` makes the survivor the primary, resyncs the old disk over the link, and a failover back serves the new primary's checkpoint", { skip, timeout: 150_000 }, async (t) => {
