@@ -21,6 +21,7 @@
 import { BlockError } from '../errors.js';
 import type { BlockNode } from './node.js';
 import type { Bitmap } from '../util/bitmap.js';
+import { chainStatus } from './chain.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 /** Largest single copy request. */
@@ -297,12 +298,16 @@ export class BlockCopy {
     }
   }
 
+  /**
+   * Whether [offset, ...) reads as zeroes through `node`'s whole chain: a range that `node`
+   * leaves unallocated is answered by the layers below (QEMU's status "above"), so that the
+   * zero clusters of a lower layer (replication's hidden disk under active) are never read
+   * and scanned as data.
+   */
   private async zeroStatus(node: BlockNode, offset: number, length: number): Promise<{ zero: boolean; length: number }> {
     if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
-    const s = await node.blockStatus(offset, length);
-    // An unallocated range of a node with a backing file reads what the backing holds.
-    const zero = s.zero && (s.allocated || node.backing === null);
-    return { zero, length: Math.min(s.length, length) };
+    const s = await chainStatus(node, offset, length);
+    return { zero: s.zero, length: Math.min(s.length, length) };
   }
 
   /** Zeroes into the target, skipped where it reads zeroes already. */
