@@ -13,8 +13,8 @@
 // - 'sync' (mirror, commit): a set bit means "dirty, copy again". The bit is cleared before
 //   the source is read, so a write that lands during the copy sets it again (its filter
 //   marks dirty after the write completes) and the range is copied once more. Zero runs
-//   (by the source's block status) become write-zeroes that may unmap, skipped when the
-//   target already reads zeroes there.
+//   (by the block status of the source's chain) become write-zeroes that may unmap,
+//   skipped when the target already reads zeroes there.
 // Copies of overlapping clusters never run concurrently (the in-flight map), which keeps
 // the target's writes in order.
 
