@@ -299,15 +299,29 @@ export class BlockCopy {
   }
 
   /**
-   * Whether [offset, ...) reads as zeroes through `node`'s whole chain: a range that `node`
-   * leaves unallocated is answered by the layers below (QEMU's status "above"), so that the
-   * zero clusters of a lower layer (replication's hidden disk under active) are never read
-   * and scanned as data.
+   * Whether [offset, ...) of the source reads as zeroes, asked of its whole chain: a range
+   * the source leaves unallocated is answered by the layers below (QEMU's status "above"),
+   * so that the zero clusters of a lower layer (replication's hidden disk under active)
+   * are never read and scanned as data. The bytes written are the same as after a read.
    */
   private async zeroStatus(node: BlockNode, offset: number, length: number): Promise<{ zero: boolean; length: number }> {
     if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
     const s = await chainStatus(node, offset, length);
     return { zero: s.zero, length: Math.min(s.length, length) };
+  }
+
+  /**
+   * Whether the target's own layer reads zeroes there. Its backing is not asked: zeroes
+   * that only a backing file shows are written all the same, so that the target's
+   * allocation map stays as it was (a zero cluster, not a hole onto the backing).
+   */
+  private async targetZeroStatus(offset: number, length: number): Promise<{ zero: boolean; length: number }> {
+    const node = this.target;
+    if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
+    const s = await node.blockStatus(offset, length);
+    // An unallocated range of a node with a backing file reads what the backing holds.
+    const zero = s.zero && (s.allocated || node.backing === null);
+    return { zero, length: Math.min(s.length, length) };
   }
 
   /** Zeroes into the target, skipped where it reads zeroes already. */
@@ -318,7 +332,7 @@ export class BlockCopy {
     }
     let targetZero = false;
     try {
-      const t = await this.zeroStatus(this.target, pos, n);
+      const t = await this.targetZeroStatus(pos, n);
       targetZero = t.zero && t.length >= n;
     } catch {
       targetZero = false; // unknown: write the zeroes
