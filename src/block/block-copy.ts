@@ -13,14 +13,15 @@
 // - 'sync' (mirror, commit): a set bit means "dirty, copy again". The bit is cleared before
 //   the source is read, so a write that lands during the copy sets it again (its filter
 //   marks dirty after the write completes) and the range is copied once more. Zero runs
-//   (by the source's block status) become write-zeroes that may unmap, skipped when the
-//   target already reads zeroes there.
+//   (by the block status of the source's chain) become write-zeroes that may unmap,
+//   skipped when the target already reads zeroes there.
 // Copies of overlapping clusters never run concurrently (the in-flight map), which keeps
 // the target's writes in order.
 
 import { BlockError } from '../errors.js';
 import type { BlockNode } from './node.js';
 import type { Bitmap } from '../util/bitmap.js';
+import { chainStatus } from './chain.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 /** Largest single copy request. */
@@ -297,7 +298,25 @@ export class BlockCopy {
     }
   }
 
+  /**
+   * Whether [offset, ...) of the source reads as zeroes, asked of its whole chain: a range
+   * the source leaves unallocated is answered by the layers below (QEMU's status "above"),
+   * so that the zero clusters of a lower layer (replication's hidden disk under active)
+   * are never read and scanned as data. The bytes written are the same as after a read.
+   */
   private async zeroStatus(node: BlockNode, offset: number, length: number): Promise<{ zero: boolean; length: number }> {
+    if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
+    const s = await chainStatus(node, offset, length);
+    return { zero: s.zero, length: Math.min(s.length, length) };
+  }
+
+  /**
+   * Whether the target's own layer reads zeroes there. Its backing is not asked: zeroes
+   * that only a backing file shows are written all the same, so that the target's
+   * allocation map stays as it was (a zero cluster, not a hole onto the backing).
+   */
+  private async targetZeroStatus(offset: number, length: number): Promise<{ zero: boolean; length: number }> {
+    const node = this.target;
     if (!node.caps.blockStatus && !node.caps.filter) return { zero: false, length };
     const s = await node.blockStatus(offset, length);
     // An unallocated range of a node with a backing file reads what the backing holds.
@@ -313,7 +332,7 @@ export class BlockCopy {
     }
     let targetZero = false;
     try {
-      const t = await this.zeroStatus(this.target, pos, n);
+      const t = await this.targetZeroStatus(pos, n);
       targetZero = t.zero && t.length >= n;
     } catch {
       targetZero = false; // unknown: write the zeroes

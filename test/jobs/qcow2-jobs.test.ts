@@ -235,3 +235,45 @@ test('qcow2: intermediate commit re-points the overlay at the base', async (t) =
   await g.closeAll();
   run('qemu-img', ['check', '-q', basePath]);
 });
+
+test('qcow2: failover-shaped commit writes the hidden disk zero clusters as zeroes without reading them', async (t) => {
+  const g = newGraph();
+  if (!ready(t, g)) return;
+  const dir = tempDir(t);
+  const size = 16 * MiB;
+  const basePath = qcow2(dir, 'base.qcow2', size);
+  qcow2(dir, 'hidden.qcow2', size, 'base.qcow2');
+  qcow2(dir, 'active.qcow2', size, 'hidden.qcow2');
+  const mgr = new JobManager(g);
+  const base = await g.open({ driver: 'qcow2', 'node-name': 'base', file: fileOpts(basePath) }, { monitorOwned: true });
+  const active = await g.open({
+    driver: 'qcow2',
+    'node-name': 'active',
+    file: fileOpts(join(dir, 'active.qcow2')),
+    backing: { driver: 'qcow2', 'node-name': 'hidden', 'read-only': false, file: fileOpts(join(dir, 'hidden.qcow2')), backing: 'base' },
+  });
+  const hidden = g.getNode('hidden');
+  // the primary's writes since the checkpoint landed in the base; the hidden disk holds the
+  // checkpoint's content of those clusters, here zeroes (as copy-before-write stores them)
+  await base.write(0, fill(2, 8 * MiB));
+  await hidden.writeZeroes(0, 6 * MiB);
+  await active.write(4 * MiB, pattern(0x33, 4 * MiB));
+  const model = fill(2, 8 * MiB);
+  model.fill(0, 0, 4 * MiB);
+  model.fill(0x33, 4 * MiB, 8 * MiB);
+  // what the commit reads through the hidden disk (active's backing reads come here)
+  let hiddenRead = 0;
+  const read = hidden.read.bind(hidden);
+  hidden.read = (offset: number, length: number, ...rest: unknown[]) => {
+    hiddenRead += length;
+    return (read as (...a: unknown[]) => Promise<Buffer>)(offset, length, ...rest);
+  };
+  const job = await startCommit(mgr, { jobId: 'commit0', top: active, base, active: true, autoComplete: true });
+  const r = await job.done;
+  assert.equal(r.ret, 0);
+  assert.equal(hiddenRead, 0, 'zero clusters of the hidden disk are known by their status, not read');
+  assert.ok((await base.read(0, 8 * MiB)).equals(model));
+  assert.ok((await base.read(8 * MiB, 8 * MiB)).equals(Buffer.alloc(8 * MiB)));
+  await g.closeAll();
+  run('qemu-img', ['check', '-q', basePath]);
+});
