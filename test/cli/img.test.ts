@@ -155,6 +155,37 @@ test('convert raw to raw: same bytes; -p prints the progress line; qemu-img comp
   assert.equal(missing.stderr, `lockstep img: Could not open '${join(dir, 'nope')}': Could not open '${join(dir, 'nope')}': No such file or directory\n`);
 });
 
+test('convert reuses each worker buffer across chunks: zero clusters read over older data come out zero, as in qemu-img convert', needQcow2, (t) => {
+  // 24 chunks of 2 MiB for 8 workers, so every worker reads several chunks into its buffer.
+  // Each chunk has its own fill byte in the base; in the top a zero cluster (write -z) sits
+  // at a place that moves from chunk to chunk, so bytes a worker read for an earlier chunk
+  // lie in its buffer where the zero cluster is read now.
+  const dir = tempDir(t);
+  const chunk = 2 << 20;
+  const chunks = 24;
+  const expected = Buffer.alloc(chunks * chunk);
+  const baseCmds: string[] = [];
+  const topCmds: string[] = [];
+  for (let k = 0; k < chunks; k++) {
+    const fill = k + 1;
+    expected.fill(fill, k * chunk, (k + 1) * chunk);
+    baseCmds.push('-c', `write -P ${fill} ${k * chunk} ${chunk}`);
+    const hole = k * chunk + (k % 8) * 256 * 1024 + 65536;
+    expected.fill(0, hole, hole + 65536);
+    topCmds.push('-c', `write -z ${hole} 64k`);
+  }
+  qemuImg(['create', '-f', 'qcow2', 'base.qcow2', String(expected.length)], dir);
+  assert.equal(tool('qemu-io', ['-f', 'qcow2', ...baseCmds, 'base.qcow2'], dir)?.status, 0);
+  qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  assert.equal(tool('qemu-io', ['-f', 'qcow2', ...topCmds, 'top.qcow2'], dir)?.status, 0);
+  const l = lockstepImg(['convert', '-O', 'raw', 'top.qcow2', 'l.raw'], dir);
+  assert.equal(l.status, 0, l.stderr);
+  assert.equal(qemuImg(['convert', '-O', 'raw', 'top.qcow2', 'q.raw'], dir).status, 0);
+  const out = readFileSync(join(dir, 'l.raw'));
+  assert.ok(out.equals(expected), 'lockstep convert: the expected bytes');
+  assert.ok(out.equals(readFileSync(join(dir, 'q.raw'))), 'the bytes qemu-img convert writes');
+});
+
 test('bench: qemu-img bench lines, the data lands where the requests went', needQemuImg, (t) => {
   const dir = tempDir(t);
   const img = join(dir, 'b.img');

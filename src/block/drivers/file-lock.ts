@@ -62,6 +62,9 @@ export async function openImageLock(fh: FileHandle, filename: string): Promise<I
       if (released) return noop;
       checkInProcess(holders, next, filename, me);
       const widening = (next.perm | old.perm) !== old.perm || (old.shared & next.shared) !== old.shared;
+      // the bytes held already are these (a refresh walking a deep chain asks again and
+      // again): no lock call, as QEMU's raw_apply_lock_bytes changes only what differs
+      if (next.perm === old.perm && next.shared === old.shared) return noop;
       if (native && widening) {
         // hold the union while checking, so nobody takes what either state needs meanwhile
         native.setLockBytes(fd, old.perm | next.perm, PERM_ALL & ~(old.shared & next.shared), filename);

@@ -40,6 +40,12 @@ export interface ImageOptions {
   l2CacheSize?: number;
   refcountCacheSize?: number;
   lazyRefcounts?: boolean;
+  /**
+   * A read-only open: the refcount table is checked at open but only kept from
+   * loadRefcountTable on (only writes and their overlap checks use it; a deep chain of
+   * backing files need not hold one table per layer). QEMU keeps it from open on.
+   */
+  lazyRefcountTable?: boolean;
 }
 
 const MAX_L1_BYTES = 32 * 1024 * 1024;
@@ -82,6 +88,8 @@ export class Qcow2Image {
   pacer: Pacer | null = null;
   readOnly: boolean;
   lazyRefcounts: boolean;
+  /** load() checks the refcount table without keeping it (ImageOptions) */
+  private readonly lazyRefcountTable: boolean;
   /** set when a structural problem was found: no more writes */
   corruptReason: string | null = null;
   /** the internal snapshots' L1 tables and the snapshot table's size (overlap checks) */
@@ -117,6 +125,7 @@ export class Qcow2Image {
     this.v3 = header.version === 3;
     this.readOnly = opts.readOnly;
     this.lazyRefcounts = opts.lazyRefcounts ?? false;
+    this.lazyRefcountTable = opts.lazyRefcountTable ?? false;
     const cs = this.clusterSize;
     // Default L2 cache: enough to map the whole disk, capped at 32 MiB (QEMU's default).
     const l2Bytes = opts.l2CacheSize ?? Math.min(DEFAULT_L2_CACHE_MAX, Math.ceil(header.size / this.l2Entries / cs) * cs + cs);
@@ -170,13 +179,7 @@ export class Qcow2Image {
     }
     if (h.l1Size > 0 && h.l1TableOffset < cs) throw new BlockError('EIO', 'qcow2: L1 table overlaps the image header');
     await this.loadSnapshots();
-    await this.refcounts.load();
-    for (let i = 0; i < this.refcounts.table.length; i++) {
-      const off = this.refcounts.table[i]!;
-      if (off !== 0 && this.overlapsFixedMetadata(off, cs)) {
-        throw new BlockError('EIO', `qcow2: refcount block ${i} at 0x${off.toString(16)} overlaps other metadata (header, L1 or refcount table)`);
-      }
-    }
+    await this.refcounts.load(!this.lazyRefcountTable, this.checkRefcountBlock);
     this.l1 = new Array<number>(h.l1Size).fill(0);
     this.l1Copied = new Array<boolean>(h.l1Size).fill(false);
     if (h.l1Size > 0) {
@@ -190,6 +193,29 @@ export class Qcow2Image {
         this.l1Copied[i] = e.copied;
       }
     }
+  }
+
+  /**
+   * Open's check of a refcount block's place, before the L1 table is read (so against the
+   * header, the refcount table and the snapshot table), run again by loadRefcountTable.
+   */
+  private readonly checkRefcountBlock = (i: number, off: number): void => {
+    const cs = this.clusterSize;
+    const h = this.header;
+    const rt = this.refcounts.tableOffset;
+    const hit =
+      off < cs ||
+      (off < rt + this.refcounts.tableClusters * cs && rt < off + cs) ||
+      (h.nbSnapshots > 0 && off < h.snapshotsOffset + cs && h.snapshotsOffset < off + cs);
+    if (hit) throw new BlockError('EIO', `qcow2: refcount block ${i} at 0x${off.toString(16)} overlaps other metadata (header, L1 or refcount table)`);
+  };
+
+  /**
+   * Loads the refcount table a read-only open checked but did not keep (lazyRefcountTable),
+   * with open's checks: before the image is written (reopen read-write). Holds the mutex.
+   */
+  async loadRefcountTable(): Promise<void> {
+    await this.refcounts.ensureLoaded(this.checkRefcountBlock);
   }
 
   /**

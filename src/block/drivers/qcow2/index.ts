@@ -153,6 +153,7 @@ export const qcow2Driver: BlockDriver = {
     }
     const img = new Qcow2Image(host, h, {
       readOnly,
+      lazyRefcountTable: readOnly,
       lazyRefcounts: lazyOpt ?? (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
       ...(cacheOpts.l2 !== undefined ? { l2CacheSize: cacheOpts.l2 } : {}),
       ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
@@ -253,6 +254,8 @@ export const qcow2Driver: BlockDriver = {
           await file.setReadOnly(true);
         } else {
           checkSupported(img.header, false, file.filename);
+          // writes and their overlap checks need the refcount table a read-only open left
+          await img.mutex.run(() => img.loadRefcountTable());
           await file.setReadOnly(false);
         }
         readOnly = ro;

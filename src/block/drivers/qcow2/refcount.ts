@@ -10,8 +10,12 @@
 // Crash safety: a new refcount block is only hooked into the table (an in-memory dirty
 // entry) — the image writes refcount blocks, then table entries, then L2/L1 (image.ts).
 // Callers hold the image mutex.
+//
+// A read-only image checks the table at open but keeps it only once something needs it
+// (a reopen for writing): reads never look at it, and a 300-deep chain of 1 GiB images
+// held 300 tables of 8192 entries for nothing.
 
-import { BlockError } from '../../../errors.js';
+import { BlockError, assert } from '../../../errors.js';
 import type { TableCache } from './cache.js';
 import { OL } from './overlap.js';
 import type { HostFile } from './host-file.js';
@@ -29,8 +33,9 @@ export class Refcounts {
   /** entries per refcount block */
   readonly blockEntries: number;
   readonly maxRefcount: number;
-  /** refcount block offsets by table index (0: none) */
-  table: number[] = [];
+  /** the table as loaded and kept; empty before any load (create's first steps); null
+   *  after load(false) until ensureLoaded */
+  private kept: number[] | null = [];
   tableOffset: number;
   tableClusters: number;
   /** table indexes changed in memory and not yet written */
@@ -64,8 +69,23 @@ export class Refcounts {
     this.tableClusters = layout.tableClusters;
   }
 
-  /** Reads the refcount table; checks every entry is aligned and inside the file. */
-  async load(): Promise<void> {
+  /** Refcount block offsets by table index (0: none); only once loaded and kept. */
+  get table(): number[] {
+    assert(this.kept !== null, 'qcow2: the refcount table is loaded before it is used');
+    return this.kept;
+  }
+
+  get loaded(): boolean {
+    return this.kept !== null;
+  }
+
+  /**
+   * Reads the refcount table; checks every entry is aligned and inside the file, then hands
+   * each non-zero entry to `check` (the image's checks against other metadata). Keeps the
+   * table when `keep`; a read-only image passes false and loads it again with
+   * ensureLoaded before it may be written.
+   */
+  async load(keep: boolean, check: (index: number, offset: number) => void = () => undefined): Promise<void> {
     const bytes = this.tableClusters * this.clusterSize;
     const fileLen = this.file.length();
     if (this.tableOffset + bytes > fileLen) {
@@ -73,19 +93,27 @@ export class Refcounts {
     }
     const buf = await this.file.read(this.tableOffset, bytes);
     const n = bytes / 8;
-    this.table = new Array<number>(n);
+    const entry = (i: number): number => buf.readUInt32BE(i * 8) * 2 ** 32 + buf.readUInt32BE(i * 8 + 4);
+    if (!keep) this.kept = null;
     for (let i = 0; i < n; i++) {
-      const hi = buf.readUInt32BE(i * 8);
-      const lo = buf.readUInt32BE(i * 8 + 4);
-      const off = hi * 2 ** 32 + lo;
-      if (off % this.clusterSize !== 0 || hi > 0x00ffffff) {
+      const off = entry(i);
+      if (off % this.clusterSize !== 0 || off >= 2 ** 56) {
         throw new BlockError('EIO', `qcow2: refcount block offset 0x${off.toString(16)} (refcount table entry ${i}) is invalid (not cluster aligned)`);
       }
       if (off !== 0 && off + this.clusterSize > fileLen) {
         throw new BlockError('EIO', `qcow2: refcount block ${i} at 0x${off.toString(16)} lies past the end of the file (${fileLen} bytes)`);
       }
-      this.table[i] = off;
     }
+    for (let i = 0; i < n; i++) {
+      const off = entry(i);
+      if (off !== 0) check(i, off);
+    }
+    if (keep) this.kept = Array.from({ length: n }, (_, i) => entry(i));
+  }
+
+  /** Loads the table (with load's checks) unless it is kept already. */
+  async ensureLoaded(check?: (index: number, offset: number) => void): Promise<void> {
+    if (!this.kept) await this.load(true, check);
   }
 
   /** Table entries [0, usedEntries()) hold every refcount block (the rest are zero). */
@@ -297,7 +325,7 @@ export class Refcounts {
     await this.moveTable(tableOffset, tableClusters);
     const oldOffset = this.tableOffset;
     const oldClusters = this.tableClusters;
-    this.table = newTable;
+    this.kept = newTable;
     this.tableOffset = tableOffset;
     this.tableClusters = tableClusters;
     this.dirtyTable.clear();
