@@ -304,6 +304,8 @@ export interface NbdRequest {
   length: number | null;
   /** write payload (NBD_CMD_WRITE only) */
   data?: Buffer;
+  /** `data` came from the parser's payload allocator (the server gives it back) */
+  pooled?: boolean;
 }
 
 export function encodeRequest(
@@ -354,6 +356,8 @@ export class RequestParser {
   constructor(
     public extended = false,
     readonly queue = new ByteQueue(),
+    /** where an assembled payload's buffer comes from (a pool: the request is marked `pooled`) */
+    private readonly allocPayload?: (n: number) => Buffer,
   ) {}
   feed(chunk: Buffer): void {
     this.queue.push(chunk);
@@ -388,7 +392,12 @@ export class RequestParser {
     this.queue.take(hlen);
     const req: NbdRequest = { flags, type, cookie, offset, length };
     if (this.queue.length < payload) {
-      req.data = Buffer.allocUnsafe(payload);
+      if (this.allocPayload) {
+        req.data = this.allocPayload(payload);
+        req.pooled = true;
+      } else {
+        req.data = Buffer.allocUnsafe(payload);
+      }
       this.partial = { req, data: req.data, filled: 0 };
       return this.next();
     }
