@@ -4,7 +4,8 @@
 //
 // Buffer ownership: buffers returned by a parser are either copies or views of chunks that
 // node:net/node:tls allocate fresh for every 'data' event and never reuse, so a message's
-// payload may be kept after the step that parsed it.
+// payload may be kept after the step that parsed it; except a request marked `pooled`,
+// whose payload buffer its server takes back once the write has succeeded.
 
 import {
   EXTENDED_REPLY_HEADER_LENGTH,
