@@ -1,7 +1,8 @@
 // Reusable buffers for large NBD write payloads (issue 14). A fresh 1 MiB external buffer
-// per write at 100+ MB/s drove V8 major GCs of 3-19 ms in both daemons; payloads assembled
-// from many socket chunks take a buffer from here instead and give it back once the write has
-// succeeded, which (see Transmission.execute) is when nothing below can still read it.
+// per write at 100+ MB/s doubled what the daemons allocate per byte written (the socket's
+// chunks being the other half) and so the GC's work; payloads assembled from many socket
+// chunks take a buffer from here instead and give it back once the write has succeeded, which
+// (see Transmission.execute) is when nothing below can still read it.
 //
 // Buffers come in power-of-two classes and the idle ones are bounded in total; anything over
 // the bound is left to the GC. A pool made with `poison` fills every released buffer with
