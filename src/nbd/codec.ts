@@ -4,7 +4,8 @@
 //
 // Buffer ownership: buffers returned by a parser are either copies or views of chunks that
 // node:net/node:tls allocate fresh for every 'data' event and never reuse, so a message's
-// payload may be kept after the step that parsed it.
+// payload may be kept after the step that parsed it; except a request marked `pooled`,
+// whose payload buffer its server takes back once the write has succeeded.
 
 import {
   EXTENDED_REPLY_HEADER_LENGTH,
@@ -304,6 +305,8 @@ export interface NbdRequest {
   length: number | null;
   /** write payload (NBD_CMD_WRITE only) */
   data?: Buffer;
+  /** `data` came from the parser's payload allocator (the server gives it back) */
+  pooled?: boolean;
 }
 
 export function encodeRequest(
@@ -354,6 +357,8 @@ export class RequestParser {
   constructor(
     public extended = false,
     readonly queue = new ByteQueue(),
+    /** where an assembled payload's buffer comes from (a pool: the request is marked `pooled`) */
+    private readonly allocPayload?: (n: number) => Buffer,
   ) {}
   feed(chunk: Buffer): void {
     this.queue.push(chunk);
@@ -388,7 +393,12 @@ export class RequestParser {
     this.queue.take(hlen);
     const req: NbdRequest = { flags, type, cookie, offset, length };
     if (this.queue.length < payload) {
-      req.data = Buffer.allocUnsafe(payload);
+      if (this.allocPayload) {
+        req.data = this.allocPayload(payload);
+        req.pooled = true;
+      } else {
+        req.data = Buffer.allocUnsafe(payload);
+      }
       this.partial = { req, data: req.data, filled: 0 };
       return this.next();
     }

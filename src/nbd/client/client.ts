@@ -422,7 +422,9 @@ export class NbdClient {
       const d = data.subarray(pos, Math.min(data.length, pos + max));
       parts.push(this.request<void>(CMD.WRITE, f, offset + pos, d.length, d));
     }
-    await Promise.all(parts);
+    // Settles only when every piece has: a caller may reuse `data` once this fails.
+    const results = await Promise.allSettled(parts);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
   async flush(): Promise<void> {

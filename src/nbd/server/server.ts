@@ -27,6 +27,7 @@ import { StreamReader } from '../stream.js';
 import { NbdExport, type ExportConnection, type ExportInfo } from './export.js';
 import { negotiate, type HandshakeHost } from './handshake.js';
 import { Transmission } from './transmission.js';
+import { PayloadPool } from './payload-pool.js';
 import { MAX_STRING } from '../protocol.js';
 
 export type SocketAddress = { type: 'inet'; host: string; port: number | string } | { type: 'unix'; path: string };
@@ -52,6 +53,11 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** in-flight payload bytes per connection before the socket is paused (default 64 MiB) */
   maxInFlightBytes?: number;
+  /**
+   * buffers for large write payloads, shared by the server's connections (default: a pool of
+   * 64 MiB idle at most, poisoning when LOCKSTEP_DEBUG_POISON_PAYLOADS=1; null: none)
+   */
+  payloadPool?: PayloadPool | null;
   /** diagnostics (dropped connections, protocol violations) */
   log?: (msg: string) => void;
 }
@@ -104,6 +110,7 @@ export class NbdServer implements HandshakeHost {
   private readonly maxInFlight: number;
   private readonly maxInFlightBytes: number;
   private readonly log: (msg: string) => void;
+  readonly payloadPool: PayloadPool | null;
 
   constructor(opts: NbdServerOptions) {
     this.graph = opts.graph;
@@ -113,6 +120,7 @@ export class NbdServer implements HandshakeHost {
     this.maxInFlight = opts.maxInFlight ?? 64;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
+    this.payloadPool = opts.payloadPool !== undefined ? opts.payloadPool : new PayloadPool({ poison: process.env.LOCKSTEP_DEBUG_POISON_PAYLOADS === '1' });
     if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 0) throw new InvalidArgumentError('max-connections must be a non-negative integer');
     if (!Number.isFinite(this.idleTimeoutMs) || this.idleTimeoutMs < 0) throw new InvalidArgumentError('x-idle-timeout must be a non-negative number of seconds');
     if (!Number.isSafeInteger(this.maxInFlight) || this.maxInFlight < 1) throw new InvalidArgumentError('maxInFlight must be a positive integer');
@@ -308,6 +316,7 @@ export class NbdServer implements HandshakeHost {
         baseAllocation: neg.baseAllocation,
         maxInFlight: this.maxInFlight,
         maxInFlightBytes: this.maxInFlightBytes,
+        payloadPool: this.payloadPool ?? undefined,
       },
       this.log,
     );

@@ -13,6 +13,7 @@ import { ByteQueue, RequestParser, encodeChunkHeader, encodeErrorPayload, encode
 import { nbdErrorOf } from '../errno.js';
 import { CMD, CMD_FLAG, MAX_PAYLOAD, NBD_ERR, REPLY_FLAG_DONE, REPLY_TYPE, SIMPLE_REPLY_LENGTH, STATE_HOLE, STATE_ZERO, commandName } from '../protocol.js';
 import type { NbdExport } from './export.js';
+import type { PayloadPool } from './payload-pool.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 
 export interface TransmissionOptions {
@@ -21,6 +22,8 @@ export interface TransmissionOptions {
   baseAllocation: boolean;
   maxInFlight: number;
   maxInFlightBytes: number;
+  /** buffers for large write payloads, given back once their write succeeded */
+  payloadPool?: PayloadPool;
 }
 
 /** Holes and data runs of one read, at most this many chunks (the rest is sent as data). */
@@ -76,7 +79,8 @@ export class Transmission {
     private readonly log: (msg: string) => void,
   ) {
     this.backend = exp.backend;
-    this.parser = new RequestParser(opts.extended, leftover);
+    const pool = opts.payloadPool;
+    this.parser = new RequestParser(opts.extended, leftover, pool ? (n) => pool.acquire(n) : undefined);
     this.done = new Promise((r) => (this.resolveDone = r));
     stream.on('data', (chunk: Buffer) => {
       this.lastActive = Date.now();
@@ -284,6 +288,12 @@ export class Transmission {
         return this.read(req, offset, length);
       case CMD.WRITE:
         await be.write(offset, req.data!, { fua });
+        // Only a write that succeeded gives its payload back: every write path settles after
+        // everything that reads the data (quorum waits for all children, split writes for
+        // all pieces) and an NBD client forwarding it destroys its socket before it fails a
+        // request, so nothing reads it any more. A failed write may have left a reader
+        // behind (a piece still queued or in the thread pool): its buffer goes to the GC.
+        if (req.pooled) this.opts.payloadPool?.release(req.data!);
         return this.sendOk(req);
       case CMD.FLUSH:
         await be.flush();

@@ -281,10 +281,12 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
   }
   let ioError: unknown = null;
   try {
-    await Promise.all([
+    // Every piece settles before the write does: a caller may reuse `data` once it fails.
+    const results = await Promise.allSettled([
       ...inPlace.map((w) => img.file.write(w.host, data.subarray(w.src, w.src + w.len))),
       ...allocs.map((a) => writeAllocation(img, a)),
     ]);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   } catch (e) {
     ioError = e;
   } finally {
