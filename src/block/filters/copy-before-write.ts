@@ -16,7 +16,10 @@
 // a post-checkpoint write. Reads never wait for copies (they could be the very readers a
 // copy is waiting for).
 //
-// query output: info() gives { target, 'cluster-size', 'dirty-clusters', 'copied-bytes' }.
+// query output: info() gives { target, 'cluster-size', 'dirty-clusters', 'copied-bytes' }, as
+// QEMU's names go: 'dirty-clusters' are the clusters NOT yet copied (the bitmap's set bits).
+// query-replication's 'dirty-clusters' counts the opposite, the clusters copied into the
+// hidden disk; both names stay on the wire, the code says uncopied / copied.
 
 import { cbwChildPerms } from '../permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
