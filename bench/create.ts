@@ -37,7 +37,7 @@ async function start(name: 'lockstep' | 'qemu', dir: string): Promise<Side> {
       ? spawn(process.execPath, [resolve('bin/lockstep'), 'daemon', '--log-level', 'error', ...monitor], { stdio: 'ignore' })
       : spawn('qemu-storage-daemon', monitor, { stdio: 'ignore' });
   await waitFor(sock);
-  const c = await QmpClient.open({ path: sock });
+  const c = await QmpClient.open({ type: 'unix', path: sock });
   return { name, proc, c };
 }
 

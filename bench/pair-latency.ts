@@ -166,8 +166,8 @@ async function lockstepServed(ctx: BenchContext, dir: string, sizeGiB: number): 
   }
   const pids = sup.pids();
   for (const pid of [pids.primary, pids.secondary]) if (pid !== undefined) ctx.live.add(pid);
-  const primary = await QmpClient.open({ path: join(dir, 'primary.qmp') });
-  const secondary = await QmpClient.open({ path: join(dir, 'secondary.qmp') });
+  const primary = await QmpClient.open({ type: 'unix', path: join(dir, 'primary.qmp') });
+  const secondary = await QmpClient.open({ type: 'unix', path: join(dir, 'secondary.qmp') });
   return {
     uri: `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`,
     qmp: { primary, secondary },

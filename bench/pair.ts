@@ -210,8 +210,8 @@ async function pauseBreakdown(b: Bench, root: string): Promise<Record<string, nu
     await sup.start();
     pids.push(...daemonPids(sup));
     for (const pid of pids) b.live.add(pid);
-    p = await QmpClient.open({ path: join(dir, 'primary.qmp') });
-    s = await QmpClient.open({ path: join(dir, 'secondary.qmp') });
+    p = await QmpClient.open({ type: 'unix', path: join(dir, 'primary.qmp') });
+    s = await QmpClient.open({ type: 'unix', path: join(dir, 'secondary.qmp') });
     const run = fio(b, `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`, '4k', 16, b.o.seconds);
     let ended = false;
     const done = run.done.finally(() => (ended = true));

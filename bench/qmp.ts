@@ -47,7 +47,7 @@ async function timeIt(fn: () => Promise<void>): Promise<number> {
 }
 
 async function rows(t: Target): Promise<number[]> {
-  const c = await QmpClient.open({ path: t.sock(0) });
+  const c = await QmpClient.open({ type: 'unix', path: t.sock(0) });
   for (let i = 0; i < 50; i++) await c.execute('blockdev-add', { driver: 'null-co', 'node-name': `n${i}`, size: 1 << 20 });
   for (let i = 0; i < 200; i++) await c.execute('query-status'); // warm-up
   const seq = await timeIt(async () => {
@@ -56,7 +56,7 @@ async function rows(t: Target): Promise<number[]> {
   const nodes = await timeIt(async () => {
     for (let i = 0; i < ROUNDS / 10; i++) await c.execute('query-named-block-nodes', { flat: true });
   });
-  const clients = await Promise.all(Array.from({ length: 8 }, (_, i) => QmpClient.open({ path: t.sock(i + 1) })));
+  const clients = await Promise.all(Array.from({ length: 8 }, (_, i) => QmpClient.open({ type: 'unix', path: t.sock(i + 1) })));
   const par = await timeIt(async () => {
     await Promise.all(
       clients.map(async (k) => {

@@ -362,12 +362,7 @@ export class BlockNode {
   async makeEmpty(): Promise<void> {
     const impl = this.impl;
     if (!impl.makeEmpty) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' does not support make_empty`);
-    const release = await this.tracker.hold();
-    try {
-      await impl.makeEmpty();
-    } finally {
-      release();
-    }
+    await this.tracker.holding(() => impl.makeEmpty!());
   }
 
   /**
@@ -382,12 +377,7 @@ export class BlockNode {
     return {
       commit: async () => {
         if (this.closed) throw new BlockError('ENOMEDIUM', `node '${this.name}' is closed`);
-        const release = await this.tracker.hold();
-        try {
-          await r.commit();
-        } finally {
-          release();
-        }
+        await this.tracker.holding(() => r.commit());
       },
       discard: () => r.discard(),
     };
@@ -398,10 +388,16 @@ export class BlockNode {
     if (this._impl?.settle && !this.closed) await this._impl.settle();
   }
 
-  /** Reopens read-only or read-write (no-op when unchanged). */
+  /**
+   * Reopens read-only or read-write (no-op when unchanged). The node's requests are drained
+   * and held first: a reopen may swap the driver's handle (the file driver's descriptor), and
+   * a request already given the old one (a fallocate on its descriptor number) must finish
+   * before that descriptor is closed and its number reused.
+   */
   async setReadOnly(readOnly: boolean): Promise<void> {
     if (readOnly === this.readOnly) return;
-    if (this._impl?.reopen) await this._impl.reopen(readOnly);
+    const impl = this._impl;
+    if (impl?.reopen) await this.tracker.holding(() => impl.reopen!(readOnly));
     this.readOnly = readOnly;
     // a format's needs on its file follow its writability (QEMU reopens with new perms)
     try {

@@ -1,7 +1,10 @@
 // In-flight request tracking for one node: overlapping requests can be serialised (the
 // read-modify-write of an unaligned write, a copy-before-write copy), overlapping writes can
 // be ordered (a node whose children must apply them alike), all requests can be drained, and
-// new ones can be held while a checkpoint or a graph switch runs (quiesce).
+// new ones can be held while a checkpoint or a graph switch runs (quiesce, with the one
+// primitive in util/quiesce.ts).
+
+import { Quiesce } from '../util/quiesce.js';
 
 /**
  * How a tracked request relates to overlapping ones in flight:
@@ -43,16 +46,15 @@ class Entry implements TrackedRequest {
 
 export class RequestTracker {
   private readonly active = new Set<Entry>();
-  private holds = 0;
-  private holdWaiters: Array<() => void> = [];
-  private idleWaiters: Array<() => void> = [];
+  /** counts the entries of `active`; its hold is the node's hold */
+  private readonly quiesce = new Quiesce();
 
   get inFlight(): number {
     return this.active.size;
   }
 
   get held(): boolean {
-    return this.holds > 0;
+    return this.quiesce.held;
   }
 
   private conflicts(offset: number, end: number, mode: RequestMode): Promise<void>[] {
@@ -73,8 +75,8 @@ export class RequestTracker {
   async begin(offset: number, length: number, mode: RequestMode = 'shared', bypassHold = false): Promise<TrackedRequest> {
     const end = offset + Math.max(length, 1);
     for (;;) {
-      if (this.holds > 0 && !bypassHold) {
-        await new Promise<void>((r) => this.holdWaiters.push(r));
+      if (this.quiesce.held && !bypassHold) {
+        await this.quiesce.released();
         continue;
       }
       const c = this.conflicts(offset, end, mode);
@@ -83,6 +85,7 @@ export class RequestTracker {
     }
     const e = new Entry(offset, end, mode);
     this.active.add(e);
+    this.quiesce.start();
     return e;
   }
 
@@ -91,11 +94,12 @@ export class RequestTracker {
    * without a promise; null when it would have to wait (then call begin()).
    */
   tryBegin(offset: number, length: number, mode: RequestMode = 'shared'): TrackedRequest | null {
-    if (this.holds > 0) return null;
+    if (this.quiesce.held) return null;
     const end = offset + Math.max(length, 1);
     for (const a of this.active) if (a.offset < end && offset < a.end && conflict(a.mode, mode)) return null;
     const e = new Entry(offset, end, mode);
     this.active.add(e);
+    this.quiesce.start();
     return e;
   }
 
@@ -103,42 +107,25 @@ export class RequestTracker {
     const e = req as Entry;
     if (!this.active.delete(e)) return;
     e.resolve();
-    if (this.active.size === 0) {
-      const w = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const f of w) f();
-    }
+    this.quiesce.leave();
   }
 
   /** Waits until nothing is in flight (new requests may still start unless held). */
-  async drain(): Promise<void> {
-    while (this.active.size > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  drain(): Promise<void> {
+    return this.quiesce.drain();
   }
 
   /**
    * Holds new requests and waits for the in-flight ones. Returns the release function;
    * holds nest.
    */
-  async hold(): Promise<() => void> {
-    this.holds++;
-    let released = false;
-    const release = (): void => {
-      if (released) return;
-      released = true;
-      this.holds--;
-      if (this.holds === 0) {
-        const w = this.holdWaiters;
-        this.holdWaiters = [];
-        for (const f of w) f();
-      }
-    };
-    try {
-      await this.drain();
-    } catch (e) {
-      release();
-      throw e;
-    }
-    return release;
+  hold(): Promise<() => void> {
+    return this.quiesce.hold();
+  }
+
+  /** Holds, runs `fn` with nothing in flight, releases. */
+  holding<T>(fn: () => T | Promise<T>): Promise<T> {
+    return this.quiesce.holding(fn);
   }
 }
 

@@ -9,7 +9,6 @@ import { parseSize } from '../block/options.js';
 import { errorMessage } from '../errors.js';
 import { PAIR_DEFAULTS, PairSupervisor, type PairOptions, type PairStatus } from '../pair/supervisor.js';
 import { claimControl, controlRequest, serveControl } from '../pair/control.js';
-import type { QmpClientAddress } from '../qmp/client.js';
 import { defaultLogFormat, formatHuman, parseLogFormat, type LogFormat } from '../util/log.js';
 import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
@@ -18,6 +17,7 @@ import { RESOLVE_EXIT } from '../pair/split-brain.js';
 import { takeover, type TakeoverOptions } from '../pair/takeover.js';
 import { outdatePeerByHand } from '../pair/outdate.js';
 import { isLoopbackAddress, qmpOptions } from '../pair/sides.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 const HELP = `Usage: lockstep pair [run] [options]
        lockstep pair status [--json] [--watch [--interval T]] [--check] [--data-dir DIR | --control PATH]
@@ -143,10 +143,10 @@ function onOff<T>(text: string | undefined, name: string, f: (on: boolean) => T)
   return f(text === 'on');
 }
 
-function parseAddress(text: string, name: string): QmpClientAddress {
+function parseAddress(text: string, name: string): SocketAddress {
   const m = /^([^:/]+):(\d+)$/.exec(text);
-  if (m) return { host: m[1]!, port: Number(m[2]) };
-  if (text.includes('/') || text.endsWith('.sock') || text.endsWith('.qmp')) return { path: text };
+  if (m) return { type: 'inet', host: m[1]!, port: Number(m[2]) };
+  if (text.includes('/') || text.endsWith('.sock') || text.endsWith('.qmp')) return { type: 'unix', path: text };
   throw new Error(`--${name}: expected a socket path or HOST:PORT, got '${text}'`);
 }
 

@@ -12,9 +12,10 @@ import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import type { ConnectionOptions } from 'node:tls';
 import { errorMessage } from '../errors.js';
-import { QmpClient, QmpCommandError, type QmpClientAddress } from '../qmp/client.js';
+import { QmpClient, QmpCommandError } from '../qmp/client.js';
 import type { QmpCommand } from '../qmp/dispatch.js';
 import { coerceStrings, nestDotted, type Fields, type TypeSpec } from '../qmp/schema/types.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 const USAGE = `Usage: lockstep qmp [--socket PATH | --host H --port P] [--tls-dir DIR] [COMMAND [key=value ... | JSON]]
 Send a QMP command to a lockstep (or QEMU) monitor and print its return value as JSON.
@@ -150,7 +151,7 @@ export async function run(argv: string[]): Promise<number> {
     process.stderr.write('lockstep qmp: give either --socket or --host/--port\n');
     return 1;
   }
-  const addr: QmpClientAddress = host !== undefined ? { host, port: port! } : { path: socketPath ?? join('lockstep-data', 'qmp.sock') };
+  const addr: SocketAddress = host !== undefined ? { type: 'inet', host, port: port! } : { type: 'unix', path: socketPath ?? join('lockstep-data', 'qmp.sock') };
   let client: QmpClient;
   try {
     client = await QmpClient.open(addr, tlsDir ? { tls: tlsFromDir(tlsDir) } : {});

@@ -9,7 +9,7 @@ import { createRegistry, type DriverRegistry } from '../block/registry.js';
 import { InvalidArgumentError, errorMessage } from '../errors.js';
 import { Dispatcher, type QmpCommand, type QmpContext, type QmpServices, type QmpVersion } from '../qmp/dispatch.js';
 import { EventBus } from '../qmp/events.js';
-import { QmpServer, type MonitorAddress } from '../qmp/server.js';
+import { QmpServer } from '../qmp/server.js';
 import { blockdevCommands } from '../qmp/commands/blockdev.js';
 import { hmpCommands } from '../qmp/commands/hmp.js';
 import { miscCommands } from '../qmp/commands/misc.js';
@@ -21,6 +21,7 @@ import { Logger } from '../util/log.js';
 import { LoopDelayMonitor } from '../util/loop-delay.js';
 import { ObjectTable, tlsServerOptions } from '../qmp/objects.js';
 import type { ChardevOptions, DaemonOptions } from './options.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 /** lockstep speaks QEMU 7.2's QMP dialect; the package string says who answers. */
 export const LOCKSTEP_QMP_VERSION: QmpVersion = { qemu: { major: 7, minor: 2, micro: 0 }, package: 'lockstep 0.1.0' };
@@ -59,7 +60,7 @@ export class Daemon {
   private resolveDone!: (code: number) => void;
   private shuttingDown: Promise<void> | null = null;
   private shutdownRequested = false;
-  private monitorAddrs: MonitorAddress[] = [];
+  private monitorAddrs: SocketAddress[] = [];
   private pidfileWritten = false;
 
   constructor(
@@ -99,7 +100,7 @@ export class Daemon {
     this.done = new Promise((r) => (this.resolveDone = r));
   }
 
-  get monitorAddresses(): readonly MonitorAddress[] {
+  get monitorAddresses(): readonly SocketAddress[] {
     return this.monitorAddrs;
   }
 
@@ -163,7 +164,7 @@ export class Daemon {
   }
 
   private async startMonitor(c: ChardevOptions): Promise<void> {
-    let addr: MonitorAddress;
+    let addr: SocketAddress;
     let tls: TlsOptions | undefined;
     let release: (() => void) | undefined;
     if (c.path !== undefined) {

@@ -8,12 +8,12 @@ import { BLOCK_EXPORT_ADD, NBD_SERVER_OPTIONS } from '../qmp/schema/nbd.js';
 import { OBJECT_ADD } from '../qmp/schema/misc.js';
 import { checkValue, coerceStrings, enumOf, validateArguments, type Fields } from '../qmp/schema/types.js';
 import { LOG_FORMATS, LOG_LEVELS, type LogFormat, type LogLevel } from '../util/log.js';
-import type { ListenAddress } from '../qmp/exports.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 export type DaemonItem =
   | { kind: 'blockdev'; options: Record<string, unknown>; keyval: boolean }
   /** extraAddrs: more listeners for the same server (--default listens on two) */
-  | { kind: 'nbd-server'; options: Record<string, unknown>; extraAddrs?: ListenAddress[] }
+  | { kind: 'nbd-server'; options: Record<string, unknown>; extraAddrs?: SocketAddress[] }
   | { kind: 'export'; options: Record<string, unknown> }
   | { kind: 'object'; options: Record<string, unknown> }
   | { kind: 'monitor'; options: Record<string, unknown> };

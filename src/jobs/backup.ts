@@ -51,8 +51,12 @@ export class BackupJob extends Job {
   get copiedClusters(): number {
     return this.bitmap.bits - this.bitmap.count;
   }
-  /** Clusters not copied since the last checkpoint (replication's "dirty clusters"). */
-  get dirtyClusters(): number {
+  /**
+   * Clusters not yet copied since the start or the last checkpoint: the bitmap's set bits,
+   * the copy-before-write node's 'dirty-clusters' on the wire (query-replication's
+   * 'dirty-clusters' is the other count, copiedClusters).
+   */
+  get uncopiedClusters(): number {
     return this.bitmap.count;
   }
   /** Bytes copied since the job started. */

@@ -151,7 +151,7 @@ export async function probeDaemon(name: SideName, e: DaemonEntry, stage: PairSta
   if (args === null || !args.includes('daemon') || !args.some((a) => a.includes(`path=${e.qmp},`))) return { state: 'gone' };
   let qmp: QmpClient;
   try {
-    qmp = await QmpClient.open({ path: e.qmp }, { timeoutMs });
+    qmp = await QmpClient.open({ type: 'unix', path: e.qmp }, { timeoutMs });
   } catch (err) {
     return { state: 'mismatch', why: `the ${name} daemon (pid ${e.pid}) runs but its QMP socket ${e.qmp} does not answer (${errorMessage(err)})` };
   }

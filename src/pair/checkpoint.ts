@@ -90,7 +90,7 @@ export async function refreshCounters(core: PairCore): Promise<void> {
     core.call(core.primary!, 'x-query-node-written', { 'node-name': DISK_NODE }) as Promise<{ 'written-bytes': number }>,
   ]);
   core.metrics.hiddenCopiedBytes = sum(s, (x) => x['bytes-copied']);
-  core.metrics.dirtyClusters = sum(s, (x) => x['dirty-clusters']);
+  core.metrics.hiddenCopiedClusters = sum(s, (x) => x['dirty-clusters']);
   core.metrics.receivedBytes = sum(s, (x) => x['bytes-received']);
   core.metrics.sentBytes = sum(p, (x) => x['bytes-sent']);
   core.metrics.writtenBytes = written['written-bytes'];

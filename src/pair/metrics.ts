@@ -131,8 +131,8 @@ export class PairMetrics {
   checkpointFailures = 0;
   /** bytes the secondary copied into its hidden disk (copy-before-write) since replication started */
   hiddenCopiedBytes = 0;
-  /** clusters copied into the hidden disk since the last checkpoint */
-  dirtyClusters = 0;
+  /** clusters copied into the hidden disk since the last checkpoint (wire: 'dirty-clusters', lockstep_pair_hidden_dirty_clusters) */
+  hiddenCopiedClusters = 0;
   /** bytes clients wrote to the primary's served disk (as drbd_device_written_bytes_total) */
   writtenBytes = 0;
   /** bytes the primary forwarded to the secondary (as drbd_peerdevice_sent_bytes_total) */
@@ -187,7 +187,7 @@ export class PairMetrics {
         `lockstep_pair_peerdevice_sent_bytes_total{peer="secondary",disk="disk"} ${this.sentBytes}`,
       `${head('lockstep_pair_peerdevice_received_bytes_total', 'Bytes of writes the secondary received from the primary (as drbd_peerdevice_received_bytes_total)', 'counter')}\n` +
         `lockstep_pair_peerdevice_received_bytes_total{peer="primary",disk="disk"} ${this.receivedBytes}`,
-      one('lockstep_pair_hidden_dirty_clusters', 'Clusters copied into the hidden disk since the last checkpoint', this.dirtyClusters),
+      one('lockstep_pair_hidden_dirty_clusters', 'Clusters copied into the hidden disk since the last checkpoint', this.hiddenCopiedClusters),
       `${head('lockstep_pair_heartbeat_age_seconds', "Age of the side's last answered heartbeat", 'gauge')}\nlockstep_pair_heartbeat_age_seconds{side="primary"} ${this.heartbeatAgeSeconds}`,
       `${head('lockstep_pair_heartbeats_late_total', 'Heartbeats answered or unanswered past the heartbeat timeout (a late side is not lost)', 'counter')}\n` +
         (['primary', 'secondary'] as const).map((s) => `lockstep_pair_heartbeats_late_total{side="${s}"} ${this.heartbeatsLate[s]}`).join('\n'),

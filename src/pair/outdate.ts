@@ -7,7 +7,8 @@
 
 import { readFileSync } from 'node:fs';
 import { join, posix } from 'node:path';
-import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
+import { QmpClient, type QmpClientOptions } from '../qmp/client.js';
+import type { SocketAddress } from '../util/socket-address.js';
 import { errorMessage } from '../errors.js';
 import { outdateBy, parseMeta, type DiskMeta } from './generations.js';
 import { DISK_FILE } from './disks.js';
@@ -25,7 +26,7 @@ export interface OutdateOptions {
   /** this node's data directory (primary.qcow2 and its record) */
   dir: string;
   /** the peer's daemon */
-  qmp: QmpClientAddress;
+  qmp: SocketAddress;
   qmpOptions?: QmpClientOptions;
   /** the peer's data directory on its node */
   peerDir: string;

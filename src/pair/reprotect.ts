@@ -20,9 +20,10 @@
 import { errorMessage } from '../errors.js';
 import type { QmpClient } from '../qmp/client.js';
 import type { PairCore } from './core.js';
-import { DISK_NODE, LOG_NODE, forwardNode, type ForwardAddress } from './setup.js';
+import { DISK_NODE, LOG_NODE, forwardNode } from './setup.js';
 import type { Side } from './sides.js';
 import { resync, unionExtents, type ByteRange, type SyncProgress } from './sync.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 /** The peer node a live resync writes through (an NBD client of the secondary's forward export). */
 export const SYNC_PEER = 'sync-peer';
@@ -55,7 +56,7 @@ export interface LiveResyncResult {
 }
 
 export interface LiveResyncOptions {
-  forward: ForwardAddress;
+  forward: SocketAddress;
   clientCreds: string | undefined;
   /** the replication filter's forward I/O timeout, s */
   ioTimeoutS: number;

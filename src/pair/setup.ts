@@ -9,12 +9,12 @@ import { posix } from 'node:path';
 import type { QmpClient } from '../qmp/client.js';
 import { QmpCommandError } from '../qmp/client.js';
 import { createQcow2 } from '../block/drivers/qcow2/create.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 export const DISK_NODE = 'colo-disk0';
 export const FORWARD_EXPORT = 'parent0';
 
 /** Where the primary reaches the secondary's export of forwarded writes. */
-export type ForwardAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 
 export interface SideLayout {
   dir: string;
@@ -79,7 +79,7 @@ const scratchNode = (filename: string) => ({ driver: 'qcow2', file: { driver: 'f
  *  old primary's disk returns as the secondary of the survivor (roles swapped), built around
  *  primary.qcow2 under its own dirty log (LOG_NODE.primary, exported as FORWARD_EXPORT) with
  *  overlays of their own names: on one host the survivor still holds active/hidden.qcow2. */
-export async function buildSecondary(q: QmpClient, side: SideLayout, forward: ForwardAddress, tlsCreds: string | undefined, name: 'primary' | 'secondary' = 'secondary'): Promise<void> {
+export async function buildSecondary(q: QmpClient, side: SideLayout, forward: SocketAddress, tlsCreds: string | undefined, name: 'primary' | 'secondary' = 'secondary'): Promise<void> {
   // The disk sits under its dirty log: forwarded writes, the failover commit (which writes
   // into the backing node below the overlays) and, after failover, the survivor's own writes
   // all pass through it, so the survivor's record covers everything that differs from the
@@ -137,12 +137,12 @@ export async function addPrimaryQuorum(q: QmpClient): Promise<void> {
   await q.execute('blockdev-add', { driver: 'quorum', 'node-name': DISK_NODE, 'read-pattern': 'fifo', 'vote-threshold': 1, children: [PRIMARY_LOG] });
 }
 
-export function serverAddr(a: ForwardAddress): { type: 'unix'; data: { path: string } } | { type: 'inet'; data: { host: string; port: string } } {
+export function serverAddr(a: SocketAddress): { type: 'unix'; data: { path: string } } | { type: 'inet'; data: { host: string; port: string } } {
   return a.type === 'unix' ? { type: 'unix', data: { path: a.path } } : { type: 'inet', data: { host: a.host, port: String(a.port) } };
 }
 
 /** blockdev-add options of an nbd node that reaches the secondary's forward export. */
-export function forwardNode(a: ForwardAddress, tlsCreds: string | undefined, ioTimeoutS: number): Record<string, unknown> {
+export function forwardNode(a: SocketAddress, tlsCreds: string | undefined, ioTimeoutS: number): Record<string, unknown> {
   return {
     driver: 'nbd',
     server: a.type === 'unix' ? { type: 'unix', path: a.path } : { type: 'inet', host: a.host, port: String(a.port) },

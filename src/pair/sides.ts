@@ -8,10 +8,11 @@ import { isIP } from 'node:net';
 import { lookup } from 'node:dns/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
+import { QmpClient, type QmpClientOptions } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
-import type { ForwardAddress, SideLayout } from './setup.js';
+import type { SideLayout } from './setup.js';
 import { waitGone } from './adopt.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 const LOCKSTEP_BIN = fileURLToPath(new URL('../../../bin/lockstep', import.meta.url));
 
@@ -46,8 +47,8 @@ export function callSide(side: Side, command: string, args: Record<string, unkno
   return Promise.race([side.qmp.execute(command, args), timeout]).finally(() => clearTimeout(timer));
 }
 
-export function describeAddress(a: QmpClientAddress): string {
-  return 'path' in a ? a.path : `${a.host}:${a.port}`;
+export function describeAddress(a: SocketAddress): string {
+  return a.type === 'unix' ? a.path : `${a.host}:${a.port}`;
 }
 
 /** A literal address in 127.0.0.0/8 or ::1 (also as IPv4-mapped IPv6); a name is not one. */
@@ -84,8 +85,8 @@ export async function isLoopback(host: string, resolve: Lookup = systemLookup): 
 
 /** Refuses plain TCP to another host unless `insecure` (before anything is started). */
 export async function checkTransport(
-  o: { tls?: PairTls | undefined; insecure?: boolean | undefined; primaryQmp?: QmpClientAddress | undefined; secondaryQmp?: QmpClientAddress | undefined },
-  forward: ForwardAddress,
+  o: { tls?: PairTls | undefined; insecure?: boolean | undefined; primaryQmp?: SocketAddress | undefined; secondaryQmp?: SocketAddress | undefined },
+  forward: SocketAddress,
   resolve?: Lookup,
 ): Promise<void> {
   if (o.tls || o.insecure) return;
@@ -101,7 +102,7 @@ export async function checkTransport(
   }
 }
 
-export function qmpOptions(tls: PairTls | undefined, addr: QmpClientAddress): QmpClientOptions {
+export function qmpOptions(tls: PairTls | undefined, addr: SocketAddress): QmpClientOptions {
   if (!tls || !('host' in addr)) return {};
   const read = (f: string): Buffer => {
     try {
@@ -124,7 +125,7 @@ export function qmpOptions(tls: PairTls | undefined, addr: QmpClientAddress): Qm
 /** Attaches to a running daemon, or starts one on this host with its QMP socket in `sockDir`. */
 export async function launchSide(
   name: SideName,
-  attach: QmpClientAddress | undefined,
+  attach: SocketAddress | undefined,
   layout: SideLayout,
   sockDir: string,
   tls: PairTls | undefined,
@@ -169,7 +170,7 @@ export async function launchSide(
   // the socket file appears at bind(), a moment before listen(): refused until then
   for (let i = 0; ; i++) {
     try {
-      const qmp = await QmpClient.open({ path: sock });
+      const qmp = await QmpClient.open({ type: 'unix', path: sock });
       return { name, qmp, child, layout, lastAnswer: Date.now(), alive: true };
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || child.exitCode !== null || i > 100) throw e;
@@ -185,7 +186,7 @@ export function daemonLogPath(sockDir: string, name: SideName): string {
 
 /** An attached daemon must be fresh: a pair half set up (say, by a supervisor that died)
  *  would otherwise fail later with a bare "Duplicate nodes". */
-export async function checkFresh(side: Side, addr: QmpClientAddress, timeoutMs: number): Promise<void> {
+export async function checkFresh(side: Side, addr: SocketAddress, timeoutMs: number): Promise<void> {
   const nodes = (await callSide(side, 'query-named-block-nodes', { flat: true }, timeoutMs)) as Array<{ 'node-name': string }>;
   if (nodes.length === 0) return;
   // the names a user gave first; '#blockNNN' are automatic names of inner nodes

@@ -17,6 +17,7 @@ export interface PairStatus {
   'pause-p99-ms': number | null;
   /** bytes the secondary copied into its hidden disk since replication started */
   'hidden-copied-bytes': number;
+  /** clusters copied into the hidden disk since the last checkpoint (query-replication's name) */
   'dirty-clusters': number;
   'heartbeat-age-ms': number | null;
   serving: string[];
@@ -120,7 +121,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
     'pause-median-ms': q(i.metrics.pause.quantile(0.5)),
     'pause-p99-ms': q(i.metrics.pause.quantile(0.99)),
     'hidden-copied-bytes': i.metrics.hiddenCopiedBytes,
-    'dirty-clusters': i.metrics.dirtyClusters,
+    'dirty-clusters': i.metrics.hiddenCopiedClusters,
     'heartbeat-age-ms': i.primaryLastAnswer === null ? null : Date.now() - i.primaryLastAnswer,
     serving: i.serving,
   };

@@ -17,10 +17,9 @@
 import { EventEmitter } from 'node:events';
 import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { QmpClientAddress } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { PairMetrics, RateMeter } from './metrics.js';
-import { DISK_NODE, LOG_NODE, OVERLAYS, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type ForwardAddress, type SideLayout } from './setup.js';
+import { DISK_NODE, LOG_NODE, OVERLAYS, PRIMARY_LOG, addPrimaryDisk, addPrimaryQuorum, buildSecondary, ensureImage, forwardNode, type SideLayout } from './setup.js';
 import { DISK_FILE, PairDiskError, decideStart, goOnAlone, loadDisk, markInStep, markTarget, markUpToDate, outdatePeer, refusal, saveDisk, type PairDisk } from './disks.js';
 import type { PairSideName, SyncDecision } from './generations.js';
 import { StageMachine, type PairStage } from './stages.js';
@@ -38,6 +37,7 @@ import { daemonLogPath } from './sides.js';
 import { ResolveError, checkUnfenced, otherSide, saveDisk as saveSplitDisk, splitBrainInfo, type SavedDisk, type SideRecords, type SplitBrain } from './split-brain.js';
 import { Backoff, ReprotectRefused, cleanUpResync, clipExtents, detachReplication, liveResync, startReplication, type LiveResyncResult, type PassMark, type ResyncProgress } from './reprotect.js';
 import { newId } from './generations.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 export type { PairStage } from './stages.js';
 export type { PairTls } from './sides.js';
@@ -62,8 +62,8 @@ export interface PairOptions {
   nbdHost?: string;
   nbdPort?: number;
   /** attach to daemons already running instead of starting them */
-  primaryQmp?: QmpClientAddress;
-  secondaryQmp?: QmpClientAddress;
+  primaryQmp?: SocketAddress;
+  secondaryQmp?: SocketAddress;
   /** data directories on each side's host (default: dataDir) */
   primaryDir?: string;
   secondaryDir?: string;
@@ -187,7 +187,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two.
    *  `name`: the daemon that plays the secondary (the one started as primary once a
    *  failover's survivor is re-protected: its own socket beside its disk). */
-  forwardAddress(name: SideName = 'secondary'): ForwardAddress {
+  forwardAddress(name: SideName = 'secondary'): SocketAddress {
     const o = this.opts;
     if (name === 'primary') {
       // the old primary's `pair host` daemon holds server credentials too (tls0), and the
@@ -385,7 +385,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     }
   }
 
-  private async launch(name: SideName, attach: QmpClientAddress | undefined, layout: SideLayout): Promise<Side> {
+  private async launch(name: SideName, attach: SocketAddress | undefined, layout: SideLayout): Promise<Side> {
     return this.watch(await launchSide(name, attach, layout, this.opts.dataDir, this.opts.tls));
   }
 

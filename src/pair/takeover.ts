@@ -8,11 +8,12 @@
 
 import { rmSync } from 'node:fs';
 import { posix } from 'node:path';
-import { QmpClient, type QmpClientAddress, type QmpClientOptions } from '../qmp/client.js';
+import { QmpClient, type QmpClientOptions } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
 import { newId, notCurrentReason, parseMeta, startGeneration, type DiskMeta } from './generations.js';
 import { DISK_FILE } from './disks.js';
 import { LEASE_FIXED_MARGIN_MS, LEASE_RATE_MARGIN } from './lease.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
 /** The secondary's node the failover serves (the replication filter over active -> hidden -> disk). */
 export const TAKEOVER_NODE = 'childs0';
@@ -28,7 +29,7 @@ export class TakeoverError extends Error {
 }
 
 export interface TakeoverOptions {
-  qmp: QmpClientAddress;
+  qmp: SocketAddress;
   qmpOptions?: QmpClientOptions;
   /** the secondary's data directory on this node (secondary.qcow2 and its record) */
   dir: string;

@@ -7,8 +7,8 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { JsonSplitter, type FrameResult } from './framing.js';
 import type { QmpEventMessage } from './events.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
-export type QmpClientAddress = { path: string } | { host: string; port: number };
 
 export interface QmpClientOptions {
   /** TLS client options (ca, cert, key, servername...) */
@@ -57,16 +57,16 @@ export class QmpClient extends EventEmitter {
   }
 
   /** Connects and waits for the greeting (does not negotiate: call negotiate()). */
-  static async connect(addr: QmpClientAddress, opts: QmpClientOptions = {}): Promise<QmpClient> {
+  static async connect(addr: SocketAddress, opts: QmpClientOptions = {}): Promise<QmpClient> {
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const socket = await new Promise<Socket>((resolve, reject) => {
       let s: Socket;
       const onErr = (e: Error) => reject(e);
       if (opts.tls) {
-        const base = 'path' in addr ? { path: addr.path } : { host: addr.host, port: addr.port };
+        const base = addr.type === 'unix' ? { path: addr.path } : { host: addr.host, port: addr.port };
         s = tlsConnect({ ...base, ...opts.tls }, () => resolve(s));
       } else {
-        s = 'path' in addr ? netConnect(addr.path, () => resolve(s)) : netConnect(addr.port, addr.host, () => resolve(s));
+        s = addr.type === 'unix' ? netConnect(addr.path, () => resolve(s)) : netConnect(addr.port, addr.host, () => resolve(s));
       }
       s.once('error', onErr);
       s.setTimeout(timeoutMs, () => {
@@ -95,7 +95,7 @@ export class QmpClient extends EventEmitter {
   }
 
   /** Connects and negotiates capabilities. */
-  static async open(addr: QmpClientAddress, opts: QmpClientOptions = {}): Promise<QmpClient> {
+  static async open(addr: SocketAddress, opts: QmpClientOptions = {}): Promise<QmpClient> {
     const c = await QmpClient.connect(addr, opts);
     try {
       await c.negotiate();

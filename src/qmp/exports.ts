@@ -15,8 +15,8 @@ import type { NbdServer } from '../nbd/server/server.js';
 import type { TlsCredsX509 } from '../nbd/tls.js';
 import type { Logger } from '../util/log.js';
 import type { ObjectTable } from './objects.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
-export type ListenAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
 
 /** The NbdServer methods the table calls (the real class's signatures). */
 export type NbdServerHandle = Pick<NbdServer, 'listen' | 'addExport' | 'removeExport' | 'close'>;
@@ -42,7 +42,7 @@ export interface ExportInfo {
 }
 
 export interface NbdStartOptions {
-  addrs: ListenAddress[];
+  addrs: SocketAddress[];
   tlsCreds?: string;
   maxConnections?: number;
   /** x-idle-timeout, in seconds */
@@ -58,7 +58,7 @@ export function isLoopbackHost(host: string): boolean {
   return false;
 }
 
-export function describeAddress(a: ListenAddress): string {
+export function describeAddress(a: SocketAddress): string {
   return a.type === 'unix' ? `unix:${a.path}` : `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
 }
 
@@ -66,7 +66,7 @@ export class ExportTable {
   private server: NbdServerHandle | null = null;
   /** the server listens on a non-loopback address without TLS */
   private exposedPlain = false;
-  private serverAddresses: ListenAddress[] = [];
+  private serverAddresses: SocketAddress[] = [];
   private releaseCreds: (() => void) | null = null;
   private readonly exportsById = new Map<string, ExportInfo>();
 
@@ -83,7 +83,7 @@ export class ExportTable {
     return this.server !== null;
   }
 
-  get nbdAddresses(): readonly ListenAddress[] {
+  get nbdAddresses(): readonly SocketAddress[] {
     return this.serverAddresses;
   }
 
@@ -92,7 +92,7 @@ export class ExportTable {
     if (!this.factory) throw new StateError('NBD server is not available in this build');
     const tls = o.tlsCreds !== undefined ? this.objects.tlsCreds(o.tlsCreds, 'server') : undefined;
     const server = this.factory({ graph: this.graph, ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}), ...(o.idleTimeout !== undefined ? { idleTimeout: o.idleTimeout } : {}), ...(tls ? { tls } : {}) });
-    const bound: ListenAddress[] = [];
+    const bound: SocketAddress[] = [];
     for (const addr of o.addrs) {
       try {
         const b = await server.listen(addr);
@@ -118,7 +118,7 @@ export class ExportTable {
   }
 
   /** Adds a listener to the running server (lockstep's x-nbd-server-listen). */
-  async addListener(addr: ListenAddress): Promise<void> {
+  async addListener(addr: SocketAddress): Promise<void> {
     const server = this.server;
     if (!server) throw new StateError('NBD server not running');
     if (addr.type === 'inet' && !isLoopbackHost(addr.host) && !this.insecure) {

@@ -19,8 +19,8 @@ import type { QmpContext, QmpSession } from './dispatch.js';
 import { isExpectedError, toQmpError, QmpError, type QmpErrorBody } from './errors.js';
 import type { QmpEventMessage } from './events.js';
 import { JsonSplitter, DEFAULT_MAX_MESSAGE_SIZE, type FrameResult } from './framing.js';
+import type { SocketAddress } from '../util/socket-address.js';
 
-export type MonitorAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 
 export interface MonitorListenOptions {
   /** TLS server options (key, cert, ca, requestCert, rejectUnauthorized) for a TCP monitor */
@@ -45,7 +45,7 @@ interface Connection {
 }
 
 export class QmpServer {
-  private readonly listeners: Array<{ server: Server; address: MonitorAddress; unixPath?: string }> = [];
+  private readonly listeners: Array<{ server: Server; address: SocketAddress; unixPath?: string }> = [];
   private readonly connections = new Set<Connection>();
   private nextSessionId = 1;
   private closing = false;
@@ -59,7 +59,7 @@ export class QmpServer {
   }
 
   /** Starts listening; resolves with the bound address (the real port when port 0 was asked). */
-  async listen(address: MonitorAddress, lopts: MonitorListenOptions = {}): Promise<MonitorAddress> {
+  async listen(address: SocketAddress, lopts: MonitorListenOptions = {}): Promise<SocketAddress> {
     const onConn = (socket: Socket) => this.accept(socket, lopts.id);
     // a TLS client must finish its handshake in time; plain clients may idle
     const server = lopts.tls ? createTlsServer({ handshakeTimeout: 10_000, ...lopts.tls }, onConn) : createNetServer(onConn);
@@ -77,7 +77,7 @@ export class QmpServer {
       else server.listen(address.port, address.host, () => resolve());
     });
     server.on('error', (err) => this.ctx.log.error('monitor listener error', { monitor: lopts.id, error: err.message }));
-    let bound: MonitorAddress = address;
+    let bound: SocketAddress = address;
     if (address.type === 'inet') {
       const a = server.address();
       if (a && typeof a === 'object') bound = { type: 'inet', host: address.host, port: a.port };
@@ -86,7 +86,7 @@ export class QmpServer {
     return bound;
   }
 
-  get addresses(): MonitorAddress[] {
+  get addresses(): SocketAddress[] {
     return this.listeners.map((l) => l.address);
   }
 

@@ -26,7 +26,10 @@ export interface ReplicationStatus {
   mode: ReplicationMode;
   stage: Stage;
   error?: string;
-  /** clusters copied into the hidden disk since the last checkpoint */
+  /**
+   * clusters copied into the hidden disk since the last checkpoint (the wire name; the
+   * copy-before-write node's info calls the clusters not yet copied 'dirty-clusters')
+   */
   'dirty-clusters': number;
   /** bytes copied into the hidden disk since replication started */
   'bytes-copied': number;

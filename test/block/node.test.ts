@@ -2,6 +2,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { newGraph, pattern } from '../helpers/graph.js';
 import { BlockError } from '../../src/errors.js';
+import { BlockGraph } from '../../src/block/graph.js';
+import { createRegistry } from '../../src/block/registry.js';
+import { makeCaps, type BlockDriver, type NodeImpl } from '../../src/block/driver.js';
 
 test('unaligned writes on a 512-aligned node are read-modify-written exactly', async () => {
   const g = newGraph();
@@ -140,4 +143,56 @@ test('graph: a filter inserted above a node takes over its parents and backends'
   await g.settle();
   assert.equal(be.node, disk);
   assert.equal(g.lookup('f'), null);
+});
+
+test('a reopen waits for the requests given the old handle, and requests during it use the new one', async () => {
+  // A protocol driver whose "descriptor" is a number, as the file driver's is: a request
+  // that completes on a descriptor already closed by a reopen is the race this guards.
+  const events: string[] = [];
+  const pending: Array<() => void> = [];
+  const handleDriver: BlockDriver = {
+    name: 'test-handle',
+    kind: 'protocol',
+    async open(_ctx, o): Promise<NodeImpl> {
+      o.done();
+      let fd = 1;
+      const closed = new Set<number>();
+      const data = Buffer.alloc(4096, 7);
+      return {
+        caps: makeCaps({}),
+        getLength: () => data.length,
+        read: async (offset, length) => {
+          const used = fd;
+          events.push(`read on fd ${used}`);
+          await new Promise<void>((r) => pending.push(r));
+          if (closed.has(used)) throw new Error(`read completed on closed fd ${used}`);
+          events.push(`read done on fd ${used}`);
+          return Buffer.from(data.subarray(offset, offset + length));
+        },
+        reopen: async (ro) => {
+          events.push(`reopen ${ro ? 'ro' : 'rw'}: fd ${fd} closed, fd ${fd + 1} opened`);
+          closed.add(fd);
+          fd++;
+        },
+        close: async () => {},
+      };
+    },
+  };
+  const g = new BlockGraph(createRegistry([handleDriver]));
+  const n = await g.open({ driver: 'test-handle' }, { readOnly: true });
+  const first = n.read(0, 512);
+  await new Promise((r) => setImmediate(r));
+  const reopened = n.setReadOnly(false);
+  await new Promise((r) => setImmediate(r));
+  const second = n.read(512, 512);
+  await new Promise((r) => setImmediate(r));
+  assert.deepEqual(events, ['read on fd 1'], 'the reopen and the later read wait for the read in flight');
+  pending.shift()!();
+  await reopened;
+  await new Promise((r) => setImmediate(r));
+  pending.shift()!();
+  assert.ok((await first).equals(Buffer.alloc(512, 7)));
+  assert.ok((await second).equals(Buffer.alloc(512, 7)));
+  assert.deepEqual(events, ['read on fd 1', 'read done on fd 1', 'reopen rw: fd 1 closed, fd 2 opened', 'read on fd 2', 'read done on fd 2']);
+  assert.equal(n.readOnly, false);
 });

@@ -114,7 +114,7 @@ test('--daemonize returns once the daemon is ready; the daemon keeps serving', a
       /* gone */
     }
   });
-  const c = await QmpClient.open({ path: sock });
+  const c = await QmpClient.open({ type: 'unix', path: sock });
   assert.deepEqual(
     ((await c.execute('query-named-block-nodes')) as Array<{ 'node-name': string }>).map((n) => n['node-name']),
     ['n0'],
@@ -138,14 +138,14 @@ test('a plain TCP monitor binds to loopback only, unless --insecure', async (t) 
 
   const port = await freePort();
   const d = await startDaemon(t, dir, ['--chardev', `socket,id=tcp,host=127.0.0.1,port=${port},server=on,wait=off`, '--monitor', 'chardev=tcp']);
-  const c = await QmpClient.open({ host: '127.0.0.1', port });
+  const c = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port });
   t.after(() => c.close());
   assert.deepEqual(await c.execute('query-named-block-nodes'), []);
 
   const port2 = await freePort();
   const d2 = await startDaemon(t, join(dir), ['--insecure', '--chardev', `socket,id=tcp,host=0.0.0.0,port=${port2},server=on,wait=off`, '--monitor', 'chardev=tcp'], { monitor: false });
   assert.ok(d2.logs().some((l) => l.level === 'warn' && String(l.msg).includes('without TLS (--insecure)')));
-  const c2 = await QmpClient.open({ host: '127.0.0.1', port: port2 });
+  const c2 = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port: port2 });
   c2.close();
   void d;
 });
@@ -176,7 +176,7 @@ test('a TLS monitor with verify-peer admits only clients with a certificate from
     },
     timeoutMs: 5000,
   });
-  const good = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.client, true));
+  const good = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port }, opts(tls.client, true));
   assert.deepEqual(await good.execute('query-named-block-nodes'), []);
   good.close();
   const cli = await runLockstep(['qmp', '--host', '127.0.0.1', '--port', String(port), '--tls-dir', tls.client, 'query-named-block-nodes']);
@@ -186,16 +186,16 @@ test('a TLS monitor with verify-peer admits only clients with a certificate from
   assert.equal(rogueCli.code, 1);
   assert.match(rogueCli.stderr, /^lockstep qmp: cannot talk to the monitor at 127\.0\.0\.1:\d+: /);
   await assert.rejects(async () => {
-    const c = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.rogue, true));
+    const c = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port }, opts(tls.rogue, true));
     c.close();
   });
   await assert.rejects(async () => {
-    const c = await QmpClient.open({ host: '127.0.0.1', port }, opts(tls.anonymous, false));
+    const c = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port }, opts(tls.anonymous, false));
     c.close();
   });
   // a plain client does not get a greeting either
   await assert.rejects(async () => {
-    const c = await QmpClient.open({ host: '127.0.0.1', port }, { timeoutMs: 1000 });
+    const c = await QmpClient.open({ type: 'inet', host: '127.0.0.1', port }, { timeoutMs: 1000 });
     c.close();
   });
 });

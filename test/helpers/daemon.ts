@@ -48,7 +48,7 @@ export async function startDaemon(t: { after(fn: () => unknown): void }, dir: st
         .filter((l) => l.startsWith('{'))
         .map((l) => JSON.parse(l) as Record<string, unknown>),
     client: async () => {
-      const c = await QmpClient.open({ path: qmpPath });
+      const c = await QmpClient.open({ type: 'unix', path: qmpPath });
       clients.push(c);
       return c;
     },

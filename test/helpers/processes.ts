@@ -47,7 +47,7 @@ async function wrap(kind: 'qemu' | 'lockstep', child: ChildProcess, qmpPath: str
   child.stderr?.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   await waitForSocket(qmpPath, child, () => err);
-  const qmp = await QmpClient.open({ path: qmpPath });
+  const qmp = await QmpClient.open({ type: 'unix', path: qmpPath });
   const proc: Proc = {
     kind,
     qmp,

@@ -72,7 +72,7 @@ test('backup sync=none copies each touched cluster once, before the write, and n
     assert.ok(target.subarray(a, e).equals(expected), `cluster ${c} (${touched.has(c) ? 'touched' : 'untouched'})`);
   }
   assert.equal(job.copiedClusters, touched.size);
-  assert.equal(job.dirtyClusters, Math.ceil(size / CLUSTER) - touched.size);
+  assert.equal(job.uncopiedClusters, Math.ceil(size / CLUSTER) - touched.size);
   await job.cancel();
   assert.equal(be.node, src, 'the export points at the source again');
   assert.equal(g.nodes.size, 2);

@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
-import { NbdClient, type NbdAddress } from '../../src/nbd/client/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import {
   ByteQueue,
   OptionReplyParser,
@@ -17,6 +17,7 @@ import {
 } from '../../src/nbd/codec.js';
 import { CMD, CMD_FLAG, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, NBD_ERR, OPT, REP, REPLY_TYPE } from '../../src/nbd/protocol.js';
 import { patterned, serveMemory } from './helpers.js';
+import type { SocketAddress } from '../../src/util/socket-address.js';
 
 const GOLDEN_SIZE = 1 << 20;
 
@@ -30,7 +31,7 @@ function prng(seed: number): () => number {
   };
 }
 
-function open(addr: NbdAddress & { type: 'inet' }): Promise<Socket> {
+function open(addr: SocketAddress & { type: 'inet' }): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = connect({ host: addr.host, port: Number(addr.port) });
     s.once('connect', () => resolve(s));
@@ -39,7 +40,7 @@ function open(addr: NbdAddress & { type: 'inet' }): Promise<Socket> {
 }
 
 /** Sends `bytes`, half-closes, and resolves once the server has closed its side. */
-async function hostile(addr: NbdAddress & { type: 'inet' }, bytes: Buffer): Promise<void> {
+async function hostile(addr: SocketAddress & { type: 'inet' }, bytes: Buffer): Promise<void> {
   const s = await open(addr);
   s.on('error', () => {});
   s.resume();
@@ -60,7 +61,7 @@ function handshakeBytes(exportName: string, structured: boolean): Buffer {
 }
 
 /** A real handshake, then raw access to the transmission phase. */
-async function transmission(addr: NbdAddress & { type: 'inet' }, exportName: string) {
+async function transmission(addr: SocketAddress & { type: 'inet' }, exportName: string) {
   const s = await open(addr);
   s.on('error', () => {});
   const q = new ByteQueue();

@@ -2,16 +2,17 @@
 import type { TestContext } from 'node:test';
 import { join } from 'node:path';
 import { newGraph, tempDir } from '../helpers/graph.js';
-import { NbdServer, type BoundAddress, type NbdServerOptions } from '../../src/nbd/server/server.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server/server.js';
 import type { BlockGraph } from '../../src/block/graph.js';
 import type { BlockNode } from '../../src/block/node.js';
+import type { SocketAddress } from '../../src/util/socket-address.js';
 
 export interface Served {
   graph: BlockGraph;
   server: NbdServer;
   node: BlockNode;
-  tcp: BoundAddress & { type: 'inet' };
-  unix: BoundAddress & { type: 'unix' };
+  tcp: SocketAddress & { type: 'inet' };
+  unix: SocketAddress & { type: 'unix' };
   dir: string;
 }
 
@@ -23,8 +24,8 @@ export async function serveMemory(
   const dir = tempDir(t, 'lockstep-nbd-');
   const node = await graph.open({ driver: 'memory', size: opts.size ?? 1 << 20, 'node-name': 'disk' }, { monitorOwned: true });
   const server = new NbdServer({ graph, ...opts.server });
-  const tcp = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as BoundAddress & { type: 'inet' };
-  const unix = (await server.listen({ type: 'unix', path: join(dir, 'nbd.sock') })) as BoundAddress & { type: 'unix' };
+  const tcp = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as SocketAddress & { type: 'inet' };
+  const unix = (await server.listen({ type: 'unix', path: join(dir, 'nbd.sock') })) as SocketAddress & { type: 'unix' };
   server.addExport({ name: opts.name ?? 'disk0', node, writable: opts.writable ?? true, description: 'test disk' });
   t.after(async () => {
     await server.close();

@@ -306,8 +306,8 @@ test('attached daemons (the two-host shape): the secondary\'s QMP address is ret
   const b1 = await startDaemon(t, dirB, []);
   const logs: string[] = [];
   const sup = pair(root, {
-    primaryQmp: { path: join(dirA, 'qmp.sock') },
-    secondaryQmp: { path: join(dirB, 'qmp.sock') },
+    primaryQmp: { type: 'unix', path: join(dirA, 'qmp.sock') },
+    secondaryQmp: { type: 'unix', path: join(dirB, 'qmp.sock') },
     primaryDir: dirA,
     secondaryDir: dirB,
     nbdSocket: join(root, 'disk.sock'),

@@ -28,9 +28,9 @@ test('names are resolved and every address must be loopback', async () => {
   assert.equal(await isLoopback('127.0.0.5', resolve), true);
   // the rule as `pair run` applies it
   await assert.rejects(
-    checkTransport({ primaryQmp: { host: '127.attacker.invalid', port: 4444 } }, { type: 'unix', path: '/x' }, resolve),
+    checkTransport({ primaryQmp: { type: 'inet', host: '127.attacker.invalid', port: 4444 } }, { type: 'unix', path: '/x' }, resolve),
     /primary QMP 127.attacker.invalid is not a loopback address: give TLS credentials \(--tls-dir\) or allow plain TCP with --insecure/,
   );
-  await checkTransport({ primaryQmp: { host: 'localhost', port: 4444 } }, { type: 'inet', host: '127.0.0.1', port: 10810 }, resolve);
-  await checkTransport({ insecure: true, primaryQmp: { host: '127.attacker.invalid', port: 4444 } }, { type: 'unix', path: '/x' }, resolve);
+  await checkTransport({ primaryQmp: { type: 'inet', host: 'localhost', port: 4444 } }, { type: 'inet', host: '127.0.0.1', port: 10810 }, resolve);
+  await checkTransport({ insecure: true, primaryQmp: { type: 'inet', host: '127.attacker.invalid', port: 4444 } }, { type: 'unix', path: '/x' }, resolve);
 });

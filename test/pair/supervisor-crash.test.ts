@@ -170,7 +170,7 @@ test('supervisor SIGKILLed under client writes: the daemons keep serving, a rest
 
   await first.kill('SIGKILL');
   // as if it died inside a checkpoint's barrier: the guest's writes held on the primary
-  const q = await QmpClient.open({ path: p.qmp });
+  const q = await QmpClient.open({ type: 'unix', path: p.qmp });
   await q.execute('block-io-hold', { 'node-name': 'colo-disk0' }).catch((e: unknown) => assert.match(String(e), /already held/));
   q.close();
   // the daemons were not killed with it, and serve on
@@ -322,7 +322,7 @@ test('supervisor SIGKILLed after a failover\'s re-protection: the restart adopts
 
 /** Waits for the running sync job on the primary and slows it down, so that it is still running when the supervisor dies. */
 async function slowDownSync(dir: string): Promise<void> {
-  const q = await QmpClient.open({ path: join(dir, 'primary.qmp') });
+  const q = await QmpClient.open({ type: 'unix', path: join(dir, 'primary.qmp') });
   try {
     for (const t0 = Date.now(); Date.now() - t0 < 60_000; await sleep(5)) {
       const jobs = (await q.execute('query-block-jobs')) as Array<{ device: string; offset: number; len: number }>;

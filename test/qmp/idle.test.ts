@@ -51,7 +51,7 @@ test('monitor at its cap: the longest idle client makes room, a client waiting f
   for (const c of idle.slice(1)) void c.closed.then(() => othersClosed++);
 
   await sleep(300); // everyone has idled past 0.2 s; busy has been silent the longest
-  const newcomer = await QmpClient.open({ path: d.qmpPath });
+  const newcomer = await QmpClient.open({ type: 'unix', path: d.qmpPath });
   t.after(() => newcomer.close());
   // the oldest idle connection is closed for the newcomer, not busy (whose reply is pending)
   const first = await Promise.race([idle[0]!.closed.then(() => 'oldest idle closed'), pending.then(() => 'busy answered', () => 'busy dropped')]);

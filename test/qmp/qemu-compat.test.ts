@@ -144,7 +144,7 @@ async function askQemu(lines: string[]): Promise<unknown[]> {
 }
 
 async function askLockstep(path: string, lines: string[], count: number): Promise<unknown[]> {
-  const c = await QmpClient.connect({ path });
+  const c = await QmpClient.connect({ type: 'unix', path });
   try {
     c.sendRaw(lines.join('\n') + '\n');
     const out: unknown[] = [];

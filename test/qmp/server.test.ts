@@ -10,7 +10,7 @@ import { QmpClient, QmpCommandError } from '../../src/qmp/client.js';
 
 /** Sends raw text on a fresh connection and collects `count` messages after the greeting. */
 async function rawExchange(path: string, input: string | Buffer, count: number): Promise<Array<Record<string, unknown>>> {
-  const c = await QmpClient.connect({ path });
+  const c = await QmpClient.connect({ type: 'unix', path });
   try {
     c.sendRaw(input);
     const out: Array<Record<string, unknown>> = [];
@@ -26,7 +26,7 @@ test('QMP protocol', async (t) => {
   const d = await startDaemon(t, dir, ['--blockdev', 'driver=memory,node-name=m0,size=1M']);
 
   await t.test('greeting is shaped like QEMU 7.2 and commands wait for negotiation', async () => {
-    const c = await QmpClient.connect({ path: d.qmpPath });
+    const c = await QmpClient.connect({ type: 'unix', path: d.qmpPath });
     t.after(() => c.close());
     assert.deepEqual(Object.keys(c.greeting!), ['QMP']);
     assert.deepEqual(c.greeting!.QMP.capabilities, ['oob']);

@@ -11,17 +11,18 @@
 
 import { makeCaps, type BlockDriver, type BlockStatus, type NodeImpl } from '../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../errors.js';
-import { NbdClient, type NbdAddress, type NbdClientOptions } from '../../nbd/client/client.js';
+import { NbdClient, type NbdClientOptions } from '../../nbd/client/client.js';
 import { STATE_HOLE, STATE_ZERO, TFLAG } from '../../nbd/protocol.js';
 import { clientTlsConfig, isTlsCreds } from '../../nbd/tls.js';
 import type { OptionReader } from '../options.js';
+import type { SocketAddress } from '../../util/socket-address.js';
 
 const RETRY_INTERVAL_MS = 1000;
 
-function readAddress(o: OptionReader): NbdAddress {
+function readAddress(o: OptionReader): SocketAddress<number | string> {
   const srv = o.sub('server', true);
   const type = srv.enumOf('type', ['inet', 'unix'], true);
-  let addr: NbdAddress;
+  let addr: SocketAddress<number | string>;
   if (type === 'inet') {
     const host = srv.string('host', true);
     const portRaw = srv.raw('port');

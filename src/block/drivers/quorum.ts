@@ -75,146 +75,179 @@ export const quorumDriver: BlockDriver = {
       throw new InvalidArgumentError('rewrite-corrupted=on cannot be used with read-pattern=fifo');
     }
 
-    const node = ctx.node;
-    const graph = ctx.graph;
     for (let i = 0; i < childValues.length; i++) {
       await ctx.openChild(`children.${i}`, childValues[i], { required: true });
     }
-    let nextIndex = childValues.length;
-
-    const children = (): Array<{ role: string; node: BlockNode }> =>
-      [...node.children.values()]
-        .filter((e) => e.role.startsWith('children.'))
-        .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
-        .map((e) => ({ role: e.role, node: e.child }));
-    const votes = (n: BlockNode): boolean => n.caps.noQuorumVote !== true;
-
-    const reportBad = (type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void => {
-      const data: Record<string, unknown> = {
-        type,
-        'node-name': child.name,
-        'sector-num': Math.floor(offset / SECTOR),
-        'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
-      };
-      if (err !== undefined) data.error = errorMessage(err);
-      graph.emit('event', 'QUORUM_REPORT_BAD', data);
-    };
-    const reportFailure = (offset: number, length: number): void => {
-      graph.emit('event', 'QUORUM_FAILURE', {
-        reference: node.name,
-        'sector-num': Math.floor(offset / SECTOR),
-        'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
-      });
-    };
-
-    /** Runs op on every child; succeeds when enough voting children succeed. */
-    async function broadcast(
-      type: 'write' | 'flush',
-      offset: number,
-      length: number,
-      op: (child: BlockNode) => Promise<void>,
-    ): Promise<void> {
-      const list = children();
-      const results = await Promise.allSettled(list.map((c) => op(c.node)));
-      let ok = 0;
-      let firstErr: unknown = null;
-      results.forEach((r, i) => {
-        const c = list[i]!;
-        if (r.status === 'fulfilled') {
-          if (votes(c.node)) ok++;
-        } else {
-          reportBad(type, c.node, offset, length, r.reason);
-          if (votes(c.node) && firstErr === null) firstErr = r.reason;
-        }
-      });
-      if (ok >= threshold) return;
-      if (firstErr instanceof BlockError) throw firstErr;
-      throw new BlockError('EIO', `quorum: only ${ok} of ${threshold} required children succeeded`, { cause: firstErr });
-    }
-
-    async function readFifo(offset: number, length: number): Promise<Buffer> {
-      let lastErr: unknown = null;
-      for (const c of children()) {
-        try {
-          return await c.node.read(offset, length);
-        } catch (e) {
-          reportBad('read', c.node, offset, length, e);
-          lastErr = e;
-        }
-      }
-      if (lastErr instanceof BlockError) throw lastErr;
-      throw new BlockError('EIO', 'quorum: no child could be read', { cause: lastErr });
-    }
-
-    async function readVote(offset: number, length: number): Promise<Buffer> {
-      const list = children();
-      const results = await Promise.allSettled(list.map((c) => c.node.read(offset, length)));
-      const groups = new Map<string, { buf: Buffer; members: BlockNode[] }>();
-      results.forEach((r, i) => {
-        const c = list[i]!;
-        if (r.status === 'rejected') {
-          reportBad('read', c.node, offset, length, r.reason);
-          return;
-        }
-        const h = createHash('sha256').update(r.value).digest('hex');
-        const g = groups.get(h);
-        if (g) g.members.push(c.node);
-        else groups.set(h, { buf: r.value, members: [c.node] });
-      });
-      let winner: { buf: Buffer; members: BlockNode[] } | null = null;
-      for (const g of groups.values()) if (!winner || g.members.length > winner.members.length) winner = g;
-      if (!winner || winner.members.length < threshold) {
-        reportFailure(offset, length);
-        throw new BlockError('EIO', 'quorum: the children disagree and no version reached the vote threshold');
-      }
-      for (const g of groups.values()) {
-        if (g === winner) continue;
-        for (const n of g.members) {
-          reportBad('read', n, offset, length);
-          if (rewriteCorrupted) await n.write(offset, winner.buf).catch(() => {});
-        }
-      }
-      return winner.buf;
-    }
-
-    const first = children()[0]!.node;
-    const impl: QuorumImpl = {
-      caps: makeCaps({ writeZeroes: true, discard: true, fua: true, orderedWrites: true }),
-      get filename() {
-        return `quorum:${node.name}`;
-      },
-      getLength: () => {
-        const list = children();
-        return list.length ? list[0]!.node.getLength() : first.getLength();
-      },
-      read: (offset, length) => (readPattern === 'fifo' ? readFifo(offset, length) : readVote(offset, length)),
-      write: (offset, data, flags: WriteFlags) => broadcast('write', offset, data.length, (c) => c.write(offset, data, flags)),
-      writeZeroes: (offset, length, flags: ZeroFlags) =>
-        broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, flags)),
-      discard: (offset, length) =>
-        broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, { mayUnmap: true })),
-      flush: () => broadcast('flush', 0, 0, (c) => c.flush()),
-      close: async () => {},
-      info: () => ({ 'vote-threshold': threshold, 'read-pattern': readPattern, children: children().map((c) => c.role) }),
-      addChild(child: BlockNode): string {
-        if (blkverify) throw new StateError('Cannot add a child to a quorum in blkverify mode');
-        if (child.parents.size > 0) throw new StateError(`Node '${child.name}' already has a parent`);
-        const role = `children.${nextIndex}`;
-        graph.attach(node, role, child);
-        nextIndex++;
-        return role;
-      },
-      removeChild(role: string): void {
-        const edge = node.children.get(role);
-        if (!edge || !role.startsWith('children.')) throw new StateError(`Node '${node.name}' does not have child '${role}'`);
-        if (children().length <= threshold) {
-          throw new StateError(`The number of children cannot be lower than the vote threshold ${threshold}`);
-        }
-        if (blkverify) throw new StateError('Cannot remove a child from a quorum in blkverify mode');
-        graph.detach(node, role);
-        if (Number(role.slice(9)) === nextIndex - 1) nextIndex--;
-      },
-    };
-    return impl;
+    return new QuorumNode(ctx.node, threshold, readPattern, rewriteCorrupted, blkverify, childValues.length);
   },
 };
+
+/** The state of an open quorum node: its vote rules and the next child index. */
+class QuorumNode implements QuorumImpl {
+  readonly caps = makeCaps({ writeZeroes: true, discard: true, fua: true, orderedWrites: true });
+  /** the first child at open: its length answers while no child is attached */
+  private readonly first: BlockNode;
+
+  constructor(
+    private readonly node: BlockNode,
+    private readonly threshold: number,
+    private readonly readPattern: 'quorum' | 'fifo',
+    private readonly rewriteCorrupted: boolean,
+    private readonly blkverify: boolean,
+    private nextIndex: number,
+  ) {
+    this.first = this.children()[0]!.node;
+  }
+
+  get filename(): string {
+    return `quorum:${this.node.name}`;
+  }
+
+  private children(): Array<{ role: string; node: BlockNode }> {
+    return [...this.node.children.values()]
+      .filter((e) => e.role.startsWith('children.'))
+      .sort((a, b) => Number(a.role.slice(9)) - Number(b.role.slice(9)))
+      .map((e) => ({ role: e.role, node: e.child }));
+  }
+
+  private reportBad(type: 'read' | 'write' | 'flush', child: BlockNode, offset: number, length: number, err?: unknown): void {
+    const data: Record<string, unknown> = {
+      type,
+      'node-name': child.name,
+      'sector-num': Math.floor(offset / SECTOR),
+      'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
+    };
+    if (err !== undefined) data.error = errorMessage(err);
+    this.node.graph.emit('event', 'QUORUM_REPORT_BAD', data);
+  }
+
+  private reportFailure(offset: number, length: number): void {
+    this.node.graph.emit('event', 'QUORUM_FAILURE', {
+      reference: this.node.name,
+      'sector-num': Math.floor(offset / SECTOR),
+      'sectors-count': Math.ceil((offset + length) / SECTOR) - Math.floor(offset / SECTOR),
+    });
+  }
+
+  /** Runs op on every child; succeeds when enough voting children succeed. */
+  private async broadcast(type: 'write' | 'flush', offset: number, length: number, op: (child: BlockNode) => Promise<void>): Promise<void> {
+    const list = this.children();
+    const results = await Promise.allSettled(list.map((c) => op(c.node)));
+    let ok = 0;
+    let firstErr: unknown = null;
+    results.forEach((r, i) => {
+      const c = list[i]!;
+      if (r.status === 'fulfilled') {
+        if (votes(c.node)) ok++;
+      } else {
+        this.reportBad(type, c.node, offset, length, r.reason);
+        if (votes(c.node) && firstErr === null) firstErr = r.reason;
+      }
+    });
+    if (ok >= this.threshold) return;
+    if (firstErr instanceof BlockError) throw firstErr;
+    throw new BlockError('EIO', `quorum: only ${ok} of ${this.threshold} required children succeeded`, { cause: firstErr });
+  }
+
+  private async readFifo(offset: number, length: number): Promise<Buffer> {
+    let lastErr: unknown = null;
+    for (const c of this.children()) {
+      try {
+        return await c.node.read(offset, length);
+      } catch (e) {
+        this.reportBad('read', c.node, offset, length, e);
+        lastErr = e;
+      }
+    }
+    if (lastErr instanceof BlockError) throw lastErr;
+    throw new BlockError('EIO', 'quorum: no child could be read', { cause: lastErr });
+  }
+
+  private async readVote(offset: number, length: number): Promise<Buffer> {
+    const list = this.children();
+    const results = await Promise.allSettled(list.map((c) => c.node.read(offset, length)));
+    const groups = new Map<string, { buf: Buffer; members: BlockNode[] }>();
+    results.forEach((r, i) => {
+      const c = list[i]!;
+      if (r.status === 'rejected') {
+        this.reportBad('read', c.node, offset, length, r.reason);
+        return;
+      }
+      const h = createHash('sha256').update(r.value).digest('hex');
+      const g = groups.get(h);
+      if (g) g.members.push(c.node);
+      else groups.set(h, { buf: r.value, members: [c.node] });
+    });
+    let winner: { buf: Buffer; members: BlockNode[] } | null = null;
+    for (const g of groups.values()) if (!winner || g.members.length > winner.members.length) winner = g;
+    if (!winner || winner.members.length < this.threshold) {
+      this.reportFailure(offset, length);
+      throw new BlockError('EIO', 'quorum: the children disagree and no version reached the vote threshold');
+    }
+    for (const g of groups.values()) {
+      if (g === winner) continue;
+      for (const n of g.members) {
+        this.reportBad('read', n, offset, length);
+        if (this.rewriteCorrupted) await n.write(offset, winner.buf).catch(() => {});
+      }
+    }
+    return winner.buf;
+  }
+
+  getLength(): number {
+    const list = this.children();
+    return list.length ? list[0]!.node.getLength() : this.first.getLength();
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.readPattern === 'fifo' ? this.readFifo(offset, length) : this.readVote(offset, length);
+  }
+
+  write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.broadcast('write', offset, data.length, (c) => c.write(offset, data, flags));
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, flags));
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.broadcast('write', offset, length, (c) => c.writeZeroes(offset, length, { mayUnmap: true }));
+  }
+
+  flush(): Promise<void> {
+    return this.broadcast('flush', 0, 0, (c) => c.flush());
+  }
+
+  async close(): Promise<void> {}
+
+  info(): Record<string, unknown> {
+    return { 'vote-threshold': this.threshold, 'read-pattern': this.readPattern, children: this.children().map((c) => c.role) };
+  }
+
+  addChild(child: BlockNode): string {
+    if (this.blkverify) throw new StateError('Cannot add a child to a quorum in blkverify mode');
+    if (child.parents.size > 0) throw new StateError(`Node '${child.name}' already has a parent`);
+    const role = `children.${this.nextIndex}`;
+    this.node.graph.attach(this.node, role, child);
+    this.nextIndex++;
+    return role;
+  }
+
+  removeChild(role: string): void {
+    const node = this.node;
+    const edge = node.children.get(role);
+    if (!edge || !role.startsWith('children.')) throw new StateError(`Node '${node.name}' does not have child '${role}'`);
+    if (this.children().length <= this.threshold) {
+      throw new StateError(`The number of children cannot be lower than the vote threshold ${this.threshold}`);
+    }
+    if (this.blkverify) throw new StateError('Cannot remove a child from a quorum in blkverify mode');
+    node.graph.detach(node, role);
+    if (Number(role.slice(9)) === this.nextIndex - 1) this.nextIndex--;
+  }
+}
+
+/** A child votes unless its driver says it never does (a primary-mode replication filter). */
+function votes(n: BlockNode): boolean {
+  return n.caps.noQuorumVote !== true;
+}

@@ -16,7 +16,10 @@
 // a post-checkpoint write. Reads never wait for copies (they could be the very readers a
 // copy is waiting for).
 //
-// query output: info() gives { target, 'cluster-size', 'dirty-clusters', 'copied-bytes' }.
+// query output: info() gives { target, 'cluster-size', 'dirty-clusters', 'copied-bytes' }, as
+// QEMU's names go: 'dirty-clusters' are the clusters NOT yet copied (the bitmap's set bits).
+// query-replication's 'dirty-clusters' counts the opposite, the clusters copied into the
+// hidden disk; both names stay on the wire, the code says uncopied / copied.
 
 import { cbwChildPerms } from '../permissions.js';
 import { makeCaps, type BlockDriver, type NodeImpl } from '../driver.js';
@@ -40,12 +43,10 @@ export class CopyBeforeWrite {
   readonly copy: BlockCopy;
   /** false once the job ended: writes pass straight through */
   active = true;
-  private writers = 0;
-  private holds = 0;
-  private holdWaiters: Array<() => void> = [];
-  private idleWaiters: Array<() => void> = [];
 
   constructor(
+    /** the filter node itself: its request tracker is what quiesce() holds */
+    private readonly node: BlockNode,
     readonly source: BlockNode,
     readonly target: BlockNode,
     fleecing: boolean,
@@ -59,20 +60,6 @@ export class CopyBeforeWrite {
     return this.bitmap.granularity;
   }
 
-  private async enter(): Promise<void> {
-    while (this.holds > 0) await new Promise<void>((r) => this.holdWaiters.push(r));
-    this.writers++;
-  }
-
-  private leave(): void {
-    this.writers--;
-    if (this.writers === 0) {
-      const w = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const f of w) f();
-    }
-  }
-
   /**
    * Runs a modifying request after its clusters' old content has been copied, in pieces of
    * at most PIECE bytes: each piece's clusters are copied, then the piece is written, and
@@ -80,46 +67,29 @@ export class CopyBeforeWrite {
    * holds the loop, nor the memory of its whole old content.
    */
   async guarded(offset: number, length: number, op: (offset: number, length: number) => Promise<void>): Promise<void> {
-    await this.enter();
-    try {
-      const end = offset + length;
-      for (let pos = offset; pos < end || length === 0; ) {
-        // pieces end at multiples of PIECE (of every cluster size): a discard cut in two
-        // must not leave a cluster at the cut undiscarded
-        const n = Math.min(PIECE - (pos % PIECE), end - pos);
-        if (pos > offset) await this.source.graph.pacer.pace();
-        if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n);
-        await op(pos, n);
-        if (length === 0) break;
-        pos += n;
-      }
-    } finally {
-      this.leave();
+    const end = offset + length;
+    for (let pos = offset; pos < end || length === 0; ) {
+      // pieces end at multiples of PIECE (of every cluster size): a discard cut in two
+      // must not leave a cluster at the cut undiscarded
+      const n = Math.min(PIECE - (pos % PIECE), end - pos);
+      if (pos > offset) await this.source.graph.pacer.pace();
+      if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n);
+      await op(pos, n);
+      if (length === 0) break;
+      pos += n;
     }
   }
 
   /**
-   * Holds new modifying requests, waits for those in flight (with their copies) and for
-   * background copies, runs `fn`, releases. Reads are not held.
+   * Holds the filter node's requests (every write, zero write and discard through it is a
+   * tracked request, issued before the hold or held by it), waits for those in flight (with
+   * their copies) and for background copies, runs `fn`, releases.
    */
-  async quiesce<T>(fn: () => T | Promise<T>): Promise<T> {
-    // Writes already issued to this node reach impl.write within the current turn (the
-    // filter is byte-aligned and nothing serialises on its tracker), so let them in first:
-    // they count as in flight, not as new.
-    await new Promise<void>((r) => setImmediate(r));
-    this.holds++;
-    try {
-      while (this.writers > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  quiesce<T>(fn: () => T | Promise<T>): Promise<T> {
+    return this.node.tracker.holding(async () => {
       await this.copy.drain();
       return await fn();
-    } finally {
-      this.holds--;
-      if (this.holds === 0) {
-        const w = this.holdWaiters;
-        this.holdWaiters = [];
-        for (const f of w) f();
-      }
-    }
+    });
   }
 
   /**
@@ -167,7 +137,7 @@ export const copyBeforeWriteDriver: BlockDriver = {
     }
     // Fleecing: the target reads through to the source, so copies must wait for its readers.
     const fleecing = ctx.graph.reaches(target, file);
-    const cbw = new CopyBeforeWrite(file, target, fleecing);
+    const cbw = new CopyBeforeWrite(ctx.node, file, target, fleecing);
     const impl: CopyBeforeWriteImpl = {
       cbw,
       caps: makeCaps({

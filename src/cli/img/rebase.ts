@@ -1,20 +1,22 @@
 // `lockstep img rebase -u`: changes the backing file name (and format) recorded in a qcow2
 // header without touching data, as qemu-img's unsafe rebase does. The header cluster is
 // rewritten in one write: header fields, header extensions with the backing-format
-// extension replaced, then the backing file name, all within the first cluster.
+// extension replaced, then the backing file name, all within the first cluster. The header
+// and its extensions are read by the qcow2 driver's own parser (qcow2/header.ts).
 
 import { open as fsOpen } from 'node:fs/promises';
 import { errorMessage } from '../../errors.js';
 import { ImgError } from './common.js';
-import { QCOW2_MAGIC } from '../../block/drivers/qcow2/header.js';
-
-const EXT_END = 0;
-const EXT_BACKING_FORMAT = 0xe2792aca;
-
-interface Extension {
-  type: number;
-  data: Buffer;
-}
+import {
+  EXT_BACKING_FORMAT,
+  EXT_END,
+  QCOW2_MAGIC,
+  Qcow2FormatError,
+  parseHeader,
+  readHeaderExtensions,
+  type HeaderExtension,
+  type Qcow2Header,
+} from '../../block/drivers/qcow2/header.js';
 
 export async function runRebase(filename: string, backing: string, backingFormat: string | undefined): Promise<number> {
   let fh;
@@ -27,26 +29,22 @@ export async function runRebase(filename: string, backing: string, backingFormat
     const head = Buffer.alloc(104);
     await fh.read(head, 0, head.length, 0);
     if (head.readUInt32BE(0) !== QCOW2_MAGIC) throw new ImgError(`Could not change the backing file to '${backing}': Operation not supported`);
-    const version = head.readUInt32BE(4);
     const clusterBits = head.readUInt32BE(20);
     if (clusterBits < 9 || clusterBits > 21) throw new ImgError(`Could not open '${filename}': Unsupported cluster size: 2^${clusterBits}`);
     const clusterSize = 2 ** clusterBits;
-    const headerLength = version >= 3 ? head.readUInt32BE(100) : 72;
     const cluster = Buffer.alloc(clusterSize);
     await fh.read(cluster, 0, clusterSize, 0);
-
-    // header extensions: keep all but the backing format
-    const exts: Extension[] = [];
-    let pos = headerLength;
-    for (;;) {
-      if (pos + 8 > clusterSize) throw new ImgError(`Could not open '${filename}': Header extensions run past the first cluster`);
-      const type = cluster.readUInt32BE(pos);
-      const len = cluster.readUInt32BE(pos + 4);
-      if (type === EXT_END) break;
-      if (pos + 8 + len > clusterSize) throw new ImgError(`Could not open '${filename}': Header extension too large`);
-      if (type !== EXT_BACKING_FORMAT) exts.push({ type, data: Buffer.from(cluster.subarray(pos + 8, pos + 8 + len)) });
-      pos += 8 + Math.ceil(len / 8) * 8;
+    let h: Qcow2Header;
+    try {
+      h = parseHeader(cluster, (await fh.stat()).size);
+    } catch (e) {
+      if (e instanceof Qcow2FormatError) throw new ImgError(`Could not open '${filename}': ${e.message}`);
+      throw e;
     }
+    const headerLength = h.headerLength;
+
+    // header extensions: keep all but the backing format, in their order
+    const exts: HeaderExtension[] = readHeaderExtensions(cluster, h).filter((e) => e.type !== EXT_BACKING_FORMAT);
     if (backing !== '' && backingFormat !== undefined) exts.unshift({ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat) });
 
     const out = Buffer.alloc(clusterSize);

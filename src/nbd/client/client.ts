@@ -24,11 +24,11 @@ import { StreamReader } from '../stream.js';
 import type { TlsClientConfig } from '../tls.js';
 import { clientList, clientNegotiate, type ExportDetails } from './handshake.js';
 import { ACCEPTS_REQUESTS, checkTransition, type ClientState } from './states.js';
+import type { SocketAddress } from '../../util/socket-address.js';
 
-export type NbdAddress = { type: 'inet'; host: string; port: number | string } | { type: 'unix'; path: string };
 
 export interface NbdClientOptions {
-  address: NbdAddress;
+  address: SocketAddress<number | string>;
   exportName?: string;
   tls?: TlsClientConfig;
   /** ask for structured replies (default true) */
@@ -64,13 +64,13 @@ interface Pending {
   error?: BlockError;
 }
 
-function netError(e: unknown, addr: NbdAddress): BlockError {
+function netError(e: unknown, addr: SocketAddress<number | string>): BlockError {
   const where = addr.type === 'unix' ? addr.path : `${addr.host}:${addr.port}`;
   if (e instanceof BlockError) return e;
   return new BlockError('EIO', `Failed to connect to '${where}': ${errorMessage(e)}`, { cause: e });
 }
 
-async function openSocket(addr: NbdAddress, timeoutMs: number): Promise<Socket> {
+async function openSocket(addr: SocketAddress<number | string>, timeoutMs: number): Promise<Socket> {
   const socket =
     addr.type === 'unix'
       ? netConnect({ path: addr.path })
@@ -175,7 +175,7 @@ export class NbdClient {
   }
 
   /** Lists the server's exports (NBD_OPT_LIST). */
-  static async list(o: { address: NbdAddress; tls?: TlsClientConfig; connectTimeoutMs?: number }): Promise<Array<{ name: string; description: string }>> {
+  static async list(o: { address: SocketAddress<number | string>; tls?: TlsClientConfig; connectTimeoutMs?: number }): Promise<Array<{ name: string; description: string }>> {
     const timeoutMs = o.connectTimeoutMs ?? 30_000;
     let socket: Socket;
     try {

@@ -29,9 +29,8 @@ import { negotiate, type HandshakeHost } from './handshake.js';
 import { Transmission } from './transmission.js';
 import { PayloadPool } from './payload-pool.js';
 import { MAX_STRING } from '../protocol.js';
+import type { SocketAddress } from '../../util/socket-address.js';
 
-export type SocketAddress = { type: 'inet'; host: string; port: number | string } | { type: 'unix'; path: string };
-export type BoundAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
 
 export interface NbdServerOptions {
   graph: BlockGraph;
@@ -98,7 +97,7 @@ class Connection implements ExportConnection {
 
 export class NbdServer implements HandshakeHost {
   readonly graph: BlockGraph;
-  private readonly listeners: Array<{ server: Server; address: BoundAddress }> = [];
+  private readonly listeners: Array<{ server: Server; address: SocketAddress }> = [];
   private readonly exportMap = new Map<string, NbdExport>();
   private readonly connections = new Set<Connection>();
   readonly tls: { context: SecureContext; verifyPeer: boolean } | null;
@@ -144,14 +143,14 @@ export class NbdServer implements HandshakeHost {
   // ---- listeners ------------------------------------------------------------------------
 
   /** Starts listening; resolves with the bound address (the real port when port is 0). */
-  async listen(addr: SocketAddress): Promise<BoundAddress> {
+  async listen(addr: SocketAddress<number | string>): Promise<SocketAddress> {
     if (this.shuttingDown) throw new StateError('NBD server is shutting down');
     const server = createServer((socket) => this.accept(socket));
     server.on('error', (e) => this.log(`listener error: ${errorMessage(e)}`));
     if (addr.type === 'unix') {
       if (!addr.path) throw new InvalidArgumentError(`Parameter 'path' is missing`);
       await listenOn(server, { path: addr.path });
-      const bound: BoundAddress = { type: 'unix', path: addr.path };
+      const bound: SocketAddress = { type: 'unix', path: addr.path };
       this.listeners.push({ server, address: bound });
       return bound;
     }
@@ -159,12 +158,12 @@ export class NbdServer implements HandshakeHost {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`Invalid port '${addr.port}'`);
     await listenOn(server, { host: addr.host, port });
     const a = server.address();
-    const bound: BoundAddress = { type: 'inet', host: addr.host, port: typeof a === 'object' && a ? a.port : port };
+    const bound: SocketAddress = { type: 'inet', host: addr.host, port: typeof a === 'object' && a ? a.port : port };
     this.listeners.push({ server, address: bound });
     return bound;
   }
 
-  get addresses(): BoundAddress[] {
+  get addresses(): SocketAddress[] {
     return this.listeners.map((l) => l.address);
   }
 

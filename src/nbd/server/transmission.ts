@@ -15,6 +15,7 @@ import { CMD, CMD_FLAG, MAX_PAYLOAD, NBD_ERR, REPLY_FLAG_DONE, REPLY_TYPE, SIMPL
 import type { NbdExport } from './export.js';
 import type { PayloadPool } from './payload-pool.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
+import { Quiesce } from '../../util/quiesce.js';
 
 export interface TransmissionOptions {
   structured: boolean;
@@ -55,7 +56,8 @@ class RequestFailure extends Error {
 
 export class Transmission {
   private readonly parser: RequestParser;
-  private inFlight = 0;
+  /** the requests in flight (the one quiesce primitive: a DISC or a shutdown drains it) */
+  private readonly requests = new Quiesce();
   /** when the client last sent bytes or the last request finished (for the idle timeout) */
   lastActive = Date.now();
   private inFlightBytes = 0;
@@ -63,7 +65,6 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private readonly backend: Backend;
-  private readonly idleWaiters: Array<() => void> = [];
   /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
   private readonly drainWaiters: Array<() => void> = [];
   private corked = false;
@@ -109,8 +110,7 @@ export class Transmission {
   }
 
   private waitIdle(): Promise<void> {
-    if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.requests.drain();
   }
 
   private wakeWriters(): void {
@@ -138,7 +138,8 @@ export class Transmission {
 
   private pump(): void {
     while (!this.disconnecting) {
-      if (this.inFlight >= this.opts.maxInFlight || (this.inFlight > 0 && this.inFlightBytes >= this.opts.maxInFlightBytes)) {
+      const inFlight = this.requests.inFlight;
+      if (inFlight >= this.opts.maxInFlight || (inFlight > 0 && this.inFlightBytes >= this.opts.maxInFlightBytes)) {
         if (!this.paused) {
           this.paused = true;
           this.stream.pause();
@@ -171,7 +172,7 @@ export class Transmission {
       return;
     }
     const bytes = req.type === CMD.READ && req.length !== null ? Math.min(req.length, MAX_PAYLOAD) : (req.data?.length ?? 0);
-    this.inFlight++;
+    this.requests.start();
     this.inFlightBytes += bytes;
     void this.run(req).then(
       () => this.finished(bytes),
@@ -185,14 +186,13 @@ export class Transmission {
 
   /** a connection with requests in flight is never idle */
   get busy(): boolean {
-    return this.inFlight > 0;
+    return this.requests.inFlight > 0;
   }
 
   private finished(bytes: number): void {
     this.lastActive = Date.now();
-    this.inFlight--;
     this.inFlightBytes -= bytes;
-    if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
+    this.requests.leave();
     if (!this.closed) this.pump();
   }
 

@@ -11,6 +11,7 @@ import { startCommit } from '../../jobs/commit.js';
 import type { Job, JobManager, JobOptions } from '../../jobs/job.js';
 import { startMirror } from '../../jobs/mirror.js';
 import { startResync } from '../../jobs/resync.js';
+import { nbdFilenameOptions } from '../../nbd/uri.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
 import { QmpError } from '../errors.js';
 import { BLOCK_COMMIT, BLOCKDEV_BACKUP, BLOCKDEV_MIRROR, DRIVE_MIRROR, X_BLOCKDEV_RESYNC } from '../schema/block.js';
@@ -99,23 +100,19 @@ function checkSync(sync: ArgsOf<typeof BLOCKDEV_BACKUP>['sync']): BackupSync {
 }
 
 /**
- * drive-mirror's target: a filename, `nbd://HOST[:PORT]/EXPORT` or
- * `nbd+unix:///EXPORT?socket=PATH`, opened as a node of `format` (raw by default).
+ * drive-mirror's target: a filename or one of QEMU's NBD filenames (nbd/uri.ts: `nbd://`,
+ * `nbd+tcp://`, `nbd+unix:///EXPORT?socket=PATH`, the legacy `nbd:` syntax), opened as a node
+ * of `format` (raw by default). Any other URI, TLS ones included (they need a tls-creds
+ * object, which a target string cannot name), is refused.
  */
 export function driveTargetOptions(target: string, format: string | undefined, nodeName: string | undefined): Record<string, unknown> {
-  let file: Record<string, unknown>;
-  const m = /^nbd:\/\/(\[[^\]]+\]|[^/:]+)(?::(\d+))?(?:\/(.*))?$/.exec(target);
-  const u = /^nbd\+unix:\/\/\/([^?]*)\?socket=(.+)$/.exec(target);
-  if (m) {
-    const host = m[1]!.replace(/^\[|\]$/g, '');
-    file = { driver: 'nbd', server: { type: 'inet', host, port: m[2] ?? '10809' }, export: decodeURIComponent(m[3] ?? '') };
-  } else if (u) {
-    file = { driver: 'nbd', server: { type: 'unix', path: decodeURIComponent(u[2]!) }, export: decodeURIComponent(u[1]!) };
-  } else if (/^[a-z+]+:\/\//.test(target)) {
+  const scheme = /^([a-z+]+):\/\//.exec(target)?.[1];
+  const tls = scheme !== undefined && (scheme === 'nbds' || scheme.startsWith('nbds+'));
+  const nbd = tls ? null : nbdFilenameOptions(target);
+  if (!nbd && scheme !== undefined) {
     throw new InvalidArgumentError(`Unsupported target URI '${target}' (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH or a file name)`);
-  } else {
-    file = { driver: 'file', filename: target };
   }
+  const file = nbd ?? { driver: 'file', filename: target };
   return { driver: format ?? 'raw', file, ...(nodeName !== undefined ? { 'node-name': nodeName } : {}) };
 }
 

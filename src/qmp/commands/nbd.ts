@@ -2,13 +2,13 @@
 // block-export-add/-del, query-block-exports. The state lives in the daemon's ExportTable.
 
 import { InvalidArgumentError } from '../../errors.js';
-import type { ListenAddress } from '../exports.js';
 import { command, type QmpCommand } from '../dispatch.js';
 import { BLOCK_EXPORT_ADD, BLOCK_EXPORT_DEL, NBD_SERVER_ADD, NBD_SERVER_REMOVE, NBD_SERVER_START } from '../schema/nbd.js';
 import { NO_ARGS } from '../schema/misc.js';
+import type { SocketAddress } from '../../util/socket-address.js';
 
 /** SocketAddress (flat) or SocketAddressLegacy's data -> a listen address. */
-export function toListenAddress(type: string, data: Record<string, unknown>): ListenAddress {
+export function toListenAddress(type: string, data: Record<string, unknown>): SocketAddress {
   if (type === 'unix') {
     if (data.abstract === true) throw new InvalidArgumentError('Abstract Unix sockets are not supported by lockstep');
     return { type: 'unix', path: data.path as string };

@@ -72,3 +72,31 @@ test('a large zero write is copied in bounded pieces: the event loop runs in bet
   assert.ok((await g.lookup('tgt')!.read(0, size)).equals(before), 'the target holds the old content of every cluster');
   assert.ok((await src.read(0, size)).equals(Buffer.alloc(size)));
 });
+
+test('a checkpoint counts a write issued before it as in flight and holds one issued during it (one quiesce: the node tracker)', async () => {
+  const g = newCowGraph();
+  const size = 256 * KiB;
+  const src = await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
+  await src.write(0, pattern(0x11, size));
+  const tgt = await g.open({ driver: 'memory', size, 'node-name': 'tgt' }, { monitorOwned: true });
+  const f = await g.open({ driver: 'copy-before-write', 'node-name': 'cbw', file: 'src', target: 'tgt' });
+  const cbw = getCopyBeforeWrite(f);
+  const events: string[] = [];
+  // issued in the same turn as the checkpoint, before it: its copy belongs to the old interval
+  const before = f.write(0, pattern(0x22, 64 * KiB)).then(() => events.push('write before'));
+  const checkpoint = cbw.checkpoint(async () => {
+    events.push('checkpoint');
+    assert.equal(f.tracker.inFlight, 0);
+    assert.equal(cbw.bitmap.count, cbw.bitmap.bits, 'the reset marks every cluster still to be copied');
+    await tgt.writeZeroes(0, size); // the overlay emptied, as replication does here
+  });
+  const during = f.write(64 * KiB, pattern(0x33, 64 * KiB)).then(() => events.push('write during'));
+  await Promise.all([before, checkpoint, during]);
+  assert.deepEqual(events, ['write before', 'checkpoint', 'write during']);
+  // the held write copied its cluster's old content after the overlay was emptied
+  const t = await tgt.read(0, size);
+  assert.ok(t.equals(Buffer.alloc(size).fill(0x11, 64 * KiB, 128 * KiB)));
+  assert.equal(cbw.bitmap.count, cbw.bitmap.bits - 1);
+  const s = await src.read(0, 128 * KiB);
+  assert.ok(s.equals(Buffer.concat([pattern(0x22, 64 * KiB), pattern(0x33, 64 * KiB)])));
+});

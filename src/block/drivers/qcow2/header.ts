@@ -160,19 +160,7 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   if (h.refcountTableClusters === 0) throw new Qcow2FormatError('Invalid qcow2 image: refcount table has no clusters');
   if (h.refcountTableOffset === 0) throw new Qcow2FormatError('Invalid qcow2 image: refcount table offset is 0 (overlaps the header)');
 
-  // header extensions
-  let off = h.headerLength;
-  const end = Math.min(buf.length, h.backingFileOffset > 0 ? h.backingFileOffset : clusterSize, clusterSize);
-  for (;;) {
-    // no room for another extension header: old images put the backing file name right
-    // after the fixed header, without an end marker
-    if (off + 8 > end) break;
-    const type = buf.readUInt32BE(off);
-    const len = buf.readUInt32BE(off + 4);
-    off += 8;
-    if (type === EXT_END) break;
-    if (off + len > end) throw new Qcow2FormatError(`Invalid qcow2 image: header extension 0x${type.toString(16)} overruns the header area`);
-    const data = Buffer.from(buf.subarray(off, off + len));
+  for (const { type, data } of readHeaderExtensions(buf, h)) {
     switch (type) {
       case EXT_BACKING_FORMAT:
         h.backingFormat = data.toString('latin1');
@@ -199,7 +187,6 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
       default:
         h.unknownExtensions.push({ type, data });
     }
-    off += (len + 7) & ~7;
   }
 
   if (h.backingFileOffset > 0) {
@@ -213,6 +200,28 @@ export function parseHeader(buf: Buffer, fileLength: number): Qcow2Header {
   }
   if (fileLength < Math.min(clusterSize, V2_HEADER_LENGTH)) throw new Qcow2FormatError('Image is not in qcow2 format: truncated header');
   return h;
+}
+
+/**
+ * The header extensions of the header cluster in `buf`, in file order, as they are (copies):
+ * from the end of the fixed header (`h.headerLength`) to the end marker, the backing file
+ * name or the end of the cluster. Old images put the backing file name right after the
+ * fixed header without an end marker: no room for another extension header ends the list.
+ */
+export function readHeaderExtensions(buf: Buffer, h: Pick<Qcow2Header, 'headerLength' | 'backingFileOffset' | 'clusterBits'>): HeaderExtension[] {
+  const clusterSize = 2 ** h.clusterBits;
+  const end = Math.min(buf.length, h.backingFileOffset > 0 ? h.backingFileOffset : clusterSize, clusterSize);
+  const out: HeaderExtension[] = [];
+  for (let off = h.headerLength; off + 8 <= end; ) {
+    const type = buf.readUInt32BE(off);
+    const len = buf.readUInt32BE(off + 4);
+    off += 8;
+    if (type === EXT_END) break;
+    if (off + len > end) throw new Qcow2FormatError(`Invalid qcow2 image: header extension 0x${type.toString(16)} overruns the header area`);
+    out.push({ type, data: Buffer.from(buf.subarray(off, off + len)) });
+    off += (len + 7) & ~7;
+  }
+  return out;
 }
 
 function pad8(n: number): number {

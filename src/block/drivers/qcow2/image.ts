@@ -28,6 +28,7 @@ import {
 } from './header.js';
 import type { HostFile } from './host-file.js';
 import type { Pacer } from '../../../util/pacer.js';
+import { Quiesce } from '../../../util/quiesce.js';
 
 export interface BackingView {
   length(): number;
@@ -104,8 +105,7 @@ export class Qcow2Image {
   /** the corrupt bit's header write, when one is under way */
   private corruptBitWrite: Promise<void> | null = null;
   /** data I/O in flight outside the mutex (frees wait for it) */
-  private inflight = 0;
-  private idleWaiters: Array<() => void> = [];
+  private readonly dataIo = new Quiesce();
   private dirtyBitWritten = false;
   /**
    * make_empty's truncation of the file, still running: nothing is allocated (and so
@@ -470,18 +470,17 @@ export class Qcow2Image {
   // ---- in-flight data I/O -----------------------------------------------------------------
 
   beginData(): () => void {
-    this.inflight++;
+    this.dataIo.start();
+    let ended = false;
     return () => {
-      if (--this.inflight === 0) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
-      }
+      if (ended) return;
+      ended = true;
+      this.dataIo.leave();
     };
   }
 
-  private async dataIdle(): Promise<void> {
-    while (this.inflight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  private dataIdle(): Promise<void> {
+    return this.dataIo.drain();
   }
 
   // ---- writeback --------------------------------------------------------------------------
