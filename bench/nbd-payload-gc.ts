@@ -8,7 +8,8 @@
 
 import { PerformanceObserver } from 'node:perf_hooks';
 import { loadavg } from 'node:os';
-import { NbdServer, type BoundAddress } from '../src/nbd/server/server.js';
+import { NbdServer } from '../src/nbd/server/server.js';
+import type { SocketAddress } from '../src/util/socket-address.js';
 import { NbdClient } from '../src/nbd/client/client.js';
 import { BlockGraph } from '../src/block/graph.js';
 import { createRegistry } from '../src/block/registry.js';
@@ -25,7 +26,7 @@ async function run(pool: boolean): Promise<string> {
   const graph = new BlockGraph(createRegistry());
   const node = await graph.open({ driver: 'memory', size: 64 * MiB, 'node-name': 'd' }, { monitorOwned: true });
   const server = new NbdServer({ graph, ...(pool ? {} : { payloadPool: null }) });
-  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as BoundAddress & { type: 'inet' };
+  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as Extract<SocketAddress, { type: 'inet' }>;
   server.addExport({ name: 'x', node, writable: true });
   const c = await NbdClient.connect({ address: { type: 'inet', host: '127.0.0.1', port: addr.port }, exportName: 'x' });
   const buf = Buffer.alloc(MiB, 7);

@@ -5,7 +5,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../../src/nbd/client/client.js';
 import { PayloadPool, POISON_BYTE } from '../../../src/nbd/server/payload-pool.js';
-import { NbdServer, type BoundAddress } from '../../../src/nbd/server/server.js';
+import { NbdServer } from '../../../src/nbd/server/server.js';
+import type { SocketAddress } from '../../../src/util/socket-address.js';
 import { BlockGraph } from '../../../src/block/graph.js';
 import { createRegistry } from '../../../src/block/registry.js';
 import { newGraph } from '../../helpers/graph.js';
@@ -52,7 +53,7 @@ async function forwardingPair(t: import('node:test').TestContext, size: number) 
     { monitorOwned: true },
   );
   const server = new NbdServer({ graph, payloadPool: pool });
-  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as BoundAddress & { type: 'inet' };
+  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as Extract<SocketAddress, { type: 'inet' }>;
   server.addExport({ name: 'disk0', node: quorum, writable: true });
   t.after(async () => {
     await server.close();
@@ -124,7 +125,7 @@ test('a quorum child that writes later than its sibling still gets the bytes: th
   const gate = gateControl(graph.getNode('gate'));
   const pool = new PayloadPool({ poison: true });
   const server = new NbdServer({ graph, payloadPool: pool });
-  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as BoundAddress & { type: 'inet' };
+  const addr = (await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 })) as Extract<SocketAddress, { type: 'inet' }>;
   server.addExport({ name: 'disk0', node: quorum, writable: true });
   t.after(async () => {
     gate.openAll();
