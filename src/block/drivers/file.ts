@@ -29,10 +29,20 @@
 import { constants as fsConstants } from 'node:fs';
 import { lstat, open as fsOpen, rename, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { makeCaps, type BlockDriver, type NodeImpl, type BlockStatus, type PreparedReplacement, type ZeroFlags } from '../driver.js';
-import { BlockError, InvalidArgumentError, STRERROR, isBlockError, strerror, type ErrorCode } from '../../errors.js';
-import type { GraphOpenContext } from '../graph.js';
-import { loadNative } from '../../util/native.js';
+import {
+  makeCaps,
+  type BlockDriver,
+  type BlockStatus,
+  type NodeCaps,
+  type NodeImpl,
+  type PermChange,
+  type PreparedReplacement,
+  type WriteFlags,
+  type ZeroFlags,
+} from '../driver.js';
+import { BlockError, InvalidArgumentError, isBlockError, strerror } from '../../errors.js';
+import type { CacheOptions, GraphOpenContext } from '../graph.js';
+import { loadNative, type NativeHelper, type RingIo } from '../../util/native.js';
 import { openImageLock, type ImageLock } from './file-lock.js';
 import type { Perms } from '../permissions.js';
 
@@ -85,12 +95,10 @@ export const fileDriver: BlockDriver = {
         `cache.direct=on is not supported: lockstep cannot guarantee the aligned buffers O_DIRECT needs; use cache.direct=off`,
       );
     }
-    let readOnly = ctx.readOnly;
+    const readOnly = ctx.readOnly;
     if (forceShare && !readOnly) throw new InvalidArgumentError('force-share=on can only be used with read-only images');
     const native = loadNative();
-    // reads and writes through io_uring when enabled (LOCKSTEP_IO_URING=on): same bytes as fs
-    const ring = native?.ring ?? null;
-    let fh = await openHandle(filename, readOnly);
+    const fh = await openHandle(filename, readOnly);
     let size: number;
     try {
       size = await checkedSize(fh, filename);
@@ -99,8 +107,6 @@ export const fileDriver: BlockDriver = {
       throw e;
     }
     let lock: ImageLock | null = null;
-    // what the lock holds now: a prepared replacement takes the same
-    let heldPerms: Perms | null = null;
     let regular = false;
     try {
       regular = (await fh.stat()).isFile();
@@ -109,310 +115,342 @@ export const fileDriver: BlockDriver = {
       await fh.close();
       throw e;
     }
-
-    // Fills all of buf: what the file holds, zeroes past its end. The buffer is never
-    // zero-filled first (a 64 KiB memset per request), only the part past EOF is.
-    async function readInto(offset: number, buf: Buffer): Promise<void> {
-      const length = buf.length;
-      let done = 0;
-      try {
-        while (done < length) {
-          const viaRing = ring?.read(fh.fd, done === 0 ? buf : buf.subarray(done), offset + done);
-          const n = viaRing ? await viaRing : (await fh.read(buf, done, length - done, offset + done)).bytesRead;
-          if (n === 0) break;
-          done += n;
-        }
-      } catch (e) {
-        throw BlockError.fromSystem(e, `read from ${filename}`);
-      }
-      if (done < length) buf.fill(0, done);
-    }
-
-    // the O_DSYNC descriptor for FUA writes, opened at the first one
-    let syncFh: Promise<FileHandle> | null = null;
-    async function closeSyncFh(): Promise<void> {
-      const p = syncFh;
-      syncFh = null;
-      if (p) await (await p.catch(() => null))?.close();
-    }
-
-    // ---- replacement (qcow2 make_empty's swap path) -----------------------------------------
-    // A fresh file is written and made stable beside this one, then renamed over it: a crash
-    // leaves the old file or the new one. The old inode is freed when its descriptors close
-    // (its dirty pages are dropped unwritten). Only for a regular file that the filename names
-    // directly (no symlink, no other hard link: those would keep the old content).
-    const sparePath = join(dirname(filename), `.${basename(filename)}.lockstep-spare`);
-    let outstanding: PreparedReplacement | null = null;
-    // the rename is made stable by the next flush (or FUA write), before it reports anything
-    // the new file holds as stable
-    let replacements = 0;
-    let dirSynced = 0;
-    // the directory, opened once at the first preparation (a descriptor, so that a directory
-    // renamed or removed later can still be synced)
-    let dirFh: FileHandle | null = null;
-    async function syncDirAfterReplace(): Promise<void> {
-      const gen = replacements;
-      if (gen === dirSynced || cache.noFlush || !dirFh) return;
-      await dirFh.sync();
-      dirSynced = Math.max(dirSynced, gen);
-    }
-
-    async function prepareReplacement(content: Buffer): Promise<PreparedReplacement> {
-      if (outstanding) await outstanding.discard();
-      const [st, lst] = await Promise.all([fh.stat(), lstat(filename).catch(() => null)]);
-      if (!st.isFile() || !lst || !lst.isFile() || lst.ino !== st.ino || lst.dev !== st.dev || st.nlink !== 1) {
-        throw new BlockError('ENOTSUP', `${filename} cannot be replaced: not a regular file named by this path only`);
-      }
-      let sfh: FileHandle;
-      try {
-        if (!cache.noFlush) dirFh ??= await fsOpen(dirname(filename), 'r');
-        sfh = await fsOpen(sparePath, 'w+', st.mode & 0o7777);
-      } catch (e) {
-        throw BlockError.fromSystem(e, `create ${sparePath}`);
-      }
-      let slock: ImageLock | null = null;
-      try {
-        await sfh.chmod(st.mode & 0o7777);
-        await sfh.chown(st.uid, st.gid).catch(() => undefined);
-        let done = 0;
-        while (done < content.length) {
-          const { bytesWritten } = await sfh.write(content, done, content.length - done, done);
-          done += bytesWritten;
-        }
-        if (!cache.noFlush) await sfh.datasync();
-        // the spare takes over the locks the node holds now (its users' permissions)
-        if (lock) {
-          slock = await openImageLock(sfh, filename);
-          if (heldPerms) slock.prepare(heldPerms).commit();
-        }
-      } catch (e) {
-        await sfh.close().catch(() => undefined);
-        await unlink(sparePath).catch(() => undefined);
-        throw BlockError.fromSystem(e, `write ${sparePath}`);
-      }
-      let used = false;
-      const discard = async (): Promise<void> => {
-        if (used) return;
-        used = true;
-        if (outstanding === r) outstanding = null;
-        await slock?.release();
-        await sfh.close().catch(() => undefined);
-        await unlink(sparePath).catch(() => undefined);
-      };
-      const r: PreparedReplacement = {
-        commit: async () => {
-          if (used) throw new BlockError('EINVAL', `${sparePath} was already used or removed`);
-          if (readOnly) throw new BlockError('EPERM', `${filename} is read-only`);
-          try {
-            await rename(sparePath, filename);
-          } catch (e) {
-            await discard();
-            throw BlockError.fromSystem(e, `rename ${sparePath} to ${filename}`);
-          }
-          used = true;
-          outstanding = null;
-          const oldFh = fh;
-          const oldLock = lock;
-          const oldSync = syncFh;
-          fh = sfh;
-          lock = slock;
-          syncFh = null;
-          size = content.length;
-          replacements++;
-          // the old inode: locks first, then its descriptors (the last close frees it)
-          void (async () => {
-            await oldLock?.release();
-            await (await oldSync?.catch(() => null))?.close();
-            await oldFh.close();
-          })().catch(() => undefined);
-        },
-        discard,
-      };
-      outstanding = r;
-      return r;
-    }
-
-    async function write(offset: number, data: Buffer, fua = false): Promise<void> {
-      let done = 0;
-      try {
-        let target = fh;
-        if (fua && !cache.noFlush) {
-          await syncDirAfterReplace();
-          syncFh ??= fsOpen(filename, fsConstants.O_RDWR | fsConstants.O_DSYNC);
-          target = await syncFh.catch((e: unknown) => {
-            syncFh = null;
-            throw e;
-          });
-        }
-        while (done < data.length) {
-          const viaRing = ring?.write(target.fd, done === 0 ? data : data.subarray(done), offset + done);
-          done += viaRing ? await viaRing : (await target.write(data, done, data.length - done, offset + done)).bytesWritten;
-        }
-      } catch (e) {
-        throw BlockError.fromSystem(e, `write to ${filename}`);
-      }
-      if (offset + data.length > size) size = offset + data.length;
-    }
-
-    async function writeZeroBuffers(offset: number, length: number): Promise<void> {
-      const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK));
-      for (let pos = offset; pos < offset + length; pos += zeroes.length) {
-        await write(pos, zeroes.subarray(0, Math.min(zeroes.length, offset + length - pos)));
-      }
-    }
-
-    // Learned once per node, like QEMU's has_write_zeroes/has_discard: a filesystem that
-    // refused a fallocate mode refuses it for good.
-    let canPunch = true;
-    let canZeroRange = true;
-
-    async function punch(offset: number, length: number): Promise<boolean> {
-      if (!native || !canPunch) return false;
-      try {
-        await native.punchHole(fh.fd, offset, length);
-        return true;
-      } catch (e) {
-        if (!isBlockError(e, 'ENOTSUP')) throw e;
-        canPunch = false;
-        return false;
-      }
-    }
-
-    async function writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-      const end = offset + length;
-      // a punched hole never grows the file: the part past EOF is zeroed below
-      const inside = Math.min(end, size);
-      let from = offset;
-      if (flags.mayUnmap && inside > offset && (await punch(offset, inside - offset))) from = inside;
-      if (from >= end) return;
-      if (native && canZeroRange) {
-        try {
-          await native.zeroRange(fh.fd, from, end - from);
-          if (end > size) size = end;
-          return;
-        } catch (e) {
-          if (!isBlockError(e, 'ENOTSUP')) throw e;
-          canZeroRange = false;
-        }
-      }
-      if (flags.noFallback) throw new BlockError('ENOTSUP', `${filename}: the filesystem cannot zero a range`);
-      await writeZeroBuffers(from, end - from);
-    }
-
-    // QEMU's find_allocation: one lseek(SEEK_DATA), and lseek(SEEK_HOLE) when in data.
-    function sparseStatus(offset: number, length: number): BlockStatus {
-      const end = offset + length;
-      let data = true;
-      let runEnd = end;
-      try {
-        const d = native!.seekData(fh.fd, offset);
-        if (d === -1 || d > offset) {
-          data = false; // a hole up to the next data, or to EOF
-          if (d !== -1) runEnd = Math.min(d, end);
-        } else if (d === offset) {
-          const h = native!.seekHole(fh.fd, offset);
-          if (h > offset) runEnd = Math.min(h, end);
-          // h <= offset: the file changed between the two calls; report data, which is safe
-        }
-      } catch {
-        // the filesystem cannot tell: everything is data, as QEMU reports it
-      }
-      // no `file`: a protocol node holds its own bytes, and naming itself would invite callers
-      // that descend into `file` to loop
-      return { length: runEnd - offset, allocated: true, data, zero: !data, hostOffset: offset };
-    }
-
-    return {
-      caps: makeCaps({
-        fua: true,
-        writeZeroes: native !== null,
-        discard: native !== null,
-        blockStatus: native !== null,
-        truncate: true,
-        growable: true,
-        replace: regular,
-      }),
-      filename,
-      getLength: () => size,
-      read: async (offset, length) => {
-        // not pooled (allocUnsafe shares small buffers): the caller owns a buffer of its own
-        const buf = Buffer.allocUnsafeSlow(length);
-        await readInto(offset, buf);
-        return buf;
-      },
-      readInto,
-      write: (offset, data, flags) => write(offset, data, flags?.fua ?? false),
-      writeZeroes: async (offset, length, flags) => {
-        await writeZeroes(offset, length, flags);
-        // fallocate and punched holes are metadata: FUA needs the whole-file sync here
-        if (flags.fua && !cache.noFlush) {
-          try {
-            await syncDirAfterReplace();
-            await fh.datasync();
-          } catch (e) {
-            throw BlockError.fromSystem(e, `flush of ${filename}`);
-          }
-        }
-      },
-      discard: async (offset, length) => {
-        const end = Math.min(offset + length, size);
-        if (end > offset) await punch(offset, end - offset); // advisory: a refusal is fine
-      },
-      flush: async () => {
-        if (cache.noFlush) return;
-        try {
-          await syncDirAfterReplace();
-          await fh.datasync();
-        } catch (e) {
-          throw BlockError.fromSystem(e, `flush of ${filename}`);
-        }
-      },
-      blockStatus: async (offset, length): Promise<BlockStatus> =>
-        native ? sparseStatus(offset, length) : { length, allocated: true, data: true, zero: false },
-      truncate: async (length) => {
-        try {
-          await fh.truncate(length);
-        } catch (e) {
-          throw BlockError.fromSystem(e, `truncate of ${filename}`);
-        }
-        size = length;
-      },
-      reopen: async (ro) => {
-        if (ro === readOnly) return;
-        if (outstanding) await outstanding.discard();
-        const nfh = await openHandle(filename, ro);
-        try {
-          if (lock) await lock.reopen(nfh);
-        } catch (e) {
-          await nfh.close();
-          throw e;
-        }
-        const old = fh;
-        fh = nfh;
-        readOnly = ro;
-        await old.close();
-        await closeSyncFh();
-      },
-      prepareReplacement: (content) => prepareReplacement(content),
-      preparePerms: (perms) => {
-        if (!lock) return { commit: () => {}, abort: () => {} };
-        const change = lock.prepare(perms);
-        return {
-          commit: () => {
-            change.commit();
-            heldPerms = perms;
-          },
-          abort: () => change.abort(),
-        };
-      },
-      close: async () => {
-        if (outstanding) await outstanding.discard();
-        await dirFh?.close().catch(() => undefined);
-        if (lock) await lock.release();
-        await closeSyncFh();
-        await fh.close();
-      },
-      info: () => ({ filename }),
-    };
+    return new FileNode(filename, cache, native, fh, size, lock, readOnly, regular);
   },
 };
+
+/** The state of an open file node: its descriptors, lock, length and what it learned. */
+class FileNode implements NodeImpl {
+  readonly caps: NodeCaps;
+  // reads and writes through io_uring when enabled (LOCKSTEP_IO_URING=on): same bytes as fs
+  private readonly ring: RingIo | null;
+  // the O_DSYNC descriptor for FUA writes, opened at the first one
+  private syncFh: Promise<FileHandle> | null = null;
+  // what the lock holds now: a prepared replacement takes the same
+  private heldPerms: Perms | null = null;
+
+  // ---- replacement (qcow2 make_empty's swap path) -----------------------------------------
+  // A fresh file is written and made stable beside this one, then renamed over it: a crash
+  // leaves the old file or the new one. The old inode is freed when its descriptors close
+  // (its dirty pages are dropped unwritten). Only for a regular file that the filename names
+  // directly (no symlink, no other hard link: those would keep the old content).
+  private readonly sparePath: string;
+  private outstanding: PreparedReplacement | null = null;
+  // the rename is made stable by the next flush (or FUA write), before it reports anything
+  // the new file holds as stable
+  private replacements = 0;
+  private dirSynced = 0;
+  // the directory, opened once at the first preparation (a descriptor, so that a directory
+  // renamed or removed later can still be synced)
+  private dirFh: FileHandle | null = null;
+
+  // Learned once per node, like QEMU's has_write_zeroes/has_discard: a filesystem that
+  // refused a fallocate mode refuses it for good.
+  private canPunch = true;
+  private canZeroRange = true;
+
+  constructor(
+    readonly filename: string,
+    private readonly cache: CacheOptions,
+    private readonly native: NativeHelper | null,
+    private fh: FileHandle,
+    private size: number,
+    private lock: ImageLock | null,
+    private readOnly: boolean,
+    regular: boolean,
+  ) {
+    this.ring = native?.ring ?? null;
+    this.sparePath = join(dirname(filename), `.${basename(filename)}.lockstep-spare`);
+    this.caps = makeCaps({
+      fua: true,
+      writeZeroes: native !== null,
+      discard: native !== null,
+      blockStatus: native !== null,
+      truncate: true,
+      growable: true,
+      replace: regular,
+    });
+  }
+
+  getLength(): number {
+    return this.size;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    // not pooled (allocUnsafe shares small buffers): the caller owns a buffer of its own
+    const buf = Buffer.allocUnsafeSlow(length);
+    await this.readInto(offset, buf);
+    return buf;
+  }
+
+  // Fills all of buf: what the file holds, zeroes past its end. The buffer is never
+  // zero-filled first (a 64 KiB memset per request), only the part past EOF is.
+  async readInto(offset: number, buf: Buffer): Promise<void> {
+    const length = buf.length;
+    let done = 0;
+    try {
+      while (done < length) {
+        const viaRing = this.ring?.read(this.fh.fd, done === 0 ? buf : buf.subarray(done), offset + done);
+        const n = viaRing ? await viaRing : (await this.fh.read(buf, done, length - done, offset + done)).bytesRead;
+        if (n === 0) break;
+        done += n;
+      }
+    } catch (e) {
+      throw BlockError.fromSystem(e, `read from ${this.filename}`);
+    }
+    if (done < length) buf.fill(0, done);
+  }
+
+  private async closeSyncFh(): Promise<void> {
+    const p = this.syncFh;
+    this.syncFh = null;
+    if (p) await (await p.catch(() => null))?.close();
+  }
+
+  private async syncDirAfterReplace(): Promise<void> {
+    const gen = this.replacements;
+    if (gen === this.dirSynced || this.cache.noFlush || !this.dirFh) return;
+    await this.dirFh.sync();
+    this.dirSynced = Math.max(this.dirSynced, gen);
+  }
+
+  async prepareReplacement(content: Buffer): Promise<PreparedReplacement> {
+    const { filename, sparePath } = this;
+    if (this.outstanding) await this.outstanding.discard();
+    const [st, lst] = await Promise.all([this.fh.stat(), lstat(filename).catch(() => null)]);
+    if (!st.isFile() || !lst || !lst.isFile() || lst.ino !== st.ino || lst.dev !== st.dev || st.nlink !== 1) {
+      throw new BlockError('ENOTSUP', `${filename} cannot be replaced: not a regular file named by this path only`);
+    }
+    let sfh: FileHandle;
+    try {
+      if (!this.cache.noFlush) this.dirFh ??= await fsOpen(dirname(filename), 'r');
+      sfh = await fsOpen(sparePath, 'w+', st.mode & 0o7777);
+    } catch (e) {
+      throw BlockError.fromSystem(e, `create ${sparePath}`);
+    }
+    let slock: ImageLock | null = null;
+    try {
+      await sfh.chmod(st.mode & 0o7777);
+      await sfh.chown(st.uid, st.gid).catch(() => undefined);
+      let done = 0;
+      while (done < content.length) {
+        const { bytesWritten } = await sfh.write(content, done, content.length - done, done);
+        done += bytesWritten;
+      }
+      if (!this.cache.noFlush) await sfh.datasync();
+      // the spare takes over the locks the node holds now (its users' permissions)
+      if (this.lock) {
+        slock = await openImageLock(sfh, filename);
+        if (this.heldPerms) slock.prepare(this.heldPerms).commit();
+      }
+    } catch (e) {
+      await sfh.close().catch(() => undefined);
+      await unlink(sparePath).catch(() => undefined);
+      throw BlockError.fromSystem(e, `write ${sparePath}`);
+    }
+    let used = false;
+    const discard = async (): Promise<void> => {
+      if (used) return;
+      used = true;
+      if (this.outstanding === r) this.outstanding = null;
+      await slock?.release();
+      await sfh.close().catch(() => undefined);
+      await unlink(sparePath).catch(() => undefined);
+    };
+    const r: PreparedReplacement = {
+      commit: async () => {
+        if (used) throw new BlockError('EINVAL', `${sparePath} was already used or removed`);
+        if (this.readOnly) throw new BlockError('EPERM', `${filename} is read-only`);
+        try {
+          await rename(sparePath, filename);
+        } catch (e) {
+          await discard();
+          throw BlockError.fromSystem(e, `rename ${sparePath} to ${filename}`);
+        }
+        used = true;
+        this.outstanding = null;
+        const oldFh = this.fh;
+        const oldLock = this.lock;
+        const oldSync = this.syncFh;
+        this.fh = sfh;
+        this.lock = slock;
+        this.syncFh = null;
+        this.size = content.length;
+        this.replacements++;
+        // the old inode: locks first, then its descriptors (the last close frees it)
+        void (async () => {
+          await oldLock?.release();
+          await (await oldSync?.catch(() => null))?.close();
+          await oldFh.close();
+        })().catch(() => undefined);
+      },
+      discard,
+    };
+    this.outstanding = r;
+    return r;
+  }
+
+  async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    const { ring } = this;
+    let done = 0;
+    try {
+      let target = this.fh;
+      if ((flags?.fua ?? false) && !this.cache.noFlush) {
+        await this.syncDirAfterReplace();
+        this.syncFh ??= fsOpen(this.filename, fsConstants.O_RDWR | fsConstants.O_DSYNC);
+        target = await this.syncFh.catch((e: unknown) => {
+          this.syncFh = null;
+          throw e;
+        });
+      }
+      while (done < data.length) {
+        const viaRing = ring?.write(target.fd, done === 0 ? data : data.subarray(done), offset + done);
+        done += viaRing ? await viaRing : (await target.write(data, done, data.length - done, offset + done)).bytesWritten;
+      }
+    } catch (e) {
+      throw BlockError.fromSystem(e, `write to ${this.filename}`);
+    }
+    if (offset + data.length > this.size) this.size = offset + data.length;
+  }
+
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+    for (let pos = offset; pos < offset + length; pos += zeroes.length) {
+      await this.write(pos, zeroes.subarray(0, Math.min(zeroes.length, offset + length - pos)));
+    }
+  }
+
+  private async punch(offset: number, length: number): Promise<boolean> {
+    if (!this.native || !this.canPunch) return false;
+    try {
+      await this.native.punchHole(this.fh.fd, offset, length);
+      return true;
+    } catch (e) {
+      if (!isBlockError(e, 'ENOTSUP')) throw e;
+      this.canPunch = false;
+      return false;
+    }
+  }
+
+  private async zeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    const end = offset + length;
+    // a punched hole never grows the file: the part past EOF is zeroed below
+    const inside = Math.min(end, this.size);
+    let from = offset;
+    if (flags.mayUnmap && inside > offset && (await this.punch(offset, inside - offset))) from = inside;
+    if (from >= end) return;
+    if (this.native && this.canZeroRange) {
+      try {
+        await this.native.zeroRange(this.fh.fd, from, end - from);
+        if (end > this.size) this.size = end;
+        return;
+      } catch (e) {
+        if (!isBlockError(e, 'ENOTSUP')) throw e;
+        this.canZeroRange = false;
+      }
+    }
+    if (flags.noFallback) throw new BlockError('ENOTSUP', `${this.filename}: the filesystem cannot zero a range`);
+    await this.writeZeroBuffers(from, end - from);
+  }
+
+  async writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    await this.zeroes(offset, length, flags);
+    // fallocate and punched holes are metadata: FUA needs the whole-file sync here
+    if (flags.fua && !this.cache.noFlush) await this.datasync();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const end = Math.min(offset + length, this.size);
+    if (end > offset) await this.punch(offset, end - offset); // advisory: a refusal is fine
+  }
+
+  private async datasync(): Promise<void> {
+    try {
+      await this.syncDirAfterReplace();
+      await this.fh.datasync();
+    } catch (e) {
+      throw BlockError.fromSystem(e, `flush of ${this.filename}`);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.cache.noFlush) return;
+    await this.datasync();
+  }
+
+  // QEMU's find_allocation: one lseek(SEEK_DATA), and lseek(SEEK_HOLE) when in data.
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    const { native } = this;
+    if (!native) return { length, allocated: true, data: true, zero: false };
+    const end = offset + length;
+    let data = true;
+    let runEnd = end;
+    try {
+      const d = native.seekData(this.fh.fd, offset);
+      if (d === -1 || d > offset) {
+        data = false; // a hole up to the next data, or to EOF
+        if (d !== -1) runEnd = Math.min(d, end);
+      } else if (d === offset) {
+        const h = native.seekHole(this.fh.fd, offset);
+        if (h > offset) runEnd = Math.min(h, end);
+        // h <= offset: the file changed between the two calls; report data, which is safe
+      }
+    } catch {
+      // the filesystem cannot tell: everything is data, as QEMU reports it
+    }
+    // no `file`: a protocol node holds its own bytes, and naming itself would invite callers
+    // that descend into `file` to loop
+    return { length: runEnd - offset, allocated: true, data, zero: !data, hostOffset: offset };
+  }
+
+  async truncate(length: number): Promise<void> {
+    try {
+      await this.fh.truncate(length);
+    } catch (e) {
+      throw BlockError.fromSystem(e, `truncate of ${this.filename}`);
+    }
+    this.size = length;
+  }
+
+  async reopen(ro: boolean): Promise<void> {
+    if (ro === this.readOnly) return;
+    if (this.outstanding) await this.outstanding.discard();
+    const nfh = await openHandle(this.filename, ro);
+    try {
+      if (this.lock) await this.lock.reopen(nfh);
+    } catch (e) {
+      await nfh.close();
+      throw e;
+    }
+    const old = this.fh;
+    this.fh = nfh;
+    this.readOnly = ro;
+    await old.close();
+    await this.closeSyncFh();
+  }
+
+  preparePerms(perms: Perms): PermChange {
+    const lock = this.lock;
+    if (!lock) return { commit: () => {}, abort: () => {} };
+    const change = lock.prepare(perms);
+    return {
+      commit: () => {
+        change.commit();
+        this.heldPerms = perms;
+      },
+      abort: () => change.abort(),
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.outstanding) await this.outstanding.discard();
+    await this.dirFh?.close().catch(() => undefined);
+    if (this.lock) await this.lock.release();
+    await this.closeSyncFh();
+    await this.fh.close();
+  }
+
+  info(): Record<string, unknown> {
+    return { filename: this.filename };
+  }
+}

@@ -9,9 +9,10 @@
 // Negotiates structured replies and base:allocation when the server offers them; block
 // status answers from base:allocation. Requests are pipelined on one connection.
 
-import { makeCaps, type BlockDriver, type BlockStatus, type NodeImpl } from '../driver.js';
+import { makeCaps, type BlockDriver, type BlockStatus, type NodeCaps, type NodeImpl, type WriteFlags, type ZeroFlags } from '../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../errors.js';
 import { NbdClient, type NbdClientOptions } from '../../nbd/client/client.js';
+import type { ExportDetails } from '../../nbd/client/handshake.js';
 import { STATE_HOLE, STATE_ZERO, TFLAG } from '../../nbd/protocol.js';
 import { clientTlsConfig, isTlsCreds } from '../../nbd/tls.js';
 import type { OptionReader } from '../options.js';
@@ -42,6 +43,21 @@ function readAddress(o: OptionReader): SocketAddress<number | string> {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Connects, retrying for open-timeout seconds (0: one attempt). */
+async function connectWithRetry(copts: NbdClientOptions, openTimeout: number, where: string, exportName: string): Promise<NbdClient> {
+  const deadline = Date.now() + openTimeout * 1000;
+  for (;;) {
+    try {
+      return await NbdClient.connect(copts);
+    } catch (e) {
+      if (Date.now() + RETRY_INTERVAL_MS > deadline) {
+        throw new InvalidArgumentError(`Failed to connect to NBD server '${where}' (export '${exportName}'): ${errorMessage(e)}`);
+      }
+      await sleep(RETRY_INTERVAL_MS);
+    }
+  }
+}
+
 export const nbdDriver: BlockDriver = {
   name: 'nbd',
   kind: 'protocol',
@@ -65,127 +81,160 @@ export const nbdDriver: BlockDriver = {
     }
 
     const where = address.type === 'unix' ? address.path : `${address.host}:${address.port}`;
-    let client: NbdClient;
-    const deadline = Date.now() + openTimeout * 1000;
-    for (;;) {
-      try {
-        client = await NbdClient.connect(copts);
-        break;
-      } catch (e) {
-        if (Date.now() + RETRY_INTERVAL_MS > deadline) {
-          throw new InvalidArgumentError(`Failed to connect to NBD server '${where}' (export '${exportName}'): ${errorMessage(e)}`);
-        }
-        await sleep(RETRY_INTERVAL_MS);
-      }
-    }
-    const first = client.info;
+    const client = await connectWithRetry(copts, openTimeout, where, exportName);
     if (client.readOnly && !ctx.readOnly) {
       client.destroy();
       throw new InvalidArgumentError(`Read-only NBD export '${exportName}' on '${where}' cannot be opened read-write`);
     }
-
-    let closed = false;
-    let lostAt: number | null = null;
-    let reconnecting: Promise<void> | null = null;
-    const waiters = new Set<() => void>();
-    const wakeAll = (): void => {
-      for (const w of waiters) w();
-      waiters.clear();
-    };
-
-    async function reconnectLoop(): Promise<void> {
-      while (!closed) {
-        try {
-          const c = await NbdClient.connect({ ...copts, connectTimeoutMs: Math.max(1000, reconnectDelay * 1000) });
-          if (closed) {
-            c.destroy();
-            return;
-          }
-          if (c.info.size !== first.size) {
-            c.destroy();
-            throw new Error(`export size changed from ${first.size} to ${c.info.size}`);
-          }
-          attach(c);
-          lostAt = null;
-          wakeAll();
-          return;
-        } catch {
-          await sleep(RETRY_INTERVAL_MS);
-        }
-      }
-    }
-
-    function attach(c: NbdClient): void {
-      client = c;
-      c.onDead = () => {
-        if (closed || reconnectDelay === 0) return;
-        lostAt = Date.now();
-        reconnecting = reconnectLoop().finally(() => (reconnecting = null));
-        // Requests waiting for a reconnection give up when the delay runs out.
-        setTimeout(wakeAll, reconnectDelay * 1000 + 10).unref();
-      };
-    }
-    attach(client);
-
-    /** The live client, waiting up to reconnect-delay after a lost connection. */
-    async function live(): Promise<NbdClient> {
-      for (;;) {
-        if (closed) throw new BlockError('ENOMEDIUM', 'NBD node is closed');
-        if (client.alive) return client;
-        if (lostAt === null || Date.now() >= lostAt + reconnectDelay * 1000) {
-          throw new BlockError('EIO', `NBD server '${where}' is not connected`);
-        }
-        await new Promise<void>((r) => waiters.add(r));
-      }
-    }
-
-    /** Runs a request; one lost connection within reconnect-delay is retried on the new one. */
-    async function run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
-      const c = await live();
-      try {
-        return await op(c);
-      } catch (e) {
-        if (reconnectDelay > 0 && !c.alive && e instanceof BlockError && e.code === 'EIO') return op(await live());
-        throw e;
-      }
-    }
-
-    const f = first.flags;
-    return {
-      caps: makeCaps({
-        requestAlignment: first.minBlockSize,
-        maxTransfer: first.maxPayload - (first.maxPayload % first.minBlockSize),
-        fua: (f & TFLAG.SEND_FUA) !== 0,
-        writeZeroes: (f & TFLAG.SEND_WRITE_ZEROES) !== 0,
-        discard: (f & TFLAG.SEND_TRIM) !== 0,
-        blockStatus: first.baseAllocationId !== null,
-      }),
-      filename: address.type === 'unix' ? `nbd+unix:///${exportName}?socket=${address.path}` : `nbd://${address.host}:${address.port}/${exportName}`,
-      getLength: () => first.size,
-      read: (offset, length) => run((c) => c.read(offset, length)),
-      write: (offset, data, flags) => run((c) => c.write(offset, data, { fua: flags.fua ?? false })),
-      writeZeroes: (offset, length, flags) =>
-        run((c) => {
-          if (flags.noFallback && !(c.info.flags & TFLAG.SEND_FAST_ZERO)) throw new BlockError('ENOTSUP', 'NBD server has no fast zeroing');
-          return c.writeZeroes(offset, length, { fua: flags.fua ?? false, noHole: !flags.mayUnmap, fastZero: flags.noFallback ?? false });
-        }),
-      discard: (offset, length) => run((c) => c.trim(offset, length)),
-      flush: () => (f & TFLAG.SEND_FLUSH ? run((c) => c.flush()) : Promise.resolve()),
-      blockStatus: (offset, length): Promise<BlockStatus> =>
-        run(async (c) => {
-          const ext = await c.blockStatus(offset, length, { reqOne: true });
-          const e = ext[0];
-          if (!e || e.length === 0) throw new BlockError('EIO', 'NBD server sent an empty block status');
-          return { length: Math.min(e.length, length), allocated: true, data: (e.flags & STATE_HOLE) === 0, zero: (e.flags & STATE_ZERO) !== 0 };
-        }),
-      close: async () => {
-        closed = true;
-        wakeAll();
-        await reconnecting;
-        if (client.alive) await client.disconnect();
-        else client.destroy();
-      },
-      info: () => ({ server: address, export: exportName, size: first.size, flags: first.flags, connected: client.alive }),
-    };
+    return new NbdNode(copts, address, exportName, where, reconnectDelay, client);
   },
 };
+
+/**
+ * The state of an open nbd node: the live client, and after a lost connection the
+ * reconnection in progress and the requests waiting for it (up to reconnect-delay).
+ */
+class NbdNode implements NodeImpl {
+  readonly caps: NodeCaps;
+  readonly filename: string;
+  /** the export as negotiated at open: a reconnection must offer the same size */
+  private readonly first: ExportDetails;
+  private closed = false;
+  private lostAt: number | null = null;
+  private reconnecting: Promise<void> | null = null;
+  private readonly waiters = new Set<() => void>();
+
+  constructor(
+    private readonly copts: NbdClientOptions,
+    private readonly address: SocketAddress<number | string>,
+    private readonly exportName: string,
+    private readonly where: string,
+    private readonly reconnectDelay: number,
+    private client: NbdClient,
+  ) {
+    const first = client.info;
+    this.first = first;
+    const f = first.flags;
+    this.caps = makeCaps({
+      requestAlignment: first.minBlockSize,
+      maxTransfer: first.maxPayload - (first.maxPayload % first.minBlockSize),
+      fua: (f & TFLAG.SEND_FUA) !== 0,
+      writeZeroes: (f & TFLAG.SEND_WRITE_ZEROES) !== 0,
+      discard: (f & TFLAG.SEND_TRIM) !== 0,
+      blockStatus: first.baseAllocationId !== null,
+    });
+    this.filename =
+      address.type === 'unix' ? `nbd+unix:///${exportName}?socket=${address.path}` : `nbd://${address.host}:${address.port}/${exportName}`;
+    this.attach(client);
+  }
+
+  private wakeAll(): void {
+    for (const w of this.waiters) w();
+    this.waiters.clear();
+  }
+
+  private async reconnectLoop(): Promise<void> {
+    while (!this.closed) {
+      try {
+        const c = await NbdClient.connect({ ...this.copts, connectTimeoutMs: Math.max(1000, this.reconnectDelay * 1000) });
+        if (this.closed) {
+          c.destroy();
+          return;
+        }
+        if (c.info.size !== this.first.size) {
+          c.destroy();
+          throw new Error(`export size changed from ${this.first.size} to ${c.info.size}`);
+        }
+        this.attach(c);
+        this.lostAt = null;
+        this.wakeAll();
+        return;
+      } catch {
+        await sleep(RETRY_INTERVAL_MS);
+      }
+    }
+  }
+
+  private attach(c: NbdClient): void {
+    this.client = c;
+    c.onDead = () => {
+      if (this.closed || this.reconnectDelay === 0) return;
+      this.lostAt = Date.now();
+      this.reconnecting = this.reconnectLoop().finally(() => (this.reconnecting = null));
+      // Requests waiting for a reconnection give up when the delay runs out.
+      setTimeout(() => this.wakeAll(), this.reconnectDelay * 1000 + 10).unref();
+    };
+  }
+
+  /** The live client, waiting up to reconnect-delay after a lost connection. */
+  private async live(): Promise<NbdClient> {
+    for (;;) {
+      if (this.closed) throw new BlockError('ENOMEDIUM', 'NBD node is closed');
+      if (this.client.alive) return this.client;
+      if (this.lostAt === null || Date.now() >= this.lostAt + this.reconnectDelay * 1000) {
+        throw new BlockError('EIO', `NBD server '${this.where}' is not connected`);
+      }
+      await new Promise<void>((r) => this.waiters.add(r));
+    }
+  }
+
+  /** Runs a request; one lost connection within reconnect-delay is retried on the new one. */
+  private async run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+    const c = await this.live();
+    try {
+      return await op(c);
+    } catch (e) {
+      if (this.reconnectDelay > 0 && !c.alive && e instanceof BlockError && e.code === 'EIO') return op(await this.live());
+      throw e;
+    }
+  }
+
+  getLength(): number {
+    return this.first.size;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.run((c) => c.read(offset, length));
+  }
+
+  write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.run((c) => c.write(offset, data, { fua: flags.fua ?? false }));
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.run((c) => {
+      if (flags.noFallback && !(c.info.flags & TFLAG.SEND_FAST_ZERO)) throw new BlockError('ENOTSUP', 'NBD server has no fast zeroing');
+      return c.writeZeroes(offset, length, { fua: flags.fua ?? false, noHole: !flags.mayUnmap, fastZero: flags.noFallback ?? false });
+    });
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.run((c) => c.trim(offset, length));
+  }
+
+  flush(): Promise<void> {
+    return this.first.flags & TFLAG.SEND_FLUSH ? this.run((c) => c.flush()) : Promise.resolve();
+  }
+
+  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    return this.run(async (c) => {
+      const ext = await c.blockStatus(offset, length, { reqOne: true });
+      const e = ext[0];
+      if (!e || e.length === 0) throw new BlockError('EIO', 'NBD server sent an empty block status');
+      return { length: Math.min(e.length, length), allocated: true, data: (e.flags & STATE_HOLE) === 0, zero: (e.flags & STATE_ZERO) !== 0 };
+    });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.wakeAll();
+    await this.reconnecting;
+    if (this.client.alive) await this.client.disconnect();
+    else this.client.destroy();
+  }
+
+  info(): Record<string, unknown> {
+    const { first } = this;
+    return { server: this.address, export: this.exportName, size: first.size, flags: first.flags, connected: this.client.alive };
+  }
+}

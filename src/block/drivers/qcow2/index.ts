@@ -24,7 +24,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { stat } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
-import { makeCaps, type BlockDriver, type NodeImpl, type OpenContext } from '../../driver.js';
+import { makeCaps, type BlockDriver, type BlockStatus, type NodeCaps, type NodeImpl, type OpenContext } from '../../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
 import type { OptionReader } from '../../options.js';
@@ -37,7 +37,7 @@ import {
   readHeader,
   type Qcow2Header,
 } from './header.js';
-import { nodeHostFile } from './host-file.js';
+import { nodeHostFile, type HostFile } from './host-file.js';
 import { Qcow2Image, Qcow2OpenError } from './image.js';
 import { blockStatusAt, discardRange, readRange, readRangeInto, writeRange, zeroRange } from './io.js';
 import { EmptySpare, makeEmpty } from './make-empty.js';
@@ -114,6 +114,61 @@ function readCacheOptions(o: OptionReader, clusterSize: number): { l2?: number; 
   return out;
 }
 
+/**
+ * Reads and checks the header, repairs a dirty image opened read-write, and loads the image
+ * (its tables, with corruption reported on the graph as QEMU reports it).
+ */
+async function loadImage(ctx: OpenContext, o: OptionReader, file: BlockNode, host: HostFile, lazyOpt: boolean | undefined): Promise<Qcow2Image> {
+  const readOnly = ctx.readOnly;
+  let h: Qcow2Header;
+  try {
+    h = await readHeader(host);
+  } catch (e) {
+    throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
+  }
+  checkSupported(h, readOnly, file.filename);
+  const cacheOpts = readCacheOptions(o, 2 ** h.clusterBits);
+  if (lazyOpt && h.version < 3) {
+    throw new InvalidArgumentError('Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level');
+  }
+  if (!readOnly && h.incompatible & INCOMPAT_DIRTY) {
+    // refcounts may be stale after a crash with lazy_refcounts: rebuild them (QEMU does)
+    await repairImage(host, h);
+    h = await readHeader(host);
+  }
+  const img = new Qcow2Image(host, h, {
+    readOnly,
+    lazyRefcountTable: readOnly,
+    lazyRefcounts: lazyOpt ?? (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+    ...(cacheOpts.l2 !== undefined ? { l2CacheSize: cacheOpts.l2 } : {}),
+    ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
+  });
+  img.pacer = ctx.graph.pacer;
+  img.onCorruption = (msg, offset, size, fatal) => {
+    // QEMU's stderr line and BLOCK_IMAGE_CORRUPTED event
+    ctx.graph.emit(
+      'error-log',
+      fatal
+        ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
+        : `qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`,
+    );
+    ctx.graph.emit('event', 'BLOCK_IMAGE_CORRUPTED', { device: '', 'node-name': ctx.node.name, msg, offset, size, fatal });
+  };
+  try {
+    await img.load();
+  } catch (e) {
+    if (e instanceof Qcow2OpenError) throw e;
+    throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
+  }
+  if (!readOnly && h.autoclear !== 0n) {
+    // lockstep keeps no bitmaps: their data is inconsistent from the first write on
+    img.header.autoclear = 0n;
+    await img.writeHeader();
+    await host.flush();
+  }
+  return img;
+}
+
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
   kind: 'format',
@@ -133,59 +188,11 @@ export const qcow2Driver: BlockDriver = {
     if (o.has('data-file')) throw new InvalidArgumentError(`Parameter 'data-file': external data files are not supported by lockstep`);
     if (o.has('encrypt')) throw new InvalidArgumentError(`Parameter 'encrypt': encrypted qcow2 images are not supported by lockstep`);
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
-    let readOnly = ctx.readOnly;
     const host = nodeHostFile(file);
-    let h: Qcow2Header;
-    try {
-      h = await readHeader(host);
-    } catch (e) {
-      throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
-    }
-    checkSupported(h, readOnly, file.filename);
-    const cacheOpts = readCacheOptions(o, 2 ** h.clusterBits);
-    if (lazyOpt && h.version < 3) {
-      throw new InvalidArgumentError('Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level');
-    }
-    if (!readOnly && h.incompatible & INCOMPAT_DIRTY) {
-      // refcounts may be stale after a crash with lazy_refcounts: rebuild them (QEMU does)
-      await repairImage(host, h);
-      h = await readHeader(host);
-    }
-    const img = new Qcow2Image(host, h, {
-      readOnly,
-      lazyRefcountTable: readOnly,
-      lazyRefcounts: lazyOpt ?? (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
-      ...(cacheOpts.l2 !== undefined ? { l2CacheSize: cacheOpts.l2 } : {}),
-      ...(cacheOpts.rc !== undefined ? { refcountCacheSize: cacheOpts.rc } : {}),
-    });
-    img.pacer = ctx.graph.pacer;
-    // the empty image make_empty swaps in (make-empty.ts), prepared after each make_empty
-    const spare = new EmptySpare(host);
-    img.onCorruption = (msg, offset, size, fatal) => {
-      // QEMU's stderr line and BLOCK_IMAGE_CORRUPTED event
-      ctx.graph.emit(
-        'error-log',
-        fatal
-          ? `qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`
-          : `qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`,
-      );
-      ctx.graph.emit('event', 'BLOCK_IMAGE_CORRUPTED', { device: '', 'node-name': ctx.node.name, msg, offset, size, fatal });
-    };
-    try {
-      await img.load();
-    } catch (e) {
-      if (e instanceof Qcow2OpenError) throw e;
-      throw new InvalidArgumentError(`Could not open '${file.filename}': ${errorMessage(e)}`, { cause: e });
-    }
-    if (!readOnly && h.autoclear !== 0n) {
-      // lockstep keeps no bitmaps: their data is inconsistent from the first write on
-      img.header.autoclear = 0n;
-      await img.writeHeader();
-      await host.flush();
-    }
+    const img = await loadImage(ctx, o, file, host, lazyOpt);
 
     let backing: BlockNode | null;
-    if (!hasBacking) backing = await openHeaderBacking(ctx, h, file);
+    if (!hasBacking) backing = await openHeaderBacking(ctx, img.header, file);
     else backing = await ctx.openChild('backing', backingOpt, { readOnly: true });
     if (backing) {
       // The backing edge can be re-pointed after open (an intermediate commit makes it point
@@ -198,103 +205,149 @@ export const qcow2Driver: BlockDriver = {
         readInto: (off, buf) => current().readInto(off, buf),
       };
     }
-
-    const v3 = h.version === 3;
-    const impl: NodeImpl = {
-      clusterSize: img.clusterSize,
-      caps: makeCaps({
-        requestAlignment: 1,
-        fua: false,
-        writeZeroes: v3,
-        discard: true,
-        blockStatus: true,
-        truncate: true,
-      }),
-      get filename() {
-        return file.filename;
-      },
-      getLength: () => img.header.size,
-      read: (offset, length) => readRange(img, offset, length),
-      readInto: (offset, buf) => readRangeInto(img, offset, buf),
-      write: (offset, data) => writeRange(img, offset, data),
-      writeZeroes: (offset, length) => zeroRange(img, offset, length),
-      discard: (offset, length) => discardRange(img, offset, length, false),
-      flush: async () => {
-        if (img.readOnly) return;
-        await img.settleCorruptBit();
-        // QEMU drops a node it marked corrupt: flushing it does nothing and succeeds
-        if (img.fatallyCorrupt) return;
-        await img.mutex.run(() => img.writeback());
-        await host.flush();
-      },
-      blockStatus: (offset, length) => blockStatusAt(img, offset, length, file),
-      truncate: async (length) => {
-        img.checkWritable();
-        if (length < img.header.size) throw new BlockError('ENOTSUP', 'qcow2: shrinking images is not supported by lockstep');
-        if (length % 512 !== 0) throw new BlockError('EINVAL', 'qcow2: the image size must be a multiple of 512 bytes');
-        await img.mutex.run(() => img.setSize(length));
-      },
-      makeEmpty: async () => {
-        await makeEmpty(img, spare);
-      },
-      settle: async () => {
-        await spare.idle();
-        await img.settleTruncate();
-      },
-      reopen: async (ro) => {
-        if (ro === readOnly) return;
-        if (ro) {
-          await spare.discard();
-          await img.mutex.run(async () => {
-            await img.settleTruncate();
-            await img.writeback();
-            await host.flush();
-            await img.markClean();
-          });
-          await file.setReadOnly(true);
-        } else {
-          checkSupported(img.header, false, file.filename);
-          // writes and their overlap checks need the refcount table a read-only open left
-          await img.mutex.run(() => img.loadRefcountTable());
-          await file.setReadOnly(false);
-        }
-        readOnly = ro;
-        img.readOnly = ro;
-      },
-      close: async () => {
-        await spare.close();
-        await img.settleCorruptBit();
-        if (img.readOnly || img.fatallyCorrupt) return;
-        await img.mutex.run(async () => {
-          await img.settleTruncate();
-          await img.writeback();
-          await host.flush();
-          await img.markClean();
-        });
-      },
-      info: () => {
-        const hh = img.header;
-        // the format-specific fields exactly as qemu-img info shows them (v2 has fewer)
-        const specific: Record<string, unknown> =
-          hh.version === 3
-            ? {
-                compat: '1.1',
-                'compression-type': 'zlib',
-                'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
-                'refcount-bits': 2 ** hh.refcountOrder,
-                corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
-                'extended-l2': false,
-              }
-            : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
-        return {
-          ...specific,
-          'cluster-size': img.clusterSize,
-          'backing-filename': hh.backingFile,
-          'backing-filename-format': hh.backingFormat,
-          'dirty-flag': (hh.incompatible & INCOMPAT_DIRTY) !== 0n,
-        };
-      },
-    };
-    return impl;
+    return new Qcow2Node(img, host, file, ctx.readOnly);
   },
 };
+
+/** The state of an open qcow2 node: the image, its file, and the spare make_empty swaps in. */
+class Qcow2Node implements NodeImpl {
+  readonly caps: NodeCaps;
+  readonly clusterSize: number;
+  // the empty image make_empty swaps in (make-empty.ts), prepared after each make_empty
+  private readonly spare: EmptySpare;
+
+  constructor(
+    private readonly img: Qcow2Image,
+    private readonly host: HostFile,
+    private readonly file: BlockNode,
+    private readOnly: boolean,
+  ) {
+    this.spare = new EmptySpare(host);
+    this.clusterSize = img.clusterSize;
+    this.caps = makeCaps({
+      requestAlignment: 1,
+      fua: false,
+      writeZeroes: img.header.version === 3,
+      discard: true,
+      blockStatus: true,
+      truncate: true,
+    });
+  }
+
+  get filename(): string {
+    return this.file.filename;
+  }
+
+  getLength(): number {
+    return this.img.header.size;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return readRange(this.img, offset, length);
+  }
+
+  readInto(offset: number, buf: Buffer): Promise<void> {
+    return readRangeInto(this.img, offset, buf);
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return writeRange(this.img, offset, data);
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return zeroRange(this.img, offset, length);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return discardRange(this.img, offset, length, false);
+  }
+
+  async flush(): Promise<void> {
+    const { img } = this;
+    if (img.readOnly) return;
+    await img.settleCorruptBit();
+    // QEMU drops a node it marked corrupt: flushing it does nothing and succeeds
+    if (img.fatallyCorrupt) return;
+    await img.mutex.run(() => img.writeback());
+    await this.host.flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    return blockStatusAt(this.img, offset, length, this.file);
+  }
+
+  async truncate(length: number): Promise<void> {
+    const { img } = this;
+    img.checkWritable();
+    if (length < img.header.size) throw new BlockError('ENOTSUP', 'qcow2: shrinking images is not supported by lockstep');
+    if (length % 512 !== 0) throw new BlockError('EINVAL', 'qcow2: the image size must be a multiple of 512 bytes');
+    await img.mutex.run(() => img.setSize(length));
+  }
+
+  async makeEmpty(): Promise<void> {
+    await makeEmpty(this.img, this.spare);
+  }
+
+  async settle(): Promise<void> {
+    await this.spare.idle();
+    await this.img.settleTruncate();
+  }
+
+  /** Writes back the caches, flushes and clears the dirty bit; the caller holds the mutex. */
+  private async writebackClean(): Promise<void> {
+    const { img } = this;
+    await img.settleTruncate();
+    await img.writeback();
+    await this.host.flush();
+    await img.markClean();
+  }
+
+  async reopen(ro: boolean): Promise<void> {
+    const { img, file } = this;
+    if (ro === this.readOnly) return;
+    if (ro) {
+      await this.spare.discard();
+      await img.mutex.run(() => this.writebackClean());
+      await file.setReadOnly(true);
+    } else {
+      checkSupported(img.header, false, file.filename);
+      // writes and their overlap checks need the refcount table a read-only open left
+      await img.mutex.run(() => img.loadRefcountTable());
+      await file.setReadOnly(false);
+    }
+    this.readOnly = ro;
+    img.readOnly = ro;
+  }
+
+  async close(): Promise<void> {
+    const { img } = this;
+    await this.spare.close();
+    await img.settleCorruptBit();
+    if (img.readOnly || img.fatallyCorrupt) return;
+    await img.mutex.run(() => this.writebackClean());
+  }
+
+  info(): Record<string, unknown> {
+    const { img } = this;
+    const hh = img.header;
+    // the format-specific fields exactly as qemu-img info shows them (v2 has fewer)
+    const specific: Record<string, unknown> =
+      hh.version === 3
+        ? {
+            compat: '1.1',
+            'compression-type': 'zlib',
+            'lazy-refcounts': (hh.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+            'refcount-bits': 2 ** hh.refcountOrder,
+            corrupt: (hh.incompatible & INCOMPAT_CORRUPT) !== 0n || img.corruptReason !== null,
+            'extended-l2': false,
+          }
+        : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+    return {
+      ...specific,
+      'cluster-size': img.clusterSize,
+      'backing-filename': hh.backingFile,
+      'backing-filename-format': hh.backingFormat,
+      'dirty-flag': (hh.incompatible & INCOMPAT_DIRTY) !== 0n,
+    };
+  }
+}
