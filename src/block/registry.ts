@@ -8,12 +8,12 @@ import { nbdDriver } from './drivers/nbd.js';
 import { nullDriver } from './drivers/null.js';
 import { rawDriver } from './drivers/raw.js';
 import { quorumDriver } from './drivers/quorum.js';
-import { replicationDriver } from '../replication/filter.js';
 import { qcow2Driver } from './drivers/qcow2/index.js';
 import { copyBeforeWriteDriver } from './filters/copy-before-write.js';
 import { blkdebugDriver } from './filters/blkdebug.js';
 import { dirtyLogDriver } from './filters/dirty-log.js';
 import { commitTopDriver, mirrorTopDriver } from './filters/job-top.js';
+import { replicationDriver } from './filters/replication/filter.js';
 
 export type DriverRegistry = ReadonlyMap<string, BlockDriver>;
 

@@ -1,7 +1,7 @@
 // The pair's stages and the one table of what may follow what, with what each stage allows
-// (policy as data, as src/replication/state.ts and src/jobs/job-status.ts do): the supervisor
-// moves between stages only through `StageMachine.to`, which refuses a transition the table
-// does not list.
+// (policy as data, as src/block/filters/replication/state.ts and src/jobs/job-status.ts do):
+// the supervisor moves between stages only through `StageMachine.to`, which refuses a
+// transition the table does not list.
 //
 //   starting -> syncing -> protected -> failed-over | degraded | primary-lost -> stopped
 //   primary-lost -> failed-over (manual failover)

@@ -1,44 +1,15 @@
-// The two internal jobs replication runs, behind a narrow interface: copy-before-write from
-// the secondary disk into the hidden disk (backup sync=none), and the failover's active
-// commit of active+hidden into the secondary disk. Both are internal (decision 11 in
-// docs/replication.md): not listed by query-jobs, no events.
+// The two internal jobs replication runs, behind the narrow interface the replication filter
+// declares (block/filters/replication/filter.ts): copy-before-write from the secondary disk
+// into the hidden disk (backup sync=none), and the failover's active commit of active+hidden
+// into the secondary disk. Both are internal (decision 11 in docs/replication.md): not listed
+// by query-jobs, no events. The filter is in the block layer, below the jobs, so it gets them
+// as the graph service `replicationJobs` that wireReplicationJobs installs.
 
 import type { BlockGraph } from '../block/graph.js';
-import type { BlockNode } from '../block/node.js';
-import type { BlockError } from '../errors.js';
+import type { ReplicationJobs } from '../block/filters/replication/filter.js';
 import { JobManager } from '../jobs/job.js';
 import { startBackup } from '../jobs/backup.js';
 import { startCommit } from '../jobs/commit.js';
-
-export interface JobEnd {
-  ret: 0 | BlockError;
-  cancelled: boolean;
-}
-
-export interface CopyJobHandle {
-  /** the copy-before-write filter above the secondary disk */
-  readonly filter: BlockNode;
-  readonly done: Promise<JobEnd>;
-  /** clusters copied since the last reset */
-  readonly copiedClusters: number;
-  /** bytes copied since the job started */
-  readonly bytesCopied: number;
-  /** every cluster "not yet copied", with no write or copy in flight */
-  resetBitmap(): Promise<void>;
-  /** ends the job and removes the filter */
-  cancel(): Promise<void>;
-}
-
-export interface CommitJobHandle {
-  readonly done: Promise<JobEnd>;
-  cancel(): Promise<void>;
-  progress(): { current: number; total: number };
-}
-
-export interface ReplicationJobs {
-  startCopyBeforeWrite(source: BlockNode, target: BlockNode): Promise<CopyJobHandle>;
-  startActiveCommit(top: BlockNode, base: BlockNode): Promise<CommitJobHandle>;
-}
 
 declare module '../block/graph.js' {
   interface GraphServices {
@@ -49,7 +20,13 @@ declare module '../block/graph.js' {
 
 /** The graph's job manager (created on first use; the daemon wires the same one). */
 export function jobManagerOf(graph: BlockGraph): JobManager {
+  wireReplicationJobs(graph);
   return (graph.services.jobs ??= new JobManager(graph));
+}
+
+/** Hands the graph's replication nodes their jobs (once per graph). */
+export function wireReplicationJobs(graph: BlockGraph): void {
+  graph.services.replicationJobs ??= jobsFor(graph);
 }
 
 export function jobsFor(graph: BlockGraph): ReplicationJobs {

@@ -1,23 +1,21 @@
 // The replication registry of one graph and the four *_all operations (QEMU's
-// replication_*_all, with decision 7 in docs/replication.md). Entries are kept newest first,
-// as in QEMU. Unlike QEMU:
+// replication_*_all, with decision 7 in docs/replication.md) over the graph's replication
+// nodes, newest first as in QEMU (the filter keeps that list as it opens and closes them,
+// block/filters/replication/filter.ts). Unlike QEMU:
 // - startAll is all-or-nothing: when a node fails to start, every node this call started
 //   (and the failing one) goes back to stage NONE, and the first error is returned;
 // - stopAll, doCheckpointAll and getErrorAll visit every node and return the first error.
 
 import type { BlockGraph } from '../block/graph.js';
-import type { ReplicationMode } from './state.js';
-import type { ReplicationState, ReplicationStatus } from './filter.js';
+import type { ReplicationMode } from '../block/filters/replication/state.js';
+import { replicationStates, type ReplicationState, type ReplicationStatus } from '../block/filters/replication/filter.js';
+import { wireReplicationJobs } from './jobs.js';
 
 export class ReplicationRegistry {
-  private entries: ReplicationState[] = [];
+  constructor(private readonly graph: BlockGraph) {}
 
-  register(s: ReplicationState): void {
-    this.entries.unshift(s);
-  }
-
-  unregister(s: ReplicationState): void {
-    this.entries = this.entries.filter((e) => e !== s);
+  private get entries(): readonly ReplicationState[] {
+    return replicationStates(this.graph);
   }
 
   /** Newest first. */
@@ -75,7 +73,11 @@ declare module '../block/graph.js' {
   }
 }
 
-/** The graph's registry (created on first use, stored on the graph, never global). */
+/**
+ * The graph's registry (created on first use, stored on the graph, never global); from then
+ * on the graph's replication nodes can start their jobs.
+ */
 export function replicationRegistry(graph: BlockGraph): ReplicationRegistry {
-  return (graph.services.replication ??= new ReplicationRegistry());
+  wireReplicationJobs(graph);
+  return (graph.services.replication ??= new ReplicationRegistry(graph));
 }

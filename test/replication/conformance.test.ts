@@ -10,8 +10,8 @@ import type { Backend } from '../../src/block/backend.js';
 import type { BlockNode } from '../../src/block/node.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { replicationRegistry, type ReplicationRegistry } from '../../src/replication/registry.js';
-import { replicationStateOf, type ReplicationState } from '../../src/replication/filter.js';
-import { jobManagerOf } from '../../src/replication/jobs.js';
+import { replicationStateOf, type ReplicationState } from '../../src/block/filters/replication/filter.js';
+import { jobManagerOf, wireReplicationJobs } from '../../src/replication/jobs.js';
 import { tempDir } from '../helpers/graph.js';
 import { faultDriver, faultControl } from '../helpers/fault-driver.js';
 import { primaryFixture } from '../helpers/replication.js';
@@ -355,6 +355,8 @@ test('decision 7: stop_all and get_error_all visit every node', async (t) => {
 test('secondary start preconditions give QEMU messages and leave nothing behind', async (t) => {
   const dir = tempDir(t);
   const graph = new BlockGraph(createRegistry([faultDriver]));
+  // the nodes are driven directly, not through the registry: hand them their jobs
+  wireReplicationJobs(graph);
   t.after(() => graph.closeAll());
   const img = async (name: string, size = SIZE) => {
     await createQcow2(join(dir, name), { size });

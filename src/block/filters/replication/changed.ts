@@ -3,7 +3,7 @@
 // secondary is gone it keeps growing, and a later re-protection copies only these regions
 // instead of the whole disk. Granularity is 64 KiB (a qcow2 cluster).
 
-import { Bitmap, type ByteRange } from '../util/bitmap.js';
+import { Bitmap, type ByteRange } from '../../../util/bitmap.js';
 
 export const CHANGED_GRANULARITY = 65536;
 

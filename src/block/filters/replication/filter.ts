@@ -9,17 +9,69 @@
 //   9  writes of any size are forwarded as they are (requestAlignment 1).
 //
 // Options: file (required), mode (primary|secondary, required), top-id (secondary only).
+//
+// The filter sits in the block layer beside the other filters; the two jobs a secondary runs
+// (copy-before-write into the hidden disk, the failover's active commit) belong to the jobs
+// layer above, so the filter declares what it needs of them (ReplicationJobs) and the
+// replication layer hands the implementation in as a graph service (replication/jobs.ts).
+// Block status passes through to `file` (a filter without caps.blockStatus, node.ts).
 
-import { replicationChildPerms } from '../block/permissions.js';
-import { makeCaps, type BlockDriver, type NodeImpl, type WriteFlags, type ZeroFlags } from '../block/driver.js';
-import type { BlockNode } from '../block/node.js';
-import type { BlockGraph } from '../block/graph.js';
-import { isAllocatedAbove } from '../block/chain.js';
-import { BlockError, InvalidArgumentError, StateError, STRERROR, assert, errorMessage, type ErrorCode } from '../errors.js';
+import { replicationChildPerms } from '../../permissions.js';
+import { makeCaps, type BlockDriver, type NodeImpl, type WriteFlags, type ZeroFlags } from '../../driver.js';
+import type { BlockNode } from '../../node.js';
+import type { BlockGraph } from '../../graph.js';
+import { isAllocatedAbove } from '../../chain.js';
+import { BlockError, InvalidArgumentError, StateError, STRERROR, assert, errorMessage, type ErrorCode } from '../../../errors.js';
 import { MSG, canTransition, readPolicy, writePolicy, type ReplicationMode, type Stage } from './state.js';
-import { replicationRegistry } from './registry.js';
 import { CHANGED_GRANULARITY, ChangedMap, type ChangedRegion } from './changed.js';
-import { jobsFor, type ReplicationJobs, type CopyJobHandle, type CommitJobHandle } from './jobs.js';
+
+export interface JobEnd {
+  ret: 0 | BlockError;
+  cancelled: boolean;
+}
+
+export interface CopyJobHandle {
+  /** the copy-before-write filter above the secondary disk */
+  readonly filter: BlockNode;
+  readonly done: Promise<JobEnd>;
+  /** clusters copied since the last reset */
+  readonly copiedClusters: number;
+  /** bytes copied since the job started */
+  readonly bytesCopied: number;
+  /** every cluster "not yet copied", with no write or copy in flight */
+  resetBitmap(): Promise<void>;
+  /** ends the job and removes the filter */
+  cancel(): Promise<void>;
+}
+
+export interface CommitJobHandle {
+  readonly done: Promise<JobEnd>;
+  cancel(): Promise<void>;
+  progress(): { current: number; total: number };
+}
+
+/** The two internal jobs a secondary runs (decision 11 in docs/replication.md). */
+export interface ReplicationJobs {
+  startCopyBeforeWrite(source: BlockNode, target: BlockNode): Promise<CopyJobHandle>;
+  startActiveCommit(top: BlockNode, base: BlockNode): Promise<CommitJobHandle>;
+}
+
+declare module '../../graph.js' {
+  interface GraphServices {
+    /**
+     * the states of the graph's open replication nodes, newest first, as QEMU keeps them
+     * (the *_all operations in replication/registry.ts run over this list)
+     */
+    replicationStates?: ReplicationState[];
+    /** the jobs a secondary's start and failover run, handed in by replication/jobs.ts */
+    replicationJobs?: ReplicationJobs;
+  }
+}
+
+/** The replication states of the graph's open replication nodes, newest first. */
+export function replicationStates(graph: BlockGraph): readonly ReplicationState[] {
+  return graph.services.replicationStates ?? [];
+}
 
 export interface ReplicationStatus {
   'node-name': string;
@@ -84,9 +136,14 @@ export class ReplicationState {
     readonly node: BlockNode,
     readonly mode: ReplicationMode,
     readonly topId: string | undefined,
-    private readonly jobs: ReplicationJobs,
   ) {
     this.changed = mode === 'primary' ? new ChangedMap(node.file?.getLength() ?? 0) : null;
+  }
+
+  private get jobs(): ReplicationJobs {
+    const j = this.graph.services.replicationJobs;
+    if (!j) throw new StateError('replication jobs are not wired for this graph (replication/jobs.ts)');
+    return j;
   }
 
   private setStage(to: Stage): void {
@@ -453,7 +510,8 @@ export class ReplicationState {
       await c.cancel().catch(() => {});
     }
     this.top?.blockers.delete(MSG.blocker);
-    replicationRegistry(this.graph).unregister(this);
+    const list = this.graph.services.replicationStates;
+    if (list) this.graph.services.replicationStates = list.filter((e) => e !== this);
   }
 
   status(): ReplicationStatus {
@@ -503,8 +561,8 @@ export const replicationDriver: BlockDriver = {
     if (mode === 'primary' && topId !== undefined) throw new InvalidArgumentError(MSG.primaryTopId);
     if (mode === 'secondary' && topId === undefined) throw new InvalidArgumentError(MSG.missingTopId);
     const node = ctx.node;
-    const state = new ReplicationState(ctx.graph, node, mode, topId, jobsFor(ctx.graph));
-    replicationRegistry(ctx.graph).register(state);
+    const state = new ReplicationState(ctx.graph, node, mode, topId);
+    (ctx.graph.services.replicationStates ??= []).unshift(state);
     const impl: NodeImpl & { replication: ReplicationState } = {
       replication: state,
       // only the forwarding (primary-mode) filter hides its failures; a secondary-mode node is the
@@ -525,10 +583,6 @@ export const replicationDriver: BlockDriver = {
       // Flush is never gated (spec 2.3): every writable child is flushed, results as they are.
       flush: async () => {
         for (const e of node.children.values()) if (!e.child.readOnly && e.child.isOpen) await e.child.flush();
-      },
-      blockStatus: async (offset, length) => {
-        if (mode === 'primary') return { length, allocated: true, data: true, zero: false };
-        return node.file!.blockStatus(offset, length);
       },
       close: () => state.close(),
       info: () => ({ mode, ...(topId !== undefined ? { 'top-id': topId } : {}), stage: state.stage }),

@@ -4,10 +4,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ChangedMap, CHANGED_GRANULARITY as G } from '../../src/replication/changed.js';
-import { replicationStateOf } from '../../src/replication/filter.js';
-import { faultControl } from '../helpers/fault-driver.js';
-import { primaryFixture } from '../helpers/replication.js';
+import { ChangedMap, CHANGED_GRANULARITY as G } from '../../../../src/block/filters/replication/changed.js';
+import { replicationStateOf } from '../../../../src/block/filters/replication/filter.js';
+import { faultControl } from '../../../helpers/fault-driver.js';
+import { primaryFixture } from '../../../helpers/replication.js';
 
 const MiB = 1024 * 1024;
 
