@@ -352,6 +352,21 @@ test('decision 7: stop_all and get_error_all visit every node', async (t) => {
 
 // ---- start preconditions (spec 3.1) and decisions 8, 12 ------------------------------------
 
+test('a secondary whose graph the replication layer never wired refuses to start, leaving nothing behind', async (t) => {
+  const s = await secondary(t, { fill: 0x11 });
+  // as a graph no registry or job manager was asked for: the filter has no jobs to run
+  delete s.graph.services.replicationJobs;
+  await assert.rejects(s.state.start('secondary'), { message: 'replication jobs are not wired for this graph (replication/jobs.ts)' });
+  assert.equal(s.state.stage, 'none');
+  assert.equal(s.repl.children.has('hidden disk'), false);
+  assert.equal(s.hidden.readOnly, true);
+  s.repl.checkNotBlocked();
+  wireReplicationJobs(s.graph);
+  await s.state.start('secondary');
+  assert.equal(s.state.stage, 'running');
+  await s.state.stop(false);
+});
+
 test('secondary start preconditions give QEMU messages and leave nothing behind', async (t) => {
   const dir = tempDir(t);
   const graph = new BlockGraph(createRegistry([faultDriver]));
