@@ -47,7 +47,16 @@ async function wrap(kind: 'qemu' | 'lockstep', child: ChildProcess, qmpPath: str
   child.stderr?.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   await waitForSocket(qmpPath, child, () => err);
-  const qmp = await QmpClient.open({ type: 'unix', path: qmpPath });
+  // the socket file exists from bind(), before listen(): a connect in between is refused
+  let qmp: QmpClient | undefined;
+  for (let i = 0; qmp === undefined; i++) {
+    try {
+      qmp = await QmpClient.open({ type: 'unix', path: qmpPath });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || i >= 200 || child.exitCode !== null) throw e;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
   const proc: Proc = {
     kind,
     qmp,
