@@ -78,8 +78,8 @@ export interface LiveResyncOptions {
    *  primary wrote since, instead of the records' union, when the primary still tracks */
   resume?: ByteRange[] | undefined;
   /** a pass's job flushes the target after every this many bytes copied, without stopping
-   *  the copy, and the flushed mark advances: what a resync whose target dies copies again
-   *  at most (default PIECE_BYTES) */
+   *  the copy, and the flushed mark advances: a resync whose target dies copies again about
+   *  this much, plus what was copied while the last flush ran (default PIECE_BYTES) */
   pieceBytes?: number | undefined;
   /** the running pass (its number and extents) and the offset below which every byte of it
    *  is copied and flushed on the target: at its start and after each flush; `durable`
@@ -107,7 +107,7 @@ export function clipExtents(extents: readonly ByteRange[], from: number): ByteRa
   return out;
 }
 
-/** Default piece of a pass: what a resync whose target dies copies again at most. */
+/** Default piece of a pass: the target is flushed and the mark persisted after each. */
 export const PIECE_BYTES = 64 * 1024 * 1024;
 
 /**
@@ -241,7 +241,7 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
     const rest = coalesceExtents(unionExtents(next, await written()), gap);
     prog.total += bytesOf(rest);
     result.barrierBytes = bytesOf(rest);
-    // one piece, nothing persisted: the guest's writes are held meanwhile
+    // one job, nothing persisted: the guest's writes are held meanwhile
     if (rest.length > 0) await copy(rest, undefined, false);
     await startReplication(p.qmp, s.qmp, o);
     // the data is on the peer: both records may drop what they hold (lazily)

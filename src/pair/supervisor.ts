@@ -92,7 +92,7 @@ export interface PairOptions {
    *  default DATA/pair.sock) */
   control?: string;
   /** a live resync flushes the target and persists its mark after every this many bytes
-   *  copied: what a resync whose target dies copies again at most (default 64 MiB) */
+   *  copied: about what a resync whose target dies copies again (default 64 MiB) */
   resyncPieceBytes?: number;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
