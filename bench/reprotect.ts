@@ -12,7 +12,8 @@
 //            daemon onto a fresh qcow2 (what a re-protection without records copies)
 //   Q        QEMU's: qemu-img convert of the served disk (over NBD) to a fresh qcow2, the
 //            whole-disk copy COLO's re-protection (drive-mirror of the disk) amounts to
-//   ratios   R/F and R/Q (time), and the bytes R copied over the disk's size
+//   ratios   R/F and R/Q (time), and the bytes R copied over the disk's size (what its jobs
+//            wrote: the records' union with its gaps of at most MERGE_GAP filled)
 //
 // Run: npm run build && nice -n 10 node dist/bench/reprotect.js [--size 2G] [--seconds 30]
 //      [--region 1G] [--dir DIR] [--rate 0]   (DIR: where the images go; default the system

@@ -11,6 +11,12 @@
 // A resync cancelled and started again with the ranges above that offset ends with the
 // same bytes as one uninterrupted run.
 //
+// Durable progress: with `flushBytes`, the target is flushed whenever that many bytes were
+// copied since the last flush began, while the copy goes on (no drain), and
+// `x-flushed-up-to` is the `doneUpTo` read when the last completed flush began: every
+// listed byte below it is on the target's stable storage (a flush covers the writes that
+// completed before it was sent). The job's last flush makes it the end of the last range.
+//
 // The engine's bitmap has the largest power-of-two granularity (at most 64 KiB, at least
 // 512 bytes) that divides every range's offset and length (a range may end at the end of
 // the disk), so that its bits cover exactly the ranges.
@@ -31,6 +37,8 @@ export interface ResyncOptions extends JobOptions {
   extents: readonly ByteRange[];
   /** the target reads zeroes everywhere: zero runs of the source are not written */
   targetIsZero?: boolean;
+  /** flush the target after every this many bytes copied (0 or absent: only at the end) */
+  flushBytes?: number;
 }
 
 /** Sorted, overlapping and touching ranges merged. */
@@ -71,6 +79,12 @@ export class ResyncJob extends Job {
   readonly copy: BlockCopy;
   private readonly firstOffset: number;
   private readonly lastEnd: number;
+  private readonly flushBytes: number;
+  /** every listed byte below this offset is copied and flushed on the target */
+  private flushedUpTo: number;
+  private sinceFlush = 0;
+  private flushing: Promise<void> | null = null;
+  private flushError: unknown = null;
 
   constructor(mgr: JobManager, opts: ResyncOptions, extents: readonly ByteRange[], granularity: number) {
     super(mgr, opts, opts.source);
@@ -81,6 +95,8 @@ export class ResyncJob extends Job {
     this.firstOffset = extents[0]?.offset ?? 0;
     const last = extents[extents.length - 1];
     this.lastEnd = last ? last.offset + last.length : 0;
+    this.flushBytes = opts.flushBytes ?? 0;
+    this.flushedUpTo = this.firstOffset;
     this.copy = new BlockCopy({ source: opts.source, target: opts.target, bitmap: this.bitmap, mode: 'sync', targetIsZero: opts.targetIsZero ?? false, detectZeroes: true });
   }
 
@@ -109,15 +125,50 @@ export class ResyncJob extends Job {
     this.startRunning();
   }
 
+  /** Flushes the target behind the copy (one flush at a time); a failure fails the job. */
+  private flushBehind(): void {
+    if (this.flushing || this.flushError !== null) return;
+    this.sinceFlush = 0;
+    const upTo = this.doneUpTo;
+    this.flushing = this.target
+      .flush()
+      .then(
+        () => {
+          this.flushedUpTo = Math.max(this.flushedUpTo, upTo);
+        },
+        (e: unknown) => {
+          this.flushError = e;
+        },
+      )
+      .finally(() => {
+        this.flushing = null;
+      });
+  }
+
   protected async run(): Promise<void> {
     this.progressSetRemaining(this.copy.remainingBytes);
-    await this.copy.run(this, async () => 'stop');
-    if (!this.shouldStop) await this.target.flush();
+    if (this.flushBytes > 0) {
+      this.copy.onCopied = (n) => {
+        this.sinceFlush += n;
+        if (this.sinceFlush >= this.flushBytes) this.flushBehind();
+      };
+    }
+    try {
+      await this.copy.run(this, async () => 'stop');
+    } finally {
+      this.copy.onCopied = null;
+      await this.flushing;
+    }
+    if (this.flushError !== null) throw this.flushError;
+    if (this.shouldStop) return;
+    await this.target.flush();
+    this.flushedUpTo = this.lastEnd;
   }
 
   private extra(): Record<string, number> {
     return {
       'x-done-up-to': this.doneUpTo,
+      'x-flushed-up-to': this.flushedUpTo,
       'x-data-bytes': this.copy.dataBytes,
       'x-zeroed-bytes': this.copy.zeroedBytes,
       'x-skipped-zero-bytes': this.copy.skippedZeroBytes,
@@ -140,6 +191,9 @@ export class ResyncJob extends Job {
 export async function startResync(mgr: JobManager, opts: ResyncOptions): Promise<ResyncJob> {
   checkOnError('on-source-error', opts.onSourceError);
   checkOnError('on-target-error', opts.onTargetError);
+  if (opts.flushBytes !== undefined && (!Number.isSafeInteger(opts.flushBytes) || opts.flushBytes < 0)) {
+    throw new InvalidArgumentError(`Parameter 'flush-bytes' expects a non-negative integer, not ${opts.flushBytes}`);
+  }
   if (opts.source === opts.target) throw new InvalidArgumentError('Source and target cannot be the same');
   if (opts.target.readOnly) throw new InvalidArgumentError(`Node '${opts.target.name}' is read-only`);
   if (opts.target.getLength() < opts.source.getLength()) {

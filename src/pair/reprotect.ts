@@ -6,7 +6,10 @@
 //   0. tracking starts on the primary's dirty log (x-dirty-log-written): from here every
 //      granule whose write *completes* is noted, in memory;
 //   1. pass 0 copies the union of both disks' persistent records (what the primary changed
-//      since the common generation, what the secondary changed that the primary never had);
+//      since the common generation, what the secondary changed that the primary never had),
+//      its gaps of at most MERGE_GAP filled (clean bytes, equal on both disks: one larger
+//      request costs less than two small ones over NBD), by one job that flushes the
+//      target behind the copy and reports the flushed mark for the caller to persist;
 //   2. each later pass copies what completed during the previous pass, until that is small;
 //   3. inside a barrier (the primary's served node held, in-flight writes drained) the last
 //      remainder is copied, replication is started on both sides (secondary first, as at
@@ -22,7 +25,7 @@ import type { QmpClient } from '../qmp/client.js';
 import type { PairCore } from './core.js';
 import { DISK_NODE, LOG_NODE, forwardNode } from './setup.js';
 import type { Side } from './sides.js';
-import { resync, unionExtents, type ByteRange, type SyncProgress } from './sync.js';
+import { coalesceExtents, resync, unionExtents, type ByteRange, type SyncProgress } from './sync.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 /** The peer node a live resync writes through (an NBD client of the secondary's forward export). */
@@ -44,7 +47,8 @@ export interface ResyncProgress {
 
 /** What a live resync copied: per pass (the last one inside the barrier). */
 export interface LiveResyncResult {
-  /** pass 0's extents: the union of both records */
+  /** the union of both records (or what a resumed resync had left): pass 0 copies it with
+   *  its gaps of at most the merge gap filled */
   union: ByteRange[];
   /** per pass: bytes of its extents, and how the job wrote them (data, zeroes, or nothing
    *  where both sides read zeroes already) */
@@ -73,11 +77,12 @@ export interface LiveResyncOptions {
   /** an interrupted resync's pending ranges (its target died): copied first, with what the
    *  primary wrote since, instead of the records' union, when the primary still tracks */
   resume?: ByteRange[] | undefined;
-  /** each pass is copied by jobs of at most this many bytes; each job ends with a flush of
-   *  the target, so what it copied survives the target's SIGKILL (default PIECE_BYTES) */
+  /** a pass's job flushes the target after every this many bytes copied, without stopping
+   *  the copy, and the flushed mark advances: a resync whose target dies copies again about
+   *  this much, plus what was copied while the last flush ran (default PIECE_BYTES) */
   pieceBytes?: number | undefined;
   /** the running pass (its number and extents) and the offset below which every byte of it
-   *  is copied and flushed on the target: at its start and after each piece; `durable`
+   *  is copied and flushed on the target: at its start and after each flush; `durable`
    *  (outside the barrier): the caller persists it, so that a later attempt resumes there */
   onDone?: (mark: PassMark, durable: boolean) => Promise<void>;
 }
@@ -102,34 +107,16 @@ export function clipExtents(extents: readonly ByteRange[], from: number): ByteRa
   return out;
 }
 
-/** Default piece of a pass: what a resync whose target dies copies again at most. */
+/** Default piece of a pass: the target is flushed and the mark persisted after each. */
 export const PIECE_BYTES = 64 * 1024 * 1024;
 
-/** Consecutive groups of `extents` (ascending), each covering at most `piece` bytes; a range
- *  is cut at multiples of `piece` from its start (512-aligned when `piece` is). */
-export function splitPieces(extents: readonly ByteRange[], piece: number): ByteRange[][] {
-  const out: ByteRange[][] = [];
-  let cur: ByteRange[] = [];
-  let room = piece;
-  for (const e of extents) {
-    let off = e.offset;
-    let left = e.length;
-    while (left > 0) {
-      const n = Math.min(left, room);
-      cur.push({ offset: off, length: n });
-      off += n;
-      left -= n;
-      room -= n;
-      if (room === 0) {
-        out.push(cur);
-        cur = [];
-        room = piece;
-      }
-    }
-  }
-  if (cur.length > 0) out.push(cur);
-  return out;
-}
+/**
+ * Largest gap filled between two ranges of a pass. A scattered record (random 4 KiB
+ * writes: 64 KiB granules with one- or two-granule gaps) otherwise becomes thousands of
+ * requests whose round trips, not their bytes, set the time; a gap this size costs about
+ * what one request's round trip does (measured in bench/reprotect.ts, docs/benchmarks.md).
+ */
+export const MERGE_GAP = 128 * 1024;
 
 const bytesOf = (e: readonly ByteRange[]): number => e.reduce((a, r) => a + r.length, 0);
 
@@ -197,50 +184,49 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
     union = unionExtents(...records);
   }
   const result: LiveResyncResult = { union, passes: [], barrierBytes: 0, pauseMs: 0 };
+  const gap = MERGE_GAP;
+  // what each pass copies: its ranges and the gaps filled between them
+  let next = coalesceExtents(union, gap);
   const prog = o.progress;
   prog.done = 0;
-  prog.total = bytesOf(union);
+  prog.total = bytesOf(next);
   prog.pass = 0;
   const started = Date.now();
   const quiet = (): void => {};
-  // one pass, in pieces: each piece's job flushes the target when it ends, and only then is
-  // the piece counted done (a SIGKILLed qcow2 loses what it had not flushed)
+  // one pass, one job: it flushes the target after every piece behind the copy, and each
+  // flushed mark is handed to onDone (a SIGKILLed qcow2 loses what it had not flushed).
+  // The pass's ranges are marked in the target's own dirty log first, in one persist: each
+  // first write into a granule would otherwise wait for a persist of its own there (a
+  // superset of what the copy writes, dropped at the barrier's checkpoint like the rest)
   const copy = async (extents: ByteRange[], speed: number | undefined, durable: boolean): Promise<void> => {
-    const pieces = durable ? splitPieces(extents, o.pieceBytes ?? PIECE_BYTES) : [extents];
     const t0 = Date.now();
     const pass = { extents, bytes: 0, dataBytes: 0, zeroedBytes: 0, skippedZeroBytes: 0 };
     const n = result.passes.length;
     const last = extents[extents.length - 1];
     await o.onDone?.({ pass: n, extents, doneUpTo: extents[0]?.offset ?? 0 }, durable);
-    for (const [i, piece] of pieces.entries()) {
-      const base = prog.done;
-      const onPass: SyncProgress = (done) => {
-        prog.done = base + done;
-        const elapsed = (Date.now() - started) / 1000;
-        prog['eta-seconds'] = prog.done > 0 ? (elapsed * (prog.total - prog.done)) / prog.done : null;
-        o.onProgress?.(prog.done, prog.total, prog['eta-seconds'], 'resync');
-      };
-      const tp = Date.now();
-      const r = await resync(p.qmp, quiet, onPass, LOG_NODE[p.name], SYNC_PEER, piece, false, 'resync', speed);
-      prog.done = base + r.bytes;
-      pass.bytes += r.bytes;
-      pass.dataBytes += r.dataBytes;
-      pass.zeroedBytes += r.zeroedBytes;
-      pass.skippedZeroBytes += r.skippedZeroBytes;
-      const nextPiece = pieces[i + 1]?.[0];
-      await o.onDone?.({ pass: n, extents, doneUpTo: nextPiece ? nextPiece.offset : last!.offset + last!.length }, durable);
-      // each job starts with a fresh token bucket (its first chunk goes at once): the rate
-      // holds across pieces only if the next one waits for what this one overdrew
-      const owed = speed ? (1000 * r.bytes) / speed - (Date.now() - tp) : 0;
-      if (owed > 0 && nextPiece) await new Promise((res) => setTimeout(res, owed));
-    }
+    if (extents.length > 0) await core.call(s, 'x-dirty-log-mark', { 'node-name': LOG_NODE[s.name], extents });
+    const base = prog.done;
+    const onPass: SyncProgress = (done) => {
+      prog.done = base + done;
+      const elapsed = (Date.now() - started) / 1000;
+      prog['eta-seconds'] = prog.done > 0 ? (elapsed * (prog.total - prog.done)) / prog.done : null;
+      o.onProgress?.(prog.done, prog.total, prog['eta-seconds'], 'resync');
+    };
+    const marks = durable ? { flushBytes: o.pieceBytes ?? PIECE_BYTES, onFlushed: async (upTo: number) => o.onDone?.({ pass: n, extents, doneUpTo: upTo }, true) } : undefined;
+    const r = await resync(p.qmp, quiet, onPass, LOG_NODE[p.name], SYNC_PEER, extents, false, 'resync', speed, marks);
+    prog.done = base + r.bytes;
+    pass.bytes = r.bytes;
+    pass.dataBytes = r.dataBytes;
+    pass.zeroedBytes = r.zeroedBytes;
+    pass.skippedZeroBytes = r.skippedZeroBytes;
+    // the barrier's pass: its end (nothing persisted); a durable pass got it from the job
+    if (!durable && last) await o.onDone?.({ pass: n, extents, doneUpTo: last.offset + last.length }, false);
     result.passes.push(pass);
-    core.log('info', 'resync pass done', { pass: result.passes.length - 1, seconds: (Date.now() - t0) / 1000, bytes: pass.bytes, data: pass.dataBytes, zeroed: pass.zeroedBytes, pieces: pieces.length });
+    core.log('info', 'resync pass done', { pass: result.passes.length - 1, seconds: (Date.now() - t0) / 1000, bytes: pass.bytes, data: pass.dataBytes, zeroed: pass.zeroedBytes, ranges: extents.length });
   };
-  let next = union;
   for (;;) {
     await copy(next, o.speed, true);
-    next = await written();
+    next = coalesceExtents(await written(), gap);
     const left = bytesOf(next);
     if (left <= FINAL_PASS_BYTES || result.passes.length >= MAX_PASSES) break;
     prog.pass++;
@@ -252,10 +238,10 @@ export async function liveResync(core: PairCore, p: Side, s: Side, o: LiveResync
   await core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
   try {
     // tracking goes on until the end: a failure in here leaves `rest` to resume from
-    const rest = unionExtents(next, await written());
+    const rest = coalesceExtents(unionExtents(next, await written()), gap);
     prog.total += bytesOf(rest);
     result.barrierBytes = bytesOf(rest);
-    // one piece, nothing persisted: the guest's writes are held meanwhile
+    // one job, nothing persisted: the guest's writes are held meanwhile
     if (rest.length > 0) await copy(rest, undefined, false);
     await startReplication(p.qmp, s.qmp, o);
     // the data is on the peer: both records may drop what they hold (lazily)

@@ -91,9 +91,8 @@ export interface PairOptions {
   /** the control socket `lockstep pair` serves (named in what a split brain says to run;
    *  default DATA/pair.sock) */
   control?: string;
-  /** a live resync copies in jobs of at most this many bytes, each ending with a flush of the
-   *  target and a persisted mark: what a resync whose target dies copies again at most
-   *  (default 64 MiB) */
+  /** a live resync flushes the target and persists its mark after every this many bytes
+   *  copied: about what a resync whose target dies copies again (default 64 MiB) */
   resyncPieceBytes?: number;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;

@@ -44,6 +44,7 @@ interface Info {
   offset: number;
   speed: number;
   'x-done-up-to': number;
+  'x-flushed-up-to': number;
 }
 
 async function jobInfo(c: QmpClient, id: string): Promise<Info | undefined> {
@@ -68,7 +69,7 @@ test('x-blockdev-resync', async (t) => {
     assert.ok(readFileSync(srcPath).equals(src));
   }
   const old = Buffer.alloc(SIZE, 0x77);
-  const targets = ['t1', 't2', 't3', 't4', 't5'];
+  const targets = ['t1', 't2', 't3', 't4', 't5', 't6', 't7'];
   for (const n of [...targets, 'ro']) writeFileSync(join(dir, `${n}.raw`), old);
   const qcowPath = join(dir, 'fresh.qcow2');
   const haveQemuImg = haveTool(t, 'qemu-img');
@@ -193,6 +194,43 @@ test('x-blockdev-resync', async (t) => {
     await c.execute('x-blockdev-resync', { 'job-id': 'r6', device: 'src', target: 't4', extents: rest });
     await finished(c, 'r6');
     assert.ok(readFileSync(join(dir, 't4.raw')).equals(expectedAfter(old, src, extents)));
+  });
+
+  await t.test('flush-bytes: the target is flushed behind the copy; the flushed mark never passes the done mark', async () => {
+    // 32 ranges of 64 KiB at 1 MiB/s (about 2 s), a flush after every 256 KiB copied
+    const extents: Extent[] = Array.from({ length: 32 }, (_, i) => ({ offset: MiB / 2 + i * 128 * KiB, length: 64 * KiB }));
+    const first = extents[0]!.offset;
+    const end = extents[31]!.offset + 64 * KiB;
+    await c.execute('x-blockdev-resync', { 'job-id': 'r7', device: 'src', target: 't6', extents, speed: MiB, 'flush-bytes': 256 * KiB });
+    const seen: number[] = [];
+    for (let info = await jobInfo(c, 'r7'); info; info = await jobInfo(c, 'r7')) {
+      const flushed = info['x-flushed-up-to'];
+      assert.ok(flushed >= first && flushed <= info['x-done-up-to'], `flushed ${flushed}, done ${info['x-done-up-to']}`);
+      if (seen[seen.length - 1] !== flushed) seen.push(flushed);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const done = await finished(c, 'r7');
+    assert.equal(done['x-flushed-up-to'], end);
+    // ascending, and flushed mid-way (not only at the end)
+    assert.deepEqual([...seen].sort((a, b) => a - b), seen);
+    assert.ok(seen.some((f) => f > first && f < end), `flushed marks seen: ${JSON.stringify(seen)}`);
+    assert.ok(readFileSync(join(dir, 't6.raw')).equals(expectedAfter(old, src, extents)));
+  });
+
+  await t.test('flush-bytes: a target whose flushes fail fails the job, its flushed mark never advanced', async () => {
+    await c.execute('blockdev-add', {
+      driver: 'blkdebug',
+      'node-name': 'noflush',
+      image: { driver: 'raw', file: { driver: 'file', filename: join(dir, 't7.raw') } },
+      'inject-error': [{ event: 'none', iotype: 'flush', errno: 5 }],
+    });
+    const extents: Extent[] = [{ offset: 0, length: 2 * MiB }];
+    await c.execute('x-blockdev-resync', { 'job-id': 'r8', device: 'src', target: 'noflush', extents, 'flush-bytes': 256 * KiB });
+    const done = await finished(c, 'r8');
+    assert.match(String(done.error), /Input\/output error|EIO/);
+    assert.equal(done['x-flushed-up-to'], 0);
+    await c.execute('blockdev-del', { 'node-name': 'noflush' });
+    await rejects(c.execute('x-blockdev-resync', { 'job-id': 'x', device: 'src', target: 't5', extents, 'flush-bytes': -1 }), /^Parameter 'flush-bytes' expects a non-negative integer, not -1$/);
   });
 
   await t.test('bad input gets a clear error and starts nothing', async () => {

@@ -14,8 +14,8 @@ import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
 import { rng } from '../helpers/rng.js';
 import { startDaemon } from '../helpers/daemon.js';
-import { unionExtents, type ByteRange } from '../../src/pair/sync.js';
-import { clipExtents } from '../../src/pair/reprotect.js';
+import { coalesceExtents, unionExtents, type ByteRange } from '../../src/pair/sync.js';
+import { MERGE_GAP, clipExtents } from '../../src/pair/reprotect.js';
 import type { DiskMeta } from '../../src/pair/generations.js';
 
 const MiB = 1024 * 1024;
@@ -151,12 +151,25 @@ test('a secondary killed under a write load is restarted, resynced live and prot
   for (const g of beforeKill) assert.ok(union.has(g), `granule ${g} was written before the secondary was lost but is not in the union`);
   let copied = 0;
   for (const [i, pass] of r.passes.entries()) {
-    for (const g of granulesOf(pass.extents)) assert.ok(written.has(g), `pass ${i} copied granule ${g}, which no client write touched`);
+    // written granules, and gaps of at most MERGE_GAP between them: each range begins and
+    // ends with a written granule, and no run of unwritten ones inside is longer
+    for (const e of pass.extents) {
+      const first = e.offset / GRANULE;
+      const last = Math.ceil((e.offset + e.length) / GRANULE) - 1;
+      assert.ok(written.has(first) && written.has(last), `pass ${i} copied ${JSON.stringify(e)}, which does not begin and end with a granule the client wrote`);
+      let clean = 0;
+      for (let g = first; g <= last; g++) {
+        clean = written.has(g) ? 0 : clean + 1;
+        assert.ok(clean * GRANULE <= MERGE_GAP, `pass ${i} copied ${clean} unwritten granules in a row up to ${g}: more than the merge gap`);
+      }
+    }
     assert.equal(pass.dataBytes + pass.zeroedBytes, pass.bytes, `pass ${i}: the job's counters`);
+    assert.equal(pass.bytes, pass.extents.reduce((a, e) => a + e.length, 0), `pass ${i}: the bytes of its ranges`);
     copied += pass.bytes;
   }
-  // pass 0 is the union; later passes only what the client wrote meanwhile (all in HOT)
-  assert.equal(r.passes[0]!.bytes, r.union.reduce((a, e) => a + e.length, 0));
+  // pass 0 is the union with its gaps of at most MERGE_GAP filled (clean bytes, the same on
+  // both disks); later passes only what the client wrote meanwhile (all in HOT)
+  assert.deepEqual(r.passes[0]!.extents, coalesceExtents(r.union, MERGE_GAP));
   assert.ok(r.passes[0]!.bytes <= HOT + GRANULE, `an incremental resync: pass 0 copied ${r.passes[0]!.bytes} bytes of a ${SIZE}-byte disk`);
   assert.ok(copied > 0);
   const st = sup.status();
@@ -276,8 +289,9 @@ test('the secondary killed during its resync: no failover to it, back to degrade
   const rest = unionExtents(clipExtents(union, doneUpTo), [{ offset: 9 * MiB, length: MiB }]);
   const r = sup.lastReprotect!;
   assert.deepEqual(r.union, rest);
-  assert.deepEqual(r.passes[0]!.extents, rest);
-  const restBytes = rest.reduce((a, x) => a + x.length, 0);
+  // the rest with its gaps of at most MERGE_GAP filled (here: none that small)
+  assert.deepEqual(r.passes[0]!.extents, coalesceExtents(rest, MERGE_GAP));
+  const restBytes = coalesceExtents(rest, MERGE_GAP).reduce((a, x) => a + x.length, 0);
   assert.equal(r.passes[0]!.bytes, restBytes);
   assert.equal(r.passes[0]!.dataBytes + r.passes[0]!.zeroedBytes, restBytes);
   const after = JSON.parse(readFileSync(metaFile, 'utf8')) as DiskMeta;

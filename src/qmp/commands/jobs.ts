@@ -226,6 +226,7 @@ export const jobCommands: readonly QmpCommand[] = [
       target,
       extents: args.extents,
       ...(args['target-is-zero'] !== undefined ? { targetIsZero: args['target-is-zero'] } : {}),
+      ...(args['flush-bytes'] !== undefined ? { flushBytes: args['flush-bytes'] } : {}),
     });
   }),
   command('query-block-jobs', NO_ARGS, (ctx) => jobs(ctx).queryBlockJobs()),

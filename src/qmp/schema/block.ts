@@ -85,6 +85,7 @@ export const X_BLOCKDEV_RESYNC = {
   extents: listOf({ struct: { offset: 'int', length: 'int' } }),
   '*speed': 'int',
   '*target-is-zero': 'bool',
+  '*flush-bytes': 'int',
   '*on-source-error': ON_ERROR,
   '*on-target-error': ON_ERROR,
   '*auto-finalize': 'bool',
