@@ -224,7 +224,6 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const pl = this.layout(o.primaryDir, o.primaryQmp !== undefined);
     const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
     for (const l of [pl, sl]) if (l.local) mkdirSync(l.dir, { recursive: true });
-    const tls = o.tls;
 
     // both at once (a daemon's start-up is most of a pair's on a loaded host); each one
     // that started is recorded before anything else, so that none is left unknown
@@ -237,6 +236,15 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const p = pl0.value;
     const s = sl0.value;
     for (const side of [s, p]) if (!side.child) await checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!, this.controlTimeoutMs);
+    await this.setUp(p, s);
+  }
+
+  /** On two fresh daemons (started as primary, as secondary): the images, the generations
+   *  compared, the graphs, then the copy and replication, or stage split-brain. */
+  private async setUp(p: Side, s: Side): Promise<void> {
+    const o = this.opts;
+    const forward = this.forwardAddress();
+    const tls = o.tls;
     // the disks are kept when they exist; the overlays are always recreated empty
     const created: Record<string, boolean> = {};
     for (const [side, name, keep] of [
@@ -314,17 +322,21 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     for (const d of [kd, dd]) if (!d.side.alive) throw new ResolveError('EREFUSED', `the ${d.name} daemon is not running: start the pair again`);
     // found when the failed side came back: the survivor serves (see enterSplitBrain)
     const survivor = this.serving.length > 0 ? this.primary : null;
-    if (survivor && keep !== survivor.name) {
-      throw new ResolveError(
-        'EREFUSED',
-        `the ${survivor.name} daemon serves the disk through the split brain: keeping the ${keep} disk would cut its clients off. ` +
-          `Stop the pair, restart both daemons (lockstep pair host) and start it again: the start finds the split brain with nothing served, and \`resolve --keep ${keep}\` works there`,
-      );
-    }
     this.resolving = true;
     try {
+      if (survivor) return (this.lastResolve = keep === survivor.name ? await this.resolveServing(keep, dd, sb) : await this.resolveAfresh(keep, survivor));
+      return await this.resolveAtStart(keep, dd, sb);
+    } finally {
+      this.resolving = false;
+    }
+  }
+
+  /** A split brain with nothing served: the other disk saved, then the union of both records
+   *  copied from the kept one, and the pair protected as a start does. */
+  private async resolveAtStart(keep: PairSideName, dd: PairDisk, sb: SplitBrain): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    const drop = dd.name;
+    {
       const o = this.opts;
-      if (survivor) return (this.lastResolve = await this.resolveServing(keep, dd, sb));
       o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
       const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
       o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
@@ -337,9 +349,36 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
       this.lastResolve = { kept: keep, saved, copied: this.lastResync };
       return this.lastResolve;
-    } finally {
-      this.resolving = false;
     }
+  }
+
+  /**
+   * A split brain found while the survivor serves, resolved keeping the other disk: the
+   * survivor stops serving (its clients are cut off; their history is the one the operator
+   * discards, saved whole below before anything is copied), both daemons' graphs are taken
+   * down and set up as at start, which finds the split brain again with nothing served, and
+   * the resolve goes on as at start.
+   */
+  private async resolveAfresh(keep: PairSideName, survivor: Side): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    const o = this.opts;
+    o.log('warn', `resolving the split brain: keeping the ${keep} disk; the ${survivor.name} daemon stops serving (its clients are cut off) and the pair is set up again as at start`);
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    this.lease?.stop();
+    this.lease = null;
+    await this.outputCommit.disable(survivor).catch(() => {});
+    const p = this.sideNamed('primary');
+    const s = this.sideNamed('secondary');
+    if (!p?.alive || !s?.alive) throw new ResolveError('EREFUSED', 'a daemon is not running: start the pair again');
+    for (const side of [survivor, survivor === p ? s : p]) await resetDaemon(this, side);
+    this.serving = [];
+    this.splitBrain = null;
+    this.primary = p;
+    this.secondary = s;
+    await this.setUp(p, s);
+    const sb = this.splitBrain as SplitBrain | null;
+    if (this.stage !== 'split-brain' || !sb) throw new Error(`set up again, the disks compared as ${this.lastSync?.kind ?? 'unknown'} (${this.lastSync?.reason ?? ''}): the pair went on as a start does`);
+    return this.resolveAtStart(keep, this.disks[otherSide(keep)]!, sb);
   }
 
   /**

@@ -514,10 +514,15 @@ const qemuRead = (image: string, dir: string): Buffer => {
   }
 };
 
-test('fencing off, the link cut, both sides write, the link healed: the running pair finds the split brain when the old primary answers, copies nothing (both disks byte for byte as they were), the survivor serves on and the old primary takes no more writes; resolve --keep the survivor saves the other disk and re-protects', { skip: skip || (requireTool('qemu-img') ? false : 'needs qemu-img'), timeout: 180_000 }, async (t) => {
-  const p = await twoHosts(t, 8, 'insecure');
+const sbSkip = skip || (requireTool('qemu-img') ? false : 'needs qemu-img');
+
+/** Fencing off, the link cut, both sides write, the link healed: the running pair's finding,
+ *  checked (nothing copied, the survivor serves on, the old primary fenced). */
+async function liveSplitBrain(t: { after(fn: () => unknown): void; diagnostic(m: string): void }, id: number) {
+  const p = await twoHosts(t, id, 'insecure');
   await supervise(p, ['--insecure', '--lease', 'off', '--flush-commit', 'off']);
   const w = await writer(join(p.dirA, 'disk.sock'));
+  t.after(() => w.client.destroy());
   await w.write(0, MiB, 0x11);
   await checkpoint(p);
   p.net.cut();
@@ -526,6 +531,7 @@ test('fencing off, the link cut, both sides write, the link healed: the running 
   // nothing fences the old primary: its client's writes are acknowledged, as the survivor's
   await w.write(3 * MiB, 2 * G, 0x66);
   const s = await writer(join(p.dirB, 'disk.sock'));
+  t.after(() => s.client.destroy());
   s.model.fill(0x11, 0, MiB);
   await s.write(5 * MiB, MiB, 0x77);
   const oldBefore = Buffer.from(w.model);
@@ -547,15 +553,14 @@ test('fencing off, the link cut, both sides write, the link healed: the running 
   // the old primary, which may be behind, acknowledges no write any more
   await assert.rejects(w.write(7 * MiB, 4096, 0x88));
   assert.equal(firstDiff(await w.client.read(0, SIZE), oldBefore), -1);
-  w.client.destroy();
   const check = await runLockstep(['pair', 'status', '--check', '--control', p.control]);
   assert.equal(check.code, 8, check.stdout + check.stderr);
-  // keeping the side that does not serve would cut the survivor's clients off: refused
-  const other = await runLockstep(['pair', 'resolve', '--keep', 'primary', '--control', p.control]);
-  assert.equal(other.code, 3, other.stdout + other.stderr);
-  assert.match(other.stderr, /the secondary daemon serves the disk through the split brain/);
-
   await s.write(10 * MiB, G, 0x99); // the survivor's clients go on meanwhile
+  return { p, w, s, oldBefore };
+}
+
+test('fencing off, the link cut, both sides write, the link healed: the running pair finds the split brain when the old primary answers, copies nothing (both disks byte for byte as they were), the survivor serves on and the old primary takes no more writes; resolve --keep the survivor saves the other disk and re-protects live', { skip: sbSkip, timeout: 180_000 }, async (t) => {
+  const { p, s, oldBefore } = await liveSplitBrain(t, 8);
   const r = await runLockstep(['pair', 'resolve', '--keep', 'secondary', '--json', '--control', p.control]);
   assert.equal(r.code, 0, r.stderr + p.sup!.output());
   const res = JSON.parse(r.stdout) as { saved: { side: string; image: string }; copied: { extents: ByteRange[]; bytes: number }; status: PairStatus };
@@ -565,7 +570,7 @@ test('fencing off, the link cut, both sides write, the link healed: the running 
   assert.ok(within([granules(3 * MiB, 2 * G), granules(5 * MiB, MiB), granules(10 * MiB, G)], res.copied.extents), JSON.stringify(res.copied.extents));
   assert.equal(res.status.stage, 'protected');
   assert.equal(res.status['primary-side'], 'secondary');
-  assert.equal(firstDiff(await s.client.read(0, SIZE), s.model), -1);
+  assert.equal(firstDiff(await s.client.read(0, SIZE), s.model), -1, 'the same connection reads the kept bytes');
   // a failover back serves the survivor's bytes at the checkpoint from the old primary's disk
   await checkpoint(p);
   const atCheckpoint = Buffer.from(s.model);
@@ -574,6 +579,30 @@ test('fencing off, the link cut, both sides write, the link healed: the running 
   await p.hostB.exited;
   await waitStage(p, 'failed-over');
   assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), atCheckpoint), -1);
+});
+
+test('the same split brain, resolve --keep the side that does not serve: the survivor stops serving, its disk is saved whole on its host, the pair is set up again and serves the old primary\'s bytes', { skip: sbSkip, timeout: 180_000 }, async (t) => {
+  const { p, s, oldBefore } = await liveSplitBrain(t, 10);
+  const survivorNow = Buffer.from(s.model);
+  const r = await runLockstep(['pair', 'resolve', '--keep', 'primary', '--json', '--control', p.control]);
+  assert.equal(r.code, 0, r.stderr + p.sup!.output());
+  const res = JSON.parse(r.stdout) as { saved: { side: string; image: string }; copied: { extents: ByteRange[] }; status: PairStatus };
+  assert.equal(res.saved.side, 'secondary');
+  assert.equal(join(res.saved.image, '..'), p.dirB, "saved on the survivor's host, beside its disk");
+  assert.equal(firstDiff(qemuRead(res.saved.image, p.root), survivorNow), -1, "the saved image is the survivor's disk as it was");
+  assert.ok(within([granules(3 * MiB, 2 * G), granules(5 * MiB, MiB), granules(10 * MiB, G)], res.copied.extents), JSON.stringify(res.copied.extents));
+  assert.equal(res.status.stage, 'protected');
+  assert.equal(res.status['primary-side'], undefined, 'the daemon started as primary serves again');
+  assert.deepEqual(res.status.serving, [`nbd+unix:///disk?socket=${join(p.dirA, 'disk.sock')}`]);
+  // the survivor's clients were cut off
+  await assert.rejects(s.client.read(0, 4096));
+  assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), oldBefore), -1, "the old primary's bytes are served");
+  // and replicated: a failover to the survivor's host serves them too
+  await checkpoint(p);
+  p.hostA.child.kill('SIGKILL');
+  await p.hostA.exited;
+  await waitStage(p, 'failed-over');
+  assert.equal(firstDiff(await readDisk(join(p.dirB, 'disk.sock')), oldBefore), -1);
 });
 
 test("TLS, the link cut and healed: the lease fenced the old primary, whose daemon ran on with its graph; with no command the pair reads its records where they are, takes that graph down and re-protects; a failover back keeps every byte", { skip, timeout: 180_000 }, async (t) => {
