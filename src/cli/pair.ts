@@ -89,7 +89,10 @@ stage split-brain, serving and copying nothing):
   --keep SIDE                primary|secondary: the disk to keep. The other side's whole disk
                              is first saved beside it (split-brain-SIDE-TIME.qcow2, a qcow2
                              qemu-img reads, and a .json describing it), then overwritten
-                             where the two differ; the pair is then protected
+                             where the two differ; the pair is then protected. Found
+                             while a survivor serves: keeping it resyncs the other live
+                             (its clients stay connected); keeping the other stops it
+                             serving and sets the pair up again from the kept disk
   --json                     the result as JSON
   exit codes: 0 resolved, 1 error, 2 nothing to resolve (not in split brain), 3 refused
   (e.g. the side to keep is inconsistent), 4 no supervisor runs (start the pair: a split

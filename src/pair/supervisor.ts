@@ -335,21 +335,19 @@ export class PairSupervisor extends EventEmitter implements PairCore {
    *  copied from the kept one, and the pair protected as a start does. */
   private async resolveAtStart(keep: PairSideName, dd: PairDisk, sb: SplitBrain): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
     const drop = dd.name;
-    {
-      const o = this.opts;
-      o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
-      const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
-      o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
-      const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
-      this.lastSync = { kind: 'incremental', source: keep, reason };
-      this.lastError = undefined;
-      // from here the copy's progress is what the status shows (a failed copy leaves the target
-      // inconsistent: the next start refuses it as a source, see docs/replication.md)
-      this.splitBrain = null;
-      await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
-      this.lastResolve = { kept: keep, saved, copied: this.lastResync };
-      return this.lastResolve;
-    }
+    const o = this.opts;
+    o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
+    const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
+    o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
+    const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
+    this.lastSync = { kind: 'incremental', source: keep, reason };
+    this.lastError = undefined;
+    // from here the copy's progress is what the status shows (a failed copy leaves the target
+    // inconsistent: the next start refuses it as a source, see docs/replication.md)
+    this.splitBrain = null;
+    await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
+    this.lastResolve = { kept: keep, saved, copied: this.lastResync };
+    return this.lastResolve;
   }
 
   /**
