@@ -521,7 +521,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     };
     // nothing was served yet: the generations decide again what to copy (a target the copy
     // had begun is marked inconsistent and is never a source)
-    // (a split brain served nothing either: the next start finds it again)
+    // (a split brain copied nothing either, and the next start finds it again; one found while
+    // the survivor served loses its clients here, as a restart of that daemon would)
     if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'split-brain' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
     // the failover killed the primary: only the survivor can serve
     // by role from here: the record names the daemons by the side they were started as
