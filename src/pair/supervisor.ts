@@ -862,7 +862,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       log: o.log,
       onAnswer: async () => {
         this.peerWatch = null;
-        if (this.stage === 'failed-over') await this.reprotect();
+        if (this.stage !== 'failed-over') return;
+        // a failed attempt logs and retries by itself once begun; one that could not begin
+        // (the survivor gone) is said here
+        await this.reprotect().catch((e: unknown) => {
+          if (this.stage === 'failed-over') o.log('error', `no re-protection: ${errorMessage(e)}`);
+        });
       },
     });
     this.peerWatch.start();
