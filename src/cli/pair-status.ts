@@ -17,6 +17,8 @@
 //   sides            {primary?, secondary?}: {generation, consistent, role, changed-bytes,
 //                    resync: {done, total, bytes-per-second, eta-seconds} | null}
 //   split-brain      {reason, changed-bytes: {primary, secondary}, diverged-bytes, commands}
+//   waiting-for-peer {side, address, since, attempts, last-error?, next-attempt-ms?}: after a
+//                    failover across two hosts, the failed side's daemon awaited
 
 import { bytesText, durationText, progressText } from './terminal.js';
 
@@ -157,14 +159,21 @@ export function renderStatus(st: Status, now = Date.now()): string {
   const sb = st['split-brain'] as { reason?: unknown; 'diverged-bytes'?: unknown; commands?: unknown } | undefined;
   if (sb && typeof sb === 'object') {
     lines.push(`  SPLIT BRAIN: ${String(sb.reason)}`);
-    if (num(sb['diverged-bytes']) !== null) lines.push(`  diverged regions ${bytesText(num(sb['diverged-bytes'])!)} (the union of both change records); nothing is served or copied`);
+    const served = serving0(st).length > 0 ? `nothing is copied; the ${String(st['primary-side'] ?? 'primary')} daemon serves on, the other disk is fenced` : 'nothing is served or copied';
+    if (num(sb['diverged-bytes']) !== null) lines.push(`  diverged regions ${bytesText(num(sb['diverged-bytes'])!)} (the union of both change records); ${served}`);
     if (Array.isArray(sb.commands)) for (const c of sb.commands) lines.push(`    ${String(c)}`);
   }
-  const serving = Array.isArray(st.serving) ? (st.serving as unknown[]) : [];
+  const wait = st['waiting-for-peer'] as { side?: unknown; address?: unknown; since?: unknown; attempts?: unknown; 'last-error'?: unknown } | undefined;
+  if (wait && typeof wait === 'object') {
+    lines.push(`  waiting for the ${String(wait.side)} daemon at ${String(wait.address)} since ${String(wait.since)} (${String(wait.attempts)} attempts${wait['last-error'] ? `, last: ${String(wait['last-error'])}` : ''}): re-protects by itself when it answers`);
+  }
+  const serving = serving0(st);
   if (serving.length) lines.push(`  serving ${serving.map(String).join('\n          ')}`);
   if (st['last-error']) lines.push(`  last error: ${String(st['last-error'])}`);
   return lines.join('\n') + '\n';
 }
+
+const serving0 = (st: Status): unknown[] => (Array.isArray(st.serving) ? (st.serving as unknown[]) : []);
 
 /** `--check`'s one line: "protected: primary serving, last pause 1.20 ms". */
 export function checkLine(st: Status): string {

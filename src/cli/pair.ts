@@ -34,8 +34,10 @@ A lost secondary is brought back by itself (restarted here, or its QMP address r
 two hosts, with a growing delay), resynced from the two change records while the primary
 keeps serving, and the pair is protected again; 'lockstep pair reprotect' does it now.
 After a failover, 'lockstep pair reprotect' makes the survivor the primary while it serves
-and resyncs the old primary's disk as its secondary (on two hosts once the old primary's
-'lockstep pair host' runs again).
+and resyncs the old primary's disk as its secondary; across two hosts the supervisor does it
+by itself once the old primary's 'lockstep pair host' answers again (status shows the wait).
+A split brain found then copies nothing and waits for 'lockstep pair resolve' while the
+survivor serves on.
 
 Two hosts: run 'lockstep pair host' on each (a lockstep daemon whose QMP monitor listens on
 HOST:PORT with TLS), then 'lockstep pair run' on the secondary's host (or a third one) with
@@ -56,7 +58,9 @@ Options:
   --lease T|off              the primary's write lease (default: the heartbeat timeout)
   --resync-rate BYTES/s      the rate of a resync while the primary serves, e.g. 50M
                              (default: unlimited)
-  --reprotect on|off         bring a lost secondary back by itself (default on)
+  --reprotect on|off         bring a lost secondary back by itself, and across two hosts
+                             re-protect after a failover once the failed side's daemon
+                             answers again (default on; off: 'lockstep pair reprotect')
   --nbd-socket PATH          serve the disk on this Unix socket (default DATA/disk.sock)
   --nbd-port N               and on 127.0.0.1:N (default 10809; 0 = no TCP)
   --metrics HOST:PORT        Prometheus endpoint (/metrics)
@@ -85,7 +89,10 @@ stage split-brain, serving and copying nothing):
   --keep SIDE                primary|secondary: the disk to keep. The other side's whole disk
                              is first saved beside it (split-brain-SIDE-TIME.qcow2, a qcow2
                              qemu-img reads, and a .json describing it), then overwritten
-                             where the two differ; the pair is then protected
+                             where the two differ; the pair is then protected. Found
+                             while a survivor serves: keeping it resyncs the other live
+                             (its clients stay connected); keeping the other stops it
+                             serving and sets the pair up again from the kept disk
   --json                     the result as JSON
   exit codes: 0 resolved, 1 error, 2 nothing to resolve (not in split brain), 3 refused
   (e.g. the side to keep is inconsistent), 4 no supervisor runs (start the pair: a split

@@ -21,11 +21,12 @@ export interface LivenessBounds {
   lostAfterMs: number;
 }
 
-/** The policy table: which bound applies to which side. */
-export function livenessBounds(side: Pick<Side, 'name' | 'child' | 'pid'>, timeoutMs: number, longMs: number): LivenessBounds {
+/** The policy table: which bound applies to which side. `role`: what the side plays now (after
+ *  a failover's re-protection the daemon started as secondary is the primary). */
+export function livenessBounds(side: Pick<Side, 'name' | 'child' | 'pid'>, timeoutMs: number, longMs: number, role: Side['name'] = side.name): LivenessBounds {
   // a daemon adopted from a dead supervisor (adopt.ts) runs on this host too
   const local = side.child !== null || side.pid !== undefined;
-  if (!local && side.name === 'primary') return { lateAfterMs: timeoutMs, lostAfterMs: timeoutMs };
+  if (!local && role === 'primary') return { lateAfterMs: timeoutMs, lostAfterMs: timeoutMs };
   return { lateAfterMs: timeoutMs, lostAfterMs: Math.max(longMs, timeoutMs) };
 }
 
@@ -52,11 +53,12 @@ export class Liveness {
     private readonly lost: (side: Side) => void,
   ) {}
 
-  /** One round: a ping to every live side without one outstanding, then the bounds checked. */
-  tick(sides: Array<Side | null>, now = Date.now()): void {
-    for (const side of sides) {
+  /** One round: a ping to every live side without one outstanding, then the bounds checked.
+   *  `sides`: [the primary, the secondary], by the role each plays now. */
+  tick(sides: [Side | null, Side | null], now = Date.now()): void {
+    for (const [i, side] of sides.entries()) {
       if (!side || !side.alive) continue;
-      const bounds = livenessBounds(side, this.timeoutMs, this.longMs);
+      const bounds = livenessBounds(side, this.timeoutMs, this.longMs, i === 0 ? 'primary' : 'secondary');
       const p = this.pending.get(side);
       if (!p) {
         this.ping(side, now);

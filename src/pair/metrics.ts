@@ -66,7 +66,7 @@ export interface MetricsStatus {
   'changed-bytes'?: number;
   resync?: { done: number; total: number; 'bytes-per-second'?: number };
   /** per side: bytes its disk changed that the peer lacks (null: unknown) */
-  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null; resync?: { 'bytes-per-second': number } | null }>>;
+  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null; resync?: { 'bytes-per-second': number } | null; role?: Role }>>;
 }
 
 /** A copy's rate: bytes done since the first sample over the time since (0 until two samples). */
@@ -155,7 +155,10 @@ export class PairMetrics {
   render(st: MetricsStatus): string {
     const head = (name: string, help: string, type: string) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}`;
     const one = (name: string, help: string, v: number, type = 'gauge') => `${head(name, help, type)}\n${name} ${v}`;
-    const roles = sideRoles(st.stage, st['primary-side']);
+    // the status's own per-side roles when it has them (a split brain found while the survivor
+    // serves: that side is Primary), else from the stage
+    const sr = st.sides;
+    const roles = sr?.primary?.role && sr.secondary?.role ? { primary: sr.primary.role, secondary: sr.secondary.role } : sideRoles(st.stage, st['primary-side']);
     const conn = connectionState(st.stage);
     const out = [
       head('lockstep_pair_stage', "The pair's stage: 1 for the current one, 0 for the others", 'gauge'),

@@ -13,6 +13,10 @@
 //   secondary's disk is inconsistent until the resync ends)
 //   starting -> split-brain (both disks changed since they diverged: nothing is served or
 //   copied) -> syncing (`lockstep pair resolve --keep SIDE`, split-brain.ts)
+//   degraded -> split-brain (the failed side came back while the survivor serves, and both
+//   changed since they diverged: nothing copied, the survivor serves on, the returning disk
+//   fenced) -> degraded (`resolve --keep` the survivor: its disk is resynced onto the other,
+//   as a lost secondary's) or syncing (`resolve --keep` the returning side, set up afresh)
 
 export type PairStage = 'starting' | 'syncing' | 'protected' | 'primary-lost' | 'failed-over' | 'degraded' | 'resyncing' | 'split-brain' | 'stopped';
 
@@ -21,11 +25,11 @@ export const STAGE_TRANSITIONS: Record<PairStage, readonly PairStage[]> = {
   syncing: ['protected', 'stopped'],
   protected: ['primary-lost', 'failed-over', 'degraded', 'stopped'],
   'primary-lost': ['failed-over', 'stopped'],
-  degraded: ['resyncing', 'stopped'],
+  degraded: ['resyncing', 'split-brain', 'stopped'],
   resyncing: ['protected', 'degraded', 'primary-lost', 'stopped'],
   'failed-over': ['degraded', 'stopped'],
   // resolved: the kept side's disk is copied onto the other's (then as a start's sync)
-  'split-brain': ['syncing', 'stopped'],
+  'split-brain': ['syncing', 'degraded', 'stopped'],
   stopped: [],
 };
 
@@ -48,7 +52,8 @@ export const STAGE_POLICY: Record<PairStage, StagePolicy> = {
   // the primary serves while the returning secondary's disk is copied to; it is inconsistent
   resyncing: { role: 'primary serving', checkpoints: false, failover: false },
   // neither disk is current until the operator says which: serving either would add to one
-  // history, copying would destroy the other
+  // history, copying would destroy the other. Found while a survivor serves, that survivor
+  // serves on (status says so: role '<side> serving'); docs/replication.md says why
   'split-brain': { role: 'none serving', checkpoints: false, failover: false },
   stopped: { role: 'primary serving', checkpoints: false, failover: false },
 };

@@ -3,6 +3,8 @@
 import { sideRoles, type PairMetrics } from './metrics.js';
 import type { DiskMeta } from './generations.js';
 import { STAGE_POLICY, type PairStage } from './stages.js';
+import type { PeerWaitStatus } from './peer-return.js';
+import type { LiveResyncResult } from './reprotect.js';
 
 export interface PairStatus {
   stage: PairStage;
@@ -40,6 +42,36 @@ export interface PairStatus {
   sides?: Record<'primary' | 'secondary', SideStatus>;
   /** stage split-brain: what each side changed, what a resolve copies, what to run */
   'split-brain'?: { reason: string; 'changed-bytes': { primary: number; secondary: number }; 'diverged-bytes': number; commands: string[] };
+  /** after a failover across two hosts: the failed side's daemon awaited, to re-protect by
+   *  itself once it answers (peer-return.ts) */
+  'waiting-for-peer'?: PeerWaitStatus;
+  /** what the last live resync (re-protection) copied: pass 0 is the union of both change
+   *  records (its ranges listed up to UNION_SHOWN of them), the later passes what was
+   *  written meanwhile, and the job's counters per pass */
+  'last-reprotect'?: ReprotectSummary;
+}
+
+export const UNION_SHOWN = 256;
+
+export interface ReprotectSummary {
+  'union-bytes': number;
+  'union-extents': number;
+  /** the union's ranges, when there are at most UNION_SHOWN */
+  union?: Array<{ offset: number; length: number }>;
+  passes: Array<{ bytes: number; 'data-bytes': number; 'zeroed-bytes': number; 'skipped-zero-bytes': number }>;
+  'barrier-bytes': number;
+  'pause-ms': number;
+}
+
+export function reprotectSummary(r: LiveResyncResult): ReprotectSummary {
+  return {
+    'union-bytes': r.union.reduce((a, x) => a + x.length, 0),
+    'union-extents': r.union.length,
+    ...(r.union.length <= UNION_SHOWN ? { union: r.union } : {}),
+    passes: r.passes.map((p) => ({ bytes: p.bytes, 'data-bytes': p.dataBytes, 'zeroed-bytes': p.zeroedBytes, 'skipped-zero-bytes': p.skippedZeroBytes })),
+    'barrier-bytes': r.barrierBytes,
+    'pause-ms': r.pauseMs,
+  };
 }
 
 export interface SideStatus {
@@ -64,12 +96,16 @@ export interface SideInputs {
   resyncTarget?: 'primary' | 'secondary';
   /** the side whose daemon plays the primary (default the primary) */
   primarySide?: 'primary' | 'secondary';
+  /** the disk is served (a split brain found while the survivor served) */
+  serving?: boolean;
 }
 
 /** Each side's line of the status, from the stage, the records and the copy running. */
 export function buildSides(i: SideInputs): Record<'primary' | 'secondary', SideStatus> {
   const roles = sideRoles(i.stage, i.primarySide);
   const primaryRole = i.primarySide ?? 'primary';
+  // a split brain found while the survivor served: it serves on, the other stands alone
+  if (i.stage === 'split-brain' && i.serving) roles[primaryRole] = 'Primary';
   const changed = (side: 'primary' | 'secondary'): number | null => {
     if (i.splitChanged) return i.splitChanged[side];
     // protected: every write reaches the peer, which lacks nothing
@@ -108,13 +144,16 @@ export interface StatusInputs {
   sides?: PairStatus['sides'];
   splitBrain?: PairStatus['split-brain'];
   primarySide?: 'primary' | 'secondary';
+  waitingForPeer?: PeerWaitStatus;
+  lastReprotect?: LiveResyncResult | null;
 }
 
 export function buildStatus(i: StatusInputs): PairStatus {
   const q = (x: number | null) => (x === null ? null : x * 1000);
   const st: PairStatus = {
     stage: i.stage,
-    role: STAGE_POLICY[i.stage].role,
+    // a split brain found while the survivor served: it serves on
+    role: i.stage === 'split-brain' && i.serving.length > 0 ? `${i.primarySide ?? 'primary'} serving` : STAGE_POLICY[i.stage].role,
     checkpoints: i.metrics.checkpoints,
     'checkpoint-failures': i.metrics.checkpointFailures,
     'last-pause-ms': i.lastPauseMs,
@@ -137,5 +176,7 @@ export function buildStatus(i: StatusInputs): PairStatus {
   if (i.resync) st.resync = i.resync;
   if (i.sides) st.sides = i.sides;
   if (i.splitBrain) st['split-brain'] = i.splitBrain;
+  if (i.waitingForPeer) st['waiting-for-peer'] = i.waitingForPeer;
+  if (i.lastReprotect) st['last-reprotect'] = reprotectSummary(i.lastReprotect);
   return st;
 }

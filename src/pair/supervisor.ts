@@ -37,6 +37,8 @@ import { daemonLogPath } from './sides.js';
 import { ResolveError, checkUnfenced, otherSide, saveDisk as saveSplitDisk, splitBrainInfo, type SavedDisk, type SideRecords, type SplitBrain } from './split-brain.js';
 import { Backoff, ReprotectRefused, cleanUpResync, clipExtents, detachReplication, liveResync, startReplication, type LiveResyncResult, type PassMark, type ResyncProgress } from './reprotect.js';
 import { newId } from './generations.js';
+import { PeerReturnWatch } from './peer-return.js';
+import { fenceServed, heldNodes, resetDaemon } from './returning.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 export type { PairStage } from './stages.js';
@@ -155,6 +157,11 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   /** a live resync whose target died: where it stood (the primary's daemon still tracks the
    *  writes since that pass began), for the next attempt onto the same disk to resume */
   private interrupted: { session: string; mark: PassMark } | null = null;
+  /** after a failover across two hosts: waiting for the failed side's daemon to answer */
+  private peerWatch: PeerReturnWatch | null = null;
+  /** a split brain found while the survivor served, resolved keeping the survivor's disk: the
+   *  generations it was found at (the re-protection then copies from that disk) */
+  private resolvedKeep: { keep: PairSideName; at: { primary: string; secondary: string } } | null = null;
 
   constructor(readonly opts: PairOptions) {
     super();
@@ -216,7 +223,6 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const pl = this.layout(o.primaryDir, o.primaryQmp !== undefined);
     const sl = this.layout(o.secondaryDir, o.secondaryQmp !== undefined);
     for (const l of [pl, sl]) if (l.local) mkdirSync(l.dir, { recursive: true });
-    const tls = o.tls;
 
     // both at once (a daemon's start-up is most of a pair's on a loaded host); each one
     // that started is recorded before anything else, so that none is left unknown
@@ -229,6 +235,15 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const p = pl0.value;
     const s = sl0.value;
     for (const side of [s, p]) if (!side.child) await checkFresh(side, side === s ? o.secondaryQmp! : o.primaryQmp!, this.controlTimeoutMs);
+    await this.setUp(p, s);
+  }
+
+  /** On two fresh daemons (started as primary, as secondary): the images, the generations
+   *  compared, the graphs, then the copy and replication, or stage split-brain. */
+  private async setUp(p: Side, s: Side): Promise<void> {
+    const o = this.opts;
+    const forward = this.forwardAddress();
+    const tls = o.tls;
     // the disks are kept when they exist; the overlays are always recreated empty
     const created: Record<string, boolean> = {};
     for (const [side, name, keep] of [
@@ -275,11 +290,15 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     return { primary: { extents: pr!.extents, bytes: pr!['dirty-bytes'] }, secondary: { extents: sr!.extents, bytes: sr!['dirty-bytes'] } };
   }
 
-  /** Stage split-brain: nothing served, nothing copied, the operator told what to run. */
-  private enterSplitBrain(reason: string, records: SideRecords): void {
+  /** Stage split-brain: nothing copied, the operator told what to run. Nothing served at
+   *  start; found when the failed side came back, the survivor (`serving`) serves on. */
+  private enterSplitBrain(reason: string, records: SideRecords, serving?: SideName): void {
     const sb = (this.splitBrain = splitBrainInfo(reason, records, this.opts.control ?? join(this.opts.dataDir, 'pair.sock')));
     this.stages.to('split-brain');
-    this.lastError = `split brain: ${reason}. Neither disk was changed and nothing is served. Keep one with \`lockstep pair resolve --keep primary|secondary\` (the other disk is saved first)`;
+    const what = serving
+      ? `Neither disk was changed; the ${serving} daemon serves on (its clients keep their connections), the ${otherSide(serving)} disk serves no writes.`
+      : 'Neither disk was changed and nothing is served.';
+    this.lastError = `split brain: ${reason}. ${what} Keep one with \`lockstep pair resolve --keep primary|secondary\` (the other disk is saved first)`;
     this.opts.log('error', this.lastError, { 'changed-bytes': sb['changed-bytes'], 'diverged-bytes': sb['diverged-bytes'], run: sb.commands.map((c) => c.replace(/\s+#.*$/, '')) });
   }
 
@@ -300,24 +319,88 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (!kd?.meta || !dd?.meta) throw new ResolveError('EREFUSED', 'a disk has no generation record');
     if (!kd.meta.consistent) throw new ResolveError('EREFUSED', `the ${keep} disk is inconsistent (a resync into it or a failover commit did not finish): it cannot be kept`);
     for (const d of [kd, dd]) if (!d.side.alive) throw new ResolveError('EREFUSED', `the ${d.name} daemon is not running: start the pair again`);
+    // found when the failed side came back: the survivor serves (see enterSplitBrain)
+    const survivor = this.serving.length > 0 ? this.primary : null;
     this.resolving = true;
     try {
-      const o = this.opts;
-      o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
-      const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
-      o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
-      const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
-      this.lastSync = { kind: 'incremental', source: keep, reason };
-      this.lastError = undefined;
-      // from here the copy's progress is what the status shows (a failed copy leaves the target
-      // inconsistent: the next start refuses it as a source, see docs/replication.md)
-      this.splitBrain = null;
-      await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
-      this.lastResolve = { kept: keep, saved, copied: this.lastResync };
-      return this.lastResolve;
+      if (survivor) return (this.lastResolve = keep === survivor.name ? await this.resolveServing(keep, dd, sb) : await this.resolveAfresh(keep, survivor));
+      return await this.resolveAtStart(keep, dd, sb);
     } finally {
       this.resolving = false;
     }
+  }
+
+  /** A split brain with nothing served: the other disk saved, then the union of both records
+   *  copied from the kept one, and the pair protected as a start does. */
+  private async resolveAtStart(keep: PairSideName, dd: PairDisk, sb: SplitBrain): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    const drop = dd.name;
+    const o = this.opts;
+    o.log('warn', `resolving the split brain: keeping the ${keep} disk; saving the ${drop} disk first`);
+    const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
+    o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
+    const reason = `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}`;
+    this.lastSync = { kind: 'incremental', source: keep, reason };
+    this.lastError = undefined;
+    // from here the copy's progress is what the status shows (a failed copy leaves the target
+    // inconsistent: the next start refuses it as a source, see docs/replication.md)
+    this.splitBrain = null;
+    await this.protect({ kind: 'incremental', source: keep, reason }, { primary: { extents: sb.extents, bytes: sb['diverged-bytes'] }, secondary: { extents: [], bytes: 0 } });
+    this.lastResolve = { kept: keep, saved, copied: this.lastResync };
+    return this.lastResolve;
+  }
+
+  /**
+   * A split brain found while the survivor serves, resolved keeping the other disk: the
+   * survivor stops serving (its clients are cut off; their history is the one the operator
+   * discards, saved whole below before anything is copied), both daemons' graphs are taken
+   * down and set up as at start, which finds the split brain again with nothing served, and
+   * the resolve goes on as at start.
+   */
+  private async resolveAfresh(keep: PairSideName, survivor: Side): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    const o = this.opts;
+    o.log('warn', `resolving the split brain: keeping the ${keep} disk; the ${survivor.name} daemon stops serving (its clients are cut off) and the pair is set up again as at start`);
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    this.lease?.stop();
+    this.lease = null;
+    await this.outputCommit.disable(survivor).catch(() => {});
+    const p = this.sideNamed('primary');
+    const s = this.sideNamed('secondary');
+    if (!p?.alive || !s?.alive) throw new ResolveError('EREFUSED', 'a daemon is not running: start the pair again');
+    for (const side of [survivor, survivor === p ? s : p]) await resetDaemon(this, side);
+    this.serving = [];
+    this.splitBrain = null;
+    this.primary = p;
+    this.secondary = s;
+    await this.setUp(p, s);
+    const sb = this.splitBrain as SplitBrain | null;
+    if (this.stage !== 'split-brain' || !sb) throw new Error(`set up again, the disks compared as ${this.lastSync?.kind ?? 'unknown'} (${this.lastSync?.reason ?? ''}): the pair went on as a start does`);
+    return this.resolveAtStart(keep, this.disks[otherSide(keep)]!, sb);
+  }
+
+  /**
+   * A split brain found while the survivor serves, resolved keeping the survivor's disk: the
+   * other disk is saved on its host, its daemon's graph taken down, and it returns as the
+   * survivor's secondary through the live resync (the union of both records, copied while
+   * the survivor serves on), exactly as a lost secondary does.
+   */
+  private async resolveServing(keep: PairSideName, dd: PairDisk, sb: SplitBrain): Promise<{ kept: PairSideName; saved: SavedDisk; copied: ResyncResult | null }> {
+    const o = this.opts;
+    const drop = dd.name;
+    o.log('warn', `resolving the split brain: keeping the ${keep} disk, which serves; saving the ${drop} disk first`);
+    const saved = await saveSplitDisk(this, dd.side, drop, o.size, { primary: this.disks.primary?.meta ?? null, secondary: this.disks.secondary?.meta ?? null }, sb);
+    o.log('info', `saved the ${drop} disk as it was`, { image: saved.image, description: saved.description, data: saved['data-bytes'] });
+    const at = { primary: this.disks.primary?.meta?.current ?? '', secondary: this.disks.secondary?.meta?.current ?? '' };
+    this.resolvedKeep = { keep, at };
+    this.lastSync = { kind: 'incremental', source: keep, reason: `split brain resolved: the ${keep} disk kept, the ${drop} disk saved in ${saved.image}` };
+    this.lastError = undefined;
+    this.splitBrain = null;
+    await resetDaemon(this, dd.side);
+    this.stages.to('degraded');
+    await this.reprotect();
+    const r = this.lastReprotect!;
+    const sum = (k: 'bytes' | 'dataBytes' | 'zeroedBytes' | 'skippedZeroBytes') => r.passes.reduce((a, x) => a + x[k], 0);
+    return { kept: keep, saved, copied: { extents: r.union, bytes: sum('bytes'), dataBytes: sum('dataBytes'), zeroedBytes: sum('zeroedBytes'), skippedZeroBytes: sum('skippedZeroBytes') } };
   }
 
   /** From the compared disks to a protected pair: the copy the decision asks for, then replication. */
@@ -437,7 +520,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     };
     // nothing was served yet: the generations decide again what to copy (a target the copy
     // had begun is marked inconsistent and is never a source)
-    // (a split brain served nothing either: the next start finds it again)
+    // (a split brain copied nothing either, and the next start finds it again; one found while
+    // the survivor served loses its clients here, as a restart of that daemon would)
     if (r.stage === 'starting' || r.stage === 'syncing' || r.stage === 'split-brain' || r.stage === 'stopped') return retireAll(`the last run ended in stage ${r.stage}, before it served the disk`);
     // the failover killed the primary: only the survivor can serve
     // by role from here: the record names the daemons by the side they were started as
@@ -606,6 +690,13 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (side === this.primary) {
       this.lease?.stop();
       if (this.stage === 'failed-over' || this.failingOver) return;
+      if (this.stage === 'split-brain') {
+        // the survivor that served through the split brain: nothing can take over (neither
+        // disk is current); the split brain still waits for `resolve`
+        this.serving = [];
+        this.opts.log('error', `the ${side.name} daemon, which served during the split brain, died: nothing serves the disk`);
+        return;
+      }
       if (this.stage === 'resyncing') {
         // never fail over to a resync target: its disk is a mix of old and new regions
         this.stages.to('primary-lost');
@@ -678,6 +769,9 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   reprotect(): Promise<void> {
     if (this.reprotecting) return this.reprotecting;
     if (this.stage === 'failed-over') {
+      // run now (by hand, or the watch saw the peer answer): no more waiting
+      this.peerWatch?.stop();
+      this.peerWatch = null;
       try {
         this.swapRoles();
       } catch (e) {
@@ -696,6 +790,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       // with the primary gone the secondary's disk stays what the resync left: inconsistent
       if (this.primary?.alive) this.resyncProgress = null;
       if (this.stage === 'stopped') return;
+      // a split brain found on the way: both daemons stay as they are for `resolve`
+      if (this.stage === 'split-brain') return;
       // the generations refused (split brain, unrelated, the secondary newer): never retried
       const final = e instanceof PairDiskError || e instanceof ReprotectRefused;
       const msg = `re-protection failed: ${errorMessage(e)}`;
@@ -744,6 +840,46 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     this.opts.log('info', `re-protecting after the failover: the ${survivor.name} daemon, which serves, becomes the primary; the ${otherSide(survivor.name)} disk returns as its secondary`);
   }
 
+  /**
+   * After a failover across two hosts (the failed side attached at a QMP address) with
+   * re-protection on: wait for that side's daemon to answer, then re-protect as `lockstep
+   * pair reprotect` does (peer-return.ts). On one host that command, or the next start, does it.
+   */
+  private watchPeerReturn(): void {
+    const o = this.opts;
+    const survivor = this.secondary;
+    if (o.reprotect === false || !survivor || this.peerWatch) return;
+    const failed = otherSide(survivor.name);
+    const address = failed === 'primary' ? o.primaryQmp : o.secondaryQmp;
+    if (!address) return;
+    this.peerWatch = new PeerReturnWatch({
+      side: failed,
+      address,
+      tls: o.tls,
+      firstDelayMs: o.reprotectBackoffMs ?? 1000,
+      timeoutMs: this.controlTimeoutMs,
+      log: o.log,
+      onAnswer: async () => {
+        this.peerWatch = null;
+        if (this.stage !== 'failed-over') return;
+        // a failed attempt logs and retries by itself once begun; one that could not begin
+        // (the survivor gone) is said here
+        await this.reprotect().catch((e: unknown) => {
+          if (this.stage === 'failed-over') o.log('error', `no re-protection: ${errorMessage(e)}`);
+        });
+      },
+    });
+    this.peerWatch.start();
+  }
+
+  /** The operator resolved the split brain found while the survivor served, keeping its disk:
+   *  while both disks are still at the generations it was found at, copy from the kept one. */
+  private resolvedDecision(): SyncDecision | null {
+    const rk = this.resolvedKeep;
+    if (!rk || this.disks.primary?.meta?.current !== rk.at.primary || this.disks.secondary?.meta?.current !== rk.at.secondary) return null;
+    return { kind: 'incremental', source: rk.keep, reason: `split brain resolved: the ${rk.keep} disk kept` };
+  }
+
   /** The side whose daemon plays the primary (named by the side it was started as). */
   get primarySide(): SideName {
     if (this.primary) return this.primary.name;
@@ -775,18 +911,49 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     if (pd.meta?.peerNotOutdated !== undefined && !(await outdatePeer(this, pd, s, DISK_FILE[sn], this.controlTimeoutMs))) {
       throw new Error('the secondary could not be marked outdated');
     }
-    if (!s.child) await checkFresh(s, attach!, this.controlTimeoutMs);
+    // a daemon on another host that ran on through a cut link still holds its graph: its
+    // records are read where they are open, and the graph is taken down only once the
+    // generations say its disk is the older one (returning.ts)
+    const held = s.child ? [] : await heldNodes(this, s);
     let created = false;
-    for (const [name, keep] of [[DISK_FILE[sn], true], [OVERLAYS[sn].active, false], [OVERLAYS[sn].hidden, false]] as const) {
-      const r = await ensureImage(s.qmp, s.layout, name, o.size, keep);
-      if (name === DISK_FILE[sn]) created = r === 'created';
-    }
+    if (held.length === 0) created = (await ensureImage(s.qmp, s.layout, DISK_FILE[sn], o.size, true)) === 'created';
     const sd = (this.disks[sn] = await loadDisk(this, s, sn, created, o.size));
-    // the generations are compared by disk (started as primary, as secondary)
-    const first = decideStart(this.disks.primary!, this.disks.secondary!, undefined);
-    const refused = refusal(first);
+    // the generations are compared by disk (started as primary, as secondary), unless the
+    // operator resolved this very split brain keeping the serving disk
+    const resolved = this.resolvedDecision();
+    const first = resolved ?? decideStart(this.disks.primary!, this.disks.secondary!, undefined);
+    // a split brain is counted from the records below; anything else refused is refused here
+    const refused = first.kind === 'split-brain' ? null : refusal(first);
     if (refused) throw refused;
     if ((first.kind === 'incremental' || first.kind === 'full') && first.source !== p.name) throw new ReprotectRefused(`the generations say the ${sn} disk is newer (${first.reason}): not copying over it while the ${p.name} daemon serves`);
+    const build = async (): Promise<void> => {
+      for (const n of [OVERLAYS[sn].active, OVERLAYS[sn].hidden]) await ensureImage(s.qmp, s.layout, n, o.size, false);
+      await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds, sn);
+    };
+    let built = false;
+    if (!resolved && (first.kind === 'incremental' || first.kind === 'split-brain')) {
+      // the returning disk's record is in its dirty log: opened by building the disk as the
+      // secondary (a fresh daemon), or open already (a daemon that ran on)
+      if (held.length === 0) {
+        await build();
+        built = true;
+      } else if (!held.includes(LOG_NODE[sn])) {
+        throw new Error(`the ${sn} daemon holds block nodes (${held.slice(0, 5).join(', ')}) but not its disk's dirty log ${LOG_NODE[sn]}: restart it (lockstep pair host)`);
+      }
+      const records = await this.readRecords(this.sideNamed('primary')!, this.sideNamed('secondary')!);
+      // a survivor of an unfenced failover whose old primary went on writing: split brain too
+      const decision = first.kind === 'incremental' ? checkUnfenced(first, this.disks.primary!.meta, this.disks.secondary!.meta, records) : first;
+      if (decision.kind === 'split-brain') {
+        // nothing is copied, and the returning disk adds nothing more to its history
+        if (held.length > 0 && (await fenceServed(this, s))) o.log('warn', `the ${sn} daemon still served its disk: fenced, it acknowledges no write until the split brain is resolved`);
+        this.enterSplitBrain(decision.reason, records, p.name);
+        throw new PairDiskError('ESPLITBRAIN', this.lastError!);
+      }
+    }
+    if (held.length > 0) {
+      o.log('warn', `the ${sn} daemon ran on with its old graph (${held.slice(0, 5).join(', ')}); its disk is the older one (${first.reason}): taking the graph down to build the disk as the secondary`);
+      await resetDaemon(this, s);
+    }
     // an interrupted resync onto this same disk (its record carries that attempt's session)
     // resumes: the rest of its pass above the persisted mark, and what was written since
     const was = this.interrupted;
@@ -806,11 +973,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     const passBase = was && resume ? was.mark.pass + 1 : 0;
     // nothing to resume: the records name everything (a superset)
     if (!resume) this.interrupted = null;
-    await buildSecondary(s.qmp, s.layout, forward, o.tls?.serverCreds, sn);
-    // a survivor of an unfenced failover whose old primary went on writing: split brain,
-    // nothing is copied (the records are read once both dirty logs are open)
-    const decision = first.kind === 'incremental' ? checkUnfenced(first, this.disks.primary!.meta, this.disks.secondary!.meta, await this.readRecords(this.sideNamed('primary')!, this.sideNamed('secondary')!)) : first;
-    if (decision.kind === 'split-brain') throw new PairDiskError('ESPLITBRAIN', `split brain: ${decision.reason}; neither disk was changed and the ${p.name} daemon keeps serving. Stop the pair and start it again to resolve it`);
+    if (!built) await build();
+    const decision = first;
     o.log('info', `the ${sn} daemon is back as the secondary: ${decision.kind === 'none' ? 'nothing to copy' : `${decision.kind} resync from the ${p.name} disk`}, while the ${p.name} daemon serves`, { reason: decision.reason });
     this.stages.to('resyncing');
     this.resyncProgress = { done: 0, total: 0, 'eta-seconds': null, pass: 0 };
@@ -857,6 +1021,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     });
     if (this.stage !== 'resyncing') throw new Error(`the pair left the resync (now ${this.stage})`);
     this.interrupted = null;
+    this.resolvedKeep = null;
     await markInStep(this, pd, sd, 'primary');
     this.resyncProgress = null;
     this.changedBytes = undefined;
@@ -958,6 +1123,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       if (!this.stages.tryTo('failed-over')) return;
       this.opts.log('warn', 'failed over: the recovered disk is served by the secondary', { serving: this.serving, ms: Date.now() - t0 });
       this.emit('failed-over', { ms: Date.now() - t0, serving: this.serving });
+      this.watchPeerReturn();
     })();
     this.failingOver = run;
     run.catch((e: unknown) => {
@@ -1016,9 +1182,12 @@ export class PairSupervisor extends EventEmitter implements PairCore {
       },
       sync: this.lastSync,
       ...(resync ? { resync } : {}),
+      ...(this.peerWatch ? { waitingForPeer: this.peerWatch.status() } : {}),
+      lastReprotect: this.lastReprotect,
       sides: buildSides({
         stage: this.stage,
         primarySide,
+        serving: this.serving.length > 0,
         meta: { primary: this.disks.primary?.meta, secondary: this.disks.secondary?.meta },
         ...(sb ? { splitChanged: sb['changed-bytes'] } : {}),
         ...(this.changedBytes !== undefined ? { degradedChanged: this.changedBytes } : {}),
@@ -1036,6 +1205,8 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   async stop(): Promise<void> {
     this.stages.to('stopped');
+    this.peerWatch?.stop();
+    this.peerWatch = null;
     if (this.returnTimer) clearTimeout(this.returnTimer);
     this.returnTimer = null;
     this.lease?.stop();

@@ -17,6 +17,10 @@ test('the bounds: only a primary on another host is lost at the timeout itself',
   assert.deepEqual(livenessBounds({ name: 'primary', child }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
   assert.deepEqual(livenessBounds({ name: 'primary', child: null, pid: 4242 }, 500, 5000), { lateAfterMs: 500, lostAfterMs: 5000 });
   assert.deepEqual(livenessBounds({ name: 'secondary', child }, 800, 300), { lateAfterMs: 800, lostAfterMs: 800 });
+  // by the role played now: after a failover's re-protection the daemon started as primary is
+  // the secondary (its silence costs nothing, the long bound) and the other one the primary
+  assert.deepEqual(livenessBounds({ name: 'primary', child: null }, 500, 5000, 'secondary'), { lateAfterMs: 500, lostAfterMs: 5000 });
+  assert.deepEqual(livenessBounds({ name: 'secondary', child: null }, 500, 5000, 'primary'), { lateAfterMs: 500, lostAfterMs: 500 });
 });
 
 function pair(dir: string): PairSupervisor {

@@ -6,6 +6,16 @@ import assert from 'node:assert/strict';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 import { PAIR_STAGES, PairMetrics } from '../../src/pair/metrics.js';
 
+test("a split brain found while the survivor serves: the status's own roles (the survivor Primary), not the stage's", () => {
+  const m = new PairMetrics();
+  const sides = { primary: { 'changed-bytes': 131072, role: 'Secondary' as const }, secondary: { 'changed-bytes': 1048576, role: 'Primary' as const } };
+  const r = read(m.render({ stage: 'split-brain', 'primary-side': 'secondary', sides }));
+  assert.deepEqual(r.ones('lockstep_pair_role'), [
+    { side: 'primary', role: 'Secondary' },
+    { side: 'secondary', role: 'Primary' },
+  ]);
+});
+
 function read(text: string) {
   const families = parsePrometheusTextFormat(text);
   const ones = (name: string) =>

@@ -7,8 +7,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { controlRequest } from '../../src/pair/control.js';
@@ -19,6 +19,8 @@ import { LOCKSTEP_BIN, requireTool } from '../helpers/processes.js';
 import { canMakeNetns, makeNetwork, type TestNetwork } from '../helpers/netns.js';
 import { GuestDisk, Workload, canMakeGuest, checkRecovered } from '../helpers/guest.js';
 import { makeCerts } from '../nbd/tls-certs.js';
+import { runLockstep, startDaemon } from '../helpers/daemon.js';
+import { unionExtents, type ByteRange } from '../../src/pair/sync.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -239,7 +241,8 @@ test('plain TCP between hosts needs --insecure; the secondary killed, the primar
 
 test('TLS, the link cut: the secondary fails over to the last checkpoint; the old primary acknowledges no write after that (lease), the healed link brings nothing through', { skip, timeout: 120_000 }, async (t) => {
   const p = await twoHosts(t, 3, 'tls');
-  await supervise(p, ['--tls-dir', p.certs!.clientDir]);
+  // the old primary stays as the heal left it (no automatic re-protection): its records are read below
+  await supervise(p, ['--tls-dir', p.certs!.clientDir, '--reprotect', 'off']);
   const w = await writer(join(p.dirA, 'disk.sock'));
   for (let i = 0; i < 8; i++) await w.write(i * MiB, 8192, 0x20 + i);
   await checkpoint(p);
@@ -303,7 +306,8 @@ test('TLS, the link cut: the secondary fails over to the last checkpoint; the ol
 test("TLS, after a failover the old primary's host comes back: `pair reprotect` makes the survivor the primary, resyncs the old disk over the link, and a failover back serves the new primary's checkpoint", { skip, timeout: 150_000 }, async (t) => {
   const p = await twoHosts(t, 6, 'tls');
   const certs = p.certs!;
-  await supervise(p, ['--tls-dir', certs.clientDir]);
+  // the operator's command, not the automatic re-protection (the test below)
+  await supervise(p, ['--tls-dir', certs.clientDir, '--reprotect', 'off']);
   const w = await writer(join(p.dirA, 'disk.sock'));
   await w.write(0, MiB, 0x11);
   await checkpoint(p);
@@ -382,4 +386,253 @@ test("the link cut under a guest (issue 14): ext4 + sqlite on the primary's serv
   const acked = work.durableBefore(Infinity);
   await checkRecovered(join(p.root, 'after'), `nbd+unix:///disk?socket=${join(p.dirB, 'disk.sock')}`, acked);
   t.diagnostic(`${acked.files.length} files and ${acked.rows} transactions acknowledged, all on the recovered disk; the last acknowledgement ${leaseOut - last.wall} ms before the lease ran out`);
+});
+
+const G = 65536;
+/** The dirty-log granules a write touches. */
+const granules = (offset: number, length: number): ByteRange => {
+  const start = Math.floor(offset / G) * G;
+  return { offset: start, length: Math.ceil((offset + length) / G) * G - start };
+};
+/** Every byte of `a` lies in `b`. */
+const within = (a: readonly ByteRange[], b: readonly ByteRange[]): boolean => {
+  const bb = unionExtents(b);
+  return a.every((r) => bb.some((x) => x.offset <= r.offset && r.offset + r.length <= x.offset + x.length));
+};
+const bytesOf = (e: readonly ByteRange[]) => e.reduce((a, r) => a + r.length, 0);
+
+/** A fresh `lockstep pair host` on host A's address (the old primary's host back). */
+async function restartHostA(t: { after(fn: () => unknown): void }, p: Pair, sec: string[]): Promise<Proc> {
+  const hostA = runIn(p.net.a.ns, ['pair', 'host', '--listen', `${p.net.a.ip}:${QMP_PORT}`, ...sec]);
+  t.after(async () => {
+    hostA.child.kill('SIGKILL');
+    await hostA.exited;
+  });
+  await until("the old primary's pair host to listen", () => {
+    if (hostA.child.exitCode !== null) throw new Error(`pair host exited: ${hostA.output()}`);
+    return hostA.output().includes('QMP monitor listening') ? true : undefined;
+  });
+  return hostA;
+}
+
+const stageWithin = (p: Pair, stage: string, ms: number) =>
+  until(
+    `stage ${stage}`,
+    async () => {
+      if (p.sup!.child.exitCode !== null) throw new Error(`the supervisor exited: ${p.sup!.output()}`);
+      const st = await status(p).catch(() => undefined);
+      return st?.stage === stage ? st : undefined;
+    },
+    ms,
+  );
+
+test("TLS, after a failover the old primary's host comes back: with no command the survivor becomes the primary over its open connection, the resync copies exactly the union of the two change records, and a failover back keeps every byte", { skip, timeout: 180_000 }, async (t) => {
+  const p = await twoHosts(t, 7, 'tls');
+  const certs = p.certs!;
+  await supervise(p, ['--tls-dir', certs.clientDir]);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  await w.write(0, MiB, 0x11);
+  await checkpoint(p);
+  // after the checkpoint: the failover discards them, so the resync must roll them back
+  const oldAlone = [[MiB / 2, 65536, 0x22], [2 * MiB + 1000, 5000, 0x23]] as const;
+  for (const [o, l, b] of oldAlone) await w.write(o, l, b);
+  w.client.destroy();
+  p.hostA.child.kill('SIGKILL');
+  await p.hostA.exited;
+  await waitStage(p, 'failed-over');
+
+  // the survivor's client: one connection from here until the survivor dies
+  const s = await writer(join(p.dirB, 'disk.sock'));
+  s.model.fill(0x11, 0, MiB);
+  const survivorAlone = [[4 * MiB, MiB, 0x33], [9 * MiB + 100, 70_000, 0x34]] as const;
+  for (const [o, l, b] of survivorAlone) await s.write(o, l, b);
+  // the supervisor says it waits for the old primary's daemon, and since when
+  const waiting = await until('the wait for the old primary in the status', async () => {
+    const st = await status(p);
+    return (st['waiting-for-peer']?.attempts ?? 0) >= 1 ? st : undefined;
+  });
+  assert.equal(waiting.stage, 'failed-over');
+  assert.equal(waiting['waiting-for-peer']!.side, 'primary');
+  assert.equal(waiting['waiting-for-peer']!.address, `${p.net.a.ip}:${QMP_PORT}`);
+  assert.ok(Date.parse(waiting['waiting-for-peer']!.since) <= Date.now());
+
+  // the two change records as their files hold them: the old primary's (what its daemon loads
+  // when it comes back) and the survivor's (a superset of what its daemon holds)
+  const rd = await startDaemon(t, tempDir(t), []);
+  const rc = await rd.client();
+  const readLog = async (f: string) => ((await rc.execute('x-dirty-log-read', { filename: f })) as { extents: ByteRange[] }).extents;
+  const oldRecord = await readLog(join(p.dirA, 'primary.qcow2.dirty'));
+  const survivorFile = await readLog(join(p.dirB, 'secondary.qcow2.dirty'));
+  const written = unionExtents([...oldAlone, ...survivorAlone].map(([o, l]) => granules(o, l)));
+  assert.ok(within(oldAlone.map(([o, l]) => granules(o, l)), oldRecord), JSON.stringify(oldRecord));
+
+  // the old primary's host is back; nobody runs a command
+  await restartHostA(t, p, ['--tls-dir', certs.bothDir]);
+  const st = await stageWithin(p, 'protected', 90_000);
+  assert.match(p.sup!.output(), /the primary daemon answers again: re-protecting/);
+  assert.equal(st['waiting-for-peer'], undefined);
+  assert.equal(st['primary-side'], 'secondary');
+  assert.equal(st.sides?.secondary.role, 'Primary');
+  assert.equal(st.disks?.primary?.generation, st.disks?.secondary?.generation);
+  // one pass, nothing written meanwhile: it copied the union of the two records, no more
+  // (only regions of the two records) and no less (the old primary's whole record, and
+  // every granule either side wrote after the checkpoint)
+  const lr = st['last-reprotect']!;
+  assert.equal(lr.passes.length, 1, JSON.stringify(lr));
+  assert.equal(lr['barrier-bytes'], 0);
+  const union = lr.union!;
+  assert.ok(within(union, unionExtents(oldRecord, survivorFile)), `copied ${JSON.stringify(union)}: not only the records' regions`);
+  assert.ok(within(unionExtents(oldRecord, written), union), `copied ${JSON.stringify(union)}: a region of the records is missing`);
+  const p0 = lr.passes[0]!;
+  assert.equal(p0.bytes, bytesOf(union));
+  assert.equal(p0['data-bytes'] + p0['zeroed-bytes'] + p0['skipped-zero-bytes'], bytesOf(union), "the job's counters add up to the union");
+  assert.ok(bytesOf(union) <= 3 * MiB, `${bytesOf(union)} bytes copied: the records, not the ${SIZE}-byte disk`);
+  t.diagnostic(`re-protected by itself after ${st['last-reprotect'] ? 'the wait' : '?'}: union ${JSON.stringify(union)} (old primary's record ${JSON.stringify(oldRecord)}, survivor's file ${JSON.stringify(survivorFile)}); pass 0 ${JSON.stringify(p0)}`);
+
+  // the same connection reads the survivor's bytes and writes on, replicated the new way
+  assert.equal(firstDiff(await s.client.read(0, SIZE), s.model), -1);
+  await s.write(6 * MiB, MiB, 0x44);
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(s.model);
+  await s.write(8 * MiB, 65536, 0x55); // after the checkpoint: lost with the new primary
+  s.client.destroy();
+  p.hostB.child.kill('SIGKILL');
+  await p.hostB.exited;
+  const back = await waitStage(p, 'failed-over');
+  assert.deepEqual(back.serving, [`nbd+unix:///disk?socket=${join(p.dirA, 'disk.sock')}`]);
+  const got = await readDisk(join(p.dirA, 'disk.sock'));
+  assert.equal(firstDiff(got, atCheckpoint), -1, "the old primary's disk, resynced and recovered, is the new primary's at its checkpoint");
+});
+
+const qemuRead = (image: string, dir: string): Buffer => {
+  const raw = join(dir, `read-${Math.random().toString(16).slice(2)}.raw`);
+  execFileSync('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', image, raw]);
+  try {
+    return readFileSync(raw);
+  } finally {
+    rmSync(raw, { force: true });
+  }
+};
+
+const sbSkip = skip || (requireTool('qemu-img') ? false : 'needs qemu-img');
+
+/** Fencing off, the link cut, both sides write, the link healed: the running pair's finding,
+ *  checked (nothing copied, the survivor serves on, the old primary fenced). */
+async function liveSplitBrain(t: { after(fn: () => unknown): void; diagnostic(m: string): void }, id: number) {
+  const p = await twoHosts(t, id, 'insecure');
+  await supervise(p, ['--insecure', '--lease', 'off', '--flush-commit', 'off']);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  t.after(() => w.client.destroy());
+  await w.write(0, MiB, 0x11);
+  await checkpoint(p);
+  p.net.cut();
+  await waitStage(p, 'failed-over');
+  assert.match(p.sup!.output(), /failed over without fencing the old primary/);
+  // nothing fences the old primary: its client's writes are acknowledged, as the survivor's
+  await w.write(3 * MiB, 2 * G, 0x66);
+  const s = await writer(join(p.dirB, 'disk.sock'));
+  t.after(() => s.client.destroy());
+  s.model.fill(0x11, 0, MiB);
+  await s.write(5 * MiB, MiB, 0x77);
+  const oldBefore = Buffer.from(w.model);
+  const survivorBefore = Buffer.from(s.model);
+  p.net.heal();
+
+  const st = await stageWithin(p, 'split-brain', 90_000);
+  t.diagnostic(`split brain found while serving: ${JSON.stringify(st['split-brain'])}`);
+  assert.deepEqual(st['split-brain']?.['changed-bytes'], { primary: 2 * G, secondary: MiB });
+  assert.match(st['split-brain']!.reason, /the secondary disk took over from generation \w+ without fencing the primary/);
+  assert.match(st['last-error'] ?? '', /split brain: .* the secondary daemon serves on/);
+  // the survivor serves on through the same connection; the old primary stands alone
+  assert.deepEqual(st.serving, [`nbd+unix:///disk?socket=${join(p.dirB, 'disk.sock')}`]);
+  assert.equal(st.role, 'secondary serving');
+  assert.deepEqual([st.sides?.secondary.role, st.sides?.primary.role], ['Primary', 'Secondary']);
+  // nothing was copied either way
+  assert.equal(firstDiff(await s.client.read(0, SIZE), survivorBefore), -1, "the survivor's disk changed");
+  assert.equal(firstDiff(await w.client.read(0, SIZE), oldBefore), -1, "the old primary's disk changed");
+  // the old primary, which may be behind, acknowledges no write any more
+  await assert.rejects(w.write(7 * MiB, 4096, 0x88));
+  assert.equal(firstDiff(await w.client.read(0, SIZE), oldBefore), -1);
+  const check = await runLockstep(['pair', 'status', '--check', '--control', p.control]);
+  assert.equal(check.code, 8, check.stdout + check.stderr);
+  await s.write(10 * MiB, G, 0x99); // the survivor's clients go on meanwhile
+  return { p, w, s, oldBefore };
+}
+
+test('fencing off, the link cut, both sides write, the link healed: the running pair finds the split brain when the old primary answers, copies nothing (both disks byte for byte as they were), the survivor serves on and the old primary takes no more writes; resolve --keep the survivor saves the other disk and re-protects live', { skip: sbSkip, timeout: 180_000 }, async (t) => {
+  const { p, s, oldBefore } = await liveSplitBrain(t, 8);
+  const r = await runLockstep(['pair', 'resolve', '--keep', 'secondary', '--json', '--control', p.control]);
+  assert.equal(r.code, 0, r.stderr + p.sup!.output());
+  const res = JSON.parse(r.stdout) as { saved: { side: string; image: string }; copied: { extents: ByteRange[]; bytes: number }; status: PairStatus };
+  assert.equal(res.saved.side, 'primary');
+  assert.equal(join(res.saved.image, '..'), p.dirA, "saved on the old primary's host, beside its disk");
+  assert.equal(firstDiff(qemuRead(res.saved.image, p.root), oldBefore), -1, "the saved image is the old primary's disk as it was");
+  assert.ok(within([granules(3 * MiB, 2 * G), granules(5 * MiB, MiB), granules(10 * MiB, G)], res.copied.extents), JSON.stringify(res.copied.extents));
+  assert.equal(res.status.stage, 'protected');
+  assert.equal(res.status['primary-side'], 'secondary');
+  assert.equal(firstDiff(await s.client.read(0, SIZE), s.model), -1, 'the same connection reads the kept bytes');
+  // a failover back serves the survivor's bytes at the checkpoint from the old primary's disk
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(s.model);
+  s.client.destroy();
+  p.hostB.child.kill('SIGKILL');
+  await p.hostB.exited;
+  await waitStage(p, 'failed-over');
+  assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), atCheckpoint), -1);
+});
+
+test('the same split brain, resolve --keep the side that does not serve: the survivor stops serving, its disk is saved whole on its host, the pair is set up again and serves the old primary\'s bytes', { skip: sbSkip, timeout: 180_000 }, async (t) => {
+  const { p, s, oldBefore } = await liveSplitBrain(t, 10);
+  const survivorNow = Buffer.from(s.model);
+  const r = await runLockstep(['pair', 'resolve', '--keep', 'primary', '--json', '--control', p.control]);
+  assert.equal(r.code, 0, r.stderr + p.sup!.output());
+  const res = JSON.parse(r.stdout) as { saved: { side: string; image: string }; copied: { extents: ByteRange[] }; status: PairStatus };
+  assert.equal(res.saved.side, 'secondary');
+  assert.equal(join(res.saved.image, '..'), p.dirB, "saved on the survivor's host, beside its disk");
+  assert.equal(firstDiff(qemuRead(res.saved.image, p.root), survivorNow), -1, "the saved image is the survivor's disk as it was");
+  assert.ok(within([granules(3 * MiB, 2 * G), granules(5 * MiB, MiB), granules(10 * MiB, G)], res.copied.extents), JSON.stringify(res.copied.extents));
+  assert.equal(res.status.stage, 'protected');
+  assert.equal(res.status['primary-side'], undefined, 'the daemon started as primary serves again');
+  assert.deepEqual(res.status.serving, [`nbd+unix:///disk?socket=${join(p.dirA, 'disk.sock')}`]);
+  // the survivor's clients were cut off
+  await assert.rejects(s.client.read(0, 4096));
+  assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), oldBefore), -1, "the old primary's bytes are served");
+  // and replicated: a failover to the survivor's host serves them too
+  await checkpoint(p);
+  p.hostA.child.kill('SIGKILL');
+  await p.hostA.exited;
+  await waitStage(p, 'failed-over');
+  assert.equal(firstDiff(await readDisk(join(p.dirB, 'disk.sock')), oldBefore), -1);
+});
+
+test("TLS, the link cut and healed: the lease fenced the old primary, whose daemon ran on with its graph; with no command the pair reads its records where they are, takes that graph down and re-protects; a failover back keeps every byte", { skip, timeout: 180_000 }, async (t) => {
+  const p = await twoHosts(t, 9, 'tls');
+  await supervise(p, ['--tls-dir', p.certs!.clientDir]);
+  const w = await writer(join(p.dirA, 'disk.sock'));
+  t.after(() => w.client.destroy());
+  await w.write(0, MiB, 0x11);
+  await checkpoint(p);
+  await w.write(MiB / 2, 65536, 0x22); // after the checkpoint: discarded by the failover
+  p.net.cut();
+  await waitStage(p, 'failed-over');
+  const s = await writer(join(p.dirB, 'disk.sock'));
+  s.model.fill(0x11, 0, MiB);
+  await s.write(4 * MiB, MiB, 0x33);
+  p.net.heal();
+
+  const st = await stageWithin(p, 'protected', 90_000);
+  assert.match(p.sup!.output(), /the primary daemon ran on with its old graph \(.*colo-disk0.*\); its disk is the older one/);
+  assert.equal(st['primary-side'], 'secondary');
+  assert.equal(st.disks?.primary?.generation, st.disks?.secondary?.generation);
+  // the old primary's export went with its graph: its client reads nothing stale any more
+  await assert.rejects(w.client.read(0, 4096));
+  // the 0x22 rolled back on the old disk: read after a failover back
+  assert.equal(firstDiff(await s.client.read(0, SIZE), s.model), -1);
+  await checkpoint(p);
+  const atCheckpoint = Buffer.from(s.model);
+  s.client.destroy();
+  p.hostB.child.kill('SIGKILL');
+  await p.hostB.exited;
+  await waitStage(p, 'failed-over');
+  assert.equal(firstDiff(await readDisk(join(p.dirA, 'disk.sock')), atCheckpoint), -1);
 });

@@ -174,7 +174,7 @@ test('after a failover the survivor becomes the primary: the old primary\'s disk
   assert.equal(got[14 * MiB], 0);
 });
 
-test('after a failover, a returning disk whose generations say split brain is refused: nothing is copied, the survivor keeps serving', { timeout: 120_000 }, async (t) => {
+test('after a failover, a returning disk whose generations say split brain: stage split-brain, nothing is copied, the survivor keeps serving; resolve --keep the survivor saves the other disk and resyncs it live', { timeout: 120_000 }, async (t) => {
   const dir = tempDir(t);
   const sock = join(dir, 'disk.sock');
   const sup = new PairSupervisor({
@@ -212,16 +212,38 @@ test('after a failover, a returning disk whose generations say split brain is re
   const diskBefore = readFileSync(join(dir, 'primary.qcow2'));
 
   await assert.rejects(sup.reprotect(), (e: Error & { code?: string }) => e.code === 'ESPLITBRAIN' && /split brain/.test(e.message));
-  assert.equal(sup.stage, 'degraded', 'the survivor serves alone');
-  assert.match(sup.status()['last-error'] ?? '', /split brain/);
+  assert.equal(sup.stage, 'split-brain', 'nothing copied, the returning disk not taken on');
+  assert.match(sup.status()['last-error'] ?? '', /split brain: .*the secondary daemon serves on/);
   assert.ok(readFileSync(join(dir, 'primary.qcow2')).equals(diskBefore), "the old primary's disk is unchanged");
-  // the survivor's changes (from its dirty log) are what the status counts as out of sync
-  for (let i = 0; i < 200 && sup.status()['changed-bytes'] === undefined; i++) await sleep(50);
   const st = sup.status();
-  assert.ok((st['changed-bytes'] ?? 0) >= MiB, `the survivor's changes: ${st['changed-bytes']} bytes`);
-  assert.equal(st.sides?.secondary['changed-bytes'], st['changed-bytes']);
+  // the survivor serves on, as a DRBD primary that finds a split brain on connect
+  assert.deepEqual(st.serving, [`nbd+unix:///disk?socket=${sock}`]);
+  assert.equal(st.role, 'secondary serving');
   assert.equal(st.sides?.secondary.role, 'Primary');
+  // what each side changed: the survivor's dirty log holds its MiB of 0x33
+  assert.ok((st['split-brain']?.['changed-bytes'].secondary ?? 0) >= MiB, JSON.stringify(st['split-brain']));
+  assert.equal(st.sides?.secondary['changed-bytes'], st['split-brain']?.['changed-bytes'].secondary);
   // the same connection writes and reads on
   await client.write(4 * MiB, MiB, 0x44);
   assert.equal(firstDiff(await client.nbd.read(0, SIZE), client.model), -1);
+
+  // keep the survivor's disk: the other one is saved whole first, then resynced live
+  const res = await sup.resolve('secondary');
+  assert.equal(res.saved.side, 'primary');
+  assert.equal(sup.stage, 'protected');
+  assert.equal(sup.status()['primary-side'], 'secondary');
+  assert.ok(res.copied && res.copied.bytes >= 2 * MiB, JSON.stringify(res.copied));
+  assert.equal(firstDiff(await client.nbd.read(0, SIZE), client.model), -1);
+  // a failover back serves the survivor's bytes at the checkpoint from the old primary's disk
+  await sup.checkpoint();
+  const failedBack = new Promise((r) => sup.once('failed-over', r));
+  await client.nbd.disconnect();
+  sup.crashPrimary();
+  await failedBack;
+  const back = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
+  try {
+    assert.equal(firstDiff(await back.read(0, SIZE), client.model), -1);
+  } finally {
+    await back.disconnect();
+  }
 });
