@@ -3,8 +3,9 @@
 //   nbdcopy of 512 MiB into the export and out of it, and fio's nbd engine with 4 KiB random
 //   writes/reads at queue depth 32 and 1 MiB sequential writes/reads at depth 8.
 // Prints MiB/s (nbdcopy) or IOPS (fio) per server and the ratios.
-// --uring adds lockstep's server with LOCKSTEP_IO_URING=on (file I/O through the native
-// helper's io_uring instead of libuv's thread pool) as a last column.
+// lockstep's file I/O goes through the native helper's io_uring for requests up to 64 KiB and
+// libuv's thread pool for larger ones (LOCKSTEP_IO_URING=auto, the default); --uring adds two
+// last columns with every request through the thread pool (off) and through the ring (on).
 // usage: npm run build && nice -n 10 node bench/nbd.mjs [--runtime=8] [--size-mib=512] [--rounds=3] [--uring]
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync } from 'node:fs';
@@ -50,7 +51,10 @@ const SERVERS = {
   'qemu-nbd': ['qemu-nbd', ['-f', 'raw', '-b', '127.0.0.1', '-p', String(PORT), '-t', '--cache=writeback', disk]],
   nbdkit: ['nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(PORT), 'file', disk]],
 };
-if ('uring' in args) SERVERS['lockstep io_uring'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'on' }];
+if ('uring' in args) {
+  SERVERS['lockstep uring off'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'off' }];
+  SERVERS['lockstep uring on'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'on' }];
+}
 
 function waitPort() {
   return new Promise((resolve, reject) => {
