@@ -81,17 +81,16 @@ export class Transmission {
   private readonly backend: Backend;
   /** replies waiting for the socket to drain (one 'drain' listener for all of them) */
   private readonly drainWaiters: Array<() => void> = [];
-  private corked = false;
+  private flushScheduled = false;
   /** small messages of this turn, sent as one buffer at its end (flushSmall) */
   private small: Buffer[] = [];
   private smallBytes = 0;
   /** scratch buffers among `small`, reusable once it has been copied out */
   private smallScratch: Buffer[] = [];
   private readonly scratch: Buffer[] = [];
-  private readonly uncorkNow = (): void => {
+  private readonly flushNow = (): void => {
+    this.flushScheduled = false;
     this.flushSmall();
-    this.corked = false;
-    this.stream.uncork();
   };
   /** settles once the connection is closed and every request has finished */
   readonly done: Promise<void>;
@@ -150,10 +149,6 @@ export class Transmission {
     this.wakeWriters();
     if (graceful && !this.stream.destroyed) {
       this.flushSmall();
-      if (this.corked) {
-        this.corked = false;
-        this.stream.uncork();
-      }
       this.stream.end(() => this.stream.destroy());
       setTimeout(() => this.stream.destroy(), 5000).unref();
     } else {
@@ -249,26 +244,27 @@ export class Transmission {
   // ---- the single writer ----------------------------------------------------------------
 
   /**
-   * Writes one whole message: its parts are written synchronously, so messages never
-   * interleave. The socket stays corked until the end of the event-loop turn, so replies
-   * completed together leave in one writev; small messages are gathered into one buffer
-   * then. The request's slot is held (a promise is returned) while more than
+   * Writes one whole message: its parts go out together in one writev, so messages never
+   * interleave. Small messages are gathered and leave as one buffer at the end of the
+   * event-loop turn (flushing earlier, at 8 or 16 waiting, measured slower for 4 KiB reads at
+   * depth 32). The request's slot is held (a promise is returned) while more than
    * MAX_BUFFERED_REPLY_BYTES wait in the socket.
    */
   private send(parts: Buffer[]): Promise<void> | void {
     if (this.closed) return;
     if (parts.length === 1) return this.sendOne(parts[0]!, false);
     this.flushSmall();
-    this.cork();
+    const s = this.stream;
+    s.cork();
     let ok = true;
-    for (const p of parts) ok = this.stream.write(p);
+    for (const p of parts) ok = s.write(p);
+    s.uncork();
     if (!ok) return this.backpressure();
   }
 
   /** send([msg]); `scratch`: msg is a scratch buffer, reused once it has been copied out */
   private sendOne(msg: Buffer, scratch: boolean): Promise<void> | void {
     if (this.closed) return;
-    this.cork();
     if (msg.length <= SMALL_MESSAGE) {
       this.small.push(msg);
       this.smallBytes += msg.length;
@@ -277,17 +273,14 @@ export class Transmission {
         this.flushSmall();
         return this.backpressure();
       }
+      if (!this.flushScheduled) {
+        this.flushScheduled = true;
+        setImmediate(this.flushNow);
+      }
       return;
     }
     this.flushSmall();
     if (!this.stream.write(msg)) return this.backpressure();
-  }
-
-  private cork(): void {
-    if (this.corked) return;
-    this.corked = true;
-    this.stream.cork();
-    setImmediate(this.uncorkNow);
   }
 
   /** Writes the gathered small messages as one buffer, in the order they came. */
