@@ -3,9 +3,12 @@
 //   nbdcopy of 512 MiB into the export and out of it, and fio's nbd engine with 4 KiB random
 //   writes/reads at queue depth 32 and 1 MiB sequential writes/reads at depth 8.
 // Prints MiB/s (nbdcopy) or IOPS (fio) per server and the ratios.
-// --uring adds lockstep's server with LOCKSTEP_IO_URING=on (file I/O through the native
-// helper's io_uring instead of libuv's thread pool) as a last column.
-// usage: npm run build && nice -n 10 node bench/nbd.mjs [--runtime=8] [--size-mib=512] [--rounds=3] [--uring]
+// lockstep's file I/O goes through the native helper's io_uring for requests up to 64 KiB and
+// libuv's thread pool for larger ones (LOCKSTEP_IO_URING=auto, the default); --uring adds two
+// last columns with every request through the thread pool (off) and through the ring (on).
+// --baseline=<dir> adds lockstep built in <dir> (another checkout's nbd-serve.mjs and dist/,
+// e.g. the commit before a change) as a column, for before/after ratios in the same run.
+// usage: npm run build && nice -n 10 node bench/nbd.mjs [--runtime=8] [--size-mib=512] [--rounds=3] [--uring] [--baseline=<dir>]
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -50,7 +53,11 @@ const SERVERS = {
   'qemu-nbd': ['qemu-nbd', ['-f', 'raw', '-b', '127.0.0.1', '-p', String(PORT), '-t', '--cache=writeback', disk]],
   nbdkit: ['nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(PORT), 'file', disk]],
 };
-if ('uring' in args) SERVERS['lockstep io_uring'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'on' }];
+if (args.baseline) SERVERS['lockstep baseline'] = ['node', [join(args.baseline, 'bench', 'nbd-serve.mjs'), disk, String(PORT)]];
+if ('uring' in args) {
+  SERVERS['lockstep uring off'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'off' }];
+  SERVERS['lockstep uring on'] = ['node', [join(here, 'nbd-serve.mjs'), disk, String(PORT)], { LOCKSTEP_IO_URING: 'on' }];
+}
 
 function waitPort() {
   return new Promise((resolve, reject) => {
@@ -129,10 +136,13 @@ try {
 console.log(`load average at the end: ${loadavg().map((x) => x.toFixed(1)).join(' ')}`);
 const f = (x) => (x >= 100 ? Math.round(x).toString() : x.toFixed(1));
 const cols = Object.keys(SERVERS);
-console.log(`| workload | ${cols.join(' | ')} | lockstep/qemu-nbd | lockstep/nbdkit | multi-conn/nbdkit |`);
-console.log(`|---|${cols.map(() => '---:').join('|')}|---:|---:|---:|`);
+const base = args.baseline ? ' | baseline/qemu-nbd | baseline/nbdkit | lockstep/baseline' : '';
+console.log(`| workload | ${cols.join(' | ')} | lockstep/qemu-nbd | lockstep/nbdkit | multi-conn/nbdkit${base} |`);
+console.log(`|---|${cols.map(() => '---:').join('|')}|---:|---:|---:${args.baseline ? '|---:|---:|---:' : ''}|`);
 ROWS.forEach(([label], i) => {
   const v = cols.map((c) => results[c][i]);
   const [ls, lsmc, q, k] = v;
-  console.log(`| ${label} | ${v.map(f).join(' | ')} | ${(ls / q).toFixed(2)} | ${(ls / k).toFixed(2)} | ${(lsmc / k).toFixed(2)} |`);
+  const b = results['lockstep baseline']?.[i];
+  const extra = b === undefined ? '' : ` | ${(b / q).toFixed(2)} | ${(b / k).toFixed(2)} | ${(ls / b).toFixed(2)}`;
+  console.log(`| ${label} | ${v.map(f).join(' | ')} | ${(ls / q).toFixed(2)} | ${(ls / k).toFixed(2)} | ${(lsmc / k).toFixed(2)}${extra} |`);
 });

@@ -31,6 +31,12 @@ export class ProtocolError extends Error {
   override name = 'ProtocolError';
 }
 
+/** The big-endian u64 at `at` as a JS number, or null when it does not fit in 2^53 (no BigInt). */
+export function readU64(b: Buffer, at: number): number | null {
+  const hi = b.readUInt32BE(at);
+  return hi < 0x200000 ? hi * 0x100000000 + b.readUInt32BE(at + 4) : null;
+}
+
 /** A u64 as a JS number, or null when it does not fit in 2^53. */
 export function u64ToNumber(v: bigint): number | null {
   return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : null;
@@ -64,6 +70,35 @@ export class ByteQueue {
     }
     if (copied < n) throw new RangeError(`peek(${n}) with ${this.length} bytes queued`);
     return out;
+  }
+
+  /**
+   * The first chunk when it holds the next `n` bytes whole (read them at `headOffset`), else
+   * null: headers are read in place, without the copy peek() makes.
+   */
+  front(n: number): Buffer | null {
+    const c = this.chunks[0];
+    return c !== undefined && c.length - this.head >= n ? c : null;
+  }
+
+  get headOffset(): number {
+    return this.head;
+  }
+
+  /** Drops `n` bytes from the front (n <= length). */
+  skip(n: number): void {
+    if (n > this.length) throw new RangeError(`skip(${n}) with ${this.length} bytes queued`);
+    this.length -= n;
+    while (n > 0) {
+      const c = this.chunks[0]!;
+      const k = Math.min(n, c.length - this.head);
+      this.head += k;
+      n -= k;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
   }
 
   take(n: number): Buffer {
@@ -373,15 +408,21 @@ export class RequestParser {
     }
     const hlen = this.extended ? EXTENDED_REQUEST_HEADER_LENGTH : REQUEST_HEADER_LENGTH;
     if (this.queue.length < hlen) return null;
-    const h = this.queue.peek(hlen);
-    const magic = h.readUInt32BE(0);
+    // in place when the header sits in one chunk (the usual case), else from a copy
+    let h = this.queue.front(hlen);
+    let at = this.queue.headOffset;
+    if (h === null) {
+      h = this.queue.peek(hlen);
+      at = 0;
+    }
+    const magic = h.readUInt32BE(at);
     const want = this.extended ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC;
     if (magic !== want) throw new ProtocolError(`bad request magic 0x${magic.toString(16)}`);
-    const flags = h.readUInt16BE(4);
-    const type = h.readUInt16BE(6);
-    const cookie = h.readBigUInt64BE(8);
-    const offset = u64ToNumber(h.readBigUInt64BE(16));
-    const length = this.extended ? u64ToNumber(h.readBigUInt64BE(24)) : h.readUInt32BE(24);
+    const flags = h.readUInt16BE(at + 4);
+    const type = h.readUInt16BE(at + 6);
+    const cookie = h.readBigUInt64BE(at + 8);
+    const offset = readU64(h, at + 16);
+    const length = this.extended ? readU64(h, at + 24) : h.readUInt32BE(at + 24);
     let payload = 0;
     if (hasPayload(type, flags, this.extended)) {
       if (length === null || length > MAX_PAYLOAD) {
@@ -390,7 +431,7 @@ export class RequestParser {
       payload = length;
     }
     if (this.queue.length < hlen + payload && payload < ASSEMBLE_PAYLOAD_BYTES) return null;
-    this.queue.take(hlen);
+    this.queue.skip(hlen);
     const req: NbdRequest = { flags, type, cookie, offset, length };
     if (this.queue.length < payload) {
       if (this.allocPayload) {
@@ -408,6 +449,44 @@ export class RequestParser {
 }
 
 // ---- transmission: replies ---------------------------------------------------------------
+
+/** Writes a simple reply header into `b` at `at` (SIMPLE_REPLY_LENGTH bytes). */
+export function writeSimpleReply(b: Buffer, at: number, error: number, cookie: bigint): void {
+  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, at);
+  b.writeUInt32BE(error, at + 4);
+  b.writeBigUInt64BE(cookie, at + 8);
+}
+
+/** Writes a structured (or extended) chunk header into `b` at `at`; returns its length. */
+export function writeChunkHeader(
+  b: Buffer,
+  at: number,
+  flags: number,
+  type: number,
+  cookie: bigint,
+  length: number,
+  extended: boolean,
+  offset = 0,
+): number {
+  b.writeUInt32BE(extended ? EXTENDED_REPLY_MAGIC : STRUCTURED_REPLY_MAGIC, at);
+  b.writeUInt16BE(flags, at + 4);
+  b.writeUInt16BE(type, at + 6);
+  b.writeBigUInt64BE(cookie, at + 8);
+  if (!extended) {
+    b.writeUInt32BE(length, at + 16);
+    return STRUCTURED_REPLY_HEADER_LENGTH;
+  }
+  writeU64(b, at + 16, offset);
+  writeU64(b, at + 24, length);
+  return EXTENDED_REPLY_HEADER_LENGTH;
+}
+
+/** Writes a safe integer as a big-endian u64 (no BigInt). */
+export function writeU64(b: Buffer, at: number, v: number): void {
+  const hi = Math.floor(v / 0x100000000);
+  b.writeUInt32BE(hi, at);
+  b.writeUInt32BE(v - hi * 0x100000000, at + 4);
+}
 
 export function encodeSimpleReply(error: number, cookie: bigint): Buffer {
   const b = Buffer.allocUnsafe(SIMPLE_REPLY_LENGTH);

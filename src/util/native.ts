@@ -93,7 +93,7 @@ export interface NativeHelper {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(ZERO_RANGE), growing the file if the range ends past EOF; ENOTSUP as above */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
-  /** file reads and writes through io_uring when LOCKSTEP_IO_URING=on, else null */
+  /** file reads and writes through io_uring (see RING_AUTO_MAX), null when LOCKSTEP_IO_URING=off */
   readonly ring: RingIo | null;
 }
 
@@ -151,7 +151,21 @@ function systemError(negErrno: number): Error {
   return Object.assign(new Error(text), { code });
 }
 
-function wrap(addon: Addon): NativeHelper {
+/** Largest request the ring takes by default (LOCKSTEP_IO_URING unset or auto). */
+export const RING_AUTO_MAX = 64 * 1024;
+
+/**
+ * LOCKSTEP_IO_URING: off (or 0) never uses the ring, on (or 1) uses it for every request,
+ * unset or auto for requests up to RING_AUTO_MAX bytes.
+ */
+function ringModeOf(v: string | undefined): 'off' | 'on' | 'auto' {
+  if (v === undefined || v === '' || v === 'auto') return 'auto';
+  if (v === 'on' || v === '1') return 'on';
+  if (v === 'off' || v === '0') return 'off';
+  throw new InvalidArgumentError(`LOCKSTEP_IO_URING must be on, off or auto, not '${v}'`);
+}
+
+function wrap(addon: Addon, ringMode: 'off' | 'on' | 'auto'): NativeHelper {
   const unlockAll = (fd: number): void => {
     for (let i = 0; i < PERM_COUNT; i++) {
       addon.ofdLock(fd, LOCK_PERM_BASE + i, 0);
@@ -163,20 +177,24 @@ function wrap(addon: Addon): NativeHelper {
     throw e;
   };
   const hint = (filename: string): string => `\nIs another process using the image [${filename}]?`;
-  // opt-in for now: in the side-by-side NBD bench the ring was slower than the thread pool
-  // for large writes (docs/benchmarks.md, issue 18)
-  const ringOff = !['on', '1'].includes(process.env.LOCKSTEP_IO_URING ?? '');
   const uRead = addon.uringRead;
   const uWrite = addon.uringWrite;
+  // auto: small requests only. A page-cache read completes inside the submitting call and a
+  // small write skips the thread pool's wake-up; large ones were slower through the ring than
+  // through the thread pool (NBD bench, docs/benchmarks.md, issue 18), so they return null and
+  // the caller does them through Node's fs, which gives the same bytes.
+  const maxRing = ringMode === 'on' ? Infinity : RING_AUTO_MAX;
   const ring: RingIo | null =
-    ringOff || !uRead || !uWrite
+    ringMode === 'off' || !uRead || !uWrite
       ? null
       : {
           read(fd, buf, offset) {
+            if (buf.length > maxRing) return null;
             const p = uRead(fd, buf, offset);
             return p && p.then((r) => (r < 0 ? Promise.reject(systemError(r)) : r));
           },
           write(fd, buf, offset) {
+            if (buf.length > maxRing) return null;
             const p = uWrite(fd, buf, offset);
             return p && p.then((r) => (r < 0 ? Promise.reject(systemError(r)) : r));
           },
@@ -272,9 +290,11 @@ function load(): LoadResult {
   } else if (process.platform !== 'linux') {
     loaded = { helper: null, reason: `not available on ${process.platform}` };
   } else {
+    // a bad LOCKSTEP_IO_URING is the user's error, thrown to every caller (not cached)
+    const ringMode = ringModeOf(process.env.LOCKSTEP_IO_URING);
     try {
       const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-      loaded = { helper: wrap(addon), reason: null };
+      loaded = { helper: wrap(addon, ringMode), reason: null };
     } catch (e) {
       const notBuilt = (e as { code?: string }).code === 'MODULE_NOT_FOUND';
       loaded = {
