@@ -1,8 +1,9 @@
 // Protocol driver "file": a host file through a Node FileHandle.
 // Options: filename (required), cache.direct (refused: Node cannot guarantee the aligned
 // buffers O_DIRECT needs), cache.no-flush, aio (threads|native|io_uring, accepted: reads and
-// writes go through Node's fs and libuv's thread pool, or through the native helper's
-// io_uring with LOCKSTEP_IO_URING=on in the environment, whatever aio says), locking
+// writes of up to 64 KiB go through the native helper's io_uring and larger ones through
+// Node's fs and libuv's thread pool, whatever aio says; LOCKSTEP_IO_URING=on|off|auto in the
+// environment forces all, none, or that default), locking
 // (auto|on|off), aio-max-batch, pr-manager (refused), force-share (read-only only: share
 // every permission).
 //
@@ -122,7 +123,7 @@ export const fileDriver: BlockDriver = {
 /** The state of an open file node: its descriptors, lock, length and what it learned. */
 class FileNode implements NodeImpl {
   readonly caps: NodeCaps;
-  // reads and writes through io_uring when enabled (LOCKSTEP_IO_URING=on): same bytes as fs
+  // reads and writes through io_uring when LOCKSTEP_IO_URING allows (auto: up to 64 KiB): same bytes as fs
   private readonly ring: RingIo | null;
   // the O_DSYNC descriptor for FUA writes, opened at the first one
   private syncFh: Promise<FileHandle> | null = null;
