@@ -1,6 +1,7 @@
 // `lockstep daemon`: qemu-storage-daemon's command line. Parsing and wiring only; the work is
 // in src/daemon.
 
+import type { Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { Daemon } from '../daemon/daemon.js';
@@ -86,7 +87,7 @@ async function daemonize(argv: string[]): Promise<number> {
     stdio: ['ignore', 'ignore', 'ignore', 'pipe'],
     env: { ...process.env, [READY_FD_ENV]: '3' },
   });
-  const pipe = child.stdio[3] as NodeJS.ReadableStream;
+  const pipe = child.stdio[3] as Readable;
   let text = '';
   pipe.setEncoding('utf8');
   pipe.on('data', (d: string) => (text += d));
@@ -96,6 +97,6 @@ async function daemonize(argv: string[]): Promise<number> {
   });
   if (code !== 0) process.stderr.write(`lockstep daemon: ${text.replace(/^error: /, '').trim() || 'the daemon exited during start-up'}\n`);
   child.unref();
-  (pipe as unknown as { destroy?: () => void }).destroy?.();
+  pipe.destroy();
   return code;
 }

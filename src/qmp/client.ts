@@ -33,6 +33,11 @@ export interface QmpGreeting {
   QMP: { version: { qemu: { major: number; minor: number; micro: number }; package: string }; capabilities: string[] };
 }
 
+// the shapes a server's greeting and events must have before they are handed on as such
+const isGreeting = (m: Record<string, unknown>): m is Record<string, unknown> & QmpGreeting =>
+  typeof m.QMP === 'object' && m.QMP !== null;
+const isEvent = (m: Record<string, unknown>): m is Record<string, unknown> & QmpEventMessage => typeof m.event === 'string';
+
 type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void; command: string };
 
 export class QmpClient extends EventEmitter {
@@ -116,14 +121,14 @@ export class QmpClient extends EventEmitter {
       return;
     }
     const msg = r.value as Record<string, unknown>;
-    if ('QMP' in msg && this.greetingWaiter) {
+    if (isGreeting(msg) && this.greetingWaiter) {
       const w = this.greetingWaiter;
       this.greetingWaiter = null;
-      w(msg as unknown as QmpGreeting);
+      w(msg);
       return;
     }
-    if ('event' in msg) {
-      const ev = msg as unknown as QmpEventMessage;
+    if (isEvent(msg)) {
+      const ev = msg;
       this.events.push(ev);
       if (this.events.length > 10_000) this.events.shift();
       this.emit('event', ev);
