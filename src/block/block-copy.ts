@@ -114,6 +114,11 @@ export class BlockCopy {
   private readonly detectZeroes: boolean;
   /** called after each successful copy with its length */
   onCopied: ((bytes: number) => void) | null = null;
+  /**
+   * sync mode: read buffers of SYNC_READ_PIECE bytes, reused once their write completed
+   * (a new 1 MiB buffer per read kept the garbage collector busy: issue 18)
+   */
+  private readonly buffers: Buffer[] = [];
 
   constructor(opts: BlockCopyOptions) {
     this.source = opts.source;
@@ -241,6 +246,14 @@ export class BlockCopy {
   private async readSource(offset: number, length: number): Promise<Buffer> {
     try {
       return await this.source.read(offset, length);
+    } catch (e) {
+      throw new CopyFailure(asBlockError(e), true);
+    }
+  }
+
+  private async readSourceInto(offset: number, buf: Buffer): Promise<void> {
+    try {
+      await this.source.readInto(offset, buf);
     } catch (e) {
       throw new CopyFailure(asBlockError(e), true);
     }
@@ -377,11 +390,23 @@ export class BlockCopy {
         throw new CopyFailure(asBlockError(e), true);
       }
       const n = st.zero ? st.length : Math.min(st.length, SYNC_READ_PIECE);
-      // Without block status a hole reads as data: zero buffers still become zero writes.
-      const data = st.zero ? null : await this.readSource(pos, n);
-      if (data === null || isZeroBuffer(data)) await this.copyZeroes(pos, n);
-      else if (this.detectZeroes) await this.writeSplit(pos, data);
-      else await this.writeData(pos, data);
+      if (st.zero) {
+        await this.copyZeroes(pos, n);
+        pos += n;
+        continue;
+      }
+      const buf = this.buffers.pop() ?? Buffer.allocUnsafe(SYNC_READ_PIECE);
+      try {
+        const data = buf.subarray(0, n);
+        await this.readSourceInto(pos, data);
+        // Without block status a hole reads as data: zero buffers still become zero writes.
+        if (isZeroBuffer(data)) await this.copyZeroes(pos, n);
+        else if (this.detectZeroes) await this.writeSplit(pos, data);
+        else await this.writeData(pos, data);
+      } finally {
+        // the target is done with it once its write resolved (or failed)
+        if (this.buffers.length < this.workers) this.buffers.push(buf);
+      }
       pos += n;
     }
   }

@@ -31,6 +31,8 @@ export interface CommitOptions {
   autoFinalize?: boolean;
   autoDismiss?: boolean;
   onProgress?: (current: number, total: number) => void;
+  /** active commit: flush base behind the copy every that many bytes (MirrorOptions.flushBehind) */
+  flushBehind?: number;
 }
 
 export type CommitJob = MirrorJob | IntermediateCommitJob;
@@ -157,6 +159,7 @@ export async function startCommit(mgr: JobManager, opts: CommitOptions): Promise
         layers,
         restoreBaseReadOnly: wasReadOnly,
         ...(opts.autoComplete !== undefined ? { autoComplete: opts.autoComplete } : {}),
+        ...(opts.flushBehind !== undefined ? { flushBehind: opts.flushBehind } : {}),
       });
     }
     const job = new IntermediateCommitJob(mgr, jobOpts, top, base, layers, wasReadOnly);

@@ -34,6 +34,18 @@ export interface MirrorOptions extends JobOptions {
   granularity?: number;
   /** complete by itself once converged (replication's failover commit) */
   autoComplete?: boolean;
+  /**
+   * Bytes (> 0): flush the target when the copy starts and after every that many bytes
+   * copied, one flush at a time, behind the copy (it does not wait). The flush before the
+   * pivot is unchanged; these only leave it less to write. A failed one fails the job.
+   */
+  flushBehind?: number;
+  /**
+   * With flushBehind: nodes whose file is flushed once when the copy starts (active commit:
+   * the layers above the base, closed and so flushed at the pivot; their data goes to disk
+   * while the copy runs instead). A failure fails the job, as one of the target's does.
+   */
+  flushAtStart?: BlockNode[];
 }
 
 /** How the initial dirty ranges are found and what the pivot does; set by mirror and commit. */
@@ -59,6 +71,13 @@ export class MirrorJob extends Job {
   private releaseHold: (() => void) | null = null;
   /** restore target read-only on failure (commit reopens a read-only base) */
   restoreTargetReadOnly = false;
+  private readonly flushBehindBytes: number;
+  private readonly flushAtStart: BlockNode[];
+  private sinceFlush = 0;
+  private flushing: Promise<void> | null = null;
+  private startFlushes: Promise<void>[] = [];
+  /** a flush behind the copy failed: the job fails (a later fdatasync may not report it) */
+  private flushError: unknown = null;
 
   constructor(
     mgr: JobManager,
@@ -72,6 +91,8 @@ export class MirrorJob extends Job {
     this.autoComplete = opts.autoComplete ?? false;
     this.bitmap = new Bitmap(opts.source.getLength(), opts.granularity ?? DEFAULT_CLUSTER_SIZE);
     this.copy = new BlockCopy({ source: opts.source, target: opts.target, bitmap: this.bitmap, mode: 'sync' });
+    this.flushBehindBytes = opts.flushBehind ?? 0;
+    this.flushAtStart = opts.flushAtStart ?? [];
   }
 
   override get shouldStop(): boolean {
@@ -135,9 +156,44 @@ export class MirrorJob extends Job {
   }
 
   protected async run(): Promise<void> {
-    await this.flavour.markInitial(this);
-    this.progressSetRemaining(this.copy.remainingBytes);
-    await this.copy.run(this, () => this.onIdle());
+    try {
+      await this.flavour.markInitial(this);
+      if (this.flushBehindBytes > 0) {
+        // After the marking, whose reads of the layers' tables would queue behind these
+        // syncs. What the target holds unflushed from before the job goes to disk while we
+        // copy, so do the layers' (flushed again when they close at the pivot).
+        this.flushBehind();
+        for (const n of this.flushAtStart) {
+          if (!n.readOnly) this.startFlushes.push((n.file ?? n).flush().catch((e: unknown) => void (this.flushError ??= e)));
+        }
+        this.copy.onCopied = (n) => {
+          this.sinceFlush += n;
+          if (this.sinceFlush >= this.flushBehindBytes) this.flushBehind();
+        };
+      }
+      this.progressSetRemaining(this.copy.remainingBytes);
+      await this.copy.run(this, () => this.onIdle());
+    } finally {
+      this.copy.onCopied = null;
+      await Promise.all([this.flushing, ...this.startFlushes]);
+    }
+  }
+
+  /** Starts a flush of the target unless one runs (then the next copy starts another). */
+  private flushBehind(): void {
+    if (this.flushing !== null) return;
+    this.sinceFlush = 0;
+    // A format's file: its data goes to disk without the format's metadata writeback, which
+    // would hold the image's lock (and its allocations) for the length of a sync.
+    const node = this.target.file ?? this.target;
+    this.flushing = node
+      .flush()
+      .catch((e: unknown) => {
+        this.flushError ??= e;
+      })
+      .finally(() => {
+        this.flushing = null;
+      });
   }
 
   private async onIdle(): Promise<IdleDecision> {
@@ -150,7 +206,9 @@ export class MirrorJob extends Job {
       const release = await this.filter.tracker.hold();
       if (this.bitmap.count === 0 && this.copy.inFlight === 0) {
         try {
-          await this.target.flush();
+          // the last flush behind may still run: the final one need not wait for it to start
+          await Promise.all([this.flushing, ...this.startFlushes, this.target.flush()]);
+          if (this.flushError !== null) throw this.flushError;
         } catch (e) {
           release();
           throw e;
@@ -247,10 +305,18 @@ export async function startMirror(mgr: JobManager, opts: MirrorOptions): Promise
 /** Active commit: a mirror from `top` (the active layer) into `base` below it. */
 export async function startActiveCommit(
   mgr: JobManager,
-  opts: JobOptions & { top: BlockNode; base: BlockNode; layers: BlockNode[]; autoComplete?: boolean; restoreBaseReadOnly: boolean },
+  opts: JobOptions & {
+    top: BlockNode;
+    base: BlockNode;
+    layers: BlockNode[];
+    autoComplete?: boolean;
+    restoreBaseReadOnly: boolean;
+    flushBehind?: number;
+  },
 ): Promise<MirrorJob> {
   const layers = opts.layers;
   const mopts: MirrorOptions = { ...opts, source: opts.top, target: opts.base, sync: 'none' };
+  if (opts.flushBehind !== undefined) mopts.flushAtStart = layers;
   const job = new MirrorJob(mgr, mopts, {
     type: 'commit',
     filterDriver: 'commit_top',

@@ -18,6 +18,13 @@ declare module '../block/graph.js' {
   }
 }
 
+/**
+ * The failover commit flushes the secondary disk behind its copy every this many bytes (and
+ * the overlays once at its start), so that the flushes that end it find little left to
+ * write (issue 18: the final flush was a third of the failover).
+ */
+export const FAILOVER_FLUSH_BEHIND = 32 * 1024 * 1024;
+
 /** The graph's job manager (created on first use; the daemon wires the same one). */
 export function jobManagerOf(graph: BlockGraph): JobManager {
   wireReplicationJobs(graph);
@@ -51,7 +58,7 @@ export function jobsFor(graph: BlockGraph): ReplicationJobs {
       };
     },
     async startActiveCommit(top, base) {
-      const job = await startCommit(jobManagerOf(graph), { top, base, active: true, autoComplete: true, internal: true });
+      const job = await startCommit(jobManagerOf(graph), { top, base, active: true, autoComplete: true, internal: true, flushBehind: FAILOVER_FLUSH_BEHIND });
       return {
         done: job.done,
         cancel: async () => {

@@ -72,6 +72,7 @@ function makeDriver(name: string): BlockDriver {
         },
         getLength: () => file.getLength(),
         read: (offset, length) => top.dest.read(offset, length),
+        readInto: (offset, buf) => top.dest.readInto(offset, buf),
         write: (offset, data, flags) => top.modify(offset, data.length, (n) => n.write(offset, data, flags)),
         writeZeroes: (offset, length, flags) => top.modify(offset, length, (n) => n.writeZeroes(offset, length, flags)),
         discard: (offset, length) => top.modify(offset, length, (n) => n.discard(offset, length)),
