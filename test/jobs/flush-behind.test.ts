@@ -91,9 +91,9 @@ async function commitChain(t: { skip(msg: string): void }, viaReplication: boole
     const job = await startCommit(new JobManager(g), { jobId: 'c', top: active, base, active: true, autoComplete: true, flushBehind: 2 * MiB });
     assert.equal((await job.done).ret, 0);
   }
-  // every 2 MiB here; replication's 32 MiB step is more than this copy: its flush at the start
-  const want = viaReplication ? 1 : 2;
-  assert.ok(flushesBeforeLastWrite(baseFile) >= want, `the base's file flushed while the copy ran: ${baseFile.join('')}`);
+  // at least the one at the start: how many more (one at a time, every 2 MiB copied here)
+  // depends on how fast the disk syncs
+  assert.ok(flushesBeforeLastWrite(baseFile) >= 1, `the base's file flushed while the copy ran: ${baseFile.join('')}`);
   assert.ok(activeFile.includes('f'), 'the active layer flushed at the start');
   assert.ok((await base.read(0, size)).equals(model));
   await g.closeAll();

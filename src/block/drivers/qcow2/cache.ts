@@ -40,6 +40,15 @@ export class TableCache {
     return buf;
   }
 
+  /** The table at once when cached (a hit, as get's), else undefined; never loads. */
+  peek(offset: number): Buffer | undefined {
+    const e = this.entries.get(offset);
+    if (!e) return undefined;
+    this.entries.delete(offset);
+    this.entries.set(offset, e);
+    return e.buf;
+  }
+
   /** A zero-filled table that is dirty from the start (a new L2 table or refcount block). */
   create(offset: number, content?: Buffer): Buffer {
     const buf = content ? Buffer.from(content) : Buffer.alloc(this.clusterSize);

@@ -11,6 +11,11 @@ export class Mutex {
     return this.releaser();
   }
 
+  /** Someone holds it (a metadata operation may be half done). */
+  get isLocked(): boolean {
+    return this.locked;
+  }
+
   /** The lock at once when it is free (no waiter can be queued then), else null. */
   tryLock(): (() => void) | null {
     if (this.locked) return null;
