@@ -480,9 +480,12 @@ export class DirtyLog {
       // units set in both the old file and the new one cover writes whichever file survives
       this.persisted.intersect(ext);
     } else this.persisted.intersect(keep);
+    // what the new file holds: marks arriving while it is written set units that only a
+    // later persist puts there, so they must not count as persisted with it
+    const inFile = this.fileFine ? copyOf(this.unitMem) : keep;
     let fh: FileHandle;
     try {
-      fh = await replaceFileDurably(this.path, encodeLog(keep, this.fileFine ? this.unitMem : null), true);
+      fh = await replaceFileDurably(this.path, encodeLog(keep, this.fileFine ? inFile : null), true);
     } catch (e) {
       await this.recover();
       throw e;
@@ -490,7 +493,7 @@ export class DirtyLog {
     const old = this.fh;
     this.fh = fh;
     if (this.fileFine) this.fileFine.assign(keep);
-    this.persisted.union(this.fileFine ? this.unitMem : keep);
+    this.persisted.union(inFile);
     this.rewrites++;
     await old.close().catch(() => {});
     if (this.closed) await fh.close().catch(() => {});
@@ -505,19 +508,22 @@ export class DirtyLog {
    */
   private async recover(): Promise<void> {
     try {
+      // snapshots: bits set while this runs reach the file by their own persist
+      const units = copyOf(this.unitMem);
+      const fineBits = this.fileFine ? copyOf(this.mem) : units;
       const fh = await open(this.path, 'r+');
-      const fine = this.mem.toBytes();
+      const fine = fineBits.toBytes();
       await fh.write(fine, 0, fine.length, DIRTY_LOG_HEADER_SIZE);
       await fh.datasync();
       if (this.fileFine) {
-        const ext = this.unitMem.toBytes();
+        const ext = units.toBytes();
         await fh.write(ext, 0, ext.length, extentOffset(this.mem));
         await fh.datasync();
-        this.fileFine.assign(this.mem);
+        this.fileFine.assign(fineBits);
       }
       const old = this.fh;
       this.fh = fh;
-      this.persisted.assign(this.unitMem);
+      this.persisted.assign(units);
       this.broken = null;
       await old.close().catch(() => {});
     } catch (e) {

@@ -4,9 +4,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { newGraph, pattern, tempDir } from '../../helpers/graph.js';
-import { getDirtyLog, readDirtyLogFile, DIRTY_LOG_HEADER_SIZE } from '../../../src/block/filters/dirty-log.js';
+import { getDirtyLog, readDirtyLogFile, decodeLog, recordOf, DIRTY_LOG_HEADER_SIZE } from '../../../src/block/filters/dirty-log.js';
 import type { BlockGraph } from '../../../src/block/graph.js';
 
 const KiB = 1024;
@@ -342,4 +343,51 @@ test('a format 1 log opened with extent-size is rewritten as format 2 with its r
   await assert.rejects(readDirtyLogFile(logPath), {
     message: `'${logPath}' is not a valid dirty log: ${v2.length} bytes, expected ${2 * DIRTY_LOG_HEADER_SIZE + 1} for a ${4 * MiB}-byte disk`,
   });
+});
+
+test('extent-size: an extent first marked while a rewrite runs is in the log file before any write into it reaches the disk', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'extent-size': MiB });
+  const log = getDirtyLog(node);
+  await node.write(0, pattern(1, 10));
+  // at the instant each write reaches the disk, the file (read synchronously) must cover it
+  const disk = g.getNode('disk');
+  const realWrite = disk.impl.write!.bind(disk.impl);
+  const uncovered: number[] = [];
+  disk.impl.write = (offset, data, flags) => {
+    const record = recordOf(decodeLog(logPath, readFileSync(logPath)));
+    if (!record.get(Math.floor(offset / G))) uncovered.push(offset);
+    return realWrite(offset, data, flags);
+  };
+  // the first write into extent 2 comes while the rewrite writes its new file (already
+  // encoded, without extent 2), and log I/O is slow (a loaded disk)
+  const probe = await open(logPath, 'r');
+  const proto = Object.getPrototypeOf(probe) as { write: (...a: unknown[]) => Promise<unknown> };
+  await probe.close();
+  const realFileWrite = proto.write;
+  let during: (() => void) | null = null;
+  proto.write = async function (this: unknown, ...a: unknown[]) {
+    const hook = during;
+    during = null;
+    hook?.();
+    await new Promise((r) => setTimeout(r, 5));
+    return realFileWrite.apply(this, a);
+  };
+  t.after(() => {
+    proto.write = realFileWrite;
+  });
+  for (let round = 0; round < 5; round++) {
+    let first: Promise<void> | null = null;
+    during = () => {
+      first = node.write(2 * MiB + round * 4096, pattern(2, 10));
+    };
+    await log.clear();
+    assert.ok(first, 'the rewrite wrote its file');
+    // right after the rewrite: extent 2 is only about to be persisted
+    await Promise.all([first, node.write(2 * MiB + G + round * 4096, pattern(3, 10))]);
+  }
+  assert.deepEqual(uncovered, []);
 });
