@@ -58,6 +58,10 @@ Options:
   --lease T|off              the primary's write lease (default: the heartbeat timeout)
   --resync-rate BYTES/s      the rate of a resync while the primary serves, e.g. 50M
                              (default: unlimited)
+  --dirty-extent SIZE        what each disk's dirty log syncs before the first write into
+                             it, a power of two from 64K (every granule, exact after a
+                             crash) to 1G; after a crash a resync copies whole extents
+                             (default 4M)
   --reprotect on|off         bring a lost secondary back by itself, and across two hosts
                              re-protect after a failover once the failed side's daemon
                              answers again (default on; off: 'lockstep pair reprotect')
@@ -133,6 +137,15 @@ function parseDuration(text: string, name: string): number {
   if (!m) throw new Error(`--${name}: expected a duration like 500ms, 1s or 0.25 (seconds), got '${text}'`);
   // a bare number is seconds, as for sleep(1)
   return Number(m[1]) * (m[2] === 'ms' ? 1 : 1000);
+}
+
+/** --dirty-extent: the dirty logs' extent-size (granules are 64 KiB). */
+function parseDirtyExtent(text: string): number {
+  const n = parseSize(text);
+  if (n === null || n < 65536 || n > 1 << 30 || (n & (n - 1)) !== 0) {
+    throw new Error(`--dirty-extent: expected a power of two from 64K to 1G, got '${text}'`);
+  }
+  return n;
 }
 
 /** --resync-rate: bytes per second, with the size suffixes of --size (an optional "/s"). */
@@ -439,6 +452,7 @@ export async function run(argv: string[]): Promise<number> {
         failover: { type: 'string' },
         'flush-commit': { type: 'string' },
         'resync-rate': { type: 'string' },
+        'dirty-extent': { type: 'string' },
         reprotect: { type: 'string' },
         lease: { type: 'string' },
         'nbd-socket': { type: 'string' },
@@ -585,6 +599,7 @@ export async function run(argv: string[]): Promise<number> {
       ...onOff(v['flush-commit'], 'flush-commit', (b) => ({ flushCommit: b })),
       ...onOff(v.reprotect, 'reprotect', (b) => ({ reprotect: b })),
       ...(v['resync-rate'] === undefined ? {} : { resyncRate: parseRate(v['resync-rate']) }),
+      ...(v['dirty-extent'] === undefined ? {} : { dirtyExtentBytes: parseDirtyExtent(v['dirty-extent']) }),
       ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
       log,
       onProgress: makeProgress(live, human, log),

@@ -96,6 +96,9 @@ export interface PairOptions {
   /** a live resync flushes the target and persists its mark after every this many bytes
    *  copied: about what a resync whose target dies copies again (default 64 MiB) */
   resyncPieceBytes?: number;
+  /** what each disk's dirty log persists before the first write into it (its extent-size;
+   *  default DIRTY_EXTENT_SIZE, 4 MiB): after a crash the resync copies whole extents */
+  dirtyExtentBytes?: number;
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
 }
@@ -187,7 +190,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   }
 
   private layout(dir: string | undefined, attached: boolean): SideLayout {
-    return { dir: dir ?? this.opts.dataDir, local: !attached };
+    return { dir: dir ?? this.opts.dataDir, local: !attached, ...(this.opts.dirtyExtentBytes !== undefined ? { dirtyExtentBytes: this.opts.dirtyExtentBytes } : {}) };
   }
 
   /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two.

@@ -64,6 +64,8 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'run', '--size', 'lots'], /--size: invalid size 'lots'|Parameter 'size'|invalid size/],
     [['pair', 'run', '--failover', 'sometimes'], /--failover: expected auto or manual, got 'sometimes'/],
     [['pair', 'run', '--checkpoint-interval', 'soon'], /--checkpoint-interval: expected a duration/],
+    [['pair', 'run', '--dirty-extent', '3M'], /--dirty-extent: expected a power of two from 64K to 1G, got '3M'/],
+    [['pair', 'run', '--dirty-extent', '4K'], /--dirty-extent: expected a power of two from 64K to 1G, got '4K'/],
     [['pair', 'run', '--nbd-port', '70000'], /--nbd-port: invalid port '70000'/],
     [['pair', 'run', '--secondary-nbd', 'nohost'], /--secondary-nbd: expected HOST:PORT, got 'nohost'/],
     [['pair', 'run', '--tls-creds', 'x'], /--tls-creds and --tls-client-creds need --tls-dir/],

@@ -4,9 +4,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { newGraph, pattern, tempDir } from '../../helpers/graph.js';
-import { getDirtyLog, readDirtyLogFile, DIRTY_LOG_HEADER_SIZE } from '../../../src/block/filters/dirty-log.js';
+import { getDirtyLog, readDirtyLogFile, decodeLog, recordOf, DIRTY_LOG_HEADER_SIZE } from '../../../src/block/filters/dirty-log.js';
 import type { BlockGraph } from '../../../src/block/graph.js';
 
 const KiB = 1024;
@@ -203,4 +204,190 @@ test('hot-bytes: a record within the budget is kept whole after checkpoints; ove
   // clear drops everything, whatever the budget
   await log.clear();
   assert.deepEqual((await readDirtyLogFile(logPath)).extents, []);
+});
+
+test('extent-size: the extent is in the file before a first write reaches the disk; granule bits reach it at close', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'extent-size': MiB });
+  const log = getDirtyLog(node);
+  // format 2: header, 64 granule bits on their own page, then 4 extent bits
+  const file = readFileSync(logPath);
+  assert.equal(file.readUInt32LE(8), 2);
+  assert.equal(file.readUInt32LE(28), MiB);
+  assert.equal(file.length, 2 * DIRTY_LOG_HEADER_SIZE + 1);
+
+  const disk = g.getNode('disk');
+  const realWrite = disk.impl.write!.bind(disk.impl);
+  let seenAtWrite: unknown = null;
+  disk.impl.write = async (offset, data, flags) => {
+    seenAtWrite = (await readDirtyLogFile(logPath)).extents;
+    return realWrite(offset, data, flags);
+  };
+  await node.write(G + 100, pattern(0x11, G)); // granules 1 and 2, in extent 0
+  assert.deepEqual(seenAtWrite, [{ offset: 0, length: MiB }]);
+  disk.impl.write = realWrite;
+
+  // another first write into a persisted extent: no I/O; a new extent: one persist
+  const syncs = log.syncs;
+  await node.write(5 * G, pattern(0x22, 10));
+  assert.equal(log.syncs, syncs);
+  await node.writeZeroes(2 * MiB + 3 * G, 512);
+  assert.equal(log.syncs, syncs + 1);
+  const exact = {
+    granularity: G,
+    'dirty-bytes': 4 * G,
+    extents: [
+      { offset: G, length: 2 * G },
+      { offset: 5 * G, length: G },
+      { offset: 2 * MiB + 3 * G, length: G },
+    ],
+  };
+  // in memory the record is exact; the file is the superset a crash would leave
+  assert.deepEqual(log.report(), exact);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, [
+    { offset: 0, length: MiB },
+    { offset: 2 * MiB, length: MiB },
+  ]);
+  assert.deepEqual(node.impl.info?.(), { 'dirty-log': logPath, granularity: G, 'extent-size': MiB, 'dirty-bytes': 4 * G });
+  await g.closeAll();
+  // a clean close writes the granule bits and drops the extents
+  assert.deepEqual(await readDirtyLogFile(logPath), exact);
+
+  // reopened without the option: format 2 and its extent size come from the file
+  const g2 = newGraph();
+  t.after(() => g2.closeAll());
+  const l2 = getDirtyLog(await openLog(g2, logPath));
+  assert.equal(l2.extentSize, MiB);
+  assert.deepEqual(l2.report(), exact);
+});
+
+test('extent-size: rewrites after checkpoints write the granule bits and keep only extents written since the last one', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'extent-size': MiB, 'clear-interval-ms': 20 });
+  const log = getDirtyLog(node);
+  await node.write(0, pattern(1, 10)); // granule 0, extent 0
+  await node.write(2 * MiB, pattern(2, 10)); // granule 32, extent 2
+  log.checkpoint();
+  await node.write(3 * G, pattern(3, 10)); // granule 3, after the checkpoint: must stay
+  // the first rewrite keeps extents 0 and 2 (written since the last rewrite), the next one
+  // drops them: the file is then the exact record
+  const after = [{ offset: 3 * G, length: G }];
+  await until('the extents to be dropped', async () => (await readDirtyLogFile(logPath)).extents.length === 1);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, after);
+  assert.deepEqual(log.report().extents, after);
+  assert.ok(log.rewrites >= 2);
+  // a dropped extent is persisted again before the next write into it goes on
+  const syncs = log.syncs;
+  await node.write(2 * MiB + G, pattern(4, 10));
+  assert.equal(log.syncs, syncs + 1);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, [
+    { offset: 3 * G, length: G },
+    { offset: 2 * MiB, length: MiB },
+  ]);
+  // clear drops granules and extents at once
+  await log.clear();
+  assert.deepEqual(await readDirtyLogFile(logPath), { granularity: G, 'dirty-bytes': 0, extents: [] });
+});
+
+test('a format 1 log opened with extent-size is rewritten as format 2 with its record; bad extent sizes and files are refused', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const n = await openLog(g, logPath);
+  await n.write(G, pattern(1, 2 * G));
+  await g.closeAll();
+  const v1 = readFileSync(logPath);
+  assert.equal(v1.readUInt32LE(8), 1);
+  const record = [{ offset: G, length: 2 * G }];
+
+  const g2 = newGraph();
+  t.after(() => g2.closeAll());
+  const l2 = getDirtyLog(await openLog(g2, logPath, { 'extent-size': 2 * MiB }));
+  assert.deepEqual(l2.report().extents, record);
+  assert.equal(readFileSync(logPath).readUInt32LE(8), 2);
+  assert.deepEqual((await readDirtyLogFile(logPath)).extents, record);
+  await g2.closeAll();
+
+  const g3 = newGraph();
+  t.after(() => g3.closeAll());
+  await g3.open({ driver: 'memory', size: 4 * MiB, 'node-name': 'disk' }, { monitorOwned: true });
+  const open = (extra: Record<string, unknown>) => g3.open({ driver: 'dirty-log', file: 'disk', filename: join(dir, 'new.dlog'), ...extra });
+  const msg = (e: number) => `Parameter 'extent-size' must be a power of 2 in range [granularity (${G}), 1GB], not ${e}`;
+  await assert.rejects(open({ 'extent-size': 3 * MiB }), { message: msg(3 * MiB) });
+  await assert.rejects(open({ 'extent-size': 4096 }), { message: msg(4096) });
+  await assert.rejects(open({ 'extent-size': 2 * 1024 * MiB }), { message: msg(2 * 1024 * MiB) });
+  // format 2 back to format 1 (extent-size equal to the granularity): the record stays
+  const l3 = getDirtyLog(await g3.open({ driver: 'dirty-log', 'node-name': 'dl', file: 'disk', filename: logPath, 'extent-size': G }));
+  assert.deepEqual(l3.report().extents, record);
+  assert.equal(readFileSync(logPath).readUInt32LE(8), 1);
+  await g3.closeAll();
+
+  // files this build cannot read are refused with what is wrong
+  const v2 = Buffer.from(v1);
+  v2.writeUInt32LE(3, 8);
+  writeFileSync(logPath, v2);
+  await assert.rejects(readDirtyLogFile(logPath), { message: `'${logPath}' is not a valid dirty log: format version 3 (this build reads 1 and 2)` });
+  v2.writeUInt32LE(2, 8);
+  v2.writeUInt32LE(G, 28);
+  writeFileSync(logPath, v2);
+  await assert.rejects(readDirtyLogFile(logPath), { message: `'${logPath}' is not a valid dirty log: extent size ${G} with granularity ${G}` });
+  v2.writeUInt32LE(MiB, 28);
+  writeFileSync(logPath, v2);
+  await assert.rejects(readDirtyLogFile(logPath), {
+    message: `'${logPath}' is not a valid dirty log: ${v2.length} bytes, expected ${2 * DIRTY_LOG_HEADER_SIZE + 1} for a ${4 * MiB}-byte disk`,
+  });
+});
+
+test('extent-size: an extent first marked while a rewrite runs is in the log file before any write into it reaches the disk', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'extent-size': MiB });
+  const log = getDirtyLog(node);
+  await node.write(0, pattern(1, 10));
+  // at the instant each write reaches the disk, the file (read synchronously) must cover it
+  const disk = g.getNode('disk');
+  const realWrite = disk.impl.write!.bind(disk.impl);
+  const uncovered: number[] = [];
+  disk.impl.write = (offset, data, flags) => {
+    const record = recordOf(decodeLog(logPath, readFileSync(logPath)));
+    if (!record.get(Math.floor(offset / G))) uncovered.push(offset);
+    return realWrite(offset, data, flags);
+  };
+  // the first write into extent 2 comes while the rewrite writes its new file (already
+  // encoded, without extent 2), and log I/O is slow (a loaded disk)
+  const probe = await open(logPath, 'r');
+  const proto = Object.getPrototypeOf(probe) as { write: (...a: unknown[]) => Promise<unknown> };
+  await probe.close();
+  const realFileWrite = proto.write;
+  let during: (() => void) | null = null;
+  proto.write = async function (this: unknown, ...a: unknown[]) {
+    const hook = during;
+    during = null;
+    hook?.();
+    await new Promise((r) => setTimeout(r, 5));
+    return realFileWrite.apply(this, a);
+  };
+  t.after(() => {
+    proto.write = realFileWrite;
+  });
+  for (let round = 0; round < 5; round++) {
+    let first: Promise<void> | null = null;
+    during = () => {
+      first = node.write(2 * MiB + round * 4096, pattern(2, 10));
+    };
+    await log.clear();
+    assert.ok(first, 'the rewrite wrote its file');
+    // right after the rewrite: extent 2 is only about to be persisted
+    await Promise.all([first, node.write(2 * MiB + G + round * 4096, pattern(3, 10))]);
+  }
+  assert.deepEqual(uncovered, []);
 });
