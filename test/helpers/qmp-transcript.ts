@@ -26,9 +26,24 @@ export class Transcript {
     });
   }
 
+  /**
+   * Connects to the monitor at `path`. A server binds its socket file before it listens, so a
+   * refused (or not yet created) socket is retried for up to 10 s.
+   */
   static async open(path: string): Promise<Transcript> {
-    const sock = connect(path);
-    await new Promise<void>((resolve, reject) => sock.once('connect', resolve).once('error', reject));
+    let sock: Socket;
+    for (let attempt = 0; ; attempt++) {
+      sock = connect(path);
+      try {
+        await new Promise<void>((resolve, reject) => sock.once('connect', resolve).once('error', reject));
+        break;
+      } catch (e) {
+        sock.destroy();
+        const code = (e as NodeJS.ErrnoException).code;
+        if ((code !== 'ECONNREFUSED' && code !== 'ENOENT') || attempt >= 200) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
     const t = new Transcript(sock);
     await t.next(); // greeting
     return t;
