@@ -115,6 +115,24 @@ test('lazy refcounts: the dirty bit is set while writing and cleared on close', 
   await g.closeAll();
 });
 
+/**
+ * Opens `p` read-write once the killed writer's image lock is gone. The kernel drops the file
+ * references of a killed process's io_uring requests in a work queue after the process is
+ * reaped, so its OFD lock can outlive the exit event by a few milliseconds; only that lock
+ * conflict is retried, for up to 5 s.
+ */
+async function openOnceUnlocked(g: ReturnType<typeof newGraph>, p: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+      return;
+    } catch (e) {
+      if (!/Failed to get "write" lock/.test((e as Error).message) || attempt >= 100) throw e;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
 test('a dirty lazy-refcounts image killed mid-write is repaired when opened read-write', async (t) => {
   if (!needTools(t, 'qemu-img')) return;
   const dir = tempDir(t);
@@ -130,7 +148,7 @@ test('a dirty lazy-refcounts image killed mid-write is repaired when opened read
   });
   assert.equal(dirtyBit(p), true, 'the killed writer left the image dirty');
   const g = newGraph();
-  await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p } });
+  await openOnceUnlocked(g, p);
   await g.closeAll();
   assert.equal(dirtyBit(p), false);
   const chk = qemuCheck(p);
