@@ -451,6 +451,9 @@ async function main(b: Bench): Promise<void> {
     }
 
     const budget = PAIR_DEFAULTS.heartbeatTimeoutMs + 1000;
+    // a frozen primary on this host is alive with its socket open: stalled, not gone, so the
+    // supervisor waits for the long bound (src/pair/liveness.ts) before it is lost
+    const frozenBudget = Math.max(5000, 10 * PAIR_DEFAULTS.heartbeatTimeoutMs) + 1000;
     const fo: Record<string, FailoverTimes[]> = { kill: [], freeze: [], qemu: [] };
     for (let r = 0; r < o.rounds; r++) {
       for (const how of ['kill', 'freeze'] as const) {
@@ -464,18 +467,18 @@ async function main(b: Bench): Promise<void> {
         console.log(`failover QEMU round ${r + 1}: commit done ${f1(t.eventMs)} ms, first read ${f1(t.servedMs)} ms after the kill`);
       }
     }
-    md.push('', `Failover (4 KiB load running; heartbeat interval ${PAIR_DEFAULTS.heartbeatIntervalMs} ms, timeout ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; aim: served within ${budget} ms; ${o.rounds} rounds):`, '');
+    md.push('', `Failover (4 KiB load running; heartbeat interval ${PAIR_DEFAULTS.heartbeatIntervalMs} ms, timeout ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; aim: served within ${budget} ms, a frozen local primary within its long bound + 1 s, ${frozenBudget} ms; ${o.rounds} rounds):`, '');
     md.push('| primary | to failed-over median | max | to first read median | max | aim |\n|---|---|---|---|---|---|');
-    const foRow = (name: string, xs: FailoverTimes[], aim: boolean) => {
+    const foRow = (name: string, xs: FailoverTimes[], aim: number | null) => {
       const e = xs.map((x) => x.eventMs);
       const s = xs.map((x) => x.servedMs);
       const max = quantile(s, 1);
-      md.push(`| ${name} | ${f1(quantile(e, 0.5))} ms | ${f1(quantile(e, 1))} ms | ${f1(quantile(s, 0.5))} ms | ${f1(max)} ms | ${aim ? (max <= budget ? 'reached' : 'NOT reached') : '-'} |`);
+      md.push(`| ${name} | ${f1(quantile(e, 0.5))} ms | ${f1(quantile(e, 1))} ms | ${f1(quantile(s, 0.5))} ms | ${f1(max)} ms | ${aim !== null ? (max <= aim ? 'reached' : 'NOT reached') : '-'} |`);
     };
-    foRow('lockstep, killed (SIGKILL; the supervisor sees the exit)', fo.kill!, true);
-    foRow('lockstep, frozen (SIGSTOP; only the heartbeat sees it)', fo.freeze!, true);
+    foRow('lockstep, killed (SIGKILL; the supervisor sees the exit)', fo.kill!, budget);
+    foRow('lockstep, frozen (SIGSTOP; only the heartbeat sees it)', fo.freeze!, frozenBudget);
     if (o.withQemu) {
-      foRow('QEMU 7.2, killed; the bench fails over at once (commit, then export)', fo.qemu!, false);
+      foRow('QEMU 7.2, killed; the bench fails over at once (commit, then export)', fo.qemu!, null);
       const ratio = quantile(fo.qemu!.map((x) => x.servedMs), 0.5) / quantile(fo.kill!.map((x) => x.servedMs), 0.5);
       md.push('', `killed primary, time to first read, QEMU/lockstep median: ${f2(ratio)} (>1: lockstep faster)`);
     }
