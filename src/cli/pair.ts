@@ -16,6 +16,7 @@ import { notifyReady, takeNotifySocket } from './systemd.js';
 import { RESOLVE_EXIT } from '../pair/split-brain.js';
 import { takeover, type TakeoverOptions } from '../pair/takeover.js';
 import { outdatePeerByHand } from '../pair/outdate.js';
+import { parseLeaseExpiry } from '../pair/lease.js';
 import { isLoopbackAddress, qmpOptions } from '../pair/sides.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
@@ -56,6 +57,10 @@ Options:
   --flush-commit on|off      a flush or FUA write completes once a checkpoint covers it
                              (default on; off for COLO with a VM, whose outputs are held)
   --lease T|off              the primary's write lease (default: the heartbeat timeout)
+  --on-lease-expiry hold|io-error
+                             writes once the primary's lease ran out, as DRBD's
+                             on-no-quorum: held until it is renewed (hold, DRBD's
+                             suspend-io; the default) or failed with EIO (io-error)
   --resync-rate BYTES/s      the rate of a resync while the primary serves, e.g. 50M
                              (default: unlimited)
   --dirty-extent SIZE        what each disk's dirty log syncs before the first write into
@@ -455,6 +460,7 @@ export async function run(argv: string[]): Promise<number> {
         'dirty-extent': { type: 'string' },
         reprotect: { type: 'string' },
         lease: { type: 'string' },
+        'on-lease-expiry': { type: 'string' },
         'nbd-socket': { type: 'string' },
         'nbd-port': { type: 'string' },
         metrics: { type: 'string' },
@@ -576,6 +582,7 @@ export async function run(argv: string[]): Promise<number> {
     if (forceCurrent !== undefined && forceCurrent !== 'primary' && forceCurrent !== 'secondary') {
       throw new Error(`--force-current: expected primary or secondary, got '${forceCurrent}'`);
     }
+    if (v['on-lease-expiry'] !== undefined && v.lease === 'off') throw new Error('--on-lease-expiry: there is no lease with --lease off');
     opts = {
       dataDir,
       control,
@@ -601,6 +608,7 @@ export async function run(argv: string[]): Promise<number> {
       ...(v['resync-rate'] === undefined ? {} : { resyncRate: parseRate(v['resync-rate']) }),
       ...(v['dirty-extent'] === undefined ? {} : { dirtyExtentBytes: parseDirtyExtent(v['dirty-extent']) }),
       ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
+      ...(v['on-lease-expiry'] === undefined ? {} : { onLeaseExpiry: parseLeaseExpiry(v['on-lease-expiry']) }),
       log,
       onProgress: makeProgress(live, human, log),
     };

@@ -83,6 +83,8 @@ export interface PairOptions {
   flushCommit?: boolean;
   /** the primary's write lease, ms (default: the heartbeat timeout; 0 = no lease) */
   leaseMs?: number;
+  /** writes once the primary's lease ran out: held until renewed (default) or EIO (lease.ts) */
+  onLeaseExpiry?: import('./lease.js').PairLeaseExpiry;
   /** a lost secondary is brought back and resynced while the primary serves (default on):
    *  restarted here on one host, its QMP address retried on two */
   reprotect?: boolean;

@@ -13,6 +13,7 @@ import parsePrometheusTextFormat, { type PromFamily } from 'parse-prometheus-tex
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import { QmpClient } from '../../src/qmp/client.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { parseHostArgs } from '../../src/cli/pair.js';
 
@@ -69,6 +70,9 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'run', '--nbd-port', '70000'], /--nbd-port: invalid port '70000'/],
     [['pair', 'run', '--secondary-nbd', 'nohost'], /--secondary-nbd: expected HOST:PORT, got 'nohost'/],
     [['pair', 'run', '--tls-creds', 'x'], /--tls-creds and --tls-client-creds need --tls-dir/],
+    [['pair', 'run', '--on-lease-expiry', 'panic'], /^lockstep pair: --on-lease-expiry: expected hold \(or suspend-io\) or io-error, got 'panic'\n$/],
+    [['pair', '--on-lease-expiry=', '--size', '8M'], /--on-lease-expiry: expected hold \(or suspend-io\) or io-error, got ''/],
+    [['pair', 'run', '--lease', 'off', '--on-lease-expiry', 'io-error'], /--on-lease-expiry: there is no lease with --lease off/],
     [['pair', 'frobnicate'], /unknown command 'frobnicate'/],
     [['pair', 'host'], /--listen HOST:PORT is required/],
     [['pair', 'host', '--listen', '10.1.2.3:4444'], /give --tls-dir DIR .* or --insecure/],
@@ -131,7 +135,7 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   const child = spawn(
     process.execPath,
     [LOCKSTEP_BIN, 'pair', 'run', '--data-dir', dir, '--size', '8M', '--nbd-port', '0', '--checkpoint-interval', '0.1',
-      '--failover=manual', '--metrics', `127.0.0.1:${port}`],
+      '--failover=manual', '--metrics', `127.0.0.1:${port}`, '--on-lease-expiry', 'io-error'],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let out = '';
@@ -151,6 +155,10 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
   await c.write(MiB, Buffer.alloc(4096, 0x5a));
   await c.disconnect();
+  // --on-lease-expiry reached the primary daemon's lease
+  const pq = await QmpClient.open({ type: 'unix', path: join(dir, 'primary.qmp') });
+  assert.equal(((await pq.execute('x-query-block-lease')) as Array<{ 'on-expiry': string }>)[0]!['on-expiry'], 'io-error');
+  pq.close();
 
   const cp = lockstep(['pair', 'checkpoint', '--data-dir', dir]);
   assert.equal(cp.status, 0, cp.stderr);
