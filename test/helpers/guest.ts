@@ -198,14 +198,14 @@ export const guestUri = (dir: string): string => `nbd+unix:///disk?socket=${join
  * Reading the whole disk in every barrier made them so long that the guest got little
  * acknowledged, so a barrier reads only the regions the primary's replication filter lists
  * as changed (x-query-replication-changed: reset only by a barrier whose checkpoint
- * succeeded, so they cover everything since the last confirmed one). Barrier 1, 17, 33, ...
+ * succeeded, so they cover everything since the last confirmed one). Barrier 1, 65, 129, ...
  * also read the whole disk and record any difference in `errors`: a region missing from the
  * list cannot go unnoticed. A checkpoint whose answer never came may have happened: it stays
  * a candidate until a later one is confirmed. A read that fails (the primary died) fails the
  * barrier before the secondary is asked, so no checkpoint goes unrecorded.
  */
 export class CheckpointDisks {
-  static readonly VERIFY_EVERY = 16;
+  static readonly VERIFY_EVERY = 64;
   /** the disk at the last confirmed checkpoint (updated in place) */
   private done: Buffer;
   /** later checkpoints sent but not confirmed: the regions changed since `done`, read */
