@@ -52,6 +52,20 @@ async function scrape(port: number): Promise<{ families: PromFamily[]; value(nam
   };
 }
 
+/** Each side's generation and consistency as `pair status --json` reports them. */
+function sidesOf(dir: string): Record<'primary' | 'secondary', { generation: string; consistent: boolean }> {
+  const r = lockstep(['pair', 'status', '--json', '--data-dir', dir]);
+  assert.equal(r.status, 0, r.stderr);
+  return (JSON.parse(r.stdout) as { sides: Record<'primary' | 'secondary', { generation: string; consistent: boolean }> }).sides;
+}
+
+/** One side's lockstep_pair_device_generation_info series: [generation label, value]. */
+function generationSeries(families: PromFamily[], side: string): Array<[string | undefined, string | undefined]> {
+  const f = families.find((x) => x.name === 'lockstep_pair_device_generation_info');
+  assert.ok(f, 'no lockstep_pair_device_generation_info in the scrape');
+  return f.metrics.filter((s) => s.labels?.side === side).map((s) => [s.labels?.generation, s.value]);
+}
+
 async function freePort(): Promise<number> {
   const s = createServer();
   await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
@@ -216,6 +230,15 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.ok(m.value('lockstep_pair_checkpoint_pause_seconds') >= 1);
   const pause = m.families.find((f) => f.name === 'lockstep_pair_checkpoint_pause_seconds')!.metrics[0]!;
   assert.equal(pause.buckets?.['+Inf'], pause.count);
+  // each side's disk after the initial sync: consistent, one generation series, the id the
+  // status reports
+  const synced = sidesOf(dir);
+  assert.equal(synced.primary.generation, synced.secondary.generation, 'in step: one generation');
+  for (const side of ['primary', 'secondary'] as const) {
+    assert.equal(synced[side].consistent, true, side);
+    assert.equal(m.value('lockstep_pair_device_consistent', { side }), 1, side);
+    assert.deepEqual(generationSeries(m.families, side), [[synced[side].generation, '1']], side);
+  }
 
   const fo = lockstep(['pair', 'failover', '--data-dir', dir]);
   assert.equal(fo.status, 0, fo.stderr);
@@ -228,6 +251,12 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.equal(m.value('lockstep_pair_role', { side: 'secondary', role: 'Primary' }), 1);
   assert.equal(m.value('lockstep_pair_role', { side: 'primary', role: 'Unknown' }), 1);
   assert.equal(m.value('lockstep_pair_connection_state', { state: 'StandAlone' }), 1);
+  // the survivor went on under a new generation: the scrape has it and no longer the old one
+  const failed = sidesOf(dir);
+  assert.notEqual(failed.secondary.generation, synced.secondary.generation);
+  assert.equal(failed.secondary.consistent, true);
+  assert.equal(m.value('lockstep_pair_device_consistent', { side: 'secondary' }), 1);
+  for (const side of ['primary', 'secondary'] as const) assert.deepEqual(generationSeries(m.families, side), [[failed[side].generation, '1']], side);
   // the recovered disk: the write above was covered by a checkpoint
   const r = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
   assert.ok((await r.read(MiB, 4096)).equals(Buffer.alloc(4096, 0x5a)));
