@@ -167,8 +167,14 @@ export class BlockCopy {
    * At most `workers` copies of this call run at once, and the walk gives the event loop
    * its turn (the graph's pacer) between them: a request over the whole disk costs memory
    * and loop time of a few chunks at a time, never of the whole range.
+   *
+   * `zeroing`: the request writes zeroes. Clusters not copied yet that read zeroes now are
+   * left alone, their bits set: a set bit means the source still holds the content of the
+   * bitmap's reset, so that content is zero and zeroes over it change nothing to save (a
+   * later write of data copies them then). A zero write over never-written space then costs
+   * a block-status call, not an allocated zero cluster in the target per cluster.
    */
-  async copyBeforeWrite(offset: number, length: number): Promise<void> {
+  async copyBeforeWrite(offset: number, length: number, zeroing = false): Promise<void> {
     const [first, end] = this.bitmap.bitSpan(offset, length);
     const maxBits = Math.max(1, Math.floor(MAX_CHUNK / this.clusterSize));
     const pacer = this.source.graph.pacer;
@@ -189,6 +195,18 @@ export class BlockCopy {
           i = n === -1 || n > end ? end : n;
           continue;
         }
+        // zeroing: how many clusters from i this copy may take (up to the end of the data)
+        let most = maxBits;
+        if (zeroing) {
+          const run = await this.zeroRun(i, end);
+          if (run.zero) {
+            // bits that changed during the look need no copy either: a bit cleared was
+            // copied, a copy started reads the zeroes this request leaves
+            i += run.bits;
+            continue;
+          }
+          most = Math.min(most, run.bits);
+        }
         if (mine.size >= this.workers || started) {
           while (mine.size >= this.workers) await Promise.race(mine);
           await pacer.pace();
@@ -196,7 +214,7 @@ export class BlockCopy {
           if (this.inflight.has(i) || !this.bitmap.get(i) || failure !== null) continue;
         }
         let j = i + 1;
-        while (j < end && j - i < maxBits && this.bitmap.get(j) && !this.inflight.has(j)) j++;
+        while (j < end && j - i < most && this.bitmap.get(j) && !this.inflight.has(j)) j++;
         const t: Promise<void> = this.copyBits(i, j)
           .catch((e: unknown) => {
             failure ??= e;
@@ -212,6 +230,25 @@ export class BlockCopy {
       if (!started && others.size === 0) return;
       // A copy someone else started may have failed: its bits are still set; look again.
     }
+  }
+
+  /** Whether the clusters from bit `first` (set, before `end`) read zeroes whole in the
+   *  source's chain, and how many of them do (zero) or hold data (not zero; at least 1). */
+  private async zeroRun(first: number, end: number): Promise<{ zero: boolean; bits: number }> {
+    let last = first + 1;
+    while (last < end && this.bitmap.get(last) && !this.inflight.has(last)) last++;
+    const { offset, length } = this.bitmap.byteRange(first, last);
+    let st: { zero: boolean; length: number };
+    try {
+      st = await this.zeroStatus(this.source, offset, length);
+    } catch {
+      return { zero: false, bits: last - first }; // unknown: copy as for any write
+    }
+    if (st.length >= length) return { zero: st.zero, bits: last - first };
+    const cs = this.clusterSize;
+    // whole clusters of zeroes only; a cluster with any data is copied
+    if (st.zero) return st.length >= cs ? { zero: true, bits: Math.floor(st.length / cs) } : { zero: false, bits: 1 };
+    return { zero: false, bits: Math.max(1, Math.ceil(st.length / cs)) };
   }
 
   // ---- one copy -----------------------------------------------------------------------------

@@ -66,14 +66,14 @@ export class CopyBeforeWrite {
    * the event loop gets its turn between pieces. A discard of the whole disk thus never
    * holds the loop, nor the memory of its whole old content.
    */
-  async guarded(offset: number, length: number, op: (offset: number, length: number) => Promise<void>): Promise<void> {
+  async guarded(offset: number, length: number, op: (offset: number, length: number) => Promise<void>, zeroing = false): Promise<void> {
     const end = offset + length;
     for (let pos = offset; pos < end || length === 0; ) {
       // pieces end at multiples of PIECE (of every cluster size): a discard cut in two
       // must not leave a cluster at the cut undiscarded
       const n = Math.min(PIECE - (pos % PIECE), end - pos);
       if (pos > offset) await this.source.graph.pacer.pace();
-      if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n);
+      if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n, zeroing);
       await op(pos, n);
       if (length === 0) break;
       pos += n;
@@ -159,7 +159,9 @@ export const copyBeforeWriteDriver: BlockDriver = {
         cbw.guarded(offset, data.length, (o, n) =>
           file.write(o, n === data.length ? data : data.subarray(o - offset, o - offset + n), flags),
         ),
-      writeZeroes: (offset, length, flags) => cbw.guarded(offset, length, (o, n) => file.writeZeroes(o, n, flags)),
+      // zeroes over zeroes need no copy; a discard is not one (a device may show old or
+      // other data where it discarded, so its clusters are copied as for a write)
+      writeZeroes: (offset, length, flags) => cbw.guarded(offset, length, (o, n) => file.writeZeroes(o, n, flags), true),
       discard: (offset, length) => cbw.guarded(offset, length, (o, n) => file.discard(o, n)),
       flush: () => file.flush(),
       info: () => ({

@@ -51,8 +51,8 @@ test('a large zero write is copied in bounded pieces: the event loop runs in bet
   const MiB = 1024 * KiB;
   const size = 40 * MiB; // ten 4 MiB copies
   const src = await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
-  // data in some clusters, zeroes elsewhere
-  for (const off of [0, 17 * MiB + 5, 39 * MiB]) await src.write(off, pattern(0x40 + (off % 7), 100 * KiB));
+  // data in every cluster: zeroes over zeroes would need no copy (next test)
+  for (let off = 0; off < size; off += 4 * MiB) await src.write(off, pattern(0x40 + off / MiB, 4 * MiB));
   const before = await src.read(0, size);
   await g.open({ driver: 'test-cow', 'node-name': 'tgt', size }, { monitorOwned: true });
   const f = await g.open({ driver: 'copy-before-write', 'node-name': 'cbw', file: 'src', target: 'tgt' });
@@ -71,6 +71,44 @@ test('a large zero write is copied in bounded pieces: the event loop runs in bet
   assert.equal(cbw.copy.copiedBytes, size);
   assert.ok((await g.lookup('tgt')!.read(0, size)).equals(before), 'the target holds the old content of every cluster');
   assert.ok((await src.read(0, size)).equals(Buffer.alloc(size)));
+});
+
+test('a zero write copies only the clusters that hold data; zero clusters keep their bits until a write of data copies them', async () => {
+  const g = newCowGraph();
+  const MiB = 1024 * KiB;
+  const size = 40 * MiB;
+  const src = await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
+  // data in three places (the second one straddles two 64 KiB clusters), zeroes elsewhere
+  const places = [0, 17 * MiB + 5, 39 * MiB];
+  for (const off of places) await src.write(off, pattern(0x40 + (off % 7), 100 * KiB));
+  const before = await src.read(0, size);
+  const tgt = await g.open({ driver: 'test-cow', 'node-name': 'tgt', size }, { monitorOwned: true });
+  const f = await g.open({ driver: 'copy-before-write', 'node-name': 'cbw', file: 'src', target: 'tgt' });
+  const cbw = getCopyBeforeWrite(f);
+  const cluster = cbw.clusterSize;
+  const dataClusters = places.reduce((a, o) => a + Math.ceil((o + 100 * KiB) / cluster) - Math.floor(o / cluster), 0);
+  await f.writeZeroes(0, size);
+  assert.equal(cbw.copy.copiedBytes, dataClusters * cluster, 'only the clusters with data were copied');
+  assert.equal(cbw.bitmap.count, cbw.bitmap.bits - dataClusters, 'the zero clusters are still to copy');
+  const t = await tgt.read(0, size);
+  for (const o of places) {
+    const [a, b] = [Math.floor(o / cluster) * cluster, Math.ceil((o + 100 * KiB) / cluster) * cluster];
+    assert.ok(t.subarray(a, b).equals(before.subarray(a, b)), `the old content at ${o}`);
+  }
+  const st = await tgt.blockStatus(MiB, cluster);
+  assert.equal(st.allocated, false, 'nothing was written into the target for a zero cluster');
+  // a write of data into a zero cluster: its old content (zeroes) is copied first
+  const ref = await tgt.read(8 * MiB, cluster);
+  await f.write(8 * MiB + 100, pattern(0x77, 1000));
+  assert.ok((await tgt.read(8 * MiB, cluster)).equals(Buffer.alloc(cluster)));
+  assert.ok(ref.equals(Buffer.alloc(cluster)));
+  assert.equal((await tgt.blockStatus(8 * MiB, cluster)).allocated, true);
+  assert.equal(cbw.copy.copiedBytes, (dataClusters + 1) * cluster);
+  assert.ok((await src.read(0, size)).subarray(0, 8 * MiB).equals(Buffer.alloc(8 * MiB)));
+  // a discard copies every cluster it covers, zero or not (a device may show other data
+  // where it discarded)
+  await f.discard(20 * MiB, 2 * cluster);
+  assert.equal(cbw.copy.copiedBytes, (dataClusters + 3) * cluster);
 });
 
 test('a checkpoint counts a write issued before it as in flight and holds one issued during it (one quiesce: the node tracker)', async () => {
