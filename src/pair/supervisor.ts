@@ -101,6 +101,7 @@ export interface PairOptions {
   /** what each disk's dirty log persists before the first write into it (its extent-size;
    *  default DIRTY_EXTENT_SIZE, 4 MiB): after a crash the resync copies whole extents */
   dirtyExtentBytes?: number;
+  copyUnit?: number; // the secondary's copy-before-write unit = its hidden disk's cluster size (setup.ts)
   /** progress of a copy (the initial sync, a failover's commit), for a terminal line */
   onProgress?: (done: number, total: number, etaSeconds: number | null, what?: 'initial sync' | 'resync' | 'failover commit' | 'split-brain save') => void;
 }
@@ -192,7 +193,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   }
 
   private layout(dir: string | undefined, attached: boolean): SideLayout {
-    return { dir: dir ?? this.opts.dataDir, local: !attached, ...(this.opts.dirtyExtentBytes !== undefined ? { dirtyExtentBytes: this.opts.dirtyExtentBytes } : {}) };
+    return { dir: dir ?? this.opts.dataDir, local: !attached, ...(this.opts.dirtyExtentBytes !== undefined ? { dirtyExtentBytes: this.opts.dirtyExtentBytes } : {}), ...(this.opts.copyUnit !== undefined ? { copyUnit: this.opts.copyUnit } : {}) };
   }
 
   /** Where the secondary serves forwarded writes: a Unix socket on one host, TCP between two.

@@ -4,6 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { BlockGraph } from '../../src/block/graph.js';
 import { createRegistry } from '../../src/block/registry.js';
 import type { Backend } from '../../src/block/backend.js';
@@ -37,12 +38,25 @@ interface Secondary {
 
 async function secondary(
   t: { after(fn: () => void): void },
-  opts: { fill?: number; faultSecondary?: boolean; topId?: string; name?: string; graph?: BlockGraph; dir?: string } = {},
+  opts: {
+    fill?: number;
+    faultSecondary?: boolean;
+    topId?: string;
+    name?: string;
+    graph?: BlockGraph;
+    dir?: string;
+    /** x-copy-unit, and the hidden disk's cluster size (hiddenCluster overrides it) */
+    copyUnit?: number;
+    hiddenCluster?: number;
+  } = {},
 ): Promise<Secondary> {
   const dir = opts.dir ?? tempDir(t);
   const p = opts.name ?? 's';
   const files = { local: join(dir, `${p}-local.qcow2`), active: join(dir, `${p}-active.qcow2`), hidden: join(dir, `${p}-hidden.qcow2`) };
-  for (const f of Object.values(files)) await createQcow2(f, { size: SIZE });
+  const hiddenCluster = opts.hiddenCluster ?? opts.copyUnit;
+  for (const [k, f] of Object.entries(files)) {
+    await createQcow2(f, { size: SIZE, ...(k === 'hidden' && hiddenCluster !== undefined ? { clusterSize: hiddenCluster } : {}) });
+  }
   const graph = opts.graph ?? new BlockGraph(createRegistry([faultDriver]));
   const protocol = { driver: 'file', filename: files.local };
   const localNode = await graph.open({
@@ -57,6 +71,7 @@ async function secondary(
     'node-name': `${p}-repl`,
     mode: 'secondary',
     'top-id': opts.topId ?? `${p}-top`,
+    ...(opts.copyUnit !== undefined ? { 'x-copy-unit': opts.copyUnit } : {}),
     file: {
       driver: 'qcow2',
       'node-name': `${p}-active`,
@@ -175,6 +190,76 @@ test('copy-before-write copies the enclosing 64 KiB cluster once per checkpoint'
   await s.local.write(at, filled(512, 0x24)); // copied again after the checkpoint
   assert.deepEqual(await allocation(s.hidden), [[2 * MiB, 64 * KiB]]);
   await expectBytes(s.top, at, 512, 0x23);
+});
+
+// ---- lockstep's x-copy-unit: a smaller copy unit over a hidden disk of that cluster size -----
+
+test('x-copy-unit 4 KiB: each write copies its own 4 KiB units once per checkpoint, and failover recovers the checkpoint plus the secondary\'s writes exactly', async (t) => {
+  const s = await secondary(t, { fill: 0x11, copyUnit: 4 * KiB });
+  await s.reg.startAll('secondary');
+  assert.equal(s.hidden.impl.clusterSize, 4 * KiB);
+  // 512 bytes inside one unit, then 100 bytes across the boundary of two
+  await s.local.write(2 * MiB + 1000, filled(512, 0x22));
+  await s.local.write(3 * MiB - 50, filled(100, 0x23));
+  assert.deepEqual(await allocation(s.hidden), [[2 * MiB, 4 * KiB], [3 * MiB - 4 * KiB, 8 * KiB]]);
+  await s.local.write(2 * MiB + 1000, filled(512, 0x24)); // not copied again
+  await expectBytes(s.top, 2 * MiB, 4 * KiB, 0x11);
+  await expectBytes(s.top, 3 * MiB - 4 * KiB, 8 * KiB, 0x11);
+  await s.reg.doCheckpointAll();
+  assert.deepEqual(await allocation(s.hidden), []);
+  // the disk at this checkpoint, and the rule after failover: checkpoint + the secondary's writes
+  const want = await s.localNode.read(0, SIZE);
+  await s.local.write(2 * MiB + 3000, filled(2000, 0x25)); // forwarded after the checkpoint: lost at failover
+  await s.local.write(5 * MiB + 4095, filled(2, 0x26));
+  await s.top.write(2 * MiB + 3500, filled(100, 0x33)); // the secondary's own: kept
+  await s.top.write(6 * MiB + 10, filled(70_000, 0x34));
+  filled(100, 0x33).copy(want, 2 * MiB + 3500);
+  filled(70_000, 0x34).copy(want, 6 * MiB + 10);
+  assert.deepEqual(await allocation(s.hidden), [[2 * MiB, 8 * KiB], [5 * MiB, 8 * KiB]]);
+  assert.ok((await s.top.read(0, SIZE)).equals(want), 'the secondary view before failover');
+  await s.reg.stopAll(true);
+  await s.state.waitFailover();
+  await s.graph.settle();
+  assert.equal(s.state.stage, 'done');
+  const got = await s.localNode.read(0, SIZE);
+  assert.equal(got.findIndex((b, i) => b !== want[i]), -1, 'the recovered disk');
+  await s.graph.closeAll();
+  for (const n of ['s-hidden.qcow2', 's-active.qcow2', 's-local.qcow2']) execFileSync('qemu-img', ['check', '-q', join(s.dir, n)]);
+});
+
+test('x-copy-unit below the hidden disk\'s cluster size is refused at open, leaving nothing behind', async (t) => {
+  const g = new BlockGraph(createRegistry());
+  // the secondary disk stays open in it: closed here, not left holding its lock
+  t.after(() => g.closeAll());
+  await assert.rejects(secondary(t, { graph: g, fill: 0x11, copyUnit: 4 * KiB, hiddenCluster: 64 * KiB }), {
+    name: 'InvalidArgumentError',
+    message: "copy unit 4096 is smaller than the cluster size 65536 of target 's-hidden': a partial-cluster copy would fill the rest of the cluster from the target's backing",
+  });
+  await g.settle();
+  // only the secondary disk and its file remain
+  assert.deepEqual([...g.nodes.values()].map((n) => n.driver.name).sort(), ['file', 'qcow2']);
+  assert.ok(g.lookup('s-disk'));
+  const graph = new BlockGraph(createRegistry());
+  const file = { driver: 'memory', size: 1 * MiB };
+  await assert.rejects(graph.open({ driver: 'replication', mode: 'primary', 'x-copy-unit': 4096, file }), {
+    message: "Parameter 'x-copy-unit' is only for mode 'secondary'",
+  });
+  await assert.rejects(graph.open({ driver: 'replication', mode: 'secondary', 'top-id': 'x', 'x-copy-unit': 3000, file }), {
+    message: "Parameter 'x-copy-unit': copy unit 3000 must be a power of two from 4096 to 4194304 bytes",
+  });
+  await graph.settle();
+  assert.equal(graph.nodes.size, 0);
+});
+
+test('x-copy-unit: a hidden disk swapped for one of larger clusters before start makes start fail and leave nothing behind', async (t) => {
+  const s = await secondary(t, { fill: 0x11, copyUnit: 4 * KiB });
+  // the check at open passed; a start over a hidden disk of 64 KiB clusters must not run
+  const big = join(s.dir, 'big-hidden.qcow2');
+  await createQcow2(big, { size: SIZE });
+  await s.graph.open({ driver: 'qcow2', 'node-name': 'big', file: { driver: 'file', filename: big }, backing: 's-disk' });
+  s.graph.replaceChild(s.active, 'backing', s.graph.getNode('big'));
+  await assert.rejects(s.reg.startAll('secondary'), /copy unit 4096 is smaller than the cluster size 65536 of target 'big'/);
+  assert.equal(s.state.stage, 'none');
 });
 
 // ---- 6.6 item 5: zero content still shadows -----------------------------------------------
