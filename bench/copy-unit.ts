@@ -37,7 +37,7 @@ import { createRegistry } from '../src/block/registry.js';
 import { createQcow2 } from '../src/block/drivers/qcow2/create.js';
 import { replicationRegistry } from '../src/replication/registry.js';
 import { PAIR_COPY_UNITS } from '../src/pair/setup.js';
-import { MiB, cpuSeconds, daemonPids, fio, killLive, nowMs, quantile, sh, sleep, within, type BenchContext } from './pair/util.js';
+import { MiB, cpuSeconds, daemonPids, fio, killLive, nowMs, sh, sleep, within, type BenchContext } from './pair/util.js';
 import { newPair, qemuCheckpoint, qemuPairStart, qemuServe, track, type Kind, type Target } from './pair/targets.js';
 
 const KiB = 1024;
@@ -297,7 +297,12 @@ async function copyCost(root: string, unit: number): Promise<CopyCost> {
 const f2 = (x: number) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f0 = (x: number) => (Number.isFinite(x) ? x.toFixed(0) : '-');
 const kib = (n: number) => `${n / KiB} KiB`;
-const med = (xs: number[]) => quantile(xs, 0.5);
+/** the median (of an even count, the mean of the middle two) */
+const med = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const h = Math.floor(s.length / 2);
+  return s.length === 0 ? NaN : s.length % 2 ? s[h]! : (s[h - 1]! + s[h]!) / 2;
+};
 
 async function main(b: Bench): Promise<void> {
   const o = b.o;
