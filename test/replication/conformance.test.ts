@@ -1,5 +1,7 @@
-// Conformance tests of replication-spec.md section 6.6 and one test per lockstep decision.
-// Every data check is an exact byte comparison.
+// Conformance tests of replication as docs/replication.md describes it ("The two graphs",
+// "Stages", "Errors you can meet"): items 1 to 9 are the behaviours kept from QEMU 7.2, and
+// one test per lockstep decision, numbered as in that doc's "the decisions". Every data check
+// is an exact byte comparison.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -120,7 +122,7 @@ async function allocation(n: BlockNode): Promise<Array<[number, number]>> {
   return out;
 }
 
-// ---- 6.6 item 1: the data rule after failover ------------------------------------------
+// ---- item 1: the data rule after failover ------------------------------------------
 
 test('failover: the secondary disk holds active, else hidden, else its own bytes (0x33 / 0x11)', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -141,7 +143,7 @@ test('failover: the secondary disk holds active, else hidden, else its own bytes
   assert.equal(s.graph.lookup('s-hidden'), null);
 });
 
-// ---- 6.6 item 2 with decision 3 ------------------------------------------------------------
+// ---- item 2 with decision 3 ------------------------------------------------------------
 
 test('decision 3: get_error is clean right after a failover stop and after the commit', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -153,7 +155,7 @@ test('decision 3: get_error is clean right after a failover stop and after the c
   await s.reg.getErrorAll();
 });
 
-// ---- 6.6 item 3 with decision 2 ------------------------------------------------------------
+// ---- item 3 with decision 2 ------------------------------------------------------------
 
 test('decision 2: stop(failover=false) checkpoints for real, succeeds and ends in DONE', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -173,7 +175,7 @@ test('decision 2: stop(failover=false) checkpoints for real, succeeds and ends i
   assert.deepEqual(await allocation(s.hidden), []);
 });
 
-// ---- 6.6 item 4: copy granularity -------------------------------------------------------
+// ---- item 4: copy granularity -------------------------------------------------------
 
 test('copy-before-write copies the enclosing 64 KiB cluster once per checkpoint', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -262,7 +264,7 @@ test('x-copy-unit: a hidden disk swapped for one of larger clusters before start
   assert.equal(s.state.stage, 'none');
 });
 
-// ---- 6.6 item 5: zero content still shadows -----------------------------------------------
+// ---- item 5: zero content still shadows -----------------------------------------------
 
 test('a primary write into a never-written area makes the secondary read zeroes there', async (t) => {
   const s = await secondary(t); // secondary disk left unallocated
@@ -273,7 +275,7 @@ test('a primary write into a never-written area makes the secondary read zeroes 
   await expectBytes(s.localNode, 0, 4 * KiB, 0x22);
 });
 
-// ---- 6.6 item 6: sticky primary errors ------------------------------------------------------
+// ---- item 6: sticky primary errors ------------------------------------------------------
 
 const primary = (t: { after(fn: () => unknown): void }) => primaryFixture(t, SIZE);
 
@@ -295,7 +297,7 @@ test('primary: a failed forward succeeds, then get_error reports it until stop',
   await p.reg.getErrorAll();
 });
 
-// ---- 6.6 item 7: the control table, every reachable cell with its message ----------------
+// ---- item 7: the control table, every reachable cell with its message ----------------
 
 test('control operations in every stage, both modes, with exact messages', async (t) => {
   // primary, NONE
@@ -352,7 +354,7 @@ test('control operations in every stage, both modes, with exact messages', async
   s.state.getError();
 });
 
-// ---- 6.6 item 8: FAILOVER_FAILED routing ----------------------------------------------------
+// ---- item 8: FAILOVER_FAILED routing ----------------------------------------------------
 
 test('a failed failover commit routes writes by allocation and reports the error', async (t) => {
   const s = await secondary(t, { fill: 0x11, faultSecondary: true });
@@ -382,7 +384,7 @@ test('a failed failover commit routes writes by allocation and reports the error
   faultControl(s.graph.getNode('s-fault')).failWrites = null;
 });
 
-// ---- 6.6 item 9 and decision 7: registry order and all-or-nothing start ---------------------
+// ---- item 9 and decision 7: registry order and all-or-nothing start ---------------------
 
 test('decision 7: start_all rolls back every node it started when one fails, and a retry works', async (t) => {
   const dir = tempDir(t);
@@ -435,7 +437,7 @@ test('decision 7: stop_all and get_error_all visit every node', async (t) => {
   ]);
 });
 
-// ---- start preconditions (spec 3.1) and decisions 8, 12 ------------------------------------
+// ---- start preconditions and decisions 8, 12 ------------------------------------
 
 test('a secondary whose graph the replication layer never wired refuses to start, leaving nothing behind', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
