@@ -3,7 +3,7 @@
 // commands, and HMP `qemu-io` through human-monitor-command.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../../src/qmp/client.js';
@@ -104,4 +104,31 @@ export async function startLockstep(dir: string, name: string, args: string[]): 
     { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   return wrap('lockstep', child, qmpPath);
+}
+
+/**
+ * SIGKILLs every process whose command line names `path` (a test's temporary directory), for
+ * cleanup after tests whose processes are started by other programs (an OCF agent, setsid)
+ * and may outlive their pid files. Returns the pids killed.
+ */
+export function killProcessesNaming(path: string): number[] {
+  const killed: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    let cmdline: string;
+    try {
+      cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    } catch {
+      continue; // gone meanwhile
+    }
+    if (!cmdline.split('\0').some((arg) => arg.includes(path))) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+      killed.push(pid);
+    } catch {
+      /* gone */
+    }
+  }
+  return killed;
 }
