@@ -5,7 +5,9 @@
 // p99/max since the lease began, the least lease time left at a renewal), then kills the
 // primary (SIGKILL: the supervisor sees the exit) or freezes it (SIGSTOP: only the heartbeat
 // can tell) and times the first successful NBD read of the served disk, and the supervisor's
-// wait for the old lease. The goal: served within heartbeat timeout + 1 s.
+// wait for the old lease. The aim: served within heartbeat timeout + 1 s; a frozen primary on
+// this host is stalled, not gone (src/pair/liveness.ts), so it is lost only after the long
+// bound, and its aim is that bound + 1 s.
 //
 // Run: npm run build && node dist/bench/pair-lease.js [--rounds N] [--size-mib N]
 
@@ -25,9 +27,17 @@ async function main(): Promise<void> {
   const ctx: BenchContext = { sizeMiB: num('--size-mib', 256), live: new Set() };
   const root = mkdtempSync(join(tmpdir(), 'lockstep-bench-lease-'));
   process.once('SIGINT', () => (killLive(ctx), rmSync(root, { recursive: true, force: true }), process.exit(130)));
-  console.log(`bench/pair-lease: ${cpus().length} CPUs, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; heartbeat ${PAIR_DEFAULTS.heartbeatIntervalMs}/${PAIR_DEFAULTS.heartbeatTimeoutMs} ms, lease ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; goal: served within ${PAIR_DEFAULTS.heartbeatTimeoutMs + 1000} ms`);
-  console.log('| primary | round | loop delay p99 ms | loop delay max ms | least lease left ms | lease wait ms | served after ms |');
-  console.log('|---|---|---|---|---|---|---|');
+  const budget = PAIR_DEFAULTS.heartbeatTimeoutMs + 1000;
+  // a frozen primary on this host is alive with its socket open: stalled, not gone, so the
+  // supervisor waits for the long bound (src/pair/liveness.ts) before it is lost
+  const frozenBudget = Math.max(5000, 10 * PAIR_DEFAULTS.heartbeatTimeoutMs) + 1000;
+  const aim = { SIGKILL: budget, SIGSTOP: frozenBudget };
+  console.log(
+    `bench/pair-lease: ${cpus().length} CPUs, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; heartbeat ${PAIR_DEFAULTS.heartbeatIntervalMs}/${PAIR_DEFAULTS.heartbeatTimeoutMs} ms, lease ${PAIR_DEFAULTS.heartbeatTimeoutMs} ms; ` +
+      `aim: served within ${budget} ms, a frozen local primary within its long bound + 1 s, ${frozenBudget} ms`,
+  );
+  console.log('| primary | round | loop delay p99 ms | loop delay max ms | least lease left ms | lease wait ms | served after ms | aim ms |');
+  console.log('|---|---|---|---|---|---|---|---|');
   try {
     for (const how of ['SIGKILL', 'SIGSTOP'] as const) {
       for (let r = 0; r < rounds; r++) {
@@ -57,7 +67,8 @@ async function main(): Promise<void> {
           const t0 = nowMs();
           process.kill(pids.primary!, how);
           const served = await firstRead(join(dir, 'disk.sock'), t0 + 20_000);
-          console.log(`| ${how} | ${r + 1} | ${st['loop-delay-p99-ms']} | ${st['loop-delay-max-ms']} | ${st['min-remaining-ms']} | ${leaseWait} | ${(served - t0).toFixed(0)} |`);
+          const ms = served - t0;
+          console.log(`| ${how} | ${r + 1} | ${st['loop-delay-p99-ms']} | ${st['loop-delay-max-ms']} | ${st['min-remaining-ms']} | ${leaseWait} | ${ms.toFixed(0)} | ${aim[how]} ${ms <= aim[how] ? 'reached' : 'NOT reached'} |`);
           load.child.kill('SIGKILL');
         } finally {
           await sup.stop().catch(() => {});

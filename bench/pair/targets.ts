@@ -3,7 +3,7 @@
 
 import type { ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { PairSupervisor, PAIR_DEFAULTS } from '../../src/pair/supervisor.js';
+import { PairSupervisor, PAIR_DEFAULTS, type PairOptions } from '../../src/pair/supervisor.js';
 import { createQcow2 } from '../../src/block/drivers/qcow2/create.js';
 import { startLockstep, startQemu, type Proc } from '../../test/helpers/processes.js';
 import { MiB, daemonPids, nowMs, sh, sleep, type BenchContext } from './util.js';
@@ -48,8 +48,9 @@ export async function lockstepSingle(ctx: BenchContext, dir: string): Promise<Ta
   return { uri: `nbd+unix:///disk?socket=${sock}`, pids: [proc.child.pid!], stop: () => proc.quit() };
 }
 
-/** A pair with the supervisor's heartbeat defaults and no automatic checkpoints. */
-export function newPair(ctx: BenchContext, dir: string): PairSupervisor {
+/** A pair with the supervisor's heartbeat defaults and no automatic checkpoints; `extra`
+ *  adds options (bench/copy-unit: copyUnit). */
+export function newPair(ctx: BenchContext, dir: string, extra: Partial<PairOptions> = {}): PairSupervisor {
   return new PairSupervisor({
     dataDir: dir,
     size: ctx.sizeMiB * MiB,
@@ -61,6 +62,7 @@ export function newPair(ctx: BenchContext, dir: string): PairSupervisor {
     log: (level, msg) => {
       if (level === 'error') console.error(`  [pair] ${msg}`);
     },
+    ...extra,
   });
 }
 

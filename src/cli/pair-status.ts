@@ -143,7 +143,7 @@ export function renderStatus(st: Status, now = Date.now()): string {
   if (cps > 0) cp += `  pause last ${ms(st['last-pause-ms'])}, median ${ms(st['pause-median-ms'])}, p99 ${ms(st['pause-p99-ms'])}`;
   lines.push(cp);
   const copied = num(st['hidden-copied-bytes']);
-  if (copied !== null) lines.push(`  copied into the hidden disk ${bytesText(copied)}, dirty clusters ${num(st['dirty-clusters']) ?? '-'}`);
+  if (copied !== null) lines.push(`  copied into the hidden disk ${bytesText(copied)} in all, ${num(st['dirty-clusters']) ?? '-'} clusters since the last checkpoint`);
   const resync = st.resync as { done?: unknown; total?: unknown; 'eta-seconds'?: unknown } | undefined;
   if (resync && typeof resync === 'object' && num(resync.done) !== null && num(resync.total) !== null) {
     lines.push(`  ${progressText('resync', num(resync.done)!, num(resync.total)!, num(resync['eta-seconds']))}`);

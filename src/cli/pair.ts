@@ -14,8 +14,10 @@ import { LiveLine, bytesText, progressText } from './terminal.js';
 import { CHECK_EXIT, checkCode, checkLine, renderStatus, type Status } from './pair-status.js';
 import { notifyReady, takeNotifySocket } from './systemd.js';
 import { RESOLVE_EXIT } from '../pair/split-brain.js';
+import { PAIR_COPY_UNITS } from '../pair/setup.js';
 import { takeover, type TakeoverOptions } from '../pair/takeover.js';
 import { outdatePeerByHand } from '../pair/outdate.js';
+import { parseLeaseExpiry } from '../pair/lease.js';
 import { isLoopbackAddress, qmpOptions } from '../pair/sides.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
@@ -56,12 +58,20 @@ Options:
   --flush-commit on|off      a flush or FUA write completes once a checkpoint covers it
                              (default on; off for COLO with a VM, whose outputs are held)
   --lease T|off              the primary's write lease (default: the heartbeat timeout)
+  --on-lease-expiry hold|io-error
+                             writes once the primary's lease ran out, as DRBD's
+                             on-no-quorum: held until it is renewed (hold, DRBD's
+                             suspend-io; the default) or failed with EIO (io-error)
   --resync-rate BYTES/s      the rate of a resync while the primary serves, e.g. 50M
                              (default: unlimited)
   --dirty-extent SIZE        what each disk's dirty log syncs before the first write into
                              it, a power of two from 64K (every granule, exact after a
                              crash) to 1G; after a crash a resync copies whole extents
                              (default 4M)
+  --copy-unit SIZE           the secondary's copy-before-write unit and its hidden disk's
+                             cluster size, a power of two from 4K to 64K: random writes
+                             between checkpoints copy this much old data each (default
+                             64K, as QEMU)
   --reprotect on|off         bring a lost secondary back by itself, and across two hosts
                              re-protect after a failover once the failed side's daemon
                              answers again (default on; off: 'lockstep pair reprotect')
@@ -144,6 +154,15 @@ function parseDirtyExtent(text: string): number {
   const n = parseSize(text);
   if (n === null || n < 65536 || n > 1 << 30 || (n & (n - 1)) !== 0) {
     throw new Error(`--dirty-extent: expected a power of two from 64K to 1G, got '${text}'`);
+  }
+  return n;
+}
+
+/** --copy-unit: the secondary's copy-before-write unit (PAIR_COPY_UNITS). */
+function parseCopyUnit(text: string): number {
+  const n = parseSize(text);
+  if (n === null || !(PAIR_COPY_UNITS as readonly number[]).includes(n)) {
+    throw new Error(`--copy-unit: expected a power of two from 4K to 64K, got '${text}'`);
   }
   return n;
 }
@@ -453,8 +472,10 @@ export async function run(argv: string[]): Promise<number> {
         'flush-commit': { type: 'string' },
         'resync-rate': { type: 'string' },
         'dirty-extent': { type: 'string' },
+        'copy-unit': { type: 'string' },
         reprotect: { type: 'string' },
         lease: { type: 'string' },
+        'on-lease-expiry': { type: 'string' },
         'nbd-socket': { type: 'string' },
         'nbd-port': { type: 'string' },
         metrics: { type: 'string' },
@@ -576,6 +597,7 @@ export async function run(argv: string[]): Promise<number> {
     if (forceCurrent !== undefined && forceCurrent !== 'primary' && forceCurrent !== 'secondary') {
       throw new Error(`--force-current: expected primary or secondary, got '${forceCurrent}'`);
     }
+    if (v['on-lease-expiry'] !== undefined && v.lease === 'off') throw new Error('--on-lease-expiry: there is no lease with --lease off');
     opts = {
       dataDir,
       control,
@@ -600,7 +622,9 @@ export async function run(argv: string[]): Promise<number> {
       ...onOff(v.reprotect, 'reprotect', (b) => ({ reprotect: b })),
       ...(v['resync-rate'] === undefined ? {} : { resyncRate: parseRate(v['resync-rate']) }),
       ...(v['dirty-extent'] === undefined ? {} : { dirtyExtentBytes: parseDirtyExtent(v['dirty-extent']) }),
+      ...(v['copy-unit'] === undefined ? {} : { copyUnit: parseCopyUnit(v['copy-unit']) }),
       ...(v.lease === undefined ? {} : { leaseMs: v.lease === 'off' ? 0 : parseDuration(v.lease, 'lease') }),
+      ...(v['on-lease-expiry'] === undefined ? {} : { onLeaseExpiry: parseLeaseExpiry(v['on-lease-expiry']) }),
       log,
       onProgress: makeProgress(live, human, log),
     };

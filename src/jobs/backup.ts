@@ -21,6 +21,8 @@ export interface BackupOptions extends JobOptions {
   source: BlockNode;
   target: BlockNode;
   sync: BackupSync;
+  /** the filter's x-copy-unit (replication's pair overlays); default QEMU's unit */
+  copyUnit?: number;
 }
 
 export class BackupJob extends Job {
@@ -28,6 +30,7 @@ export class BackupJob extends Job {
   readonly source: BlockNode;
   readonly target: BlockNode;
   readonly sync: BackupSync;
+  private readonly copyUnit: number | undefined;
   /** the copy-before-write node, in the graph while the job runs */
   filter!: BlockNode;
   cbw!: CopyBeforeWrite;
@@ -38,6 +41,7 @@ export class BackupJob extends Job {
     this.source = opts.source;
     this.target = opts.target;
     this.sync = opts.sync;
+    this.copyUnit = opts.copyUnit;
   }
 
   /** The copy bitmap: set = not copied since the last checkpoint. */
@@ -67,7 +71,12 @@ export class BackupJob extends Job {
   /** Opens and inserts the filter; the job is then registered. */
   async setUp(): Promise<void> {
     const graph = this.graph;
-    this.filter = await graph.open({ driver: 'copy-before-write', file: this.source.name, target: this.target.name });
+    this.filter = await graph.open({
+      driver: 'copy-before-write',
+      file: this.source.name,
+      target: this.target.name,
+      ...(this.copyUnit !== undefined ? { 'x-copy-unit': this.copyUnit } : {}),
+    });
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
       const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted

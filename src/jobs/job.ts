@@ -71,8 +71,9 @@ function toBlockError(e: unknown): BlockError {
   return new BlockError('EIO', errorMessage(e), { cause: e });
 }
 
-/** The name of the device (named backend) on `node` or on the nearest node above it. */
-function deviceName(node: BlockNode): string | undefined {
+/** The name of the device (named backend) on `node` or on the nearest node above it: QEMU's
+ *  default block job id (a bare node has none). */
+export function deviceName(node: BlockNode): string | undefined {
   const seen = new Set<BlockNode>();
   const queue = [node];
   while (queue.length > 0) {

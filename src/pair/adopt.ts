@@ -6,7 +6,7 @@
 // at every stage change. A restarted `lockstep pair` reads it before starting anything: the
 // daemons still alive are checked against it (the pid runs a lockstep daemon on that QMP
 // socket, QMP answers, the block graph is the layout of the recorded stage) and adopted; the
-// supervisor then resumes from the recorded stage (supervisor.ts `adopt`). What does not match
+// supervisor then resumes from the recorded stage (resume.ts). What does not match
 // is refused with the pids and what to do; a record whose daemons are all gone is dropped and
 // the pair starts as usual (the generations decide what is copied).
 
@@ -17,8 +17,11 @@ import { errorMessage } from '../errors.js';
 import { writeFileDurably } from './meta-store.js';
 import { DISK_NODE, FORWARD_EXPORT, PRIMARY_LOCAL, PRIMARY_LOG, SECONDARY_DISK } from './setup.js';
 import type { PairStage } from './stages.js';
-import type { PairLog } from './core.js';
-import type { SideName } from './sides.js';
+import type { PairCore, PairLog } from './core.js';
+import { daemonLogPath, type Side, type SideName } from './sides.js';
+import type { PairDisk } from './disks.js';
+import type { PairSideName } from './generations.js';
+import type { PairOptions } from './options.js';
 
 export const DAEMONS_FILE = 'pair-daemons.json';
 const FORMAT = 'lockstep-pair-daemons';
@@ -246,5 +249,43 @@ function isZombie(pid: number): boolean {
     return /^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
   } catch {
     return false;
+  }
+}
+
+/** What recording the daemons reads and sets on the supervisor. */
+export interface RecordHost extends PairCore {
+  readonly opts: PairOptions;
+  readonly disks: Record<PairSideName, PairDisk | null>;
+  readonly serving: string[];
+  /** this supervisor wrote DATA/pair-daemons.json (started or adopted daemons) */
+  recorded: boolean;
+  /** both daemons are started here (not attached): they can be recorded and adopted */
+  readonly oneHost: boolean;
+  readonly primarySide: SideName;
+  sideNamed(name: SideName): Side | null;
+}
+
+/** Rewrites DATA/pair-daemons.json: who the daemons are, the stage, the generations. */
+export function recordDaemons(sup: RecordHost): void {
+  if (!sup.oneHost) return;
+  const entry = (side: Side | null) => {
+    const pid = side?.child?.pid ?? side?.pid;
+    if (!side || !side.alive || pid === undefined) return null;
+    return { pid, qmp: join(sup.opts.dataDir, `${side.name}.qmp`), log: daemonLogPath(sup.opts.dataDir, side.name) };
+  };
+  try {
+    sup.recorded = true;
+    // by the side each daemon was started as; which one plays the primary beside
+    const ps = sup.primarySide;
+    writeDaemons(sup.opts.dataDir, {
+      stage: sup.stages.stage,
+      primary: entry(sup.sideNamed('primary')),
+      secondary: entry(sup.sideNamed('secondary')),
+      ...(ps === 'secondary' ? { 'primary-side': ps } : {}),
+      generation: { primary: sup.disks.primary?.meta?.current ?? null, secondary: sup.disks.secondary?.meta?.current ?? null },
+      serving: sup.serving,
+    });
+  } catch (e) {
+    sup.opts.log('warn', `cannot write the daemons record: ${errorMessage(e)}`);
   }
 }

@@ -12,10 +12,35 @@
 // last answer, so the failover waits for nothing more on a healthy clock, and the lease
 // lapses only if renewals stop for about timeout - interval (400 ms by default), far above
 // the event-loop delay measured on a loaded primary (docs/benchmarks.md).
+//
+// Once the lease has run out, writes wait for a renewal ('hold') or fail with EIO at once
+// ('io-error'): DRBD's on-no-quorum suspend-io and io-error, the daemon's on-expiry
+// suspend-io and io-error. Sent with every grant, so an adopted primary takes this
+// supervisor's choice.
 
 import type { PairCore } from './core.js';
 import type { Side } from './sides.js';
 import { DISK_NODE } from './setup.js';
+import type { LeaseExpiry } from '../replication/lease.js';
+
+/** What the primary does with writes once its lease ran out (`--on-lease-expiry`). */
+export type PairLeaseExpiry = 'hold' | 'io-error';
+export const LEASE_EXPIRY_DEFAULT: PairLeaseExpiry = 'hold';
+
+/** the daemon's on-expiry for each choice (x-block-lease) */
+const ON_EXPIRY: Record<PairLeaseExpiry, LeaseExpiry> = { hold: 'suspend-io', 'io-error': 'io-error' };
+
+/** `--on-lease-expiry`: hold or io-error; DRBD's name suspend-io is taken for hold. */
+export function parseLeaseExpiry(text: string, name = '--on-lease-expiry'): PairLeaseExpiry {
+  if (text === 'hold' || text === 'suspend-io') return 'hold';
+  if (text === 'io-error') return 'io-error';
+  throw new Error(`${name}: expected hold (or suspend-io) or io-error, got '${text}'`);
+}
+
+/** What the lease reads of the supervisor: its core and the pair's onLeaseExpiry option. */
+export interface PairLeaseHost extends PairCore {
+  readonly opts: { readonly onLeaseExpiry?: PairLeaseExpiry };
+}
 
 /** Clocks may run at different rates: allow 1 % (NTP slews by at most 0.05 %). */
 export const LEASE_RATE_MARGIN = 0.01;
@@ -33,15 +58,20 @@ export class PairLease {
   private side: Side | null = null;
 
   constructor(
-    private readonly core: PairCore,
+    private readonly core: PairLeaseHost,
     readonly durationMs: number,
     private readonly intervalMs: number,
   ) {}
 
+  /** writes once the lease ran out */
+  get onExpiry(): PairLeaseExpiry {
+    return this.core.opts.onLeaseExpiry ?? LEASE_EXPIRY_DEFAULT;
+  }
+
   /** The first grant; then renewals every interval until stop(). */
   async start(p: Side): Promise<void> {
     this.side = p;
-    const r = (await this.core.call(p, 'x-block-lease', { 'node-name': DISK_NODE, 'duration-ms': this.durationMs })) as { clock: number };
+    const r = (await this.core.call(p, 'x-block-lease', this.args())) as { clock: number };
     // granted from its arrival, which came before this reply
     this.clock = r.clock;
     this.clockAt = this.base = performance.now();
@@ -54,7 +84,7 @@ export class PairLease {
     this.inFlight = true;
     this.base = Math.max(this.base ?? 0, this.clockAt);
     try {
-      const r = (await this.core.call(p, 'x-block-lease', { 'node-name': DISK_NODE, 'duration-ms': this.durationMs, since: this.clock })) as { clock: number };
+      const r = (await this.core.call(p, 'x-block-lease', { ...this.args(), since: this.clock })) as { clock: number };
       this.clock = r.clock;
       this.clockAt = performance.now();
     } catch {
@@ -62,6 +92,10 @@ export class PairLease {
     } finally {
       this.inFlight = false;
     }
+  }
+
+  private args(): Record<string, unknown> {
+    return { 'node-name': DISK_NODE, 'duration-ms': this.durationMs, 'on-expiry': ON_EXPIRY[this.onExpiry] };
   }
 
   /** Stops renewing (the primary is lost or demoted). */

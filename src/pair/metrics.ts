@@ -1,6 +1,7 @@
 // The pair's figures in Prometheus' text exposition format (version 0.0.4). Names follow
 // Prometheus' conventions (base units, `_total` on counters) and, where the meaning is the
-// same, drbd-reactor's (`drbd_resource_role`, `drbd_connection_state`,
+// same, drbd-reactor's (`drbd_resource_role`, `drbd_connection_state`, the `drbd_device_*`
+// prefix for a side's disk,
 // `drbd_peerdevice_outofsync_bytes`, and the byte counters `drbd_device_written_bytes_total`,
 // `drbd_peerdevice_sent_bytes_total`, `drbd_peerdevice_received_bytes_total`): enumerations are one series per value, 1 for the
 // current one and 0 for the others, as drbd-reactor does with `enums = true`. The list is in
@@ -66,7 +67,17 @@ export interface MetricsStatus {
   'changed-bytes'?: number;
   resync?: { done: number; total: number; 'bytes-per-second'?: number };
   /** per side: bytes its disk changed that the peer lacks (null: unknown) */
-  sides?: Partial<Record<'primary' | 'secondary', { 'changed-bytes': number | null; resync?: { 'bytes-per-second': number } | null; role?: Role }>>;
+  sides?: Partial<
+    Record<
+      'primary' | 'secondary',
+      { 'changed-bytes': number | null; resync?: { 'bytes-per-second': number } | null; role?: Role; generation?: string | null; consistent?: boolean | null }
+    >
+  >;
+}
+
+/** A label value in the text format: backslash, double quote and newline escaped. */
+function labelValue(v: string): string {
+  return v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
 }
 
 /** A copy's rate: bytes done since the first sample over the time since (0 until two samples). */
@@ -177,6 +188,19 @@ export class PairMetrics {
     for (const side of ['primary', 'secondary'] as const) {
       const v = st.sides?.[side]?.['changed-bytes'];
       if (typeof v === 'number') out.push(`lockstep_pair_side_changed_bytes{side="${side}"} ${v}`);
+    }
+    // each disk's record as the status has it: consistent as DRBD's disk state is not
+    // Inconsistent; the generation as an info series, rebuilt from the status at every scrape
+    // so that an id that changed leaves no stale series behind
+    out.push(head('lockstep_pair_device_consistent', "1 when the side's disk is consistent (may be a resync source, served or promoted), 0 while it is a resync target (drbd_device_state Inconsistent); absent when unknown", 'gauge'));
+    for (const side of ['primary', 'secondary'] as const) {
+      const c = st.sides?.[side]?.consistent;
+      if (typeof c === 'boolean') out.push(`lockstep_pair_device_consistent{side="${side}"} ${c ? 1 : 0}`);
+    }
+    out.push(head('lockstep_pair_device_generation_info', "The current generation id of the side's disk, as a label (value 1); absent when unknown", 'gauge'));
+    for (const side of ['primary', 'secondary'] as const) {
+      const g = st.sides?.[side]?.generation;
+      if (typeof g === 'string') out.push(`lockstep_pair_device_generation_info{side="${side}",generation="${labelValue(g)}"} 1`);
     }
     // a live resync, or a start's (or a resolve's) copy onto either side
     const rate = st.resync?.['bytes-per-second'] ?? st.sides?.primary?.resync?.['bytes-per-second'] ?? st.sides?.secondary?.resync?.['bytes-per-second'] ?? 0;

@@ -13,9 +13,12 @@
 
 import { QmpClient } from '../qmp/client.js';
 import { errorMessage } from '../errors.js';
-import { describeAddress, qmpOptions, type PairTls, type SideName } from './sides.js';
+import { describeAddress, qmpOptions, type PairTls, type Side, type SideName } from './sides.js';
 import { Backoff } from './reprotect.js';
 import type { PairLog } from './core.js';
+import type { StageMachine } from './stages.js';
+import type { PairOptions } from './options.js';
+import { otherSide } from './split-brain.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 export interface PeerReturnOptions {
@@ -109,6 +112,49 @@ export class PeerReturnWatch {
     this.o.log('info', `the ${this.o.side} daemon answers again: re-protecting (as \`lockstep pair reprotect\`)`, { attempts: this.attempts, waitedSeconds: waited });
     await this.o.onAnswer().catch(() => {});
   }
+}
+
+/** What starting the watch reads and sets on the supervisor. */
+export interface PeerWatchHost {
+  readonly opts: PairOptions;
+  readonly secondary: Side | null;
+  readonly stages: StageMachine;
+  readonly controlTimeoutMs: number;
+  readonly returns: { peerWatch: PeerReturnWatch | null };
+  reprotect(): Promise<void>;
+}
+
+/**
+ * After a failover across two hosts (the failed side attached at a QMP address) with
+ * re-protection on: wait for that side's daemon to answer, then re-protect as `lockstep
+ * pair reprotect` does (peer-return.ts). On one host that command, or the next start, does it.
+ */
+export function watchPeerReturn(sup: PeerWatchHost): void {
+  const o = sup.opts;
+  const st = sup.returns;
+  const survivor = sup.secondary;
+  if (o.reprotect === false || !survivor || st.peerWatch) return;
+  const failed = otherSide(survivor.name);
+  const address = failed === 'primary' ? o.primaryQmp : o.secondaryQmp;
+  if (!address) return;
+  st.peerWatch = new PeerReturnWatch({
+    side: failed,
+    address,
+    tls: o.tls,
+    firstDelayMs: o.reprotectBackoffMs ?? 1000,
+    timeoutMs: sup.controlTimeoutMs,
+    log: o.log,
+    onAnswer: async () => {
+      st.peerWatch = null;
+      if (sup.stages.stage !== 'failed-over') return;
+      // a failed attempt logs and retries by itself once begun; one that could not begin
+      // (the survivor gone) is said here
+      await sup.reprotect().catch((e: unknown) => {
+        if (sup.stages.stage === 'failed-over') o.log('error', `no re-protection: ${errorMessage(e)}`);
+      });
+    },
+  });
+  st.peerWatch.start();
 }
 
 /** One QMP round trip to `address`: connected, capabilities negotiated, one command answered. */

@@ -22,6 +22,22 @@ export interface SideLayout {
   local: boolean;
   /** the dirty logs' extent-size (default DIRTY_EXTENT_SIZE) */
   dirtyExtentBytes?: number;
+  /** the secondary's copy-before-write unit, and its hidden disk's cluster size (default
+   *  QEMU's: 64 KiB both); PAIR_COPY_UNITS lists the values a pair accepts */
+  copyUnit?: number;
+}
+
+/** The copy units `lockstep pair run --copy-unit` accepts: powers of two from 4 KiB to 64 KiB
+ *  (from 4 KiB a guest's 4 KiB write copies no more than it writes; above 64 KiB nothing is
+ *  gained over QEMU's unit). */
+export const PAIR_COPY_UNITS = [4096, 8192, 16384, 32768, 65536] as const;
+
+/** The cluster size an image of the pair is created with: a hidden disk's is the copy unit
+ *  (a smaller one would break the data rule, a larger one waste the small unit), any other
+ *  image's qcow2's default. */
+export function clusterSizeFor(side: SideLayout, name: string): number | undefined {
+  const hidden = name === OVERLAYS.secondary.hidden || name === OVERLAYS.primary.hidden;
+  return side.copyUnit !== undefined && hidden ? side.copyUnit : undefined;
 }
 
 export function imagePath(side: SideLayout, name: string): string {
@@ -43,10 +59,11 @@ async function runCreateJob(q: QmpClient, jobId: string, options: Record<string,
 /** Creates a qcow2 image of `size` on the daemon's host unless it exists and `keep` is set. */
 export async function ensureImage(q: QmpClient, side: SideLayout, name: string, size: number, keep: boolean): Promise<'kept' | 'created'> {
   const path = imagePath(side, name);
+  const clusterSize = clusterSizeFor(side, name);
   if (side.local) {
     if (keep && existsSync(path)) return 'kept';
     rmSync(path, { force: true });
-    await createQcow2(path, { size });
+    await createQcow2(path, { size, ...(clusterSize !== undefined ? { clusterSize } : {}) });
     return 'created';
   }
   // node names have at most 31 characters (as in QEMU); a long image name is cut
@@ -63,7 +80,7 @@ export async function ensureImage(q: QmpClient, side: SideLayout, name: string, 
   await runCreateJob(q, `${probe}-file`, { driver: 'file', filename: path, size: 0 }, 30_000);
   await q.execute('blockdev-add', { driver: 'file', 'node-name': probe, filename: path });
   try {
-    await runCreateJob(q, `${probe}-qcow2`, { driver: 'qcow2', file: probe, size }, 30_000);
+    await runCreateJob(q, `${probe}-qcow2`, { driver: 'qcow2', file: probe, size, ...(clusterSize !== undefined ? { 'cluster-size': clusterSize } : {}) }, 30_000);
   } finally {
     await q.execute('blockdev-del', { 'node-name': probe });
   }
@@ -93,6 +110,7 @@ export async function buildSecondary(q: QmpClient, side: SideLayout, forward: So
     'node-name': 'childs0',
     mode: 'secondary',
     'top-id': 'childs0',
+    ...(side.copyUnit !== undefined ? { 'x-copy-unit': side.copyUnit } : {}),
     file: { ...scratchNode(imagePath(side, OVERLAYS[name].active)), backing: { ...scratchNode(imagePath(side, OVERLAYS[name].hidden)), backing: LOG_NODE[name] } },
   });
   await q.execute('nbd-server-start', { addr: serverAddr(forward), ...(tlsCreds ? { 'tls-creds': tlsCreds } : {}) });

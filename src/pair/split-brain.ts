@@ -11,12 +11,14 @@
 // not empty: whatever it wrote after the last confirmed checkpoint may have been acknowledged
 // to its clients after the survivor took over, so it is a history too, not a rollback.
 
+import { join } from 'node:path';
 import { writeFileDurably } from './meta-store.js';
 import { ensureImage, imagePath, LOG_NODE } from './setup.js';
 import { resync, unionExtents, type ByteRange } from './sync.js';
 import type { DiskMeta, PairSideName, SyncDecision } from './generations.js';
 import type { PairCore } from './core.js';
-import type { Side } from './sides.js';
+import type { Side, SideName } from './sides.js';
+import type { PairOptions } from './options.js';
 
 export const otherSide = (s: PairSideName): PairSideName => (s === 'primary' ? 'secondary' : 'primary');
 
@@ -70,6 +72,24 @@ export function splitBrainInfo(reason: string, records: SideRecords, control: st
       `lockstep pair resolve --keep secondary ${ctl}  # keep the secondary's disk; the primary's is saved, then overwritten where they differ`,
     ],
   };
+}
+
+/** What entering stage split-brain reads and sets on the supervisor. */
+export interface SplitBrainHost extends PairCore {
+  readonly opts: Pick<PairOptions, 'control' | 'dataDir' | 'log'>;
+  splitBrain: SplitBrain | null;
+}
+
+/** Stage split-brain: nothing copied, the operator told what to run. Nothing served at
+ *  start; found when the failed side came back, the survivor (`serving`) serves on. */
+export function enterSplitBrain(sup: SplitBrainHost, reason: string, records: SideRecords, serving?: SideName): void {
+  const sb = (sup.splitBrain = splitBrainInfo(reason, records, sup.opts.control ?? join(sup.opts.dataDir, 'pair.sock')));
+  sup.stages.to('split-brain');
+  const what = serving
+    ? `Neither disk was changed; the ${serving} daemon serves on (its clients keep their connections), the ${otherSide(serving)} disk serves no writes.`
+    : 'Neither disk was changed and nothing is served.';
+  sup.lastError = `split brain: ${reason}. ${what} Keep one with \`lockstep pair resolve --keep primary|secondary\` (the other disk is saved first)`;
+  sup.opts.log('error', sup.lastError, { 'changed-bytes': sb['changed-bytes'], 'diverged-bytes': sb['diverged-bytes'], run: sb.commands.map((c) => c.replace(/\s+#.*$/, '')) });
 }
 
 /** `lockstep pair resolve` exit codes (docs/replication.md). */

@@ -38,8 +38,8 @@ export function wireReplicationJobs(graph: BlockGraph): void {
 
 export function jobsFor(graph: BlockGraph): ReplicationJobs {
   return {
-    async startCopyBeforeWrite(source, target) {
-      const job = await startBackup(jobManagerOf(graph), { source, target, sync: 'none', internal: true });
+    async startCopyBeforeWrite(source, target, copyUnit) {
+      const job = await startBackup(jobManagerOf(graph), { source, target, sync: 'none', internal: true, ...(copyUnit !== undefined ? { copyUnit } : {}) });
       return {
         get filter() {
           return job.filter;

@@ -27,7 +27,7 @@ test('a protected pair: both sides, checkpoints and pause percentiles, data, add
       '  primary     up, serving  heartbeat 24 ms ago',
       '  secondary   up, replica',
       '  checkpoints 25  pause last 1.23 ms, median 1.10 ms, p99 13 ms',
-      '  copied into the hidden disk 64.0 KiB, dirty clusters 1',
+      '  copied into the hidden disk 64.0 KiB in all, 1 clusters since the last checkpoint',
       '  serving nbd+unix:///disk?socket=/d/disk.sock',
       '          nbd://127.0.0.1:10809/disk',
       '',

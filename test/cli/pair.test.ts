@@ -13,6 +13,7 @@ import parsePrometheusTextFormat, { type PromFamily } from 'parse-prometheus-tex
 import { tempDir } from '../helpers/graph.js';
 import { LOCKSTEP_BIN, REPO_ROOT } from '../helpers/processes.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import { QmpClient } from '../../src/qmp/client.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { parseHostArgs } from '../../src/cli/pair.js';
 
@@ -51,6 +52,20 @@ async function scrape(port: number): Promise<{ families: PromFamily[]; value(nam
   };
 }
 
+/** Each side's generation and consistency as `pair status --json` reports them. */
+function sidesOf(dir: string): Record<'primary' | 'secondary', { generation: string; consistent: boolean }> {
+  const r = lockstep(['pair', 'status', '--json', '--data-dir', dir]);
+  assert.equal(r.status, 0, r.stderr);
+  return (JSON.parse(r.stdout) as { sides: Record<'primary' | 'secondary', { generation: string; consistent: boolean }> }).sides;
+}
+
+/** One side's lockstep_pair_device_generation_info series: [generation label, value]. */
+function generationSeries(families: PromFamily[], side: string): Array<[string | undefined, string | undefined]> {
+  const f = families.find((x) => x.name === 'lockstep_pair_device_generation_info');
+  assert.ok(f, 'no lockstep_pair_device_generation_info in the scrape');
+  return f.metrics.filter((s) => s.labels?.side === side).map((s) => [s.labels?.generation, s.value]);
+}
+
 async function freePort(): Promise<number> {
   const s = createServer();
   await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
@@ -66,9 +81,15 @@ test('bad options are refused with a message naming them', () => {
     [['pair', 'run', '--checkpoint-interval', 'soon'], /--checkpoint-interval: expected a duration/],
     [['pair', 'run', '--dirty-extent', '3M'], /--dirty-extent: expected a power of two from 64K to 1G, got '3M'/],
     [['pair', 'run', '--dirty-extent', '4K'], /--dirty-extent: expected a power of two from 64K to 1G, got '4K'/],
+    [['pair', 'run', '--copy-unit', '2K'], /--copy-unit: expected a power of two from 4K to 64K, got '2K'/],
+    [['pair', 'run', '--copy-unit', '12K'], /--copy-unit: expected a power of two from 4K to 64K, got '12K'/],
+    [['pair', 'run', '--copy-unit', '128K'], /--copy-unit: expected a power of two from 4K to 64K, got '128K'/],
     [['pair', 'run', '--nbd-port', '70000'], /--nbd-port: invalid port '70000'/],
     [['pair', 'run', '--secondary-nbd', 'nohost'], /--secondary-nbd: expected HOST:PORT, got 'nohost'/],
     [['pair', 'run', '--tls-creds', 'x'], /--tls-creds and --tls-client-creds need --tls-dir/],
+    [['pair', 'run', '--on-lease-expiry', 'panic'], /^lockstep pair: --on-lease-expiry: expected hold \(or suspend-io\) or io-error, got 'panic'\n$/],
+    [['pair', '--on-lease-expiry=', '--size', '8M'], /--on-lease-expiry: expected hold \(or suspend-io\) or io-error, got ''/],
+    [['pair', 'run', '--lease', 'off', '--on-lease-expiry', 'io-error'], /--on-lease-expiry: there is no lease with --lease off/],
     [['pair', 'frobnicate'], /unknown command 'frobnicate'/],
     [['pair', 'host'], /--listen HOST:PORT is required/],
     [['pair', 'host', '--listen', '10.1.2.3:4444'], /give --tls-dir DIR .* or --insecure/],
@@ -131,7 +152,7 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   const child = spawn(
     process.execPath,
     [LOCKSTEP_BIN, 'pair', 'run', '--data-dir', dir, '--size', '8M', '--nbd-port', '0', '--checkpoint-interval', '0.1',
-      '--failover=manual', '--metrics', `127.0.0.1:${port}`],
+      '--failover=manual', '--metrics', `127.0.0.1:${port}`, '--on-lease-expiry', 'io-error'],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let out = '';
@@ -151,6 +172,10 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
   await c.write(MiB, Buffer.alloc(4096, 0x5a));
   await c.disconnect();
+  // --on-lease-expiry reached the primary daemon's lease
+  const pq = await QmpClient.open({ type: 'unix', path: join(dir, 'primary.qmp') });
+  assert.equal(((await pq.execute('x-query-block-lease')) as Array<{ 'on-expiry': string }>)[0]!['on-expiry'], 'io-error');
+  pq.close();
 
   const cp = lockstep(['pair', 'checkpoint', '--data-dir', dir]);
   assert.equal(cp.status, 0, cp.stderr);
@@ -208,6 +233,15 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.ok(m.value('lockstep_pair_checkpoint_pause_seconds') >= 1);
   const pause = m.families.find((f) => f.name === 'lockstep_pair_checkpoint_pause_seconds')!.metrics[0]!;
   assert.equal(pause.buckets?.['+Inf'], pause.count);
+  // each side's disk after the initial sync: consistent, one generation series, the id the
+  // status reports
+  const synced = sidesOf(dir);
+  assert.equal(synced.primary.generation, synced.secondary.generation, 'in step: one generation');
+  for (const side of ['primary', 'secondary'] as const) {
+    assert.equal(synced[side].consistent, true, side);
+    assert.equal(m.value('lockstep_pair_device_consistent', { side }), 1, side);
+    assert.deepEqual(generationSeries(m.families, side), [[synced[side].generation, '1']], side);
+  }
 
   const fo = lockstep(['pair', 'failover', '--data-dir', dir]);
   assert.equal(fo.status, 0, fo.stderr);
@@ -220,6 +254,12 @@ test('a pair run by the CLI: status, checkpoints, metrics, a manual failover', {
   assert.equal(m.value('lockstep_pair_role', { side: 'secondary', role: 'Primary' }), 1);
   assert.equal(m.value('lockstep_pair_role', { side: 'primary', role: 'Unknown' }), 1);
   assert.equal(m.value('lockstep_pair_connection_state', { state: 'StandAlone' }), 1);
+  // the survivor went on under a new generation: the scrape has it and no longer the old one
+  const failed = sidesOf(dir);
+  assert.notEqual(failed.secondary.generation, synced.secondary.generation);
+  assert.equal(failed.secondary.consistent, true);
+  assert.equal(m.value('lockstep_pair_device_consistent', { side: 'secondary' }), 1);
+  for (const side of ['primary', 'secondary'] as const) assert.deepEqual(generationSeries(m.families, side), [[failed[side].generation, '1']], side);
   // the recovered disk: the write above was covered by a checkpoint
   const r = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk' });
   assert.ok((await r.read(MiB, 4096)).equals(Buffer.alloc(4096, 0x5a)));

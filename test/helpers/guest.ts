@@ -6,12 +6,14 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { open, readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { requireTool } from './processes.js';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
+import { DISK_NODE, PRIMARY_LOCAL } from '../../src/pair/setup.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 
 const FUSECTL = '/sys/fs/fuse/connections';
 
@@ -189,11 +191,125 @@ export function guestPair(dir: string, size: number, flushCommit = true): PairSu
 export const guestUri = (dir: string): string => `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`;
 
 /**
+ * What the primary's disk held at each checkpoint, byte for byte, to compare a recovered disk
+ * with. The supervisor's own QMP calls are wrapped: once its block-io-hold on the served disk
+ * has drained the guest's writes, what the primary's local disk (under the replication
+ * quorum, exported read-only for this) holds is what the secondary's checkpoint then keeps.
+ * Reading the whole disk in every barrier made them so long that the guest got little
+ * acknowledged, so a barrier reads only the regions the primary's replication filter lists
+ * as changed (x-query-replication-changed: reset only by a barrier whose checkpoint
+ * succeeded, so they cover everything since the last confirmed one). Barrier 1, 65, 129, ...
+ * also read the whole disk and record any difference in `errors`: a region missing from the
+ * list cannot go unnoticed. A checkpoint whose answer never came may have happened: it stays
+ * a candidate until a later one is confirmed. A read that fails (the primary died) fails the
+ * barrier before the secondary is asked, so no checkpoint goes unrecorded.
+ */
+export class CheckpointDisks {
+  static readonly VERIFY_EVERY = 64;
+  /** the disk at the last confirmed checkpoint (updated in place) */
+  private done: Buffer;
+  /** later checkpoints sent but not confirmed: the regions changed since `done`, read */
+  private pending: Patch[][] = [];
+  private held: Patch[] | null = null;
+  /** barriers recorded (confirmed or not), of them read whole, and the time spent reading */
+  count = 0;
+  verified = 0;
+  captureMs = 0;
+  readonly errors: string[] = [];
+
+  private constructor(initial: Buffer) {
+    this.done = initial;
+  }
+
+  /** Starts recording on a protected pair whose primary serves the disk on `socket`; nothing
+   *  may write to the disk yet (its state now is the first candidate). */
+  static async attach(t: { after(fn: () => unknown): void }, sup: PairSupervisor, socket: string): Promise<CheckpointDisks> {
+    const primary = sup.primary!;
+    await sup.call(primary, 'block-export-add', { type: 'nbd', id: 'test-local', 'node-name': PRIMARY_LOCAL, name: 'test-local' });
+    const local = await NbdClient.connect({ address: { type: 'unix', path: socket }, exportName: 'test-local' });
+    t.after(() => local.destroy());
+    const size = local.info.size;
+    const cd = new CheckpointDisks(await local.read(0, size));
+    const call = sup.call.bind(sup);
+    const capture = async (): Promise<Patch[]> => {
+      const list = (await call(primary, 'x-query-replication-changed')) as Array<{ regions: Array<{ offset: number; length: number }> }>;
+      assert.equal(list.length, 1, 'one primary replication filter');
+      const regions = list[0]!.regions.map((r) => ({ offset: r.offset, length: Math.min(r.length, size - r.offset) }));
+      const patches = await Promise.all(regions.map(async (r) => ({ offset: r.offset, data: await local.read(r.offset, r.length) })));
+      cd.count++;
+      if (cd.count % CheckpointDisks.VERIFY_EVERY === 1) {
+        const whole = await local.read(0, size);
+        cd.verified++;
+        const built = apply(cd.done, patches);
+        if (!built.equals(whole)) {
+          const at = built.findIndex((x, i) => x !== whole[i]);
+          cd.errors.push(`barrier ${cd.count}: the disk differs from the last checkpoint's plus the regions listed as changed, first at byte ${at}`);
+          return [{ offset: 0, data: whole }];
+        }
+      }
+      return patches;
+    };
+    sup.call = async (side, command, args, timeoutMs) => {
+      if (command === 'xen-colo-do-checkpoint' && cd.held) {
+        const patches = cd.held;
+        cd.held = null;
+        cd.pending.push(patches);
+        const r = await call(side, command, args, timeoutMs);
+        for (const p of patches) p.data.copy(cd.done, p.offset);
+        cd.pending = [];
+        return r;
+      }
+      const r = await call(side, command, args, timeoutMs);
+      if (command === 'block-io-hold' && side === primary && args?.['node-name'] === DISK_NODE) {
+        const t0 = performance.now();
+        cd.held = await capture();
+        cd.captureMs += performance.now() - t0;
+      }
+      return r;
+    };
+    return cd;
+  }
+
+  /** The disks a recovered one may equal: the last confirmed checkpoint's and any later. */
+  candidates(): Buffer[] {
+    return [this.done, ...this.pending.map((p) => apply(this.done, p))];
+  }
+}
+
+interface Patch {
+  offset: number;
+  data: Buffer;
+}
+
+function apply(base: Buffer, patches: Patch[]): Buffer {
+  const out = Buffer.from(base);
+  for (const p of patches) p.data.copy(out, p.offset);
+  return out;
+}
+
+/** The whole disk served at `socket`, read before anything mounts it. */
+export async function readServedDisk(socket: string): Promise<Buffer> {
+  const c = await NbdClient.connect({ address: { type: 'unix', path: socket }, exportName: 'disk' });
+  try {
+    return await c.read(0, c.info.size);
+  } finally {
+    await c.disconnect();
+  }
+}
+
+/**
  * A protected pair in `root`/pair, ext4 made by a default mkfs on its served disk and mounted,
  * a Workload on it (not started). Taken down after the test, the guest first: nothing of it
  * may wait on a daemon being stopped.
  */
-export async function guestOnNewPair(t: { after(fn: () => unknown): void }, root: string, size: number, flushCommit = true): Promise<{ sup: PairSupervisor; guest: GuestDisk; work: Workload }> {
+export async function guestOnNewPair(
+  t: { after(fn: () => unknown): void },
+  root: string,
+  size: number,
+  flushCommit = true,
+  /** run once the pair is protected, before the guest touches the disk */
+  started?: (sup: PairSupervisor) => Promise<void>,
+): Promise<{ sup: PairSupervisor; guest: GuestDisk; work: Workload }> {
   const dir = join(root, 'pair');
   const sup = guestPair(dir, size, flushCommit);
   let guest: GuestDisk | null = null;
@@ -202,6 +318,7 @@ export async function guestOnNewPair(t: { after(fn: () => unknown): void }, root
     await sup.stop();
   });
   await sup.start();
+  await started?.(sup);
   guest = await GuestDisk.attach(join(root, 'before'), guestUri(dir));
   await guest.mkfs();
   return { sup, guest, work: new Workload(await guest.mount()) };
@@ -226,7 +343,8 @@ const ack = (): Ack => ({ at: performance.now(), wall: Date.now() });
  */
 export class Workload {
   readonly files = new Map<string, { data: Buffer } & Ack>();
-  readonly commits: Array<{ rows: number } & Ack> = [];
+  /** each transaction inserts one row: its id and the payload rowPayload(id) */
+  readonly commits: Array<{ id: number } & Ack> = [];
   errors = 0;
   firstError = '';
   private stopped = false;
@@ -276,8 +394,8 @@ export class Workload {
     try {
       await sql('PRAGMA journal_mode=DELETE; PRAGMA synchronous=EXTRA; CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB);');
       for (let n = 1; !this.stopped; n++) {
-        await sql(`PRAGMA synchronous=EXTRA; BEGIN; INSERT INTO t VALUES (${n}, randomblob(3000)); COMMIT;`);
-        this.commits.push({ rows: n, ...ack() });
+        await sql(`PRAGMA synchronous=EXTRA; BEGIN; INSERT INTO t VALUES (${n}, X'${rowPayload(n).toString('hex')}'); COMMIT;`);
+        this.commits.push({ id: n, ...ack() });
       }
     } catch (e) {
       this.fail(e);
@@ -298,7 +416,7 @@ export class Workload {
   /** What the guest was told is durable before `t` (performance.now()). */
   durableBefore(t: number): Durable {
     const files = [...this.files].filter(([, f]) => f.at < t).map(([n, f]) => [n, f.data] as [string, Buffer]);
-    const rows = this.commits.filter((c) => c.at < t).reduce((a, c) => Math.max(a, c.rows), 0);
+    const rows = this.commits.filter((c) => c.at < t).map((c) => c.id);
     return { files, rows };
   }
 
@@ -306,23 +424,36 @@ export class Workload {
   lastAck(): ({ what: string } & Ack) | null {
     let last: ({ what: string } & Ack) | null = null;
     for (const [n, f] of this.files) if (!last || f.at > last.at) last = { what: `file ${n}`, at: f.at, wall: f.wall };
-    for (const c of this.commits) if (!last || c.at > last.at) last = { what: `commit of row ${c.rows}`, at: c.at, wall: c.wall };
+    for (const c of this.commits) if (!last || c.at > last.at) last = { what: `commit of row ${c.id}`, at: c.at, wall: c.wall };
     return last;
   }
 }
 
-/** Files (name, fsync'd content) and the number of database rows committed. */
+/** The payload of the database row `id`: 3000 bytes derived from the id alone, so that a
+ *  recovered row can be checked byte for byte (and a row holding another's payload is caught). */
+export function rowPayload(id: number): Buffer {
+  const parts: Buffer[] = [];
+  for (let k = 0; k < 94; k++) parts.push(createHash('sha256').update(`row ${id} part ${k}`).digest());
+  return Buffer.concat(parts).subarray(0, 3000);
+}
+
+/** Files (name, fsync'd content) and the ids of the database rows committed. */
 export interface Durable {
   files: Array<[string, Buffer]>;
-  rows: number;
+  rows: number[];
 }
 
 /** What a recovered disk holds of a Durable. */
 export interface Recovered {
   /** files missing or not byte-identical */
   differing: string[];
-  /** rows in the database (0 without one) and its integrity check ('ok' without one) */
-  rows: number;
+  /** ids of the rows in the database (none without one) */
+  rows: number[];
+  /** committed rows missing */
+  missingRows: number[];
+  /** rows present, committed or not, whose payload is not rowPayload(id) */
+  wrongRows: number[];
+  /** the database's PRAGMA integrity_check ('ok' without one) */
   integrity: string;
   /** e2fsck -fn after the mount replayed the journal and the unmount */
   fsck: { status: number | null; out: string };
@@ -339,28 +470,43 @@ export async function examineRecovered(dir: string, uri: string, want: Durable):
       if (!got?.equals(data)) differing.push(name);
     }
     assert.ok((await readdir(mnt)).includes('lost+found'));
-    let rows = 0;
+    const rows: number[] = [];
+    const wrongRows: number[] = [];
     let integrity = 'ok';
     const db = join(mnt, 'test.db');
     if (existsSync(db)) {
       integrity = (await runAsync('sqlite3', [db, 'PRAGMA integrity_check;'])).out.trim();
       // a database whose CREATE TABLE never reached the disk has no table t: no rows
       const count = await runAsync('sqlite3', [db, "SELECT count(*) FROM sqlite_master WHERE name = 't';"]);
-      if (count.out.trim() === '1') rows = Number((await runAsync('sqlite3', [db, 'SELECT count(*) FROM t;'])).out.trim());
+      if (count.out.trim() === '1') {
+        const out = (await runAsync('sqlite3', [db, 'SELECT n, hex(v) FROM t ORDER BY n;'], { timeoutMs: 120_000 })).out;
+        for (const line of out.split('\n')) {
+          if (line === '') continue;
+          const m = /^(\d+)\|([0-9A-F]*)$/.exec(line);
+          assert.ok(m, `unexpected sqlite3 output: ${line.slice(0, 100)}`);
+          const id = Number(m[1]);
+          rows.push(id);
+          if (!Buffer.from(m[2]!, 'hex').equals(rowPayload(id))) wrongRows.push(id);
+        }
+      }
     }
+    const present = new Set(rows);
+    const missingRows = want.rows.filter((id) => !present.has(id));
     await g.umount();
-    return { differing, rows, integrity, fsck: await g.fsck() };
+    return { differing, rows, missingRows, wrongRows, integrity, fsck: await g.fsck() };
   } finally {
     await g.detach();
   }
 }
 
-/** examineRecovered, and every file of `want` byte-identical, every row there, all clean. */
+/** examineRecovered, and every file of `want` byte-identical, every committed row there with
+ *  its payload, no row with another payload, the database and the filesystem clean. */
 export async function checkRecovered(dir: string, uri: string, want: Durable): Promise<Recovered> {
   const r = await examineRecovered(dir, uri, want);
   assert.deepEqual(r.differing, [], `${r.differing.length} of the ${want.files.length} files fsync'd are missing or differ`);
   assert.equal(r.integrity, 'ok');
-  assert.ok(r.rows >= want.rows, `the database has ${r.rows} rows, ${want.rows} were committed`);
+  assert.deepEqual(r.missingRows, [], `${r.missingRows.length} of the ${want.rows.length} rows committed are missing`);
+  assert.deepEqual(r.wrongRows, [], 'rows whose payload is not the one written');
   assert.equal(r.fsck.status, 0, `e2fsck after the journal replay:\n${r.fsck.out}`);
   return r;
 }

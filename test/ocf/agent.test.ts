@@ -16,7 +16,7 @@ import { justCreated, type DiskMeta } from '../../src/pair/generations.js';
 const AGENT = join(REPO_ROOT, 'ocf', 'lockstep');
 const OCF_ROOT = '/usr/lib/ocf';
 const DTD = '/usr/share/resource-agents/ra-api-1.dtd';
-const OCF = { SUCCESS: 0, ERR_GENERIC: 1, ERR_CONFIGURED: 6, ERR_INSTALLED: 5, NOT_RUNNING: 7, RUNNING_PROMOTED: 8, FAILED_PROMOTED: 9 };
+const OCF = { SUCCESS: 0, ERR_GENERIC: 1, ERR_ARGS: 2, ERR_UNIMPLEMENTED: 3, ERR_CONFIGURED: 6, ERR_INSTALLED: 5, NOT_RUNNING: 7, RUNNING_PROMOTED: 8, FAILED_PROMOTED: 9 };
 
 function toolsPresent(t: { skip(msg: string): void }): boolean {
   for (const tool of ['ocf-tester', 'crm_simulate', 'crm_attribute', 'xmllint']) {
@@ -46,8 +46,8 @@ function makeNode(root: string, name: string, meta: Partial<DiskMeta> | null): N
   return { dir, image, meta: metaPath, stateDir: join(dir, 'state') };
 }
 
-function agent(node: Node, action: string, env: Record<string, string> = {}): { rc: number; out: string } {
-  const r = spawnSync(AGENT, [action], {
+function agent(node: Node, action: string | string[], env: Record<string, string> = {}): { rc: number; out: string } {
+  const r = spawnSync(AGENT, typeof action === 'string' ? [action] : action, {
     encoding: 'utf8',
     env: {
       ...process.env,
@@ -93,7 +93,7 @@ test('ocf-tester passes the agent against real lockstep daemons', (t) => {
   assert.match(r.stdout, /passed all tests/);
 });
 
-test('monitor follows the daemon: 7 stopped, 0 secondary, 8 serving, 9 when the primary crashed; bad parameters 6 and 5', (t) => {
+test('monitor follows the daemon: 7 stopped, 0 secondary, 8 serving, 9 when the primary crashed; bad parameters 6 and 2', (t) => {
   if (!toolsPresent(t)) return;
   const root = mkdtempSync(join(tmpdir(), 'ocf-monitor-'));
   const node = makeNode(root, 'n1', { consistent: true, role: 'secondary', checkpoint: 3 });
@@ -122,7 +122,50 @@ test('monitor follows the daemon: 7 stopped, 0 secondary, 8 serving, 9 when the 
   assert.equal(agent(node, 'monitor').rc, OCF.NOT_RUNNING);
   assert.equal(agent(node, 'validate-all', { OCF_RESKEY_state_dir: '' }).rc, OCF.ERR_CONFIGURED);
   assert.equal(agent(node, 'validate-all', { OCF_RESKEY_format: 'vmdk' }).rc, OCF.ERR_CONFIGURED);
-  assert.equal(agent(node, 'validate-all', { OCF_RESKEY_image: join(root, 'missing.img') }).rc, OCF.ERR_INSTALLED);
+  assert.equal(agent(node, 'validate-all', { OCF_RESKEY_image: join(root, 'missing.img') }).rc, OCF.ERR_ARGS);
+});
+
+test('OCF 1.1 exit codes for bad calls: no action 2, an unknown one 3, further arguments ignored; a bad on_lease_expiry 6 in both modes; a file this node lacks 2, and a probe there 7', (t) => {
+  if (!toolsPresent(t)) return;
+  const root = mkdtempSync(join(tmpdir(), 'ocf-args-'));
+  const node = makeNode(root, 'n1', { consistent: true });
+  t.after(() => {
+    agent(node, 'stop');
+    rmSync(root, { recursive: true, force: true });
+  });
+  const none = agent(node, []);
+  assert.equal(none.rc, OCF.ERR_ARGS);
+  assert.match(none.out, /usage: .*\{start\|stop\|monitor/);
+  assert.equal(agent(node, '').rc, OCF.ERR_ARGS);
+  assert.equal(agent(node, 'frobnicate').rc, OCF.ERR_UNIMPLEMENTED);
+  // the action is the sole argument: the rest is for extensions, ignored
+  assert.equal(agent(node, ['monitor', 'extra']).rc, OCF.NOT_RUNNING);
+  assert.equal(agent(node, ['meta-data', '--verbose']).rc, OCF.SUCCESS);
+
+  const bad = agent(node, 'validate-all', { OCF_RESKEY_on_lease_expiry: 'panic' });
+  assert.equal(bad.rc, OCF.ERR_CONFIGURED);
+  assert.match(bad.out, /on_lease_expiry must be hold \(or suspend-io\) or io-error, not 'panic'/);
+  assert.equal(agent(node, 'start', { OCF_RESKEY_on_lease_expiry: 'panic' }).rc, OCF.ERR_CONFIGURED, 'every action but stop validates');
+  assert.equal(agent(node, 'monitor').rc, OCF.NOT_RUNNING, 'and starts nothing');
+  for (const v of ['hold', 'suspend-io', 'io-error']) assert.equal(agent(node, 'validate-all', { OCF_RESKEY_on_lease_expiry: v }).rc, OCF.SUCCESS, v);
+  assert.equal(agent(node, 'validate-all', { OCF_RESKEY_lease: 'off', OCF_RESKEY_on_lease_expiry: 'io-error' }).rc, OCF.ERR_CONFIGURED);
+  const pair = {
+    OCF_RESKEY_nodes: 'n1=127.0.0.1:1 n2=127.0.0.1:2',
+    OCF_RESKEY_node: 'n1',
+    OCF_RESKEY_data_dir: join(root, 'data'),
+    OCF_RESKEY_image: '',
+  };
+  assert.equal(agent(node, 'validate-all', pair).rc, OCF.SUCCESS);
+  assert.equal(agent(node, 'validate-all', { ...pair, OCF_RESKEY_on_lease_expiry: 'Hold' }).rc, OCF.ERR_CONFIGURED);
+  assert.equal(agent(node, 'validate-all', { ...pair, OCF_RESKEY_tls_dir: join(root, 'no-pki') }).rc, OCF.ERR_ARGS);
+
+  // the image is missing on this node: validate-all says 2 (try another node); a probe says
+  // not running here, since nothing can run without it
+  const missing = { OCF_RESKEY_image: join(root, 'missing.img') };
+  assert.equal(agent(node, 'validate-all', missing).rc, OCF.ERR_ARGS);
+  assert.equal(agent(node, 'monitor', { ...missing, OCF_RESKEY_CRM_meta_interval: '0' }).rc, OCF.NOT_RUNNING);
+  assert.equal(agent(node, 'monitor', { ...missing, OCF_RESKEY_CRM_meta_interval: '10000' }).rc, OCF.ERR_ARGS);
+  assert.equal(agent(node, 'start', missing).rc, OCF.ERR_ARGS);
 });
 
 test('promote is refused while the disk is not consistent', (t) => {

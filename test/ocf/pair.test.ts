@@ -13,6 +13,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client/client.js';
+import { QmpClient } from '../../src/qmp/client.js';
 import { tempDir } from '../helpers/graph.js';
 import { REPO_ROOT, LOCKSTEP_BIN, requireTool } from '../helpers/processes.js';
 import type { DiskMeta } from '../../src/pair/generations.js';
@@ -54,6 +55,8 @@ function agent(node: Node, peer: Node, action: string, cib: string): { rc: numbe
       // on demand only: the test's checkpoint is the one the takeover goes back to
       OCF_RESKEY_checkpoint_interval: '0',
       OCF_RESKEY_lease: '400ms',
+      // passed on to the pair's supervisor (checked on the primary's daemon below)
+      OCF_RESKEY_on_lease_expiry: 'io-error',
       CIB_file: cib,
     },
   });
@@ -130,6 +133,10 @@ test('pair mode: promote runs the pair, the primary node dies, promote on the se
   assert.equal(score(cib, n1), '10000', 'the pair primary');
   assert.equal(score(cib, n2), '1000', 'the live secondary');
   assert.ok(existsSync(join(n1.dataDir, 'primary.qcow2')) && existsSync(join(n2.dataDir, 'secondary.qcow2')));
+  const [host, port] = ADDR.n1.split(':');
+  const q = await QmpClient.open({ type: 'inet', host: host!, port: Number(port) });
+  assert.equal(((await q.execute('x-query-block-lease')) as Array<{ 'on-expiry': string }>)[0]!['on-expiry'], 'io-error', 'on_lease_expiry reached the lease');
+  q.close();
 
   const want = Buffer.alloc(SIZE);
   const c = await NbdClient.connect({ address: { type: 'unix', path: join(n1.stateDir, 'nbd.sock') }, exportName: 'disk' });

@@ -118,3 +118,40 @@ test('roles swapped after a failover\'s re-protection: the side started as secon
     [[{ peer: 'primary', disk: 'disk' }, '4096']],
   );
 });
+
+test("each side's disk: consistent 1/0 and one generation series per side, the old id gone once it changes", () => {
+  const m = new PairMetrics();
+  const at = (st: Parameters<PairMetrics['render']>[0]) => {
+    const f = parsePrometheusTextFormat(m.render(st));
+    const series = (name: string) => f.find((x) => x.name === name)!.metrics.map((x) => [x.labels ?? {}, x.value]);
+    return { consistent: series('lockstep_pair_device_consistent'), generation: series('lockstep_pair_device_generation_info') };
+  };
+  const side = (generation: string | null, consistent: boolean | null) => ({ 'changed-bytes': null, generation, consistent });
+  // a live resync into the secondary: it is inconsistent, on its own (older) generation
+  let r = at({ stage: 'resyncing', sides: { primary: side('a1b2c3d4e5f60718', true), secondary: side('0f1e2d3c4b5a6978', false) } });
+  assert.deepEqual(r.consistent, [
+    [{ side: 'primary' }, '1'],
+    [{ side: 'secondary' }, '0'],
+  ]);
+  assert.deepEqual(r.generation, [
+    [{ side: 'primary', generation: 'a1b2c3d4e5f60718' }, '1'],
+    [{ side: 'secondary', generation: '0f1e2d3c4b5a6978' }, '1'],
+  ]);
+  // the resync ended and the primary started a new generation: the old ids are not scraped
+  r = at({ stage: 'protected', sides: { primary: side('99aa88bb77cc66dd', true), secondary: side('99aa88bb77cc66dd', true) } });
+  assert.deepEqual(r.consistent, [
+    [{ side: 'primary' }, '1'],
+    [{ side: 'secondary' }, '1'],
+  ]);
+  assert.deepEqual(r.generation, [
+    [{ side: 'primary', generation: '99aa88bb77cc66dd' }, '1'],
+    [{ side: 'secondary', generation: '99aa88bb77cc66dd' }, '1'],
+  ]);
+  // a side whose record is unknown (its host unreachable at start) has neither series
+  r = at({ stage: 'degraded', sides: { primary: side('99aa88bb77cc66dd', true), secondary: side(null, null) } });
+  assert.deepEqual(r.consistent, [[{ side: 'primary' }, '1']]);
+  assert.deepEqual(r.generation, [[{ side: 'primary', generation: '99aa88bb77cc66dd' }, '1']]);
+  // a label value is escaped: the parser reads back the same id
+  r = at({ stage: 'protected', sides: { primary: side('a"b\\c', true) } });
+  assert.deepEqual(r.generation, [[{ side: 'primary', generation: 'a"b\\c' }, '1']]);
+});

@@ -388,7 +388,7 @@ test("the link cut under a guest (issue 14): ext4 + sqlite on the primary's serv
   assert.ok(last.wall <= leaseOut, `${last.what} was acknowledged ${last.wall - leaseOut} ms after the old primary's lease ran out`);
   const acked = work.durableBefore(Infinity);
   await checkRecovered(join(p.root, 'after'), `nbd+unix:///disk?socket=${join(p.dirB, 'disk.sock')}`, acked);
-  t.diagnostic(`${acked.files.length} files and ${acked.rows} transactions acknowledged, all on the recovered disk; the last acknowledgement ${leaseOut - last.wall} ms before the lease ran out`);
+  t.diagnostic(`${acked.files.length} files and ${acked.rows.length} transactions acknowledged, all on the recovered disk; the last acknowledgement ${leaseOut - last.wall} ms before the lease ran out`);
 });
 
 const G = 65536;

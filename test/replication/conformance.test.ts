@@ -1,9 +1,12 @@
-// Conformance tests of replication-spec.md section 6.6 and one test per lockstep decision.
-// Every data check is an exact byte comparison.
+// Conformance tests of replication as docs/replication.md describes it ("The two graphs",
+// "Stages", "Errors you can meet"): items 1 to 9 are the behaviours kept from QEMU 7.2, and
+// one test per lockstep decision, numbered as in that doc's "the decisions". Every data check
+// is an exact byte comparison.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { BlockGraph } from '../../src/block/graph.js';
 import { createRegistry } from '../../src/block/registry.js';
 import type { Backend } from '../../src/block/backend.js';
@@ -37,12 +40,25 @@ interface Secondary {
 
 async function secondary(
   t: { after(fn: () => void): void },
-  opts: { fill?: number; faultSecondary?: boolean; topId?: string; name?: string; graph?: BlockGraph; dir?: string } = {},
+  opts: {
+    fill?: number;
+    faultSecondary?: boolean;
+    topId?: string;
+    name?: string;
+    graph?: BlockGraph;
+    dir?: string;
+    /** x-copy-unit, and the hidden disk's cluster size (hiddenCluster overrides it) */
+    copyUnit?: number;
+    hiddenCluster?: number;
+  } = {},
 ): Promise<Secondary> {
   const dir = opts.dir ?? tempDir(t);
   const p = opts.name ?? 's';
   const files = { local: join(dir, `${p}-local.qcow2`), active: join(dir, `${p}-active.qcow2`), hidden: join(dir, `${p}-hidden.qcow2`) };
-  for (const f of Object.values(files)) await createQcow2(f, { size: SIZE });
+  const hiddenCluster = opts.hiddenCluster ?? opts.copyUnit;
+  for (const [k, f] of Object.entries(files)) {
+    await createQcow2(f, { size: SIZE, ...(k === 'hidden' && hiddenCluster !== undefined ? { clusterSize: hiddenCluster } : {}) });
+  }
   const graph = opts.graph ?? new BlockGraph(createRegistry([faultDriver]));
   const protocol = { driver: 'file', filename: files.local };
   const localNode = await graph.open({
@@ -57,6 +73,7 @@ async function secondary(
     'node-name': `${p}-repl`,
     mode: 'secondary',
     'top-id': opts.topId ?? `${p}-top`,
+    ...(opts.copyUnit !== undefined ? { 'x-copy-unit': opts.copyUnit } : {}),
     file: {
       driver: 'qcow2',
       'node-name': `${p}-active`,
@@ -105,7 +122,7 @@ async function allocation(n: BlockNode): Promise<Array<[number, number]>> {
   return out;
 }
 
-// ---- 6.6 item 1: the data rule after failover ------------------------------------------
+// ---- item 1: the data rule after failover ------------------------------------------
 
 test('failover: the secondary disk holds active, else hidden, else its own bytes (0x33 / 0x11)', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -126,7 +143,7 @@ test('failover: the secondary disk holds active, else hidden, else its own bytes
   assert.equal(s.graph.lookup('s-hidden'), null);
 });
 
-// ---- 6.6 item 2 with decision 3 ------------------------------------------------------------
+// ---- item 2 with decision 3 ------------------------------------------------------------
 
 test('decision 3: get_error is clean right after a failover stop and after the commit', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -138,7 +155,7 @@ test('decision 3: get_error is clean right after a failover stop and after the c
   await s.reg.getErrorAll();
 });
 
-// ---- 6.6 item 3 with decision 2 ------------------------------------------------------------
+// ---- item 3 with decision 2 ------------------------------------------------------------
 
 test('decision 2: stop(failover=false) checkpoints for real, succeeds and ends in DONE', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -158,7 +175,7 @@ test('decision 2: stop(failover=false) checkpoints for real, succeeds and ends i
   assert.deepEqual(await allocation(s.hidden), []);
 });
 
-// ---- 6.6 item 4: copy granularity -------------------------------------------------------
+// ---- item 4: copy granularity -------------------------------------------------------
 
 test('copy-before-write copies the enclosing 64 KiB cluster once per checkpoint', async (t) => {
   const s = await secondary(t, { fill: 0x11 });
@@ -177,7 +194,77 @@ test('copy-before-write copies the enclosing 64 KiB cluster once per checkpoint'
   await expectBytes(s.top, at, 512, 0x23);
 });
 
-// ---- 6.6 item 5: zero content still shadows -----------------------------------------------
+// ---- lockstep's x-copy-unit: a smaller copy unit over a hidden disk of that cluster size -----
+
+test('x-copy-unit 4 KiB: each write copies its own 4 KiB units once per checkpoint, and failover recovers the checkpoint plus the secondary\'s writes exactly', async (t) => {
+  const s = await secondary(t, { fill: 0x11, copyUnit: 4 * KiB });
+  await s.reg.startAll('secondary');
+  assert.equal(s.hidden.impl.clusterSize, 4 * KiB);
+  // 512 bytes inside one unit, then 100 bytes across the boundary of two
+  await s.local.write(2 * MiB + 1000, filled(512, 0x22));
+  await s.local.write(3 * MiB - 50, filled(100, 0x23));
+  assert.deepEqual(await allocation(s.hidden), [[2 * MiB, 4 * KiB], [3 * MiB - 4 * KiB, 8 * KiB]]);
+  await s.local.write(2 * MiB + 1000, filled(512, 0x24)); // not copied again
+  await expectBytes(s.top, 2 * MiB, 4 * KiB, 0x11);
+  await expectBytes(s.top, 3 * MiB - 4 * KiB, 8 * KiB, 0x11);
+  await s.reg.doCheckpointAll();
+  assert.deepEqual(await allocation(s.hidden), []);
+  // the disk at this checkpoint, and the rule after failover: checkpoint + the secondary's writes
+  const want = await s.localNode.read(0, SIZE);
+  await s.local.write(2 * MiB + 3000, filled(2000, 0x25)); // forwarded after the checkpoint: lost at failover
+  await s.local.write(5 * MiB + 4095, filled(2, 0x26));
+  await s.top.write(2 * MiB + 3500, filled(100, 0x33)); // the secondary's own: kept
+  await s.top.write(6 * MiB + 10, filled(70_000, 0x34));
+  filled(100, 0x33).copy(want, 2 * MiB + 3500);
+  filled(70_000, 0x34).copy(want, 6 * MiB + 10);
+  assert.deepEqual(await allocation(s.hidden), [[2 * MiB, 8 * KiB], [5 * MiB, 8 * KiB]]);
+  assert.ok((await s.top.read(0, SIZE)).equals(want), 'the secondary view before failover');
+  await s.reg.stopAll(true);
+  await s.state.waitFailover();
+  await s.graph.settle();
+  assert.equal(s.state.stage, 'done');
+  const got = await s.localNode.read(0, SIZE);
+  assert.equal(got.findIndex((b, i) => b !== want[i]), -1, 'the recovered disk');
+  await s.graph.closeAll();
+  for (const n of ['s-hidden.qcow2', 's-active.qcow2', 's-local.qcow2']) execFileSync('qemu-img', ['check', '-q', join(s.dir, n)]);
+});
+
+test('x-copy-unit below the hidden disk\'s cluster size is refused at open, leaving nothing behind', async (t) => {
+  const g = new BlockGraph(createRegistry());
+  // the secondary disk stays open in it: closed here, not left holding its lock
+  t.after(() => g.closeAll());
+  await assert.rejects(secondary(t, { graph: g, fill: 0x11, copyUnit: 4 * KiB, hiddenCluster: 64 * KiB }), {
+    name: 'InvalidArgumentError',
+    message: "copy unit 4096 is smaller than the cluster size 65536 of target 's-hidden': a partial-cluster copy would fill the rest of the cluster from the target's backing",
+  });
+  await g.settle();
+  // only the secondary disk and its file remain
+  assert.deepEqual([...g.nodes.values()].map((n) => n.driver.name).sort(), ['file', 'qcow2']);
+  assert.ok(g.lookup('s-disk'));
+  const graph = new BlockGraph(createRegistry());
+  const file = { driver: 'memory', size: 1 * MiB };
+  await assert.rejects(graph.open({ driver: 'replication', mode: 'primary', 'x-copy-unit': 4096, file }), {
+    message: "Parameter 'x-copy-unit' is only for mode 'secondary'",
+  });
+  await assert.rejects(graph.open({ driver: 'replication', mode: 'secondary', 'top-id': 'x', 'x-copy-unit': 3000, file }), {
+    message: "Parameter 'x-copy-unit': copy unit 3000 must be a power of two from 4096 to 4194304 bytes",
+  });
+  await graph.settle();
+  assert.equal(graph.nodes.size, 0);
+});
+
+test('x-copy-unit: a hidden disk swapped for one of larger clusters before start makes start fail and leave nothing behind', async (t) => {
+  const s = await secondary(t, { fill: 0x11, copyUnit: 4 * KiB });
+  // the check at open passed; a start over a hidden disk of 64 KiB clusters must not run
+  const big = join(s.dir, 'big-hidden.qcow2');
+  await createQcow2(big, { size: SIZE });
+  await s.graph.open({ driver: 'qcow2', 'node-name': 'big', file: { driver: 'file', filename: big }, backing: 's-disk' });
+  s.graph.replaceChild(s.active, 'backing', s.graph.getNode('big'));
+  await assert.rejects(s.reg.startAll('secondary'), /copy unit 4096 is smaller than the cluster size 65536 of target 'big'/);
+  assert.equal(s.state.stage, 'none');
+});
+
+// ---- item 5: zero content still shadows -----------------------------------------------
 
 test('a primary write into a never-written area makes the secondary read zeroes there', async (t) => {
   const s = await secondary(t); // secondary disk left unallocated
@@ -188,7 +275,7 @@ test('a primary write into a never-written area makes the secondary read zeroes 
   await expectBytes(s.localNode, 0, 4 * KiB, 0x22);
 });
 
-// ---- 6.6 item 6: sticky primary errors ------------------------------------------------------
+// ---- item 6: sticky primary errors ------------------------------------------------------
 
 const primary = (t: { after(fn: () => unknown): void }) => primaryFixture(t, SIZE);
 
@@ -210,7 +297,7 @@ test('primary: a failed forward succeeds, then get_error reports it until stop',
   await p.reg.getErrorAll();
 });
 
-// ---- 6.6 item 7: the control table, every reachable cell with its message ----------------
+// ---- item 7: the control table, every reachable cell with its message ----------------
 
 test('control operations in every stage, both modes, with exact messages', async (t) => {
   // primary, NONE
@@ -267,7 +354,7 @@ test('control operations in every stage, both modes, with exact messages', async
   s.state.getError();
 });
 
-// ---- 6.6 item 8: FAILOVER_FAILED routing ----------------------------------------------------
+// ---- item 8: FAILOVER_FAILED routing ----------------------------------------------------
 
 test('a failed failover commit routes writes by allocation and reports the error', async (t) => {
   const s = await secondary(t, { fill: 0x11, faultSecondary: true });
@@ -297,7 +384,7 @@ test('a failed failover commit routes writes by allocation and reports the error
   faultControl(s.graph.getNode('s-fault')).failWrites = null;
 });
 
-// ---- 6.6 item 9 and decision 7: registry order and all-or-nothing start ---------------------
+// ---- item 9 and decision 7: registry order and all-or-nothing start ---------------------
 
 test('decision 7: start_all rolls back every node it started when one fails, and a retry works', async (t) => {
   const dir = tempDir(t);
@@ -350,7 +437,7 @@ test('decision 7: stop_all and get_error_all visit every node', async (t) => {
   ]);
 });
 
-// ---- start preconditions (spec 3.1) and decisions 8, 12 ------------------------------------
+// ---- start preconditions and decisions 8, 12 ------------------------------------
 
 test('a secondary whose graph the replication layer never wired refuses to start, leaving nothing behind', async (t) => {
   const s = await secondary(t, { fill: 0x11 });

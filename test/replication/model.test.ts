@@ -33,9 +33,12 @@ interface Pair {
   secondaryGraph: BlockGraph;
 }
 
-async function makePair(dir: string, run: number): Promise<Pair> {
+async function makePair(dir: string, run: number, copyUnit?: number): Promise<Pair> {
   const f = (n: string) => join(dir, `${run}-${n}.qcow2`);
-  for (const n of ['plocal', 'sdisk', 'active', 'hidden']) await createQcow2(f(n), { size: SIZE });
+  // with a copy unit the hidden disk has clusters of that size (the pair's --copy-unit)
+  for (const n of ['plocal', 'sdisk', 'active', 'hidden']) {
+    await createQcow2(f(n), { size: SIZE, ...(n === 'hidden' && copyUnit !== undefined ? { clusterSize: copyUnit } : {}) });
+  }
   const secondaryGraph = new BlockGraph(createRegistry());
   const sdisk = await secondaryGraph.open({ driver: 'qcow2', 'node-name': 'parent0', file: { driver: 'file', filename: f('sdisk') } });
   const exportBackend = secondaryGraph.createBackend(sdisk, { name: 'export0' });
@@ -44,6 +47,7 @@ async function makePair(dir: string, run: number): Promise<Pair> {
     'node-name': 'childs0',
     mode: 'secondary',
     'top-id': 'childs0',
+    ...(copyUnit !== undefined ? { 'x-copy-unit': copyUnit } : {}),
     file: {
       driver: 'qcow2',
       file: { driver: 'file', filename: f('active') },
@@ -74,10 +78,10 @@ function describeDiff(a: Buffer, b: Buffer): string {
   return `first difference at byte ${at}: got 0x${a[at]?.toString(16)}, model 0x${b[at]?.toString(16)}`;
 }
 
-export async function runSequence(seed: number, dir: string, run: number): Promise<void> {
+export async function runSequence(seed: number, dir: string, run: number, copyUnit?: number): Promise<void> {
   const rand = rng(seed);
   const int = (n: number) => Math.floor(rand() * n);
-  const p = await makePair(dir, run);
+  const p = await makePair(dir, run, copyUnit);
   const primaryDisk = Buffer.alloc(SIZE);
   const secondaryView = Buffer.alloc(SIZE);
   let failedOver = false;
@@ -176,4 +180,10 @@ test(`replication matches its model over ${RUNS} random sequences`, async (t) =>
   const dir = tempDir(t);
   const base = Number(process.env.LOCKSTEP_MODEL_SEED ?? Date.now() % 1_000_000);
   for (let run = 0; run < RUNS; run++) await runSequence(base + run, dir, run);
+});
+
+test(`with a 4 KiB copy unit (x-copy-unit, hidden disk of 4 KiB clusters) replication matches its model over ${RUNS} random sequences`, async (t) => {
+  const dir = tempDir(t);
+  const base = Number(process.env.LOCKSTEP_MODEL_SEED ?? Date.now() % 1_000_000);
+  for (let run = 0; run < RUNS; run++) await runSequence(base + run, dir, run, 4096);
 });

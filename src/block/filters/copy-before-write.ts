@@ -6,9 +6,14 @@
 // Options (QEMU's names): file (BlockdevRef, the filtered node), target (BlockdevRef),
 // on-cbw-error ('break-guest-write' only: a failed copy fails the guest's write and leaves
 // `file` unchanged). Not supported: bitmap, cbw-timeout, on-cbw-error=break-snapshot.
+// lockstep's own: x-copy-unit (the cluster size below; replication passes it down).
 //
-// Cluster size: max(64 KiB, the target's cluster size (its impl's clusterSize));
-// the last cluster may be shorter. The bitmap starts all-set ("nothing copied yet").
+// Cluster size (the copy unit): max(64 KiB, the target's cluster size (its impl's
+// clusterSize)), as QEMU's; x-copy-unit sets it (a power of two, 4 KiB to 4 MiB), but never
+// below the target's cluster size: a copy of part of a qcow2 cluster makes the target fill
+// the rest from its backing, which for replication's hidden disk is the source itself, where
+// newer writes may already have landed. The last cluster may be shorter. The bitmap starts
+// all-set ("nothing copied yet").
 //
 // Atomicity: a writer waits for any copy in flight on its clusters; when the source is in
 // the target's backing chain (fleecing), a copy also waits for the target's overlapping
@@ -31,8 +36,41 @@ import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../block-copy.js';
 /** The largest piece of a request copied and written at once: a few copy chunks. */
 export const PIECE = 16 * MAX_CHUNK;
 
-/** The cluster size a copy into `target` uses: max(64 KiB, target's cluster size). */
-export function copyClusterSize(target: BlockNode): number {
+/** The bounds of x-copy-unit. */
+export const MIN_COPY_UNIT = 4 * 1024;
+export const MAX_COPY_UNIT = MAX_CHUNK;
+
+/** Why `unit` cannot be a copy unit at all (not a power of two in range), or null. */
+export function badCopyUnit(unit: number): string | null {
+  if (unit < MIN_COPY_UNIT || unit > MAX_COPY_UNIT || (unit & (unit - 1)) !== 0) {
+    return `copy unit ${unit} must be a power of two from ${MIN_COPY_UNIT} to ${MAX_COPY_UNIT} bytes`;
+  }
+  return null;
+}
+
+/**
+ * Checks a copy unit asked for against a target: an InvalidArgumentError (EINVAL) when it is
+ * no power of two in range or smaller than the target's cluster size (the data rule above).
+ */
+export function checkCopyUnit(unit: number, target: BlockNode): void {
+  const bad = badCopyUnit(unit);
+  if (bad) throw new InvalidArgumentError(bad);
+  const cluster = target.impl.clusterSize ?? 0;
+  if (unit < cluster) {
+    throw new InvalidArgumentError(
+      `copy unit ${unit} is smaller than the cluster size ${cluster} of target '${target.name}': ` +
+        'a partial-cluster copy would fill the rest of the cluster from the target\'s backing',
+    );
+  }
+}
+
+/** The cluster size a copy into `target` uses: `unit` when asked for (checked), else
+ *  max(64 KiB, target's cluster size). */
+export function copyClusterSize(target: BlockNode, unit?: number): number {
+  if (unit !== undefined) {
+    checkCopyUnit(unit, target);
+    return unit;
+  }
   const n = target.impl.clusterSize ?? 0;
   return n > DEFAULT_CLUSTER_SIZE ? n : DEFAULT_CLUSTER_SIZE;
 }
@@ -50,8 +88,9 @@ export class CopyBeforeWrite {
     readonly source: BlockNode,
     readonly target: BlockNode,
     fleecing: boolean,
+    unit?: number,
   ) {
-    this.bitmap = new Bitmap(source.getLength(), copyClusterSize(target));
+    this.bitmap = new Bitmap(source.getLength(), copyClusterSize(target, unit));
     this.bitmap.setAll();
     this.copy = new BlockCopy({ source, target, bitmap: this.bitmap, mode: 'snapshot', fleecing });
   }
@@ -126,7 +165,11 @@ export const copyBeforeWriteDriver: BlockDriver = {
     if (onErr === 'break-snapshot') throw new InvalidArgumentError(`Parameter 'on-cbw-error' value 'break-snapshot' is not supported`);
     if (o.has('bitmap')) throw new InvalidArgumentError(`Parameter 'bitmap' is not supported by copy-before-write`);
     if (o.has('cbw-timeout')) throw new InvalidArgumentError(`Parameter 'cbw-timeout' is not supported by copy-before-write`);
+    const unit = o.size('x-copy-unit');
     o.done();
+    // before the children open: a bad value leaves nothing behind
+    const bad = unit === undefined ? null : badCopyUnit(unit);
+    if (bad) throw new InvalidArgumentError(`Parameter 'x-copy-unit': ${bad}`);
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
     const target = (await ctx.openChild('target', targetOpt, { required: true }))!;
     if (target.readOnly) throw new InvalidArgumentError(`Cannot open target '${target.name}' for writing: it is read-only`);
@@ -137,7 +180,7 @@ export const copyBeforeWriteDriver: BlockDriver = {
     }
     // Fleecing: the target reads through to the source, so copies must wait for its readers.
     const fleecing = ctx.graph.reaches(target, file);
-    const cbw = new CopyBeforeWrite(ctx.node, file, target, fleecing);
+    const cbw = new CopyBeforeWrite(ctx.node, file, target, fleecing, unit);
     const impl: CopyBeforeWriteImpl = {
       cbw,
       caps: makeCaps({

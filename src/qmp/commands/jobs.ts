@@ -8,7 +8,7 @@ import type { BlockNode } from '../../block/node.js';
 import { InvalidArgumentError, NotFoundError, StateError } from '../../errors.js';
 import { startBackup, type BackupSync } from '../../jobs/backup.js';
 import { startCommit } from '../../jobs/commit.js';
-import type { Job, JobManager, JobOptions } from '../../jobs/job.js';
+import { deviceName, type Job, type JobManager, type JobOptions } from '../../jobs/job.js';
 import { startMirror } from '../../jobs/mirror.js';
 import { startResync } from '../../jobs/resync.js';
 import { nbdFilenameOptions } from '../../nbd/uri.js';
@@ -36,24 +36,9 @@ function blockJob(ctx: QmpContext, id: string): Job {
   }
 }
 
-/** The device (named backend) on `node` or above it: QEMU's default block job id. */
-function deviceAbove(node: BlockNode): string | undefined {
-  const seen = new Set<BlockNode>();
-  const queue = [node];
-  while (queue.length > 0) {
-    const n = queue.shift()!;
-    if (seen.has(n)) continue;
-    seen.add(n);
-    const b = n.backends().find((x) => x.name !== undefined);
-    if (b) return b.name;
-    queue.push(...n.parentNodes());
-  }
-  return undefined;
-}
-
 /** Without job-id, QEMU names the job after the device; a bare node has none. */
 function checkJobId(args: Record<string, unknown>, node: BlockNode): void {
-  if (args['job-id'] === undefined && deviceAbove(node) === undefined) throw new InvalidArgumentError(`Invalid job ID ''`);
+  if (args['job-id'] === undefined && deviceName(node) === undefined) throw new InvalidArgumentError(`Invalid job ID ''`);
 }
 
 /** The job options every job command shares, as its schema types them. */

@@ -46,6 +46,49 @@ test('copy-before-write option errors', async () => {
   assert.deepEqual([...g.nodes.keys()].sort(), ['ro', 'small', 'src']);
 });
 
+test('x-copy-unit sets the copy unit: 8 KiB over a target of 4 KiB clusters copies 8 KiB units', async () => {
+  const g = newCowGraph();
+  const size = 256 * KiB;
+  const src = await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
+  await src.write(0, pattern(0x11, size));
+  const tgt = await g.open({ driver: 'test-cow', 'node-name': 'tgt', size, 'cluster-size': 4 * KiB }, { monitorOwned: true });
+  const f = await g.open({ driver: 'copy-before-write', 'node-name': 'cbw', file: 'src', target: 'tgt', 'x-copy-unit': 8 * KiB });
+  const cbw = getCopyBeforeWrite(f);
+  assert.equal(cbw.clusterSize, 8 * KiB);
+  assert.equal(cbw.bitmap.bits, 32);
+  // 100 bytes across the boundary of units 1 and 2: both copied, nothing else
+  await f.write(16 * KiB - 50, pattern(0x22, 100));
+  const expected = Buffer.alloc(size).fill(0x11, 8 * KiB, 24 * KiB);
+  assert.ok((await tgt.read(0, size)).equals(expected));
+  assert.deepEqual(f.impl.info?.(), { target: 'tgt', 'cluster-size': 8 * KiB, 'dirty-clusters': 30, 'copied-bytes': 16 * KiB });
+});
+
+test('x-copy-unit is refused below the target\'s cluster size and when not a power of two from 4 KiB to 4 MiB', async () => {
+  const g = newCowGraph();
+  const size = 256 * KiB;
+  await g.open({ driver: 'memory', size, 'node-name': 'src' }, { monitorOwned: true });
+  await g.open({ driver: 'test-cow', 'node-name': 'tgt', size, 'cluster-size': 64 * KiB }, { monitorOwned: true });
+  await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'tgt', 'x-copy-unit': 32 * KiB }), {
+    name: 'InvalidArgumentError',
+    message: "copy unit 32768 is smaller than the cluster size 65536 of target 'tgt': a partial-cluster copy would fill the rest of the cluster from the target's backing",
+  });
+  for (const bad of [2048, 12 * KiB, 8 * 1024 * KiB]) {
+    await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'tgt', 'x-copy-unit': bad }), {
+      name: 'InvalidArgumentError',
+      message: `Parameter 'x-copy-unit': copy unit ${bad} must be a power of two from 4096 to 4194304 bytes`,
+    });
+  }
+  await g.settle();
+  assert.deepEqual([...g.nodes.keys()].sort(), ['src', 'tgt']);
+  // equal to the target's cluster size is allowed, and a larger one
+  for (const unit of [64 * KiB, 128 * KiB]) {
+    const f = await g.open({ driver: 'copy-before-write', file: 'src', target: 'tgt', 'x-copy-unit': unit });
+    assert.equal(getCopyBeforeWrite(f).clusterSize, unit);
+    g.collect(f);
+    await g.settle();
+  }
+});
+
 test('a large zero write is copied in bounded pieces: the event loop runs in between, every cluster lands', async () => {
   const g = newCowGraph();
   const MiB = 1024 * KiB;

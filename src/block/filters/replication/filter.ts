@@ -8,7 +8,10 @@
 //   7/8 a failed start leaves nothing behind (stage NONE, no job, no blockers, no refs);
 //   9  writes of any size are forwarded as they are (requestAlignment 1).
 //
-// Options: file (required), mode (primary|secondary, required), top-id (secondary only).
+// Options: file (required), mode (primary|secondary, required), top-id (secondary only),
+// x-copy-unit (secondary only, lockstep's own): the copy unit of the copy-before-write into
+// the hidden disk (default QEMU's, max(64 KiB, the hidden disk's cluster size)); refused when
+// smaller than the hidden disk's cluster size (copy-before-write.ts says why).
 //
 // The filter sits in the block layer beside the other filters; the two jobs a secondary runs
 // (copy-before-write into the hidden disk, the failover's active commit) belong to the jobs
@@ -24,6 +27,7 @@ import { isAllocatedAbove } from '../../chain.js';
 import { BlockError, InvalidArgumentError, StateError, STRERROR, assert, errorMessage, type ErrorCode } from '../../../errors.js';
 import { MSG, canTransition, readPolicy, writePolicy, type ReplicationMode, type Stage } from './state.js';
 import { CHANGED_GRANULARITY, ChangedMap, type ChangedRegion } from './changed.js';
+import { badCopyUnit, checkCopyUnit } from '../copy-before-write.js';
 
 export interface JobEnd {
   ret: 0 | BlockError;
@@ -52,7 +56,7 @@ export interface CommitJobHandle {
 
 /** The two internal jobs a secondary runs (decision 11 in docs/replication.md). */
 export interface ReplicationJobs {
-  startCopyBeforeWrite(source: BlockNode, target: BlockNode): Promise<CopyJobHandle>;
+  startCopyBeforeWrite(source: BlockNode, target: BlockNode, copyUnit?: number): Promise<CopyJobHandle>;
   startActiveCommit(top: BlockNode, base: BlockNode): Promise<CommitJobHandle>;
 }
 
@@ -136,6 +140,8 @@ export class ReplicationState {
     readonly node: BlockNode,
     readonly mode: ReplicationMode,
     readonly topId: string | undefined,
+    /** the copy-before-write unit asked for (x-copy-unit), or QEMU's */
+    readonly copyUnit?: number,
   ) {
     this.changed = mode === 'primary' ? new ChangedMap(node.file?.getLength() ?? 0) : null;
   }
@@ -265,7 +271,7 @@ export class ReplicationState {
     top.blockers.add(MSG.blocker);
 
     try {
-      const job = await this.jobs.startCopyBeforeWrite(secondary, hidden);
+      const job = await this.jobs.startCopyBeforeWrite(secondary, hidden, this.copyUnit);
       this.backupJob = job;
       void job.done.then((r) => this.backupCompleted(job, r.ret));
     } catch (e) {
@@ -554,14 +560,22 @@ export const replicationDriver: BlockDriver = {
   async open(ctx, o): Promise<NodeImpl> {
     const mode = o.enumOf('mode', ['primary', 'secondary']);
     const topId = o.string('top-id');
+    const copyUnit = o.size('x-copy-unit');
     const fileOpt = o.raw('file');
     o.done();
-    await ctx.openChild('file', fileOpt, { required: true });
+    const bad = copyUnit === undefined ? null : badCopyUnit(copyUnit);
+    if (bad) throw new InvalidArgumentError(`Parameter 'x-copy-unit': ${bad}`);
+    const active = await ctx.openChild('file', fileOpt, { required: true });
     if (mode === undefined) throw new InvalidArgumentError(MSG.missingMode);
     if (mode === 'primary' && topId !== undefined) throw new InvalidArgumentError(MSG.primaryTopId);
     if (mode === 'secondary' && topId === undefined) throw new InvalidArgumentError(MSG.missingTopId);
+    if (mode === 'primary' && copyUnit !== undefined) throw new InvalidArgumentError(`Parameter 'x-copy-unit' is only for mode 'secondary'`);
+    // refused here already when the hidden disk is in place (start checks again: the chain
+    // may change before it)
+    const hidden = active?.backing;
+    if (copyUnit !== undefined && hidden) checkCopyUnit(copyUnit, hidden);
     const node = ctx.node;
-    const state = new ReplicationState(ctx.graph, node, mode, topId);
+    const state = new ReplicationState(ctx.graph, node, mode, topId, copyUnit);
     (ctx.graph.services.replicationStates ??= []).unshift(state);
     const impl: NodeImpl & { replication: ReplicationState } = {
       replication: state,
@@ -585,7 +599,7 @@ export const replicationDriver: BlockDriver = {
         for (const e of node.children.values()) if (!e.child.readOnly && e.child.isOpen) await e.child.flush();
       },
       close: () => state.close(),
-      info: () => ({ mode, ...(topId !== undefined ? { 'top-id': topId } : {}), stage: state.stage }),
+      info: () => ({ mode, ...(topId !== undefined ? { 'top-id': topId } : {}), ...(copyUnit !== undefined ? { 'x-copy-unit': copyUnit } : {}), stage: state.stage }),
     };
     return impl;
   },
