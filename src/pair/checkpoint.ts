@@ -30,8 +30,14 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
     throw e;
   };
   const t0 = process.hrtime.bigint();
+  // Sent back to back with the hold (one monitor runs its commands in order): the primary's
+  // replication state once its writes are drained, at no extra round trip.
+  let forward: Promise<ReplicationEntry[]> | null = null;
   try {
-    await core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
+    const held = core.call(p, 'block-io-hold', { 'node-name': DISK_NODE });
+    forward = core.call(p, 'query-replication') as Promise<ReplicationEntry[]>;
+    forward.catch(() => {});
+    await held;
   } catch (e) {
     // A hold that timed out may still take effect later: release it whenever it does, so
     // that the guest's writes are never left held ("not held" errors are expected). A hold
@@ -42,17 +48,30 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   }
   const t1 = process.hrtime.bigint();
   let err: unknown = null;
+  // A write the primary failed to forward (its replication filter's sticky error: an I/O
+  // timeout on the link, a refused request) is missing on the secondary, and the primary
+  // acknowledged it all the same (the forward does not vote). The secondary must not take
+  // its view for a checkpoint then: the barrier fails, the secondary keeps the last good
+  // one (what a failover serves), and the primary's changed-regions record is kept.
+  try {
+    const bad = (await forward!).find((r) => r.mode === 'primary' && r.error !== undefined);
+    if (bad) err = new ForwardError(`the primary's forward to the secondary failed (${bad.error}): the secondary lacks writes the primary acknowledged and keeps its last checkpoint`);
+  } catch (e) {
+    err = e;
+  }
   // The secondary's dirty log forgets the forwarded writes this checkpoint confirms. Sent
   // back to back with the checkpoint (no extra round trip); even when the checkpoint fails
   // nothing is lost: what a failover then rolls back, its commit rewrites through the log.
-  const sLog = core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[s.name] });
+  const sLog = err ? Promise.resolve() : core.call(s, 'x-dirty-log-checkpoint', { 'node-name': LOG_NODE[s.name] });
   // observed below; a rejection (a timeout) while the checkpoint is still awaited must not
   // be an unhandled one, which ends the supervisor's process
   sLog.catch(() => {});
-  try {
-    await core.call(s, 'xen-colo-do-checkpoint');
-  } catch (e) {
-    err = e;
+  if (!err) {
+    try {
+      await core.call(s, 'xen-colo-do-checkpoint');
+    } catch (e) {
+      err = e;
+    }
   }
   await sLog.catch((e: unknown) => {
     err ??= e;
@@ -78,7 +97,13 @@ export async function runCheckpoint(core: PairCore): Promise<CheckpointTimes> {
   return times;
 }
 
-type ReplicationEntry = { 'bytes-copied': number; 'dirty-clusters': number; 'bytes-sent'?: number; 'bytes-received'?: number };
+type ReplicationEntry = { mode?: string; error?: string; 'bytes-copied': number; 'dirty-clusters': number; 'bytes-sent'?: number; 'bytes-received'?: number };
+
+/** The primary's replication filter failed a forward: no checkpoint can confirm the secondary. */
+export class ForwardError extends Error {
+  readonly code = 'EIO' as const;
+  override name = 'ForwardError';
+}
 const sum = (list: ReplicationEntry[], f: (x: ReplicationEntry) => number | undefined): number => list.reduce((a, x) => a + (f(x) ?? 0), 0);
 
 /** Both sides' replication counters, for status and metrics: the secondary's hidden-disk

@@ -8,6 +8,12 @@
 //   as QEMU does).
 // Negotiates structured replies and base:allocation when the server offers them; block
 // status answers from base:allocation. Requests are pipelined on one connection.
+// Write-zeroes and discards longer than ZERO_PIECE are sent as pieces of that size, one after
+// the other: what the server does for one request stays bounded (a replication secondary
+// saves the old content of every piece first), and each piece's reply is progress for
+// x-io-timeout, which one whole-disk request with gigabytes to save would outlast (issue 14:
+// the forward of one 1 GiB discard was declared lost after 1 s and the pair's secondary
+// missed every write after it).
 
 import { makeCaps, type BlockDriver, type BlockStatus, type NodeCaps, type NodeImpl, type WriteFlags, type ZeroFlags } from '../driver.js';
 import { BlockError, InvalidArgumentError, errorMessage } from '../../errors.js';
@@ -19,6 +25,14 @@ import type { OptionReader } from '../options.js';
 import type { SocketAddress } from '../../util/socket-address.js';
 
 const RETRY_INTERVAL_MS = 1000;
+/** The largest write-zeroes or discard sent as one request (copy-before-write's PIECE). */
+export const ZERO_PIECE = 64 * 1024 * 1024;
+
+/** Runs `op` on [offset, offset+length) in pieces of at most ZERO_PIECE, in order. */
+async function inPieces(offset: number, length: number, op: (offset: number, length: number) => Promise<void>): Promise<void> {
+  if (length <= ZERO_PIECE) return op(offset, length);
+  for (let pos = offset, end = offset + length; pos < end; pos += ZERO_PIECE) await op(pos, Math.min(ZERO_PIECE, end - pos));
+}
 
 function readAddress(o: OptionReader): SocketAddress<number | string> {
   const srv = o.sub('server', true);
@@ -202,14 +216,16 @@ class NbdNode implements NodeImpl {
   }
 
   writeZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.run((c) => {
-      if (flags.noFallback && !(c.info.flags & TFLAG.SEND_FAST_ZERO)) throw new BlockError('ENOTSUP', 'NBD server has no fast zeroing');
-      return c.writeZeroes(offset, length, { fua: flags.fua ?? false, noHole: !flags.mayUnmap, fastZero: flags.noFallback ?? false });
-    });
+    return inPieces(offset, length, (o, n) =>
+      this.run((c) => {
+        if (flags.noFallback && !(c.info.flags & TFLAG.SEND_FAST_ZERO)) throw new BlockError('ENOTSUP', 'NBD server has no fast zeroing');
+        return c.writeZeroes(o, n, { fua: flags.fua ?? false, noHole: !flags.mayUnmap, fastZero: flags.noFallback ?? false });
+      }),
+    );
   }
 
   discard(offset: number, length: number): Promise<void> {
-    return this.run((c) => c.trim(offset, length));
+    return inPieces(offset, length, (o, n) => this.run((c) => c.trim(o, n)));
   }
 
   flush(): Promise<void> {

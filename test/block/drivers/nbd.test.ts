@@ -8,6 +8,7 @@ import { BlockError, InvalidArgumentError } from '../../../src/errors.js';
 import { loadTlsCreds, serverTlsConfig } from '../../../src/nbd/tls.js';
 import { haveOpenssl, makeCerts } from '../../nbd/tls-certs.js';
 import { cuttableProxy } from '../../helpers/proxy.js';
+import { ZERO_PIECE } from '../../../src/block/drivers/nbd.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BlockError && e.code === code;
 
@@ -146,4 +147,39 @@ test('tls-creds names a tls-creds-x509 object in graph.objects', async (t) => {
   await n.write(100, Buffer.from('secret'));
   assert.ok((await s.node.read(100, 6)).equals(Buffer.from('secret')));
   assert.throws(() => loadTlsCreds({ id: 'x', endpoint: 'server', dir: clientDir }), /server-cert.pem/);
+});
+
+test('a long write-zeroes or discard is sent as ZERO_PIECE requests, one after the other', async (t) => {
+  const size = 2 * ZERO_PIECE + 4096 * 3;
+  const s = await serveMemory(t, { size });
+  const seen: Array<[string, number, number]> = [];
+  let inFlight = 0;
+  let most = 0;
+  const impl = s.node.impl as { writeZeroes: (o: number, n: number, f: unknown) => Promise<void>; discard: (o: number, n: number) => Promise<void> };
+  for (const op of ['writeZeroes', 'discard'] as const) {
+    const orig = impl[op].bind(impl) as (o: number, n: number, f?: unknown) => Promise<void>;
+    impl[op] = async (o: number, n: number, f?: unknown) => {
+      seen.push([op, o, n]);
+      most = Math.max(most, ++inFlight);
+      try {
+        await orig(o, n, f);
+      } finally {
+        inFlight--;
+      }
+    };
+  }
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const node = await g.open({ driver: 'nbd', 'node-name': 'remote', server: { type: 'unix', path: s.unix.path }, export: 'disk0' });
+  await s.node.write(size - 4096, patterned(4096, 3));
+  await node.writeZeroes(4096, size - 4096, { mayUnmap: true });
+  await node.discard(0, size);
+  const pieces = (op: string, from: number) => {
+    const out: Array<[string, number, number]> = [];
+    for (let o = from; o < size; o += ZERO_PIECE) out.push([op, o, Math.min(ZERO_PIECE, size - o)]);
+    return out;
+  };
+  assert.deepEqual(seen, [...pieces('writeZeroes', 4096), ...pieces('discard', 0)]);
+  assert.equal(most, 1, 'one piece at a time');
+  assert.ok((await s.node.read(size - 4096, 4096)).equals(Buffer.alloc(4096)));
 });
