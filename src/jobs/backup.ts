@@ -67,7 +67,13 @@ export class BackupJob extends Job {
   /** Opens and inserts the filter; the job is then registered. */
   async setUp(): Promise<void> {
     const graph = this.graph;
-    this.filter = await graph.open({ driver: 'copy-before-write', file: this.source.name, target: this.target.name });
+    try {
+      this.filter = await graph.open({ driver: 'copy-before-write', file: this.source.name, target: this.target.name });
+    } catch (e) {
+      // QEMU's bdrv_insert_node
+      if (e instanceof Error) e.message = `Could not create node: ${e.message}`;
+      throw e;
+    }
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
       const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
@@ -98,7 +104,16 @@ export class BackupJob extends Job {
         this.block(this.source);
         this.block(this.target);
       }
+      // QEMU's backup_job_create: after the nodes' blockers, before the filter (a read-only
+      // target is refused by the filter's permissions on it)
+      if (this.source.getLength() !== this.target.getLength()) throw new InvalidArgumentError('Source and target image have different sizes');
       await this.setUp();
+      if (!this.internal) {
+        // QEMU's backup blocks its filter and target, not the source below the filter (a
+        // blockdev-del of the source is then refused as a node in use)
+        this.unblock(this.source);
+        this.block(this.filter);
+      }
     } catch (e) {
       this.abandon();
       throw e;
@@ -172,12 +187,6 @@ export async function startBackup(mgr: JobManager, opts: BackupOptions): Promise
   checkOnError('on-source-error', opts.onSourceError);
   checkOnError('on-target-error', opts.onTargetError);
   if (opts.source === opts.target) throw new InvalidArgumentError('Source and target cannot be the same');
-  if (opts.target.readOnly) throw new InvalidArgumentError(`Node '${opts.target.name}' is read-only`);
-  if (opts.target.getLength() < opts.source.getLength()) {
-    throw new InvalidArgumentError(
-      `Source and target image have different sizes (${opts.source.getLength()} and ${opts.target.getLength()} bytes)`,
-    );
-  }
   const job = new BackupJob(mgr, opts);
   await job.start();
   return job;

@@ -217,6 +217,13 @@ export abstract class Job {
     node.blockers.add(this.blockerReason);
     this.blocked.push(node);
   }
+  /** Removes the blocker `block` set on `node`. */
+  protected unblock(node: BlockNode): void {
+    const i = this.blocked.indexOf(node);
+    if (i < 0) return;
+    this.blocked.splice(i, 1);
+    node.blockers.delete(this.blockerReason);
+  }
   /**
    * Takes `perms` on `node` until the job ends (QEMU's job BlockBackends, unnamed, as 'root';
    * with `role`, QEMU's block_job_add_bdrv: "mirror job 'j0'" as e.g. 'intermediate node').

@@ -129,7 +129,6 @@ export const copyBeforeWriteDriver: BlockDriver = {
     o.done();
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
     const target = (await ctx.openChild('target', targetOpt, { required: true }))!;
-    if (target.readOnly) throw new InvalidArgumentError(`Cannot open target '${target.name}' for writing: it is read-only`);
     if (target.getLength() < file.getLength()) {
       throw new InvalidArgumentError(
         `Source and target image have different sizes (${file.getLength()} and ${target.getLength()} bytes)`,

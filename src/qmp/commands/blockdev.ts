@@ -190,7 +190,7 @@ function lookupBs(ctx: QmpContext, device: string | undefined, nodeName: string 
 async function blockResize(ctx: QmpContext, device: string | undefined, nodeName: string | undefined, size: number): Promise<void> {
   const node = lookupBs(ctx, device, nodeName);
   if (size < 0) throw new InvalidArgumentError(`Parameter 'size' expects a >0 size`);
-  if (node.blockers.size > 0) throw new StateError(`Device '${device ?? '(null)'}' is in use`);
+  if (node.blockers.size > 0 || node.backingBlocker() !== null) throw new StateError(`Device '${device ?? '(null)'}' is in use`);
   const b = ctx.graph.createBackend(node, { perms: RESIZE_PERMS, user: false, jobHold: true });
   try {
     if (node.readOnly) throw new InvalidArgumentError('Image is read-only');
