@@ -53,6 +53,8 @@ export class BlockNode {
   readonly gates = new IoGates();
   /** operation blockers: reason strings (replication's "Block device is in use by ...") */
   readonly blockers = new Set<string>();
+  /** the jobs holding this node (QEMU's block_job_add_bdrv): such a node is not a root */
+  readonly jobHolds = new Set<object>();
   /** created by blockdev-add / --blockdev: lives until blockdev-del */
   monitorOwned = false;
   /** force-share=on: every edge into this node shares every permission (qemu-img -U) */

@@ -138,14 +138,16 @@ interface JobInfo {
 
 /**
  * Waits until every job is ready or gone (a backup with sync=none runs until cancelled, so
- * running is settled for it) and returns the jobs as they stand; a job that does not settle
- * within 20 s is reported as it was, and the comparison shows it.
+ * running is settled for it), and `ending` (a job told to complete or cancel) gone, and
+ * returns the jobs as they stand; a job that does not settle within 20 s is reported as it
+ * was, and the comparison shows it.
  */
-async function settle(t: Transcript, endless: ReadonlySet<string>): Promise<Msg> {
+async function settle(t: Transcript, endless: ReadonlySet<string>, ending: string | null): Promise<Msg> {
   let jobs: JobInfo[] = [];
   for (let i = 0; i < 800; i++) {
     jobs = (await t.reply({ execute: 'query-block-jobs' })).return as JobInfo[];
-    if (jobs.every((j) => j.ready || (j.status === 'running' && endless.has(j.device)))) break;
+    const steady = (j: JobInfo): boolean => j.device !== ending && (j.ready || (j.status === 'running' && endless.has(j.device)));
+    if (jobs.every(steady)) break;
     await new Promise((r) => setTimeout(r, 25));
   }
   return { settled: jobs.map((j) => ({ device: j.device, type: j.type, status: j.status, ready: j.ready })).sort((x, y) => x.device.localeCompare(y.device)) };
@@ -164,8 +166,12 @@ async function converse(path: string, dir: string, steps: Msg[]): Promise<Msg[]>
     for (const req of [...PRELUDE, ...steps]) {
       const reply = normalise(await t.reply(substitute(req, dir) as Msg), dir);
       out.push(reply);
-      if (req.execute === 'blockdev-backup' && 'return' in reply && (req.arguments as Msg).sync === 'none') endless.add('jb');
-      if (JOB_COMMANDS.has(req.execute as string)) out.push(await settle(t, endless));
+      if (req.execute === 'blockdev-backup' && 'return' in reply) {
+        if ((req.arguments as Msg).sync === 'none') endless.add('jb');
+        else endless.delete('jb');
+      }
+      const ending = 'return' in reply && (req.execute === 'block-job-cancel' || req.execute === 'block-job-complete') ? String((req.arguments as Msg).device) : null;
+      if (JOB_COMMANDS.has(req.execute as string)) out.push(await settle(t, endless, ending));
     }
     return out;
   } finally {

@@ -80,9 +80,12 @@ function refuse(args: Record<string, unknown>, names: string[]): void {
   }
 }
 
-/** QEMU mirrors only root nodes (a node with node parents would see its parents bypassed). */
+/**
+ * QEMU mirrors only root nodes (a node with node parents would see its parents bypassed);
+ * a node a job holds is not a root either (QEMU's bdrv_is_root_node: only BlockBackends).
+ */
 function checkRoot(node: BlockNode): void {
-  if (node.parentNodes().length > 0) throw new InvalidArgumentError('Need a root block node');
+  if (node.parentNodes().length > 0 || node.jobHolds.size > 0) throw new InvalidArgumentError('Need a root block node');
 }
 
 /** QEMU's granularity checks and messages (0 means the default). */
