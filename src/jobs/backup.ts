@@ -12,6 +12,7 @@ import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { getCopyBeforeWrite, type CopyBeforeWrite } from '../block/filters/copy-before-write.js';
 import type { Bitmap } from '../util/bitmap.js';
+import { WATCH_PERMS } from '../block/permissions.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
 import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
@@ -76,9 +77,13 @@ export class BackupJob extends Job {
     }
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
+      this.cbw.shareSourceWrite = this.internal;
       const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
       this.filterInserted = true;
       await inserted;
+      // QEMU's block_job_create on the filter: a parent taking nothing, so the filter's own
+      // rules on its source apply (nobody else writes it: the target may be above it)
+      this.use(this.filter, WATCH_PERMS, 'main node');
     } catch (e) {
       if (this.filterInserted) graph.dropFilter(this.filter);
       else graph.collect(this.filter);

@@ -99,7 +99,18 @@ const CONVERSATION: Msg[] = [
   { execute: 'blockdev-backup', arguments: { 'job-id': 'j8', device: 'bsrc', target: 'btgt', sync: 'none' } },
   { execute: 'blockdev-del', arguments: { 'node-name': 'bsrc' } },
   { execute: 'blockdev-del', arguments: { 'node-name': 'btgt' } },
+  // a node a job holds is not a root
+  { execute: 'blockdev-mirror', arguments: { 'job-id': 'j10', device: 'btgt', target: 'nothere', sync: 'full' } },
   { execute: 'block-job-cancel', arguments: { device: 'j8', force: true } },
+  // a backup whose target writes into its source: the filter lets nobody write the source
+  { execute: 'blockdev-add', arguments: { driver: 'file', 'node-name': 'self', filename: '$D/self.raw' } },
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'self-raw', file: 'self' } },
+  { execute: 'blockdev-backup', arguments: { 'job-id': 'j11', device: 'self', target: 'self-raw', sync: 'full' } },
+  { execute: 'blockdev-backup', arguments: { 'job-id': 'j11', device: 'self-raw', target: 'self', sync: 'none' } },
+  // an exported node is in use, whoever owns it
+  { execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'own', file: { driver: 'file', 'node-name': 'own-file', filename: '$D/own.raw' } } },
+  { execute: 'block-export-add', arguments: { type: 'nbd', id: 'e7', 'node-name': 'own-file' } },
+  { execute: 'blockdev-del', arguments: { 'node-name': 'own-file' } },
   // accepted, and the job fails at its start: nothing below uses its nodes
   { execute: 'blockdev-mirror', arguments: { 'job-id': 'j9', device: 'src2', target: 'big', sync: 'full' } },
   { execute: 'block-job-cancel', arguments: { device: 'j1', force: true } },
@@ -117,6 +128,8 @@ function prepare(dir: string): void {
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'big.raw'), '2M']);
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'bs.raw'), '1M']);
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'bt.raw'), '1M']);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'self.raw'), '1M']);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'own.raw'), '1M']);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(dir, 'b.qcow2'), '1M']);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', join(dir, 't.qcow2'), '1M']);
 }
@@ -125,7 +138,9 @@ async function converse(path: string, dir: string): Promise<Msg[]> {
   const t = await Transcript.open(path);
   try {
     const out: Msg[] = [];
-    for (const req of CONVERSATION) out.push(mask(await t.reply(substitute(req, dir) as Msg), dir));
+    // paths, and the names of implicit nodes (QEMU's end in two random digits)
+    const norm = (m: Msg): Msg => JSON.parse(JSON.stringify(mask(m, dir)).replace(/#block\d+/g, '#block')) as Msg;
+    for (const req of CONVERSATION) out.push(norm(await t.reply(substitute(req, dir) as Msg)));
     return out;
   } finally {
     t.close();

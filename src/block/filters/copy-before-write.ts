@@ -43,6 +43,12 @@ export class CopyBeforeWrite {
   readonly copy: BlockCopy;
   /** false once the job ended: writes pass straight through */
   active = true;
+  /**
+   * Others may write the source under the filter (lockstep's replication only: its failover
+   * commits into the secondary disk while the filter is still above it); QEMU never lets
+   * them, and neither does a backup a user starts (its target could be the source itself).
+   */
+  shareSourceWrite = false;
 
   constructor(
     /** the filter node itself: its request tracker is what quiesce() holds */
@@ -118,7 +124,8 @@ export function getCopyBeforeWrite(node: BlockNode): CopyBeforeWrite {
 export const copyBeforeWriteDriver: BlockDriver = {
   name: 'copy-before-write',
   kind: 'filter',
-  childPerms: (node, role, parent) => cbwChildPerms(role, parent, node.parents.size > 0),
+  childPerms: (node, role, parent) =>
+    cbwChildPerms(role, parent, node.parents.size > 0, node.isOpen && (node.impl as CopyBeforeWriteImpl).cbw.shareSourceWrite),
   async open(ctx, o): Promise<NodeImpl> {
     const fileOpt = o.raw('file');
     const targetOpt = o.raw('target');

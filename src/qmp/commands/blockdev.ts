@@ -1,7 +1,7 @@
 // Block graph commands: blockdev-add, blockdev-del, blockdev-reopen,
 // query-named-block-nodes, x-blockdev-change, block_resize.
 
-import type { BlockNode } from '../../block/node.js';
+import { BlockNode } from '../../block/node.js';
 import type { OptionDict } from '../../block/options.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
@@ -97,7 +97,9 @@ async function blockdevAdd(ctx: QmpContext, args: OptionDict): Promise<void> {
 
 async function blockdevDel(ctx: QmpContext, name: string): Promise<void> {
   const node = ctx.graph.nodes.get(name);
-  if (node && node.monitorOwned && node.backends().length > 0) throw new StateError(`Node ${name} is in use`);
+  // QEMU's bdrv_has_blk, before anything else: any BlockBackend (an export's, a job's handle
+  // as 'root'), whoever owns the node
+  if (node && [...node.parents].some((e) => !(e.parent instanceof BlockNode) && e.role === 'root')) throw new StateError(`Node ${name} is in use`);
   await ctx.graph.deleteNode(name);
   ctx.log.info('node deleted', { node: name });
 }
