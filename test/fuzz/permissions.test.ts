@@ -22,7 +22,7 @@ import { requireTool } from '../helpers/tls.js';
 import { Transcript, mask, startQsd, substitute, type Msg } from '../helpers/qmp-transcript.js';
 
 const SEED = Number(process.env.PERM_FUZZ_SEED ?? 15);
-/** 0.2-0.3 s a run on a 2-core machine (two daemons started and stopped per run): 100 runs took 20-30 s at load 2-14 */
+/** two daemons started and stopped per run: 100 runs took 19 s at load 1, 200 took 59 s at load 14 (2 cores) */
 const RUNS = Number(process.env.PERM_FUZZ_RUNS ?? 100);
 const MiB = 1024 * 1024;
 
