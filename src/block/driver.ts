@@ -175,6 +175,11 @@ export interface OpenChildOptions {
   required?: boolean;
   /** open the child read-only even if the parent is writable (backing files) */
   readOnly?: boolean;
+  /**
+   * prefixed to an error opening or finding the child, not to a refusal attaching it
+   * (QEMU's "Could not open backing file: ")
+   */
+  errorPrefix?: string;
 }
 
 export interface OpenContext {

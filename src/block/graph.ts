@@ -14,7 +14,7 @@ import { Backend, type BackendOptions } from './backend.js';
 import { OptionReader, isDict, type OptionDict } from './options.js';
 import type { DriverRegistry } from './registry.js';
 import { Pacer } from '../util/pacer.js';
-import { PERM_ALL, cumulative, defaultChildPerms, findParentConflict, type Perms } from './permissions.js';
+import { PERM, PERM_ALL, PermissionError, cumulative, defaultChildPerms, findParentConflict, type Perms } from './permissions.js';
 
 export interface OpenOptions {
   /** leaves are keyval strings (command line, drive_add) rather than typed JSON */
@@ -122,11 +122,12 @@ export class BlockGraph extends EventEmitter {
     const driver: BlockDriver | undefined = this.drivers.get(driverName);
     if (!driver) throw new InvalidArgumentError(`Parameter '${r.path('driver')}' does not accept value '${driverName}'`);
     const given = r.string('node-name');
-    if (given !== undefined) {
-      if (!NODE_NAME_RE.test(given)) throw new InvalidArgumentError(`Invalid node-name: '${given}'`);
-      if (this.nodes.has(given)) throw new InvalidArgumentError(`Duplicate nodes with node-name='${given}'`);
-      if (this.backends.has(given)) throw new InvalidArgumentError(`node-name=${given} is conflicting with a device id`);
-      if (given.length >= 32) throw new InvalidArgumentError('Node name too long');
+    const nameError = given === undefined ? null : this.nodeNameError(given);
+    if (nameError) {
+      // QEMU opens a format's or filter's file before it names the node (bdrv_open_inherit),
+      // so the file's own errors come first
+      if (driver.kind !== 'protocol') await this.probeFile(options.file, r.path('file'), keyval, r.bool('read-only') ?? parentReadOnly, parentForceShare, noIo);
+      throw nameError;
     }
     const readOnly = r.bool('read-only') ?? parentReadOnly;
     r.bool('auto-read-only');
@@ -176,6 +177,25 @@ export class BlockGraph extends EventEmitter {
     return node;
   }
 
+  private nodeNameError(name: string): InvalidArgumentError | null {
+    if (!NODE_NAME_RE.test(name)) return new InvalidArgumentError(`Invalid node-name: '${name}'`);
+    if (this.nodes.has(name)) return new InvalidArgumentError(`Duplicate nodes with node-name='${name}'`);
+    if (this.backends.has(name)) return new InvalidArgumentError(`node-name=${name} is conflicting with a device id`);
+    if (name.length >= 32) return new InvalidArgumentError('Node name too long');
+    return null;
+  }
+
+  /** Finds or opens (and closes again) a node's `file` as QEMU would before naming the node. */
+  private async probeFile(value: unknown, path: string, keyval: boolean, readOnly: boolean, forceShare: boolean, noIo: boolean): Promise<void> {
+    if (typeof value === 'string' && !(keyval && value === '')) {
+      if (!this.lookup(value)) throw new InvalidArgumentError(`Cannot find device='${value}' nor node-name='${value}'`);
+    } else if (isDict(value)) {
+      const n = await this.openNode(value, path, keyval, readOnly, forceShare, noIo);
+      this.collect(n);
+      await this.settle();
+    }
+  }
+
   private async openChild(
     parent: BlockNode,
     role: string,
@@ -189,17 +209,32 @@ export class BlockGraph extends EventEmitter {
       return null;
     }
     let child: BlockNode;
-    if (typeof value === 'string') {
-      const found = this.lookup(value);
-      if (!found) throw new InvalidArgumentError(`Cannot find device='${value}' nor node-name='${value}'`);
-      child = found;
-    } else if (isDict(value)) {
-      const prefix = path;
-      child = await this.openNode(value, prefix, keyval, copts.readOnly ?? parent.readOnly, parent.forceShare, parent.noIo);
-    } else {
-      throw new InvalidArgumentError(`Invalid parameter type for '${path}', expected: BlockdevRef`);
+    try {
+      if (typeof value === 'string') {
+        const found = this.lookup(value);
+        if (!found) throw new InvalidArgumentError(`Cannot find device='${value}' nor node-name='${value}'`);
+        child = found;
+      } else if (isDict(value)) {
+        const prefix = path;
+        child = await this.openNode(value, prefix, keyval, copts.readOnly ?? parent.readOnly, parent.forceShare, parent.noIo);
+      } else {
+        throw new InvalidArgumentError(`Invalid parameter type for '${path}', expected: BlockdevRef`);
+      }
+    } catch (e) {
+      // the error keeps its class (and errno-like code); only its text gains the prefix
+      if (copts.errorPrefix !== undefined && e instanceof Error) e.message = `${copts.errorPrefix}${e.message}`;
+      throw e;
     }
-    this.attach(parent, role, child);
+    try {
+      this.attach(parent, role, child);
+    } catch (e) {
+      // an inline child refused by the permissions goes with its parent (a reference stays)
+      if (isDict(value)) {
+        this.collect(child);
+        await this.settle();
+      }
+      throw e;
+    }
     return child;
   }
 
@@ -393,6 +428,8 @@ export class BlockGraph extends EventEmitter {
         );
         if (conflict) throw conflict;
         const cum = cumulative(parents);
+        // QEMU's bdrv_node_refresh_perm: a read-only node has no writer, whoever asks
+        if (n.readOnly && cum.perm & (PERM.WRITE | PERM.WRITE_UNCHANGED)) throw new PermissionError('Block node is read-only');
         if (n.isOpen && n.impl.preparePerms) prepared.push(n.impl.preparePerms(cum));
         for (const e of n.children.values()) {
           saved.push([e, e.perm, e.shared]);
@@ -482,7 +519,7 @@ export class BlockGraph extends EventEmitter {
     const node = this.nodes.get(name);
     if (!node) throw new NotFoundError(`Failed to find node with node-name='${name}'`);
     if (!node.monitorOwned) throw new StateError(`Node ${name} is not owned by the monitor`);
-    node.checkNotBlocked();
+    node.checkNotBlockedOrBacking();
     if (node.parents.size > 0) throw new StateError(`Block device ${name} is in use`);
     node.monitorOwned = false;
     this.collect(node);

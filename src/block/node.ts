@@ -53,6 +53,8 @@ export class BlockNode {
   readonly gates = new IoGates();
   /** operation blockers: reason strings (replication's "Block device is in use by ...") */
   readonly blockers = new Set<string>();
+  /** the jobs holding this node (QEMU's block_job_add_bdrv): such a node is not a root */
+  readonly jobHolds = new Set<object>();
   /** created by blockdev-add / --blockdev: lives until blockdev-del */
   monitorOwned = false;
   /** force-share=on: every edge into this node shares every permission (qemu-img -U) */
@@ -132,6 +134,26 @@ export class BlockNode {
   /** Throws StateError if an operation blocker is set (QEMU's "Node 'x' is busy: ..."). */
   checkNotBlocked(): void {
     for (const reason of this.blockers) throw new StateError(`Node '${this.name}' is busy: ${reason}`);
+  }
+
+  /**
+   * QEMU's backing blocker (bdrv_backing_attach): a node that is some node's backing is
+   * blocked for every operation but commit, stream and backup; the reason, or null.
+   */
+  backingBlocker(): string | null {
+    for (const e of this.parents) {
+      if (e.role !== 'backing' || !(e.parent instanceof BlockNode)) continue;
+      const p = e.parent;
+      return `node is used as backing hd of '${p.backends().find((b) => b.name !== undefined)?.name ?? p.name}'`;
+    }
+    return null;
+  }
+
+  /** checkNotBlocked, then the backing blocker (blockdev-del, block_resize, mirror). */
+  checkNotBlockedOrBacking(): void {
+    this.checkNotBlocked();
+    const reason = this.backingBlocker();
+    if (reason !== null) throw new StateError(`Node '${this.name}' is busy: ${reason}`);
   }
 
   // ---- request path -------------------------------------------------------------------
@@ -352,7 +374,8 @@ export class BlockNode {
   }
 
   async truncate(length: number): Promise<void> {
-    this.checkWritable();
+    // QEMU's bdrv_co_truncate, at every layer (a writable raw over a read-only file)
+    if (this.readOnly) throw new BlockError('EACCES', 'Image is read-only');
     const impl = this.impl;
     if (!impl.caps.truncate || !impl.truncate) throw new BlockError('ENOTSUP', `driver '${this.driver.name}' cannot resize images`);
     await this.tracker.drain();
@@ -397,6 +420,20 @@ export class BlockNode {
   async setReadOnly(readOnly: boolean): Promise<void> {
     if (readOnly === this.readOnly) return;
     const impl = this._impl;
+    if (readOnly) {
+      // QEMU's reopen queue: what the node needs of its children drops before a child turns
+      // read-only under it (a read-only node refuses writers)
+      this.readOnly = true;
+      try {
+        this.graph.refreshPerms([this]);
+        if (impl?.reopen) await this.tracker.holding(() => impl.reopen!(true));
+      } catch (e) {
+        this.readOnly = false;
+        this.graph.refreshPermsQuietly([this]);
+        throw e;
+      }
+      return;
+    }
     if (impl?.reopen) await this.tracker.holding(() => impl.reopen!(readOnly));
     this.readOnly = readOnly;
     // a format's needs on its file follow its writability (QEMU reopens with new perms)

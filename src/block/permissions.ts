@@ -150,16 +150,16 @@ export function replicationChildPerms(writable: boolean, primaryChild = true): P
  * copy-before-write's children: the target is written and may be written by others (a
  * fleecing reader's overlay), never resized; the source passes its parents' needs through,
  * plus a consistent read when they write (the old data is copied first), and is never
- * resized behind the filter's back. QEMU also keeps others from writing the source; lockstep
- * lets them (a deliberate difference): replication's failover commits into the secondary
- * disk while the filter is still above it.
+ * written or resized behind the filter's back. `shareWrite` lets others write the source
+ * (a deliberate difference for lockstep's replication only: its failover commits into the
+ * secondary disk while the filter is still above it).
  */
-export function cbwChildPerms(role: string, parent: Perms, hasParents: boolean): Perms {
+export function cbwChildPerms(role: string, parent: Perms, hasParents: boolean, shareWrite = false): Perms {
   if (role !== 'file') return { perm: PERM.WRITE, shared: PERM_ALL & ~PERM.RESIZE };
   const p = filterChildPerms(parent);
   if (hasParents) {
     if (parent.perm & PERM.WRITE) p.perm |= PERM.CONSISTENT_READ;
-    p.shared &= ~PERM.RESIZE;
+    p.shared &= shareWrite ? ~PERM.RESIZE : ~(PERM.RESIZE | PERM.WRITE);
   }
   return p;
 }

@@ -12,6 +12,7 @@ import { InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { getCopyBeforeWrite, type CopyBeforeWrite } from '../block/filters/copy-before-write.js';
 import type { Bitmap } from '../util/bitmap.js';
+import { WATCH_PERMS } from '../block/permissions.js';
 import { Job, type JobManager, type JobOptions, type JobType } from './job.js';
 import { checkOnError, insertFilterDrained } from './filter-insert.js';
 
@@ -71,17 +72,27 @@ export class BackupJob extends Job {
   /** Opens and inserts the filter; the job is then registered. */
   async setUp(): Promise<void> {
     const graph = this.graph;
-    this.filter = await graph.open({
-      driver: 'copy-before-write',
-      file: this.source.name,
-      target: this.target.name,
-      ...(this.copyUnit !== undefined ? { 'x-copy-unit': this.copyUnit } : {}),
-    });
+    try {
+      this.filter = await graph.open({
+        driver: 'copy-before-write',
+        file: this.source.name,
+        target: this.target.name,
+        ...(this.copyUnit !== undefined ? { 'x-copy-unit': this.copyUnit } : {}),
+      });
+    } catch (e) {
+      // QEMU's bdrv_insert_node
+      if (e instanceof Error) e.message = `Could not create node: ${e.message}`;
+      throw e;
+    }
     try {
       this.cbw = getCopyBeforeWrite(this.filter);
+      this.cbw.shareSourceWrite = this.internal;
       const inserted = insertFilterDrained(this.filter, this.source); // throws: not inserted
       this.filterInserted = true;
       await inserted;
+      // QEMU's block_job_create on the filter: a parent taking nothing, so the filter's own
+      // rules on its source apply (nobody else writes it: the target may be above it)
+      this.use(this.filter, WATCH_PERMS, 'main node');
     } catch (e) {
       if (this.filterInserted) graph.dropFilter(this.filter);
       else graph.collect(this.filter);
@@ -107,7 +118,16 @@ export class BackupJob extends Job {
         this.block(this.source);
         this.block(this.target);
       }
+      // QEMU's backup_job_create: after the nodes' blockers, before the filter (a read-only
+      // target is refused by the filter's permissions on it)
+      if (this.source.getLength() !== this.target.getLength()) throw new InvalidArgumentError('Source and target image have different sizes');
       await this.setUp();
+      if (!this.internal) {
+        // QEMU's backup blocks its filter and target, not the source below the filter (a
+        // blockdev-del of the source is then refused as a node in use)
+        this.unblock(this.source);
+        this.block(this.filter);
+      }
     } catch (e) {
       this.abandon();
       throw e;
@@ -181,12 +201,6 @@ export async function startBackup(mgr: JobManager, opts: BackupOptions): Promise
   checkOnError('on-source-error', opts.onSourceError);
   checkOnError('on-target-error', opts.onTargetError);
   if (opts.source === opts.target) throw new InvalidArgumentError('Source and target cannot be the same');
-  if (opts.target.readOnly) throw new InvalidArgumentError(`Node '${opts.target.name}' is read-only`);
-  if (opts.target.getLength() < opts.source.getLength()) {
-    throw new InvalidArgumentError(
-      `Source and target image have different sizes (${opts.source.getLength()} and ${opts.target.getLength()} bytes)`,
-    );
-  }
   const job = new BackupJob(mgr, opts);
   await job.start();
   return job;

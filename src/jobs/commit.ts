@@ -128,7 +128,7 @@ export async function startCommit(mgr: JobManager, opts: CommitOptions): Promise
   checkOnError('on-error', opts.onError);
   if (top === base) throw new InvalidArgumentError('cannot commit an image into itself');
   const layers = layersAbove(top, base);
-  if (!layers) throw new InvalidArgumentError(`'${base.name}' is not in the backing chain of '${top.name}'`);
+  if (!layers) throw new InvalidArgumentError(`'${base.name}' is not in this backing file chain`); // QEMU's words
   if (!opts.active && !overlayOf(top)) {
     throw new InvalidArgumentError(`Top image '${top.name}' has no overlay: commit it with active=true`);
   }

@@ -216,7 +216,16 @@ export abstract class Job {
   /** Sets an operation blocker on `node` until the job ends (QEMU's "Node is busy"). */
   protected block(node: BlockNode): void {
     node.blockers.add(this.blockerReason);
+    node.jobHolds.add(this);
     this.blocked.push(node);
+  }
+  /** Removes the blocker `block` set on `node`. */
+  protected unblock(node: BlockNode): void {
+    const i = this.blocked.indexOf(node);
+    if (i < 0) return;
+    this.blocked.splice(i, 1);
+    node.blockers.delete(this.blockerReason);
+    node.jobHolds.delete(this);
   }
   /**
    * Takes `perms` on `node` until the job ends (QEMU's job BlockBackends, unnamed, as 'root';
@@ -373,7 +382,10 @@ export abstract class Job {
   /** Setting up failed before `created()`: frees the id and the blockers. */
   protected abandon(): void {
     this.dropUsers();
-    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    for (const n of this.blocked) {
+      n.blockers.delete(this.blockerReason);
+      n.jobHolds.delete(this);
+    }
     this.blocked.length = 0;
     this.mgr.unregister(this);
   }
@@ -449,7 +461,10 @@ export abstract class Job {
     } catch (e) {
       this.graph.emit('error-log', `job ${this.id}: cleaning up: ${errorMessage(e)}`);
     }
-    for (const n of this.blocked) n.blockers.delete(this.blockerReason);
+    for (const n of this.blocked) {
+      n.blockers.delete(this.blockerReason);
+      n.jobHolds.delete(this);
+    }
     this.blocked.length = 0;
     if (this.started && this.isBlockJob) {
       if (this.isCancelled) this.emitEvent('BLOCK_JOB_CANCELLED', this.blockEventData());

@@ -14,7 +14,7 @@
 // reads zeroes.
 
 import { INTERMEDIATE_PERMS, MIRROR_SOURCE_PERMS, MIRROR_TARGET_PERMS, activeCommitBasePerms } from '../block/permissions.js';
-import { InvalidArgumentError, StateError } from '../errors.js';
+import { BlockError, InvalidArgumentError, StateError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import { getJobTop, type JobTopState } from '../block/filters/job-top.js';
 import { Bitmap } from '../util/bitmap.js';
@@ -282,18 +282,14 @@ export async function startMirror(mgr: JobManager, opts: MirrorOptions): Promise
   checkOnError('on-target-error', opts.onTargetError);
   checkGranularity(opts.granularity);
   if (opts.source === opts.target) throw new InvalidArgumentError(`Can't mirror node into itself`);
-  if (opts.target.readOnly) throw new InvalidArgumentError(`Node '${opts.target.name}' is read-only`);
   if (opts.source.graph.reaches(opts.target, opts.source)) throw new StateError(`Making '${opts.target.name}' the mirror target of '${opts.source.name}' would create a cycle`);
-  if (opts.target.getLength() < opts.source.getLength()) {
-    throw new InvalidArgumentError(
-      `Source and target image have different sizes (${opts.source.getLength()} and ${opts.target.getLength()} bytes)`,
-    );
-  }
   const sync = opts.sync;
   const job = new MirrorJob(mgr, opts, {
     type: 'mirror',
     filterDriver: 'mirror_top',
     async markInitial(j) {
+      // QEMU's mirror_run: the command was accepted, the job fails (EINVAL) at its start
+      if (j.source.getLength() !== j.target.getLength()) throw new BlockError('EINVAL', 'Source and target image have different sizes');
       if (sync === 'full') j.bitmap.setAll();
       else if (sync === 'top') await j.markAllocated(j.source);
     },

@@ -146,21 +146,24 @@ export class ExportTable {
   }
 
   add(o: { id: string; nodeName: string; name?: string; writable: boolean; description?: string }): ExportInfo {
+    if (this.exportsById.has(o.id)) throw new InvalidArgumentError(`Block export id '${o.id}' is already in use`);
+    // QEMU's blk_exp_add: a node name only (nbd-server-add resolves its device first), and
+    // looked up before the NBD server's own checks
+    const node = this.graph.lookup(o.nodeName);
+    if (!node || node.name !== o.nodeName) throw new NotFoundError(`Cannot find device='' nor node-name='${o.nodeName}'`);
     const server = this.server;
     if (!server) throw new StateError('NBD server not running');
-    if (this.exportsById.has(o.id)) throw new InvalidArgumentError(`Block export id '${o.id}' is already in use`);
     const name = o.name ?? o.nodeName;
     if (name.length > 4096) throw new InvalidArgumentError(`export name '${name.slice(0, 64)}...' too long`);
     for (const e of this.exportsById.values()) {
       if (e.name === name) throw new InvalidArgumentError(`NBD server already has export named '${name}'`);
     }
-    const node = this.graph.find(o.nodeName);
     if (o.writable && this.exposedPlain && !this.insecure) {
       throw new InvalidArgumentError(
         `Refusing writable export '${name}': the NBD server listens on a non-loopback address without TLS (use tls-creds, a loopback address, or --insecure)`,
       );
     }
-    if (o.writable && node.readOnly) throw new InvalidArgumentError(`Cannot export read-only node '${node.name}' as writable`);
+    if (o.writable && node.readOnly) throw new InvalidArgumentError('Cannot export read-only node as writable');
     server.addExport({ name, node, writable: o.writable, ...(o.description !== undefined ? { description: o.description } : {}) });
     const info: ExportInfo = {
       type: 'nbd',

@@ -136,7 +136,7 @@ test('commit argument errors leave everything unchanged', async () => {
   const base = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'base' });
   const other = await addNode(g, { driver: 'memory', size: MiB, 'node-name': 'other' });
   const top = await addNode(g, { driver: 'test-cow', 'node-name': 'top', backing: 'base' });
-  await assert.rejects(startCommit(mgr, { jobId: 'c', top, base: other, active: true }), { message: "'other' is not in the backing chain of 'top'" });
+  await assert.rejects(startCommit(mgr, { jobId: 'c', top, base: other, active: true }), { message: "'other' is not in this backing file chain" });
   await assert.rejects(startCommit(mgr, { jobId: 'c', top: base, base, active: true }), { message: 'cannot commit an image into itself' });
   await assert.rejects(startCommit(mgr, { jobId: 'c', top, base, active: false }), { message: "Top image 'top' has no overlay: commit it with active=true" });
   assert.equal(top.backing, base);

@@ -77,7 +77,7 @@ test('ids and names are unique, deletion emits BLOCK_EXPORT_DELETED, stop remove
   table.add({ id: 'e0', nodeName: 'n0', writable: true, name: 'disk' });
   assert.throws(() => table.add({ id: 'e0', nodeName: 'n0', writable: false }), { message: "Block export id 'e0' is already in use" });
   assert.throws(() => table.add({ id: 'e1', nodeName: 'n0', writable: false, name: 'disk' }), { message: "NBD server already has export named 'disk'" });
-  assert.throws(() => table.add({ id: 'e1', nodeName: 'zz', writable: false }), { message: "Cannot find device='zz' nor node-name='zz'" });
+  assert.throws(() => table.add({ id: 'e1', nodeName: 'zz', writable: false }), { message: "Cannot find device='' nor node-name='zz'" });
   table.add({ id: 'e1', nodeName: 'n0', writable: false });
   assert.deepEqual(table.query(), [
     { type: 'nbd', id: 'e0', 'node-name': 'n0', 'shutting-down': false },

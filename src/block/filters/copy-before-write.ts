@@ -81,6 +81,12 @@ export class CopyBeforeWrite {
   readonly copy: BlockCopy;
   /** false once the job ended: writes pass straight through */
   active = true;
+  /**
+   * Others may write the source under the filter (lockstep's replication only: its failover
+   * commits into the secondary disk while the filter is still above it); QEMU never lets
+   * them, and neither does a backup a user starts (its target could be the source itself).
+   */
+  shareSourceWrite = false;
 
   constructor(
     /** the filter node itself: its request tracker is what quiesce() holds */
@@ -157,7 +163,8 @@ export function getCopyBeforeWrite(node: BlockNode): CopyBeforeWrite {
 export const copyBeforeWriteDriver: BlockDriver = {
   name: 'copy-before-write',
   kind: 'filter',
-  childPerms: (node, role, parent) => cbwChildPerms(role, parent, node.parents.size > 0),
+  childPerms: (node, role, parent) =>
+    cbwChildPerms(role, parent, node.parents.size > 0, node.isOpen && (node.impl as CopyBeforeWriteImpl).cbw.shareSourceWrite),
   async open(ctx, o): Promise<NodeImpl> {
     const fileOpt = o.raw('file');
     const targetOpt = o.raw('target');
@@ -172,7 +179,6 @@ export const copyBeforeWriteDriver: BlockDriver = {
     if (bad) throw new InvalidArgumentError(`Parameter 'x-copy-unit': ${bad}`);
     const file = (await ctx.openChild('file', fileOpt, { required: true }))!;
     const target = (await ctx.openChild('target', targetOpt, { required: true }))!;
-    if (target.readOnly) throw new InvalidArgumentError(`Cannot open target '${target.name}' for writing: it is read-only`);
     if (target.getLength() < file.getLength()) {
       throw new InvalidArgumentError(
         `Source and target image have different sizes (${file.getLength()} and ${target.getLength()} bytes)`,

@@ -1,7 +1,7 @@
 // Block graph commands: blockdev-add, blockdev-del, blockdev-reopen,
 // query-named-block-nodes, x-blockdev-change, block_resize.
 
-import type { BlockNode } from '../../block/node.js';
+import { BlockNode } from '../../block/node.js';
 import type { OptionDict } from '../../block/options.js';
 import { InvalidArgumentError, StateError } from '../../errors.js';
 import { command, type QmpCommand, type QmpContext } from '../dispatch.js';
@@ -97,7 +97,9 @@ async function blockdevAdd(ctx: QmpContext, args: OptionDict): Promise<void> {
 
 async function blockdevDel(ctx: QmpContext, name: string): Promise<void> {
   const node = ctx.graph.nodes.get(name);
-  if (node && node.monitorOwned && node.backends().length > 0) throw new StateError(`Node ${name} is in use`);
+  // QEMU's bdrv_has_blk, before anything else: any BlockBackend (an export's, a job's handle
+  // as 'root'), whoever owns the node
+  if (node && [...node.parents].some((e) => !(e.parent instanceof BlockNode) && e.role === 'root')) throw new StateError(`Node ${name} is in use`);
   await ctx.graph.deleteNode(name);
   ctx.log.info('node deleted', { node: name });
 }
@@ -190,7 +192,7 @@ function lookupBs(ctx: QmpContext, device: string | undefined, nodeName: string 
 async function blockResize(ctx: QmpContext, device: string | undefined, nodeName: string | undefined, size: number): Promise<void> {
   const node = lookupBs(ctx, device, nodeName);
   if (size < 0) throw new InvalidArgumentError(`Parameter 'size' expects a >0 size`);
-  if (node.blockers.size > 0) throw new StateError(`Device '${device ?? '(null)'}' is in use`);
+  if (node.blockers.size > 0 || node.backingBlocker() !== null) throw new StateError(`Device '${device ?? '(null)'}' is in use`);
   const b = ctx.graph.createBackend(node, { perms: RESIZE_PERMS, user: false, jobHold: true });
   try {
     if (node.readOnly) throw new InvalidArgumentError('Image is read-only');

@@ -65,9 +65,12 @@ function refuse(args: Record<string, unknown>, names: string[]): void {
   }
 }
 
-/** QEMU mirrors only root nodes (a node with node parents would see its parents bypassed). */
+/**
+ * QEMU mirrors only root nodes (a node with node parents would see its parents bypassed);
+ * a node a job holds is not a root either (QEMU's bdrv_is_root_node: only BlockBackends).
+ */
 function checkRoot(node: BlockNode): void {
-  if (node.parentNodes().length > 0) throw new InvalidArgumentError('Need a root block node');
+  if (node.parentNodes().length > 0 || node.jobHolds.size > 0) throw new InvalidArgumentError('Need a root block node');
 }
 
 /** QEMU's granularity checks and messages (0 means the default). */
@@ -141,7 +144,12 @@ async function driveMirror(ctx: QmpContext, args: ArgsOf<typeof DRIVE_MIRROR>): 
 
 function resolveLayer(chainTop: BlockNode, nodeName: string | undefined, filename: string | undefined, what: 'top' | 'base', ctx: QmpContext): BlockNode | null {
   if (nodeName !== undefined && filename !== undefined) throw new InvalidArgumentError(`'${what}' and '${what}-node' are mutually exclusive`);
-  if (nodeName !== undefined) return ctx.graph.find(nodeName);
+  // QEMU's bdrv_lookup_bs(NULL, name): node names only
+  if (nodeName !== undefined) {
+    const n = ctx.graph.lookup(nodeName);
+    if (!n || n.name !== nodeName) throw new NotFoundError(`Cannot find device='' nor node-name='${nodeName}'`);
+    return n;
+  }
   if (filename !== undefined) {
     for (let n: BlockNode | null = chainTop; n; n = n.backing ?? n.filtered) {
       if (n.filename === filename || n.file?.filename === filename) return n;
@@ -184,9 +192,13 @@ export const jobCommands: readonly QmpCommand[] = [
     await startBackup(jobs(ctx), { ...common(args), source, target, sync: checkSync(args.sync) });
   }),
   command('blockdev-mirror', BLOCKDEV_MIRROR, async (ctx, args) => {
+    // QEMU's qmp_get_root_bs: the source must be a root before the target is looked up
     const source = ctx.graph.find(args.device);
-    const target = ctx.graph.find(args.target);
     checkRoot(source);
+    const target = ctx.graph.find(args.target);
+    // QEMU's blockdev_mirror_common: the op blockers first (a backing node is blocked)
+    source.checkNotBlockedOrBacking();
+    target.checkNotBlockedOrBacking();
     refuse(args, ['replaces', 'filter-node-name', 'buf-size']);
     checkJobId(args, source);
     if (args['copy-mode'] === 'write-blocking') throw new InvalidArgumentError(`copy-mode 'write-blocking' is not supported by lockstep`);

@@ -40,12 +40,12 @@ export const nbdCommands: readonly QmpCommand[] = [
   command('nbd-server-add', NBD_SERVER_ADD, (ctx, args) => {
     if (args.bitmap !== undefined) throw new InvalidArgumentError(`Bitmap '${args.bitmap}' is not found`);
     const device = args.device;
-    ctx.graph.find(device); // QEMU looks the device up before it checks the server
+    const node = ctx.graph.find(device); // QEMU looks the device up before it checks the server
     if (!ctx.exports.nbdRunning) throw new InvalidArgumentError('NBD server not running');
     const name = args.name ?? device;
     ctx.exports.add({
       id: name,
-      nodeName: device,
+      nodeName: node.name,
       name,
       writable: args.writable ?? false,
       ...(args.description !== undefined ? { description: args.description } : {}),

@@ -39,7 +39,7 @@ test('copy-before-write option errors', async () => {
   await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'small' }), {
     message: 'Source and target image have different sizes (4096 and 1024 bytes)',
   });
-  await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'ro' }), { message: "Cannot open target 'ro' for writing: it is read-only" });
+  await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'ro' }), { message: 'Block node is read-only' });
   await assert.rejects(g.open({ driver: 'copy-before-write', file: 'src', target: 'ro', bitmap: { node: 'x', name: 'y' } }), {
     message: "Parameter 'bitmap' is not supported by copy-before-write",
   });

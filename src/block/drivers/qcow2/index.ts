@@ -193,7 +193,7 @@ export const qcow2Driver: BlockDriver = {
 
     let backing: BlockNode | null;
     if (!hasBacking) backing = await openHeaderBacking(ctx, img.header, file);
-    else backing = await ctx.openChild('backing', backingOpt, { readOnly: true });
+    else backing = await ctx.openChild('backing', backingOpt, { readOnly: true, errorPrefix: 'Could not open backing file: ' });
     if (backing) {
       // The backing edge can be re-pointed after open (an intermediate commit makes it point
       // at the base), so the current child is read at request time.
