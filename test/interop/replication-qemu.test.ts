@@ -20,7 +20,8 @@ const SIZE = 64 * MiB;
 type Kind = 'qemu' | 'lockstep';
 
 let root = '';
-let nextPort = 20000 + (process.pid % 2000) * 10;
+// below the kernel's ephemeral range (32768+), disjoint from the other tests' fixed ports
+let nextPort = 29000 + (process.pid % 300) * 10;
 const haveTools = requireTool('qemu-system-x86_64') && requireTool('qemu-img');
 
 before(() => {

@@ -34,7 +34,8 @@ interface Node {
 
 // ports of this run: another test file may use fixed ones
 // a range of its own (test/ocf/pair: 20000-39999, test/ocf/pair-tester: 60000-64999)
-const BASE = 40000 + (process.pid % 2000) * 10;
+// below the kernel's ephemeral range (32768+), disjoint from the other tests' fixed ports
+const BASE = 23000 + (process.pid % 300) * 10;
 const ADDR = { n1: `127.0.0.1:${BASE}:${BASE + 1}`, n2: `127.0.0.1:${BASE + 2}:${BASE + 3}` };
 
 function agent(node: Node, peer: Node, action: string, cib: string): { rc: number; out: string } {

@@ -21,7 +21,8 @@ const usable = ['ocf-tester', 'crm_attribute', 'xmllint', 'setsid'].every((tool)
 const skip = usable ? false : 'needs resource-agents (ocf-tester), pacemaker-cli-utils, xmllint and setsid';
 
 // a range of its own (test/ocf/pair: 20000-39999, test/ocf/outdate: 40000-59999)
-const BASE = 60000 + (process.pid % 500) * 10;
+// below the kernel's ephemeral range (32768+), disjoint from the other tests' fixed ports
+const BASE = 26000 + (process.pid % 300) * 10;
 const NODES = `n1=127.0.0.1:${BASE}:${BASE + 1} n2=127.0.0.1:${BASE + 2}:${BASE + 3}`;
 const CIB = `<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" have-quorum="1" epoch="1" num_updates="0" admin_epoch="0">
   <configuration><crm_config/><nodes><node id="1" uname="n1"/><node id="2" uname="n2"/></nodes><resources/><constraints/></configuration>
