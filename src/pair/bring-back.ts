@@ -19,7 +19,7 @@ import { fenceServed, heldNodes, resetDaemon } from './returning.js';
 import { readRecords } from './start.js';
 import { PairLease } from './lease.js';
 import type { PairOutputCommit } from './output-commit.js';
-import type { PairOptions } from './options.js';
+import { forwardTimeoutS, type PairOptions } from './options.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 /** What the re-protection keeps between attempts (one per supervisor). */
@@ -312,7 +312,7 @@ async function resyncLive(sup: BringBackHost, p: Side, s: Side, pd: PairDisk, sd
   sup.resyncProgress = { done: 0, total: 0, 'eta-seconds': null, pass: 0 };
   await markTarget(sup, sd);
   await detachReplication(sup, p);
-  const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
+  const ioTimeoutS = forwardTimeoutS(o);
   return (sup.lastReprotect = await liveResync(sup, p, s, {
     forward,
     clientCreds: o.tls?.clientCreds,

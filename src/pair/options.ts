@@ -17,6 +17,9 @@ export interface PairOptions {
    *  lost only after this long without an answer; before, it is late (default: 10 timeouts,
    *  at least 5 s) */
   heartbeatLostMs?: number;
+  /** the primary's forward link's I/O timeout, ms (default: the secondary's loss bound, see
+   *  forwardTimeoutS) */
+  forwardTimeoutMs?: number;
   failover: 'auto' | 'manual';
   /** where the user's disk is served, on the serving side's host: a Unix socket (default
    *  DIR/disk.sock of the serving side) and, with nbdPort, TCP */
@@ -78,3 +81,20 @@ export const PAIR_DEFAULTS = {
   nbdPort: 10809,
   secondaryNbdPort: 10810,
 };
+
+/** How long a silent side that is not a remote primary may stay silent before it is lost
+ *  (liveness.ts's long bound): heartbeatLostMs, or 10 timeouts and at least 5 s. */
+export function longBoundMs(o: Pick<PairOptions, 'heartbeatLostMs' | 'heartbeatTimeoutMs'>): number {
+  return o.heartbeatLostMs ?? Math.max(5000, 10 * o.heartbeatTimeoutMs);
+}
+
+/**
+ * The forward link's I/O timeout in whole seconds. A forward that times out leaves the
+ * secondary without a write the primary acknowledged (the forward does not vote), so from
+ * then on no checkpoint may succeed: it must not be shorter than the stall the pair tolerates
+ * from a live secondary (late, not lost). A longer stall makes the secondary lost: degraded,
+ * flushes complete on the primary alone, and the secondary is brought back with a resync.
+ */
+export function forwardTimeoutS(o: Pick<PairOptions, 'heartbeatLostMs' | 'heartbeatTimeoutMs' | 'forwardTimeoutMs'>): number {
+  return Math.max(1, Math.ceil((o.forwardTimeoutMs ?? longBoundMs(o)) / 1000));
+}

@@ -13,7 +13,7 @@ import { checkUnfenced, enterSplitBrain, type SideRecords, type SplitBrainHost }
 import { startReplication } from './reprotect.js';
 import { PairLease } from './lease.js';
 import type { PairOutputCommit } from './output-commit.js';
-import type { PairOptions } from './options.js';
+import { forwardTimeoutS, type PairOptions } from './options.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 /** What a start decided about copying (status `sync`). */
@@ -138,7 +138,7 @@ export async function protect(sup: StartHost, decision: SyncDecision, records: S
   // the disks are equal (or were already): neither has changed since the new common point
   if (decision.kind !== 'none') for (const [side, n] of [[p, 'primary'], [s, 'secondary']] as const) await side.qmp.execute('x-dirty-log-clear', { 'node-name': LOG_NODE[n] });
   await addPrimaryQuorum(p.qmp);
-  const ioTimeoutS = Math.max(1, Math.ceil((2 * o.heartbeatTimeoutMs) / 1000));
+  const ioTimeoutS = forwardTimeoutS(o);
   await startReplication(p.qmp, s.qmp, { forward, clientCreds: tls?.clientCreds, ioTimeoutS });
   const leaseMs = o.leaseMs ?? o.heartbeatTimeoutMs;
   if (leaseMs > 0) {

@@ -43,7 +43,7 @@ import { ReturnState, runReprotect, scheduleReturn } from './bring-back.js';
 import { watchPeerReturn } from './peer-return.js';
 import { setUp, type StartCopy, type SyncRecord } from './start.js';
 import { runResolve, type Resolved } from './resolve.js';
-import { PAIR_DEFAULTS, type PairOptions } from './options.js';
+import { PAIR_DEFAULTS, longBoundMs, type PairOptions } from './options.js';
 import type { SocketAddress } from '../util/socket-address.js';
 
 export type { PairStage } from './stages.js';
@@ -104,7 +104,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
 
   constructor(readonly opts: PairOptions) {
     super();
-    const long = opts.heartbeatLostMs ?? Math.max(5000, 10 * opts.heartbeatTimeoutMs);
+    const long = longBoundMs(opts);
     this.liveness = new Liveness(opts.heartbeatTimeoutMs, long, opts.log, (side) => void sideLost(this, side));
     this.returns = new ReturnState(opts.reprotectBackoffMs ?? 1000);
   }

@@ -20,8 +20,10 @@ test('a write the primary could not forward fails every later checkpoint; a fail
     size: 8 * 1024 * 1024,
     checkpointIntervalMs: 0,
     heartbeatIntervalMs: 50,
-    // the forward link's I/O timeout follows it: max(1 s, 2x) = 1 s
     heartbeatTimeoutMs: 500,
+    // a forward link that times out long before the secondary's loss bound (by default it
+    // follows that bound, so that a stall liveness tolerates never fails a forward)
+    forwardTimeoutMs: 1000,
     // the stopped secondary is late, never lost: only the forward fails
     heartbeatLostMs: 60_000,
     leaseMs: 0,
