@@ -38,7 +38,7 @@ import { createQcow2 } from '../src/block/drivers/qcow2/create.js';
 import { replicationRegistry } from '../src/replication/registry.js';
 import { PAIR_COPY_UNITS } from '../src/pair/setup.js';
 import { MiB, cpuSeconds, daemonPids, fio, killLive, nowMs, sh, sleep, within, type BenchContext } from './pair/util.js';
-import { newPair, qemuCheckpoint, qemuPairStart, qemuServe, track, type Kind, type Target } from './pair/targets.js';
+import { newPair, qemuPair, track, type Kind, type Target } from './pair/targets.js';
 
 const KiB = 1024;
 
@@ -137,20 +137,6 @@ async function lockstepTarget(b: Bench, dir: string, unit: number): Promise<Pair
   return t;
 }
 
-async function qemuTarget(b: Bench, dir: string): Promise<PairTarget> {
-  const p = await qemuPairStart(b, dir);
-  const uri = await qemuServe(p.primary, 'colo-disk0', join(dir, 'disk.sock'));
-  return {
-    uri,
-    checkpoint: (load) => qemuCheckpoint(p, load),
-    pids: [p.primary.child.pid!, p.secondary.child.pid!],
-    stop: async () => {
-      await p.primary.quit();
-      await p.secondary.quit();
-    },
-  };
-}
-
 interface RunResult {
   iops: number;
   p99Us: number;
@@ -165,7 +151,7 @@ interface RunResult {
 async function measure(b: Bench, kind: Kind, unit: number, rate: number | null, root: string, seq: number): Promise<RunResult> {
   const dir = join(root, `${kind}-${unit}-${rate ?? 'none'}-${seq}`);
   mkdirSync(dir, { recursive: true });
-  const target = track(b, kind === 'lockstep' ? await lockstepTarget(b, dir, unit) : await qemuTarget(b, dir)) as PairTarget;
+  const target = track(b, kind === 'lockstep' ? await lockstepTarget(b, dir, unit) : await qemuPair(b, dir)) as PairTarget;
   try {
     await fill(b, target.uri);
     // with checkpoints, the first one empties the hidden disk; without, the fill has copied
