@@ -10,7 +10,7 @@ import { errorMessage } from '../errors.js';
 import { LOG_NODE, OVERLAYS, buildSecondary, ensureImage, type SideLayout } from './setup.js';
 import { DISK_FILE, PairDiskError, decideStart, loadDisk, markInStep, markTarget, outdatePeer, refusal, saveDisk, type PairDisk } from './disks.js';
 import { newId, type PairSideName, type SyncDecision } from './generations.js';
-import { stopSide, type Side, type SideName } from './sides.js';
+import { callSide, stopSide, type Side, type SideName } from './sides.js';
 import type { ByteRange } from './sync.js';
 import { checkUnfenced, enterSplitBrain, otherSide, type SplitBrainHost } from './split-brain.js';
 import { Backoff, ReprotectRefused, cleanUpResync, clipExtents, detachReplication, liveResync, type LiveResyncResult, type PassMark, type ResyncProgress } from './reprotect.js';
@@ -196,9 +196,14 @@ async function relaunchSecondary(sup: BringBackHost, pd: PairDisk, sn: SideName)
   const o = sup.opts;
   const old = sup.secondary;
   if (old) {
+    // a daemon here that still runs (taken out after its forward failed) is asked to quit
+    // first; a dead or hung one is killed after stopSide's wait
+    const running = old.alive && !old.qmp.closed;
     old.alive = false;
-    if (old.child) await stopSide(old, 1000);
-    else old.qmp.close();
+    if (old.child) {
+      if (running) await callSide(old, 'quit', undefined, 1000).catch(() => {});
+      await stopSide(old, 1000);
+    } else old.qmp.close();
   }
   const forward = sup.forwardAddress(sn);
   const attach = sn === 'secondary' ? o.secondaryQmp : o.primaryQmp;

@@ -1,6 +1,10 @@
 // Heartbeats that measure liveness, not load. Each side is asked `query-version` every
 // interval, one ping outstanding at a time, both sides at once (a stalled primary does not
-// delay the secondary's ping). A ping unanswered past the heartbeat timeout makes the side
+// delay the secondary's ping), on a monitor connection of its own: the daemon runs one
+// connection's commands in order, so on the supervisor's connection a ping would wait behind
+// a checkpoint's `block-io-hold`, which waits for the guest's requests in flight to drain (a
+// write-zeroes of a whole written disk takes seconds), and a primary busy serving would be
+// taken for a dead one. A ping unanswered past the heartbeat timeout makes the side
 // *late*: logged, counted, its lateness kept, nothing else. A side is *lost* only when it is
 // really gone: its process exited or its QMP connection closed (reported by the supervisor
 // at once), or it stayed silent past the bound of the table below.
@@ -13,6 +17,7 @@
 
 import type { Side } from './sides.js';
 import type { PairLog } from './core.js';
+import type { QmpClient } from '../qmp/client.js';
 
 export interface LivenessBounds {
   /** a ping unanswered this long makes the side late */
@@ -45,6 +50,8 @@ interface Pending {
 export class Liveness {
   readonly records: Record<Side['name'], LateRecord> = { primary: { late: 0, maxLateMs: 0 }, secondary: { late: 0, maxLateMs: 0 } };
   private readonly pending = new Map<Side, Pending>();
+  /** each side's heartbeat connection, opened at its first ping and again after it closes */
+  private readonly beats = new Map<Side, Promise<QmpClient | null>>();
 
   constructor(
     private readonly timeoutMs: number,
@@ -56,6 +63,8 @@ export class Liveness {
   /** One round: a ping to every live side without one outstanding, then the bounds checked.
    *  `sides`: [the primary, the secondary], by the role each plays now. */
   tick(sides: [Side | null, Side | null], now = Date.now()): void {
+    // a side replaced (a failover, a secondary brought back) or gone: its connection goes
+    for (const side of [...this.beats.keys()]) if (!side.alive || !sides.includes(side)) this.closeBeat(side);
     for (const [i, side] of sides.entries()) {
       if (!side || !side.alive) continue;
       const bounds = livenessBounds(side, this.timeoutMs, this.longMs, i === 0 ? 'primary' : 'secondary');
@@ -78,10 +87,46 @@ export class Liveness {
     }
   }
 
+  /** Closes every heartbeat connection (the supervisor stops). */
+  close(): void {
+    for (const side of [...this.beats.keys()]) this.closeBeat(side);
+  }
+
+  private closeBeat(side: Side): void {
+    const b = this.beats.get(side);
+    this.beats.delete(side);
+    void b?.then((c) => c?.close());
+  }
+
+  /** The side's heartbeat connection. Connecting is part of the ping's wait: a side that cannot
+   *  be reached (a cut link) stays silent. One that refuses a second connection (its monitor
+   *  at its connection cap) is pinged on the supervisor's own connection instead. */
+  private beat(side: Side): Promise<QmpClient> {
+    let b = this.beats.get(side);
+    if (!b) {
+      b = side.qmp.openAnother().then(
+        (c) => {
+          c.once('close', () => {
+            if (this.beats.get(side) === b) this.beats.delete(side);
+          });
+          // opened after the side was dropped: nobody else closes it
+          if (this.beats.get(side) !== b) c.close();
+          return c;
+        },
+        () => {
+          if (this.beats.get(side) === b) this.beats.delete(side);
+          return null;
+        },
+      );
+      this.beats.set(side, b);
+    }
+    return b.then((c) => (c && !c.closed ? c : side.qmp));
+  }
+
   private ping(side: Side, now: number): void {
     const p: Pending = { sentAt: now, late: false };
     this.pending.set(side, p);
-    side.qmp.execute('query-version').then(
+    this.beat(side).then((c) => c.execute('query-version')).then(
       () => {
         const t = Date.now();
         side.lastAnswer = t;

@@ -29,7 +29,9 @@ export interface LostHost extends PairCore {
   scheduleReturn(): void;
 }
 
-export async function sideLost(sup: LostHost, side: Side): Promise<void> {
+/** `why`: for a secondary still running that can no longer be replicated to (its forward
+ *  failed), what the log and last-error say instead of its death. */
+export async function sideLost(sup: LostHost, side: Side, why?: string): Promise<void> {
   if (sup.stages.stage === 'stopped') return;
   if (side !== sup.primary && side !== sup.secondary) return; // a side already replaced
   // by role: after a re-protection that swapped roles the daemon started as secondary is the primary
@@ -63,7 +65,7 @@ export async function sideLost(sup: LostHost, side: Side): Promise<void> {
     sup.emit('primary-lost');
   } else if (sup.stages.stage === 'protected') {
     sup.stages.to('degraded');
-    sup.lastError = 'the secondary died: the primary keeps serving without protection';
+    sup.lastError = `${why ?? 'the secondary died'}: the primary keeps serving without protection`;
     sup.opts.log('error', sup.lastError);
     await sup.checkpointRunning?.catch(() => {});
     // from here the primary's disk counts its changes against the secondary's generation,

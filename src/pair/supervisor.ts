@@ -26,7 +26,7 @@ import { LOG_NODE, type SideLayout } from './setup.js';
 import { markUpToDate, type PairDisk } from './disks.js';
 import { StageMachine, type PairStage } from './stages.js';
 import { callSide, checkFresh, checkTransport, launchSide, stopSide, type Side, type SideName } from './sides.js';
-import { CheckpointQueue, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
+import { CheckpointQueue, ForwardError, refreshCounters, runCheckpoint, type CheckpointTimes } from './checkpoint.js';
 import { Liveness } from './liveness.js';
 import { startFailover } from './failover.js';
 import { sideLost } from './side-lost.js';
@@ -262,7 +262,10 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   private readonly checkpoints = new CheckpointQueue(async (): Promise<CheckpointTimes> => {
     if (!this.stages.policy.checkpoints) throw new Error(`no checkpoint in stage ${this.stage}`);
     if (this.failingOver) throw new Error('no checkpoint while failing over');
-    const times = await runCheckpoint(this);
+    const times = await runCheckpoint(this).catch((e: unknown) => {
+      if (e instanceof ForwardError) this.forwardFailed(e);
+      throw e;
+    });
     this.lastPauseMs = times.pauseMs;
     // after the release (the guest does not wait on it): the secondary's persisted UpToDate (its
     // disk by the daemon's side name: after a re-protection the roles are swapped)
@@ -273,6 +276,18 @@ export class PairSupervisor extends EventEmitter implements PairCore {
   });
 
   // ---- liveness and failure handling ---------------------------------------------------
+
+  /** The primary failed to forward a write (a refused request, a broken link): the secondary
+   *  lacks a write the primary acknowledged, so no checkpoint can confirm it again. Whatever
+   *  the cause, and even though its daemon still answers, it is handled as a lost secondary:
+   *  the pair goes degraded (flushes complete on the primary alone) and the secondary is
+   *  brought back and resynced from the two change records (bring-back.ts). */
+  private forwardFailed(e: ForwardError): void {
+    const s = this.secondary;
+    if (this.stage !== 'protected' || !s?.alive) return;
+    this.opts.log('error', `${e.message}: taking the secondary out of the pair to bring it back`);
+    void sideLost(this, s, "the primary's forward to the secondary failed");
+  }
 
   private async tick(): Promise<void> {
     this.liveness.tick([this.primary, this.secondary]);
@@ -448,6 +463,7 @@ export class PairSupervisor extends EventEmitter implements PairCore {
     // (and the daemon be SIGKILLed 5 s later)
     const p = this.primary;
     if (p?.alive) await this.outputCommit.disable(p).catch(() => {});
+    this.liveness.close();
     for (const side of [this.primary, this.secondary]) if (side) await stopSide(side, 2000);
     // the daemons are gone: nothing to adopt
     if (this.oneHost && this.recorded) removeDaemons(this.opts.dataDir);

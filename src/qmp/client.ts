@@ -53,6 +53,9 @@ export class QmpClient extends EventEmitter {
   private closedError: Error | null = null;
   private greetingWaiter: ((g: QmpGreeting) => void) | null = null;
 
+  /** where this client connected, and how: for another connection to the same monitor */
+  private target: { addr: SocketAddress; opts: QmpClientOptions } | null = null;
+
   private constructor(private readonly socket: Socket) {
     super();
     const splitter = new JsonSplitter((r) => this.onFrame(r), 64 * 1024 * 1024);
@@ -96,7 +99,16 @@ export class QmpClient extends EventEmitter {
       });
     });
     client.greeting = greeting;
+    client.target = { addr, opts };
     return client;
+  }
+
+  /** A second, independent connection to the same monitor (same address and TLS options),
+   *  negotiated. The daemon runs each connection's commands in order, so a command that
+   *  waits (a drain) on one connection does not hold the other's. */
+  openAnother(): Promise<QmpClient> {
+    if (!this.target) return Promise.reject(new Error('QMP client has no address to connect to again'));
+    return QmpClient.open(this.target.addr, this.target.opts);
   }
 
   /** Connects and negotiates capabilities. */

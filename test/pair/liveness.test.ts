@@ -4,11 +4,13 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { livenessBounds } from '../../src/pair/liveness.js';
 import { PairSupervisor } from '../../src/pair/supervisor.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
+import { startDaemon } from '../helpers/daemon.js';
 
 test('the bounds: only a primary on another host is lost at the timeout itself', () => {
   const child = {} as never;
@@ -84,4 +86,66 @@ test('a stalled primary is not failed over while alive; a hung one is, after its
   process.kill(pid, 'SIGSTOP');
   await failedOver;
   assert.equal(sup.stage, 'failed-over');
+});
+
+test('a primary on another host whose monitor waits in a checkpoint\'s hold still answers its heartbeats: no failover', { timeout: 120_000 }, async (t) => {
+  // The two-host shape (attached daemons): a silent primary is lost at the timeout itself.
+  // A guest's request stays in flight on the primary while the secondary is stopped (its
+  // forward waits), a checkpoint's block-io-hold waits for that request to drain, and the
+  // primary's monitor answers nothing on the supervisor's connection until it has. The
+  // heartbeats go on their own connection.
+  const root = tempDir(t);
+  const [dirA, dirB] = [join(root, 'a'), join(root, 'b')];
+  mkdirSync(dirA);
+  mkdirSync(dirB);
+  const a = await startDaemon(t, dirA, []);
+  const b = await startDaemon(t, dirB, []);
+  t.after(() => {
+    b.proc.kill('SIGCONT');
+    a.proc.kill('SIGKILL');
+    b.proc.kill('SIGKILL');
+  });
+  const logs: string[] = [];
+  const sup = new PairSupervisor({
+    dataDir: root,
+    size: 8 * 1024 * 1024,
+    checkpointIntervalMs: 0,
+    heartbeatIntervalMs: 50,
+    heartbeatTimeoutMs: 300,
+    // the stopped secondary (and so the forward) is waited for this long
+    heartbeatLostMs: 8000,
+    failover: 'auto',
+    primaryQmp: { type: 'unix', path: join(dirA, 'qmp.sock') },
+    secondaryQmp: { type: 'unix', path: join(dirB, 'qmp.sock') },
+    primaryDir: dirA,
+    secondaryDir: dirB,
+    nbdSocket: join(root, 'disk.sock'),
+    log: (level, msg) => {
+      logs.push(`${level}: ${msg}`);
+      if (process.env.DEBUG_LIVENESS) console.error(new Date().toISOString(), level, msg);
+    },
+  });
+  t.after(() => sup.stop());
+  await sup.start();
+  const c = await NbdClient.connect({ address: { type: 'unix', path: join(root, 'disk.sock') }, exportName: 'disk' });
+  t.after(() => c.destroy());
+  await c.write(0, Buffer.alloc(4096, 0x71));
+  await sup.checkpoint();
+
+  b.proc.kill('SIGSTOP');
+  const inFlight = c.write(4096, Buffer.alloc(4096, 0x72));
+  await sleep(100);
+  const checkpoint = sup.checkpoint();
+  // the hold waits for the write, the write for the stopped secondary: 6 heartbeat timeouts
+  await sleep(1800);
+  assert.equal(sup.stage, 'protected', logs.join('\n'));
+  b.proc.kill('SIGCONT');
+  await inFlight;
+  await checkpoint;
+  const st = sup.status();
+  assert.equal(st.stage, 'protected', logs.join('\n'));
+  assert.equal(st.heartbeats?.primary?.late, 0, JSON.stringify(st.heartbeats));
+  assert.ok((st.heartbeats?.secondary?.late ?? 0) >= 1, 'the stopped secondary was late: ' + JSON.stringify(st.heartbeats));
+  assert.equal(st.checkpoints, 2);
+  assert.ok((await c.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 0x71), Buffer.alloc(4096, 0x72)])));
 });
