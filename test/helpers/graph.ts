@@ -11,7 +11,9 @@ export function newGraph(): BlockGraph {
 
 export function tempDir(t: { after(fn: () => void): void }, prefix = 'lockstep-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  // after hooks run in the order registered, so this one usually runs before the test's own
+  // (a pair's stop): a daemon still running may add a file meanwhile (ENOTEMPTY), retried
+  t.after(() => rmSync(dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 50 }));
   return dir;
 }
 
