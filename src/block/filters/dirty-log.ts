@@ -57,6 +57,7 @@ import { BlockError, InvalidArgumentError, StateError, errorMessage } from '../.
 import type { BlockNode } from '../node.js';
 import { Bitmap, type ByteRange } from '../../util/bitmap.js';
 import { replaceFileDurably } from '../../util/durable.js';
+import { span } from '../../util/trace.js';
 
 export const DIRTY_LOG_MAGIC = 'LSDIRTY1';
 /** format 1: granule bits persisted in place; format 2: extent bits persisted in place */
@@ -595,7 +596,7 @@ export const dirtyLogDriver: BlockDriver = {
     const log = await DirtyLog.open(filename, file.getLength(), granularity, { clearIntervalMs: interval, hotBytes, extentSize, flush: () => file.flush() }, (msg) => ctx.graph.emit('error-log', msg));
     const guarded = <T>(offset: number, length: number, op: () => Promise<T>): Promise<T> => {
       const p = log.mark(offset, length);
-      const run = p === null ? op() : p.then(op);
+      const run = p === null ? op() : span('dlog.persist', offset, p).then(op);
       // noted at completion whatever the outcome (a failed write may have changed part of it)
       return run.finally(() => log.completed(offset, length));
     };

@@ -29,6 +29,7 @@ import {
 import type { HostFile } from './host-file.js';
 import type { Pacer } from '../../../util/pacer.js';
 import { Quiesce } from '../../../util/quiesce.js';
+import { span } from '../../../util/trace.js';
 
 export interface BackingView {
   length(): number;
@@ -519,7 +520,7 @@ export class Qcow2Image {
   /** Called at the end of each metadata operation: keeps the caches within bounds. */
   async maybeWriteback(): Promise<void> {
     if (this.l2Cache.needsWriteback() || this.refcounts.cache.needsWriteback() || this.pendingFrees.length > 4096) {
-      await this.writeback();
+      await span('q2.writeback', -1, this.writeback());
     } else {
       this.l2Cache.evict();
       this.refcounts.cache.evict();

@@ -42,6 +42,7 @@ import { Qcow2Image, Qcow2OpenError } from './image.js';
 import { blockStatusAt, discardRange, readRange, readRangeInto, writeRange, zeroRange } from './io.js';
 import { EmptySpare, makeEmpty } from './make-empty.js';
 import { repairImage } from './check.js';
+import { span } from '../../../util/trace.js';
 
 /**
  * The files (device:inode) of the images whose header-named backing files are being opened
@@ -268,7 +269,7 @@ class Qcow2Node implements NodeImpl {
     await img.settleCorruptBit();
     // QEMU drops a node it marked corrupt: flushing it does nothing and succeeds
     if (img.fatallyCorrupt) return;
-    await img.mutex.run(() => img.writeback());
+    await span('q2.flush.writeback', -1, img.mutex.run(() => img.writeback()));
     await this.host.flush();
   }
 
