@@ -517,6 +517,16 @@ export class Qcow2Image {
     rc.cache.evict();
   }
 
+  /** Whether writeback() would sync the file between its steps (the same tests as there). */
+  writebackSyncs(): boolean {
+    const rc = this.refcounts;
+    const frees = this.pendingFrees.length > 0;
+    const l2 = this.l2Cache.hasDirty();
+    const l1 = this.dirtyL1.size > 0;
+    if (rc.cache.hasDirty() && (rc.dirtyTable.size > 0 || l2 || l1 || frees)) return true;
+    return rc.dirtyTable.size > 0 || (l2 && (l1 || frees)) || (l1 && frees);
+  }
+
   /** Called at the end of each metadata operation: keeps the caches within bounds. */
   async maybeWriteback(): Promise<void> {
     if (this.l2Cache.needsWriteback() || this.refcounts.cache.needsWriteback() || this.pendingFrees.length > 4096) {
