@@ -34,7 +34,7 @@ import type { Qcow2Image } from './image.js';
 import type { HostFile, PreparedReplacement } from './host-file.js';
 import { discardRange } from './io.js';
 import { BlockError } from '../../../errors.js';
-import { record, traceNow, tracing } from '../../../util/trace.js';
+import { record, span, traceNow, tracing } from '../../../util/trace.js';
 
 export type MakeEmptyPath = 'swap' | 'fast' | 'slow';
 
@@ -54,7 +54,7 @@ async function makeEmptyPath(img: Qcow2Image, spare?: EmptySpare | null): Promis
     let swapped = false;
     if (ready) {
       try {
-        await ready.commit();
+        await span('make-empty.rename', -1, ready.commit());
         swapped = true;
       } catch {
         // the rename did not happen: the image file is untouched, empty it in place
