@@ -14,6 +14,11 @@
 //               writes; for (c) the bench checkpoints it the way COLO does with a VM: the
 //               load is frozen (SIGSTOP, the guest's vm_stop), the primary drains and
 //               flushes (QMP stop), the secondary checkpoints, then cont and SIGCONT.
+//   steps       every (c) pause in its three steps (p50 / p99 / max): lockstep's from the
+//               supervisor's CheckpointTimes (hold, the secondary's checkpoint, release),
+//               QEMU's emulated barrier likewise (freeze + stop, checkpoint, cont + unfreeze).
+//               With LOCKSTEP_TRACE=<dir> the daemons also write per-request traces there
+//               (src/util/trace.ts; read them with bench/pair-trace.ts).
 //   breakdown   at 40/s under the 4 KiB load, the bench takes the checkpoints itself over its
 //               own QMP connections and times hold, secondary checkpoint and release apart.
 //   CPU         user + system CPU of the serving processes per request (/proc).
