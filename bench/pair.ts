@@ -14,6 +14,11 @@
 //               writes; for (c) the bench checkpoints it the way COLO does with a VM: the
 //               load is frozen (SIGSTOP, the guest's vm_stop), the primary drains and
 //               flushes (QMP stop), the secondary checkpoints, then cont and SIGCONT.
+//   steps       every (c) pause in its three steps (p50 / p99 / max): lockstep's from the
+//               supervisor's CheckpointTimes (hold, the secondary's checkpoint, release),
+//               QEMU's emulated barrier likewise (freeze + stop, checkpoint, cont + unfreeze).
+//               With LOCKSTEP_TRACE=<dir> the daemons also write per-request traces there
+//               (src/util/trace.ts; read them with bench/pair-trace.ts).
 //   breakdown   at 40/s under the 4 KiB load, the bench takes the checkpoints itself over its
 //               own QMP connections and times hold, secondary checkpoint and release apart.
 //   CPU         user + system CPU of the serving processes per request (/proc).
@@ -103,12 +108,17 @@ interface Bench extends BenchContext {
 // ---- one measured run ---------------------------------------------------------------------
 
 
-interface RunResult extends FioResult {
+interface Pauses {
   pauses: number[];
+  holdMs: number[];
   secondaryMs: number[];
-  achievedRate: number;
+  releaseMs: number[];
   /** checkpoints given up (QEMU's emulated barrier only) */
   skipped: number;
+  achievedRate: number;
+}
+
+interface RunResult extends FioResult, Pauses {
   /** CPU time of the serving processes per request, microseconds: in all, and per process */
   cpuUsPerReq: number;
   cpuSplitUs: number[];
@@ -120,10 +130,12 @@ async function driveCheckpoints(
   load: ChildProcess | null,
   rate: number,
   stopped: () => boolean,
-): Promise<{ pauses: number[]; secondaryMs: number[]; skipped: number; achievedRate: number }> {
+): Promise<Pauses> {
   const period = 1000 / rate;
   const pauses: number[] = [];
+  const holdMs: number[] = [];
   const secondaryMs: number[] = [];
+  const releaseMs: number[] = [];
   let skipped = 0;
   const t0 = nowMs();
   let k = 1;
@@ -133,13 +145,15 @@ async function driveCheckpoints(
     if (stopped()) break;
     const r = await target.checkpoint!(load);
     if (r) {
-      pauses.push(r[0]);
-      secondaryMs.push(r[1]);
+      pauses.push(r.pauseMs);
+      holdMs.push(r.holdMs);
+      secondaryMs.push(r.checkpointMs);
+      releaseMs.push(r.releaseMs);
     } else skipped++;
     // a checkpoint that overran its slot does not earn a burst of catch-up checkpoints
     k = Math.max(k + 1, Math.floor((nowMs() - t0) / period) + 1);
   }
-  return { pauses, secondaryMs, skipped, achievedRate: pauses.length / ((nowMs() - t0) / 1000) };
+  return { pauses, holdMs, secondaryMs, releaseMs, skipped, achievedRate: pauses.length / ((nowMs() - t0) / 1000) };
 }
 
 async function measure(
@@ -163,7 +177,7 @@ async function measure(
     });
     const cps = typeof config === 'number'
       ? driveCheckpoints(target, run.child, config, () => ended)
-      : Promise.resolve({ pauses: [], secondaryMs: [], skipped: 0, achievedRate: 0 });
+      : Promise.resolve({ pauses: [], holdMs: [], secondaryMs: [], releaseMs: [], skipped: 0, achievedRate: 0 });
     // a failed checkpoint must not leave fio running on its own
     const [res, cp] = await Promise.all([done, cps.catch((e: unknown) => {
       run.child.kill('SIGKILL');
@@ -425,6 +439,17 @@ async function main(b: Bench): Promise<void> {
           `| idle, 40/s (no load) | ${lp!.length} taken | ${f2(quantile(lp!, 0.5))} ms | ${f2(quantile(lp!, 0.99))} ms | ${f2(quantile(lp!, 1))} ms | ${f2(quantile(ls!, 0.5))} ms | ` +
             `${f2(quantile(lp!.map((x, i) => x - ls![i]!), 0.5))} ms | ${q ? `${q[0]!.length} taken` : '-'} | ${q ? `${f2(quantile(q[0]!, 0.5))} ms` : '-'} | ${q ? `${f2(quantile(q[0]!, 0.99))} ms` : '-'} | ${q ? `${f2(quantile(q[1]!, 0.5))} ms` : '-'} |`,
         );
+      }
+      // each step apart: p50 / p99 / max (lockstep from the supervisor's CheckpointTimes)
+      md.push('', `${w.bs}: the pause in its steps, p50 / p99 / max (lockstep: block-io-hold, the secondary's xen-colo-do-checkpoint` +
+        ` with the dirty log's checkpoint, block-io-release with the resets; QEMU: freeze + stop, xen-colo-do-checkpoint, cont + unfreeze)`, '');
+      md.push('| rate | pair | checkpoints | hold | secondary checkpoint | release | pause |\n|---|---|---|---|---|---|---|');
+      const pq = (xs: number[]) => `${f2(quantile(xs, 0.5))} / ${f2(quantile(xs, 0.99))} / ${f2(quantile(xs, 1))} ms`;
+      for (const rate of o.rates) {
+        for (const kind of kinds) {
+          const r = res.get(`${kind}/${rate}`);
+          if (r) md.push(`| ${rate}/s | ${kind} | ${r.pauses.length} | ${pq(r.holdMs)} | ${pq(r.secondaryMs)} | ${pq(r.releaseMs)} | ${pq(r.pauses)} |`);
+        }
       }
       for (const [k, msg] of failed) md.push('', `${k} failed: ${msg}`);
       const at40 = res.get('lockstep/40');

@@ -10,11 +10,21 @@ import { MiB, daemonPids, nowMs, sh, sleep, type BenchContext } from './util.js'
 
 export type Kind = 'lockstep' | 'qemu';
 
+/** One checkpoint's pause in its three steps, ms. lockstep: the supervisor's CheckpointTimes
+ *  (block-io-hold, the secondary's checkpoint, block-io-release). QEMU's emulated barrier:
+ *  freeze + `stop` (drain and flush), the secondary's checkpoint, `cont` + unfreeze. */
+export interface PauseTimes {
+  pauseMs: number;
+  holdMs: number;
+  checkpointMs: number;
+  releaseMs: number;
+}
+
 /** A served disk under load: the NBD URI, and for a pair a way to take a checkpoint. */
 export interface Target {
   uri: string;
-  /** one checkpoint (under the load `load`, if any); resolves with [pause ms, secondary checkpoint ms] */
-  checkpoint?: (load: ChildProcess | null) => Promise<[number, number] | null>;
+  /** one checkpoint (under the load `load`, if any); null when skipped */
+  checkpoint?: (load: ChildProcess | null) => Promise<PauseTimes | null>;
   /** the processes that serve and replicate, for CPU accounting */
   pids: number[];
   stop(): Promise<void>;
@@ -79,8 +89,9 @@ export async function lockstepPair(ctx: BenchContext, dir: string): Promise<Targ
   return {
     uri: `nbd+unix:///disk?socket=${join(dir, 'disk.sock')}`,
     checkpoint: async () => {
+      // the same CheckpointTimes the supervisor emits with its 'checkpoint' event
       const r = await sup.checkpoint();
-      return [r.pauseMs, r.checkpointMs];
+      return { pauseMs: r.pauseMs, holdMs: r.holdMs, checkpointMs: r.checkpointMs, releaseMs: r.releaseMs };
     },
     pids,
     stop: () => sup.stop(),
@@ -172,9 +183,9 @@ async function qemuStartReplication(primary: Proc, secondary: Proc, secSock: str
  * given up and the checkpoint skipped (null); the stall stays in the throughput figures.
  * Requests that fio sent before the freeze and that QEMU had not yet read can still arrive
  * during the checkpoint: a residual race of this emulation.
- * Resolves with [pause ms, secondary checkpoint ms], or null when skipped.
+ * Resolves with the pause in its steps, or null when skipped.
  */
-export async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<[number, number] | null> {
+export async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Promise<PauseTimes | null> {
   const t0 = nowMs();
   load?.kill('SIGSTOP');
   let frozen = load !== null;
@@ -194,7 +205,8 @@ export async function qemuCheckpoint(p: QemuPair, load: ChildProcess | null): Pr
     await p.secondary.qmp.execute('xen-colo-do-checkpoint');
     const t2 = nowMs();
     await p.primary.qmp.execute('cont');
-    return [nowMs() - t0, t2 - t1];
+    const t3 = nowMs();
+    return { pauseMs: t3 - t0, holdMs: t1 - t0, checkpointMs: t2 - t1, releaseMs: t3 - t2 };
   } finally {
     if (frozen) load?.kill('SIGCONT');
   }

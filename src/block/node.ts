@@ -11,6 +11,7 @@ import type { OptionDict } from './options.js';
 import { RequestTracker, type RequestMode } from './tracker.js';
 import { IoGates } from './gate.js';
 import { PERM_ALL } from './permissions.js';
+import { span, tracing } from '../util/trace.js';
 
 /**
  * An edge from a parent (node or backend) to a child node, under a role, with the
@@ -225,11 +226,15 @@ export class BlockNode {
     return out;
   }
 
-  async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+  write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    return tracing ? span(`w ${this.driver.name} ${this.name}`, offset, this.doWrite(offset, data, flags)) : this.doWrite(offset, data, flags);
+  }
+
+  private async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     if (this.gates.size === 0) {
       await this.writeTracked(offset, data, flags);
     } else {
-      await this.gates.admitWrite();
+      await span('gate.admit', offset, this.gates.admitWrite());
       await this.writeTracked(offset, data, flags);
       await this.gates.completeWrite(flags.fua === true);
     }
@@ -281,7 +286,11 @@ export class BlockNode {
     if (flags.fua && !nativeFua) await this.flushData();
   }
 
-  async writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+  writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    return tracing ? span(`z ${this.driver.name} ${this.name}`, offset, this.doWriteZeroes(offset, length, flags)) : this.doWriteZeroes(offset, length, flags);
+  }
+
+  private async doWriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
     if (this.gates.size === 0) {
       await this.writeZeroesTracked(offset, length, flags);
     } else {
@@ -341,7 +350,11 @@ export class BlockNode {
     }
   }
 
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    return tracing ? span(`f ${this.driver.name} ${this.name}`, -1, this.doFlush()) : this.doFlush();
+  }
+
+  private async doFlush(): Promise<void> {
     await this.flushData();
     if (this.gates.size > 0) await this.gates.completeFlush();
   }

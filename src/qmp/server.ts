@@ -16,6 +16,7 @@ import { createServer as createTlsServer, type TlsOptions } from 'node:tls';
 import { unlinkSync } from 'node:fs';
 import { InvalidArgumentError, errorMessage } from '../errors.js';
 import type { QmpContext, QmpSession } from './dispatch.js';
+import { span } from '../util/trace.js';
 import { isExpectedError, toQmpError, QmpError, type QmpErrorBody } from './errors.js';
 import type { QmpEventMessage } from './events.js';
 import { JsonSplitter, DEFAULT_MAX_MESSAGE_SIZE, type FrameResult } from './framing.js';
@@ -215,7 +216,7 @@ export class QmpServer {
         if (!this.ctx.dispatcher.get(name)) throw new QmpError('CommandNotFound', `The command ${name} has not been found`);
         throw QmpError.generic(`The command ${name} does not support OOB`);
       }
-      const ret = await this.run(conn, name, args);
+      const ret = await span(`qmp ${name}`, -1, this.run(conn, name, args));
       return hasId ? { return: ret, id } : { return: ret };
     } catch (e) {
       if (!isExpectedError(e)) this.ctx.log.error('QMP command failed unexpectedly', { session: conn.session.id, error: errorMessage(e), stack: (e as Error)?.stack });

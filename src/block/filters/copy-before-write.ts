@@ -32,6 +32,7 @@ import { InvalidArgumentError, StateError } from '../../errors.js';
 import type { BlockNode } from '../node.js';
 import { Bitmap } from '../../util/bitmap.js';
 import { BlockCopy, DEFAULT_CLUSTER_SIZE, MAX_CHUNK } from '../block-copy.js';
+import { span } from '../../util/trace.js';
 
 /** The largest piece of a request copied and written at once: a few copy chunks. */
 export const PIECE = 16 * MAX_CHUNK;
@@ -118,7 +119,7 @@ export class CopyBeforeWrite {
       // must not leave a cluster at the cut undiscarded
       const n = Math.min(PIECE - (pos % PIECE), end - pos);
       if (pos > offset) await this.source.graph.pacer.pace();
-      if (this.active && n > 0) await this.copy.copyBeforeWrite(pos, n, zeroing);
+      if (this.active && n > 0) await span('cbw.copy', pos, this.copy.copyBeforeWrite(pos, n, zeroing));
       await op(pos, n);
       if (length === 0) break;
       pos += n;

@@ -57,6 +57,7 @@ import { BlockError, InvalidArgumentError, StateError, errorMessage } from '../.
 import type { BlockNode } from '../node.js';
 import { Bitmap, type ByteRange } from '../../util/bitmap.js';
 import { replaceFileDurably } from '../../util/durable.js';
+import { span } from '../../util/trace.js';
 
 export const DIRTY_LOG_MAGIC = 'LSDIRTY1';
 /** format 1: granule bits persisted in place; format 2: extent bits persisted in place */
@@ -444,6 +445,11 @@ export class DirtyLog {
    * 2: also the extents written since the last rewrite; `exact`: none, the granules alone).
    */
   private async rewrite(all = false, exact = false): Promise<void> {
+    // The interval counts from here, not from after the flush below: a checkpoint call during
+    // a slow flush would otherwise schedule a second rewrite at once, whose hot set (the
+    // granules written during the flush alone) dropped nearly every extent, and the next
+    // writes all waited for new persists (issue 18: ~200 extents re-persisted per such pair).
+    this.lastRewrite = performance.now();
     // Dropping a granule says its data is where it belongs: make the data durable first (a
     // qcow2 keeps new L2 entries in memory until a flush, so after a SIGKILL the disk could
     // lack writes the record no longer names). Writes arriving meanwhile are kept below.
@@ -461,7 +467,6 @@ export class DirtyLog {
       for (const r of this.recent.runs()) hotExtents.setRange(r.offset, r.length);
     }
     if (!exact) this.recent.clearAll();
-    this.lastRewrite = performance.now();
     const dropping = keep.count !== this.mem.count; // keep is a subset of mem
     if (this.fileFine) {
       // the file changes if a granule goes, the fine bits are stale, or an extent goes
@@ -595,7 +600,7 @@ export const dirtyLogDriver: BlockDriver = {
     const log = await DirtyLog.open(filename, file.getLength(), granularity, { clearIntervalMs: interval, hotBytes, extentSize, flush: () => file.flush() }, (msg) => ctx.graph.emit('error-log', msg));
     const guarded = <T>(offset: number, length: number, op: () => Promise<T>): Promise<T> => {
       const p = log.mark(offset, length);
-      const run = p === null ? op() : p.then(op);
+      const run = p === null ? op() : span('dlog.persist', offset, p).then(op);
       // noted at completion whatever the outcome (a failed write may have changed part of it)
       return run.finally(() => log.completed(offset, length));
     };

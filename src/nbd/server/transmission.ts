@@ -16,6 +16,7 @@ import type { NbdExport } from './export.js';
 import type { PayloadPool } from './payload-pool.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 import { Quiesce } from '../../util/quiesce.js';
+import { span } from '../../util/trace.js';
 
 export interface TransmissionOptions {
   structured: boolean;
@@ -356,7 +357,7 @@ export class Transmission {
       case CMD.READ:
         return this.read(req, offset, length);
       case CMD.WRITE:
-        return this.backend.write(offset, req.data!, { fua: (req.flags & CMD_FLAG.FUA) !== 0 }).then(
+        return span('nbd.write', offset, this.backend.write(offset, req.data!, { fua: (req.flags & CMD_FLAG.FUA) !== 0 })).then(
           () => {
             // Only a write that succeeded gives its payload back: every write path settles
             // after everything that reads the data (quorum waits for all children, split

@@ -295,6 +295,42 @@ test('extent-size: rewrites after checkpoints write the granule bits and keep on
   assert.deepEqual(await readDirtyLogFile(logPath), { granularity: G, 'dirty-bytes': 0, extents: [] });
 });
 
+test('extent-size: a checkpoint while a rewrite waits for its flush starts no second rewrite at once, which would drop the extents written meanwhile', async (t) => {
+  const dir = tempDir(t);
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const logPath = join(dir, 'disk.dlog');
+  const node = await openLog(g, logPath, { 'extent-size': MiB, 'clear-interval-ms': 2000 });
+  const log = getDirtyLog(node);
+  // the first rewrite after a checkpoint runs at once only once an interval has passed since
+  // the process started (the log has never been rewritten)
+  await until('an interval since the start', () => performance.now() > 2100);
+  for (let e = 0; e < 4; e++) await node.write(e * MiB, pattern(e, 10));
+  // the disk's flush (the rewrite makes the data durable first) waits until we let it go
+  const disk = g.getNode('disk');
+  let letGo!: () => void;
+  const gate = new Promise<void>((r) => (letGo = r));
+  let flushing = false;
+  disk.impl.flush = async () => {
+    flushing = true;
+    await gate;
+  };
+  log.checkpoint();
+  await until('the rewrite to flush the disk', () => flushing);
+  // a checkpoint and writes into extents 1 and 2 while that flush is slow (a loaded disk)
+  log.checkpoint();
+  await node.write(1 * MiB + G, pattern(5, 10));
+  await node.write(2 * MiB + G, pattern(6, 10));
+  letGo();
+  await until('the rewrite', () => log.rewrites >= 1);
+  // extents 1 and 2 were written since the last rewrite: still persisted, no new sync
+  const syncs = log.syncs;
+  await node.write(1 * MiB + 2 * G, pattern(7, 10));
+  await node.write(2 * MiB + 2 * G, pattern(8, 10));
+  assert.equal(log.rewrites, 1);
+  assert.equal(log.syncs, syncs);
+});
+
 test('a format 1 log opened with extent-size is rewritten as format 2 with its record; bad extent sizes and files are refused', async (t) => {
   const dir = tempDir(t);
   const g = newGraph();

@@ -29,6 +29,7 @@ import {
 import type { HostFile } from './host-file.js';
 import type { Pacer } from '../../../util/pacer.js';
 import { Quiesce } from '../../../util/quiesce.js';
+import { span } from '../../../util/trace.js';
 
 export interface BackingView {
   length(): number;
@@ -516,10 +517,20 @@ export class Qcow2Image {
     rc.cache.evict();
   }
 
+  /** Whether writeback() would sync the file between its steps (the same tests as there). */
+  writebackSyncs(): boolean {
+    const rc = this.refcounts;
+    const frees = this.pendingFrees.length > 0;
+    const l2 = this.l2Cache.hasDirty();
+    const l1 = this.dirtyL1.size > 0;
+    if (rc.cache.hasDirty() && (rc.dirtyTable.size > 0 || l2 || l1 || frees)) return true;
+    return rc.dirtyTable.size > 0 || (l2 && (l1 || frees)) || (l1 && frees);
+  }
+
   /** Called at the end of each metadata operation: keeps the caches within bounds. */
   async maybeWriteback(): Promise<void> {
     if (this.l2Cache.needsWriteback() || this.refcounts.cache.needsWriteback() || this.pendingFrees.length > 4096) {
-      await this.writeback();
+      await span('q2.writeback', -1, this.writeback());
     } else {
       this.l2Cache.evict();
       this.refcounts.cache.evict();

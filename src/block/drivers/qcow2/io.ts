@@ -16,6 +16,7 @@ import type { BlockStatus } from '../../driver.js';
 import type { BlockNode } from '../../node.js';
 import type { Qcow2Image } from './image.js';
 import { OL } from './overlap.js';
+import { span } from '../../../util/trace.js';
 import {
   ClusterKind,
   compressedClusters,
@@ -294,7 +295,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
   let done: (() => void) | null = null;
   let finish: (() => void) | null = null;
   for (;;) {
-    const release = img.mutex.tryLock() ?? (await img.mutex.lock());
+    const release = img.mutex.tryLock() ?? (await span('q2.lock1', offset, img.mutex.lock()));
     let busy: Promise<void> | null = null;
     try {
       img.checkWritable();
@@ -320,7 +321,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
       release();
     }
     if (!busy) break;
-    await busy;
+    await span('q2.inflight', offset, busy);
   }
   let ioError: unknown = null;
   try {
@@ -336,7 +337,7 @@ export async function writeRange(img: Qcow2Image, offset: number, data: Buffer):
     done?.();
   }
   if (allocs.length > 0) {
-    const release = img.mutex.tryLock() ?? (await img.mutex.lock());
+    const release = img.mutex.tryLock() ?? (await span('q2.lock3', offset, img.mutex.lock()));
     try {
       for (const a of allocs) {
         if (ioError) {

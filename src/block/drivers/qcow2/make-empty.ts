@@ -34,10 +34,18 @@ import type { Qcow2Image } from './image.js';
 import type { HostFile, PreparedReplacement } from './host-file.js';
 import { discardRange } from './io.js';
 import { BlockError } from '../../../errors.js';
+import { record, span, traceNow, tracing } from '../../../util/trace.js';
 
 export type MakeEmptyPath = 'swap' | 'fast' | 'slow';
 
 export async function makeEmpty(img: Qcow2Image, spare?: EmptySpare | null): Promise<MakeEmptyPath> {
+  const t0 = traceNow();
+  const path = await makeEmptyPath(img, spare);
+  if (tracing) record(`make-empty.${path}`, -1, t0, traceNow());
+  return path;
+}
+
+async function makeEmptyPath(img: Qcow2Image, spare?: EmptySpare | null): Promise<MakeEmptyPath> {
   img.checkWritable();
   const path = await img.whenIdle(0, Number.MAX_SAFE_INTEGER, async (): Promise<MakeEmptyPath | null> => {
     await img.settleTruncate();
@@ -46,7 +54,7 @@ export async function makeEmpty(img: Qcow2Image, spare?: EmptySpare | null): Pro
     let swapped = false;
     if (ready) {
       try {
-        await ready.commit();
+        await span('make-empty.rename', -1, ready.commit());
         swapped = true;
       } catch {
         // the rename did not happen: the image file is untouched, empty it in place

@@ -28,6 +28,7 @@ import { BlockError, InvalidArgumentError, StateError, STRERROR, assert, errorMe
 import { MSG, canTransition, readPolicy, writePolicy, type ReplicationMode, type Stage } from './state.js';
 import { CHANGED_GRANULARITY, ChangedMap, type ChangedRegion } from './changed.js';
 import { badCopyUnit, checkCopyUnit } from '../copy-before-write.js';
+import { span } from '../../../util/trace.js';
 
 export interface JobEnd {
   ret: 0 | BlockError;
@@ -360,9 +361,9 @@ export class ReplicationState {
     if (!job) throw new StateError(MSG.backupCancelled);
     const releases: Array<() => void> = [];
     try {
-      releases.push(await this.node.tracker.hold());
-      releases.push(await job.filter.tracker.hold());
-      await this.emptyOverlays(job);
+      releases.push(await span('ckpt.hold-node', -1, this.node.tracker.hold()));
+      releases.push(await span('ckpt.hold-cbw', -1, job.filter.tracker.hold()));
+      await span('ckpt.empty', -1, this.emptyOverlays(job));
     } finally {
       for (const r of releases.reverse()) r();
     }

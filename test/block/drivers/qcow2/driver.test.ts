@@ -405,3 +405,40 @@ test('small writes into new clusters: zero-range plus the data, the same file an
   assert.equal(statSync(ours).size, statSync(theirs).size);
   assert.equal(run('qemu-img', ['compare', ours, theirs]).status, 0);
 });
+
+test('a flush with metadata to write back syncs the data first, without the mutex: writes into new clusters go on while that sync is slow', async (t) => {
+  const dir = tempDir(t);
+  const p = join(dir, 'flush.qcow2');
+  await createQcow2(p, { size: 64 * MiB });
+  const g = newGraph();
+  t.after(() => g.closeAll());
+  const n = await g.open({ driver: 'qcow2', file: { driver: 'file', filename: p, 'node-name': 'f' } });
+  // new clusters: refcount and L2 updates wait in the caches for the next flush
+  for (let k = 0; k < 8; k++) await n.write(k * MiB, Buffer.alloc(4096, 0x10 + k));
+  // the file's first sync is slow (a loaded disk) until we let it go
+  const file = g.getNode('f');
+  const realFlush = file.impl.flush!.bind(file.impl);
+  let letGo!: () => void;
+  const gate = new Promise<void>((r) => (letGo = r));
+  let syncs = 0;
+  file.impl.flush = async () => {
+    if (syncs++ === 0) await gate;
+    return realFlush();
+  };
+  const flushed = n.flush();
+  for (let i = 0; i < 400 && syncs === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(syncs, 1, 'the flush syncs the file');
+  // a write into a new cluster while that sync waits: it allocates, so it needs the mutex
+  let wrote = false;
+  const write = n.write(20 * MiB + 512, Buffer.alloc(4096, 0x77)).then(() => (wrote = true));
+  for (let i = 0; i < 400 && !wrote; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(wrote, 'the write went on while the flush waited for its first sync');
+  letGo();
+  await Promise.all([flushed, write]);
+  for (let k = 0; k < 8; k++) assert.ok((await n.read(k * MiB, 4096)).equals(Buffer.alloc(4096, 0x10 + k)));
+  assert.ok((await n.read(20 * MiB + 512, 4096)).equals(Buffer.alloc(4096, 0x77)));
+  await g.closeAll();
+  const chk = await checkQcow2(p);
+  assert.equal(chk.corruptions ?? 0, 0, JSON.stringify(chk));
+  assert.equal(chk.leaks ?? 0, 0, JSON.stringify(chk));
+});
