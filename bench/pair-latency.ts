@@ -16,6 +16,9 @@
 //   loop        lockstep only: the daemon's event-loop delay histogram (x-query-event-loop-
 //               delay, reset before the step): p99 and max of the interval between 1 ms ticks
 //               (1 ms = no delay); the longest turn one request kept the loop busy
+//   cpu         lockstep only: the CPU time the daemon's loop thread consumed between two
+//               1 ms ticks (x-query-event-loop-delay's turn-cpu), p99 and max: a turn's
+//               own cost, GC pauses included, which waiting for a CPU does not inflate
 //   QMP         both: round trips of query-version sent every 20 ms on a connection of the
 //               bench's own, p99 and max: what a heartbeat sees, comparable between the two
 //   base        the bench process's own event-loop delay max over the step (it runs the
@@ -149,6 +152,8 @@ async function idleProbe(ctx: BenchContext): Promise<{ stop(): Promise<{ p99: nu
 interface SideFigures {
   loopP99?: number;
   loopMax?: number;
+  cpuP99?: number;
+  cpuMax?: number;
   qmpP99: number;
   qmpMax: number;
 }
@@ -264,9 +269,15 @@ async function step(ctx: BenchContext, s: Served, work: () => Promise<number | u
   const fig = async (i: 0 | 1): Promise<SideFigures> => {
     const f: SideFigures = { qmpP99: quantile(rtts[i]!, 0.99), qmpMax: Math.max(...rtts[i]!) };
     if (s.lockstep) {
-      const r = (await s.qmp[sides[i]].execute('x-query-event-loop-delay')) as { 'p99-ms': number; 'max-ms': number };
+      const r = (await s.qmp[sides[i]].execute('x-query-event-loop-delay')) as {
+        'p99-ms': number;
+        'max-ms': number;
+        'turn-cpu'?: { 'p99-ms': number; 'max-ms': number };
+      };
       f.loopP99 = r['p99-ms'];
       f.loopMax = r['max-ms'];
+      f.cpuP99 = r['turn-cpu']?.['p99-ms'];
+      f.cpuMax = r['turn-cpu']?.['max-ms'];
     }
     return f;
   };
@@ -276,7 +287,8 @@ async function step(ctx: BenchContext, s: Served, work: () => Promise<number | u
 const f1 = (x: number | undefined) => (x === undefined ? '-' : x.toFixed(1));
 
 function row(what: string, kind: string, r: StepResult): void {
-  const side = (x: SideFigures) => `${f1(x.loopP99).padStart(6)} ${f1(x.loopMax).padStart(7)} ${f1(x.qmpP99).padStart(6)} ${f1(x.qmpMax).padStart(7)}`;
+  const side = (x: SideFigures) =>
+    `${f1(x.loopP99).padStart(6)} ${f1(x.loopMax).padStart(7)} ${f1(x.cpuP99).padStart(5)} ${f1(x.cpuMax).padStart(6)} ${f1(x.qmpP99).padStart(6)} ${f1(x.qmpMax).padStart(7)}`;
   console.log(
     `${what.padEnd(12)} ${kind.padEnd(8)} ${(r.ms / 1000).toFixed(2).padStart(7)} ${(r.mbps === undefined ? '-' : r.mbps.toFixed(0)).padStart(6)}  ` +
       `${side(r.primary)}   ${side(r.secondary)}  ${f1(r.baseMax).padStart(6)}  ${f1(r.idle.p99).padStart(6)} ${f1(r.idle.max).padStart(7)}  ${r.note ?? ''}`,
@@ -360,8 +372,8 @@ async function wholeSteps(o: Options, ctx: BenchContext, s: Served, kind: string
 
 async function main(o: Options, ctx: BenchContext, root: string): Promise<void> {
   console.log(`bench/pair-latency: ${cpus().length} cores, load ${loadavg().map((x) => x.toFixed(1)).join(' ')}; sizes ${o.sizesGiB.join(', ')} GiB, steps ${[...o.steps].join(', ')}, fio ${o.seconds} s`);
-  console.log('                              primary (ms)                     secondary (ms)');
-  console.log('step         server    time s   MB/s  loop99 loopmax  qmp99  qmpmax   loop99 loopmax  qmp99  qmpmax    base  idle99 idlemax  pair afterwards');
+  console.log('                              primary (ms)                                  secondary (ms)');
+  console.log('step         server    time s   MB/s  loop99 loopmax cpu99 cpumax  qmp99  qmpmax   loop99 loopmax cpu99 cpumax  qmp99  qmpmax    base  idle99 idlemax  pair afterwards');
   const kinds = o.withQemu ? (['lockstep', 'qemu'] as const) : (['lockstep'] as const);
   let seq = 0;
   for (const sizeGiB of o.sizesGiB) {

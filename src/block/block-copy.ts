@@ -115,8 +115,8 @@ export class BlockCopy {
   /** called after each successful copy with its length */
   onCopied: ((bytes: number) => void) | null = null;
   /**
-   * sync mode: read buffers of SYNC_READ_PIECE bytes, reused once their write completed
-   * (a new 1 MiB buffer per read kept the garbage collector busy: issue 18)
+   * read buffers of SYNC_READ_PIECE bytes, reused once their write completed (a new 1 MiB
+   * buffer per read kept the garbage collector busy: issues 18 and 14)
    */
   private readonly buffers: Buffer[] = [];
 
@@ -336,10 +336,24 @@ export class BlockCopy {
         if (st.zero) break;
         runEnd += st.length;
       }
-      const from = pos;
-      const data = await this.readSource(from, runEnd - from);
-      if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(from, data.length));
-      else await this.targetOp(() => this.target.write(from, data));
+      // in pieces, each read into a reused buffer: a new buffer per copy (up to MAX_CHUNK)
+      // was external memory the GC counted until its next full collection, and saving a
+      // written disk's old content started a major GC every few tens of MB (issue 14)
+      for (let at = pos; at < runEnd; ) {
+        const n = Math.min(runEnd - at, SYNC_READ_PIECE);
+        const buf = this.buffers.pop() ?? Buffer.allocUnsafe(SYNC_READ_PIECE);
+        try {
+          const data = buf.subarray(0, n);
+          await this.readSourceInto(at, data);
+          const from = at;
+          if (isZeroBuffer(data)) await this.targetOp(() => this.target.writeZeroes(from, n));
+          else await this.targetOp(() => this.target.write(from, data));
+        } finally {
+          // the target is done with it once its write resolved (or failed)
+          if (this.buffers.length < this.workers) this.buffers.push(buf);
+        }
+        at += n;
+      }
       pos = runEnd;
     }
     if (this.fleecing) {

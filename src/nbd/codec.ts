@@ -49,6 +49,11 @@ export class ByteQueue {
   private chunks: Buffer[] = [];
   private head = 0; // consumed bytes of chunks[0]
   length = 0;
+  /**
+   * Set when the chunks are views of a reused read buffer (server/read-buffer.ts): take()
+   * then returns a buffer from here with a copy of the bytes, never a view of a chunk.
+   */
+  copyOut: ((n: number) => Buffer) | null = null;
 
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
@@ -105,6 +110,11 @@ export class ByteQueue {
     if (n > this.length) throw new RangeError(`take(${n}) with ${this.length} bytes queued`);
     if (n === 0) return Buffer.alloc(0);
     const first = this.chunks[0]!;
+    if (this.copyOut) {
+      const out = this.copyOut(n);
+      this.takeInto(out, 0, n);
+      return out;
+    }
     if (first.length - this.head >= n) {
       const view = first.subarray(this.head, this.head + n);
       this.head += n;
@@ -136,6 +146,19 @@ export class ByteQueue {
     }
     this.length -= moved;
     return moved;
+  }
+
+  /**
+   * Replaces `chunk`, if still queued, by a copy of its bytes not yet consumed: it is a view of
+   * a read buffer about to be overwritten (server/read-buffer.ts). Usually it was consumed
+   * whole, or a partial header is left.
+   */
+  retain(chunk: Buffer): void {
+    const i = this.chunks.lastIndexOf(chunk);
+    if (i < 0) return;
+    const from = i === 0 ? this.head : 0;
+    this.chunks[i] = Buffer.from(chunk.subarray(from));
+    if (i === 0) this.head = 0;
   }
 
   /** Everything still queued (handed over between handshake and transmission). */

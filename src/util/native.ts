@@ -122,6 +122,12 @@ interface Addon {
   /** absent in an addon built before io_uring support */
   uringRead?(fd: number, buf: Buffer, offset: number): Promise<number> | null;
   uringWrite?(fd: number, buf: Buffer, offset: number): Promise<number> | null;
+  /** absent in an addon built before them; negative errno on failure */
+  threadCpuNs?(): number;
+  turnCpuStart?(resolutionMs: number): number;
+  /** [count, meanNs, p50Ns, p99Ns, p999Ns, maxNs], null when not started */
+  turnCpuRead?(reset: boolean): number[] | null;
+  turnCpuStop?(): void;
 }
 
 const ERRNO_NAMES = new Map<number, string>();
@@ -278,6 +284,7 @@ export const ADDON_PATH = fileURLToPath(new URL('../../../native/build/Release/l
 interface LoadResult {
   helper: NativeHelper | null;
   reason: string | null;
+  addon?: Addon;
 }
 // A read-only capability of this process (the addon file and the environment), cached once.
 let loaded: LoadResult | undefined;
@@ -294,7 +301,7 @@ function load(): LoadResult {
     const ringMode = ringModeOf(process.env.LOCKSTEP_IO_URING);
     try {
       const addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-      loaded = { helper: wrap(addon, ringMode), reason: null };
+      loaded = { helper: wrap(addon, ringMode), reason: null, addon };
     } catch (e) {
       const notBuilt = (e as { code?: string }).code === 'MODULE_NOT_FOUND';
       loaded = {
@@ -316,4 +323,54 @@ export function loadNative(): NativeHelper | null {
 /** Why loadNative() returns null (for messages and tests), or null when it is loaded. */
 export function nativeUnavailableReason(): string | null {
   return load().reason;
+}
+
+/**
+ * The calling thread's CPU clock (CLOCK_THREAD_CPUTIME_ID) in ns, from the native helper:
+ * the time the thread itself ran, which waiting for a CPU (preemption) does not add to.
+ * Node 20 has no such call (process.cpuUsage counts every thread of the process, V8's GC
+ * helpers and libuv's pool included), so without the helper there is none: null, and
+ * threadCpuUnavailableReason() says why.
+ */
+export function threadCpuClock(): (() => number) | null {
+  const f = load().addon?.threadCpuNs;
+  if (!f || f() < 0) return null;
+  return () => f();
+}
+
+/** Why threadCpuClock() and turnCpuHistogram() return null, or null when they do not. */
+export function threadCpuUnavailableReason(): string | null {
+  const r = load();
+  if (!r.addon) return `the native helper is ${r.reason ?? 'not loaded'}`;
+  if (!r.addon.threadCpuNs || !r.addon.turnCpuStart) return 'the native helper was built before threadCpuNs (npm run build:native)';
+  const v = r.addon.threadCpuNs();
+  return v < 0 ? `clock_gettime(CLOCK_THREAD_CPUTIME_ID): ${errnoText(v).text}` : null;
+}
+
+export interface TurnCpuFigures {
+  count: number;
+  meanNs: number;
+  p50Ns: number;
+  p99Ns: number;
+  p999Ns: number;
+  maxNs: number;
+}
+
+/**
+ * A histogram of the CPU time the event loop's thread consumed per interval of a timer of
+ * `resolutionMs` (native/lockstep_native.c: the timer and the clock readings are in C, no
+ * JavaScript per tick). One per process; starting it again empties it. null without the
+ * helper (threadCpuUnavailableReason() says why).
+ */
+export function turnCpuHistogram(resolutionMs: number): { read(reset: boolean): TurnCpuFigures; stop(): void } | null {
+  const a = load().addon;
+  if (!a?.turnCpuStart || !a.turnCpuRead || !a.turnCpuStop || a.turnCpuStart(resolutionMs) < 0) return null;
+  const { turnCpuRead, turnCpuStop } = a;
+  return {
+    read(reset) {
+      const v = turnCpuRead(reset) ?? [0, 0, 0, 0, 0, 0];
+      return { count: v[0]!, meanNs: v[1]!, p50Ns: v[2]!, p99Ns: v[3]!, p999Ns: v[4]!, maxNs: v[5]! };
+    },
+    stop: () => turnCpuStop(),
+  };
 }

@@ -205,6 +205,7 @@ export const copyBeforeWriteDriver: BlockDriver = {
       },
       getLength: () => file.getLength(),
       read: (offset, length) => file.read(offset, length),
+      readInto: (offset, buf) => file.readInto(offset, buf),
       write: (offset, data, flags) =>
         cbw.guarded(offset, data.length, (o, n) =>
           file.write(o, n === data.length ? data : data.subarray(o - offset, o - offset + n), flags),

@@ -618,6 +618,8 @@ export const dirtyLogDriver: BlockDriver = {
       },
       getLength: () => file.getLength(),
       read: (offset, length) => file.read(offset, length),
+      // straight to the child: a copy reading through here fills its own buffer
+      readInto: (offset, buf) => file.readInto(offset, buf),
       write: (offset, data, flags) => guarded(offset, data.length, () => file.write(offset, data, flags)),
       writeZeroes: (offset, length, flags) => guarded(offset, length, () => file.writeZeroes(offset, length, flags)),
       discard: (offset, length) => guarded(offset, length, () => file.discard(offset, length)),

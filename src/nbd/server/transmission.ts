@@ -17,6 +17,7 @@ import type { PayloadPool } from './payload-pool.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 import { Quiesce } from '../../util/quiesce.js';
 import { span } from '../../util/trace.js';
+import { readIntoReusedBuffer } from './read-buffer.js';
 
 export interface TransmissionOptions {
   structured: boolean;
@@ -48,6 +49,11 @@ const SPARSE_READ_MIN = 64 * 1024;
 const SMALL_MESSAGE = 16 * 1024 + EXTENDED_REPLY_HEADER_LENGTH + 8;
 /** scratch buffers kept for reuse per connection */
 const MAX_SCRATCH = 64;
+/**
+ * With reads into a reused buffer, write payloads up to a quarter of this that arrive whole
+ * are copied into slabs of this size (one external allocation per slab, not per request).
+ */
+const PAYLOAD_SLAB = 256 * 1024;
 
 const VALID_FLAGS: Record<number, number> = {
   [CMD.READ]: CMD_FLAG.FUA | CMD_FLAG.DF,
@@ -89,6 +95,11 @@ export class Transmission {
   /** scratch buffers among `small`, reusable once it has been copied out */
   private smallScratch: Buffer[] = [];
   private readonly scratch: Buffer[] = [];
+  /** reads into one reused buffer: not yet tried, on, or not possible on this stream */
+  private readBuffer: 'off' | 'on' | 'unavailable' = 'off';
+  /** where small payloads copied out of the reused read buffer are carved from */
+  private slab = Buffer.alloc(0);
+  private slabUsed = 0;
   private readonly flushNow = (): void => {
     this.flushScheduled = false;
     this.flushSmall();
@@ -112,13 +123,50 @@ export class Transmission {
       this.lastActive = Date.now();
       this.parser.feed(chunk);
       this.pump();
+      this.useReadBuffer();
     });
     stream.on('drain', () => this.wakeWriters());
     stream.on('error', () => this.close());
     stream.on('close', () => this.close());
     stream.on('end', () => this.close());
+    this.useReadBuffer();
     stream.resume();
     this.pump();
+  }
+
+  /**
+   * Reads into one reused buffer from now on (read-buffer.ts: no new buffer per socket read,
+   * whose external memory started the daemons' major GCs). Only once the stream holds no
+   * bytes read before, so that those are parsed first; the parser copies what it keeps of
+   * each read (a partial header, a small payload) before the buffer is read into again.
+   */
+  private useReadBuffer(): void {
+    if (this.readBuffer !== 'off' || this.closed || this.stream.readableLength > 0) return;
+    const queue = this.parser.queue;
+    const ok = readIntoReusedBuffer(this.stream, (bytes) => {
+      this.lastActive = Date.now();
+      this.parser.feed(bytes);
+      this.pump();
+      queue.retain(bytes);
+    });
+    this.readBuffer = ok ? 'on' : 'unavailable';
+    if (ok) queue.copyOut = (n) => this.payloadCopy(n);
+  }
+
+  private payloadCopy(n: number): Buffer {
+    if (n > PAYLOAD_SLAB / 4) return Buffer.allocUnsafe(n);
+    if (this.slabUsed + n > this.slab.length) {
+      this.slab = Buffer.allocUnsafeSlow(PAYLOAD_SLAB);
+      this.slabUsed = 0;
+    }
+    const b = this.slab.subarray(this.slabUsed, this.slabUsed + n);
+    this.slabUsed += (n + 7) & ~7;
+    return b;
+  }
+
+  /** whether this connection reads into one reused buffer (read-buffer.ts) */
+  get readsIntoReusedBuffer(): boolean {
+    return this.readBuffer === 'on';
   }
 
   /** Ends the connection at once; requests in progress still finish (their replies are dropped). */
