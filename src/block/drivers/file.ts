@@ -1,9 +1,11 @@
 // Protocol driver "file": a host file through a Node FileHandle.
 // Options: filename (required), cache.direct (refused: Node cannot guarantee the aligned
 // buffers O_DIRECT needs), cache.no-flush, aio (threads|native|io_uring, accepted: reads and
-// writes of up to 64 KiB go through the native helper's io_uring and larger ones through
+// FUA writes of up to 64 KiB go through the native helper's io_uring and larger ones through
 // Node's fs and libuv's thread pool, whatever aio says; LOCKSTEP_IO_URING=on|off|auto in the
-// environment forces all, none, or that default), locking
+// environment forces all, none, or that default; other writes of up to 64 KiB are a
+// synchronous pwrite on the event loop while SyncWriteGate allows, LOCKSTEP_SYNC_WRITES=off
+// sends them the first way too), locking
 // (auto|on|off), aio-max-batch, pr-manager (refused), force-share (read-only only: share
 // every permission).
 //
@@ -27,7 +29,8 @@
 // (`.NAME.lockstep-spare`, written and synced there) and renamed over it on commit, so that
 // qcow2's make_empty costs no sync at all (see qcow2/make-empty.ts).
 
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, writeSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import { lstat, open as fsOpen, rename, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
@@ -46,6 +49,65 @@ import type { CacheOptions, GraphOpenContext } from '../graph.js';
 import { loadNative, type NativeHelper, type RingIo } from '../../util/native.js';
 import { openImageLock, type ImageLock } from './file-lock.js';
 import type { Perms } from '../permissions.js';
+
+/**
+ * Writes up to this size (not FUA) are one synchronous pwrite on the event loop: a buffered
+ * write into the page cache costs a few microseconds, less than handing it to another thread
+ * (io_uring hands every buffered ext4 write to an io-wq worker, the fs path to libuv's pool),
+ * whose wake-up on a busy machine was most of a 4 KiB write's cost (issue 18, NBD bench).
+ * LOCKSTEP_SYNC_WRITES=off (read when a node opens) turns it off.
+ */
+const SYNC_WRITE_MAX = 64 * 1024;
+
+/**
+ * When a node may write synchronously. A pwrite can sleep: the kernel throttles a writer that
+ * dirties pages faster than they are written back (pauses of 10-200 ms, one after another
+ * while it lasts), and a stalled disk or journal holds it too; with the event loop stopped
+ * that long, QMP, checkpoints and the lease would wait. A lone slow write is usually the
+ * thread being preempted on a busy host (1-12 ms, a few per second at load 5 on 2 cores);
+ * two within `windowMs` stop synchronous writes for `backoffMs`, twice as long each time it
+ * happens again (up to `maxBackoffMs`), back to `backoffMs` after a quiet `maxBackoffMs`.
+ * So the loop stops for at most two slow writes per back-off.
+ */
+export class SyncWriteGate {
+  private until = 0;
+  private lastSlow = -Infinity;
+  private lastTrip = -Infinity;
+  private backoff: number;
+
+  constructor(
+    readonly slowMs = 10,
+    readonly windowMs = 1000,
+    readonly backoffMs = 1000,
+    readonly maxBackoffMs = 60_000,
+  ) {
+    this.backoff = backoffMs;
+  }
+
+  /** whether a write may be synchronous at `now` (ms, performance.now()) */
+  allowed(now: number): boolean {
+    return now >= this.until;
+  }
+
+  /** Records a synchronous write that ran from `start` to `end`. */
+  record(start: number, end: number): void {
+    if (end - start <= this.slowMs) return;
+    if (end - this.lastSlow <= this.windowMs) {
+      if (end - this.lastTrip > this.maxBackoffMs) this.backoff = this.backoffMs;
+      this.until = end + this.backoff;
+      this.lastTrip = this.until;
+      this.backoff = Math.min(this.backoff * 2, this.maxBackoffMs);
+      this.lastSlow = -Infinity;
+      return;
+    }
+    this.lastSlow = end;
+  }
+}
+
+function syncWritesEnabled(): boolean {
+  const v = process.env.LOCKSTEP_SYNC_WRITES;
+  return v !== 'off' && v !== '0';
+}
 
 /** Largest zero buffer written at once where the filesystem cannot zero a range itself. */
 const ZERO_CHUNK = 1024 * 1024;
@@ -149,6 +211,8 @@ class FileNode implements NodeImpl {
   // refused a fallocate mode refuses it for good.
   private canPunch = true;
   private canZeroRange = true;
+  // small writes on the event loop while the gate allows (null: LOCKSTEP_SYNC_WRITES=off)
+  private readonly syncGate = syncWritesEnabled() ? new SyncWriteGate() : null;
 
   constructor(
     readonly filename: string,
@@ -292,11 +356,17 @@ class FileNode implements NodeImpl {
   }
 
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    const fua = (flags?.fua ?? false) && !this.cache.noFlush;
+    const gate = this.syncGate;
+    if (gate && !fua && data.length <= SYNC_WRITE_MAX && gate.allowed(performance.now())) {
+      this.writeNow(offset, data, gate);
+      return;
+    }
     const { ring } = this;
     let done = 0;
     try {
       let target = this.fh;
-      if ((flags?.fua ?? false) && !this.cache.noFlush) {
+      if (fua) {
         await this.syncDirAfterReplace();
         this.syncFh ??= fsOpen(this.filename, fsConstants.O_RDWR | fsConstants.O_DSYNC);
         target = await this.syncFh.catch((e: unknown) => {
@@ -310,6 +380,20 @@ class FileNode implements NodeImpl {
       }
     } catch (e) {
       throw BlockError.fromSystem(e, `write to ${this.filename}`);
+    }
+    if (offset + data.length > this.size) this.size = offset + data.length;
+  }
+
+  /** One synchronous pwrite (see SYNC_WRITE_MAX), timed for the gate. */
+  private writeNow(offset: number, data: Buffer, gate: SyncWriteGate): void {
+    const t0 = performance.now();
+    let done = 0;
+    try {
+      while (done < data.length) done += writeSync(this.fh.fd, data, done, data.length - done, offset + done);
+    } catch (e) {
+      throw BlockError.fromSystem(e, `write to ${this.filename}`);
+    } finally {
+      gate.record(t0, performance.now());
     }
     if (offset + data.length > this.size) this.size = offset + data.length;
   }

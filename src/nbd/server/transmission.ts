@@ -25,7 +25,10 @@ export interface TransmissionOptions {
   baseAllocation: boolean;
   maxInFlight: number;
   maxInFlightBytes: number;
-  /** buffers for large write payloads, given back once their write succeeded */
+  /**
+   * buffers for large write payloads, given back once their write succeeded, and for large
+   * read replies, given back once the socket has taken them
+   */
   payloadPool?: PayloadPool;
 }
 
@@ -299,22 +302,26 @@ export class Transmission {
    * depth 32). The request's slot is held (a promise is returned) while more than
    * MAX_BUFFERED_REPLY_BYTES wait in the socket.
    */
-  private send(parts: Buffer[]): Promise<void> | void {
+  private send(parts: Buffer[], written?: () => void): Promise<void> | void {
     if (this.closed) return;
-    if (parts.length === 1) return this.sendOne(parts[0]!, false);
+    if (parts.length === 1) return this.sendOne(parts[0]!, false, written);
     this.flushSmall();
     const s = this.stream;
     s.cork();
     let ok = true;
-    for (const p of parts) ok = s.write(p);
+    for (let i = 0; i < parts.length; i++) ok = s.write(parts[i]!, i === parts.length - 1 ? written : undefined);
     s.uncork();
     if (!ok) return this.backpressure();
   }
 
-  /** send([msg]); `scratch`: msg is a scratch buffer, reused once it has been copied out */
-  private sendOne(msg: Buffer, scratch: boolean): Promise<void> | void {
+  /**
+   * send([msg]); `scratch`: msg is a scratch buffer, reused once it has been copied out;
+   * `written` runs once the socket is done with msg (written or failed: a pooled buffer
+   * goes back then; not called when the connection is closed already, the GC takes it)
+   */
+  private sendOne(msg: Buffer, scratch: boolean, written?: () => void): Promise<void> | void {
     if (this.closed) return;
-    if (msg.length <= SMALL_MESSAGE) {
+    if (msg.length <= SMALL_MESSAGE && !written) {
       this.small.push(msg);
       this.smallBytes += msg.length;
       if (scratch) this.smallScratch.push(msg);
@@ -329,7 +336,7 @@ export class Transmission {
       return;
     }
     this.flushSmall();
-    if (!this.stream.write(msg)) return this.backpressure();
+    if (!this.stream.write(msg, written)) return this.backpressure();
   }
 
   /** Writes the gathered small messages as one buffer, in the order they came. */
@@ -464,7 +471,7 @@ export class Transmission {
     const head = !structured ? SIMPLE_REPLY_LENGTH : (ext ? EXTENDED_REPLY_HEADER_LENGTH : STRUCTURED_REPLY_HEADER_LENGTH) + 8;
     const total = head + length;
     const small = total <= SMALL_MESSAGE;
-    const msg = small ? (this.scratch.pop() ?? Buffer.allocUnsafeSlow(SMALL_MESSAGE)).subarray(0, total) : Buffer.allocUnsafeSlow(total);
+    const msg = small ? (this.scratch.pop() ?? Buffer.allocUnsafeSlow(SMALL_MESSAGE)).subarray(0, total) : this.replyBuffer(total);
     return this.backend.readInto(offset, msg.subarray(head)).then(
       () => {
         if (!structured) writeSimpleReply(msg, 0, 0, req.cookie);
@@ -472,7 +479,7 @@ export class Transmission {
           const h = writeChunkHeader(msg, 0, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + length, ext, offset);
           writeU64(msg, h, offset);
         }
-        return this.sendOne(msg, small);
+        return small ? this.sendOne(msg, true) : this.sendOne(msg, false, this.releaser([msg]));
       },
       // a failed read's buffer is left to the GC (a reader below may still hold it)
       (e: unknown) => this.failed(req, e),
@@ -502,9 +509,27 @@ export class Transmission {
     }
   }
 
+  /**
+   * A buffer for a large read reply: from the payload pool, whose buffers' pages are already
+   * mapped (a fresh 256 KiB buffer per reply cost its page faults in the reading thread and
+   * GC work for its external memory); given back by releaser() once the socket took it.
+   */
+  private replyBuffer(n: number): Buffer {
+    return this.opts.payloadPool?.acquire(n) ?? Buffer.allocUnsafeSlow(n);
+  }
+
+  private releaser(bufs: Buffer[]): (() => void) | undefined {
+    const pool = this.opts.payloadPool;
+    if (!pool || bufs.length === 0) return undefined;
+    return () => {
+      for (const b of bufs) pool.release(b);
+    };
+  }
+
   private async sendRuns(req: NbdRequest, offset: number, runs: Array<{ offset: number; length: number; zero: boolean }>, into: boolean): Promise<void> {
     const ext = this.opts.extended;
     const chunks: Buffer[] = [];
+    const pooled: Buffer[] = [];
     for (let i = 0; i < runs.length; i++) {
       const r = runs[i]!;
       const flags = i === runs.length - 1 ? REPLY_FLAG_DONE : 0;
@@ -516,8 +541,10 @@ export class Transmission {
       } else {
         const head = encodeChunkHeader(flags, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + r.length, ext, offset);
         if (into) {
-          const msg = Buffer.allocUnsafeSlow(head.length + 8 + r.length);
+          const msg = this.replyBuffer(head.length + 8 + r.length);
+          // a failed read leaves its buffer (and those before it) to the GC
           await this.backend.readInto(r.offset, msg.subarray(head.length + 8));
+          pooled.push(msg);
           head.copy(msg);
           writeU64(msg, head.length, r.offset);
           chunks.push(msg);
@@ -530,7 +557,7 @@ export class Transmission {
       }
     }
     // All chunks are known to succeed before the first is sent (DONE only on the last).
-    return this.send(chunks);
+    return this.send(chunks, this.releaser(pooled));
   }
 
   /** Splits a read into zero runs (sent as holes) and data runs, from the node's block status. */

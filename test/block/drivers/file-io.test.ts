@@ -18,6 +18,8 @@ const REGISTRY = new URL('../../../src/block/registry.js', import.meta.url).href
 
 // read when the helper is first loaded, which happens in the test below
 process.env.LOCKSTEP_IO_URING = 'on';
+// small writes through the ring here, not the synchronous pwrite (file-sync-write.test.ts)
+process.env.LOCKSTEP_SYNC_WRITES = 'off';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 

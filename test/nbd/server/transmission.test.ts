@@ -9,6 +9,7 @@ import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdClient } from '../../../src/nbd/client/client.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
+import { PayloadPool } from '../../../src/nbd/server/payload-pool.js';
 import type { BlockNode } from '../../../src/block/node.js';
 import type { SocketAddress } from '../../../src/util/socket-address.js';
 import { newGraph, tempDir } from '../../helpers/graph.js';
@@ -18,7 +19,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 4 * MiB;
 
-async function serveFile(t: { after(fn: () => unknown): void }): Promise<{ node: BlockNode; addr: SocketAddress; content: Buffer }> {
+async function serveFile(t: { after(fn: () => unknown): void }, payloadPool?: PayloadPool): Promise<{ node: BlockNode; addr: SocketAddress; content: Buffer }> {
   const dir = tempDir(t);
   const file = join(dir, 'disk.raw');
   // data in the first and last MiB, a hole (never written) between
@@ -32,7 +33,7 @@ async function serveFile(t: { after(fn: () => unknown): void }): Promise<{ node:
   closeSync(fd);
   const graph = newGraph();
   const node = await graph.open({ driver: 'raw', 'node-name': 'disk', file: { driver: 'file', filename: file } }, { monitorOwned: true });
-  const server = new NbdServer({ graph });
+  const server = new NbdServer(payloadPool ? { graph, payloadPool } : { graph });
   const addr = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
   server.addExport({ name: 'disk0', node, writable: true });
   t.after(async () => {
@@ -103,3 +104,35 @@ test('a small read is sent without a block status call; a large one still asks a
   assert.ok(calls > 0, 'block status for a read of 64 KiB or more');
   await c.disconnect();
 });
+
+// Large read replies come from the payload pool and go back once the socket has taken them:
+// a poisoning pool shows a buffer given back too early as 0xdb bytes in a later reply.
+for (const mode of MODES) {
+  test(`large reads through a poisoning pool come back exact and reuse their buffers (${mode.name} replies)`, async (t) => {
+    const pool = new PayloadPool({ poison: true });
+    const { addr, content } = await serveFile(t, pool);
+    const c = await NbdClient.connect({ address: addr, exportName: 'disk0', structuredReplies: mode.structuredReplies, extendedHeaders: 'extendedHeaders' in mode });
+    t.after(() => c.destroy());
+    const sizes = [64 * KiB, 200 * KiB, 256 * KiB, 256 * KiB + 1, MiB];
+    for (let wave = 0; wave < 4; wave++) {
+      const reqs = Array.from({ length: 24 }, (_, i) => {
+        const len = sizes[(i + wave) % sizes.length]!;
+        // across the data/hole boundaries and inside the data
+        const off = i % 3 === 0 ? MiB - 100 * KiB : i % 3 === 1 ? 3 * MiB - 10 * KiB : (i * 37 * KiB) % (SIZE - len);
+        return { off, len };
+      });
+      const got = await Promise.all(reqs.map(({ off, len }) => c.read(off, len)));
+      got.forEach((b, i) => {
+        const { off, len } = reqs[i]!;
+        assert.equal(Buffer.compare(b, content.subarray(off, off + len)), 0, `wave ${wave}: read of ${len} at ${off}`);
+      });
+      const w = patterned(300 * KiB, wave + 40);
+      const at = (wave * 700 * KiB) % (SIZE - w.length);
+      await c.write(at, w);
+      w.copy(content, at);
+    }
+    const st = pool.stats();
+    assert.ok(st.reused > 0, `reply buffers were reused (${JSON.stringify(st)})`);
+    await c.disconnect();
+  });
+}
