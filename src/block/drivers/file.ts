@@ -3,9 +3,9 @@
 // buffers O_DIRECT needs), cache.no-flush, aio (threads|native|io_uring, accepted: reads and
 // FUA writes of up to 64 KiB go through the native helper's io_uring and larger ones through
 // Node's fs and libuv's thread pool, whatever aio says; LOCKSTEP_IO_URING=on|off|auto in the
-// environment forces all, none, or that default; other writes of up to 64 KiB are a
-// synchronous pwrite on the event loop while SyncWriteGate allows, LOCKSTEP_SYNC_WRITES=off
-// sends them the first way too), locking
+// environment forces all, none, or that default; with LOCKSTEP_SYNC_WRITES=on other writes
+// of up to 64 KiB are a synchronous pwrite on the event loop while SyncWriteGate allows),
+// locking
 // (auto|on|off), aio-max-batch, pr-manager (refused), force-share (read-only only: share
 // every permission).
 //
@@ -51,11 +51,14 @@ import { openImageLock, type ImageLock } from './file-lock.js';
 import type { Perms } from '../permissions.js';
 
 /**
- * Writes up to this size (not FUA) are one synchronous pwrite on the event loop: a buffered
- * write into the page cache costs a few microseconds, less than handing it to another thread
- * (io_uring hands every buffered ext4 write to an io-wq worker, the fs path to libuv's pool),
- * whose wake-up on a busy machine was most of a 4 KiB write's cost (issue 18, NBD bench).
- * LOCKSTEP_SYNC_WRITES=off (read when a node opens) turns it off.
+ * With LOCKSTEP_SYNC_WRITES=on (read when a node opens), writes up to this size (not FUA) are
+ * one synchronous pwrite on the event loop: a buffered write into the page cache costs a few
+ * microseconds, less than handing it to another thread (io_uring hands every buffered ext4
+ * write to an io-wq worker, the fs path to libuv's pool), whose wake-up on a busy machine was
+ * most of a 4 KiB write's cost (issue 18, NBD bench: 4 KiB random writes 1.32x). Off by
+ * default: a write that sleeps (throttling, a stalled journal) stops the event loop for as
+ * long, one request holding a turn for 10-200 ms or more, which issue 14 rules out; the gate
+ * below bounds how often, not how long.
  */
 const SYNC_WRITE_MAX = 64 * 1024;
 
@@ -106,7 +109,7 @@ export class SyncWriteGate {
 
 function syncWritesEnabled(): boolean {
   const v = process.env.LOCKSTEP_SYNC_WRITES;
-  return v !== 'off' && v !== '0';
+  return v === 'on' || v === '1';
 }
 
 /** Largest zero buffer written at once where the filesystem cannot zero a range itself. */
@@ -211,7 +214,7 @@ class FileNode implements NodeImpl {
   // refused a fallocate mode refuses it for good.
   private canPunch = true;
   private canZeroRange = true;
-  // small writes on the event loop while the gate allows (null: LOCKSTEP_SYNC_WRITES=off)
+  // small writes on the event loop while the gate allows (null: LOCKSTEP_SYNC_WRITES not on)
   private readonly syncGate = syncWritesEnabled() ? new SyncWriteGate() : null;
 
   constructor(

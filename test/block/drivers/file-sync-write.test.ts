@@ -1,6 +1,6 @@
-// The file driver's small writes as a synchronous pwrite on the event loop (the default):
-// the same writes through a raw node leave the same file as with LOCKSTEP_SYNC_WRITES=off
-// (io_uring or the thread pool) and as without the native helper at all, FUA writes among
+// The file driver's small writes as a synchronous pwrite on the event loop
+// (LOCKSTEP_SYNC_WRITES=on): the same writes through a raw node leave the same file as by
+// default (io_uring or the thread pool) and as without the native helper at all, FUA writes among
 // them; and the gate that sends a node back to the asynchronous path when synchronous
 // writes become slow (throttling) follows its rules.
 import { test } from 'node:test';
@@ -67,8 +67,8 @@ test('synchronous small writes leave the same bytes as the asynchronous path and
     data[i]!.copy(model, off);
   }
   const modes: Record<string, Record<string, string>> = {
-    'synchronous (default)': { LOCKSTEP_SYNC_WRITES: 'on' },
-    'asynchronous (LOCKSTEP_SYNC_WRITES=off)': { LOCKSTEP_SYNC_WRITES: 'off' },
+    'synchronous (LOCKSTEP_SYNC_WRITES=on)': { LOCKSTEP_SYNC_WRITES: 'on' },
+    'asynchronous (the default)': {},
     'synchronous without the native helper': { LOCKSTEP_SYNC_WRITES: 'on', LOCKSTEP_NATIVE: 'off' },
     'asynchronous without the native helper': { LOCKSTEP_SYNC_WRITES: 'off', LOCKSTEP_NATIVE: 'off' },
   };
