@@ -14,8 +14,8 @@ import { threadCpuUnavailableReason, turnCpuHistogram, type TurnCpuFigures } fro
 
 export const LOOP_DELAY_RESOLUTION_MS = 1;
 
-/** CPU milliseconds the loop's thread consumed between two ticks of a 1 ms timer */
-export interface TurnCpuReport {
+/** A histogram's figures, in milliseconds */
+interface MsFigures {
   samples: number;
   'mean-ms': number;
   'p50-ms': number;
@@ -24,16 +24,13 @@ export interface TurnCpuReport {
   'max-ms': number;
 }
 
-export interface LoopDelayReport {
+/** CPU milliseconds the loop's thread consumed between two ticks of a 1 ms timer */
+export type TurnCpuReport = MsFigures;
+
+export interface LoopDelayReport extends MsFigures {
   'resolution-ms': number;
   /** when measuring began (daemon start or the last reset), ISO 8601 */
   since: string;
-  samples: number;
-  'mean-ms': number;
-  'p50-ms': number;
-  'p99-ms': number;
-  'p999-ms': number;
-  'max-ms': number;
   /** absent when the thread's CPU clock is not available; turn-cpu-unavailable says why */
   'turn-cpu'?: TurnCpuReport;
   'turn-cpu-unavailable'?: string;

@@ -18,6 +18,16 @@ import { QmpClient } from '../../src/qmp/client.js';
 import { FORWARD_EXPORT } from '../../src/pair/setup.js';
 
 
+/** Kills the primary, waits for the failover, and reads the served disk's first `length` bytes. */
+async function failOverAndRead(t: { after(fn: () => unknown): void }, sup: PairSupervisor, dir: string, length: number): Promise<Buffer> {
+  const failedOver = new Promise((r) => sup.once('failed-over', r));
+  sup.crashPrimary();
+  await failedOver;
+  const s = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  t.after(() => s.destroy());
+  return s.read(0, length);
+}
+
 test('a write the primary could not forward fails the checkpoint; the secondary is brought back and resynced, then a failover serves every write', { timeout: 120_000 }, async (t) => {
   const dir = tempDir(t);
   const sup = new PairSupervisor({
@@ -84,15 +94,10 @@ test('a write the primary could not forward fails the checkpoint; the secondary 
   await sup.checkpoint();
   assert.equal(sup.status()['checkpoint-failures'], 1, 'no checkpoint failed after the one that found the forward error');
   c.destroy();
-  const failedOver = new Promise((r) => sup.once('failed-over', r));
-  sup.crashPrimary();
-  await failedOver;
-  const s = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
-  t.after(() => s.destroy());
   const want = Buffer.alloc(8 * 1024 * 1024);
   b.copy(want, 0);
   d.copy(want, 131072);
-  assert.ok((await s.read(0, want.length)).equals(want), 'the failover serves every acknowledged write: the resync brought the unforwarded one over');
+  assert.ok((await failOverAndRead(t, sup, dir, want.length)).equals(want), 'the failover serves every acknowledged write: the resync brought the unforwarded one over');
 });
 
 test('a forward refused while the secondary answers (its export taken away): degraded at the next checkpoint, brought back, every write kept', { timeout: 120_000 }, async (t) => {
@@ -139,13 +144,8 @@ test('a forward refused while the secondary answers (its export taken away): deg
   assert.equal(sup.status()['checkpoint-failures'], 1, 'no checkpoint failed after the one that found the forward error');
 
   c.destroy();
-  const failedOver = new Promise((r) => sup.once('failed-over', r));
-  sup.crashPrimary();
-  await failedOver;
-  const s = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
-  t.after(() => s.destroy());
   const want = Buffer.alloc(8 * 1024 * 1024);
   a.copy(want, 0);
   b.copy(want, 65536);
-  assert.ok((await s.read(0, want.length)).equals(want), 'the survivor has the write whose forward failed');
+  assert.ok((await failOverAndRead(t, sup, dir, want.length)).equals(want), 'the survivor has the write whose forward failed');
 });
