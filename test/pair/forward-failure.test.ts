@@ -16,7 +16,29 @@ import { NbdClient } from '../../src/nbd/client/client.js';
 import { tempDir } from '../helpers/graph.js';
 import { QmpClient } from '../../src/qmp/client.js';
 import { FORWARD_EXPORT } from '../../src/pair/setup.js';
+import type { PairOptions } from '../../src/pair/options.js';
 
+
+/** An 8 MiB pair with automatic failover and no lease, started, and a client of its disk. */
+async function startPair(t: { after(fn: () => unknown): void }, dir: string, extra: Partial<PairOptions>): Promise<{ sup: PairSupervisor; c: NbdClient }> {
+  const sup = new PairSupervisor({
+    dataDir: dir,
+    size: 8 * 1024 * 1024,
+    checkpointIntervalMs: 0,
+    heartbeatIntervalMs: 50,
+    heartbeatTimeoutMs: 500,
+    leaseMs: 0,
+    failover: 'auto',
+    nbdSocket: join(dir, 'disk.sock'),
+    log: () => {},
+    ...extra,
+  });
+  t.after(() => sup.stop());
+  await sup.start();
+  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
+  t.after(() => c.destroy());
+  return { sup, c };
+}
 
 /** Kills the primary, waits for the failover, and reads the served disk's first `length` bytes. */
 async function failOverAndRead(t: { after(fn: () => unknown): void }, sup: PairSupervisor, dir: string, length: number): Promise<Buffer> {
@@ -30,26 +52,13 @@ async function failOverAndRead(t: { after(fn: () => unknown): void }, sup: PairS
 
 test('a write the primary could not forward fails the checkpoint; the secondary is brought back and resynced, then a failover serves every write', { timeout: 120_000 }, async (t) => {
   const dir = tempDir(t);
-  const sup = new PairSupervisor({
-    dataDir: dir,
-    size: 8 * 1024 * 1024,
-    checkpointIntervalMs: 0,
-    heartbeatIntervalMs: 50,
-    heartbeatTimeoutMs: 500,
+  const { sup, c } = await startPair(t, dir, {
     // a forward link that times out long before the secondary's loss bound (by default it
     // follows that bound, so that a stall liveness tolerates never fails a forward)
     forwardTimeoutMs: 1000,
     // the stopped secondary is late, never lost: only the forward fails
     heartbeatLostMs: 60_000,
-    leaseMs: 0,
-    failover: 'auto',
-    nbdSocket: join(dir, 'disk.sock'),
-    log: () => {},
   });
-  t.after(() => sup.stop());
-  await sup.start();
-  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
-  t.after(() => c.destroy());
   const a = Buffer.alloc(65536, 0xa1);
   await c.write(0, a);
   await sup.checkpoint();
@@ -103,22 +112,7 @@ test('a write the primary could not forward fails the checkpoint; the secondary 
 test('a forward refused while the secondary answers (its export taken away): degraded at the next checkpoint, brought back, every write kept', { timeout: 120_000 }, async (t) => {
   const dir = tempDir(t);
   const logs: string[] = [];
-  const sup = new PairSupervisor({
-    dataDir: dir,
-    size: 8 * 1024 * 1024,
-    checkpointIntervalMs: 0,
-    heartbeatIntervalMs: 50,
-    heartbeatTimeoutMs: 500,
-    leaseMs: 0,
-    failover: 'auto',
-    reprotectBackoffMs: 100,
-    nbdSocket: join(dir, 'disk.sock'),
-    log: (level, msg) => logs.push(`${level}: ${msg}`),
-  });
-  t.after(() => sup.stop());
-  await sup.start();
-  const c = await NbdClient.connect({ address: { type: 'unix', path: join(dir, 'disk.sock') }, exportName: 'disk' });
-  t.after(() => c.destroy());
+  const { sup, c } = await startPair(t, dir, { reprotectBackoffMs: 100, log: (level, msg) => logs.push(`${level}: ${msg}`) });
   const a = Buffer.alloc(65536, 0x3a);
   await c.write(0, a);
   await sup.checkpoint();

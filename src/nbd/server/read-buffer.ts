@@ -29,6 +29,9 @@ interface Handle {
   useUserBuffer?: (buf: Uint8Array) => void;
 }
 
+/** What Node's Socket keeps beside its public interface: its handle and its own symbols. */
+type SocketInternals = Socket & { _handle?: Handle | null } & Record<symbol, unknown>;
+
 /**
  * Makes `stream`'s reads land in one reused buffer and calls `onRead(bytes)` with a view of
  * each read's bytes, valid only until it returns (the next read overwrites them); pause() and
@@ -37,14 +40,14 @@ interface Handle {
  */
 export function readIntoReusedBuffer(stream: Duplex, onRead: (bytes: Buffer) => void): boolean {
   if (!enabled || !(stream instanceof Socket) || stream instanceof TLSSocket) return false;
-  const handle = (stream as unknown as { _handle?: Handle | null })._handle;
+  const slots = stream as SocketInternals;
+  const handle = slots._handle;
   if (!handle || typeof handle.useUserBuffer !== 'function') return false;
   const own = Object.getOwnPropertySymbols(stream);
   const sym = (name: string) => own.find((s) => s.description === name);
   const kBuffer = sym('kBuffer');
   const kBufferCb = sym('kBufferCb');
   const kBufferGen = sym('kBufferGen');
-  const slots = stream as unknown as Record<symbol, unknown>;
   if (!kBuffer || !kBufferCb || !kBufferGen || slots[kBuffer] !== null || slots[kBufferCb] !== null || slots[kBufferGen] !== null) return false;
   const buf = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
   slots[kBuffer] = buf;
